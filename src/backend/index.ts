@@ -1,0 +1,111 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+
+/** The TF.js backends this library can run on, in the order they are tried. */
+export const BACKENDS = ['torch', 'tensorflow', 'wasm', 'cpu'] as const;
+export type BackendName = (typeof BACKENDS)[number];
+
+export interface BackendInfo {
+  backend: BackendName;
+  device: string;
+  threads: number;
+}
+
+let current: BackendInfo | null = null;
+let pending: Promise<BackendInfo> | null = null;
+
+async function tryTorch(): Promise<BackendInfo | string> {
+  try {
+    const mod = (await import('./torch/register.js')) as {
+      registerTorchBackend: () =>
+        { ok: true; device: string; threads: number } | { ok: false; reason: string };
+    };
+    const r = mod.registerTorchBackend();
+    if (!r.ok) return r.reason;
+    await tf.setBackend('torch');
+    return { backend: 'torch', device: r.device, threads: r.threads };
+  } catch (e) {
+    return `torch backend unavailable: ${(e as Error).message}`;
+  }
+}
+
+async function tryTensorflow(): Promise<BackendInfo | string> {
+  for (const pkg of ['@tensorflow/tfjs-node-gpu', '@tensorflow/tfjs-node']) {
+    try {
+      await import(pkg);
+      await tf.setBackend('tensorflow');
+      return { backend: 'tensorflow', device: pkg.endsWith('gpu') ? 'gpu' : 'cpu', threads: 0 };
+    } catch {
+      // not installed; try the next
+    }
+  }
+  return 'tensorflow backend unavailable: neither @tensorflow/tfjs-node-gpu nor @tensorflow/tfjs-node is installed';
+}
+
+async function tryWasm(): Promise<BackendInfo | string> {
+  try {
+    const wasm = await import('@tensorflow/tfjs-backend-wasm');
+    const require = createRequire(import.meta.url);
+    const dir = path.dirname(require.resolve('@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm'));
+    wasm.setWasmPaths(dir + path.sep);
+    if (!(await tf.setBackend('wasm'))) return 'wasm backend failed to initialise';
+    return { backend: 'wasm', device: 'cpu', threads: 1 };
+  } catch (e) {
+    return `wasm backend unavailable: ${(e as Error).message}`;
+  }
+}
+
+async function tryCpu(): Promise<BackendInfo | string> {
+  await import('@tensorflow/tfjs-backend-cpu');
+  if (!(await tf.setBackend('cpu'))) return 'cpu backend failed to initialise';
+  return { backend: 'cpu', device: 'cpu', threads: 1 };
+}
+
+const LOADERS: Record<BackendName, () => Promise<BackendInfo | string>> = {
+  torch: tryTorch,
+  tensorflow: tryTensorflow,
+  wasm: tryWasm,
+  cpu: tryCpu,
+};
+
+/**
+ * Selects the tensor backend once: `name`, else `XT_BACKEND`, else the first of torch, tensorflow,
+ * wasm, cpu that loads. A named backend that fails to load is an error (no silent fallback).
+ * Logs the choice once through `log` (default: stderr).
+ */
+export function initBackend(
+  name: string | undefined = process.env.XT_BACKEND,
+  log: (msg: string) => void = (m) => process.stderr.write(m + '\n'),
+): Promise<BackendInfo> {
+  if (current && (!name || name === current.backend)) return Promise.resolve(current);
+  if (pending && !name) return pending;
+  const attempt = (async () => {
+    const wanted = name ? name.trim().toLowerCase() : '';
+    if (wanted && !(BACKENDS as readonly string[]).includes(wanted)) {
+      throw new Error(`XT_BACKEND: expected one of ${BACKENDS.join(', ')}, got "${name}"`);
+    }
+    const order: BackendName[] = wanted ? [wanted as BackendName] : [...BACKENDS];
+    const reasons: string[] = [];
+    for (const b of order) {
+      const r = await LOADERS[b]();
+      if (typeof r !== 'string') {
+        current = r;
+        log(`x-transformers: backend=${r.backend} device=${r.device} threads=${r.threads}`);
+        return r;
+      }
+      reasons.push(r);
+    }
+    throw new Error(`no tensor backend could be loaded: ${reasons.join('; ')}`);
+  })();
+  pending = attempt;
+  attempt.catch(() => {
+    if (pending === attempt) pending = null;
+  });
+  return attempt;
+}
+
+/** The backend chosen by `initBackend`, or null before it ran. */
+export function backendInfo(): BackendInfo | null {
+  return current;
+}
