@@ -1,0 +1,91 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { describe, expect, it } from 'vitest';
+import {
+  contrastiveDecode,
+  FLOAT32_MAX,
+  minP,
+  resolveFilter,
+  topA,
+  topK,
+  topP,
+} from '../../src/generation/filters.js';
+
+const NEG = -Infinity;
+
+function run(fn: () => tf.Tensor): number[][] {
+  const before = tf.memory().numTensors;
+  const t = fn();
+  const out = t.arraySync() as number[][];
+  t.dispose();
+  expect(tf.memory().numTensors).toBe(before);
+  return out;
+}
+
+describe('sampling filters', () => {
+  const rows = [
+    [1, 3, 2, 0, -1, 5, 4, 0.5, 2.5, -2, 1.5],
+    [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+  ];
+
+  it('topK keeps the k largest per row, exactly -inf elsewhere', () => {
+    const logits = tf.tensor2d(rows);
+    // default fraction 0.1 of 11 rounds up to 2
+    const d = run(() => topK(logits));
+    expect(d[0]).toEqual([NEG, NEG, NEG, NEG, NEG, 5, 4, NEG, NEG, NEG, NEG]);
+    expect(d[1]).toEqual([NEG, NEG, NEG, NEG, NEG, NEG, NEG, NEG, NEG, Math.fround(0.9), 1]);
+    const k3 = run(() => topK(logits, { k: 3 }));
+    expect(k3[0]).toEqual([NEG, 3, NEG, NEG, NEG, 5, 4, NEG, NEG, NEG, NEG]);
+    const big = run(() => topK(logits, { k: 100 }));
+    expect(big[0]).toEqual(rows[0]!.map(Math.fround));
+    logits.dispose();
+  });
+
+  it('topP keeps the nucleus, always the top token', () => {
+    // probabilities 0.5, 0.25, 0.125, 0.125 (logs of them)
+    const p = [0.125, 0.5, 0.125, 0.25];
+    const logits = tf.tensor2d([p.map(Math.log)]);
+    const l = p.map((x) => Math.fround(Math.log(x)));
+    // cumulative in sorted order: 0.5, 0.75, 0.875/1.0 -> at 0.6 keep 0.5 and 0.25
+    expect(run(() => topP(logits, { thres: 0.6 }))[0]).toEqual([NEG, l[1], NEG, l[3]]);
+    // at 0.4 only the top token (its own mass exceeds thres, but the first is never removed)
+    expect(run(() => topP(logits, { thres: 0.4 }))[0]).toEqual([NEG, l[1], NEG, NEG]);
+    expect(run(() => topP(logits, { thres: 1 }))[0]).toEqual(l);
+    expect(() => topP(logits, { thres: 0 })).toThrow(/thres/);
+    expect(() => topP(logits, { thres: 1.5 })).toThrow(/thres/);
+    logits.dispose();
+  });
+
+  it('topA and minP compare probabilities to the maximum', () => {
+    const p = [0.6, 0.3, 0.05, 0.04, 0.01];
+    const logits = tf.tensor2d([p.map(Math.log)]);
+    const l = p.map((x) => Math.fround(Math.log(x)));
+    // minP 0.1: limit 0.06 -> keep 0.6, 0.3
+    expect(run(() => minP(logits, { minP: 0.1 }))[0]).toEqual([l[0], l[1], NEG, NEG, NEG]);
+    // topA defaults: limit 0.6^2 * 0.02 = 0.0072 -> drop only 0.01? no: 0.01 >= 0.0072 keeps all
+    expect(run(() => topA(logits))[0]).toEqual(l);
+    // pow 1, ratio 0.1: limit 0.06 -> as minP 0.1
+    expect(run(() => topA(logits, { minPPow: 1, minPRatio: 0.1 }))[0]).toEqual([l[0], l[1], NEG, NEG, NEG]);
+    logits.dispose();
+  });
+
+  it('contrastive decoding combines expert and amateur below the alpha cutoff', () => {
+    const e = tf.tensor2d([[2, 1, -3]]);
+    const a = tf.tensor2d([[1, 2, 0]]);
+    // cutoff = log(0.1) + 2 = -0.3026; -3 is below
+    const out = run(() => contrastiveDecode(e, a, { alpha: 0.1, beta: 0.5 }));
+    expect(out[0]![0]).toBeCloseTo(1.5 * 2 - 0.5 * 1, 6);
+    expect(out[0]![1]).toBeCloseTo(1.5 * 1 - 0.5 * 2, 6);
+    expect(out[0]![2]).toBe(-FLOAT32_MAX);
+    e.dispose();
+    a.dispose();
+  });
+
+  it('resolves filters by name and rejects unknown names and options', () => {
+    const logits = tf.tensor2d([[1, 2, 3, 4]]);
+    expect(run(() => resolveFilter('top_k')(logits, { k: 1 }))[0]).toEqual([NEG, NEG, NEG, 4]);
+    expect(run(() => resolveFilter('minP')(logits, { min_p: 0.3 }))[0]).toEqual([NEG, NEG, 3, 4]);
+    expect(() => resolveFilter('top_z')).toThrow(/filterLogitsFn/);
+    expect(() => topK(logits, { q: 1 } as never)).toThrow(/filterKwargs\.q/);
+    logits.dispose();
+  });
+});
