@@ -1,0 +1,65 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { getRng, type Rng } from '../utils/random.js';
+
+/**
+ * Small tensor helpers shared by the building blocks. None of them dispose their inputs; callers
+ * run them inside `tf.tidy`.
+ */
+
+/** Exact (erf) GELU, as torch's nn.GELU(). x: any shape. */
+export function gelu(x: tf.Tensor): tf.Tensor {
+  return tf.mul(tf.mul(x, 0.5), tf.add(1, tf.erf(tf.mul(x, Math.SQRT1_2))));
+}
+
+/** relu(x)^2. x: any shape. */
+export function reluSquared(x: tf.Tensor): tf.Tensor {
+  return tf.square(tf.relu(x));
+}
+
+/** SiLU / swish: x * sigmoid(x). x: any shape. */
+export function silu(x: tf.Tensor): tf.Tensor {
+  return tf.mul(x, tf.sigmoid(x));
+}
+
+/** F.normalize(x, dim=-1): x / max(||x||_2, eps) along the last axis. x: [..., d]. */
+export function normalize(x: tf.Tensor, eps = 1e-12): tf.Tensor {
+  const norm = tf.sqrt(tf.sum(tf.square(x), -1, true));
+  return tf.div(x, tf.maximum(norm, eps));
+}
+
+/** L2-normalises groups of the last axis. x: [..., g * d] -> same shape. */
+export function l2norm(x: tf.Tensor, groups = 1): tf.Tensor {
+  if (groups === 1) return normalize(x);
+  const last = x.shape[x.rank - 1];
+  const shape = [...x.shape.slice(0, -1), groups, last / groups];
+  return tf.reshape(normalize(tf.reshape(x, shape)), x.shape);
+}
+
+/**
+ * Inverted dropout: in training, zeroes each element with probability p and scales the rest by
+ * 1 / (1 - p); otherwise (or p = 0) returns x itself. The mask is drawn from `rng` (default: the
+ * library generator), so a seeded run is reproducible. x: any shape.
+ */
+export function dropout(x: tf.Tensor, p: number, training: boolean, rng: Rng = getRng()): tf.Tensor {
+  if (!training || p <= 0) return x;
+  if (p >= 1) return tf.zerosLike(x);
+  const keep = tf.tidy(() =>
+    tf.div(
+      tf.cast(tf.greaterEqual(tf.randomUniform(x.shape, 0, 1, 'float32', rng.nextUint32()), p), 'float32'),
+      1 - p,
+    ),
+  );
+  const out = tf.mul(x, keep);
+  keep.dispose();
+  return out;
+}
+
+/** Pads axis `axis` of x with `before` and `after` entries of `value`. */
+export function padAt(x: tf.Tensor, axis: number, before: number, after: number, value = 0): tf.Tensor {
+  if (before === 0 && after === 0) return x;
+  const ax = axis < 0 ? x.rank + axis : axis;
+  const pads: [number, number][] = x.shape.map(() => [0, 0] as [number, number]);
+  pads[ax] = [before, after];
+  if (x.dtype === 'bool') return tf.cast(tf.pad(tf.cast(x, 'int32'), pads, value ? 1 : 0), 'bool');
+  return tf.pad(x, pads, value);
+}

@@ -1,0 +1,61 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { Module } from './module.js';
+import { getRng, type Rng } from '../utils/random.js';
+
+/** Options of `Linear`. */
+export interface LinearOptions {
+  /** Adds a bias (default true). */
+  bias?: boolean;
+  /** Generator for the initial weights (default: the library generator). */
+  rng?: Rng;
+}
+
+/**
+ * y = x W^T + b, with `weight` [out, in] and `bias` [out] as torch's nn.Linear, initialised as torch
+ * does: uniform in +-1/sqrt(in) for both.
+ */
+export class Linear extends Module {
+  readonly inFeatures: number;
+  readonly outFeatures: number;
+  weight: tf.Variable;
+  bias: tf.Variable | null = null;
+
+  constructor(inFeatures: number, outFeatures: number, options: LinearOptions = {}) {
+    super();
+    if (!Number.isInteger(inFeatures) || inFeatures <= 0)
+      throw new Error(`inFeatures: expected a positive integer, got ${inFeatures}`);
+    if (!Number.isInteger(outFeatures) || outFeatures <= 0)
+      throw new Error(`outFeatures: expected a positive integer, got ${outFeatures}`);
+    this.inFeatures = inFeatures;
+    this.outFeatures = outFeatures;
+    const rng = options.rng ?? getRng();
+    const bound = 1 / Math.sqrt(inFeatures);
+    this.weight = this.registerParameter(
+      'weight',
+      tf.tensor2d(rng.fillUniform(outFeatures * inFeatures, -bound, bound), [outFeatures, inFeatures]),
+    );
+    if (options.bias ?? true) {
+      this.bias = this.registerParameter('bias', tf.tensor1d(rng.fillUniform(outFeatures, -bound, bound)));
+    }
+  }
+
+  /** x: [..., in] -> [..., out]. */
+  forward(x: tf.Tensor): tf.Tensor {
+    return linear(x, this.weight, this.bias);
+  }
+}
+
+/** x: [..., in], weight: [out, in], bias?: [out] -> [..., out]. */
+export function linear(x: tf.Tensor, weight: tf.Tensor, bias: tf.Tensor | null = null): tf.Tensor {
+  return tf.tidy(() => {
+    const inF = weight.shape[1];
+    if (x.shape[x.rank - 1] !== inF) {
+      throw new Error(`x: expected last dimension ${inF}, got shape [${x.shape.join(', ')}]`);
+    }
+    const lead = x.shape.slice(0, -1);
+    const flat = tf.reshape(x, [-1, inF]);
+    let y: tf.Tensor = tf.matMul(flat, weight, false, true);
+    if (bias) y = tf.add(y, bias);
+    return tf.reshape(y, [...lead, weight.shape[0]]);
+  });
+}
