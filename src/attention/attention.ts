@@ -1,0 +1,458 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { Module } from '../nn/module.js';
+import { Linear } from '../nn/linear.js';
+import { fmtShape } from '../utils/errors.js';
+import { getRng } from '../utils/random.js';
+import { Attend } from './attend.js';
+import { l2normGroups, padAxis } from './ops.js';
+import { applyRotaryPosEmb } from './rotary.js';
+import {
+  attentionDefaults,
+  type AttentionForwardOptions,
+  type AttentionIntermediates,
+  type AttentionKv,
+  type AttentionOptions,
+} from './types.js';
+
+function checkPositiveInt(name: string, v: unknown): void {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0)
+    throw new Error(`${name}: expected a positive integer, got ${String(v)}`);
+}
+
+function checkBool(name: string, v: unknown): void {
+  if (typeof v !== 'boolean') throw new Error(`${name}: expected a boolean, got ${String(v)}`);
+}
+
+/** Validates the option names and value types against `attentionDefaults`. */
+function resolveOptions(options: Partial<AttentionOptions>): AttentionOptions {
+  const merged: Record<string, unknown> = { ...attentionDefaults };
+  for (const [key, value] of Object.entries(options)) {
+    if (!(key in attentionDefaults))
+      throw new Error(`${key}: expected one of the Attention options, got an unknown option`);
+    if (value === undefined) continue;
+    const def = (attentionDefaults as unknown as Record<string, unknown>)[key];
+    if (def === null) {
+      if (value !== null && typeof value !== 'number')
+        throw new Error(`${key}: expected a number or null, got ${JSON.stringify(value)}`);
+    } else if (typeof def !== typeof value) {
+      throw new Error(`${key}: expected a ${typeof def}, got ${JSON.stringify(value)}`);
+    }
+    merged[key] = value;
+  }
+  return merged as unknown as AttentionOptions;
+}
+
+/** sigmoid / silu gating helper of the reference's GLU: x: [..., 2d] -> a * sigmoid(g). */
+function glu(x: tf.Tensor): tf.Tensor {
+  const [a, g] = tf.split(x, 2, -1) as [tf.Tensor, tf.Tensor];
+  return tf.mul(a, tf.sigmoid(g));
+}
+
+/** [b, n, h * d] -> [b, h, n, d]. */
+function splitHeads(t: tf.Tensor, h: number): tf.Tensor {
+  const [b, n, hd] = t.shape as [number, number, number];
+  return tf.transpose(tf.reshape(t, [b, n, h, hd / h]), [0, 2, 1, 3]);
+}
+
+/** [b, h, n, d] -> [b, n, h * d]. */
+function mergeHeads(t: tf.Tensor): tf.Tensor {
+  const [b, h, n, d] = t.shape as [number, number, number, number];
+  return tf.reshape(tf.transpose(t, [0, 2, 1, 3]), [b, n, h * d]);
+}
+
+/**
+ * Multi-head attention with the reference's options (x-transformers 2.0.1 `Attention`):
+ * grouped/multi-query key-values, memory key-values, qk-norm, talking heads, sparse top-k, hard
+ * attention, gating, head scale, attention-on-attention, relative position biases, rotary / xpos,
+ * XL memories, residual attention and a key/value cache for generation.
+ * Parameters (state-dict names as the reference): to_q, to_k, to_v, to_v_gate, to_v_head_gate,
+ * qk_norm_q_scale, qk_norm_k_scale, attend.*, head_scale_params, mem_k, mem_v, to_out.
+ */
+export class Attention extends Module {
+  readonly dim: number;
+  readonly options: AttentionOptions;
+  readonly heads: number;
+  readonly kvHeads: number;
+  readonly dimHead: number;
+  readonly valueDimHead: number;
+  readonly dimContext: number;
+  readonly dimOut: number;
+  readonly scale: number;
+  readonly causal: boolean;
+  readonly toQ: Linear;
+  readonly toK: Linear;
+  readonly toV: Linear;
+  readonly toVGate: Linear | null = null;
+  readonly toVHeadGate: Linear | null = null;
+  readonly qkNormQScale: tf.Variable | null = null;
+  readonly qkNormKScale: tf.Variable | null = null;
+  readonly attend: Attend;
+  readonly headScaleParams: tf.Variable | null = null;
+  readonly memK: tf.Variable | null = null;
+  readonly memV: tf.Variable | null = null;
+  readonly toOut: Linear;
+  /** Whether this layer supports a key/value cache. */
+  readonly canCacheKv = true;
+
+  /** dim: feature size of x. */
+  constructor(dim: number, options: Partial<AttentionOptions> = {}) {
+    super();
+    checkPositiveInt('dim', dim);
+    const o = resolveOptions(options);
+    this.options = o;
+    this.dim = dim;
+    checkPositiveInt('dimHead', o.dimHead);
+    checkPositiveInt('heads', o.heads);
+    for (const key of [
+      'causal',
+      'flash',
+      'qkNorm',
+      'oneKvHead',
+      'gateValues',
+      'onAttn',
+      'headScale',
+      'hard',
+    ] as const)
+      checkBool(key, o[key]);
+    if (o.dimContext !== null) checkPositiveInt('dimContext', o.dimContext);
+    if (o.kvHeads !== null) checkPositiveInt('kvHeads', o.kvHeads);
+    if (o.valueDimHead !== null) checkPositiveInt('valueDimHead', o.valueDimHead);
+    if (o.dimOut !== null) checkPositiveInt('dimOut', o.dimOut);
+    if (!Number.isInteger(o.numMemKv) || o.numMemKv < 0)
+      throw new Error(`numMemKv: expected a non-negative integer, got ${o.numMemKv}`);
+    if (!(o.dropout >= 0 && o.dropout < 1))
+      throw new Error(`dropout: expected a number in [0, 1), got ${o.dropout}`);
+    if (o.maxAttendPast !== null && !(Number.isInteger(o.maxAttendPast) && o.maxAttendPast >= 0))
+      throw new Error(`maxAttendPast: expected a non-negative integer or null, got ${o.maxAttendPast}`);
+    if (o.kvHeads !== null && o.oneKvHead)
+      throw new Error(
+        `kvHeads: expected null when oneKvHead is true (oneKvHead means kvHeads = 1), got ${o.kvHeads}`,
+      );
+
+    this.heads = o.heads;
+    this.causal = o.causal;
+    this.dimHead = o.dimHead;
+    this.scale = o.dimHead ** -0.5;
+    this.valueDimHead = o.valueDimHead ?? o.dimHead;
+    this.dimContext = o.dimContext ?? dim;
+    this.dimOut = o.dimOut ?? dim;
+    const kvHeads = o.oneKvHead ? 1 : (o.kvHeads ?? o.heads);
+    if (o.heads % kvHeads !== 0)
+      throw new Error(`kvHeads: expected a divisor of heads (${o.heads}), got ${kvHeads}`);
+    this.kvHeads = kvHeads;
+    if (o.qkNorm) {
+      checkPositiveInt('qkNormGroups', o.qkNormGroups);
+      if (o.dimHead % o.qkNormGroups !== 0)
+        throw new Error(`qkNormGroups: expected a divisor of dimHead (${o.dimHead}), got ${o.qkNormGroups}`);
+      if (o.dimHead / o.qkNormGroups <= 2)
+        throw new Error(
+          `qkNormGroups: expected dimHead / qkNormGroups > 2, got ${o.dimHead} / ${o.qkNormGroups}`,
+        );
+    }
+
+    const qDim = o.dimHead * o.heads;
+    const kDim = o.dimHead * kvHeads;
+    const vDim = this.valueDimHead * kvHeads;
+    const outDim = this.valueDimHead * o.heads;
+
+    this.toQ = this.registerModule('to_q', new Linear(dim, qDim, { bias: false }));
+    this.toK = this.registerModule('to_k', new Linear(this.dimContext, kDim, { bias: false }));
+    this.toV = this.registerModule('to_v', new Linear(this.dimContext, vDim, { bias: false }));
+
+    if (o.gateValues) {
+      const gate = this.registerModule('to_v_gate', new Linear(dim, outDim));
+      gate.weight.assign(tf.zerosLike(gate.weight));
+      gate.bias!.assign(tf.fill([outDim], 10));
+      this.toVGate = gate;
+    }
+    if (o.gateValueHeads) {
+      const gate = this.registerModule('to_v_head_gate', new Linear(dim, o.heads));
+      gate.weight.assign(tf.zerosLike(gate.weight));
+      gate.bias!.assign(tf.fill([o.heads], 10));
+      this.toVHeadGate = gate;
+    }
+    if (o.qkNorm && o.qkNormDimScale) {
+      this.qkNormQScale = this.registerParameter('qk_norm_q_scale', tf.ones([o.heads, 1, o.dimHead]));
+      this.qkNormKScale = this.registerParameter('qk_norm_k_scale', tf.ones([kvHeads, 1, o.dimHead]));
+    }
+
+    this.attend = this.registerModule(
+      'attend',
+      new Attend({
+        heads: o.heads,
+        causal: o.causal,
+        preTalkingHeads: o.preTalkingHeads,
+        postTalkingHeads: o.postTalkingHeads,
+        preScalePostTalkingHeads: o.preScalePostTalkingHeads,
+        dropout: o.dropout,
+        sparseTopk: o.sparseTopk,
+        sparseTopkStraightThrough: o.sparseTopkStraightThrough,
+        hard: o.hard,
+        scale: o.qkNorm ? o.qkNormScale : this.scale,
+        l2Distance: o.l2Distance,
+        sigmoid: o.sigmoid,
+        flash: o.flash,
+        addZeroKv: o.addZeroKv,
+        softclampLogits: o.softclampLogits,
+        logitSoftclampValue: o.logitSoftclampValue,
+      }),
+    );
+
+    if (o.headScale)
+      this.headScaleParams = this.registerParameter('head_scale_params', tf.ones([1, o.heads, 1, 1]));
+
+    if (o.numMemKv > 0) {
+      const rng = getRng();
+      const n = kvHeads * o.numMemKv * o.dimHead;
+      this.memK = this.registerParameter(
+        'mem_k',
+        tf.tensor3d(rng.fillNormal(n, 0, 1), [kvHeads, o.numMemKv, o.dimHead]),
+      );
+      this.memV = this.registerParameter(
+        'mem_v',
+        tf.tensor3d(rng.fillNormal(n, 0, 1), [kvHeads, o.numMemKv, o.dimHead]),
+      );
+    }
+
+    if (o.onAttn) {
+      const seq = this.registerModule('to_out', new ToOutGlu(outDim, this.dimOut));
+      this.toOut = seq.linear;
+    } else {
+      this.toOut = this.registerModule('to_out', new Linear(outDim, this.dimOut, { bias: false }));
+    }
+    if (o.zeroInitOutput) this.toOut.weight.assign(tf.zerosLike(this.toOut.weight));
+  }
+
+  /**
+   * x: [b, n, dim] -> out: [b, n, dimOut]. See `AttentionForwardOptions` for the optional inputs.
+   * The returned tensors (out and intermediates) belong to the caller.
+   */
+  forward(
+    x: tf.Tensor,
+    opts: AttentionForwardOptions = {},
+  ): { out: tf.Tensor; intermediates: AttentionIntermediates } {
+    this.checkInputs(x, opts);
+    type Result = { out: tf.Tensor; intermediates: AttentionIntermediates };
+    return tf.tidy(() => this.forwardImpl(x, opts) as unknown as tf.TensorContainer) as unknown as Result;
+  }
+
+  private checkInputs(x: tf.Tensor, opts: AttentionForwardOptions): void {
+    if (x.rank !== 3 || x.shape[2] !== this.dim)
+      throw new Error(`x: expected [batch, seq, ${this.dim}], got ${fmtShape(x.shape)}`);
+    const [b, n] = x.shape as [number, number, number];
+    const boolMask = (name: string, t: tf.Tensor | undefined, len: number | null): void => {
+      if (!t) return;
+      if (t.dtype !== 'bool') throw new Error(`${name}: expected dtype bool, got ${t.dtype}`);
+      if (t.rank !== 2 || t.shape[0] !== b || (len !== null && t.shape[1] !== len))
+        throw new Error(`${name}: expected [${b}, ${len ?? 'len'}], got ${fmtShape(t.shape)}`);
+    };
+    if (opts.context) {
+      const c = opts.context;
+      if (c.rank !== 3 || c.shape[0] !== b || c.shape[2] !== this.dimContext)
+        throw new Error(`context: expected [${b}, len, ${this.dimContext}], got ${fmtShape(c.shape)}`);
+    }
+    if (opts.mem) {
+      const m = opts.mem;
+      if (m.rank !== 3 || m.shape[0] !== b || m.shape[2] !== this.dimContext)
+        throw new Error(`mem: expected [${b}, len, ${this.dimContext}], got ${fmtShape(m.shape)}`);
+      if (opts.context) throw new Error('mem: expected no memories with cross-attention (context given)');
+    }
+    boolMask('mask', opts.mask, n);
+    boolMask('contextMask', opts.contextMask, null);
+    boolMask('memMask', opts.memMask, opts.mem ? opts.mem.shape[1]! : null);
+    if (opts.memMask && !opts.mem) throw new Error('memMask: expected mem to be given with it');
+    if (opts.attnMask) {
+      const a = opts.attnMask;
+      if (a.dtype !== 'bool') throw new Error(`attnMask: expected dtype bool, got ${a.dtype}`);
+      if (a.rank < 2 || a.rank > 4)
+        throw new Error(`attnMask: expected rank 2 to 4, got ${fmtShape(a.shape)}`);
+    }
+    if (opts.cache) {
+      const { k, v } = opts.cache;
+      if (k.rank !== 4 || k.shape[0] !== b || k.shape[1] !== this.kvHeads || k.shape[3] !== this.dimHead)
+        throw new Error(
+          `cache.k: expected [${b}, ${this.kvHeads}, t, ${this.dimHead}], got ${fmtShape(k.shape)}`,
+        );
+      if (
+        v.rank !== 4 ||
+        v.shape[0] !== b ||
+        v.shape[1] !== this.kvHeads ||
+        v.shape[2] !== k.shape[2] ||
+        v.shape[3] !== this.valueDimHead
+      )
+        throw new Error(
+          `cache.v: expected [${b}, ${this.kvHeads}, ${k.shape[2]}, ${this.valueDimHead}], got ${fmtShape(v.shape)}`,
+        );
+    }
+    if (opts.relPos && opts.attnBias)
+      throw new Error('attnBias: expected either relPos or attnBias, got both');
+  }
+
+  private forwardImpl(
+    x: tf.Tensor,
+    opts: AttentionForwardOptions,
+  ): { out: tf.Tensor; intermediates: AttentionIntermediates } {
+    const o = this.options;
+    const [b, n] = x.shape as [number, number, number];
+    const h = this.heads;
+    const hasContext = opts.context != null;
+    const kvInput0 = opts.context ?? x;
+    const mem = opts.mem ?? null;
+    const memLen = mem ? mem.shape[1]! : 0;
+    const kvInput = mem ? tf.concat([mem, kvInput0], 1) : kvInput0;
+
+    let q = splitHeads(this.toQ.forward(x), h);
+    let k = splitHeads(this.toK.forward(kvInput), this.kvHeads);
+    let v = splitHeads(this.toV.forward(kvInput), this.kvHeads);
+
+    if (o.qkNorm) {
+      q = l2normGroups(q, o.qkNormGroups);
+      k = l2normGroups(k, o.qkNormGroups);
+      if (this.qkNormQScale) q = tf.mul(q, this.qkNormQScale);
+      if (this.qkNormKScale) k = tf.mul(k, this.qkNormKScale);
+    }
+
+    if (opts.cache) {
+      const { k: ck, v: cv } = opts.cache;
+      if (mem) {
+        const [mk, kr] = tf.split(k, [memLen, k.shape[2]! - memLen], 2) as [tf.Tensor, tf.Tensor];
+        const [mv, vr] = tf.split(v, [memLen, v.shape[2]! - memLen], 2) as [tf.Tensor, tf.Tensor];
+        k = tf.concat([mk, ck, kr], 2);
+        v = tf.concat([mv, cv, vr], 2);
+      } else {
+        k = tf.concat([ck, k], 2);
+        v = tf.concat([cv, v], 2);
+      }
+    }
+    let cachedKv: AttentionKv | undefined;
+    if (opts.returnIntermediates) {
+      cachedKv = {
+        k: memLen ? tf.slice(k, [0, 0, memLen, 0], [-1, -1, -1, -1]) : tf.clone(k),
+        v: memLen ? tf.slice(v, [0, 0, memLen, 0], [-1, -1, -1, -1]) : tf.clone(v),
+      };
+    }
+
+    if (opts.rotary) {
+      const { freqs, xposScale } = opts.rotary;
+      const qScale = xposScale ?? 1;
+      let kScale: tf.Tensor | number = xposScale ? tf.pow(xposScale, -1) : 1;
+      q = applyRotaryPosEmb(q, freqs, qScale, 'rotary');
+      let kFreqs = freqs;
+      if (hasContext) {
+        if (!opts.contextRotary)
+          throw new Error('contextRotary: expected it with rotary and context (cross-attention)');
+        kFreqs = opts.contextRotary.freqs;
+        const cx = opts.contextRotary.xposScale;
+        kScale = cx ? tf.pow(cx, -1) : 1;
+      }
+      k = applyRotaryPosEmb(k, kFreqs, kScale, hasContext ? 'contextRotary' : 'rotary');
+    }
+
+    // the key mask, before memory key/values
+    let inputMask: tf.Tensor | null = opts.contextMask ?? null;
+    if (!inputMask && !hasContext) {
+      inputMask = opts.mask ?? null;
+      if ((inputMask || opts.memMask) && mem) {
+        if (!opts.memMask) inputMask = padAxis(inputMask!, 1, memLen, 0, 1);
+        else if (!inputMask) inputMask = padAxis(opts.memMask, 1, 0, n, 1);
+        else inputMask = tf.concat([opts.memMask, inputMask], 1);
+      }
+    }
+
+    const i = q.shape[2]!;
+    const j = k.shape[2]!;
+    if (inputMask && inputMask.shape[1] !== j)
+      throw new Error(
+        `${opts.contextMask ? 'contextMask' : 'mask'}: expected [${b}, ${j}] (one entry per key), got ${fmtShape(inputMask.shape)}`,
+      );
+
+    const numMemKv = o.numMemKv;
+    if (numMemKv > 0) {
+      let memK: tf.Tensor = tf.tile(tf.expandDims(this.memK!, 0), [b, 1, 1, 1]);
+      const memV = tf.tile(tf.expandDims(this.memV!, 0), [b, 1, 1, 1]);
+      if (o.qkNorm) {
+        memK = l2normGroups(memK, 1);
+        if (this.qkNormKScale) memK = tf.mul(memK, this.qkNormKScale);
+      }
+      k = tf.concat([memK, k], 2);
+      v = tf.concat([memV, v], 2);
+      if (inputMask) inputMask = padAxis(inputMask, 1, numMemKv, 0, 1);
+    }
+
+    // the combined "may attend" mask
+    let keep: tf.Tensor | null = null;
+    const and = (m: tf.Tensor): void => {
+      keep = keep ? tf.logicalAnd(keep, m) : m;
+    };
+    if (inputMask) and(tf.reshape(inputMask, [b, 1, 1, inputMask.shape[1]!]));
+    if (opts.attnMask) {
+      let am = opts.attnMask;
+      if (am.rank === 2) am = tf.reshape(am, [1, 1, am.shape[0]!, am.shape[1]!]);
+      else if (am.rank === 3) am = tf.expandDims(am, 0);
+      const jj = k.shape[2]!;
+      const okShape =
+        (am.shape[0] === 1 || am.shape[0] === b) &&
+        (am.shape[1] === 1 || am.shape[1] === h) &&
+        am.shape[2] === i &&
+        am.shape[3] === jj;
+      if (!okShape)
+        throw new Error(
+          `attnMask: expected [${i}, ${jj}], [${h}, ${i}, ${jj}] or [${b}|1, ${h}|1, ${i}, ${jj}], got ${fmtShape(opts.attnMask.shape)}`,
+        );
+      and(am);
+    }
+    if (o.maxAttendPast !== null) {
+      const rq = tf.reshape(tf.range(j - i, j, 1, 'int32'), [i, 1]);
+      const rk = tf.reshape(tf.range(0, j, 1, 'int32'), [1, j]);
+      let within = tf.lessEqual(tf.sub(rq, rk), o.maxAttendPast);
+      within = padAxis(within, 1, numMemKv, 0, 1);
+      and(tf.reshape(within, [1, 1, i, j + numMemKv]));
+    }
+
+    let attnBias: tf.Tensor | null = opts.attnBias ?? null;
+    if (opts.relPos) {
+      if (opts.pos) {
+        if (!opts.relPos.biasFromPositions)
+          throw new Error('pos: custom positions need a relPos with biasFromPositions (ALiBi)');
+        attnBias = opts.relPos.biasFromPositions(opts.pos);
+      } else {
+        attnBias = opts.relPos.bias(i, j);
+      }
+      attnBias = padAxis(attnBias, -1, numMemKv, 0, 0);
+    }
+
+    const res = this.attend.forward(q, k, v, { mask: keep, attnBias, prevAttn: opts.prevAttn ?? null });
+    let out = res.out;
+    if (this.headScaleParams) out = tf.mul(out, this.headScaleParams);
+    if (this.toVHeadGate) {
+      const gate = tf.sigmoid(this.toVHeadGate.forward(x)); // [b, n, h]
+      out = tf.mul(out, tf.expandDims(tf.transpose(gate, [0, 2, 1]), -1));
+    }
+    out = mergeHeads(out);
+    if (this.toVGate) {
+      const gates = this.toVGate.forward(x);
+      out = tf.mul(out, o.swigluValues ? tf.mul(gates, tf.sigmoid(gates)) : tf.sigmoid(gates));
+    }
+    out = this.toOut.forward(out);
+    if (o.onAttn) out = glu(out);
+    if (opts.mask) out = tf.where(tf.expandDims(opts.mask, -1), out, tf.zerosLike(out));
+
+    const intermediates: AttentionIntermediates = {};
+    if (opts.returnIntermediates) {
+      if (res.preSoftmaxAttn) intermediates.preSoftmaxAttn = res.preSoftmaxAttn;
+      if (res.postSoftmaxAttn) intermediates.postSoftmaxAttn = res.postSoftmaxAttn;
+      if (res.qkSimilarities) intermediates.qkSimilarities = res.qkSimilarities;
+      if (cachedKv) intermediates.cachedKv = cachedKv;
+    }
+    return { out, intermediates };
+  }
+}
+
+/** `to_out` with attention-on-attention: nn.Sequential(Linear(outDim, 2 * dimOut, bias=False), GLU). */
+class ToOutGlu extends Module {
+  readonly linear: Linear;
+  constructor(inDim: number, dimOut: number) {
+    super();
+    this.linear = this.registerModule('0', new Linear(inDim, dimOut * 2, { bias: false }));
+  }
+}

@@ -1,0 +1,14 @@
+export { Attention } from './attention.js';
+export { Attend, HeadMix, attend, hasFusedAttentionKernel, XT_ATTENTION_KERNEL } from './attend.js';
+export type { AttendFnOptions, AttendModuleOptions, AttendResult } from './attend.js';
+export { RotaryEmbedding, rotaryEmbeddingDefaults, applyRotaryPosEmb, rotateHalf } from './rotary.js';
+export type { RotaryEmbeddingOptions } from './rotary.js';
+export { attentionDefaults } from './types.js';
+export type {
+  AttentionOptions,
+  AttentionForwardOptions,
+  AttentionIntermediates,
+  AttentionKv,
+  PositionBias,
+  RotaryInput,
+} from './types.js';

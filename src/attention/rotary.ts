@@ -1,0 +1,146 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { Module } from '../nn/module.js';
+import { fmtShape } from '../utils/errors.js';
+import type { RotaryInput } from './types.js';
+
+/** Options of `RotaryEmbedding` (the reference's kwargs in camelCase). */
+export interface RotaryEmbeddingOptions {
+  /** xpos length extrapolation (a persistent `scale` buffer). */
+  useXpos: boolean;
+  scaleBase: number;
+  /** Positions are divided by this (>= 1), as in position interpolation. */
+  interpolationFactor: number;
+  base: number;
+  /** NTK-aware rescale: base *= factor ** (dim / (dim - 2)). */
+  baseRescaleFactor: number;
+}
+
+export const rotaryEmbeddingDefaults: RotaryEmbeddingOptions = {
+  useXpos: false,
+  scaleBase: 512,
+  interpolationFactor: 1,
+  base: 10000,
+  baseRescaleFactor: 1,
+};
+
+/**
+ * Rotary position embedding (RoFormer), optionally with xpos. Buffers as the reference:
+ * `inv_freq` [dim / 2] (persistent) and, with xpos, `scale` [dim / 2] (persistent).
+ */
+export class RotaryEmbedding extends Module {
+  readonly dim: number;
+  readonly options: RotaryEmbeddingOptions;
+
+  /** dim: number of rotated features per head (even). */
+  constructor(dim: number, options: Partial<RotaryEmbeddingOptions> = {}) {
+    super();
+    if (!Number.isInteger(dim) || dim <= 0 || dim % 2 !== 0)
+      throw new Error(`dim: expected a positive even integer, got ${dim}`);
+    const o = { ...rotaryEmbeddingDefaults, ...options };
+    if (!(o.interpolationFactor >= 1))
+      throw new Error(`interpolationFactor: expected a number >= 1, got ${o.interpolationFactor}`);
+    if (!(o.scaleBase > 0)) throw new Error(`scaleBase: expected a positive number, got ${o.scaleBase}`);
+    this.dim = dim;
+    this.options = o;
+    const base = o.base * o.baseRescaleFactor ** (dim / (dim - 2));
+    const half = dim / 2;
+    const inv = new Float32Array(half);
+    for (let i = 0; i < half; i++) inv[i] = 1 / base ** Math.fround((2 * i) / dim);
+    this.registerBuffer('inv_freq', tf.tensor1d(inv));
+    if (o.useXpos) {
+      const sc = new Float32Array(half);
+      for (let i = 0; i < half; i++) sc[i] = (2 * i + 0.4 * dim) / (1.4 * dim);
+      this.registerBuffer('scale', tf.tensor1d(sc));
+    }
+  }
+
+  get invFreq(): tf.Tensor {
+    return this.getBuffer('inv_freq');
+  }
+
+  /** Frequencies for positions 0 .. seqLen - 1. */
+  forwardFromSeqLen(seqLen: number): RotaryInput {
+    const t = tf.range(0, seqLen, 1, 'int32');
+    const out = this.forward(t);
+    t.dispose();
+    return out;
+  }
+
+  /**
+   * t: [n] or [b, n] integer positions -> freqs [1|b, n, dim] (each frequency repeated for a pair of
+   * features) and, with xpos, xposScale [1|b, n, dim]. The caller owns the returned tensors.
+   */
+  forward(t: tf.Tensor): RotaryInput {
+    if (t.rank !== 1 && t.rank !== 2)
+      throw new Error(`t: expected positions [n] or [b, n], got ${fmtShape(t.shape)}`);
+    return tf.tidy(() => {
+      const pos = t.rank === 1 ? tf.expandDims(t, 0) : t;
+      const maxPos = tf.add(tf.max(tf.cast(t, 'int32')), 1);
+      let freqs = tf.mul(tf.expandDims(tf.cast(pos, 'float32'), -1), this.invFreq);
+      freqs = tf.div(freqs, this.options.interpolationFactor);
+      freqs = interleave2(freqs);
+      if (!this.options.useXpos) return { freqs };
+      const center = tf.floorDiv(maxPos, tf.scalar(2, 'int32'));
+      const power = tf.div(tf.cast(tf.sub(tf.cast(pos, 'int32'), center), 'float32'), this.options.scaleBase);
+      const scale = tf.pow(this.getBuffer('scale'), tf.expandDims(power, -1));
+      return { freqs, xposScale: interleave2(scale) };
+    });
+  }
+}
+
+/** [..., d] -> [..., 2d] with each entry repeated twice in place (stack((x, x), -1) flattened). */
+function interleave2(x: tf.Tensor): tf.Tensor {
+  const d = x.shape[x.rank - 1]!;
+  return tf.reshape(tf.stack([x, x], -1), [...x.shape.slice(0, -1), d * 2]);
+}
+
+/** Rotates feature pairs: (x0, x1) -> (-x1, x0). x: [..., d] with d even. */
+export function rotateHalf(x: tf.Tensor): tf.Tensor {
+  const d = x.shape[x.rank - 1]!;
+  const pairs = tf.reshape(x, [...x.shape.slice(0, -1), d / 2, 2]);
+  const [x1, x2] = tf.unstack(pairs, -1) as [tf.Tensor, tf.Tensor];
+  return tf.reshape(tf.stack([tf.neg(x2), x1], -1), x.shape);
+}
+
+/** Takes the last n rows of freqs [n_k, r] / [b, n_k, r] and shapes them for t [b, h, n, d]. */
+function lastRows(f: tf.Tensor, n: number, name: string): tf.Tensor {
+  const f3 = f.rank === 2 ? tf.expandDims(f, 0) : f;
+  if (f3.rank !== 3)
+    throw new Error(`${name}: expected freqs [n, rotDim] or [b, n, rotDim], got ${fmtShape(f.shape)}`);
+  const nk = f3.shape[1]!;
+  if (nk < n)
+    throw new Error(`${name}: expected frequencies for at least ${n} positions, got ${fmtShape(f.shape)}`);
+  const sliced = nk === n ? f3 : tf.slice(f3, [0, nk - n, 0], [-1, n, -1]);
+  return tf.expandDims(sliced, 1);
+}
+
+/**
+ * Applies rotary embeddings to the first rotDim features of t, using the last n positions of freqs
+ * (n = t's sequence length). t: [b, h, n, d]; freqs: [n_k, rotDim] or [b|1, n_k, rotDim];
+ * scale: 1 or a tensor shaped as freqs (xpos). `name` names the argument in errors.
+ */
+export function applyRotaryPosEmb(
+  t: tf.Tensor,
+  freqs: tf.Tensor,
+  scale: tf.Tensor | number = 1,
+  name = 'rotary',
+): tf.Tensor {
+  return tf.tidy(() => {
+    const n = t.shape[t.rank - 2]!;
+    const d = t.shape[t.rank - 1]!;
+    const rot = freqs.shape[freqs.rank - 1]!;
+    if (rot > d || rot % 2 !== 0)
+      throw new Error(
+        `${name}: expected an even rotary dimension <= ${d}, got freqs ${fmtShape(freqs.shape)}`,
+      );
+    const f = lastRows(freqs, n, name);
+    const s = typeof scale === 'number' ? scale : lastRows(scale, n, name);
+    const tRot = rot === d ? t : tf.slice(t, [0, 0, 0, 0], [-1, -1, -1, rot]);
+    const rotated = tf.add(
+      tf.mul(tf.mul(tRot, tf.cos(f)), s),
+      tf.mul(tf.mul(rotateHalf(tRot), tf.sin(f)), s),
+    );
+    if (rot === d) return rotated;
+    return tf.concat([rotated, tf.slice(t, [0, 0, 0, rot], [-1, -1, -1, -1])], -1);
+  });
+}
