@@ -8,3 +8,4 @@ export type { LoadStateDictOptions, LoadStateDictResult } from './nn/module.js';
 export { Rng, manualSeed, getRng } from './utils/random.js';
 export { parseSafetensors, loadSafetensors, saveSafetensors, rawToTensor } from './io/safetensors.js';
 export type { SafetensorsDtype, RawTensor, SafetensorsFile } from './io/safetensors.js';
+export * from './attention/index.js';
