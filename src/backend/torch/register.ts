@@ -1,32 +1,54 @@
 /**
- * Registers the LibTorch-backed TF.js backend when the native addon is built.
- * (The kernels live in the addon and in this folder.)
+ * Registers the LibTorch-backed TF.js backend (`torch`) when the native addon is built.
+ * XT_NUM_THREADS (default: all cores) sets LibTorch's intra-op threads; XT_DEVICE=cpu|cuda picks
+ * the device (cuda only when LibTorch has it).
  */
-import { createRequire } from 'node:module';
-import { existsSync } from 'node:fs';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-backend-cpu';
+import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
+import os from 'node:os';
+import { TorchBackend } from './backend.js';
+import { registerTorchKernels } from './kernels.js';
+import { registerAttentionGradient } from './attention.js';
+import { loadAddon } from './native.js';
+
+export { addonPath } from './native.js';
 
 export type RegisterResult = { ok: true; device: string; threads: number } | { ok: false; reason: string };
 
-/** Where the addon is built: build/Release/xt_torch.node at the package root. */
-export function addonPath(): string {
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  for (let i = 0; i < 6; i++) {
-    if (existsSync(path.join(dir, 'package.json'))) break;
-    dir = path.dirname(dir);
-  }
-  return path.join(dir, 'build', 'Release', 'xt_torch.node');
+let result: RegisterResult | null = null;
+
+function threadsFromEnv(): number {
+  const raw = process.env.XT_NUM_THREADS;
+  if (raw === undefined || raw.trim() === '') return os.availableParallelism?.() ?? os.cpus().length;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < 1)
+    throw new Error(`XT_NUM_THREADS: expected a positive integer, got "${raw}"`);
+  return n;
 }
 
 export function registerTorchBackend(): RegisterResult {
-  const p = addonPath();
-  if (!existsSync(p))
-    return { ok: false, reason: `torch backend unavailable: native addon not built (${p} missing)` };
+  if (result) return result;
+  let addon;
   try {
-    createRequire(import.meta.url)(p);
+    addon = loadAddon();
   } catch (e) {
     return { ok: false, reason: `torch backend unavailable: ${(e as Error).message}` };
   }
-  return { ok: false, reason: 'torch backend unavailable: kernels not registered' };
+  const device = (process.env.XT_DEVICE ?? 'cpu').trim().toLowerCase() || 'cpu';
+  if (device !== 'cpu' && device !== 'cuda')
+    return { ok: false, reason: `XT_DEVICE: expected cpu or cuda, got "${process.env.XT_DEVICE}"` };
+  const threads = threadsFromEnv();
+  const backend = new TorchBackend(addon);
+  let info;
+  try {
+    info = addon.init(backend.meta, threads, device);
+  } catch (e) {
+    return { ok: false, reason: `torch backend unavailable: ${(e as Error).message}` };
+  }
+  tf.registerBackend('torch', () => backend, 2);
+  registerTorchKernels();
+  registerAttentionGradient();
+  result = { ok: true, device: info.device, threads: info.threads };
+  return result;
 }

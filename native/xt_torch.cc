@@ -1,0 +1,832 @@
+// LibTorch (ATen) kernels for the TF.js `torch` backend.
+//
+// Tensors live in a registry of ATen tensors addressed by small integer ids; JS holds only the ids.
+// Every op takes ids and returns the id of a new registry entry; the shape and dtype of that result
+// are written into a shared Int32Array (`meta`: [dtype, rank, dims...]) so that JS needs no extra
+// call to learn them. dtype codes: 0 float32, 1 int32, 2 bool.
+#include <napi.h>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#if __has_include(<ATen/ops/scaled_dot_product_attention.h>)
+#define XT_HAS_SDPA 1
+#endif
+
+namespace {
+
+std::vector<at::Tensor> g_tensors;
+std::vector<int32_t> g_free;
+int64_t g_live = 0;
+int32_t* g_meta = nullptr;
+Napi::Reference<Napi::Int32Array> g_metaRef;
+at::Device g_device(at::kCPU);
+
+at::ScalarType toScalar(int code) {
+  switch (code) {
+    case 0:
+      return at::kFloat;
+    case 1:
+      return at::kInt;
+    case 2:
+      return at::kBool;
+    default:
+      throw std::runtime_error("unsupported dtype code " + std::to_string(code));
+  }
+}
+
+int dtypeCode(at::ScalarType s) {
+  if (s == at::kFloat) return 0;
+  if (s == at::kInt) return 1;
+  if (s == at::kBool) return 2;
+  return -1;
+}
+
+// Brings a result to one of the three TF.js dtypes.
+at::Tensor normalize(const at::Tensor& t) {
+  auto s = t.scalar_type();
+  if (s == at::kFloat || s == at::kInt || s == at::kBool) return t;
+  if (at::isFloatingType(s)) return t.to(at::kFloat);
+  return t.to(at::kInt);
+}
+
+at::TensorOptions opts(at::ScalarType s) { return at::TensorOptions().dtype(s).device(g_device); }
+
+int32_t store(at::Tensor t) {
+  t = normalize(t);
+  if (g_meta) {
+    g_meta[0] = dtypeCode(t.scalar_type());
+    int64_t r = t.dim();
+    g_meta[1] = static_cast<int32_t>(r);
+    for (int64_t i = 0; i < r && i < 30; i++) g_meta[2 + i] = static_cast<int32_t>(t.size(i));
+  }
+  int32_t id;
+  if (!g_free.empty()) {
+    id = g_free.back();
+    g_free.pop_back();
+    g_tensors[id] = std::move(t);
+  } else {
+    id = static_cast<int32_t>(g_tensors.size());
+    g_tensors.push_back(std::move(t));
+  }
+  g_live++;
+  return id;
+}
+
+const at::Tensor& get(const Napi::Value& v) {
+  int32_t id = v.As<Napi::Number>().Int32Value();
+  if (id < 0 || id >= static_cast<int32_t>(g_tensors.size()) || !g_tensors[id].defined())
+    throw std::runtime_error("invalid tensor id " + std::to_string(id));
+  return g_tensors[id];
+}
+
+std::vector<int64_t> ints(const Napi::Value& v) {
+  std::vector<int64_t> out;
+  if (v.IsTypedArray()) {
+    auto a = v.As<Napi::Int32Array>();
+    out.assign(a.Data(), a.Data() + a.ElementLength());
+    return out;
+  }
+  auto a = v.As<Napi::Array>();
+  uint32_t n = a.Length();
+  out.resize(n);
+  for (uint32_t i = 0; i < n; i++) out[i] = static_cast<int64_t>(a.Get(i).As<Napi::Number>().DoubleValue());
+  return out;
+}
+
+std::vector<at::Tensor> tensorList(const Napi::Value& v) {
+  auto a = v.As<Napi::Array>();
+  std::vector<at::Tensor> out;
+  uint32_t n = a.Length();
+  out.reserve(n);
+  for (uint32_t i = 0; i < n; i++) out.push_back(get(a.Get(i)));
+  return out;
+}
+
+inline int num(const Napi::CallbackInfo& info, size_t i) { return info[i].As<Napi::Number>().Int32Value(); }
+inline double dbl(const Napi::CallbackInfo& info, size_t i) { return info[i].As<Napi::Number>().DoubleValue(); }
+inline bool flag(const Napi::CallbackInfo& info, size_t i) { return info[i].ToBoolean().Value(); }
+
+Napi::Value idv(const Napi::CallbackInfo& info, at::Tensor t) {
+  return Napi::Number::New(info.Env(), store(std::move(t)));
+}
+
+Napi::Value idList(const Napi::CallbackInfo& info, const std::vector<at::Tensor>& ts) {
+  auto arr = Napi::Array::New(info.Env(), ts.size());
+  for (size_t i = 0; i < ts.size(); i++) arr.Set(static_cast<uint32_t>(i), Napi::Number::New(info.Env(), store(ts[i])));
+  return arr;
+}
+
+#define XT_FN(name) \
+  Napi::Value name##_impl(const Napi::CallbackInfo& info); \
+  Napi::Value name(const Napi::CallbackInfo& info) { \
+    try { \
+      return name##_impl(info); \
+    } catch (const c10::Error& e) { \
+      throw Napi::Error::New(info.Env(), e.what_without_backtrace()); \
+    } catch (const Napi::Error&) { \
+      throw; \
+    } catch (const std::exception& e) { \
+      throw Napi::Error::New(info.Env(), e.what()); \
+    } \
+  } \
+  Napi::Value name##_impl(const Napi::CallbackInfo& info)
+
+// ---------------------------------------------------------------------------------------------
+// registry, data in and out
+
+XT_FN(Init) {
+  auto meta = info[0].As<Napi::Int32Array>();
+  g_metaRef = Napi::Persistent(meta);
+  g_meta = meta.Data();
+  int threads = num(info, 1);
+  std::string dev = info[2].As<Napi::String>().Utf8Value();
+  if (threads > 0) at::set_num_threads(threads);
+  if (dev == "cuda") {
+#ifdef XT_HAS_CUDA
+    if (!at::hasCUDA()) throw std::runtime_error("XT_DEVICE=cuda but LibTorch sees no CUDA device");
+    g_device = at::Device(at::kCUDA, 0);
+#else
+    throw std::runtime_error("XT_DEVICE=cuda but this LibTorch build has no CUDA");
+#endif
+  } else if (dev != "cpu") {
+    throw std::runtime_error("XT_DEVICE: expected cpu or cuda, got " + dev);
+  }
+  auto out = Napi::Object::New(info.Env());
+  out.Set("threads", at::get_num_threads());
+  out.Set("device", g_device.is_cuda() ? "cuda" : "cpu");
+#ifdef XT_HAS_CUDA
+  out.Set("cuda", at::hasCUDA());
+#else
+  out.Set("cuda", false);
+#endif
+  out.Set("version", TORCH_VERSION_MAJOR * 10000 + TORCH_VERSION_MINOR * 100 + TORCH_VERSION_PATCH);
+  return out;
+}
+
+XT_FN(FromData) {
+  auto shape = ints(info[1]);
+  auto st = toScalar(num(info, 2));
+  auto ta = info[0].As<Napi::TypedArray>();
+  int64_t n = 1;
+  for (auto d : shape) n *= d;
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(st));
+  size_t esz = t.element_size();
+  size_t bytes = ta.ByteLength();
+  if (bytes != static_cast<size_t>(n) * esz)
+    throw std::runtime_error("fromData: expected " + std::to_string(n) + " values of " + std::to_string(esz) +
+                             " bytes, got " + std::to_string(bytes) + " bytes");
+  if (n > 0) {
+    auto* src = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+    std::memcpy(t.data_ptr(), src, bytes);
+  }
+  if (!g_device.is_cpu()) t = t.to(g_device);
+  return idv(info, t);
+}
+
+XT_FN(ToData) {
+  at::Tensor t = get(info[0]);
+  if (!t.device().is_cpu()) t = t.to(at::kCPU);
+  t = t.contiguous();
+  size_t n = t.numel();
+  auto env = info.Env();
+  switch (t.scalar_type()) {
+    case at::kFloat: {
+      auto a = Napi::Float32Array::New(env, n);
+      if (n) std::memcpy(a.Data(), t.data_ptr(), n * 4);
+      return a;
+    }
+    case at::kInt: {
+      auto a = Napi::Int32Array::New(env, n);
+      if (n) std::memcpy(a.Data(), t.data_ptr(), n * 4);
+      return a;
+    }
+    case at::kBool: {
+      auto a = Napi::Uint8Array::New(env, n);
+      if (n) std::memcpy(a.Data(), t.data_ptr(), n);
+      return a;
+    }
+    default:
+      throw std::runtime_error("toData: unsupported dtype");
+  }
+}
+
+XT_FN(Free) {
+  int32_t id = num(info, 0);
+  if (id >= 0 && id < static_cast<int32_t>(g_tensors.size()) && g_tensors[id].defined()) {
+    g_tensors[id] = at::Tensor();
+    g_free.push_back(id);
+    g_live--;
+  }
+  return info.Env().Undefined();
+}
+
+XT_FN(Count) { return Napi::Number::New(info.Env(), static_cast<double>(g_live)); }
+
+XT_FN(Bytes) {
+  double b = 0;
+  for (auto& t : g_tensors)
+    if (t.defined()) b += static_cast<double>(t.numel()) * t.element_size();
+  return Napi::Number::New(info.Env(), b);
+}
+
+// Size in bytes of the storage behind one id (test support: proves disposal frees storage).
+XT_FN(StorageUseCount) {
+  const at::Tensor& t = get(info[0]);
+  return Napi::Number::New(info.Env(), static_cast<double>(t.storage().use_count()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// elementwise
+
+at::Tensor asFloat(const at::Tensor& t) { return at::isFloatingType(t.scalar_type()) ? t : t.to(at::kFloat); }
+
+XT_FN(Unary) {
+  int op = num(info, 0);
+  const at::Tensor& x = get(info[1]);
+  double a = info.Length() > 2 ? dbl(info, 2) : 0.0;
+  at::Tensor y;
+  switch (op) {
+    case 0: y = at::neg(x); break;
+    case 1: y = at::abs(x); break;
+    case 2: y = at::exp(asFloat(x)); break;
+    case 3: y = at::log(asFloat(x)); break;
+    case 4: y = at::sqrt(asFloat(x)); break;
+    case 5: y = at::rsqrt(asFloat(x)); break;
+    case 6: y = at::mul(x, x); break;
+    case 7: y = at::reciprocal(asFloat(x)); break;
+    case 8: y = at::sign(x); break;
+    case 9: y = at::tanh(asFloat(x)); break;
+    case 10: y = at::sigmoid(asFloat(x)); break;
+    case 11: y = at::relu(x); break;
+    case 12: y = at::erf(asFloat(x)); break;
+    case 13: y = x.is_floating_point() ? at::floor(x) : x; break;
+    case 14: y = x.is_floating_point() ? at::ceil(x) : x; break;
+    case 15: y = x.is_floating_point() ? at::round(x) : x; break;
+    case 16: y = at::sin(asFloat(x)); break;
+    case 17: y = at::cos(asFloat(x)); break;
+    case 18: y = at::logical_not(x); break;
+    case 19: y = at::log1p(asFloat(x)); break;
+    case 20: y = at::expm1(asFloat(x)); break;
+    case 21: y = at::isnan(x); break;
+    case 22: y = at::isinf(x); break;
+    case 23: y = at::isfinite(x); break;
+    case 24: {  // softplus as TF.js computes it
+      y = at::softplus(asFloat(x));
+      break;
+    }
+    case 25: y = at::elu(asFloat(x)); break;
+    case 26: y = at::selu(asFloat(x)); break;
+    case 27: y = at::clamp(x, 0, 6); break;
+    case 28: {  // Step: x > 0 ? 1 : alpha (NaN stays NaN)
+      auto xf = asFloat(x);
+      y = at::where(at::gt(xf, 0), at::ones({}, xf.options()), at::full({}, a, xf.options()));
+      y = at::where(at::isnan(xf), xf, y);
+      break;
+    }
+    case 29: y = at::leaky_relu(asFloat(x), a); break;
+    case 30: y = at::atan(asFloat(x)); break;
+    case 31: y = at::asin(asFloat(x)); break;
+    case 32: y = at::acos(asFloat(x)); break;
+    case 33: y = at::sinh(asFloat(x)); break;
+    case 34: y = at::cosh(asFloat(x)); break;
+    case 35: y = at::tan(asFloat(x)); break;
+    case 36: y = at::asinh(asFloat(x)); break;
+    case 37: y = at::acosh(asFloat(x)); break;
+    case 38: y = at::atanh(asFloat(x)); break;
+    case 39: y = x.clone(); break;  // Identity shares nothing with its input
+    case 40: {  // GELU (erf form), used by fused paths
+      y = at::gelu(asFloat(x));
+      break;
+    }
+    default:
+      throw std::runtime_error("unary: unknown op " + std::to_string(op));
+  }
+  return idv(info, y);
+}
+
+XT_FN(Binary) {
+  int op = num(info, 0);
+  const at::Tensor& a = get(info[1]);
+  const at::Tensor& b = get(info[2]);
+  at::Tensor y;
+  switch (op) {
+    case 0: y = at::add(a, b); break;
+    case 1: y = at::sub(a, b); break;
+    case 2: y = at::mul(a, b); break;
+    case 3: y = at::div(a, b); break;
+    case 4: y = at::div(a, b, "floor"); break;
+    case 5: y = at::remainder(a, b); break;
+    case 6: {
+      if (a.is_floating_point() || b.is_floating_point()) y = at::pow(a, b);
+      else y = at::pow(a.to(at::kFloat), b.to(at::kFloat)).round().to(a.scalar_type());
+      break;
+    }
+    case 7: y = at::maximum(a, b); break;
+    case 8: y = at::minimum(a, b); break;
+    case 9: {
+      auto d = at::sub(a, b);
+      y = at::mul(d, d);
+      break;
+    }
+    case 10: y = at::eq(a, b); break;
+    case 11: y = at::ne(a, b); break;
+    case 12: y = at::lt(a, b); break;
+    case 13: y = at::le(a, b); break;
+    case 14: y = at::gt(a, b); break;
+    case 15: y = at::ge(a, b); break;
+    case 16: y = at::logical_and(a, b); break;
+    case 17: y = at::logical_or(a, b); break;
+    case 18: y = at::atan2(asFloat(a), asFloat(b)); break;
+    case 19: {  // DivNoNan
+      auto q = at::div(a, b);
+      y = at::where(at::eq(b, 0), at::zeros({}, q.options()), q);
+      break;
+    }
+    case 20: {  // Prelu
+      y = at::where(at::lt(a, 0), at::mul(a, b), a);
+      break;
+    }
+    case 21: y = at::logical_xor(a, b); break;
+    default:
+      throw std::runtime_error("binary: unknown op " + std::to_string(op));
+  }
+  return idv(info, y);
+}
+
+XT_FN(Cast) {
+  const at::Tensor& x = get(info[0]);
+  auto st = toScalar(num(info, 1));
+  if (x.scalar_type() == st) return idv(info, x);
+  return idv(info, x.to(st));
+}
+
+XT_FN(Where) { return idv(info, at::where(get(info[0]), get(info[1]), get(info[2]))); }
+
+XT_FN(Clip) {
+  const at::Tensor& x = get(info[0]);
+  return idv(info, at::clamp(x, dbl(info, 1), dbl(info, 2)));
+}
+
+XT_FN(AddN) {
+  auto ts = tensorList(info[0]);
+  at::Tensor y = ts[0].clone();
+  for (size_t i = 1; i < ts.size(); i++) y.add_(ts[i]);
+  return idv(info, y);
+}
+
+// ---------------------------------------------------------------------------------------------
+// shapes
+
+XT_FN(Reshape) { return idv(info, get(info[0]).reshape(ints(info[1]))); }
+XT_FN(Transpose) { return idv(info, get(info[0]).permute(ints(info[1]))); }
+XT_FN(BroadcastTo) { return idv(info, get(info[0]).expand(ints(info[1]))); }
+XT_FN(Contiguous) { return idv(info, get(info[0]).contiguous()); }
+
+XT_FN(Concat) {
+  auto ts = tensorList(info[0]);
+  return idv(info, at::cat(ts, num(info, 1)));
+}
+
+XT_FN(Stack) {
+  auto ts = tensorList(info[0]);
+  return idv(info, at::stack(ts, num(info, 1)));
+}
+
+XT_FN(Unstack) { return idList(info, at::unbind(get(info[0]), num(info, 1))); }
+
+XT_FN(Split) {
+  auto sizes = ints(info[1]);
+  return idList(info, at::split_with_sizes(get(info[0]), sizes, num(info, 2)));
+}
+
+XT_FN(Slice) {
+  at::Tensor x = get(info[0]);
+  auto begin = ints(info[1]);
+  auto size = ints(info[2]);
+  for (size_t d = 0; d < begin.size(); d++) {
+    int64_t s = size[d] < 0 ? x.size(d) - begin[d] : size[d];
+    if (begin[d] != 0 || s != x.size(d)) x = x.slice(d, begin[d], begin[d] + s);
+  }
+  return idv(info, x);
+}
+
+// out[i0, i1, ...] = x[begin0 + i0 * stride0, ...] with out shape `outShape`.
+XT_FN(StridedSlice) {
+  at::Tensor x = get(info[0]);
+  auto begin = ints(info[1]);
+  auto strides = ints(info[2]);
+  auto outShape = ints(info[3]);
+  for (size_t d = 0; d < begin.size(); d++) {
+    int64_t b = begin[d], s = strides[d], n = outShape[d];
+    if (n == 0) {
+      x = x.slice(d, 0, 0);
+    } else if (s > 0) {
+      if (!(b == 0 && s == 1 && n == x.size(d))) x = x.slice(d, b, b + (n - 1) * s + 1, s);
+    } else {
+      auto idx = at::arange(b, b + n * s, s, at::TensorOptions().dtype(at::kLong).device(x.device()));
+      x = x.index_select(d, idx);
+    }
+  }
+  return idv(info, x);
+}
+
+XT_FN(Pad) {
+  const at::Tensor& x = get(info[0]);
+  auto p = ints(info[1]);  // [before0, after0, before1, after1, ...]
+  std::vector<int64_t> tp;
+  for (int64_t d = static_cast<int64_t>(p.size() / 2) - 1; d >= 0; d--) {
+    tp.push_back(p[2 * d]);
+    tp.push_back(p[2 * d + 1]);
+  }
+  return idv(info, at::constant_pad_nd(x, tp, dbl(info, 2)));
+}
+
+XT_FN(MirrorPad) {
+  at::Tensor x = get(info[0]);
+  auto p = ints(info[1]);
+  bool symmetric = flag(info, 2);
+  for (size_t d = 0; d < p.size() / 2; d++) {
+    int64_t l = p[2 * d], r = p[2 * d + 1], n = x.size(d);
+    if (l == 0 && r == 0) continue;
+    std::vector<int64_t> idx;
+    for (int64_t j = -l; j < n + r; j++) {
+      int64_t k = j;
+      if (j < 0) k = symmetric ? -j - 1 : -j;
+      else if (j >= n) k = symmetric ? 2 * n - 1 - j : 2 * n - 2 - j;
+      idx.push_back(k);
+    }
+    auto it = at::tensor(idx, at::TensorOptions().dtype(at::kLong)).to(x.device());
+    x = x.index_select(d, it);
+  }
+  return idv(info, x);
+}
+
+XT_FN(Tile) { return idv(info, get(info[0]).repeat(ints(info[1]))); }
+XT_FN(Reverse) { return idv(info, get(info[0]).flip(ints(info[1]))); }
+
+// ---------------------------------------------------------------------------------------------
+// indexing
+
+XT_FN(Gather) {
+  const at::Tensor& x = get(info[0]);
+  const at::Tensor& idx = get(info[1]);
+  int64_t axis = num(info, 2);
+  auto flat = idx.reshape({-1}).to(at::kLong);
+  auto y = x.index_select(axis, flat);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().begin() + axis);
+  for (auto s : idx.sizes()) shape.push_back(s);
+  for (int64_t d = axis + 1; d < x.dim(); d++) shape.push_back(x.size(d));
+  return idv(info, y.reshape(shape));
+}
+
+// Flat row index of each index tuple in `idx` ([..., k]) into the first k dims of `shape`.
+at::Tensor flatIndex(const at::Tensor& idx, at::IntArrayRef shape) {
+  int64_t k = idx.size(-1);
+  std::vector<int64_t> strides(k);
+  int64_t s = 1;
+  for (int64_t d = k - 1; d >= 0; d--) {
+    strides[d] = s;
+    s *= shape[d];
+  }
+  auto st = at::tensor(strides, at::TensorOptions().dtype(at::kLong)).to(idx.device());
+  return (idx.to(at::kLong) * st).sum(-1).reshape({-1});
+}
+
+XT_FN(GatherNd) {
+  const at::Tensor& x = get(info[0]);
+  const at::Tensor& idx = get(info[1]);
+  int64_t k = idx.size(-1);
+  auto flat = flatIndex(idx, x.sizes());
+  std::vector<int64_t> rows = {-1};
+  for (int64_t d = k; d < x.dim(); d++) rows.push_back(x.size(d));
+  auto y = x.reshape(rows).index_select(0, flat);
+  std::vector<int64_t> shape(idx.sizes().begin(), idx.sizes().end() - 1);
+  for (int64_t d = k; d < x.dim(); d++) shape.push_back(x.size(d));
+  return idv(info, y.reshape(shape));
+}
+
+XT_FN(ScatterNd) {
+  const at::Tensor& idx = get(info[0]);
+  const at::Tensor& upd = get(info[1]);
+  auto shape = ints(info[2]);
+  int64_t k = idx.size(-1);
+  auto flat = flatIndex(idx, shape);
+  std::vector<int64_t> rows = {1};
+  for (int64_t d = 0; d < k; d++) rows[0] *= shape[d];
+  for (size_t d = k; d < shape.size(); d++) rows.push_back(shape[d]);
+  auto out = at::zeros(rows, upd.options());
+  std::vector<int64_t> urows = {-1};
+  for (size_t d = k; d < shape.size(); d++) urows.push_back(shape[d]);
+  out.index_add_(0, flat, upd.reshape(urows));
+  return idv(info, out.reshape(shape));
+}
+
+XT_FN(SegmentSum) {
+  const at::Tensor& x = get(info[0]);
+  const at::Tensor& seg = get(info[1]);
+  int64_t n = num(info, 2);
+  std::vector<int64_t> shape = {n};
+  for (int64_t d = seg.dim(); d < x.dim(); d++) shape.push_back(x.size(d));
+  std::vector<int64_t> rows = {-1};
+  for (int64_t d = seg.dim(); d < x.dim(); d++) rows.push_back(x.size(d));
+  auto ids = seg.reshape({-1}).to(at::kLong);
+  auto src = x.reshape(rows);
+  // ids outside [0, n) are dropped, as in TF.js
+  auto keep = at::logical_and(at::ge(ids, 0), at::lt(ids, n));
+  if (!keep.all().item<bool>()) {
+    auto sel = at::nonzero(keep).reshape({-1});
+    ids = ids.index_select(0, sel);
+    src = src.index_select(0, sel);
+  }
+  auto out = at::zeros(shape, x.options());
+  out.index_add_(0, ids, src);
+  return idv(info, out);
+}
+
+XT_FN(OneHot) {
+  const at::Tensor& idx = get(info[0]);
+  int64_t depth = num(info, 1);
+  double on = dbl(info, 2), off = dbl(info, 3);
+  auto st = toScalar(num(info, 4));
+  auto r = at::arange(depth, at::TensorOptions().dtype(at::kLong).device(idx.device()));
+  auto eq = at::eq(idx.to(at::kLong).unsqueeze(-1), r);
+  return idv(info, at::where(eq, at::full({}, on, opts(st)), at::full({}, off, opts(st))));
+}
+
+XT_FN(TopK) {
+  const at::Tensor& x = get(info[0]);
+  int64_t k = num(info, 1);
+  bool sorted = flag(info, 2);
+  auto r = at::topk(x, k, -1, true, sorted || true);
+  return idList(info, {std::get<0>(r), std::get<1>(r)});
+}
+
+XT_FN(Cumulative) {
+  at::Tensor x = get(info[0]);
+  int64_t axis = num(info, 1);
+  bool exclusive = flag(info, 2), reverse = flag(info, 3), prod = flag(info, 4);
+  if (x.scalar_type() == at::kBool) x = x.to(at::kInt);
+  if (reverse) x = x.flip({axis});
+  at::Tensor y = prod ? at::cumprod(x, axis, x.scalar_type()) : at::cumsum(x, axis, x.scalar_type());
+  if (exclusive) {
+    int64_t n = x.size(axis);
+    auto first = prod ? at::ones_like(x.narrow(axis, 0, n > 0 ? 1 : 0)) : at::zeros_like(x.narrow(axis, 0, n > 0 ? 1 : 0));
+    y = at::cat({first, y.narrow(axis, 0, n > 0 ? n - 1 : 0)}, axis);
+  }
+  if (reverse) y = y.flip({axis});
+  return idv(info, y);
+}
+
+// ---------------------------------------------------------------------------------------------
+// creation
+
+XT_FN(Fill) {
+  auto shape = ints(info[0]);
+  return idv(info, at::full(shape, dbl(info, 1), opts(toScalar(num(info, 2)))));
+}
+
+XT_FN(FillLike) {
+  const at::Tensor& x = get(info[0]);
+  return idv(info, at::full(x.sizes(), dbl(info, 1), x.options()));
+}
+
+XT_FN(Multinomial) {
+  const at::Tensor& logits = get(info[0]);
+  int64_t n = num(info, 1);
+  int64_t seed = static_cast<int64_t>(dbl(info, 2));
+  bool normalized = flag(info, 3);
+  auto probs = normalized ? logits : at::softmax(logits, -1);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
+  auto cpuProbs = probs.to(at::kCPU).to(at::kDouble);
+  auto r = at::multinomial(cpuProbs, n, true, gen);
+  return idv(info, r.to(g_device));
+}
+
+// ---------------------------------------------------------------------------------------------
+// reductions, matmul, softmax
+
+XT_FN(Reduce) {
+  int op = num(info, 0);
+  at::Tensor x = get(info[1]);
+  auto axes = ints(info[2]);
+  bool keep = flag(info, 3);
+  if (axes.empty()) return idv(info, x);
+  if ((op == 0 || op == 4) && (x.scalar_type() == at::kBool)) x = x.to(at::kInt);
+  at::Tensor y;
+  switch (op) {
+    case 0: y = at::sum(x, axes, keep, x.scalar_type()); break;
+    case 1: y = at::mean(asFloat(x), axes, keep); break;
+    case 2: y = at::amax(x, axes, keep); break;
+    case 3: y = at::amin(x, axes, keep); break;
+    case 4:
+    case 5:
+    case 6: {  // prod, all, any: one axis at a time (descending keeps indices valid)
+      std::vector<int64_t> ax = axes;
+      std::sort(ax.begin(), ax.end(), std::greater<int64_t>());
+      y = x;
+      for (auto a : ax) {
+        if (op == 4) y = at::prod(y, a, keep, x.scalar_type());
+        else if (op == 5) y = at::all(y, a, keep);
+        else y = at::any(y, a, keep);
+      }
+      break;
+    }
+    case 7: y = at::logsumexp(asFloat(x), axes, keep); break;
+    default:
+      throw std::runtime_error("reduce: unknown op " + std::to_string(op));
+  }
+  return idv(info, y);
+}
+
+XT_FN(ArgReduce) {
+  int op = num(info, 0);
+  const at::Tensor& x = get(info[1]);
+  int64_t axis = num(info, 2);
+  return idv(info, op == 0 ? at::argmax(x, axis) : at::argmin(x, axis));
+}
+
+XT_FN(MatMul) {
+  at::Tensor a = get(info[0]);
+  at::Tensor b = get(info[1]);
+  if (flag(info, 2)) a = a.transpose(-2, -1);
+  if (flag(info, 3)) b = b.transpose(-2, -1);
+  at::Tensor y = at::matmul(a, b);
+  if (info.Length() > 4 && info[4].IsNumber()) {
+    int32_t bias = num(info, 4);
+    if (bias >= 0) y.add_(g_tensors[bias]);
+  }
+  if (info.Length() > 5) {
+    int act = num(info, 5);
+    double alpha = info.Length() > 6 ? dbl(info, 6) : 0.0;
+    switch (act) {
+      case 0: break;
+      case 1: y.relu_(); break;
+      case 2: y.clamp_(0, 6); break;
+      case 3: y = at::elu(y); break;
+      case 4: y = at::leaky_relu(y, alpha); break;
+      case 5: y.sigmoid_(); break;
+      default: throw std::runtime_error("fusedMatMul: unsupported activation");
+    }
+  }
+  return idv(info, y);
+}
+
+XT_FN(Softmax) {
+  const at::Tensor& x = get(info[0]);
+  int64_t dim = num(info, 1);
+  return idv(info, flag(info, 2) ? at::log_softmax(x, dim) : at::softmax(x, dim));
+}
+
+XT_FN(Einsum) {
+  std::string eq = info[0].As<Napi::String>().Utf8Value();
+  return idv(info, at::einsum(eq, tensorList(info[1])));
+}
+
+// x: [n, h, w, c] (NHWC), f: [fh, fw, cin, cout]; pads [top, bottom, left, right].
+XT_FN(Conv2D) {
+  const at::Tensor& x = get(info[0]);
+  const at::Tensor& f = get(info[1]);
+  auto s = ints(info[2]);
+  auto p = ints(info[3]);
+  auto dl = ints(info[4]);
+  auto xt = x.permute({0, 3, 1, 2});
+  if (p[0] || p[1] || p[2] || p[3]) xt = at::constant_pad_nd(xt, {p[2], p[3], p[0], p[1]}, 0);
+  auto w = f.permute({3, 2, 0, 1});
+  auto y = at::conv2d(xt, w, at::Tensor(), at::IntArrayRef(s), at::IntArrayRef({0, 0}), at::IntArrayRef(dl), 1);
+  return idv(info, y.permute({0, 2, 3, 1}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// fused attention: q [b, h, i, d], k [b, h, j, d], v [b, h, j, dv], mask bool broadcastable to
+// [b, h, i, j] (true = keep), causal masks key positions j > i + (nj - ni).
+
+at::Tensor attnScores(const at::Tensor& q, const at::Tensor& k, const at::Tensor* mask, double scale, bool causal) {
+  auto s = at::matmul(q, k.transpose(-2, -1)).mul_(scale);
+  const double neg = -std::numeric_limits<float>::max();
+  if (mask) s.masked_fill_(at::logical_not(*mask), neg);
+  if (causal) {
+    int64_t ni = q.size(-2), nj = k.size(-2);
+    auto cm = at::ones({ni, nj}, at::TensorOptions().dtype(at::kBool).device(q.device())).triu(nj - ni + 1);
+    s.masked_fill_(cm, neg);
+  }
+  return s;
+}
+
+XT_FN(Attention) {
+  const at::Tensor& q = get(info[0]);
+  const at::Tensor& k = get(info[1]);
+  const at::Tensor& v = get(info[2]);
+  int32_t mid = num(info, 3);
+  const at::Tensor* mask = mid >= 0 ? &g_tensors[mid] : nullptr;
+  double scale = dbl(info, 4);
+  bool causal = flag(info, 5);
+#if defined(XT_HAS_SDPA) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1))
+  // same numbers where the semantics coincide: no mask, and causal only for square scores
+  if (!mask && (!causal || q.size(-2) == k.size(-2)))
+    return idv(info, at::scaled_dot_product_attention(q, k, v, {}, 0.0, causal, scale));
+#endif
+  auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
+  return idv(info, at::matmul(p, v));
+}
+
+XT_FN(AttentionGrad) {
+  const at::Tensor& dy = get(info[0]);
+  const at::Tensor& q = get(info[1]);
+  const at::Tensor& k = get(info[2]);
+  const at::Tensor& v = get(info[3]);
+  int32_t mid = num(info, 4);
+  const at::Tensor* mask = mid >= 0 ? &g_tensors[mid] : nullptr;
+  double scale = dbl(info, 5);
+  bool causal = flag(info, 6);
+  auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
+  auto dv = at::matmul(p.transpose(-2, -1), dy);
+  auto dp = at::matmul(dy, v.transpose(-2, -1));
+  auto ds = p * (dp - (dp * p).sum(-1, true));
+  ds.mul_(scale);
+  auto dq = at::matmul(ds, k);
+  auto dk = at::matmul(ds.transpose(-2, -1), q);
+  // broadcast batch/head dims of k, v back to their own shapes
+  auto reduceTo = [](at::Tensor g, const at::Tensor& ref) {
+    if (g.sizes() == ref.sizes()) return g;
+    std::vector<int64_t> dims;
+    int64_t off = g.dim() - ref.dim();
+    for (int64_t d = 0; d < g.dim(); d++)
+      if (d < off || (ref.size(d - off) == 1 && g.size(d) != 1)) dims.push_back(d);
+    return g.sum(dims, true).reshape(ref.sizes());
+  };
+  return idList(info, {reduceTo(dq, q), reduceTo(dk, k), reduceTo(dv, v)});
+}
+
+XT_FN(HasSdpa) {
+#ifdef XT_HAS_SDPA
+  return Napi::Boolean::New(info.Env(), true);
+#else
+  return Napi::Boolean::New(info.Env(), false);
+#endif
+}
+
+Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
+#define X(n, f) exports.Set(n, Napi::Function::New(env, f, n))
+  X("init", Init);
+  X("fromData", FromData);
+  X("toData", ToData);
+  X("free", Free);
+  X("count", Count);
+  X("bytes", Bytes);
+  X("storageUseCount", StorageUseCount);
+  X("unary", Unary);
+  X("binary", Binary);
+  X("cast", Cast);
+  X("where", Where);
+  X("clip", Clip);
+  X("addN", AddN);
+  X("reshape", Reshape);
+  X("transpose", Transpose);
+  X("broadcastTo", BroadcastTo);
+  X("contiguous", Contiguous);
+  X("concat", Concat);
+  X("stack", Stack);
+  X("unstack", Unstack);
+  X("split", Split);
+  X("slice", Slice);
+  X("stridedSlice", StridedSlice);
+  X("pad", Pad);
+  X("mirrorPad", MirrorPad);
+  X("tile", Tile);
+  X("reverse", Reverse);
+  X("gather", Gather);
+  X("gatherNd", GatherNd);
+  X("scatterNd", ScatterNd);
+  X("segmentSum", SegmentSum);
+  X("oneHot", OneHot);
+  X("topk", TopK);
+  X("cumulative", Cumulative);
+  X("fill", Fill);
+  X("fillLike", FillLike);
+  X("multinomial", Multinomial);
+  X("reduce", Reduce);
+  X("argReduce", ArgReduce);
+  X("matmul", MatMul);
+  X("softmax", Softmax);
+  X("einsum", Einsum);
+  X("conv2d", Conv2D);
+  X("attention", Attention);
+  X("attentionGrad", AttentionGrad);
+  X("hasSdpa", HasSdpa);
+#undef X
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(xt_torch, InitModule)

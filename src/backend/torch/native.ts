@@ -1,0 +1,102 @@
+/**
+ * Typed view of the LibTorch addon (build/Release/xt_torch.node). Tensors live in the addon's
+ * registry; JS holds their integer ids. Every op returning one id writes the result's dtype and shape
+ * into the shared `meta` Int32Array ([dtypeCode, rank, ...dims]).
+ */
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+type Ids = number[];
+type Ints = number[] | Int32Array;
+
+export interface TorchAddon {
+  init(
+    meta: Int32Array,
+    threads: number,
+    device: string,
+  ): { threads: number; device: string; cuda: boolean; version: number };
+  fromData(values: ArrayBufferView, shape: Ints, dtype: number): number;
+  toData(id: number): Float32Array | Int32Array | Uint8Array;
+  free(id: number): void;
+  count(): number;
+  bytes(): number;
+  storageUseCount(id: number): number;
+  unary(op: number, x: number, alpha?: number): number;
+  binary(op: number, a: number, b: number): number;
+  cast(x: number, dtype: number): number;
+  where(c: number, a: number, b: number): number;
+  clip(x: number, lo: number, hi: number): number;
+  addN(ids: Ids): number;
+  reshape(x: number, shape: Ints): number;
+  transpose(x: number, perm: Ints): number;
+  broadcastTo(x: number, shape: Ints): number;
+  contiguous(x: number): number;
+  concat(ids: Ids, axis: number): number;
+  stack(ids: Ids, axis: number): number;
+  unstack(x: number, axis: number): Ids;
+  split(x: number, sizes: Ints, axis: number): Ids;
+  slice(x: number, begin: Ints, size: Ints): number;
+  stridedSlice(x: number, begin: Ints, strides: Ints, outShape: Ints): number;
+  pad(x: number, paddings: Ints, value: number): number;
+  mirrorPad(x: number, paddings: Ints, symmetric: boolean): number;
+  tile(x: number, reps: Ints): number;
+  reverse(x: number, dims: Ints): number;
+  gather(x: number, indices: number, axis: number): number;
+  gatherNd(x: number, indices: number): number;
+  scatterNd(indices: number, updates: number, shape: Ints): number;
+  segmentSum(x: number, segmentIds: number, numSegments: number): number;
+  oneHot(indices: number, depth: number, on: number, off: number, dtype: number): number;
+  topk(x: number, k: number, sorted: boolean): Ids;
+  cumulative(x: number, axis: number, exclusive: boolean, reverse: boolean, prod: boolean): number;
+  fill(shape: Ints, value: number, dtype: number): number;
+  fillLike(x: number, value: number): number;
+  multinomial(logits: number, numSamples: number, seed: number, normalized: boolean): number;
+  reduce(op: number, x: number, axes: Ints, keepDims: boolean): number;
+  argReduce(op: number, x: number, axis: number): number;
+  matmul(
+    a: number,
+    b: number,
+    transposeA: boolean,
+    transposeB: boolean,
+    bias?: number,
+    activation?: number,
+    alpha?: number,
+  ): number;
+  softmax(x: number, dim: number, log: boolean): number;
+  einsum(equation: string, ids: Ids): number;
+  conv2d(x: number, filter: number, strides: Ints, pads: Ints, dilations: Ints): number;
+  attention(q: number, k: number, v: number, mask: number, scale: number, causal: boolean): number;
+  attentionGrad(
+    dy: number,
+    q: number,
+    k: number,
+    v: number,
+    mask: number,
+    scale: number,
+    causal: boolean,
+  ): Ids;
+  hasSdpa(): boolean;
+}
+
+/** Where the addon is built: build/Release/xt_torch.node at the package root. */
+export function addonPath(): string {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 6; i++) {
+    if (existsSync(path.join(dir, 'package.json'))) break;
+    dir = path.dirname(dir);
+  }
+  return path.join(dir, 'build', 'Release', 'xt_torch.node');
+}
+
+let addon: TorchAddon | null = null;
+
+/** Loads the addon (once); throws with the reason when it is not built or cannot load. */
+export function loadAddon(): TorchAddon {
+  if (addon) return addon;
+  const p = addonPath();
+  if (!existsSync(p)) throw new Error(`native addon not built (${p} missing)`);
+  addon = createRequire(import.meta.url)(p) as TorchAddon;
+  return addon;
+}
