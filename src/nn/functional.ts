@@ -63,3 +63,11 @@ export function padAt(x: tf.Tensor, axis: number, before: number, after: number,
   if (x.dtype === 'bool') return tf.cast(tf.pad(tf.cast(x, 'int32'), pads, value ? 1 : 0), 'bool');
   return tf.pad(x, pads, value);
 }
+
+/**
+ * tf.tidy for functions returning plain objects / arrays of tensors (tf.tidy keeps every tensor it
+ * finds in the returned value and disposes the rest).
+ */
+export function tidyObj<T>(fn: () => T): T {
+  return tf.tidy(fn as unknown as () => tf.TensorContainer) as unknown as T;
+}

@@ -1,0 +1,133 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { Module } from '../nn/module.js';
+import type { TransformerWrapper, TransformerForwardOptions } from '../wrappers/transformer-wrapper.js';
+import { checkTensor } from '../utils/errors.js';
+import { getRng, type Rng } from '../utils/random.js';
+
+/** Options of `AutoregressiveWrapper` (camelCase of the reference's keyword names). */
+export interface AutoregressiveWrapperOptions {
+  /** Target id excluded from the loss (default -100). */
+  ignoreIndex: number;
+  /** Id that replaces `ignoreIndex` in the inputs (default 0). */
+  padValue: number;
+  /** Forgetful causal masking: fraction of key positions hidden from every query (default 0). */
+  maskProb: number;
+}
+
+export const autoregressiveWrapperDefaults: AutoregressiveWrapperOptions = {
+  ignoreIndex: -100,
+  padValue: 0,
+  maskProb: 0,
+};
+
+/** Per-call options of `AutoregressiveWrapper.forward`. */
+export interface AutoregressiveForwardOptions extends Omit<TransformerForwardOptions, 'returnEmbeddings'> {
+  /** Generator for the forgetful-causal-masking draw (default: the library generator). */
+  rng?: Rng;
+}
+
+/**
+ * Trains a TransformerWrapper as a language model: `forward(x)` is the mean cross-entropy of
+ * predicting x[:, 1:] from x[:, :-1], ignoring `ignoreIndex` targets (the reference's
+ * AutoregressiveWrapper). The parameters are the net's, under `net.`.
+ */
+export class AutoregressiveWrapper extends Module {
+  readonly options: AutoregressiveWrapperOptions;
+  readonly ignoreIndex: number;
+  readonly padValue: number;
+  readonly maskProb: number;
+  readonly maxSeqLen: number;
+  net: TransformerWrapper;
+
+  constructor(net: TransformerWrapper, options: Partial<AutoregressiveWrapperOptions> = {}) {
+    super();
+    for (const k of Object.keys(options))
+      if (!(k in autoregressiveWrapperDefaults))
+        throw new Error(`${k}: unknown AutoregressiveWrapper option`);
+    const o = { ...autoregressiveWrapperDefaults, ...options };
+    if (!(o.maskProb >= 0 && o.maskProb < 1))
+      throw new Error(`maskProb: expected a number in [0, 1), got ${o.maskProb}`);
+    if (!Number.isInteger(o.ignoreIndex))
+      throw new Error(`ignoreIndex: expected an integer, got ${o.ignoreIndex}`);
+    if (!Number.isInteger(o.padValue)) throw new Error(`padValue: expected an integer, got ${o.padValue}`);
+    this.options = o;
+    this.ignoreIndex = o.ignoreIndex;
+    this.padValue = o.padValue;
+    this.maskProb = o.maskProb;
+    this.net = this.registerModule('net', net);
+    this.maxSeqLen = net.maxSeqLen;
+  }
+
+  /** x: [b, n + 1] int32 -> scalar mean cross-entropy over the non-ignored targets. */
+  forward(x: tf.Tensor, opts: AutoregressiveForwardOptions = {}): tf.Scalar {
+    checkTensor('x', x, { rank: 2, dtype: 'int32', desc: 'token ids [batch, seq + 1]' });
+    const [b, seq] = x.shape as [number, number];
+    if (seq < 2) throw new Error(`x: expected at least 2 positions (inputs and shifted targets), got ${seq}`);
+    const { rng: rngOpt, ...netOpts } = opts;
+    const rng = rngOpt ?? getRng();
+    const n = seq - 1;
+    const inp = tf.tidy(() => {
+      const i = tf.slice(x, [0, 0], [b, n]);
+      return tf.where(tf.equal(i, this.ignoreIndex), tf.fill([b, n], this.padValue, 'int32'), i);
+    });
+    let kvMask: tf.Tensor | undefined;
+    if (this.maskProb > 0) {
+      const numMask = Math.min(Math.floor(seq * this.maskProb), seq - 1);
+      if (numMask > 0) kvMask = forgetfulMask(b, n, numMask, rng);
+    }
+    try {
+      return tf.tidy(() => {
+        const target = tf.slice(x, [0, 1], [b, n]);
+        const logits = this.net.forward(inp, {
+          ...netOpts,
+          ...(kvMask
+            ? {
+                selfAttnKvMask: netOpts.selfAttnKvMask
+                  ? tf.logicalAnd(netOpts.selfAttnKvMask, kvMask)
+                  : kvMask,
+              }
+            : {}),
+        });
+        return crossEntropy(logits, target, this.ignoreIndex);
+      });
+    } finally {
+      inp.dispose();
+      kvMask?.dispose();
+    }
+  }
+}
+
+/**
+ * Mean cross-entropy, as torch's F.cross_entropy with ignore_index (NaN when every target is ignored).
+ * logits: [b, n, c], target: [b, n] int32 -> scalar.
+ */
+export function crossEntropy(logits: tf.Tensor, target: tf.Tensor, ignoreIndex = -100): tf.Scalar {
+  return tf.tidy(() => {
+    const c = logits.shape[logits.rank - 1]!;
+    const flat = tf.reshape(logits, [-1, c]);
+    const t = tf.reshape(target, [-1]);
+    const valid = tf.notEqual(t, ignoreIndex);
+    const safe = tf.where(valid, t, tf.zerosLike(t));
+    const logp = tf.logSoftmax(flat, -1);
+    const picked = tf.sum(tf.mul(logp, tf.oneHot(safe, c)), -1);
+    const w = tf.cast(valid, 'float32');
+    return tf.div(tf.neg(tf.sum(tf.mul(picked, w))), tf.sum(w)) as tf.Scalar;
+  });
+}
+
+/**
+ * Forgetful causal masking: for each row, `numMask` random key positions (never the first) are
+ * hidden. Returns [b, n] bool, true = visible.
+ */
+export function forgetfulMask(b: number, n: number, numMask: number, rng: Rng): tf.Tensor {
+  const data = new Uint8Array(b * n).fill(1);
+  for (let r = 0; r < b; r++) {
+    const idx = Array.from({ length: n - 1 }, (_, i) => i + 1);
+    for (let i = 0; i < Math.min(numMask, idx.length); i++) {
+      const j = i + Math.floor(rng.random() * (idx.length - i));
+      [idx[i], idx[j]] = [idx[j]!, idx[i]!];
+      data[r * n + idx[i]!] = 0;
+    }
+  }
+  return tf.tensor2d(data, [b, n], 'bool');
+}

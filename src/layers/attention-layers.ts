@@ -1,0 +1,711 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { Module, ModuleList } from '../nn/module.js';
+import { FeedForward, type FeedForwardOptions } from '../nn/feedforward.js';
+import { makeNorm, type Norm, type NormKind } from '../nn/norms.js';
+import { GRUGating, Residual, type ResidualFn } from '../nn/residual.js';
+import { LayerScale, Scale, ShiftTokens, type BranchOut, type Callable } from '../nn/branch.js';
+import { padAt, tidyObj } from '../nn/functional.js';
+import { Attention } from '../attention/attention.js';
+import { RotaryEmbedding } from '../attention/rotary.js';
+// POSBIAS-IMPORTS
+import {
+  attentionDefaults,
+  type AttentionForwardOptions,
+  type AttentionIntermediates,
+  type AttentionKv,
+  type AttentionOptions,
+  type PositionBias,
+  type RotaryInput,
+} from '../attention/types.js';
+import { feedForwardDefaults } from '../nn/feedforward.js';
+import { checkTensor } from '../utils/errors.js';
+import { getRng, type Rng } from '../utils/random.js';
+import { LayersCache } from './cache.js';
+import {
+  attentionLayersDefaults,
+  type AttentionLayersOptions,
+  type AttentionLayersOwnOptions,
+} from './options.js';
+
+export { LayersCache };
+
+/** Per-call options of `AttentionLayers.forward`. */
+export interface LayersForwardOptions {
+  /** mask: [b, n] bool, true = keep. */
+  mask?: tf.Tensor;
+  /** context: [b, m, dimContext] (cross-attention). */
+  context?: tf.Tensor;
+  /** contextMask: [b, m] bool. */
+  contextMask?: tf.Tensor;
+  /** attnMask: [i, j], [h, i, j] or [b, h, i, j] bool, true = may attend. */
+  attnMask?: tf.Tensor;
+  /** selfAttnKvMask: [b, j] bool key mask of the self-attention layers. */
+  selfAttnKvMask?: tf.Tensor;
+  /** mems: one [b, m, dim] per self-attention layer (XL recurrence). */
+  mems?: tf.Tensor[];
+  /** memMasks: one [b, m] bool per self-attention layer. */
+  memMasks?: tf.Tensor[];
+  /** seqStartPos: [b] int32, first real position of left-padded rows. */
+  seqStartPos?: tf.Tensor;
+  /** Keys/values of earlier steps: only the last `cacheAge` positions of x are computed. */
+  cache?: LayersCache;
+  cacheAge?: number;
+  /** Return a `LayersCache` with this call's keys/values (also implied by `cache`). */
+  returnCache?: boolean;
+  /** Fill `hiddens` / `layerHiddens` / `attnIntermediates`. */
+  returnHiddens?: boolean;
+  /** Custom positions: [n] (rotary and ALiBi). */
+  pos?: tf.Tensor;
+  /** Precomputed rotary embedding. */
+  rotaryPosEmb?: RotaryInput;
+  /** Overrides the execution order of the layers (depth extrapolation). */
+  layersExecuteOrder?: number[];
+  /** Generator for layer dropout (default: the library generator). */
+  rng?: Rng;
+}
+
+/** What `AttentionLayers.forward` returns. The caller owns every tensor in it. */
+export interface LayersOutput {
+  /** out: [b, n, dim]. */
+  out: tf.Tensor;
+  /** The input of each self-attention layer, before its norm: [b, n, dim] each (XL memories). */
+  hiddens: tf.Tensor[];
+  /** The stream before every layer and after the last, with returnHiddens. */
+  layerHiddens: tf.Tensor[];
+  /** Attention intermediates of every attention layer, with returnHiddens. */
+  attnIntermediates: (AttentionIntermediates & { layerType: 'a' | 'c' })[];
+  /** Keys/values including this call's, with returnCache or cache. */
+  cache?: LayersCache;
+}
+
+type LayerType = 'a' | 'c' | 'f';
+type BlockOpts = AttentionForwardOptions;
+type Block = Module & Callable<BlockOpts, BranchOut>;
+
+/** The three norm slots of a layer (pre-branch, post-branch, post-main), indexed 0..2 as the reference. */
+class NormSlots extends Module {
+  constructor(
+    readonly pre: Norm | null,
+    readonly postBranch: Norm | null,
+    readonly postMain: Norm | null,
+  ) {
+    super();
+    if (pre) this.registerModule('0', pre);
+    if (postBranch) this.registerModule('1', postBranch);
+    if (postMain) this.registerModule('2', postMain);
+  }
+}
+
+/** One layer: `0` norms, `1` the branch, `2` the residual. */
+class LayerEntry extends Module {
+  constructor(
+    readonly norms: NormSlots,
+    readonly block: Block,
+    readonly residual: ResidualFn,
+  ) {
+    super();
+    this.registerModule('0', norms);
+    this.registerModule('1', block);
+    this.registerModule('2', residual);
+  }
+}
+
+function isCamelKey(k: string, prefix: string): boolean {
+  return k.startsWith(prefix) && k.length > prefix.length && /[A-Z]/.test(k[prefix.length]!);
+}
+
+function trimPrefix(k: string, prefix: string): string {
+  const rest = k.slice(prefix.length);
+  return rest[0]!.toLowerCase() + rest.slice(1);
+}
+
+/**
+ * The stack of attention / feedforward layers of the reference's AttentionLayers: every option of
+ * x-transformers 2.0.1's README (norm placement, residual variants, positional schemes, memories,
+ * custom layer orders...). Parameter names follow the reference's state_dict
+ * (`layers.{i}.{0 norms|1 branch|2 residual}`, `final_norm`, `rotary_pos_emb`, `rel_pos`).
+ */
+export class AttentionLayers extends Module {
+  readonly options: AttentionLayersOwnOptions;
+  readonly attnOptions: Partial<AttentionOptions>;
+  readonly crossAttnOptions: Partial<AttentionOptions>;
+  readonly ffOptions: Partial<FeedForwardOptions>;
+  readonly dim: number;
+  readonly causal: boolean;
+  readonly crossAttend: boolean;
+  readonly layerTypes: LayerType[];
+  readonly layersExecuteOrder: number[];
+  readonly numAttnLayers: number;
+  readonly disableAbsPosEmb: boolean;
+  readonly layerDropouts: number[];
+  readonly dimHead: number;
+  layers: ModuleList<LayerEntry>;
+  finalNorm: Norm | null = null;
+  rotaryPosEmb: RotaryEmbedding | null = null;
+  relPos: (Module & PositionBias) | null = null;
+
+  constructor(options: AttentionLayersOptions) {
+    super();
+    const own: Record<string, unknown> = {};
+    const attn: Record<string, unknown> = {};
+    const cross: Record<string, unknown> = {};
+    const ff: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(options)) {
+      if (v === undefined) continue;
+      if (k in attentionLayersDefaults) own[k] = v;
+      else if (isCamelKey(k, 'ff')) ff[trimPrefix(k, 'ff')] = v;
+      else if (isCamelKey(k, 'attn')) attn[trimPrefix(k, 'attn')] = v;
+      else if (isCamelKey(k, 'crossAttn')) cross[trimPrefix(k, 'crossAttn')] = v;
+      else throw new Error(`${k}: unknown AttentionLayers option, got ${JSON.stringify(v)}`);
+    }
+    for (const k of Object.keys(attn))
+      if (!(k in attentionDefaults))
+        throw new Error(`attn${k[0]!.toUpperCase()}${k.slice(1)}: unknown attention option`);
+    for (const k of Object.keys(cross))
+      if (!(k in attentionDefaults))
+        throw new Error(`crossAttn${k[0]!.toUpperCase()}${k.slice(1)}: unknown attention option`);
+    for (const k of Object.keys(ff))
+      if (!(k in feedForwardDefaults))
+        throw new Error(`ff${k[0]!.toUpperCase()}${k.slice(1)}: unknown feedforward option`);
+
+    const o: AttentionLayersOwnOptions = {
+      ...attentionLayersDefaults,
+      ...(own as Partial<AttentionLayersOwnOptions>),
+    };
+    validate(o);
+    this.options = o;
+    this.dim = o.dim;
+    this.causal = o.causal;
+    this.crossAttend = o.crossAttend;
+    const rotary = o.rotaryPosEmb || o.rotaryXpos;
+    let attnKw = attn as Partial<AttentionOptions>;
+    let ffKw = ff as Partial<FeedForwardOptions>;
+    if (o.zeroInitBranchOutput) {
+      attnKw = { ...attnKw, zeroInitOutput: true };
+      ffKw = { ...ffKw, zeroInitOutput: true };
+    }
+    this.attnOptions = attnKw;
+    this.crossAttnOptions = cross as Partial<AttentionOptions>;
+    this.ffOptions = ffKw;
+    const dimHead = attnKw.dimHead ?? attentionDefaults.dimHead;
+    this.dimHead = dimHead;
+    const flash = attnKw.flash ?? false;
+
+    this.disableAbsPosEmb = o.disableAbsPosEmb ?? (o.relPosBias || rotary);
+
+    // positions
+    if (rotary) {
+      const rotDim = o.rotaryEmbDim ?? Math.floor(dimHead / 2);
+      if (rotDim > dimHead)
+        throw new Error(`rotaryEmbDim: expected at most the head dimension ${dimHead}, got ${rotDim}`);
+      if (o.rotaryXpos && !o.causal)
+        throw new Error(
+          'rotaryXpos: expected a causal (Decoder) stack, xpos is not compatible with bidirectional attention',
+        );
+      this.rotaryPosEmb = this.registerModule(
+        'rotary_pos_emb',
+        new RotaryEmbedding(rotDim, {
+          useXpos: o.rotaryXpos,
+          scaleBase: o.rotaryXposScaleBase,
+          interpolationFactor: o.rotaryInterpolationFactor,
+          baseRescaleFactor: o.rotaryBaseRescaleFactor,
+        }),
+      );
+    }
+    if ([o.alibiPosBias, o.relPosBias, o.dynamicPosBias].filter(Boolean).length > 1)
+      throw new Error('relPosBias: expected at most one of relPosBias, dynamicPosBias, alibiPosBias');
+    if (o.relPosNumBuckets > o.relPosMaxDistance)
+      throw new Error(
+        `relPosNumBuckets: expected at most relPosMaxDistance ${o.relPosMaxDistance}, got ${o.relPosNumBuckets}`,
+      );
+    if (o.relPosBias) {
+      if (flash)
+        throw new Error(
+          'attnFlash: flash attention is not compatible with relPosBias (T5 relative positional bias)',
+        );
+      this.relPos = this.registerModule(
+        'rel_pos',
+        new (posBiasPending('relPosBias'))({
+          scale: dimHead ** 0.5,
+          causal: o.causal,
+          heads: o.heads,
+          numBuckets: o.relPosNumBuckets,
+          maxDistance: o.relPosMaxDistance,
+        }),
+      );
+    } else if (o.dynamicPosBias) {
+      if (flash) throw new Error('attnFlash: flash attention is not compatible with dynamicPosBias');
+      this.relPos = this.registerModule(
+        'rel_pos',
+        new (posBiasPending('dynamicPosBias'))({
+          dim: Math.floor(o.dim / 4),
+          heads: o.heads,
+          logDistance: o.dynamicPosBiasLogDistance,
+          depth: o.dynamicPosBiasMlpDepth,
+          norm: o.dynamicPosBiasNorm,
+        }),
+      );
+    } else if (o.alibiPosBias) {
+      const alibiHeads = o.alibiNumHeads ?? o.heads;
+      if (alibiHeads > o.heads)
+        throw new Error(`alibiNumHeads: expected at most heads ${o.heads}, got ${alibiHeads}`);
+      this.relPos = this.registerModule(
+        'rel_pos',
+        new (posBiasPending('alibiPosBias'))({ heads: alibiHeads, totalHeads: o.heads }),
+      );
+    }
+
+    if (flash && (o.residualAttn || o.crossResidualAttn))
+      throw new Error('attnFlash: flash attention is not compatible with residualAttn / crossResidualAttn');
+
+    // norms
+    const normKind: NormKind = o.useScalenorm
+      ? 'scalenorm'
+      : o.useRmsnorm
+        ? 'rmsnorm'
+        : o.useSimpleRmsnorm
+          ? 'simple_rmsnorm'
+          : 'layernorm';
+    const normFn = (): Norm => makeNorm(normKind, o.dim, { unitOffset: o.normAddUnitOffset });
+    const preNorm = o.preNorm && !o.resiDual;
+
+    // block order
+    let defaultBlock: LayerType[] =
+      o.crossAttend && !o.onlyCross ? ['a', 'c', 'f'] : o.crossAttend ? ['c', 'f'] : ['a', 'f'];
+    if (o.macaron) defaultBlock = ['f', ...defaultBlock];
+
+    let depth = o.depth;
+    let executeOrder = o.layersExecuteOrder;
+    if (o.weightTieLayers) {
+      if (depth === null)
+        throw new Error('depth: expected a positive integer with weightTieLayers, got null');
+      if (executeOrder) throw new Error('layersExecuteOrder: expected none with weightTieLayers');
+      executeOrder = [];
+      for (let d = 0; d < depth; d++) for (let i = 0; i < defaultBlock.length; i++) executeOrder.push(i);
+      depth = 1;
+    }
+
+    let layerTypes: LayerType[];
+    if (o.customLayers) {
+      layerTypes = o.customLayers.map((t, i) => {
+        if (t !== 'a' && t !== 'c' && t !== 'f')
+          throw new Error(`customLayers: expected 'a', 'c' or 'f' at index ${i}, got ${JSON.stringify(t)}`);
+        return t;
+      });
+    } else if (o.parRatio !== null) {
+      const parDepth = depth! * defaultBlock.length;
+      if (!(o.parRatio > 1 && o.parRatio <= parDepth))
+        throw new Error(`parRatio: expected a number in (1, ${parDepth}], got ${o.parRatio}`);
+      const blk = defaultBlock.filter((t) => t !== 'f');
+      const parAttn = Math.floor(parDepth / o.parRatio);
+      const depthCut = Math.floor((parDepth * 2) / 3);
+      const parWidth = Math.floor((depthCut + Math.floor(depthCut / parAttn)) / parAttn);
+      if (blk.length > parWidth) throw new Error('parRatio: default block is too large for parRatio');
+      const parBlock = [...blk, ...Array<LayerType>(parWidth - blk.length).fill('f')];
+      const head: LayerType[] = [];
+      for (let i = 0; i < parAttn; i++) head.push(...parBlock);
+      layerTypes = [...head, ...Array<LayerType>(parDepth - head.length).fill('f')];
+    } else if (o.sandwichCoef !== null) {
+      if (!(o.sandwichCoef > 0 && o.sandwichCoef <= depth!))
+        throw new Error(`sandwichCoef: expected an integer in [1, depth ${depth}], got ${o.sandwichCoef}`);
+      layerTypes = Array<LayerType>(o.sandwichCoef).fill('a');
+      for (let i = 0; i < depth! - o.sandwichCoef; i++) layerTypes.push(...defaultBlock);
+      layerTypes.push(...Array<LayerType>(o.sandwichCoef).fill('f'));
+    } else {
+      if (depth === null)
+        throw new Error('depth: expected a positive integer for Decoder or Encoder, got null');
+      layerTypes = [];
+      for (let i = 0; i < depth; i++) layerTypes.push(...defaultBlock);
+    }
+    this.layerTypes = layerTypes;
+    this.layersExecuteOrder = executeOrder ?? layerTypes.map((_, i) => i);
+    for (const i of this.layersExecuteOrder) {
+      if (!Number.isInteger(i) || i < 0 || i >= layerTypes.length)
+        throw new Error(`layersExecuteOrder: expected indices in [0, ${layerTypes.length}), got ${i}`);
+    }
+    this.numAttnLayers = layerTypes.filter((t) => t === 'a').length;
+
+    this.layerDropouts = castList(o.layerDropout, layerTypes.length, 'layerDropout');
+    const shifts = castList(o.shiftTokens, layerTypes.length, 'shiftTokens');
+
+    if (preNorm && o.preNormHasFinalNorm) this.finalNorm = this.registerModule('final_norm', normFn());
+    else if (o.resiDual) this.finalNorm = this.registerModule('final_norm', normFn());
+
+    this.layers = this.registerModule('layers', new ModuleList<LayerEntry>());
+    layerTypes.forEach((type, ind) => {
+      let block: Block;
+      if (type === 'a') {
+        block = new Attention(o.dim, { heads: o.heads, causal: o.causal, ...attnKw }) as unknown as Block;
+      } else if (type === 'c') {
+        block = new Attention(o.dim, {
+          heads: o.heads,
+          ...attnKw,
+          ...this.crossAttnOptions,
+        }) as unknown as Block;
+      } else {
+        const f = new FeedForward(o.dim, ffKw) as unknown as Block;
+        block = o.macaron ? (new Scale(0.5, f) as Block) : f;
+      }
+      const s = shifts[ind]!;
+      if (s > 0) {
+        const lower = o.causal ? 0 : -s;
+        const range: number[] = [];
+        for (let i = lower; i <= s; i++) range.push(i);
+        block = new ShiftTokens(range, block) as Block;
+      }
+      if (o.useLayerscale)
+        block = new LayerScale(block, o.dim, o.layerscaleInitValue, o.normAddUnitOffset) as Block;
+      const residual: ResidualFn = o.gateResidual
+        ? new GRUGating(o.dim, {
+            scaleResidual: o.scaleResidual,
+            scaleResidualConstant: o.scaleResidualConstant,
+          })
+        : new Residual(o.dim, {
+            scaleResidual: o.scaleResidual,
+            scaleResidualConstant: o.scaleResidualConstant,
+          });
+      const norms = new NormSlots(
+        preNorm ? normFn() : null,
+        o.sandwichNorm ? normFn() : null,
+        preNorm ? null : normFn(),
+      );
+      this.layers.push(new LayerEntry(norms, block, residual));
+    });
+  }
+
+  /** Which attention layers (self or cross) a cache lists, in execution order: true = self-attention. */
+  cachedLayerKinds(order = this.layersExecuteOrder): boolean[] {
+    return order.filter((i) => this.layerTypes[i] !== 'f').map((i) => this.layerTypes[i] === 'a');
+  }
+
+  /**
+   * x: [b, n, dim] -> out [b, n, dim] (with a cache: [b, cacheAge, dim]).
+   * See `LayersForwardOptions` for the optional inputs.
+   */
+  forward(x: tf.Tensor, opts: LayersForwardOptions = {}): LayersOutput {
+    checkTensor('x', x, { rank: 3, dtype: 'float32' });
+    if (x.shape[2] !== this.dim) throw new Error(`x: expected last dimension ${this.dim}, got ${x.shape[2]}`);
+    const [b, n] = x.shape as [number, number, number];
+    if (this.crossAttend && !opts.context)
+      throw new Error('context: expected a tensor, this stack cross-attends');
+    if (!this.crossAttend && opts.context)
+      throw new Error('context: expected none, this stack has no cross-attention (crossAttend false)');
+    if (opts.mask) checkTensor('mask', opts.mask, { shape: [b, n], dtype: 'bool' });
+    if (opts.context) {
+      checkTensor('context', opts.context, { rank: 3, dtype: 'float32' });
+      if (opts.context.shape[0] !== b)
+        throw new Error(`context: expected batch ${b}, got shape [${opts.context.shape.join(', ')}]`);
+    }
+    if (opts.contextMask) {
+      if (!opts.context) throw new Error('contextMask: given without context');
+      checkTensor('contextMask', opts.contextMask, { shape: [b, opts.context.shape[1]!], dtype: 'bool' });
+    }
+    if (opts.mems) {
+      if (opts.mems.length !== this.numAttnLayers && opts.mems.length !== 0)
+        throw new Error(
+          `mems: expected ${this.numAttnLayers} tensors (one per self-attention layer), got ${opts.mems.length}`,
+        );
+      opts.mems.forEach((m, i) =>
+        checkTensor(`mems[${i}]`, m, { shape: [b, null, this.dim], dtype: 'float32' }),
+      );
+    }
+    if (opts.cache) {
+      if (opts.cache.isDisposed) throw new Error('cache: expected a live cache, got a disposed one');
+      if (!this.causal) throw new Error('cache: expected a causal stack (Decoder) for cached decoding');
+      if (opts.mask || opts.attnMask) throw new Error('cache: cached decoding takes no mask / attnMask');
+    }
+    const o = this.options;
+    const training = this.training;
+    const rng = opts.rng ?? getRng();
+
+    const input = x;
+    const result = tidyObj(() => {
+      const order = opts.layersExecuteOrder ?? this.layersExecuteOrder;
+      const hiddens: tf.Tensor[] = [];
+      const layerHiddens: tf.Tensor[] = [];
+      const attnInters: (AttentionIntermediates & { layerType: 'a' | 'c' })[] = [];
+      const mems = opts.mems && opts.mems.length ? [...opts.mems] : [];
+      const memMasks = opts.memMasks ? [...opts.memMasks] : [];
+      let context = opts.context;
+      let contextMask = opts.contextMask;
+
+      let selfKvMask = opts.selfAttnKvMask;
+      if (opts.seqStartPos) {
+        const leftPad = tf.greaterEqual(
+          tf.expandDims(tf.range(0, n, 1, 'int32'), 0),
+          tf.expandDims(tf.cast(opts.seqStartPos, 'int32'), -1),
+        );
+        selfKvMask = selfKvMask ? tf.logicalAnd(selfKvMask, leftPad) : leftPad;
+      }
+
+      let rotaryIn = opts.rotaryPosEmb;
+      if (this.rotaryPosEmb && !rotaryIn) {
+        const memLen = mems[0] ? mems[0].shape[1]! : 0;
+        const pos = opts.pos ?? tf.sub(tf.range(0, n + memLen, 1, 'int32'), memLen);
+        rotaryIn = this.rotaryPosEmb.forward(pos);
+      }
+
+      const cacheIter = opts.cache ? [...opts.cache.kvs] : [];
+      if (opts.cache) {
+        if (context) context = tf.slice(context, [0, 0, 0], [-1, 0, -1]);
+        const age = opts.cacheAge ?? 1;
+        if (age > 0 && age < n) x = tf.slice(x, [0, n - age, 0], [-1, age, -1]);
+      }
+
+      const wantCache = opts.returnCache || !!opts.cache;
+      const newKvs: AttentionKv[] = [];
+
+      let prevAttn: tf.Tensor | undefined;
+      let prevCrossAttn: tf.Tensor | undefined;
+      let outer: tf.Tensor | null = o.resiDual ? tf.mul(x, o.resiDualScale) : null;
+
+      for (const li of order) {
+        const type = this.layerTypes[li]!;
+        const entry = this.layers.at(li);
+        const p = this.layerDropouts[li]!;
+        if (training && p > 0 && rng.random() < p) continue;
+
+        let layerMem: tf.Tensor | undefined;
+        let layerMemMask: tf.Tensor | undefined;
+        if (type === 'a') {
+          if (opts.returnHiddens) hiddens.push(x.clone());
+          layerMem = mems.shift();
+          layerMemMask = memMasks.shift();
+        }
+        if (type === 'c' && training && o.crossAttnTokensDropout > 0) {
+          [context, contextMask] = dropoutSeq(context!, contextMask, o.crossAttnTokensDropout, rng);
+        }
+        const residual = x;
+        if (opts.returnHiddens) layerHiddens.push(x.clone());
+        const { pre, postBranch, postMain } = entry.norms;
+        let h = x;
+        if (pre) {
+          h = pre.forward(h);
+          if (type === 'a' && layerMem) layerMem = pre.forward(layerMem);
+        }
+        let out: tf.Tensor;
+        let inter: AttentionIntermediates | undefined;
+        const needInter = wantCache || opts.returnHiddens || o.residualAttn || o.crossResidualAttn;
+        if (type === 'a') {
+          const r = entry.block.forward(h, {
+            mask: opts.mask,
+            contextMask: selfKvMask,
+            attnMask: opts.attnMask,
+            relPos: this.relPos ?? undefined,
+            pos: opts.pos,
+            rotary: rotaryIn,
+            prevAttn,
+            cache: cacheIter.shift(),
+            mem: layerMem,
+            memMask: layerMemMask,
+            returnIntermediates: needInter,
+          }) as { out: tf.Tensor; intermediates: AttentionIntermediates };
+          out = r.out;
+          inter = r.intermediates;
+        } else if (type === 'c') {
+          const r = entry.block.forward(h, {
+            context,
+            mask: opts.mask,
+            contextMask,
+            prevAttn: prevCrossAttn,
+            cache: cacheIter.shift(),
+            returnIntermediates: needInter,
+          }) as { out: tf.Tensor; intermediates: AttentionIntermediates };
+          out = r.out;
+          inter = r.intermediates;
+        } else {
+          out = entry.block.forward(h) as tf.Tensor;
+        }
+        if (postBranch) out = postBranch.forward(out);
+        x = entry.residual.forward(out, residual);
+        if (outer) outer = tf.add(outer, tf.mul(out, o.resiDualScale));
+        if (inter) {
+          if (wantCache && inter.cachedKv) newKvs.push(inter.cachedKv);
+          if (opts.returnHiddens)
+            attnInters.push({ ...inter, cachedKv: undefined, layerType: type as 'a' | 'c' });
+          if (type === 'a' && o.residualAttn) prevAttn = inter.preSoftmaxAttn;
+          if (type === 'c' && o.crossResidualAttn) prevCrossAttn = inter.preSoftmaxAttn;
+        }
+        if (postMain) x = postMain.forward(x);
+      }
+      if (opts.returnHiddens) layerHiddens.push(x.clone());
+      if (o.softclampOutput) x = tf.mul(tf.tanh(tf.div(x, o.softclampOutputValue)), o.softclampOutputValue);
+      if (outer) x = tf.add(x, this.finalNorm!.forward(outer));
+      else if (this.finalNorm) x = this.finalNorm.forward(x);
+      return {
+        out: x === input ? x.clone() : x,
+        hiddens,
+        layerHiddens,
+        attnIntermediates: attnInters,
+        kvs: newKvs,
+      };
+    });
+
+    let cache: LayersCache | undefined;
+    if (opts.returnCache || opts.cache) {
+      const kinds = this.cachedLayerKinds(opts.layersExecuteOrder ?? this.layersExecuteOrder);
+      const selfIdx = kinds.indexOf(true);
+      const seqLen = selfIdx >= 0 && result.kvs[selfIdx] ? result.kvs[selfIdx]!.k.shape[2]! : n;
+      cache = new LayersCache(result.kvs, seqLen);
+    } else {
+      for (const kv of result.kvs) {
+        kv.k.dispose();
+        kv.v.dispose();
+      }
+    }
+    return {
+      out: result.out,
+      hiddens: result.hiddens,
+      layerHiddens: result.layerHiddens,
+      attnIntermediates: result.attnIntermediates,
+      cache,
+    };
+  }
+}
+
+function castList(v: number | number[], len: number, name: string): number[] {
+  if (Array.isArray(v)) {
+    if (v.length !== len) throw new Error(`${name}: expected ${len} values (one per layer), got ${v.length}`);
+    return v;
+  }
+  return Array<number>(len).fill(v);
+}
+
+function validate(o: AttentionLayersOwnOptions): void {
+  if (!Number.isInteger(o.dim) || o.dim <= 0)
+    throw new Error(`dim: expected a positive integer, got ${o.dim}`);
+  if (o.depth !== null && (!Number.isInteger(o.depth) || o.depth <= 0))
+    throw new Error(`depth: expected a positive integer, got ${o.depth}`);
+  if (!Number.isInteger(o.heads) || o.heads <= 0)
+    throw new Error(`heads: expected a positive integer, got ${o.heads}`);
+  if ([o.useScalenorm, o.useRmsnorm, o.useSimpleRmsnorm].filter(Boolean).length > 1)
+    throw new Error('useScalenorm: expected at most one of useScalenorm, useRmsnorm, useSimpleRmsnorm');
+  if (!o.preNorm && o.sandwichNorm)
+    throw new Error('sandwichNorm: expected preNorm true, sandwich norm cannot be used with post-norm');
+  if (o.resiDual && o.sandwichNorm) throw new Error('sandwichNorm: expected false with resiDual');
+  if (!(o.resiDualScale > 0 && o.resiDualScale <= 1))
+    throw new Error(`resiDualScale: expected a number in (0, 1], got ${o.resiDualScale}`);
+  if (o.layersExecuteOrder && o.customLayers && o.depth !== null)
+    throw new Error('depth: expected none when customLayers and layersExecuteOrder are given');
+  if (o.weightTieLayers && (o.customLayers || o.parRatio !== null || o.sandwichCoef !== null))
+    throw new Error('weightTieLayers: expected no customLayers, parRatio or sandwichCoef with it');
+  const drops = Array.isArray(o.layerDropout) ? o.layerDropout : [o.layerDropout];
+  for (const p of drops)
+    if (!(p >= 0 && p < 1)) throw new Error(`layerDropout: expected numbers in [0, 1), got ${p}`);
+  const shifts = Array.isArray(o.shiftTokens) ? o.shiftTokens : [o.shiftTokens];
+  for (const s of shifts)
+    if (!Number.isInteger(s) || s < 0)
+      throw new Error(`shiftTokens: expected non-negative integers, got ${s}`);
+  if (!(o.crossAttnTokensDropout >= 0 && o.crossAttnTokensDropout < 1))
+    throw new Error(`crossAttnTokensDropout: expected a number in [0, 1), got ${o.crossAttnTokensDropout}`);
+}
+
+/**
+ * Structured dropout of context tokens: keeps a random max(1, floor((1 - p) n)) of them per row
+ * (masked tokens last), and the first ceil(count * (1 - p)) valid ones in the mask.
+ * seq: [b, n, d], mask?: [b, n] bool.
+ */
+export function dropoutSeq(
+  seq: tf.Tensor,
+  mask: tf.Tensor | undefined,
+  p: number,
+  rng: Rng,
+): [tf.Tensor, tf.Tensor | undefined] {
+  const [b, n] = seq.shape as [number, number, number];
+  let logits = tf.randomNormal([b, n], 0, 1, 'float32', rng.nextUint32());
+  if (mask) logits = tf.where(mask, logits, tf.fill([b, n], -3.4e38));
+  const keep = 1 - p;
+  const numKeep = Math.max(1, Math.floor(keep * n));
+  const idx = tf.topk(logits, numKeep).indices;
+  const out = tf.gather(seq, idx, 1, 1);
+  let newMask: tf.Tensor | undefined;
+  if (mask) {
+    const counts = tf.sum(tf.cast(mask, 'float32'), -1);
+    const keepCounts = tf.ceil(tf.mul(counts, keep));
+    const keepMask = tf.less(
+      tf.expandDims(tf.range(0, numKeep, 1, 'float32'), 0),
+      tf.expandDims(keepCounts, -1),
+    );
+    newMask = tf.logicalAnd(tf.gather(mask, idx, 1, 1), keepMask);
+  }
+  return [out, newMask];
+}
+
+/** Pads a [b, n] bool mask on the left by `k` true entries. */
+export function padMaskLeft(mask: tf.Tensor, k: number): tf.Tensor {
+  return padAt(mask, 1, k, 0, 1);
+}
+
+/** A bidirectional stack (`causal` false). */
+export class Encoder extends AttentionLayers {
+  constructor(options: Omit<AttentionLayersOptions, 'causal'>) {
+    if ('causal' in options) throw new Error('causal: cannot set causality on an Encoder');
+    super({ ...options, causal: false });
+  }
+}
+
+/** A causal stack. */
+export class Decoder extends AttentionLayers {
+  constructor(options: Omit<AttentionLayersOptions, 'causal'>) {
+    if ('causal' in options) throw new Error('causal: cannot set causality on a Decoder');
+    super({ ...options, causal: true });
+  }
+}
+
+/** A stack of cross-attention and feedforward layers only. */
+export class CrossAttender extends AttentionLayers {
+  constructor(options: Omit<AttentionLayersOptions, 'crossAttend' | 'onlyCross'>) {
+    super({ ...options, crossAttend: true, onlyCross: true });
+  }
+}
+
+/** Per-call options of `PrefixDecoder.forward`. */
+export interface PrefixDecoderForwardOptions extends LayersForwardOptions {
+  /** Length of the fully visible prefix: one number, or [b] int32. */
+  prefixAttnLen?: number | tf.Tensor;
+}
+
+/** A decoder whose first `prefixAttnLen` positions attend bidirectionally (causal elsewhere). */
+export class PrefixDecoder extends AttentionLayers {
+  constructor(options: Omit<AttentionLayersOptions, 'causal'>) {
+    if ('causal' in options) throw new Error('causal: cannot set causality on a PrefixDecoder');
+    super({ ...options, causal: false });
+  }
+
+  /** x: [b, n, dim]. */
+  override forward(x: tf.Tensor, opts: PrefixDecoderForwardOptions = {}): LayersOutput {
+    const [b, n] = x.shape as [number, number, number];
+    const { prefixAttnLen, ...rest } = opts;
+    const attnMask = tf.tidy(() => {
+      const i = tf.expandDims(tf.range(0, n, 1, 'int32'), 1);
+      const j = tf.expandDims(tf.range(0, n, 1, 'int32'), 0);
+      let m: tf.Tensor = tf.reshape(tf.lessEqual(j, i), [1, 1, n, n]);
+      if (prefixAttnLen !== undefined) {
+        const lens =
+          typeof prefixAttnLen === 'number'
+            ? tf.fill([b], prefixAttnLen, 'int32')
+            : tf.cast(prefixAttnLen, 'int32');
+        const prefix = tf.less(
+          tf.reshape(tf.range(0, n, 1, 'int32'), [1, 1, 1, n]),
+          tf.reshape(lens, [b, 1, 1, 1]),
+        );
+        m = tf.logicalOr(m, prefix);
+      }
+      if (opts.attnMask) {
+        const am = opts.attnMask;
+        const am4 = am.rank === 2 ? tf.reshape(am, [1, 1, n, n]) : am.rank === 3 ? tf.expandDims(am, 0) : am;
+        m = tf.logicalAnd(m, am4);
+      }
+      return m;
+    });
+    try {
+      return super.forward(x, { ...rest, attnMask });
+    } finally {
+      attnMask.dispose();
+    }
+  }
+}
+
+function posBiasPending(name: string): new (o: object) => Module & PositionBias {
+  throw new Error(`${name}: not available yet`);
+}
