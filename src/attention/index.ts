@@ -12,3 +12,12 @@ export type {
   PositionBias,
   RotaryInput,
 } from './types.js';
+export {
+  RelativePositionBias,
+  relativePositionBiasDefaults,
+  relativePositionBucket,
+} from './relative-position-bias.js';
+export type { RelativePositionBiasOptions } from './relative-position-bias.js';
+export { DynamicPositionBias, dynamicPositionBiasDefaults } from './dynamic-position-bias.js';
+export type { DynamicPositionBiasOptions } from './dynamic-position-bias.js';
+export { AlibiPositionalBias, alibiSlopes } from './alibi.js';
