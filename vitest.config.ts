@@ -9,5 +9,6 @@ export default defineConfig({
     fileParallelism: true,
     maxWorkers: 2,
     setupFiles: ['test/setup.ts'],
+    globalSetup: ['test/service/global-setup.ts'],
   },
 });

@@ -1,0 +1,326 @@
+import type { Redis } from 'ioredis';
+import type {
+  CheckpointRecord,
+  CheckpointView,
+  DatasetView,
+  JobState,
+  JobType,
+  JobView,
+  ModelRecord,
+  ModelView,
+} from './schemas.js';
+
+const TERMINAL: readonly JobState[] = ['completed', 'failed', 'cancelled'];
+
+/** True for a job state that never changes again. */
+export function isTerminal(state: JobState): boolean {
+  return TERMINAL.includes(state);
+}
+
+/** One entry of a job's event stream: the Redis Stream id, the event name and its JSON data. */
+export interface JobEvent {
+  id: string;
+  event: string;
+  data: Record<string, unknown>;
+}
+
+/** Fields a job update may set; `progress`/`result` are stored as JSON. */
+export interface JobUpdate {
+  state?: JobState;
+  progress?: Record<string, unknown>;
+  result?: Record<string, unknown>;
+  error?: string;
+}
+
+// Updates a job hash unless it already reached a terminal state; returns 1 when applied.
+const UPDATE_JOB = `
+local s = redis.call('HGET', KEYS[1], 'state')
+if not s then return -1 end
+if s == 'completed' or s == 'failed' or s == 'cancelled' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1`;
+
+/** How long a finished job's record and event stream are kept (seconds). */
+export const JOB_TTL_S = 7 * 24 * 3600;
+
+/**
+ * The service's records in Redis: models, datasets, checkpoints, jobs, and the per-job event
+ * streams that carry progress and generated tokens to whichever API instance serves the client.
+ * Every key starts with `prefix:` so deployments (and test files) can share one Redis.
+ */
+export class Registry {
+  constructor(
+    readonly redis: Redis,
+    readonly prefix = 'xt',
+  ) {}
+
+  key(...parts: string[]): string {
+    return [this.prefix, ...parts].join(':');
+  }
+
+  // ---- models ----
+
+  async putModel(m: ModelRecord): Promise<void> {
+    await this.redis
+      .multi()
+      .set(this.key('model', m.id), JSON.stringify(m))
+      .zadd(this.key('models'), Date.parse(m.createdAt), m.id)
+      .exec();
+  }
+
+  async getModel(id: string): Promise<ModelRecord | null> {
+    const raw = await this.redis.get(this.key('model', id));
+    return raw ? (JSON.parse(raw) as ModelRecord) : null;
+  }
+
+  async listModels(): Promise<ModelRecord[]> {
+    const ids = await this.redis.zrange(this.key('models'), '0', '-1');
+    if (!ids.length) return [];
+    const raws = await this.redis.mget(ids.map((i) => this.key('model', i)));
+    return raws.filter((r): r is string => r !== null).map((r) => JSON.parse(r) as ModelRecord);
+  }
+
+  async deleteModel(id: string): Promise<void> {
+    const ckpts = await this.redis.zrange(this.key('ckpts', id), '0', '-1');
+    const m = this.redis
+      .multi()
+      .del(this.key('model', id), this.key('ckpts', id), this.key('model', id, 'jobs'))
+      .zrem(this.key('models'), id);
+    for (const c of ckpts) m.del(this.key('ckpt', c));
+    await m.exec();
+  }
+
+  /** Points the model at a new weights file (relative to DATA_DIR). */
+  async setModelWeights(id: string, weightsFile: string): Promise<ModelRecord | null> {
+    const m = await this.getModel(id);
+    if (!m) return null;
+    m.weightsFile = weightsFile;
+    m.weightsVersion = Date.now();
+    await this.redis.set(this.key('model', id), JSON.stringify(m));
+    return m;
+  }
+
+  /** Marks `jobId` as using the model (DELETE answers 409 meanwhile). */
+  async addModelJob(modelId: string, jobId: string): Promise<void> {
+    await this.redis.sadd(this.key('model', modelId, 'jobs'), jobId);
+  }
+
+  async removeModelJob(modelId: string, jobId: string): Promise<void> {
+    await this.redis.srem(this.key('model', modelId, 'jobs'), jobId);
+  }
+
+  /** Jobs still running or queued on the model (finished ones are pruned on the way). */
+  async activeModelJobs(modelId: string): Promise<string[]> {
+    const ids = await this.redis.smembers(this.key('model', modelId, 'jobs'));
+    const live: string[] = [];
+    for (const id of ids) {
+      const j = await this.getJob(id);
+      if (!j || isTerminal(j.state)) await this.removeModelJob(modelId, id);
+      else live.push(id);
+    }
+    return live;
+  }
+
+  // ---- datasets ----
+
+  async putDataset(d: DatasetView): Promise<void> {
+    await this.redis
+      .multi()
+      .set(this.key('dataset', d.id), JSON.stringify(d))
+      .zadd(this.key('datasets'), Date.parse(d.createdAt), d.id)
+      .exec();
+  }
+
+  async getDataset(id: string): Promise<DatasetView | null> {
+    const raw = await this.redis.get(this.key('dataset', id));
+    return raw ? (JSON.parse(raw) as DatasetView) : null;
+  }
+
+  async listDatasets(): Promise<DatasetView[]> {
+    const ids = await this.redis.zrange(this.key('datasets'), '0', '-1');
+    if (!ids.length) return [];
+    const raws = await this.redis.mget(ids.map((i) => this.key('dataset', i)));
+    return raws.filter((r): r is string => r !== null).map((r) => JSON.parse(r) as DatasetView);
+  }
+
+  async deleteDataset(id: string): Promise<void> {
+    await this.redis.multi().del(this.key('dataset', id)).zrem(this.key('datasets'), id).exec();
+  }
+
+  // ---- checkpoints ----
+
+  /** Records a checkpoint; they are ordered by creation, so the last one is the newest. */
+  async addCheckpoint(c: CheckpointRecord): Promise<void> {
+    await this.redis
+      .multi()
+      .set(this.key('ckpt', c.id), JSON.stringify(c))
+      .zadd(this.key('ckpts', c.modelId), Date.now(), c.id)
+      .exec();
+  }
+
+  async listCheckpoints(modelId: string): Promise<CheckpointRecord[]> {
+    const ids = await this.redis.zrange(this.key('ckpts', modelId), '0', '-1');
+    if (!ids.length) return [];
+    const raws = await this.redis.mget(ids.map((i) => this.key('ckpt', i)));
+    return raws.filter((r): r is string => r !== null).map((r) => JSON.parse(r) as CheckpointRecord);
+  }
+
+  /** The newest checkpoint of a model, or of one job of it. */
+  async latestCheckpoint(modelId: string, jobId?: string): Promise<CheckpointRecord | null> {
+    const all = await this.listCheckpoints(modelId);
+    const mine = jobId ? all.filter((c) => c.jobId === jobId) : all;
+    return mine.length ? mine[mine.length - 1]! : null;
+  }
+
+  // ---- jobs ----
+
+  async createJob(j: { id: string; type: JobType; modelId: string; data?: unknown }): Promise<JobView> {
+    const view: JobView = {
+      id: j.id,
+      type: j.type,
+      modelId: j.modelId,
+      state: 'waiting',
+      progress: {},
+      createdAt: new Date().toISOString(),
+    };
+    await this.redis
+      .multi()
+      .hset(this.key('job', j.id), {
+        type: view.type,
+        modelId: view.modelId,
+        state: view.state,
+        progress: '{}',
+        createdAt: view.createdAt,
+      })
+      .sadd(this.key('model', j.modelId, 'jobs'), j.id)
+      .exec();
+    return view;
+  }
+
+  async getJob(id: string): Promise<JobView | null> {
+    const h = await this.redis.hgetall(this.key('job', id));
+    if (!h.type) return null;
+    const view: JobView = {
+      id,
+      type: h.type as JobType,
+      modelId: h.modelId ?? '',
+      state: (h.state ?? 'waiting') as JobState,
+      progress: h.progress ? (JSON.parse(h.progress) as Record<string, unknown>) : {},
+      createdAt: h.createdAt ?? '',
+    };
+    if (h.result) view.result = JSON.parse(h.result) as Record<string, unknown>;
+    if (h.error) view.error = h.error;
+    return view;
+  }
+
+  /**
+   * Applies an update unless the job already finished (a cancelled job stays cancelled).
+   * Returns false when the job was terminal or unknown. Terminal updates start the record's TTL.
+   */
+  async updateJob(id: string, u: JobUpdate): Promise<boolean> {
+    const args: string[] = [];
+    if (u.state) args.push('state', u.state);
+    if (u.progress) args.push('progress', JSON.stringify(u.progress));
+    if (u.result) args.push('result', JSON.stringify(u.result));
+    if (u.error !== undefined) args.push('error', u.error);
+    if (!args.length) return true;
+    const r = (await this.redis.eval(UPDATE_JOB, 1, this.key('job', id), ...args)) as number;
+    if (r === 1 && u.state && isTerminal(u.state)) {
+      const job = await this.getJob(id);
+      if (job) await this.removeModelJob(job.modelId, id);
+      await this.redis.expire(this.key('job', id), JOB_TTL_S);
+    }
+    return r === 1;
+  }
+
+  // ---- cancellation ----
+
+  /** Asks whoever runs the job to stop; returns once the request is recorded. */
+  async requestCancel(jobId: string): Promise<void> {
+    await this.redis.set(this.key('cancel', jobId), '1', 'EX', JOB_TTL_S);
+    await this.redis.publish(this.key('cancel'), jobId);
+  }
+
+  async isCancelRequested(jobId: string): Promise<boolean> {
+    return (await this.redis.exists(this.key('cancel', jobId))) === 1;
+  }
+
+  /** The channel cancel requests are published on (payload: job id). */
+  get cancelChannel(): string {
+    return this.key('cancel');
+  }
+
+  // ---- event streams ----
+
+  eventsKey(jobId: string): string {
+    return this.key('events', jobId);
+  }
+
+  /** Appends an event to the job's stream; returns its id (the SSE `id:`). */
+  async appendEvent(jobId: string, event: string, data: Record<string, unknown>): Promise<string> {
+    const key = this.eventsKey(jobId);
+    const id = (await this.redis.xadd(
+      key,
+      'MAXLEN',
+      '~',
+      '100000',
+      '*',
+      'event',
+      event,
+      'data',
+      JSON.stringify(data),
+    ))!;
+    if (event === 'completed' || event === 'failed' || event === 'cancelled' || event === 'done') {
+      await this.redis.expire(key, JOB_TTL_S);
+    }
+    return id;
+  }
+
+  /**
+   * Reads events after `afterId` ('0' from the start), waiting up to `blockMs` for new ones.
+   * Blocking reads need a connection of their own: pass `conn` (a duplicate) when blockMs > 0.
+   */
+  async readEvents(
+    jobId: string,
+    afterId: string,
+    blockMs = 0,
+    conn: Redis = this.redis,
+  ): Promise<JobEvent[]> {
+    const key = this.eventsKey(jobId);
+    const res =
+      blockMs > 0
+        ? await conn.xread('COUNT', 1000, 'BLOCK', blockMs, 'STREAMS', key, afterId)
+        : await conn.xread('COUNT', 1000, 'STREAMS', key, afterId);
+    if (!res) return [];
+    const out: JobEvent[] = [];
+    for (const [, entries] of res) {
+      for (const [id, fields] of entries) {
+        const f: Record<string, string> = {};
+        for (let i = 0; i + 1 < fields.length; i += 2) f[fields[i]!] = fields[i + 1]!;
+        out.push({
+          id,
+          event: f.event ?? 'message',
+          data: JSON.parse(f.data ?? '{}') as Record<string, unknown>,
+        });
+      }
+    }
+    return out;
+  }
+}
+
+/** Public view of a stored model (drops where its files live). */
+export function modelView(m: ModelRecord): ModelView {
+  return {
+    id: m.id,
+    name: m.name,
+    config: m.config,
+    parameters: m.parameters,
+    tokenizer: m.tokenizer,
+    createdAt: m.createdAt,
+  };
+}
+
+/** Public view of a stored checkpoint. */
+export function checkpointView(c: CheckpointRecord): CheckpointView {
+  return { id: c.id, modelId: c.modelId, jobId: c.jobId, step: c.step, loss: c.loss, createdAt: c.createdAt };
+}

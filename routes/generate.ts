@@ -1,0 +1,129 @@
+import type { FastifyInstance } from 'fastify';
+import { randomUUID } from 'node:crypto';
+import { GenerateBody, GenerateResult, IdParams, errors } from '../models/schemas.js';
+import type { GenerateJobData } from '../workers/queues.js';
+import { getTokenizer } from '../workers/engine.js';
+import { badRequest, HttpError, notFound } from './errors.js';
+import { engineCall } from './models.js';
+import { clientGone, followEvents, startSse, writeSse } from './sse.js';
+
+/**
+ * Sampling: the request becomes a `generate` job; its tokens come back through the job's Redis
+ * Stream, as SSE (`stream: true` or Accept: text/event-stream) or as one JSON answer. A client that
+ * disconnects cancels its generation.
+ */
+export default async function generateRoutes(app: FastifyInstance): Promise<void> {
+  const { registry, limits, generateQueue, metrics } = app.svc;
+
+  app.post<{ Params: IdParams; Body: GenerateBody }>(
+    '/models/:id/generate',
+    {
+      schema: {
+        tags: ['generation'],
+        summary:
+          'Generate text. With stream: true or Accept: text/event-stream: SSE `token` {index, tokenId, text} events, then ' +
+          '`done` {tokens, text, tokensPerSecond, timeToFirstTokenMs}; otherwise one JSON answer',
+        params: IdParams,
+        body: GenerateBody,
+        produces: ['application/json', 'text/event-stream'],
+        response: { 200: GenerateResult, ...errors(400, 401, 404, 500, 503) },
+      },
+    },
+    async (request, reply) => {
+      const b = request.body;
+      const model = await registry.getModel(request.params.id);
+      if (!model) throw notFound('model', request.params.id);
+      if (b.maxTokens > limits.maxTokens)
+        throw badRequest(`maxTokens: ${b.maxTokens} is over the limit MAX_TOKENS=${limits.maxTokens}`);
+      if ((b.prompt === undefined) === (b.promptTokens === undefined))
+        throw badRequest('prompt: expected exactly one of prompt or promptTokens');
+      let promptTokens: number[];
+      if (b.promptTokens) {
+        promptTokens = b.promptTokens;
+        const bad = promptTokens.findIndex((t) => t >= model.numTokens);
+        if (bad >= 0)
+          throw badRequest(
+            `promptTokens[${bad}]: expected an id below numTokens ${model.numTokens}, got ${promptTokens[bad]}`,
+          );
+      } else {
+        const tokenizer = engineCall(() => getTokenizer(model.tokenizer));
+        promptTokens = tokenizer.encode(b.prompt!);
+        if (!promptTokens.length)
+          throw badRequest('prompt: expected at least one token, got an empty prompt');
+      }
+      if (promptTokens.length > limits.maxSeqLen)
+        throw badRequest(
+          `prompt: ${promptTokens.length} tokens is over the limit MAX_SEQ_LEN=${limits.maxSeqLen}`,
+        );
+      const jobId = randomUUID();
+      const data: GenerateJobData = {
+        jobId,
+        modelId: model.id,
+        tokenizer: model.tokenizer,
+        promptTokens,
+        maxTokens: b.maxTokens,
+        temperature: b.temperature,
+        topK: b.topK,
+        topP: b.topP,
+        minP: b.minP,
+        stop: b.stop,
+        seed: b.seed,
+        cacheKv: b.cacheKv,
+      };
+      await registry.createJob({ id: jobId, type: 'generate', modelId: model.id });
+      await generateQueue.add('generate', data, {
+        jobId,
+        attempts: 1,
+        removeOnComplete: 100,
+        removeOnFail: 100,
+      });
+
+      const gone = clientGone(reply);
+      gone.signal.addEventListener('abort', () => {
+        void registry.requestCancel(jobId).catch(() => undefined);
+        void generateQueue
+          .getJob(jobId)
+          .then(async (j) => {
+            if (j && (await j.getState()) !== 'active') {
+              await j.remove();
+              if (await registry.updateJob(jobId, { state: 'cancelled' }))
+                await registry.appendEvent(jobId, 'cancelled', { tokens: 0 });
+            }
+          })
+          .catch(() => undefined);
+      });
+      const onDone = (d: Record<string, unknown>) => {
+        const n = Array.isArray(d.tokens) ? d.tokens.length : 0;
+        metrics.generatedTokens.inc(n);
+        if (typeof d.tokensPerSecond === 'number') metrics.generateTokensPerSecond.observe(d.tokensPerSecond);
+      };
+      const wantsSse = b.stream === true || (request.headers.accept ?? '').includes('text/event-stream');
+      if (wantsSse) {
+        startSse(reply);
+        reply.raw.write(
+          `event: start\ndata: ${JSON.stringify({ jobId, promptTokens: promptTokens.length })}\n\n`,
+        );
+        try {
+          for await (const ev of followEvents(registry, jobId, '0', gone.signal)) {
+            if (ev.event === 'done') onDone(ev.data);
+            writeSse(reply, ev);
+          }
+        } catch (e) {
+          request.log.warn({ err: (e as Error).message }, 'generation stream ended early');
+        } finally {
+          reply.raw.end();
+        }
+        return;
+      }
+      for await (const ev of followEvents(registry, jobId, '0', gone.signal)) {
+        if (ev.event === 'done') {
+          onDone(ev.data);
+          return { jobId, ...(ev.data as Omit<GenerateResult, 'jobId'>) };
+        }
+        if (ev.event === 'failed') throw new HttpError(500, `generation failed: ${String(ev.data.error)}`);
+        if (ev.event === 'cancelled') throw new HttpError(409, `generation ${jobId} was cancelled`);
+      }
+      throw new HttpError(500, `generation ${jobId} ended without a result`);
+    },
+  );
+}

@@ -1,0 +1,280 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { randomUUID } from 'node:crypto';
+import path from 'node:path';
+import { checkpointView, modelView } from '../models/registry.js';
+import {
+  CheckpointView,
+  CreateModelBody,
+  IdParams,
+  ModelView,
+  errors,
+  type ModelRecord,
+  type TokenizerName,
+} from '../models/schemas.js';
+import { Type } from '@sinclair/typebox';
+import {
+  buildModel,
+  DefinitionError,
+  EngineUnavailableError,
+  getTokenizer,
+  loadWeights,
+  weightsToBytes,
+  type BuiltLm,
+} from '../workers/engine.js';
+import { badRequest, conflict, notFound, unavailable } from './errors.js';
+
+/** Turns library errors into 400 (bad definition) / 503 (engine missing). */
+export function engineCall<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    if (e instanceof DefinitionError) throw badRequest(`config.${e.message}`);
+    if (e instanceof EngineUnavailableError) throw unavailable(`engine not ready: ${e.message}`);
+    throw e;
+  }
+}
+
+function num(obj: unknown, ...keys: string[]): number {
+  if (!obj || typeof obj !== 'object') return 0;
+  for (const k of keys) {
+    const v = (obj as Record<string, unknown>)[k];
+    if (typeof v === 'number' && Number.isFinite(v)) return v;
+  }
+  return 0;
+}
+
+/**
+ * A rough upper-bound-ish parameter count read from the definition, to refuse absurd models before
+ * allocating them (the exact count is checked after building).
+ */
+export function estimateParameters(config: Record<string, unknown>): number {
+  const layers = config.attnLayers ?? config.attn_layers;
+  const dim = num(layers, 'dim');
+  const depth = num(layers, 'depth');
+  const numTokens = num(config, 'numTokens', 'num_tokens');
+  const maxSeqLen = num(config, 'maxSeqLen', 'max_seq_len');
+  return 12 * depth * dim * dim + 2 * numTokens * dim + maxSeqLen * dim;
+}
+
+/** Reads an uploaded file: multipart (first file) or a raw body (octet-stream / text). */
+export async function uploadedBytes(
+  request: FastifyRequest,
+  fileSize: number,
+): Promise<{ bytes: Buffer; filename?: string; fields: Record<string, string> }> {
+  if (request.isMultipart()) {
+    const fields: Record<string, string> = {};
+    let out: { bytes: Buffer; filename?: string } | null = null;
+    for await (const part of request.parts({ limits: { fileSize } })) {
+      if (part.type === 'file') {
+        const buf = await part.toBuffer();
+        if (!out) out = { bytes: buf, filename: part.filename };
+      } else if (typeof part.value === 'string') {
+        fields[part.fieldname] = part.value;
+      }
+    }
+    if (!out) throw badRequest('file: expected a multipart file part, got none');
+    return { ...out, fields };
+  }
+  const body = request.body;
+  if (Buffer.isBuffer(body)) return { bytes: body, fields: {} };
+  if (typeof body === 'string') return { bytes: Buffer.from(body, 'utf8'), fields: {} };
+  throw badRequest(
+    `body: expected text/plain, application/octet-stream or multipart/form-data, got ${request.headers['content-type'] ?? 'no content type'}`,
+  );
+}
+
+/** Model definitions: create, list, read, delete, checkpoints, weights download/upload. */
+export default async function modelRoutes(app: FastifyInstance): Promise<void> {
+  const { registry, storage, limits } = app.svc;
+
+  const getOr404 = async (id: string): Promise<ModelRecord> => {
+    const m = await registry.getModel(id);
+    if (!m) throw notFound('model', id);
+    return m;
+  };
+
+  app.post<{ Body: CreateModelBody }>(
+    '/models',
+    {
+      schema: {
+        tags: ['models'],
+        summary: 'Create a model from a JSON definition (library config); weights are initialised',
+        body: CreateModelBody,
+        response: { 201: ModelView, ...errors(400, 401, 413, 503) },
+      },
+    },
+    async (request, reply) => {
+      const { name, config } = request.body;
+      const tokenizerName: TokenizerName = request.body.tokenizer ?? 'byte';
+      const estimate = estimateParameters(config);
+      if (estimate > 4 * limits.maxParameters) {
+        throw badRequest(
+          `config: the model would have about ${estimate} parameters, over the limit MAX_PARAMETERS=${limits.maxParameters}`,
+        );
+      }
+      const tokenizer = engineCall(() => getTokenizer(tokenizerName));
+      const built: BuiltLm = engineCall(() => buildModel(config));
+      try {
+        if (built.numTokens < tokenizer.vocabSize) {
+          throw badRequest(
+            `config.numTokens: expected at least ${tokenizer.vocabSize} (the ${tokenizerName} tokenizer's vocabulary), got ${built.numTokens}`,
+          );
+        }
+        const parameters = built.model.numParameters();
+        if (parameters > limits.maxParameters) {
+          throw badRequest(
+            `config: the model has ${parameters} parameters, over the limit MAX_PARAMETERS=${limits.maxParameters}`,
+          );
+        }
+        const id = randomUUID();
+        const weightsFile = storage.weightsFile(id, 'initial');
+        await storage.write(weightsFile, weightsToBytes(built.model));
+        const record: ModelRecord = {
+          id,
+          name,
+          config,
+          parameters,
+          tokenizer: tokenizerName,
+          createdAt: new Date().toISOString(),
+          weightsFile,
+          weightsVersion: Date.now(),
+          numTokens: built.numTokens,
+          maxSeqLen: built.maxSeqLen,
+        };
+        await registry.putModel(record);
+        return reply.status(201).send(modelView(record));
+      } finally {
+        built.model.dispose();
+      }
+    },
+  );
+
+  app.get(
+    '/models',
+    {
+      schema: {
+        tags: ['models'],
+        summary: 'List models',
+        response: { 200: Type.Object({ models: Type.Array(ModelView) }), ...errors(401) },
+      },
+    },
+    async () => ({ models: (await registry.listModels()).map(modelView) }),
+  );
+
+  app.get<{ Params: IdParams }>(
+    '/models/:id',
+    {
+      schema: {
+        tags: ['models'],
+        summary: 'Read a model',
+        params: IdParams,
+        response: { 200: ModelView, ...errors(401, 404) },
+      },
+    },
+    async (request) => modelView(await getOr404(request.params.id)),
+  );
+
+  app.delete<{ Params: IdParams }>(
+    '/models/:id',
+    {
+      schema: {
+        tags: ['models'],
+        summary: 'Delete a model, its weights and checkpoints (409 while a job uses it)',
+        params: IdParams,
+        response: { 204: Type.Null(), ...errors(401, 404, 409) },
+      },
+    },
+    async (request, reply) => {
+      const m = await getOr404(request.params.id);
+      const jobs = await registry.activeModelJobs(m.id);
+      if (jobs.length)
+        throw conflict(`model ${m.id} is in use by job(s) ${jobs.join(', ')}; cancel them first`);
+      await registry.deleteModel(m.id);
+      await storage.remove(path.join('models', m.id));
+      await storage.remove(path.join('checkpoints', m.id));
+      return reply.status(204).send();
+    },
+  );
+
+  app.get<{ Params: IdParams }>(
+    '/models/:id/checkpoints',
+    {
+      schema: {
+        tags: ['models'],
+        summary: 'List the checkpoints training saved for a model, oldest first',
+        params: IdParams,
+        response: { 200: Type.Object({ checkpoints: Type.Array(CheckpointView) }), ...errors(401, 404) },
+      },
+    },
+    async (request) => {
+      const m = await getOr404(request.params.id);
+      return { checkpoints: (await registry.listCheckpoints(m.id)).map(checkpointView) };
+    },
+  );
+
+  app.get<{ Params: IdParams }>(
+    '/models/:id/weights',
+    {
+      schema: {
+        tags: ['models'],
+        summary:
+          'Download the current weights (the latest checkpoint, or the initial/uploaded weights) as safetensors',
+        params: IdParams,
+        produces: ['application/octet-stream'],
+        response: { ...errors(401, 404) },
+      },
+    },
+    async (request, reply) => {
+      const m = await getOr404(request.params.id);
+      const bytes = await storage.read(m.weightsFile);
+      return reply
+        .type('application/octet-stream')
+        .header('content-disposition', `attachment; filename="${m.id}.safetensors"`)
+        .send(bytes);
+    },
+  );
+
+  app.put<{ Params: IdParams }>(
+    '/models/:id/weights',
+    {
+      bodyLimit: limits.maxUploadBytes,
+      schema: {
+        tags: ['models'],
+        summary:
+          'Upload weights (safetensors, e.g. exported from x-transformers): checked strictly against the model; ' +
+          '400 lists missing, unexpected and mis-shaped keys',
+        params: IdParams,
+        consumes: ['application/octet-stream', 'multipart/form-data'],
+        response: { 200: ModelView, ...errors(400, 401, 404, 409, 413, 503) },
+      },
+    },
+    async (request) => {
+      const m = await getOr404(request.params.id);
+      const { bytes } = await uploadedBytes(request, limits.maxUploadBytes);
+      const jobs = await registry.activeModelJobs(m.id);
+      if (jobs.some((j) => j)) {
+        const running = [];
+        for (const j of jobs) if ((await registry.getJob(j))?.type === 'train') running.push(j);
+        if (running.length) throw conflict(`model ${m.id} is being trained by job(s) ${running.join(', ')}`);
+      }
+      const built = engineCall(() => buildModel(m.config));
+      try {
+        try {
+          loadWeights(
+            built.model,
+            new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength),
+            'upload',
+          );
+        } catch (e) {
+          throw badRequest(`weights: ${(e as Error).message}`);
+        }
+      } finally {
+        built.model.dispose();
+      }
+      const file = storage.weightsFile(m.id, `upload-${Date.now()}`);
+      await storage.write(file, bytes);
+      const updated = await registry.setModelWeights(m.id, file);
+      return modelView(updated ?? m);
+    },
+  );
+}

@@ -1,0 +1,158 @@
+import path from 'node:path';
+
+/** The service's settings, read from the environment once at start-up. */
+export interface ServiceConfig {
+  port: number;
+  host: string;
+  /** Redis to use; undefined: start a private redis-server child (embedded mode only). */
+  redisUrl: string | undefined;
+  /** Datasets, weights and checkpoints live under this folder (shared by API and workers). */
+  dataDir: string;
+  /** Tensor backend (`torch|tensorflow|wasm|cpu`); undefined: the first that loads. */
+  backend: string | undefined;
+  /** Jobs a worker runs at once, per queue. */
+  workerConcurrency: number;
+  /** Bearer keys that /v1 routes accept; empty: no authentication. */
+  apiKeys: string[];
+  /** Key prefix for the registry and the queues, so several deployments can share one Redis. */
+  prefix: string;
+  /** Loaded models a worker keeps in memory. */
+  modelCacheSize: number;
+  /** BullMQ lock duration (ms): a worker silent this long is presumed dead and its job is resumed elsewhere. */
+  lockDurationMs: number;
+  /** How often (ms) workers look for stalled jobs. */
+  stalledIntervalMs: number;
+  logLevel: string;
+  limits: ServiceLimits;
+}
+
+/** Request limits; each breach is a 400 (or 413 for bodies) that names the limit. */
+export interface ServiceLimits {
+  maxParameters: number;
+  maxSeqLen: number;
+  maxBatchSize: number;
+  maxSteps: number;
+  maxTokens: number;
+  /** Largest JSON request body, bytes. */
+  maxBodyBytes: number;
+  /** Largest dataset or weights upload, bytes. */
+  maxUploadBytes: number;
+}
+
+export const defaultLimits: ServiceLimits = {
+  maxParameters: 50_000_000,
+  maxSeqLen: 4096,
+  maxBatchSize: 256,
+  maxSteps: 1_000_000,
+  maxTokens: 4096,
+  maxBodyBytes: 1024 * 1024,
+  maxUploadBytes: 256 * 1024 * 1024,
+};
+
+interface Spec {
+  env: string;
+  describe: string;
+}
+
+/** The environment variables the service reads, for the docs and for error messages. */
+export const ENV_VARS: Spec[] = [
+  { env: 'PORT', describe: 'HTTP port (default 3000)' },
+  { env: 'HOST', describe: 'interface to listen on (default 0.0.0.0)' },
+  { env: 'REDIS_URL', describe: 'redis://host:port; unset: `npm start` runs a private redis-server' },
+  { env: 'DATA_DIR', describe: 'datasets, weights, checkpoints (default ./data)' },
+  { env: 'XT_BACKEND', describe: 'torch | tensorflow | wasm | cpu (default: first that loads)' },
+  { env: 'WORKER_CONCURRENCY', describe: 'jobs per queue a worker runs at once (default 1)' },
+  { env: 'API_KEYS', describe: 'comma-separated bearer keys; unset: no auth' },
+  { env: 'REDIS_PREFIX', describe: 'key prefix in Redis (default xt)' },
+  { env: 'MODEL_CACHE_SIZE', describe: 'models a worker keeps loaded (default 4)' },
+  { env: 'LOCK_DURATION_MS', describe: 'job lock; a dead worker’s job resumes after this (default 30000)' },
+  { env: 'STALLED_INTERVAL_MS', describe: 'stalled-job check period (default 15000)' },
+  { env: 'LOG_LEVEL', describe: 'pino level (default info)' },
+  { env: 'MAX_PARAMETERS', describe: 'largest model, parameters (default 50000000)' },
+  { env: 'MAX_SEQ_LEN', describe: 'largest training seqLen (default 4096)' },
+  { env: 'MAX_BATCH_SIZE', describe: 'largest training batch (default 256)' },
+  { env: 'MAX_STEPS', describe: 'most training steps per job (default 1000000)' },
+  { env: 'MAX_TOKENS', describe: 'most tokens per generation (default 4096)' },
+  { env: 'MAX_BODY_BYTES', describe: 'largest JSON body (default 1 MiB)' },
+  { env: 'MAX_UPLOAD_BYTES', describe: 'largest dataset/weights upload (default 256 MiB)' },
+];
+
+const BACKEND_NAMES = ['torch', 'tensorflow', 'wasm', 'cpu'];
+const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
+
+/** Thrown when the environment is invalid; the message lists every problem. */
+export class ConfigError extends Error {}
+
+/**
+ * Reads and validates the configuration from `env`. Every invalid variable is reported at once,
+ * each with what was expected and what came.
+ */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig {
+  const problems: string[] = [];
+  const int = (name: string, def: number, min: number, max = Number.MAX_SAFE_INTEGER): number => {
+    const raw = env[name];
+    if (raw === undefined || raw.trim() === '') return def;
+    const v = Number(raw);
+    if (!Number.isInteger(v) || v < min || v > max) {
+      problems.push(`${name}: expected an integer in [${min}, ${max}], got "${raw}"`);
+      return def;
+    }
+    return v;
+  };
+  const port = int('PORT', 3000, 0, 65535);
+  const host = env.HOST?.trim() || '0.0.0.0';
+  let redisUrl = env.REDIS_URL?.trim() || undefined;
+  if (redisUrl !== undefined && !/^rediss?:\/\/.+/.test(redisUrl)) {
+    problems.push(`REDIS_URL: expected redis://host:port or rediss://…, got "${redisUrl}"`);
+    redisUrl = undefined;
+  }
+  const dataDir = path.resolve(env.DATA_DIR?.trim() || 'data');
+  let backend = env.XT_BACKEND?.trim().toLowerCase() || undefined;
+  if (backend !== undefined && !BACKEND_NAMES.includes(backend)) {
+    problems.push(`XT_BACKEND: expected one of ${BACKEND_NAMES.join(', ')}, got "${env.XT_BACKEND}"`);
+    backend = undefined;
+  }
+  const workerConcurrency = int('WORKER_CONCURRENCY', 1, 1, 64);
+  const apiKeys = (env.API_KEYS ?? '')
+    .split(',')
+    .map((k) => k.trim())
+    .filter((k) => k.length > 0);
+  const prefix = env.REDIS_PREFIX?.trim() || 'xt';
+  if (!/^[A-Za-z0-9_.-]+$/.test(prefix)) {
+    problems.push(`REDIS_PREFIX: expected letters, digits, _ . -, got "${prefix}"`);
+  }
+  const modelCacheSize = int('MODEL_CACHE_SIZE', 4, 1, 1024);
+  const lockDurationMs = int('LOCK_DURATION_MS', 30_000, 500);
+  const stalledIntervalMs = int('STALLED_INTERVAL_MS', 15_000, 200);
+  const logLevel = env.LOG_LEVEL?.trim() || 'info';
+  if (!LOG_LEVELS.includes(logLevel)) {
+    problems.push(`LOG_LEVEL: expected one of ${LOG_LEVELS.join(', ')}, got "${logLevel}"`);
+  }
+  const limits: ServiceLimits = {
+    maxParameters: int('MAX_PARAMETERS', defaultLimits.maxParameters, 1),
+    maxSeqLen: int('MAX_SEQ_LEN', defaultLimits.maxSeqLen, 1),
+    maxBatchSize: int('MAX_BATCH_SIZE', defaultLimits.maxBatchSize, 1),
+    maxSteps: int('MAX_STEPS', defaultLimits.maxSteps, 1),
+    maxTokens: int('MAX_TOKENS', defaultLimits.maxTokens, 1),
+    maxBodyBytes: int('MAX_BODY_BYTES', defaultLimits.maxBodyBytes, 1024),
+    maxUploadBytes: int('MAX_UPLOAD_BYTES', defaultLimits.maxUploadBytes, 1024),
+  };
+  if (problems.length) {
+    throw new ConfigError(`invalid configuration:\n  ${problems.join('\n  ')}`);
+  }
+  return {
+    port,
+    host,
+    redisUrl,
+    dataDir,
+    backend,
+    workerConcurrency,
+    apiKeys,
+    prefix,
+    modelCacheSize,
+    lockDurationMs,
+    stalledIntervalMs,
+    logLevel: logLevel,
+    limits,
+  };
+}

@@ -1,0 +1,105 @@
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
+import net from 'node:net';
+
+/** A redis-server child process this program started and owns. */
+export interface RedisChild {
+  url: string;
+  port: number;
+  process: ChildProcess;
+  /** Stops the server (SIGTERM, then SIGKILL after 5 s) and waits for it to exit. */
+  stop(): Promise<void>;
+}
+
+export interface RedisChildOptions {
+  /** Folder for its data; persistence is append-only there when set, off otherwise. */
+  dir?: string;
+  /** Binary to run (default `redis-server` on PATH, then /usr/bin/redis-server). */
+  bin?: string;
+}
+
+export const REDIS_INSTALL_HINT =
+  'Redis was not found. Install it (Debian/Ubuntu: `sudo apt-get install redis-server`, macOS: ' +
+  '`brew install redis`) or point the service at a running Redis with REDIS_URL=redis://host:6379.';
+
+/** The redis-server binary to use, or null when none is installed. */
+export function findRedisServer(bin?: string): string | null {
+  const candidates = bin ? [bin] : ['redis-server', '/usr/bin/redis-server', '/usr/local/bin/redis-server'];
+  for (const c of candidates) {
+    const r = spawnSync(c, ['--version'], { stdio: 'ignore' });
+    if (r.status === 0) return c;
+  }
+  return null;
+}
+
+/** A TCP port that was free a moment ago on 127.0.0.1. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const addr = srv.address();
+      const port = typeof addr === 'object' && addr ? addr.port : 0;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+function canConnect(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(port, '127.0.0.1');
+    s.once('connect', () => {
+      s.end();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+/**
+ * Starts a private redis-server on a free loopback port and waits until it accepts connections.
+ * Throws with an install hint when redis-server is missing.
+ */
+export async function startRedisChild(options: RedisChildOptions = {}): Promise<RedisChild> {
+  const bin = findRedisServer(options.bin);
+  if (!bin) throw new Error(REDIS_INSTALL_HINT);
+  const port = await freePort();
+  const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', ''];
+  if (options.dir) {
+    mkdirSync(options.dir, { recursive: true });
+    args.push('--dir', options.dir, '--appendonly', 'yes');
+  } else {
+    args.push('--appendonly', 'no');
+  }
+  const child = spawn(bin, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+  let exited = false;
+  const exitPromise = new Promise<void>((resolve) =>
+    child.once('exit', () => {
+      exited = true;
+      resolve();
+    }),
+  );
+  const deadline = Date.now() + 10_000;
+  while (!(await canConnect(port))) {
+    if (exited) throw new Error(`redis-server exited at start: ${stderr.trim() || 'no message'}`);
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`redis-server did not accept connections on port ${port} within 10 s`);
+    }
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    port,
+    process: child,
+    async stop() {
+      if (exited) return;
+      child.kill('SIGTERM');
+      const t = setTimeout(() => child.kill('SIGKILL'), 5000);
+      await exitPromise;
+      clearTimeout(t);
+    },
+  };
+}

@@ -1,0 +1,112 @@
+import { mkdirSync } from 'node:fs';
+import path from 'node:path';
+import pino from 'pino';
+import { initBackend } from '../src/index.js';
+import { buildApp } from '../routes/app.js';
+import { engineStatus } from '../workers/engine.js';
+import { startWorkers, type ServiceWorkers } from '../workers/index.js';
+import { createMetrics } from '../workers/metrics.js';
+import { ConfigError, loadConfig, type ServiceConfig } from './config.js';
+import { REDIS_INSTALL_HINT, startRedisChild, type RedisChild } from './redis-server.js';
+
+export type Role = 'all' | 'api' | 'worker';
+
+function fail(message: string): never {
+  process.stderr.write(`${message}\n`);
+  process.exit(1);
+}
+
+/**
+ * Runs the service: `all` (API and a worker in one process; starts a private redis-server under
+ * DATA_DIR/redis when REDIS_URL is unset), `api` or `worker` (both need REDIS_URL). SIGTERM/SIGINT
+ * drain: the API stops accepting, workers finish or checkpoint their current step, then exit.
+ */
+export async function run(role: Role): Promise<void> {
+  let config: ServiceConfig;
+  try {
+    config = loadConfig();
+  } catch (e) {
+    if (e instanceof ConfigError) fail(e.message);
+    throw e;
+  }
+  const log = pino({ level: config.logLevel, name: `xt-${role}` });
+  mkdirSync(config.dataDir, { recursive: true });
+
+  let redisChild: RedisChild | null = null;
+  let redisUrl = config.redisUrl;
+  if (!redisUrl) {
+    if (role !== 'all')
+      fail(`REDIS_URL is required for \`npm run ${role}\` (e.g. REDIS_URL=redis://localhost:6379).`);
+    try {
+      redisChild = await startRedisChild({ dir: path.join(config.dataDir, 'redis') });
+    } catch (e) {
+      const msg = (e as Error).message;
+      fail(msg === REDIS_INSTALL_HINT ? msg : `could not start redis-server: ${msg}\n${REDIS_INSTALL_HINT}`);
+    }
+    redisUrl = redisChild.url;
+    log.info({ redisUrl }, 'started a private redis-server (data under DATA_DIR/redis)');
+  }
+
+  try {
+    const info = await initBackend(config.backend, (m) => log.info(m));
+    log.info({ backend: info.backend, device: info.device }, 'tensor backend ready');
+  } catch (e) {
+    fail(`tensor backend: ${(e as Error).message}`);
+  }
+  const eng = engineStatus();
+  if (!eng.ready) log.warn({ reason: eng.reason }, 'engine not ready: /readyz answers 503');
+
+  const metrics = createMetrics(true);
+  let workers: ServiceWorkers | null = null;
+  if (role !== 'api') {
+    workers = await startWorkers({
+      redisUrl,
+      dataDir: config.dataDir,
+      prefix: config.prefix,
+      concurrency: config.workerConcurrency,
+      modelCacheSize: config.modelCacheSize,
+      lockDurationMs: config.lockDurationMs,
+      stalledIntervalMs: config.stalledIntervalMs,
+      metrics,
+      log: log.child({ part: 'worker' }),
+    });
+    log.info({ concurrency: config.workerConcurrency }, 'worker consuming queues train, generate');
+  }
+  let app: Awaited<ReturnType<typeof buildApp>> | null = null;
+  if (role !== 'worker') {
+    app = await buildApp({
+      redisUrl,
+      dataDir: config.dataDir,
+      prefix: config.prefix,
+      apiKeys: config.apiKeys,
+      limits: config.limits,
+      metrics,
+      logger: { level: config.logLevel },
+    });
+    await app.listen({ port: config.port, host: config.host });
+    if (config.apiKeys.length) log.info(`API keys required on /v1 (${config.apiKeys.length} configured)`);
+  }
+
+  let stopping = false;
+  const stop = async (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, 'draining');
+    const force = setTimeout(() => {
+      log.error('drain took over 60 s; exiting');
+      process.exit(1);
+    }, 60_000);
+    force.unref();
+    try {
+      if (app) await app.close();
+      if (workers) await workers.close();
+      if (redisChild) await redisChild.stop();
+    } catch (e) {
+      log.error({ err: (e as Error).message }, 'error while draining');
+    }
+    log.info('stopped');
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => void stop('SIGTERM'));
+  process.on('SIGINT', () => void stop('SIGINT'));
+}

@@ -1,0 +1,123 @@
+import { Worker, type Job } from 'bullmq';
+import type { Redis } from 'ioredis';
+import { Registry } from '../models/registry.js';
+import { Storage } from '../models/storage.js';
+import type { Logger, WorkerContext } from './context.js';
+import type { ServiceMetrics } from './metrics.js';
+import { ModelCache } from './model-cache.js';
+import { processGenerate } from './generate.js';
+import { processTrain } from './train.js';
+import {
+  createRedis,
+  GENERATE_QUEUE,
+  TRAIN_QUEUE,
+  type GenerateJobData,
+  type TrainJobData,
+} from './queues.js';
+
+export interface WorkerOptions {
+  redisUrl: string;
+  dataDir: string;
+  prefix?: string;
+  /** Jobs run at once per queue (default 1). */
+  concurrency?: number;
+  /** Models kept loaded for generation (default 4). */
+  modelCacheSize?: number;
+  /** BullMQ lock: a worker silent this long is presumed dead (default 30000 ms). */
+  lockDurationMs?: number;
+  /** Stalled-job check period (default 15000 ms). */
+  stalledIntervalMs?: number;
+  metrics?: ServiceMetrics;
+  log?: Logger;
+  /** Which queues to consume (default both). */
+  queues?: ('train' | 'generate')[];
+}
+
+export interface ServiceWorkers {
+  ctx: WorkerContext;
+  workers: Worker[];
+  /**
+   * Graceful stop: no new jobs; running generations finish; training checkpoints its current step
+   * and goes back to the queue for another worker; then connections close.
+   */
+  close(): Promise<void>;
+}
+
+const silent: Logger = { info: () => undefined, warn: () => undefined, error: () => undefined };
+
+/** Starts the BullMQ workers for the `train` and `generate` queues. */
+export async function startWorkers(options: WorkerOptions): Promise<ServiceWorkers> {
+  const prefix = options.prefix ?? 'xt';
+  const redis = createRedis(options.redisUrl);
+  const sub = createRedis(options.redisUrl);
+  const registry = new Registry(redis, prefix);
+  const storage = new Storage(options.dataDir);
+  const ctx: WorkerContext = {
+    registry,
+    storage,
+    cache: new ModelCache(storage, options.modelCacheSize ?? 4),
+    metrics: options.metrics,
+    log: options.log ?? silent,
+    running: new Map(),
+    draining: false,
+  };
+  await sub.subscribe(registry.cancelChannel);
+  sub.on('message', (_channel: string, jobId: string) => ctx.running.get(jobId)?.abort());
+
+  const common = {
+    prefix,
+    concurrency: options.concurrency ?? 1,
+    lockDuration: options.lockDurationMs ?? 30_000,
+    stalledInterval: options.stalledIntervalMs ?? 15_000,
+    maxStalledCount: 10,
+  };
+  const which = options.queues ?? ['train', 'generate'];
+  const workers: Worker[] = [];
+  const conns: Redis[] = [];
+  const connect = (): Redis => {
+    const c = createRedis(options.redisUrl);
+    conns.push(c);
+    return c;
+  };
+  if (which.includes('train')) {
+    workers.push(
+      new Worker<TrainJobData>(
+        TRAIN_QUEUE,
+        (job: Job<TrainJobData>, token?: string, signal?: AbortSignal) =>
+          processTrain(ctx, job, token, signal),
+        { ...common, connection: connect() },
+      ),
+    );
+  }
+  if (which.includes('generate')) {
+    workers.push(
+      new Worker<GenerateJobData>(
+        GENERATE_QUEUE,
+        (job: Job<GenerateJobData>, _token?: string, signal?: AbortSignal) =>
+          processGenerate(ctx, job, signal),
+        { ...common, connection: connect() },
+      ),
+    );
+  }
+  for (const w of workers) {
+    w.on('error', (err) => ctx.log.error({ err: err.message }, 'worker error'));
+    await w.waitUntilReady();
+  }
+  let closing: Promise<void> | null = null;
+  return {
+    ctx,
+    workers,
+    close() {
+      if (closing) return closing;
+      ctx.draining = true;
+      closing = (async () => {
+        await Promise.all(workers.map((w) => w.close()));
+        await Promise.all(conns.map((c) => c.quit().catch(() => undefined)));
+        await sub.quit().catch(() => undefined);
+        await redis.quit().catch(() => undefined);
+        ctx.cache.clear();
+      })();
+      return closing;
+    },
+  };
+}

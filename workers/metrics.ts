@@ -1,0 +1,57 @@
+import client from 'prom-client';
+
+/** The service's Prometheus metrics, on one registry (served at GET /metrics). */
+export interface ServiceMetrics {
+  registry: client.Registry;
+  httpDuration: client.Histogram<'method' | 'route' | 'status_code'>;
+  queueDepth: client.Gauge<'queue' | 'state'>;
+  jobDuration: client.Histogram<'type' | 'state'>;
+  trainSteps: client.Counter<string>;
+  generatedTokens: client.Counter<string>;
+  generateTokensPerSecond: client.Histogram<string>;
+}
+
+/** Creates the metrics on a fresh registry (one per process, or per app in tests). */
+export function createMetrics(defaultMetrics = false): ServiceMetrics {
+  const registry = new client.Registry();
+  if (defaultMetrics) client.collectDefaultMetrics({ register: registry, prefix: 'xt_' });
+  return {
+    registry,
+    httpDuration: new client.Histogram({
+      name: 'xt_http_request_duration_seconds',
+      help: 'HTTP request latency',
+      labelNames: ['method', 'route', 'status_code'],
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+      registers: [registry],
+    }),
+    queueDepth: new client.Gauge({
+      name: 'xt_queue_jobs',
+      help: 'Jobs per queue and state',
+      labelNames: ['queue', 'state'],
+      registers: [registry],
+    }),
+    jobDuration: new client.Histogram({
+      name: 'xt_job_duration_seconds',
+      help: 'Time a worker spent on a job, by type and outcome',
+      labelNames: ['type', 'state'],
+      buckets: [0.1, 0.5, 1, 5, 15, 60, 300, 1800, 7200],
+      registers: [registry],
+    }),
+    trainSteps: new client.Counter({
+      name: 'xt_train_steps_total',
+      help: 'Training steps run by this process',
+      registers: [registry],
+    }),
+    generatedTokens: new client.Counter({
+      name: 'xt_generated_tokens_total',
+      help: 'Tokens generated (as streamed to clients)',
+      registers: [registry],
+    }),
+    generateTokensPerSecond: new client.Histogram({
+      name: 'xt_generate_tokens_per_second',
+      help: 'Generation speed per request, tokens per second',
+      buckets: [1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000],
+      registers: [registry],
+    }),
+  };
+}

@@ -1,0 +1,105 @@
+import type { ModelRecord } from '../models/schemas.js';
+import type { Storage } from '../models/storage.js';
+import {
+  autoregressive,
+  buildModel,
+  getTokenizer,
+  loadWeights,
+  type ArWrapper,
+  type BuiltLm,
+  type Tokenizer,
+} from './engine.js';
+
+/** A model loaded for sampling. */
+export interface LoadedModel {
+  key: string;
+  built: BuiltLm;
+  ar: ArWrapper;
+  tokenizer: Tokenizer;
+}
+
+interface Entry {
+  value: LoadedModel;
+  refs: number;
+}
+
+/**
+ * A bounded LRU of models loaded for generation, keyed by model id and weights version (new weights
+ * mean a new entry; the old one ages out). Entries in use are never disposed: `acquire` pins,
+ * `release` unpins, and eviction skips pinned entries.
+ */
+export class ModelCache {
+  private readonly entries = new Map<string, Entry>();
+
+  constructor(
+    private readonly storage: Storage,
+    readonly capacity = 4,
+  ) {}
+
+  get size(): number {
+    return this.entries.size;
+  }
+
+  async acquire(record: ModelRecord): Promise<LoadedModel> {
+    const key = `${record.id}@${record.weightsVersion}:${record.weightsFile}`;
+    const hit = this.entries.get(key);
+    if (hit) {
+      this.entries.delete(key);
+      this.entries.set(key, hit);
+      hit.refs++;
+      return hit.value;
+    }
+    const bytes = await this.storage.read(record.weightsFile);
+    const built = buildModel(record.config);
+    try {
+      loadWeights(built.model, bytes, record.weightsFile);
+    } catch (e) {
+      built.model.dispose();
+      throw e;
+    }
+    built.model.eval();
+    const value: LoadedModel = {
+      key,
+      built,
+      ar: autoregressive(built.model),
+      tokenizer: getTokenizer(record.tokenizer),
+    };
+    this.entries.set(key, { value, refs: 1 });
+    this.evict();
+    return value;
+  }
+
+  release(m: LoadedModel): void {
+    const e = this.entries.get(m.key);
+    if (e) {
+      e.refs = Math.max(0, e.refs - 1);
+      this.evict();
+    } else {
+      // evicted while pinned is impossible; disposed by clear() meanwhile
+    }
+  }
+
+  /** Drops every entry of a model (e.g. after it was deleted). */
+  drop(modelId: string): void {
+    for (const [k, e] of this.entries) {
+      if (k.startsWith(`${modelId}@`) && e.refs === 0) {
+        this.entries.delete(k);
+        e.value.built.model.dispose();
+      }
+    }
+  }
+
+  private evict(): void {
+    for (const [k, e] of this.entries) {
+      if (this.entries.size <= this.capacity) break;
+      if (e.refs > 0) continue;
+      this.entries.delete(k);
+      e.value.built.model.dispose();
+    }
+  }
+
+  clear(): void {
+    for (const [, e] of this.entries) e.value.built.model.dispose();
+    this.entries.clear();
+  }
+}

@@ -1,0 +1,44 @@
+import { Redis, type RedisOptions } from 'ioredis';
+import type { TokenizerName } from '../models/schemas.js';
+
+export const TRAIN_QUEUE = 'train';
+export const GENERATE_QUEUE = 'generate';
+
+/** What a `train` job carries (the model and dataset are read from the registry when it starts). */
+export interface TrainJobData {
+  jobId: string;
+  modelId: string;
+  datasetId: string;
+  steps: number;
+  batchSize: number;
+  seqLen: number;
+  learningRate: number;
+  warmupSteps?: number;
+  weightDecay?: number;
+  gradClip?: number;
+  gradAccumulation?: number;
+  evalEvery?: number;
+  checkpointEvery?: number;
+  seed?: number;
+}
+
+/** What a `generate` job carries. */
+export interface GenerateJobData {
+  jobId: string;
+  modelId: string;
+  tokenizer: TokenizerName;
+  promptTokens: number[];
+  maxTokens: number;
+  temperature?: number;
+  topK?: number;
+  topP?: number;
+  minP?: number;
+  stop?: string[];
+  seed?: number;
+  cacheKv?: boolean;
+}
+
+/** An ioredis connection as BullMQ wants it (commands wait for reconnection instead of failing). */
+export function createRedis(url: string, options: RedisOptions = {}): Redis {
+  return new Redis(url, { maxRetriesPerRequest: null, enableReadyCheck: true, ...options });
+}

@@ -1,0 +1,204 @@
+import { WaitingError, UnrecoverableError, type Job } from 'bullmq';
+import { randomUUID } from 'node:crypto';
+import path from 'node:path';
+import type { CheckpointRecord } from '../models/schemas.js';
+import {
+  autoregressive,
+  buildModel,
+  getTokenizer,
+  loadWeights,
+  trainerClass,
+  type TrainerLike,
+} from './engine.js';
+import { yieldToLoop, type WorkerContext } from './context.js';
+import type { TrainJobData } from './queues.js';
+
+/** Result of a finished training job. */
+export interface TrainResult {
+  steps: number;
+  firstLoss: number | null;
+  finalLoss: number | null;
+  checkpointId: string | null;
+  resumedFromStep: number | null;
+  [k: string]: unknown;
+}
+
+/** Splits tokens into train and validation parts (10% for validation when evaluation is asked). */
+function splitTokens(
+  tokens: number[],
+  wantVal: boolean,
+  seqLen: number,
+): { train: Int32Array; val?: Int32Array } {
+  const all = Int32Array.from(tokens);
+  if (!wantVal) return { train: all };
+  const nVal = Math.floor(all.length * 0.1);
+  if (nVal < seqLen + 2 || all.length - nVal < seqLen + 2) return { train: all };
+  return { train: all.subarray(0, all.length - nVal), val: all.subarray(all.length - nVal) };
+}
+
+/**
+ * Runs one training job: builds the model from its definition and current weights, resumes from the
+ * job's own last checkpoint when there is one (a worker died, or shut down mid-job), then steps,
+ * streaming `progress` events and checkpointing every `checkpointEvery` steps and at the end.
+ * Cancellation is checked before every step; on shutdown the job is checkpointed and handed back.
+ */
+export async function processTrain(
+  ctx: WorkerContext,
+  job: Job<TrainJobData>,
+  token: string | undefined,
+  bullSignal?: AbortSignal,
+): Promise<TrainResult | { cancelled: true }> {
+  const d = job.data;
+  const { registry, storage, log } = ctx;
+  const started = Date.now();
+  const ac = new AbortController();
+  ctx.running.set(d.jobId, ac);
+  bullSignal?.addEventListener('abort', () => ac.abort());
+  let trainer: TrainerLike | null = null;
+  let disposeModel: (() => void) | null = null;
+  const observe = (state: string) =>
+    ctx.metrics?.jobDuration.observe({ type: 'train', state }, (Date.now() - started) / 1000);
+  const finishCancelled = async (step: number) => {
+    await registry.updateJob(d.jobId, { state: 'cancelled' });
+    await registry.appendEvent(d.jobId, 'cancelled', { step, steps: d.steps });
+    observe('cancelled');
+    return { cancelled: true as const };
+  };
+  try {
+    if (await registry.isCancelRequested(d.jobId)) return await finishCancelled(0);
+    const model = await registry.getModel(d.modelId);
+    if (!model) throw new UnrecoverableError(`model ${d.modelId} no longer exists`);
+    const dataset = await registry.getDataset(d.datasetId);
+    if (!dataset) throw new UnrecoverableError(`dataset ${d.datasetId} no longer exists`);
+    await registry.updateJob(d.jobId, { state: 'active' });
+
+    const built = buildModel(model.config);
+    disposeModel = () => built.model.dispose();
+    loadWeights(built.model, await storage.read(model.weightsFile), model.weightsFile);
+    built.model.train();
+    const ar = autoregressive(built.model);
+    const tokenizer = getTokenizer(model.tokenizer);
+    const text = (await storage.read(storage.datasetFile(d.datasetId))).toString('utf8');
+    const data = splitTokens(tokenizer.encode(text), (d.evalEvery ?? 0) > 0, d.seqLen);
+    if (data.train.length < d.seqLen + 2) {
+      throw new UnrecoverableError(
+        `dataset ${d.datasetId}: ${data.train.length} tokens is too few for seqLen ${d.seqLen} (needs at least ${d.seqLen + 2})`,
+      );
+    }
+    const options = {
+      totalSteps: d.steps,
+      batchSize: d.batchSize,
+      seqLen: d.seqLen,
+      learningRate: d.learningRate,
+      warmupSteps: d.warmupSteps,
+      weightDecay: d.weightDecay,
+      gradClip: d.gradClip,
+      gradAccumulation: d.gradAccumulation,
+      evalEvery: d.evalEvery,
+      seed: d.seed,
+    };
+    const Trainer = trainerClass();
+    const last = await registry.latestCheckpoint(d.modelId, d.jobId);
+    let resumedFromStep: number | null = null;
+    if (last) {
+      trainer = await Trainer.resume(ar, data, options, storage.abs(last.dir));
+      resumedFromStep = trainer.stepCount;
+      await registry.appendEvent(d.jobId, 'resumed', {
+        step: trainer.stepCount,
+        steps: d.steps,
+        checkpointId: last.id,
+      });
+      log.info({ jobId: d.jobId, step: trainer.stepCount }, 'training resumed from checkpoint');
+    } else {
+      trainer = new Trainer(ar, data, options);
+    }
+    const prev = await registry.getJob(d.jobId);
+    let firstLoss = typeof prev?.progress.firstLoss === 'number' ? prev.progress.firstLoss : null;
+    let lastLoss: number | null = typeof prev?.progress.loss === 'number' ? prev.progress.loss : null;
+    let lastCkpt: CheckpointRecord | null = last;
+    const every = d.checkpointEvery ?? 0;
+
+    const checkpoint = async (): Promise<CheckpointRecord> => {
+      const step = trainer!.stepCount;
+      const dir = storage.checkpointDir(d.modelId, d.jobId, step);
+      await trainer!.saveCheckpoint(storage.abs(dir));
+      const rec: CheckpointRecord = {
+        id: randomUUID(),
+        modelId: d.modelId,
+        jobId: d.jobId,
+        step,
+        loss: lastLoss,
+        createdAt: new Date().toISOString(),
+        dir,
+      };
+      await registry.addCheckpoint(rec);
+      await registry.setModelWeights(d.modelId, path.join(dir, 'model.safetensors'));
+      await registry.appendEvent(d.jobId, 'checkpoint', { step, checkpointId: rec.id, loss: lastLoss });
+      lastCkpt = rec;
+      return rec;
+    };
+
+    while (trainer.stepCount < d.steps) {
+      if (ac.signal.aborted || (await registry.isCancelRequested(d.jobId))) {
+        return await finishCancelled(trainer.stepCount);
+      }
+      if (ctx.draining) {
+        if (!lastCkpt || lastCkpt.step !== trainer.stepCount) await checkpoint();
+        log.info(
+          { jobId: d.jobId, step: trainer.stepCount },
+          'shutting down: job checkpointed and handed back',
+        );
+        await job.moveToWait(token);
+        throw new WaitingError();
+      }
+      const r = await trainer.step();
+      lastLoss = r.loss;
+      if (firstLoss === null) firstLoss = r.loss;
+      ctx.metrics?.trainSteps.inc();
+      const progress = {
+        step: r.step,
+        steps: d.steps,
+        loss: r.loss,
+        learningRate: r.learningRate,
+        tokensPerSecond: r.tokensPerSecond,
+      };
+      await registry.appendEvent(d.jobId, 'progress', progress);
+      await registry.updateJob(d.jobId, { progress: { ...progress, firstLoss } });
+      await job.updateProgress(progress).catch(() => undefined);
+      if (d.evalEvery && r.step % d.evalEvery === 0) {
+        const ev = await trainer.evaluate();
+        await registry.appendEvent(d.jobId, 'eval', {
+          step: r.step,
+          loss: ev.loss,
+          perplexity: ev.perplexity,
+        });
+      }
+      if (every > 0 && r.step % every === 0 && r.step < d.steps) await checkpoint();
+      await yieldToLoop();
+    }
+    const final = lastCkpt && lastCkpt.step === trainer.stepCount ? lastCkpt : await checkpoint();
+    const result: TrainResult = {
+      steps: trainer.stepCount,
+      firstLoss,
+      finalLoss: lastLoss,
+      checkpointId: final.id,
+      resumedFromStep,
+    };
+    const applied = await registry.updateJob(d.jobId, { state: 'completed', result });
+    if (applied) await registry.appendEvent(d.jobId, 'completed', result);
+    observe('completed');
+    return result;
+  } catch (e) {
+    if (e instanceof WaitingError) throw e;
+    const message = (e as Error).message;
+    log.error({ jobId: d.jobId, err: message }, 'training failed');
+    const applied = await registry.updateJob(d.jobId, { state: 'failed', error: message });
+    if (applied) await registry.appendEvent(d.jobId, 'failed', { error: message });
+    observe('failed');
+    throw e instanceof UnrecoverableError ? e : new UnrecoverableError(message);
+  } finally {
+    ctx.running.delete(d.jobId);
+    trainer?.dispose();
+    disposeModel?.();
+  }
+}
