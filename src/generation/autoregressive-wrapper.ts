@@ -1,4 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
 import { Module } from '../nn/module.js';
 import type { TransformerWrapper, TransformerForwardOptions } from '../wrappers/transformer-wrapper.js';
 import { checkTensor } from '../utils/errors.js';

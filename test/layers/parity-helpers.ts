@@ -37,8 +37,12 @@ export function listCases(tasks: string[]): string[] {
     .sort()
     .map((f) => path.join(VISIBLE, f))
     .filter((f) => {
-      const head = readFileSync(f).subarray(0, 4096).toString('latin1');
-      return tasks.some((t) => head.includes(`\\"task\\": \\"${t}\\"`));
+      const buf = readFileSync(f);
+      const len = Number(buf.readBigUInt64LE(0));
+      const header = JSON.parse(buf.subarray(8, 8 + len).toString('utf8')) as {
+        __metadata__: { case: string };
+      };
+      return tasks.includes((JSON.parse(header.__metadata__.case) as { task: string }).task);
     });
 }
 

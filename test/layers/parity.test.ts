@@ -7,7 +7,7 @@ import { AutoregressiveWrapper } from '../../src/generation/autoregressive-wrapp
 import { buildModel, compare, listCases, readCase } from './parity-helpers.js';
 
 const only = process.env.XT_CASE;
-const files = listCases(['logits', 'logits_masked', 'cross', 'loss_grads']).filter(
+const files = listCases(['logits', 'logits_masked', 'cross', 'loss_grads', 'xl']).filter(
   (f) => !only || path.basename(f, '.safetensors') === only,
 );
 
@@ -34,10 +34,24 @@ describe('layers parity with the reference (visible cases)', () => {
         });
         check('out', r.out, t['output.out']!);
         r.out.dispose();
+      } else if (c.task === 'xl') {
+        let mems: tf.Tensor[] | undefined;
+        for (let i = 0; i < 3; i++) {
+          const st = (model as TransformerWrapper).forwardWithState(t[`input.seg${i}`]!, {
+            mems,
+            returnMems: true,
+          });
+          check(`logits${i}`, st.logits, t[`output.logits${i}`]!);
+          tf.dispose([st.logits, st.embeddings, ...(mems ?? [])]);
+          mems = st.mems;
+        }
+        tf.dispose(mems ?? []);
       } else if (c.task === 'loss_grads') {
         const ar = new AutoregressiveWrapper(model as TransformerWrapper);
         const { value, grads } = tf.variableGrads(() => ar.forward(t['input.x']!) as tf.Scalar);
-        check('loss', value, t['output.loss']!);
+        const flatLoss = tf.reshape(value, t['output.loss']!.shape);
+        check('loss', flatLoss, t['output.loss']!);
+        flatLoss.dispose();
         const named = new Map((model as TransformerWrapper).namedParameters());
         for (const [k, exp] of Object.entries(t)) {
           if (!k.startsWith('output.grad.')) continue;
