@@ -7,7 +7,9 @@ import { LayerScale, Scale, ShiftTokens, type BranchOut, type Callable } from '.
 import { padAt, tidyObj } from '../nn/functional.js';
 import { Attention } from '../attention/attention.js';
 import { RotaryEmbedding } from '../attention/rotary.js';
-// POSBIAS-IMPORTS
+import { RelativePositionBias } from '../attention/relative-position-bias.js';
+import { DynamicPositionBias } from '../attention/dynamic-position-bias.js';
+import { AlibiPositionalBias } from '../attention/alibi.js';
 import {
   attentionDefaults,
   type AttentionForwardOptions,
@@ -225,8 +227,7 @@ export class AttentionLayers extends Module {
         );
       this.relPos = this.registerModule(
         'rel_pos',
-        new (posBiasPending('relPosBias'))({
-          scale: dimHead ** 0.5,
+        new RelativePositionBias(dimHead ** 0.5, {
           causal: o.causal,
           heads: o.heads,
           numBuckets: o.relPosNumBuckets,
@@ -237,8 +238,7 @@ export class AttentionLayers extends Module {
       if (flash) throw new Error('attnFlash: flash attention is not compatible with dynamicPosBias');
       this.relPos = this.registerModule(
         'rel_pos',
-        new (posBiasPending('dynamicPosBias'))({
-          dim: Math.floor(o.dim / 4),
+        new DynamicPositionBias(Math.floor(o.dim / 4), {
           heads: o.heads,
           logDistance: o.dynamicPosBiasLogDistance,
           depth: o.dynamicPosBiasMlpDepth,
@@ -251,7 +251,7 @@ export class AttentionLayers extends Module {
         throw new Error(`alibiNumHeads: expected at most heads ${o.heads}, got ${alibiHeads}`);
       this.relPos = this.registerModule(
         'rel_pos',
-        new (posBiasPending('alibiPosBias'))({ heads: alibiHeads, totalHeads: o.heads }),
+        new AlibiPositionalBias(alibiHeads, { totalHeads: o.heads }),
       );
     }
 
@@ -704,8 +704,4 @@ export class PrefixDecoder extends AttentionLayers {
       attnMask.dispose();
     }
   }
-}
-
-function posBiasPending(name: string): new (o: object) => Module & PositionBias {
-  throw new Error(`${name}: not available yet`);
 }
