@@ -6,9 +6,9 @@ import {
   causalKeep,
   dropoutSeeded,
   maskedFill,
+  noGrad,
   padAxis,
   repeatKvHeads,
-  stopGradient,
   straightThrough,
 } from './ops.js';
 
@@ -380,19 +380,17 @@ export class Attend extends Module {
     const o = this.options;
     if (o.sigmoid) return tf.sigmoid(logits);
     if (o.hard) {
-      const fixed = stopGradient(logits);
-      const oneHot = tf.oneHot(tf.argMax(fixed, -1), logits.shape[logits.rank - 1]!, 1, 0, 'float32');
+      const n = logits.shape[logits.rank - 1]!;
+      const oneHot = noGrad((l) => tf.oneHot(tf.argMax(l, -1), n, 1, 0, 'float32'), logits);
       return straightThrough(oneHot, tf.softmax(logits, -1));
     }
     if (o.sparseTopk != null) {
-      const fixed = stopGradient(logits);
       const n = logits.shape[logits.rank - 1]!;
-      const kth = tf.slice(
-        tf.topk(fixed, Math.min(o.sparseTopk, n)).values,
-        [0, 0, 0, Math.min(o.sparseTopk, n) - 1],
-        [-1, -1, -1, 1],
-      );
-      const keep = tf.logicalAnd(tf.greaterEqual(fixed, kth), tf.greater(fixed, MASK_VALUE));
+      const topk = Math.min(o.sparseTopk, n);
+      const keep = noGrad((l) => {
+        const kth = tf.slice(tf.topk(l, topk).values, [0, 0, 0, topk - 1], [-1, -1, -1, 1]);
+        return tf.logicalAnd(tf.greaterEqual(l, kth), tf.greater(l, MASK_VALUE));
+      }, logits);
       const topkAttn = tf.softmax(maskedFill(logits, keep, MASK_VALUE), -1);
       if (!o.sparseTopkStraightThrough) return topkAttn;
       return straightThrough(topkAttn, tf.softmax(logits, -1));

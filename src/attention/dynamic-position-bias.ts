@@ -102,7 +102,7 @@ export class DynamicPositionBias extends Module implements PositionBias {
       pos = this.last.forward(pos); // [2j - 1, h]
       const q = tf.reshape(tf.range(j - i, j, 1, 'int32'), [i, 1]);
       const k = tf.reshape(tf.range(0, j, 1, 'int32'), [1, j]);
-      const idx = tf.add(tf.sub(q, k), j - 1); // [i, j]
+      const idx = tf.add(tf.sub(q, k), tf.scalar(j - 1, 'int32')); // [i, j]
       return tf.transpose(tf.gather(pos, idx), [2, 0, 1]);
     });
   }

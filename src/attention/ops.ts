@@ -16,6 +16,22 @@ export const stopGradient = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc
 })) as (x: tf.Tensor) => tf.Tensor;
 
 /**
+ * fn(x) computed off the gradient tape: no gradient flows back into x through it (for masks and
+ * indices derived from values, e.g. top-k thresholds). x: any shape; fn's result: any shape.
+ */
+export function noGrad(fn: (x: tf.Tensor) => tf.Tensor, x: tf.Tensor): tf.Tensor {
+  const f = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
+    const input = args[0] as tf.Tensor;
+    (args[1] as tf.GradSaveFunc)([input]);
+    return {
+      value: fn(input),
+      gradFunc: (_dy: tf.Tensor, saved: tf.Tensor[]) => tf.zerosLike(saved[0]!),
+    };
+  }) as (x: tf.Tensor) => tf.Tensor;
+  return f(x);
+}
+
+/**
  * Straight-through estimator, in the reference's order of operations:
  * `hard + soft - detach(soft)`; the gradient reaches `soft` only. hard, soft: same shape.
  */
