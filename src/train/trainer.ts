@@ -4,16 +4,18 @@
  * checkpoints that resume to exactly the same losses as an uninterrupted run.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { Module } from '../nn/module.js';
 import { loadSafetensors, saveSafetensors } from '../io/safetensors.js';
 import { manualSeed } from '../utils/random.js';
 import { resolveCheckpointDir, sha256, writeDirAtomic } from './checkpoint.js';
+import { ensureGradients } from './gradients.js';
 import { sequentialBatches, WindowSampler } from './data.js';
 import { AdamW, clipByGlobalNorm, defaultDecayFilter } from './optimizer.js';
 import { checkScheduleOptions, learningRateAt, type ScheduleName } from './schedule.js';
+
+await ensureGradients();
 
 /** A module whose `forward(batch)` returns a scalar loss; batch: [b, n + 1] int32 token ids. */
 export type LossModel = Module & { forward(x: tf.Tensor): tf.Tensor };
