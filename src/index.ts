@@ -9,3 +9,62 @@ export { Rng, manualSeed, getRng } from './utils/random.js';
 export { parseSafetensors, loadSafetensors, saveSafetensors, rawToTensor } from './io/safetensors.js';
 export type { SafetensorsDtype, RawTensor, SafetensorsFile } from './io/safetensors.js';
 export * from './attention/index.js';
+export { ViTransformerWrapper, viTransformerWrapperDefaults } from './wrappers/vit.js';
+export type { ViTransformerWrapperOptions, ViTForwardOptions } from './wrappers/vit.js';
+export { ContinuousTransformerWrapper, continuousTransformerWrapperDefaults } from './wrappers/continuous.js';
+export type { ContinuousTransformerWrapperOptions, ContinuousForwardOptions } from './wrappers/continuous.js';
+export { XValTransformerWrapper, xValTransformerWrapperDefaults } from './wrappers/xval.js';
+export type { XValTransformerWrapperOptions, XValForwardOptions, XValOutput } from './wrappers/xval.js';
+export { XTransformer, xTransformerDefaults } from './wrappers/xtransformer.js';
+export type { XTransformerOptions, XTransformerForwardOptions } from './wrappers/xtransformer.js';
+export { fromConfig, toConfig, camelKey, snakeKey, WRAPPERS, LAYERS_TYPES } from './io/config.js';
+export type { ModelConfig, LayersConfig, BuiltModel, WrapperName, LayersType, JsonValue } from './io/config.js';
+export { Linear, linear } from './nn/linear.js';
+export type { LinearOptions } from './nn/linear.js';
+export {
+  Embedding,
+  TokenEmbedding,
+  AbsolutePositionalEmbedding,
+  ScaledSinusoidalEmbedding,
+} from './nn/embedding.js';
+export type { PositionOptions } from './nn/embedding.js';
+export { LayerNorm, RMSNorm, ScaleNorm, SimpleRMSNorm, makeNorm } from './nn/norms.js';
+export type { Norm, NormKind, NormOptions } from './nn/norms.js';
+export { FeedForward, GLU, feedForwardDefaults } from './nn/feedforward.js';
+export type { FeedForwardOptions } from './nn/feedforward.js';
+export { Residual, GRUGating, GRUCell } from './nn/residual.js';
+export type { ResidualFn, ResidualOptions } from './nn/residual.js';
+export { Scale, LayerScale, ShiftTokens, shiftTokens } from './nn/branch.js';
+export type { BranchOut, Callable } from './nn/branch.js';
+export { dropout, gelu, l2norm, normalize } from './nn/functional.js';
+export {
+  AttentionLayers,
+  Encoder,
+  Decoder,
+  CrossAttender,
+  PrefixDecoder,
+  LayersCache,
+} from './layers/attention-layers.js';
+export type {
+  LayersForwardOptions,
+  LayersOutput,
+  PrefixDecoderForwardOptions,
+} from './layers/attention-layers.js';
+export { attentionLayersDefaults } from './layers/options.js';
+export type { AttentionLayersOptions, AttentionLayersOwnOptions } from './layers/options.js';
+export { TransformerWrapper, transformerWrapperDefaults } from './wrappers/transformer-wrapper.js';
+export type {
+  TransformerWrapperOptions,
+  TransformerWrapperOwnOptions,
+  TransformerForwardOptions,
+  TransformerState,
+} from './wrappers/transformer-wrapper.js';
+export {
+  AutoregressiveWrapper,
+  autoregressiveWrapperDefaults,
+  crossEntropy,
+} from './generation/autoregressive-wrapper.js';
+export type {
+  AutoregressiveWrapperOptions,
+  AutoregressiveForwardOptions,
+} from './generation/autoregressive-wrapper.js';
