@@ -1,0 +1,112 @@
+/**
+ * Value rules for model config options: what a JSON value must be for an option, by option name.
+ * Defaults objects give the set of valid keys and, for boolean / string defaults, the type; these
+ * rules add ranges (positive integers, probabilities, lists) and the type of options whose default
+ * is null.
+ */
+
+/** A check: `test(v)` is true when `v` is acceptable; `expected` says what is ("a positive integer"). */
+export type Rule = { expected: string; test: (v: unknown) => boolean };
+
+const isInt = (v: unknown): v is number => typeof v === 'number' && Number.isInteger(v);
+const isNum = (v: unknown): v is number => typeof v === 'number' && Number.isFinite(v);
+
+export const RULES = {
+  posInt: { expected: 'a positive integer', test: (v: unknown) => isInt(v) && v > 0 },
+  nonNegInt: { expected: 'a non-negative integer', test: (v: unknown) => isInt(v) && v >= 0 },
+  int: { expected: 'an integer', test: isInt },
+  number: { expected: 'a finite number', test: isNum },
+  posNumber: { expected: 'a positive number', test: (v: unknown) => isNum(v) && v > 0 },
+  prob: { expected: 'a number in [0, 1)', test: (v: unknown) => isNum(v) && v >= 0 && v < 1 },
+  unitInterval: { expected: 'a number in (0, 1]', test: (v: unknown) => isNum(v) && v > 0 && v <= 1 },
+  bool: { expected: 'a boolean', test: (v: unknown) => typeof v === 'boolean' },
+  string: { expected: 'a string', test: (v: unknown) => typeof v === 'string' },
+  nonNegIntOrList: {
+    expected: 'a non-negative integer or a list of them',
+    test: (v: unknown) => (Array.isArray(v) ? v.every((x) => isInt(x) && x >= 0) : isInt(v) && v >= 0),
+  },
+  probOrList: {
+    expected: 'a number in [0, 1) or a list of them',
+    test: (v: unknown) =>
+      Array.isArray(v) ? v.every((x) => isNum(x) && x >= 0 && x < 1) : isNum(v) && v >= 0 && v < 1,
+  },
+  layerTypes: {
+    expected: "a non-empty list of 'a', 'c', 'f'",
+    test: (v: unknown) =>
+      Array.isArray(v) && v.length > 0 && v.every((x) => x === 'a' || x === 'c' || x === 'f'),
+  },
+  indexList: {
+    expected: 'a non-empty list of non-negative integers',
+    test: (v: unknown) => Array.isArray(v) && v.length > 0 && v.every((x) => isInt(x) && x >= 0),
+  },
+} satisfies Record<string, Rule>;
+
+/** Rules by option name (unprefixed, camelCase), wherever the option appears. */
+const BY_NAME: Record<string, Rule> = {
+  dim: RULES.posInt,
+  depth: RULES.posInt,
+  heads: RULES.posInt,
+  dimHead: RULES.posInt,
+  numTokens: RULES.posInt,
+  maxSeqLen: RULES.nonNegInt,
+  maxMemLen: RULES.nonNegInt,
+  shiftMemDown: RULES.nonNegInt,
+  embDim: RULES.posInt,
+  logitsDim: RULES.posInt,
+  numMemoryTokens: RULES.nonNegInt,
+  numClsTokens: RULES.posInt,
+  embFracGradient: RULES.unitInterval,
+  imageSize: RULES.posInt,
+  patchSize: RULES.posInt,
+  channels: RULES.posInt,
+  numClasses: RULES.posInt,
+  numRegisterTokens: RULES.nonNegInt,
+  dimIn: RULES.posInt,
+  dimOut: RULES.posInt,
+  numericalTokenId: RULES.nonNegInt,
+  ignoreIndex: RULES.int,
+  padValue: RULES.int,
+  // attention layers
+  alibiNumHeads: RULES.posInt,
+  relPosNumBuckets: RULES.posInt,
+  relPosMaxDistance: RULES.posInt,
+  dynamicPosBiasMlpDepth: RULES.posInt,
+  rotaryEmbDim: RULES.posInt,
+  rotaryInterpolationFactor: RULES.posNumber,
+  rotaryXposScaleBase: RULES.posNumber,
+  rotaryBaseRescaleFactor: RULES.posNumber,
+  customLayers: RULES.layerTypes,
+  layersExecuteOrder: RULES.indexList,
+  sandwichCoef: RULES.posInt,
+  parRatio: RULES.posInt,
+  shiftTokens: RULES.nonNegIntOrList,
+  layerDropout: RULES.probOrList,
+  resiDualScale: RULES.unitInterval,
+  // attention
+  dimContext: RULES.posInt,
+  sparseTopk: RULES.posInt,
+  numMemKv: RULES.nonNegInt,
+  maxAttendPast: RULES.posInt,
+  qkNormGroups: RULES.posInt,
+  qkNormScale: RULES.number,
+  kvHeads: RULES.posInt,
+  valueDimHead: RULES.posInt,
+  logitSoftclampValue: RULES.posNumber,
+  // feedforward
+  mult: RULES.posNumber,
+};
+
+/**
+ * The rule of option `name` whose default is `def`: boolean / string defaults give their type, a
+ * named rule gives ranges, names ending in `dropout` are probabilities, other numbers are numbers.
+ * Null when anything JSON is accepted (the constructor checks it).
+ */
+export function ruleFor(name: string, def: unknown): Rule | null {
+  if (typeof def === 'boolean') return RULES.bool;
+  if (typeof def === 'string') return RULES.string;
+  const named = BY_NAME[name];
+  if (named) return named;
+  if (/dropout$/i.test(name)) return RULES.prob;
+  if (typeof def === 'number') return RULES.number;
+  return null;
+}

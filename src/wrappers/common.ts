@@ -1,0 +1,153 @@
+import * as tf from '@tensorflow/tfjs-core';
+import type { Module } from '../nn/module.js';
+
+/**
+ * What the wrappers need of an attention stack (`AttentionLayers`, `Encoder`, `Decoder`, ...):
+ * its model dimension, whether it replaces absolute positions, and a forward pass.
+ */
+export interface LayersLike extends Module {
+  readonly dim: number;
+  readonly disableAbsPosEmb: boolean;
+  forward(x: tf.Tensor, opts?: LayersCallOptions): LayersCallOutput;
+}
+
+/** The per-call options the wrappers pass on to the attention stack. */
+export interface LayersCallOptions {
+  /** mask: [b, n] bool, true = keep */
+  mask?: tf.Tensor;
+  /** context: [b, m, dimContext] (cross-attention) */
+  context?: tf.Tensor;
+  /** contextMask: [b, m] bool */
+  contextMask?: tf.Tensor;
+  /** attnMask: [i, j] or [b|1, h|1, i, j] bool */
+  attnMask?: tf.Tensor;
+  /** mems: one [b, m, dim] per attention layer */
+  mems?: tf.Tensor[];
+  returnHiddens?: boolean;
+}
+
+/** What the attention stack returns: out [b, n, dim], the hidden states, and its key/value cache. */
+export interface LayersCallOutput {
+  out: tf.Tensor;
+  hiddens?: tf.Tensor[];
+  cache?: { dispose(): void };
+}
+
+/**
+ * Runs the attention stack and returns its output (and, with `returnHiddens`, its hidden states:
+ * the input of each self-attention layer), disposing everything else it returned.
+ * x: [b, n, dim] -> out [b, n, dim].
+ */
+export function runLayers(
+  layers: LayersLike,
+  x: tf.Tensor,
+  opts: LayersCallOptions = {},
+): { out: tf.Tensor; hiddens: tf.Tensor[] } {
+  const res = layers.forward(x, opts);
+  const hiddens = opts.returnHiddens ? (res.hiddens ?? []) : [];
+  const keep = new Set<tf.Tensor>([res.out, ...hiddens]);
+  res.cache?.dispose();
+  for (const [k, v] of Object.entries(res as object))
+    if (k !== 'cache' && k !== 'out') disposeExcept(v, keep);
+  return { out: res.out, hiddens };
+}
+
+/** Disposes every tensor found in nested arrays / plain objects of `value`, except those in `keep`. */
+export function disposeExcept(value: unknown, keep: Set<tf.Tensor>): void {
+  if (value instanceof tf.Tensor) {
+    if (!keep.has(value) && !value.isDisposed) value.dispose();
+  } else if (Array.isArray(value)) {
+    for (const v of value) disposeExcept(v, keep);
+  } else if (
+    value !== null &&
+    typeof value === 'object' &&
+    Object.getPrototypeOf(value) === Object.prototype
+  ) {
+    for (const v of Object.values(value)) disposeExcept(v, keep);
+  }
+}
+
+/** Throws `name: expected a positive integer, got v` unless v is one. */
+export function checkPositiveInt(name: string, v: unknown): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0) {
+    throw new Error(`${name}: expected a positive integer, got ${fmt(v)}`);
+  }
+  return v;
+}
+
+/** Throws unless v is a non-negative integer. */
+export function checkNonNegInt(name: string, v: unknown): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 0) {
+    throw new Error(`${name}: expected a non-negative integer, got ${fmt(v)}`);
+  }
+  return v;
+}
+
+/** Throws unless v is a probability in [0, 1). */
+export function checkProb(name: string, v: unknown): number {
+  if (typeof v !== 'number' || !(v >= 0 && v < 1)) {
+    throw new Error(`${name}: expected a number in [0, 1), got ${fmt(v)}`);
+  }
+  return v;
+}
+
+/** Throws unless v is a boolean. */
+export function checkBool(name: string, v: unknown): boolean {
+  if (typeof v !== 'boolean') throw new Error(`${name}: expected a boolean, got ${fmt(v)}`);
+  return v;
+}
+
+/** Throws unless every key of `options` is one of `allowed`. */
+export function checkKnownKeys(owner: string, options: object, allowed: readonly string[]): void {
+  for (const k of Object.keys(options)) {
+    if (!allowed.includes(k)) throw new Error(`${k}: unknown option of ${owner}`);
+  }
+}
+
+/** Formats a value for an error message. */
+export function fmt(v: unknown): string {
+  if (typeof v === 'string') return JSON.stringify(v);
+  if (typeof v === 'number' || typeof v === 'boolean' || v === null || v === undefined) return String(v);
+  try {
+    return JSON.stringify(v);
+  } catch {
+    return String(v);
+  }
+}
+
+/** Checks that `mask` is a [b, n] bool tensor. */
+export function checkMask(name: string, mask: tf.Tensor, b: number, n: number): void {
+  if (mask.rank !== 2 || mask.shape[0] !== b || mask.shape[1] !== n) {
+    throw new Error(`${name}: expected shape [${b}, ${n}], got [${mask.shape.join(', ')}]`);
+  }
+  if (mask.dtype !== 'bool') throw new Error(`${name}: expected dtype bool, got ${mask.dtype}`);
+}
+
+/** Prepends `count` true entries along the sequence axis. mask: [b, n] bool -> [b, count + n]. */
+export function padMaskLeft(mask: tf.Tensor, count: number): tf.Tensor {
+  return tf.tidy(() => tf.concat([tf.ones([mask.shape[0]!, count], 'bool'), mask], 1));
+}
+
+/**
+ * Mean over the sequence of the positions the mask keeps (all positions without a mask).
+ * x: [b, n, d], mask?: [b, n] bool -> [b, d]
+ */
+export function maskedMean(x: tf.Tensor, mask?: tf.Tensor): tf.Tensor {
+  return tf.tidy(() => {
+    if (!mask) return tf.mean(x, 1);
+    const m = tf.expandDims(tf.cast(mask, 'float32'), -1);
+    const num = tf.sum(tf.mul(x, m), 1);
+    const den = tf.maximum(tf.sum(m, 1), 1);
+    return tf.div(num, den);
+  });
+}
+
+/** Repeats a learned [m, d] table over the batch: -> [b, m, d]. */
+export function repeatBatch(t: tf.Tensor, b: number): tf.Tensor {
+  return tf.tidy(() => tf.tile(tf.expandDims(t, 0), [b, 1, 1]));
+}
+
+/** A copy of `o` without its undefined entries (so they fall back to defaults). */
+export function stripUndefined<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
+}
