@@ -5,6 +5,7 @@
  */
 import { statSync } from 'node:fs';
 import { initBackend } from '../src/backend/index.js';
+import { ensureGradients } from '../src/train/gradients.js';
 import { formatResult, listCases, runCase } from './parity/run.js';
 
 async function main(): Promise<number> {
@@ -15,6 +16,8 @@ async function main(): Promise<number> {
     return 2;
   }
   await initBackend(process.env.XT_BACKEND);
+  // gradients (loss_grads) and the modules that import them need TF.js's gradient registry
+  await ensureGradients();
   const files: string[] = [];
   for (const a of args) {
     if (statSync(a, { throwIfNoEntry: false })?.isFile()) files.push(a);
