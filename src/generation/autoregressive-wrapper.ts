@@ -1,9 +1,13 @@
 import * as tf from '@tensorflow/tfjs-core';
-import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
 import { Module } from '../nn/module.js';
 import type { TransformerWrapper, TransformerForwardOptions } from '../wrappers/transformer-wrapper.js';
 import { checkTensor } from '../utils/errors.js';
 import { getRng, type Rng } from '../utils/random.js';
+import { ensureGradients } from '../train/gradients.js';
+import { decode, decodeStream, type GenerateOptions, type GenerateStep, type Prompts } from './generate.js';
+
+// gradients for the loss (TF.js's Node build leaves them out; see ensureGradients)
+await ensureGradients();
 
 /** Options of `AutoregressiveWrapper` (camelCase of the reference's keyword names). */
 export interface AutoregressiveWrapperOptions {
@@ -95,6 +99,27 @@ export class AutoregressiveWrapper extends Module {
       inp.dispose();
       kvMask?.dispose();
     }
+  }
+  /**
+   * Samples up to `seqLen` tokens after `prompts` ([b, n] int32, or [n]) with the reference's
+   * semantics (temperature 0 = greedy, filterLogitsFn + filterKwargs, eosToken, promptLens,
+   * restrictToMaxSeqLen, cacheKv, contrastive decoding with amateurModel, seed). Returns only the
+   * new tokens: [b, steps] int32 (steps < seqLen when every row reached eosToken).
+   */
+  async generate(prompts: Prompts, seqLen: number, options: GenerateOptions = {}): Promise<tf.Tensor> {
+    return Promise.resolve(decode(this.net, prompts, seqLen, options, this.padValue));
+  }
+
+  /**
+   * As `generate`, yielding each step's tokens (one per row; padValue once a row has ended) as soon
+   * as they are sampled. Stops on `options.signal`; breaking out of the loop frees every tensor.
+   */
+  generateStream(
+    prompts: Prompts,
+    seqLen: number,
+    options: GenerateOptions = {},
+  ): AsyncGenerator<GenerateStep, void, undefined> {
+    return decodeStream(this.net, prompts, seqLen, options, this.padValue);
   }
 }
 

@@ -442,12 +442,30 @@ export function decode(
  * padValue. Stops at seqLen, when every row has produced eosToken, or when `signal` aborts. Leaving
  * the loop early (break / return()) frees every tensor.
  */
-export async function* decodeStream(
+export function decodeStream(
   net: DecodingNet,
   prompts: Prompts,
   seqLen: number,
   options: GenerateOptions = {},
   padValue = 0,
+): AsyncGenerator<GenerateStep, void, undefined> {
+  // validate now, so bad arguments throw at the call rather than at the first step
+  new Decoder(net, prompts, seqLen, options, padValue).dispose();
+  // read tensors now: the caller may dispose them before iterating
+  const ids = prompts instanceof tf.Tensor ? (prompts.arraySync() as number[] | number[][]) : prompts;
+  const lens =
+    options.promptLens instanceof tf.Tensor
+      ? (Array.from(options.promptLens.dataSync()) as number[])
+      : options.promptLens;
+  return streamSteps(net, ids, seqLen, { ...options, promptLens: lens }, padValue);
+}
+
+async function* streamSteps(
+  net: DecodingNet,
+  prompts: Prompts,
+  seqLen: number,
+  options: GenerateOptions,
+  padValue: number,
 ): AsyncGenerator<GenerateStep, void, undefined> {
   const d = new Decoder(net, prompts, seqLen, options, padValue);
   try {

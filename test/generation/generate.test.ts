@@ -227,3 +227,29 @@ describe('generateStream', () => {
     net.dispose();
   });
 });
+
+describe('AutoregressiveWrapper.generate / generateStream', () => {
+  it('delegates with the wrapper padValue and validates at the call', async () => {
+    const { AutoregressiveWrapper } = await import('../../src/generation/autoregressive-wrapper.js');
+    const net = makeNet({ rotaryPosEmb: true });
+    const ar = new AutoregressiveWrapper(net, { padValue: 23 });
+    const p = tf.tensor2d(prompts, undefined, 'int32');
+    const free = await ar.generate(p, 8, { temperature: 0 });
+    const rows = free.arraySync() as number[][];
+    const eos = rows[0]![1]!;
+    const t = await ar.generate(p, 8, { temperature: 0, eosToken: eos });
+    const got = t.arraySync() as number[][];
+    const k = rows[0]!.indexOf(eos);
+    expect(got[0]!.slice(k + 1).every((x) => x === 23)).toBe(true);
+    await expect(ar.generate(p, 0)).rejects.toThrow(/seqLen/);
+    expect(() => ar.generateStream(p, 4, { temperature: -2 })).toThrow(/temperature/);
+    // the stream reads the prompt at the call
+    const stream = ar.generateStream(p, 3, { temperature: 0 });
+    p.dispose();
+    const steps: number[][] = [];
+    for await (const s of stream) steps.push(s.tokens);
+    expect(steps).toEqual([0, 1, 2].map((j) => rows.map((r) => r[j])));
+    tf.dispose([free, t]);
+    net.dispose();
+  });
+});
