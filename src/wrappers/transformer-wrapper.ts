@@ -292,9 +292,12 @@ export class TransformerWrapper extends Module {
       if (opts.sumEmbeds) h = tf.add(h, opts.sumEmbeds);
       if (this.postEmbNorm) h = this.postEmbNorm.forward(h);
       let mask = opts.mask;
+      // a self-attention key mask covers the tokens; extra positions put in front are visible
+      let kvMask = opts.selfAttnKvMask;
       if (opts.prependEmbeds) {
         const p = opts.prependEmbeds.shape[1]!;
         h = tf.concat([opts.prependEmbeds, h], 1);
+        if (kvMask) kvMask = padAt(kvMask, 1, p, 0, 1);
         if (opts.prependMask || mask) {
           const m = mask ?? tf.ones([b, n], 'bool');
           const pm = opts.prependMask ?? tf.ones([b, p], 'bool');
@@ -309,11 +312,13 @@ export class TransformerWrapper extends Module {
       if (this.clsToken) {
         h = tf.concat([tf.tile(tf.expandDims(this.clsToken, 0), [b, 1, 1]), h], 1);
         if (mask) mask = padAt(mask, 1, o.numClsTokens, 0, 1);
+        if (kvMask) kvMask = padAt(kvMask, 1, o.numClsTokens, 0, 1);
       }
       const memSeq = h.shape[1]!;
       if (numMem > 0) {
         h = tf.concat([tf.tile(tf.expandDims(this.memoryTokens!, 0), [b, 1, 1]), h], 1);
         if (mask) mask = padAt(mask, 1, numMem, 0, 1);
+        if (kvMask) kvMask = padAt(kvMask, 1, numMem, 0, 1);
       }
       let mems = opts.mems;
       if (o.shiftMemDown && mems && mems.length) {
@@ -332,7 +337,7 @@ export class TransformerWrapper extends Module {
         context: opts.context,
         contextMask: opts.contextMask,
         attnMask: opts.attnMask,
-        selfAttnKvMask: opts.selfAttnKvMask,
+        selfAttnKvMask: kvMask,
       });
       cache = res.cache;
       let e = res.out;

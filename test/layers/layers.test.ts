@@ -1,0 +1,408 @@
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
+import { describe, expect, it } from 'vitest';
+import { AttentionLayers, Decoder, Encoder, PrefixDecoder } from '../../src/layers/attention-layers.js';
+import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
+import { AutoregressiveWrapper } from '../../src/generation/autoregressive-wrapper.js';
+import { Rng, manualSeed } from '../../src/utils/random.js';
+
+const small = { dim: 16, depth: 2, heads: 2, attnDimHead: 8 };
+
+function ids(b: number, n: number, vocab: number, seed = 1): tf.Tensor {
+  const r = new Rng(seed);
+  return tf.tensor2d(
+    Int32Array.from({ length: b * n }, () => r.int(0, vocab)),
+    [b, n],
+    'int32',
+  );
+}
+
+function maxDiff(a: tf.Tensor, b: tf.Tensor): number {
+  return tf.tidy(() => tf.max(tf.abs(tf.sub(a, b))).dataSync()[0]!);
+}
+
+/** An Rng whose uniform draws are fixed (to force layer dropout decisions). */
+class FixedRng extends Rng {
+  constructor(private readonly value: number) {
+    super(0);
+  }
+  override random(): number {
+    return this.value;
+  }
+}
+
+describe('AttentionLayers structure', () => {
+  it('names parameters as the reference state_dict', () => {
+    manualSeed(0);
+    const m = new TransformerWrapper({ numTokens: 10, maxSeqLen: 8, attnLayers: new Decoder(small) });
+    const names = m.namedParameters().map(([k]) => k);
+    expect(names).toContain('token_emb.emb.weight');
+    expect(names).toContain('pos_emb.emb.weight');
+    expect(names).toContain('attn_layers.layers.0.0.0.gamma');
+    expect(names).toContain('attn_layers.layers.0.1.to_q.weight');
+    expect(names).toContain('attn_layers.layers.1.1.ff.0.0.weight');
+    expect(names).toContain('attn_layers.layers.1.1.ff.2.bias');
+    expect(names).toContain('attn_layers.final_norm.gamma');
+    expect(names).toContain('to_logits.weight');
+    m.dispose();
+  });
+
+  it('initialises deterministically from the seed', () => {
+    manualSeed(7);
+    const a = new TransformerWrapper({ numTokens: 10, maxSeqLen: 8, attnLayers: new Decoder(small) });
+    manualSeed(7);
+    const b = new TransformerWrapper({ numTokens: 10, maxSeqLen: 8, attnLayers: new Decoder(small) });
+    manualSeed(8);
+    const c = new TransformerWrapper({ numTokens: 10, maxSeqLen: 8, attnLayers: new Decoder(small) });
+    const pa = a.stateDict();
+    const pb = b.stateDict();
+    const pc = c.stateDict();
+    for (const k of Object.keys(pa)) expect(maxDiff(pa[k]!, pb[k]!)).toBe(0);
+    expect(maxDiff(pa['to_logits.weight']!, pc['to_logits.weight']!)).toBeGreaterThan(0);
+    [a, b, c].forEach((m) => m.dispose());
+  });
+
+  it('weight tying reuses one block for every depth step', () => {
+    manualSeed(0);
+    const tied = new Encoder({ ...small, depth: 3, weightTieLayers: true });
+    expect(tied.layers.length).toBe(2);
+    expect(tied.layersExecuteOrder).toEqual([0, 1, 0, 1, 0, 1]);
+    tied.dispose();
+  });
+
+  it('macaron and sandwichCoef lay layers out as the reference', () => {
+    const mac = new Encoder({ ...small, macaron: true });
+    expect(mac.layerTypes).toEqual(['f', 'a', 'f', 'f', 'a', 'f']);
+    const sw = new Encoder({ ...small, depth: 4, sandwichCoef: 2 });
+    expect(sw.layerTypes).toEqual(['a', 'a', 'a', 'f', 'a', 'f', 'f', 'f']);
+    mac.dispose();
+    sw.dispose();
+  });
+});
+
+describe('KV cache', () => {
+  it('cached incremental decoding gives the full-sequence logits', () => {
+    manualSeed(1);
+    const m = new TransformerWrapper({
+      numTokens: 20,
+      maxSeqLen: 16,
+      attnLayers: new Decoder({ ...small, rotaryPosEmb: true }),
+    }).eval();
+    const x = ids(2, 9, 20, 3);
+    const full = m.forward(x);
+    const before = tf.memory().numTensors;
+    const prefix = tf.slice(x, [0, 0], [2, 6]);
+    let st = m.forwardWithState(prefix, { returnCache: true });
+    expect(st.cache!.seqLen).toBe(6);
+    for (let t = 7; t <= 9; t++) {
+      const seq = tf.slice(x, [0, 0], [2, t]);
+      const next = m.forwardWithState(seq, { cache: st.cache });
+      expect(next.logits.shape).toEqual([2, 1, 20]);
+      const expected = tf.slice(full, [0, t - 1, 0], [2, 1, 20]);
+      expect(maxDiff(next.logits, expected)).toBeLessThan(1e-4);
+      expected.dispose();
+      seq.dispose();
+      st.cache!.dispose();
+      tf.dispose([st.logits, st.embeddings]);
+      st = next;
+    }
+    expect(st.cache!.seqLen).toBe(9);
+    st.cache!.dispose();
+    tf.dispose([st.logits, st.embeddings, prefix]);
+    expect(tf.memory().numTensors).toBe(before);
+    tf.dispose([full, x]);
+    m.dispose();
+  });
+});
+
+describe('dropouts', () => {
+  it('embedding, feedforward and attention dropout act in training only', () => {
+    manualSeed(2);
+    const m = new TransformerWrapper({
+      numTokens: 20,
+      maxSeqLen: 8,
+      embDropout: 0.3,
+      attnLayers: new Decoder({ ...small, ffDropout: 0.3, attnDropout: 0.3 }),
+    });
+    const x = ids(2, 8, 20);
+    m.train();
+    const a = m.forward(x);
+    const b = m.forward(x);
+    expect(maxDiff(a, b)).toBeGreaterThan(1e-3);
+    m.eval();
+    const c = m.forward(x);
+    const d = m.forward(x);
+    expect(maxDiff(c, d)).toBe(0);
+    tf.dispose([a, b, c, d, x]);
+    m.dispose();
+  });
+
+  it('layer dropout skips whole layers in training, never in eval', () => {
+    manualSeed(3);
+    const layers = new Decoder({ ...small, layerDropout: 0.5 });
+    const x = tf.randomNormal([2, 5, 16], 0, 1, 'float32', 4);
+    layers.eval();
+    const evalOut = layers.forward(x, { rng: new FixedRng(0) }).out;
+    layers.train();
+    // every draw below p: every layer is skipped, only the final norm remains
+    const skipped = layers.forward(x, { rng: new FixedRng(0.1) }).out;
+    const normed = layers.finalNorm!.forward(x);
+    expect(maxDiff(skipped, normed)).toBeLessThan(1e-6);
+    // every draw above p: nothing skipped, same as eval (no other dropout)
+    const kept = layers.forward(x, { rng: new FixedRng(0.9) }).out;
+    expect(maxDiff(kept, evalOut)).toBeLessThan(1e-6);
+    // a seeded generator gives reproducible choices
+    const r1 = layers.forward(x, { rng: new Rng(11) }).out;
+    const r2 = layers.forward(x, { rng: new Rng(11) }).out;
+    expect(maxDiff(r1, r2)).toBe(0);
+    tf.dispose([evalOut, skipped, normed, kept, r1, r2, x]);
+    layers.dispose();
+  });
+
+  it('layer dropout per layer: a layer with p 0 always runs', () => {
+    manualSeed(3);
+    const layers = new Decoder({ ...small, depth: 1, layerDropout: [0.5, 0] }).train();
+    const x = tf.randomNormal([1, 4, 16], 0, 1, 'float32', 5);
+    const out = layers.forward(x, { rng: new FixedRng(0.1), returnHiddens: true });
+    // the attention layer was skipped: the stream entering the feedforward is x itself
+    expect(out.layerHiddens.length).toBe(2);
+    expect(maxDiff(out.layerHiddens[0]!, x)).toBe(0);
+    tf.dispose([out.out, ...out.layerHiddens, x]);
+    layers.dispose();
+  });
+});
+
+describe('resiDual', () => {
+  it('is a post-LN stream plus the final-normed sum of scaled branch outputs', () => {
+    manualSeed(4);
+    const s = 0.5;
+    const layers = new Encoder({
+      dim: 16,
+      depth: 1,
+      heads: 2,
+      attnDimHead: 8,
+      resiDual: true,
+      resiDualScale: s,
+    });
+    layers.eval();
+    const names = layers.namedParameters().map(([k]) => k);
+    expect(names).not.toContain('layers.0.0.0.gamma');
+    expect(names).toContain('layers.0.0.2.gamma');
+    expect(names).toContain('layers.1.0.2.gamma');
+    expect(names).toContain('final_norm.gamma');
+    // make the norms non-trivial
+    for (const [, v] of layers.namedParameters())
+      if (v.shape.length === 1 && v.name.includes('gamma'))
+        v.assign(tf.randomNormal(v.shape, 0, 0.3, 'float32', 9));
+    const x = tf.randomNormal([2, 5, 16], 0, 1, 'float32', 6);
+    const out = layers.forward(x).out;
+    const expected = tf.tidy(() => {
+      const attn = layers.layers.at(0);
+      const ff = layers.layers.at(1);
+      const a = (attn.block.forward(x) as { out: tf.Tensor }).out;
+      const x1 = attn.norms.postMain!.forward(tf.add(x, a));
+      const f = ff.block.forward(x1) as tf.Tensor;
+      const x2 = ff.norms.postMain!.forward(tf.add(x1, f));
+      const outer = tf.mul(tf.add(tf.add(x, a), f), s);
+      return tf.add(x2, layers.finalNorm!.forward(outer));
+    });
+    expect(maxDiff(out, expected)).toBeLessThan(1e-5);
+    tf.dispose([out, expected, x]);
+    layers.dispose();
+  });
+
+  it('keeps the pre-LN stream un-normalised so its scale grows with depth', () => {
+    manualSeed(5);
+    const deep = new Encoder({ dim: 16, depth: 4, heads: 2, attnDimHead: 8, resiDual: true }).eval();
+    const x = tf.randomNormal([1, 6, 16], 0, 1, 'float32', 7);
+    const out = deep.forward(x, { returnHiddens: true });
+    // every layer's stream is post-normalised (LayerNorm with unit gamma: mean 0, unit variance)
+    for (const h of out.layerHiddens.slice(1)) {
+      const { mean, variance } = tf.moments(h, -1);
+      expect(tf.max(tf.abs(mean)).dataSync()[0]).toBeLessThan(1e-4);
+      expect(Math.abs(tf.mean(variance).dataSync()[0]! - 1)).toBeLessThan(1e-2);
+      tf.dispose([mean, variance]);
+    }
+    tf.dispose([out.out, ...out.layerHiddens, x]);
+    deep.dispose();
+  });
+
+  it('rejects a scale outside (0, 1]', () => {
+    expect(() => new Encoder({ ...small, resiDual: true, resiDualScale: 0 })).toThrow(/resiDualScale/);
+  });
+});
+
+describe('PrefixDecoder', () => {
+  it('prefix positions see the whole prefix, later ones are causal', () => {
+    manualSeed(6);
+    const layers = new PrefixDecoder({ ...small, depth: 1 }).eval();
+    const x = tf.randomNormal([1, 6, 16], 0, 1, 'float32', 8);
+    const a = layers.forward(x, { prefixAttnLen: 3 }).out;
+    // change position 2 (inside the prefix): position 0 output changes
+    const x2 = tf.tidy(() =>
+      tf.concat(
+        [
+          tf.slice(x, [0, 0, 0], [1, 2, 16]),
+          tf.onesLike(tf.slice(x, [0, 2, 0], [1, 1, 16])),
+          tf.slice(x, [0, 3, 0], [1, 3, 16]),
+        ],
+        1,
+      ),
+    );
+    const b = layers.forward(x2, { prefixAttnLen: 3 }).out;
+    const d0 = maxDiff(tf.slice(a, [0, 0, 0], [1, 1, 16]), tf.slice(b, [0, 0, 0], [1, 1, 16]));
+    expect(d0).toBeGreaterThan(1e-4);
+    // change position 5 (after the prefix): positions 0..4 unchanged
+    const x3 = tf.tidy(() =>
+      tf.concat([tf.slice(x, [0, 0, 0], [1, 5, 16]), tf.onesLike(tf.slice(x, [0, 5, 0], [1, 1, 16]))], 1),
+    );
+    const c = layers.forward(x3, { prefixAttnLen: 3 }).out;
+    expect(maxDiff(tf.slice(a, [0, 0, 0], [1, 5, 16]), tf.slice(c, [0, 0, 0], [1, 5, 16]))).toBeLessThan(
+      1e-6,
+    );
+    tf.dispose([a, b, c, x, x2, x3]);
+    layers.dispose();
+  });
+});
+
+describe('bad inputs and options', () => {
+  manualSeed(0);
+  const m = new TransformerWrapper({ numTokens: 10, maxSeqLen: 8, attnLayers: new Decoder(small) });
+
+  it('x must be int32 [b, n] with ids in range and n <= maxSeqLen', () => {
+    const f = tf.zeros([2, 4]);
+    expect(() => m.forward(f)).toThrow(/^x: expected dtype int32/);
+    const r3 = tf.zeros([2, 4, 1], 'int32');
+    expect(() => m.forward(r3)).toThrow(/^x: expected a tensor of rank 2/);
+    const big = tf.fill([1, 4], 10, 'int32');
+    expect(() => m.forward(big)).toThrow(/^x: expected token ids in \[0, 10\)/);
+    const neg = tf.fill([1, 4], -1, 'int32');
+    expect(() => m.forward(neg)).toThrow(/^x: expected token ids/);
+    const long = tf.zeros([1, 9], 'int32');
+    expect(() => m.forward(long)).toThrow(/^x: .*maxSeqLen 8/);
+    tf.dispose([f, r3, big, neg, long]);
+  });
+
+  it('mask must be bool [b, n]', () => {
+    const x = tf.zeros([2, 4], 'int32');
+    const wrongShape = tf.ones([2, 5], 'bool');
+    expect(() => m.forward(x, { mask: wrongShape })).toThrow(/^mask: expected shape \[2, 4\]/);
+    const wrongType = tf.ones([2, 4], 'float32');
+    expect(() => m.forward(x, { mask: wrongType })).toThrow(/^mask: expected dtype bool/);
+    tf.dispose([x, wrongShape, wrongType]);
+  });
+
+  it('layers check x, context and mems', () => {
+    const layers = new Decoder(small);
+    const x = tf.zeros([1, 3, 5]);
+    expect(() => layers.forward(x)).toThrow(/^x: expected last dimension 16/);
+    const ok = tf.zeros([1, 3, 16]);
+    const ctx = tf.zeros([1, 2, 16]);
+    expect(() => layers.forward(ok, { context: ctx })).toThrow(/^context:/);
+    expect(() => layers.forward(ok, { mems: [ctx] })).toThrow(/^mems: expected 2 tensors/);
+    const cross = new AttentionLayers({ ...small, crossAttend: true });
+    expect(() => cross.forward(ok)).toThrow(/^context: expected a tensor/);
+    tf.dispose([x, ok, ctx]);
+    layers.dispose();
+    cross.dispose();
+  });
+
+  it('incompatible or unknown options throw naming the option', () => {
+    expect(() => new Decoder({ ...small, attnFlash: true, relPosBias: true })).toThrow(/^attnFlash:/);
+    expect(() => new Decoder({ ...small, attnFlash: true, dynamicPosBias: true })).toThrow(/^attnFlash:/);
+    expect(() => new Encoder({ ...small, attnFlash: true, residualAttn: true })).toThrow(/^attnFlash:/);
+    expect(() => new Encoder({ ...small, preNorm: false, sandwichNorm: true })).toThrow(/^sandwichNorm:/);
+    expect(() => new Encoder({ ...small, rotaryXpos: true })).toThrow(/^rotaryXpos:/);
+    expect(() => new Encoder({ ...small, useRmsnorm: true, useScalenorm: true })).toThrow(/^useScalenorm:/);
+    expect(() => new Encoder({ ...small, shiftTokens: [1, 1] })).toThrow(/^shiftTokens:/);
+    expect(() => new Encoder({ ...small, depth: -1 })).toThrow(/^depth:/);
+    expect(() => new Decoder({ ...small, causal: true } as never)).toThrow(/^causal:/);
+    expect(() => new Encoder({ ...small, bogus: 1 } as never)).toThrow(/^bogus:/);
+    expect(() => new Encoder({ ...small, attnBogus: 1 } as never)).toThrow(/^attnBogus:/);
+    expect(() => new Encoder({ ...small, ffBogus: 1 } as never)).toThrow(/^ffBogus:/);
+    expect(() => new Encoder({ ...small, customLayers: ['a', 'x'], depth: null })).toThrow(/^customLayers:/);
+    const layers = new Decoder(small);
+    expect(() => new TransformerWrapper({ numTokens: 0, maxSeqLen: 8, attnLayers: layers })).toThrow(
+      /^numTokens:/,
+    );
+    expect(
+      () => new TransformerWrapper({ numTokens: 5, maxSeqLen: 8, attnLayers: layers, bogus: 1 } as never),
+    ).toThrow(/^bogus:/);
+    expect(() => new AutoregressiveWrapper(m, { maskProb: 1 })).toThrow(/^maskProb:/);
+    layers.dispose();
+  });
+});
+
+describe('training', () => {
+  it('20 steps of loss, gradients and SGD leak no tensors and lower the loss', () => {
+    manualSeed(9);
+    const net = new TransformerWrapper({
+      numTokens: 12,
+      maxSeqLen: 8,
+      embDropout: 0.1,
+      numMemoryTokens: 2,
+      attnLayers: new Decoder({
+        ...small,
+        rotaryPosEmb: true,
+        ffGlu: true,
+        layerDropout: 0.1,
+        shiftTokens: 1,
+        gateResidual: true,
+        attnDropout: 0.1,
+      }),
+    });
+    const ar = new AutoregressiveWrapper(net, { maskProb: 0.2 });
+    ar.train();
+    const x = ids(2, 9, 12, 5);
+    const opt = (grads: Record<string, tf.Tensor>) => {
+      tf.tidy(() => {
+        for (const v of ar.parameters()) {
+          const g = grads[v.name];
+          if (g) v.assign(tf.sub(v, tf.mul(g, 0.05)));
+        }
+      });
+      tf.dispose(Object.values(grads));
+    };
+    // warm-up step: lazily created constants are not a leak
+    {
+      const { value, grads } = tf.variableGrads(() => ar.forward(x));
+      value.dispose();
+      opt(grads);
+    }
+    const before = tf.memory().numTensors;
+    const losses: number[] = [];
+    for (let i = 0; i < 20; i++) {
+      const { value, grads } = tf.variableGrads(() => ar.forward(x));
+      losses.push(value.dataSync()[0]!);
+      value.dispose();
+      opt(grads);
+    }
+    expect(tf.memory().numTensors).toBe(before);
+    expect(losses.every(Number.isFinite)).toBe(true);
+    expect(losses[19]!).toBeLessThan(losses[0]!);
+    x.dispose();
+    ar.dispose();
+  });
+
+  it('ignoreIndex targets do not count in the loss', () => {
+    manualSeed(10);
+    const net = new TransformerWrapper({
+      numTokens: 12,
+      maxSeqLen: 8,
+      attnLayers: new Decoder(small),
+    }).eval();
+    const ar = new AutoregressiveWrapper(net, { ignoreIndex: -1 });
+    const x = tf.tensor2d([[1, 2, 3, 4, 5]], [1, 5], 'int32');
+    const xi = tf.tensor2d([[1, 2, 3, 4, -1]], [1, 5], 'int32');
+    const full = ar.forward(x).dataSync()[0]!;
+    const ign = ar.forward(xi).dataSync()[0]!;
+    // manual: mean over the first three targets only
+    const logits = net.forward(tf.tensor2d([[1, 2, 3, 4]], [1, 4], 'int32'));
+    const lp = tf.logSoftmax(logits, -1).arraySync() as number[][][];
+    const manual = -(lp[0]![0]![2]! + lp[0]![1]![3]! + lp[0]![2]![4]!) / 3;
+    expect(Math.abs(ign - manual)).toBeLessThan(1e-5);
+    expect(Math.abs(full - ign)).toBeGreaterThan(0);
+    tf.dispose([x, xi, logits]);
+    ar.dispose();
+  });
+});
