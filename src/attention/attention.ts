@@ -203,15 +203,13 @@ export class Attention extends Module {
 
     if (o.numMemKv > 0) {
       const rng = getRng();
-      const n = kvHeads * o.numMemKv * o.dimHead;
-      this.memK = this.registerParameter(
-        'mem_k',
-        tf.tensor3d(rng.fillNormal(n, 0, 1), [kvHeads, o.numMemKv, o.dimHead]),
-      );
-      this.memV = this.registerParameter(
-        'mem_v',
-        tf.tensor3d(rng.fillNormal(n, 0, 1), [kvHeads, o.numMemKv, o.dimHead]),
-      );
+      const kShape: [number, number, number] = [kvHeads, o.numMemKv, o.dimHead];
+      // the reference sizes mem_v by dimHead too (so it cannot combine numMemKv with another valueDimHead)
+      const vShape: [number, number, number] = [kvHeads, o.numMemKv, this.valueDimHead];
+      const draw = (shape: [number, number, number]): tf.Tensor3D =>
+        tf.tensor3d(rng.fillNormal(shape[0] * shape[1] * shape[2], 0, 1), shape);
+      this.memK = this.registerParameter('mem_k', draw(kShape));
+      this.memV = this.registerParameter('mem_v', draw(vShape));
     }
 
     if (o.onAttn) {
