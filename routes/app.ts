@@ -9,7 +9,9 @@ import { Storage } from '../models/storage.js';
 import { defaultLimits, type ServiceLimits } from '../service/config.js';
 import { createMetrics, type ServiceMetrics } from '../workers/metrics.js';
 import {
+  closeRedis,
   createRedis,
+  within,
   GENERATE_QUEUE,
   TRAIN_QUEUE,
   type GenerateJobData,
@@ -78,10 +80,11 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   redis.on('error', (err) => app.log.warn({ err: err.message }, 'redis error'));
   app.decorate('svc', ctx);
   app.addHook('onClose', async () => {
-    await ctx.trainQueue.close().catch(() => undefined);
-    await ctx.generateQueue.close().catch(() => undefined);
-    await queueConn.quit().catch(() => undefined);
-    await redis.quit().catch(() => undefined);
+    const up = redis.status === 'ready';
+    await within(ctx.trainQueue.close(), up ? 5000 : 100);
+    await within(ctx.generateQueue.close(), up ? 5000 : 100);
+    await closeRedis(queueConn);
+    await closeRedis(redis);
   });
 
   installErrorHandling(app, limits);

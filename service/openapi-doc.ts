@@ -16,7 +16,6 @@ export async function generateOpenApi(): Promise<string> {
     const doc = app.swagger();
     return prettier.format(JSON.stringify(doc), { parser: 'json' });
   } finally {
-    app.svc.redis.disconnect();
     await app.close().catch(() => undefined);
     rmSync(dir, { recursive: true, force: true });
   }

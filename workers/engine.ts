@@ -214,7 +214,14 @@ export function weightsToBytes(model: Module, metadata: Record<string, string> =
  * mis-shaped keys; the module is unchanged then.
  */
 export function loadWeights(model: Module, bytes: Uint8Array, source = 'weights'): void {
-  const { tensors } = loadSafetensors(bytes, source);
+  const { tensors: raw } = loadSafetensors(bytes, source);
+  let tensors = raw;
+  // Checkpoints of an AutoregressiveWrapper (ours and the reference's) prefix every key with `net.`.
+  const names = Object.keys(raw);
+  const own = Object.keys(model.stateDict());
+  if (names.length && names.every((k) => k.startsWith('net.')) && !own.some((k) => k.startsWith('net.'))) {
+    tensors = Object.fromEntries(names.map((k) => [k.slice(4), raw[k]!]));
+  }
   try {
     model.loadStateDict(tensors, { strict: true });
   } finally {

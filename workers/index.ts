@@ -8,6 +8,7 @@ import { ModelCache } from './model-cache.js';
 import { processGenerate } from './generate.js';
 import { processTrain } from './train.js';
 import {
+  closeRedis,
   createRedis,
   GENERATE_QUEUE,
   TRAIN_QUEUE,
@@ -112,9 +113,9 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
       ctx.draining = true;
       closing = (async () => {
         await Promise.all(workers.map((w) => w.close()));
-        await Promise.all(conns.map((c) => c.quit().catch(() => undefined)));
-        await sub.quit().catch(() => undefined);
-        await redis.quit().catch(() => undefined);
+        await Promise.all(conns.map((c) => closeRedis(c)));
+        await closeRedis(sub);
+        await closeRedis(redis);
         ctx.cache.clear();
       })();
       return closing;

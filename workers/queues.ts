@@ -42,3 +42,18 @@ export interface GenerateJobData {
 export function createRedis(url: string, options: RedisOptions = {}): Redis {
   return new Redis(url, { maxRetriesPerRequest: null, enableReadyCheck: true, ...options });
 }
+
+/** Closes a connection: a clean QUIT when connected, an immediate disconnect otherwise. */
+export async function closeRedis(conn: Redis): Promise<void> {
+  if (conn.status === 'ready') {
+    await Promise.race([conn.quit().catch(() => undefined), new Promise((r) => setTimeout(r, 2000))]);
+  }
+  conn.disconnect();
+}
+
+/** Resolves `p`, or gives up after `ms` (for shutdown steps that must not hang). */
+export async function within(p: Promise<unknown>, ms: number): Promise<void> {
+  let t: NodeJS.Timeout | undefined;
+  await Promise.race([p.catch(() => undefined), new Promise((r) => (t = setTimeout(r, ms)))]);
+  clearTimeout(t);
+}

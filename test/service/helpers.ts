@@ -1,0 +1,144 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { randomUUID } from 'node:crypto';
+import { inject } from 'vitest';
+import type { FastifyInstance } from 'fastify';
+import { buildApp, type AppOptions } from '../../routes/app.js';
+import { startWorkers, type ServiceWorkers, type WorkerOptions } from '../../workers/index.js';
+
+/** The private Redis the global setup started (or REDIS_URL when given). */
+export function redisUrl(): string {
+  return process.env.REDIS_URL ?? inject('redisUrl');
+}
+
+export interface TestEnv {
+  app: FastifyInstance;
+  dataDir: string;
+  prefix: string;
+  workers: ServiceWorkers | null;
+  startWorkers(extra?: Partial<WorkerOptions>): Promise<ServiceWorkers>;
+  close(): Promise<void>;
+}
+
+/** An app on the real Redis with its own key prefix and data folder; optionally an in-process worker. */
+export async function makeEnv(
+  opts: { app?: Partial<AppOptions>; workers?: boolean | Partial<WorkerOptions> } = {},
+): Promise<TestEnv> {
+  const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-svc-'));
+  const prefix = `t${randomUUID().slice(0, 8)}`;
+  const url = redisUrl();
+  const app = await buildApp({ redisUrl: url, dataDir, prefix, ...opts.app });
+  await app.ready();
+  const started: ServiceWorkers[] = [];
+  const env: TestEnv = {
+    app,
+    dataDir,
+    prefix,
+    workers: null,
+    async startWorkers(extra = {}) {
+      const w = await startWorkers({ redisUrl: url, dataDir, prefix, ...extra });
+      started.push(w);
+      return w;
+    },
+    async close() {
+      for (const w of started) await w.close();
+      await app.close();
+      rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
+  if (opts.workers) env.workers = await env.startWorkers(opts.workers === true ? {} : opts.workers);
+  return env;
+}
+
+/** A tiny decoder definition (byte tokenizer: 256 tokens). */
+export function tinyDecoder(overrides: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    wrapper: 'TransformerWrapper',
+    numTokens: 256,
+    maxSeqLen: 64,
+    attnLayers: { type: 'Decoder', dim: 32, depth: 1, heads: 2, ...((overrides.attnLayers as object) ?? {}) },
+    ...Object.fromEntries(Object.entries(overrides).filter(([k]) => k !== 'attnLayers')),
+  };
+}
+
+/** One parsed server-sent event. */
+export interface SseEvent {
+  id?: string;
+  event: string;
+  data: Record<string, unknown>;
+}
+
+/** Parses an SSE body into events (comments skipped). */
+export function parseSse(body: string): SseEvent[] {
+  const out: SseEvent[] = [];
+  for (const block of body.split('\n\n')) {
+    const ev: { id?: string; event?: string; data?: string } = {};
+    for (const line of block.split('\n')) {
+      if (!line || line.startsWith(':')) continue;
+      const i = line.indexOf(':');
+      const k = line.slice(0, i);
+      const v = line.slice(i + 1).replace(/^ /, '');
+      if (k === 'id') ev.id = v;
+      else if (k === 'event') ev.event = v;
+      else if (k === 'data') ev.data = (ev.data ? ev.data + '\n' : '') + v;
+    }
+    if (ev.event || ev.data)
+      out.push({ id: ev.id, event: ev.event ?? 'message', data: JSON.parse(ev.data ?? '{}') });
+  }
+  return out;
+}
+
+/**
+ * Reads an SSE response incrementally from a listening server; calls `onEvent` for each event and
+ * stops when it returns true (aborting the request) or the stream ends.
+ */
+export async function readSse(
+  url: string,
+  init: RequestInit,
+  onEvent: (ev: SseEvent, all: SseEvent[]) => boolean | void,
+): Promise<SseEvent[]> {
+  const ac = new AbortController();
+  const res = await fetch(url, { ...init, signal: ac.signal });
+  if (!res.ok || !res.body) throw new Error(`SSE ${url}: HTTP ${res.status} ${await res.text()}`);
+  const all: SseEvent[] = [];
+  const decoder = new TextDecoder();
+  let buf = '';
+  const reader = res.body.getReader();
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += decoder.decode(value, { stream: true });
+      let cut: number;
+      while ((cut = buf.indexOf('\n\n')) >= 0) {
+        const block = buf.slice(0, cut + 2);
+        buf = buf.slice(cut + 2);
+        for (const ev of parseSse(block)) {
+          all.push(ev);
+          if (onEvent(ev, all)) {
+            ac.abort();
+            return all;
+          }
+        }
+      }
+    }
+  } catch (e) {
+    if (!ac.signal.aborted) throw e;
+  }
+  return all;
+}
+
+export async function waitFor<T>(
+  fn: () => Promise<T | undefined | null | false>,
+  timeoutMs = 60_000,
+  what = 'condition',
+): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
