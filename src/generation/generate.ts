@@ -6,6 +6,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { Rng } from '../utils/random.js';
+import { checkTemperature, sampleNext } from './sampling.js';
 import {
   contrastiveDecode,
   FILTER_LOGITS_FN,
@@ -138,10 +139,7 @@ const BUILTIN = new Set<FilterFn>(Object.values(FILTER_LOGITS_FN));
 function checkOptions(seqLen: number, o: GenerateOptions): void {
   if (!Number.isInteger(seqLen) || seqLen < 1)
     throw new Error(`seqLen: expected a positive integer, got ${seqLen}`);
-  const temp = o.temperature ?? 1;
-  if (typeof temp !== 'number' || !(temp >= 0) || !Number.isFinite(temp)) {
-    throw new Error(`temperature: expected a finite number >= 0, got ${temp}`);
-  }
+  checkTemperature(o.temperature ?? 1);
   if (o.eosToken !== undefined && !Number.isInteger(o.eosToken)) {
     throw new Error(`eosToken: expected an integer token id, got ${o.eosToken}`);
   }
@@ -321,7 +319,12 @@ class Decoder {
         logits.dispose();
         logits = next;
       }
-      const sample = this.greedy ? argmaxRows(logits) : this.sampleRows(logits);
+      const sample = sampleNext(logits, {
+        temperature: this.o.temperature ?? 1,
+        filter: this.amateurs.length ? undefined : this.filter,
+        filterKwargs: this.o.filterKwargs,
+        rng: this.rng,
+      });
       const eos = this.o.eosToken;
       const shown: number[] = [];
       sample.forEach((s, i) => {
@@ -334,35 +337,6 @@ class Decoder {
     } finally {
       logits.dispose();
     }
-  }
-
-  private sampleRows(logits: tf.Tensor): number[] {
-    const temp = this.o.temperature ?? 1;
-    const filter = this.amateurs.length
-      ? (l: tf.Tensor) => l.clone()
-      : (l: tf.Tensor) => this.filter(l, this.o.filterKwargs ?? {});
-    const probs = tf.tidy(() => tf.softmax(tf.div(filter(logits), temp), -1));
-    const [b, v] = probs.shape as [number, number];
-    const data = probs.dataSync();
-    probs.dispose();
-    const out: number[] = [];
-    for (let i = 0; i < b; i++) {
-      let total = 0;
-      for (let j = 0; j < v; j++) total += data[i * v + j]!;
-      const u = this.rng.random() * total;
-      let acc = 0;
-      let pick = -1;
-      for (let j = 0; j < v; j++) {
-        const p = data[i * v + j]!;
-        if (!(p > 0)) continue;
-        acc += p;
-        pick = j;
-        if (acc > u) break;
-      }
-      if (pick < 0) throw new Error('generate: every token was filtered out (no probability mass left)');
-      out.push(pick);
-    }
-    return out;
   }
 
   /** New tokens so far, with positions after each row's first eosToken set to padValue: [b, steps]. */
@@ -386,25 +360,6 @@ class Decoder {
     this.seqStartPos?.dispose();
     this.net.train(this.wasTraining);
   }
-}
-
-function argmaxRows(logits: tf.Tensor): number[] {
-  const [b, v] = logits.shape as [number, number];
-  const d = logits.dataSync();
-  const out: number[] = [];
-  for (let i = 0; i < b; i++) {
-    let best = 0;
-    let bv = d[i * v]!;
-    for (let j = 1; j < v; j++) {
-      const x = d[i * v + j]!;
-      if (x > bv) {
-        bv = x;
-        best = j;
-      }
-    }
-    out.push(best);
-  }
-  return out;
 }
 
 /**
