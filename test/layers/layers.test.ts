@@ -227,6 +227,21 @@ describe('resiDual', () => {
     deep.dispose();
   });
 
+  it('the output does not depend on resiDualScale (the final norm is scale invariant)', () => {
+    manualSeed(12);
+    const a = new Decoder({ ...small, depth: 3, resiDual: true, resiDualScale: 1 }).eval();
+    manualSeed(12);
+    const b = new Decoder({ ...small, depth: 3, resiDual: true, resiDualScale: 0.1 }).eval();
+    const x = tf.randomNormal([2, 5, 16], 0, 1, 'float32', 13);
+    const oa = a.forward(x).out;
+    const ob = b.forward(x).out;
+    // equal up to the LayerNorm eps (1e-5), which weighs more on the 0.1-scaled stream
+    expect(maxDiff(oa, ob)).toBeLessThan(1e-2);
+    tf.dispose([x, oa, ob]);
+    a.dispose();
+    b.dispose();
+  });
+
   it('rejects a scale outside (0, 1]', () => {
     expect(() => new Encoder({ ...small, resiDual: true, resiDualScale: 0 })).toThrow(/resiDualScale/);
   });
