@@ -454,6 +454,7 @@ export class AttentionLayers extends Module {
 
       const wantCache = opts.returnCache || !!opts.cache;
       const newKvs: AttentionKv[] = [];
+      const newKinds: boolean[] = [];
 
       let prevAttn: tf.Tensor | undefined;
       let prevCrossAttn: tf.Tensor | undefined;
@@ -520,7 +521,10 @@ export class AttentionLayers extends Module {
         x = entry.residual.forward(out, residual);
         if (outer) outer = tf.add(outer, tf.mul(out, o.resiDualScale));
         if (inter) {
-          if (wantCache && inter.cachedKv) newKvs.push(inter.cachedKv);
+          if (wantCache && inter.cachedKv) {
+            newKvs.push(inter.cachedKv);
+            newKinds.push(type === 'a');
+          }
           if (opts.returnHiddens)
             attnInters.push({ ...inter, cachedKv: undefined, layerType: type as 'a' | 'c' });
           if (type === 'a' && o.residualAttn) prevAttn = inter.preSoftmaxAttn;
@@ -538,15 +542,15 @@ export class AttentionLayers extends Module {
         layerHiddens,
         attnIntermediates: attnInters,
         kvs: newKvs,
+        kinds: newKinds,
       };
     });
 
     let cache: LayersCache | undefined;
     if (opts.returnCache || opts.cache) {
-      const kinds = this.cachedLayerKinds(opts.layersExecuteOrder ?? this.layersExecuteOrder);
-      const selfIdx = kinds.indexOf(true);
-      const seqLen = selfIdx >= 0 && result.kvs[selfIdx] ? result.kvs[selfIdx]!.k.shape[2]! : n;
-      cache = new LayersCache(result.kvs, seqLen);
+      const selfIdx = result.kinds.indexOf(true);
+      const seqLen = selfIdx >= 0 ? result.kvs[selfIdx]!.k.shape[2]! : n;
+      cache = new LayersCache(result.kvs, seqLen, result.kinds);
     } else {
       for (const kv of result.kvs) {
         kv.k.dispose();

@@ -107,7 +107,14 @@ describe('KV cache', () => {
       st = next;
     }
     expect(st.cache!.seqLen).toBe(9);
+    expect(st.cache!.selfAttn).toEqual([true, true]);
+    const trimmed = st.cache!.trimmed(4);
+    expect(trimmed.seqLen).toBe(4);
+    expect(trimmed.kvs[0]!.k.shape[2]).toBe(4);
+    trimmed.dispose();
     st.cache!.dispose();
+    expect(st.cache!.isDisposed).toBe(true);
+    expect(() => m.forwardWithState(x, { cache: st.cache })).toThrow(/^cache:/);
     tf.dispose([st.logits, st.embeddings, prefix]);
     expect(tf.memory().numTensors).toBe(before);
     tf.dispose([full, x]);
