@@ -1,25 +1,18 @@
 import * as tf from '@tensorflow/tfjs-core';
-import type { Module } from '../../../src/nn/module.js';
+import { AutoregressiveWrapper } from '../../../src/generation/autoregressive-wrapper.js';
+import type { TransformerWrapper } from '../../../src/wrappers/transformer-wrapper.js';
 import { expected, input } from '../case.js';
 import { compareTensors, type Comparison } from '../compare.js';
 import { asShape, withModel } from '../helpers.js';
 import { registerTask } from '../registry.js';
 
-interface LossModel extends Module {
-  forward(x: tf.Tensor): tf.Scalar;
-}
-type ArCtor = new (net: Module, options?: Record<string, unknown>) => LossModel;
-
 /**
  * loss_grads: AutoregressiveWrapper(model) on input.x ([b, n+1]) in eval mode; the loss against
  * output.loss and the gradient of every parameter against output.grad.<name>.
  */
-registerTask('loss_grads', async (c) => {
-  const mod = (await import('../../../src/generation/autoregressive-wrapper.js')) as unknown as {
-    AutoregressiveWrapper: ArCtor;
-  };
-  return withModel<Module, Comparison[]>(c, (model) => {
-    const ar = new mod.AutoregressiveWrapper(model);
+registerTask('loss_grads', (c) =>
+  withModel<TransformerWrapper, Comparison[]>(c, (model) => {
+    const ar = new AutoregressiveWrapper(model);
     ar.eval();
     const named = model.namedParameters().filter(([, v]) => v.trainable);
     const x = input(c, 'x');
@@ -71,5 +64,5 @@ registerTask('loss_grads', async (c) => {
       tf.dispose(Object.values(grads));
     }
     return out;
-  });
-});
+  }),
+);
