@@ -14,9 +14,10 @@ interface LayersLike extends Module {
 // cross: bare attention layers, model(input.x, {context, contextMask}) against output.out
 registerTask('cross', (c) =>
   withModel<LayersLike, ReturnType<typeof compareOutputs>>(c, (model) => {
+    const contextMask = c.inputs.context_mask;
     const res = model.forward(input(c, 'x'), {
       context: input(c, 'context'),
-      contextMask: input(c, 'context_mask'),
+      ...(contextMask ? { contextMask } : {}),
     });
     for (const h of res.hiddens ?? []) if (h !== res.out) h.dispose();
     res.cache?.dispose();
