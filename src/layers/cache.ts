@@ -32,10 +32,10 @@ export class LayersCache {
    * Keeps only the last `n` positions of every self-attention layer (as the reference does when
    * decoding past maxSeqLen). Returns a new cache; this one is untouched and still owned by its holder.
    */
-  trimmed(n: number): LayersCache {
+  trimmed(n: number, selfAttn: boolean[] = this.selfAttn): LayersCache {
     if (this.disposed) throw new Error('cache: expected a live cache, got a disposed one');
     const kvs = this.kvs.map((kv, i) => {
-      if (!this.selfAttn[i]) return { k: kv.k.clone(), v: kv.v.clone() };
+      if (!selfAttn[i]) return { k: kv.k.clone(), v: kv.v.clone() };
       const t = kv.k.shape[2]!;
       const keep = Math.min(n, t);
       return {
@@ -43,7 +43,7 @@ export class LayersCache {
         v: tf.slice(kv.v, [0, 0, t - keep, 0], [-1, -1, keep, -1]),
       };
     });
-    return new LayersCache(kvs, Math.min(n, this.seqLen), this.selfAttn);
+    return new LayersCache(kvs, Math.min(n, this.seqLen), selfAttn);
   }
 
   get isDisposed(): boolean {
