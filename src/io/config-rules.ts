@@ -82,6 +82,7 @@ const BY_NAME: Record<string, Rule> = {
   shiftTokens: RULES.nonNegIntOrList,
   layerDropout: RULES.probOrList,
   resiDualScale: RULES.unitInterval,
+  disableAbsPosEmb: RULES.bool,
   // attention
   dimContext: RULES.posInt,
   sparseTopk: RULES.posInt,

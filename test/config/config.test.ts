@@ -61,6 +61,9 @@ describe('fromConfig errors name the key path', () => {
     expect(fails({ ...lm, attnLayers: { ...layers, customLayers: ['a', 'x'] } })).toMatch(
       /^attnLayers\.customLayers: expected a non-empty list of 'a', 'c', 'f'/,
     );
+    expect(fails({ ...lm, attnLayers: { ...layers, disable_abs_pos_emb: 1 } })).toBe(
+      'attnLayers.disableAbsPosEmb: expected a boolean, got 1',
+    );
     expect(fails({ ...lm, maxSeqLen: undefined })).toBe(
       'maxSeqLen: expected a non-negative integer, got undefined',
     );
