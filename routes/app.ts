@@ -7,6 +7,7 @@ import { timingSafeEqual } from 'node:crypto';
 import { Registry } from '../models/registry.js';
 import { Storage } from '../models/storage.js';
 import { defaultLimits, type ServiceLimits } from '../service/config.js';
+import { loadEngine } from '../workers/engine.js';
 import { createMetrics, type ServiceMetrics } from '../workers/metrics.js';
 import {
   closeRedis,
@@ -60,6 +61,7 @@ function keyMatches(given: string, keys: Buffer[]): boolean {
  * Redis connections and queues and closes them in `app.close()`.
  */
 export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
+  await loadEngine();
   const limits: ServiceLimits = { ...defaultLimits, ...options.limits };
   const app = Fastify({ logger: options.logger ?? false, bodyLimit: limits.maxBodyBytes });
   const prefix = options.prefix ?? 'xt';

@@ -12,6 +12,7 @@ import {
   type TokenizerName,
 } from '../models/schemas.js';
 import { Type } from '@sinclair/typebox';
+import { loadSafetensors, saveSafetensors } from '../src/index.js';
 import {
   buildModel,
   DefinitionError,
@@ -81,6 +82,23 @@ export async function uploadedBytes(
   throw badRequest(
     `body: expected text/plain, application/octet-stream or multipart/form-data, got ${request.headers['content-type'] ?? 'no content type'}`,
   );
+}
+
+/**
+ * Training checkpoints hold the AutoregressiveWrapper's state dict (keys under `net.`); downloads
+ * give the model's own names, as the reference's TransformerWrapper.state_dict() has them.
+ */
+function unprefixed(bytes: Buffer): Uint8Array {
+  const { metadata, tensors } = loadSafetensors(
+    new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength),
+  );
+  try {
+    const names = Object.keys(tensors);
+    if (!names.length || !names.every((k) => k.startsWith('net.'))) return bytes;
+    return saveSafetensors(Object.fromEntries(names.map((k) => [k.slice(4), tensors[k]!])), metadata);
+  } finally {
+    for (const t of Object.values(tensors)) t.dispose();
+  }
 }
 
 /** Model definitions: create, list, read, delete, checkpoints, weights download/upload. */
@@ -226,7 +244,7 @@ export default async function modelRoutes(app: FastifyInstance): Promise<void> {
     },
     async (request, reply) => {
       const m = await getOr404(request.params.id);
-      const bytes = await storage.read(m.weightsFile);
+      const bytes = unprefixed(await storage.read(m.weightsFile));
       return reply
         .type('application/octet-stream')
         .header('content-disposition', `attachment; filename="${m.id}.safetensors"`)

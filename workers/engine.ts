@@ -90,9 +90,39 @@ interface Library {
 
 const REQUIRED = ['fromConfig', 'createTokenizer', 'Trainer', 'AutoregressiveWrapper'] as const;
 
-/** Library entry points the service needs that the library does not export (yet). */
-export function missingEngineParts(): string[] {
+// Entry points found in their own modules while the public index does not export them yet.
+const extra: Record<string, unknown> = {};
+const MODULE_OF: Record<string, string> = {
+  fromConfig: '../src/io/config.js',
+  createTokenizer: '../src/io/tokenizer.js',
+  Trainer: '../src/train/trainer.js',
+  AutoregressiveWrapper: '../src/generation/autoregressive-wrapper.js',
+};
+
+function exportsOf(): Record<string, unknown> {
+  return { ...extra, ...(lib as unknown as Record<string, unknown>) };
+}
+
+/**
+ * Resolves the library entry points (from the public index, else from their modules). Call once
+ * before serving; cheap afterwards.
+ */
+export async function loadEngine(): Promise<void> {
   const exported = lib as unknown as Record<string, unknown>;
+  for (const name of REQUIRED) {
+    if (exported[name] !== undefined || extra[name] !== undefined) continue;
+    try {
+      const mod = (await import(MODULE_OF[name]!)) as Record<string, unknown>;
+      if (mod[name] !== undefined) extra[name] = mod[name];
+    } catch {
+      // not written yet: reported by engineStatus()
+    }
+  }
+}
+
+/** Library entry points the service needs that the library does not provide (yet). */
+export function missingEngineParts(): string[] {
+  const exported = exportsOf();
   const missing: string[] = REQUIRED.filter((k) => exported[k] === undefined);
   const ar = exported.AutoregressiveWrapper as { prototype?: Record<string, unknown> } | undefined;
   if (ar && typeof ar.prototype?.generateStream !== 'function')
@@ -120,7 +150,7 @@ export function engineStatus(): {
 function library(): Library {
   const missing = missingEngineParts();
   if (missing.length) throw new EngineUnavailableError(`the library lacks ${missing.join(', ')}`);
-  return lib as unknown as Library;
+  return exportsOf() as unknown as Library;
 }
 
 /** The engine cannot serve (library parts missing): the API answers 503. */

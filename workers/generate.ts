@@ -82,7 +82,8 @@ export async function processGenerate(
     try {
       const opts: StreamOptions = {
         temperature: d.temperature ?? 1,
-        cacheKv: d.cacheKv ?? true,
+        // past maxSeqLen the window slides, which a cache of absolute positions cannot follow
+        cacheKv: d.cacheKv ?? d.promptTokens.length + d.maxTokens <= built.maxSeqLen,
         seed: d.seed,
         signal: ac.signal,
         ...filterOptions(d, built.numTokens),

@@ -4,6 +4,7 @@ import { Registry } from '../models/registry.js';
 import { Storage } from '../models/storage.js';
 import type { Logger, WorkerContext } from './context.js';
 import type { ServiceMetrics } from './metrics.js';
+import { loadEngine } from './engine.js';
 import { ModelCache } from './model-cache.js';
 import { processGenerate } from './generate.js';
 import { processTrain } from './train.js';
@@ -48,6 +49,7 @@ const silent: Logger = { info: () => undefined, warn: () => undefined, error: ()
 
 /** Starts the BullMQ workers for the `train` and `generate` queues. */
 export async function startWorkers(options: WorkerOptions): Promise<ServiceWorkers> {
+  await loadEngine();
   const prefix = options.prefix ?? 'xt';
   const redis = createRedis(options.redisUrl);
   const sub = createRedis(options.redisUrl);
