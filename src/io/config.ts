@@ -442,7 +442,12 @@ export function toConfig(model: BuiltModel): ModelConfig {
     const type = layersType(model);
     return { wrapper: type, ...layersOptions(model, type) };
   }
-  const layers = (l: AttentionLayers): LayersConfig => {
+  const layers = (l: unknown): LayersConfig => {
+    if (!(l instanceof AttentionLayers)) {
+      throw new Error(
+        'toConfig: attnLayers is not an AttentionLayers (Encoder, Decoder, ...), so it has no config',
+      );
+    }
     const type = layersType(l);
     return { type, ...layersOptions(l, type) };
   };
@@ -461,14 +466,14 @@ export function toConfig(model: BuiltModel): ModelConfig {
     return {
       wrapper: 'ViTransformerWrapper',
       ...nonDefault(model.options, viTransformerWrapperDefaults, ['imageSize', 'patchSize']),
-      attnLayers: layers(model.attnLayers as AttentionLayers),
+      attnLayers: layers(model.attnLayers),
     };
   }
   if (model instanceof ContinuousTransformerWrapper) {
     return {
       wrapper: 'ContinuousTransformerWrapper',
       ...nonDefault(model.options, continuousTransformerWrapperDefaults, ['maxSeqLen']),
-      attnLayers: layers(model.attnLayers as AttentionLayers),
+      attnLayers: layers(model.attnLayers),
     };
   }
   if (model instanceof XValTransformerWrapper) {
@@ -479,7 +484,7 @@ export function toConfig(model: BuiltModel): ModelConfig {
         'maxSeqLen',
         'numericalTokenId',
       ]),
-      attnLayers: layers(model.attnLayers as AttentionLayers),
+      attnLayers: layers(model.attnLayers),
     };
   }
   if (model instanceof XTransformer) {
