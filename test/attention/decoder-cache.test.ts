@@ -1,0 +1,52 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { describe, expect, it } from 'vitest';
+import { Decoder } from '../../src/layers/attention-layers.js';
+import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
+import { manualSeed } from '../../src/utils/random.js';
+import { expectClose } from './helpers.js';
+
+// Cached decoding through a whole decoder equals the full pass for every attention-side scheme.
+const configs: Record<string, object> = {
+  rotary: { rotaryPosEmb: true },
+  'rotary xpos': { rotaryXpos: true },
+  'alibi (2 of 4 heads)': { alibiPosBias: true, alibiNumHeads: 2 },
+  T5: { relPosBias: true },
+  'dynamic, log distance': { dynamicPosBias: true, dynamicPosBiasLogDistance: true },
+  'grouped-query + memory kv + rotary': { attnKvHeads: 2, attnNumMemKv: 2, rotaryPosEmb: true },
+  'flash + alibi': { attnFlash: true, alibiPosBias: true },
+  'qk norm + rotary': { attnQkNorm: true, rotaryPosEmb: true },
+  'talking heads + T5': { attnPreTalkingHeads: true, attnPostTalkingHeads: true, relPosBias: true },
+};
+
+describe('decoder cached decoding equals the uncached pass', () => {
+  for (const [name, extra] of Object.entries(configs)) {
+    it(name, () => {
+      manualSeed(1);
+      const model = new TransformerWrapper({
+        numTokens: 20,
+        maxSeqLen: 16,
+        attnLayers: new Decoder({ dim: 16, depth: 2, heads: 4, attnDimHead: 4, ...extra }),
+      });
+      model.eval();
+      const x = tf.tensor2d([[1, 5, 7, 3, 2, 9, 11, 4]], [1, 8], 'int32');
+      const before = tf.memory().numTensors;
+      tf.tidy(() => {
+        const full = model.forward(x);
+        let st = model.forwardWithState(tf.slice(x, [0, 0], [1, 3]), { returnCache: true });
+        const outs = [st.logits];
+        for (let t = 4; t <= 8; t++) {
+          const prev = st.cache!;
+          st = model.forwardWithState(tf.slice(x, [0, 0], [1, t]), { cache: prev, returnCache: true });
+          prev.dispose();
+          expect(st.logits.shape).toEqual([1, 1, 20]);
+          outs.push(st.logits);
+        }
+        st.cache!.dispose();
+        expectClose(tf.concat(outs, 1), full, 1e-5, 1e-4);
+      });
+      expect(tf.memory().numTensors).toBe(before);
+      x.dispose();
+      model.dispose();
+    });
+  }
+});
