@@ -7,7 +7,11 @@ export async function resolve(specifier, context, next) {
   } catch (e) {
     const parent = context.parentURL ?? '';
     if (specifier.startsWith('.') && parent.includes('/@tensorflow/') && !specifier.endsWith('.js')) {
-      return next(`${specifier}.js`, context);
+      try {
+        return await next(`${specifier}.js`, context);
+      } catch {
+        return next(`${specifier}/index.js`, context);
+      }
     }
     throw e;
   }

@@ -290,7 +290,7 @@ XT_FN(Unary) {
     case 28: {  // Step: x > 0 ? 1 : alpha (NaN stays NaN)
       auto xf = asFloat(x);
       y = at::where(at::gt(xf, 0), at::ones({}, xf.options()), at::full({}, a, xf.options()));
-      y = at::where(at::isnan(xf), xf, y);
+      y = at::where(at::isnan(xf), xf, y).to(x.scalar_type() == at::kBool ? at::kFloat : x.scalar_type());
       break;
     }
     case 29: y = at::leaky_relu(asFloat(x), a); break;
@@ -324,7 +324,7 @@ XT_FN(Binary) {
     case 1: y = at::sub(a, b); break;
     case 2: y = at::mul(a, b); break;
     case 3: y = at::div(a, b); break;
-    case 4: y = at::div(a, b, "floor"); break;
+    case 4: y = at::div(a, b, "floor").to(at::kInt); break;  // TF.js FloorDiv gives int32
     case 5: y = at::remainder(a, b); break;
     case 6: {
       if (a.is_floating_point() || b.is_floating_point()) y = at::pow(a, b);
@@ -374,7 +374,7 @@ XT_FN(Where) { return idv(info, at::where(get(info[0]), get(info[1]), get(info[2
 
 XT_FN(Clip) {
   const at::Tensor& x = get(info[0]);
-  return idv(info, at::clamp(x, dbl(info, 1), dbl(info, 2)));
+  return idv(info, at::clamp(x, dbl(info, 1), dbl(info, 2)).to(x.scalar_type()));
 }
 
 XT_FN(AddN) {
@@ -413,6 +413,8 @@ XT_FN(Slice) {
   at::Tensor x = get(info[0]);
   auto begin = ints(info[1]);
   auto size = ints(info[2]);
+  if (begin.size() != size.size() || static_cast<int64_t>(begin.size()) > x.dim())
+    throw std::runtime_error("slice: begin and size must have one entry per dimension");
   for (size_t d = 0; d < begin.size(); d++) {
     int64_t s = size[d] < 0 ? x.size(d) - begin[d] : size[d];
     if (begin[d] != 0 || s != x.size(d)) x = x.slice(d, begin[d], begin[d] + s);
@@ -426,6 +428,8 @@ XT_FN(StridedSlice) {
   auto begin = ints(info[1]);
   auto strides = ints(info[2]);
   auto outShape = ints(info[3]);
+  if (begin.size() != strides.size() || begin.size() != outShape.size() || static_cast<int64_t>(begin.size()) > x.dim())
+    throw std::runtime_error("stridedSlice: begin, strides and shape must have one entry per dimension");
   for (size_t d = 0; d < begin.size(); d++) {
     int64_t b = begin[d], s = strides[d], n = outShape[d];
     if (n == 0) {
@@ -482,6 +486,13 @@ XT_FN(Gather) {
   const at::Tensor& idx = get(info[1]);
   int64_t axis = num(info, 2);
   auto flat = idx.reshape({-1}).to(at::kLong);
+  if (flat.numel() > 0) {
+    int64_t lo = flat.min().item<int64_t>(), hi = flat.max().item<int64_t>();
+    int64_t n = x.size(axis);
+    if (lo < 0 || hi >= n)
+      throw std::runtime_error("GatherV2: the index value " + std::to_string(lo < 0 ? lo : hi) + " is not in [0, " +
+                               std::to_string(n - 1) + "]");
+  }
   auto y = x.index_select(axis, flat);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().begin() + axis);
   for (auto s : idx.sizes()) shape.push_back(s);
@@ -506,6 +517,9 @@ XT_FN(GatherNd) {
   const at::Tensor& x = get(info[0]);
   const at::Tensor& idx = get(info[1]);
   int64_t k = idx.size(-1);
+  if (k > x.dim())
+    throw std::runtime_error("gatherND: index innermost dimension length must be <= tensor rank; saw: " +
+                             std::to_string(k) + " vs. " + std::to_string(x.dim()));
   auto flat = flatIndex(idx, x.sizes());
   std::vector<int64_t> rows = {-1};
   for (int64_t d = k; d < x.dim(); d++) rows.push_back(x.size(d));
@@ -516,7 +530,8 @@ XT_FN(GatherNd) {
 }
 
 XT_FN(ScatterNd) {
-  const at::Tensor& idx = get(info[0]);
+  at::Tensor idx = get(info[0]);
+  if (idx.dim() == 1) idx = idx.unsqueeze(-1);  // rank-1 indices address dim 0
   const at::Tensor& upd = get(info[1]);
   auto shape = ints(info[2]);
   int64_t k = idx.size(-1);
@@ -567,8 +582,9 @@ XT_FN(TopK) {
   const at::Tensor& x = get(info[0]);
   int64_t k = num(info, 1);
   bool sorted = flag(info, 2);
-  auto r = at::topk(x, k, -1, true, sorted || true);
-  return idList(info, {std::get<0>(r), std::get<1>(r)});
+  (void)sorted;  // always sorted; ties keep the lower index first, as in TF.js
+  auto r = at::sort(x, true, -1, true);
+  return idList(info, {std::get<0>(r).narrow(-1, 0, k), std::get<1>(r).narrow(-1, 0, k)});
 }
 
 XT_FN(Cumulative) {
@@ -650,8 +666,11 @@ XT_FN(Reduce) {
 
 XT_FN(ArgReduce) {
   int op = num(info, 0);
-  const at::Tensor& x = get(info[1]);
+  at::Tensor x = get(info[1]);
   int64_t axis = num(info, 2);
+  if (x.scalar_type() == at::kBool) x = x.to(at::kInt);
+  if (x.is_floating_point())  // NaNs never win, as in TF.js
+    x = at::where(at::isnan(x), at::full({}, op == 0 ? -INFINITY : INFINITY, x.options()), x);
   return idv(info, op == 0 ? at::argmax(x, axis) : at::argmin(x, axis));
 }
 
@@ -663,7 +682,7 @@ XT_FN(MatMul) {
   at::Tensor y = at::matmul(a, b);
   if (info.Length() > 4 && info[4].IsNumber()) {
     int32_t bias = num(info, 4);
-    if (bias >= 0) y.add_(g_tensors[bias]);
+    if (bias >= 0) y.add_(get(info[4]));
   }
   if (info.Length() > 5) {
     int act = num(info, 5);
@@ -727,7 +746,8 @@ XT_FN(Attention) {
   const at::Tensor& k = get(info[1]);
   const at::Tensor& v = get(info[2]);
   int32_t mid = num(info, 3);
-  const at::Tensor* mask = mid >= 0 ? &g_tensors[mid] : nullptr;
+  const at::Tensor* mask = nullptr;
+  if (mid >= 0) mask = &get(info[3]);
   double scale = dbl(info, 4);
   bool causal = flag(info, 5);
 #if defined(XT_HAS_SDPA) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1))
@@ -736,19 +756,25 @@ XT_FN(Attention) {
     return idv(info, at::scaled_dot_product_attention(q, k, v, {}, 0.0, causal, scale));
 #endif
   auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
-  return idv(info, at::matmul(p, v));
+  auto out = at::matmul(p, v);
+  // query rows whose mask row has no true entry give 0
+  if (mask) out.masked_fill_(at::logical_not(mask->any(-1, true)), 0);
+  return idv(info, out);
 }
 
 XT_FN(AttentionGrad) {
-  const at::Tensor& dy = get(info[0]);
+  const at::Tensor& dyIn = get(info[0]);
   const at::Tensor& q = get(info[1]);
   const at::Tensor& k = get(info[2]);
   const at::Tensor& v = get(info[3]);
   int32_t mid = num(info, 4);
-  const at::Tensor* mask = mid >= 0 ? &g_tensors[mid] : nullptr;
+  const at::Tensor* mask = nullptr;
+  if (mid >= 0) mask = &get(info[4]);
   double scale = dbl(info, 5);
   bool causal = flag(info, 6);
   auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
+  at::Tensor dy = dyIn;
+  if (mask) dy = dyIn.masked_fill(at::logical_not(mask->any(-1, true)), 0);
   auto dv = at::matmul(p.transpose(-2, -1), dy);
   auto dp = at::matmul(dy, v.transpose(-2, -1));
   auto ds = p * (dp - (dp * p).sum(-1, true));

@@ -136,8 +136,15 @@ const IMPLS: Record<string, Impl> = {
     b.N.free(rid);
     return b.outAs(out, shape.slice(), x.dtype);
   },
-  BatchMatMul: (b, i, a) =>
-    b.out(b.N.matmul(b.id(inp(i, 'a')), b.id(inp(i, 'b')), Boolean(a.transposeA), Boolean(a.transposeB))),
+  BatchMatMul: (b, i, a) => {
+    const x = inp(i, 'a');
+    const y = inp(i, 'b');
+    if (x.shape.length < 2 || y.shape.length < 2)
+      throw new Error(
+        `Error in matMul: inputs must have rank at least 2, got ranks ${x.shape.length} and ${y.shape.length}.`,
+      );
+    return b.out(b.N.matmul(b.id(x), b.id(y), Boolean(a.transposeA), Boolean(a.transposeB)));
+  },
   _FusedMatMul: (b, i, a) => {
     const acts: Record<string, number> = { linear: 0, relu: 1, relu6: 2, elu: 3, leakyrelu: 4, sigmoid: 5 };
     const act = acts[(a.activation as string) ?? 'linear'];
@@ -186,6 +193,8 @@ const IMPLS: Record<string, Impl> = {
   },
   Pack: (b, i, a) => {
     const ts = list(i);
+    for (const t of ts)
+      if (t.dtype !== ts[0].dtype) throw new Error(`All tensors passed to stack must have matching dtypes`);
     const axis = (a.axis as number) < 0 ? ts[0].shape.length + 1 + (a.axis as number) : (a.axis as number);
     return b.out(
       b.N.stack(
@@ -233,17 +242,16 @@ const IMPLS: Record<string, Impl> = {
       a.newAxisMask as number,
       a.shrinkAxisMask as number,
     );
-    const { finalShapeSparse, finalShape, isIdentity, isSimpleSlice, begin, end, strides } = info;
+    const { finalShape, isIdentity, isSimpleSlice, begin, end, strides } = info;
     if (isIdentity) return b.outAs(b.N.reshape(b.id(x), finalShape), finalShape, x.dtype);
     let sid: number;
-    if (isSimpleSlice) {
-      sid = b.N.slice(b.id(x), begin, finalShapeSparse);
+    if (info.sliceDim0 || isSimpleSlice) {
+      sid = b.N.slice(b.id(x), begin, slice_util.computeOutShape(begin, end, strides));
     } else if (finalShape.some((d) => d === 0)) {
       sid = b.N.fill(finalShape, 0, dtypeCode(x.dtype));
       return b.outAs(sid, finalShape, x.dtype);
     } else {
-      void end;
-      sid = b.N.stridedSlice(b.id(x), begin, strides, finalShapeSparse);
+      sid = b.N.stridedSlice(b.id(x), begin, strides, slice_util.computeOutShape(begin, end, strides));
     }
     const out = b.N.reshape(sid, finalShape);
     b.N.free(sid);
@@ -267,7 +275,7 @@ const IMPLS: Record<string, Impl> = {
   GatherV2: (b, i, a) => {
     const x = inp(i, 'x');
     const idx = inp(i, 'indices');
-    if ((a.batchDims as number) > 0) return fallbackRun(b, 'GatherV2', i, a);
+    if ((a.batchDims as number) !== 0) return fallbackRun(b, 'GatherV2', i, a);
     const axis = util.parseAxisParam(a.axis as number, x.shape)[0];
     return b.out(b.N.gather(b.id(x), b.id(idx), axis));
   },
@@ -369,6 +377,10 @@ const IMPLS: Record<string, Impl> = {
     const x = inp(i, 'x');
     const f = inp(i, 'filter');
     if ((a.dataFormat ?? 'NHWC') !== 'NHWC') return fallbackRun(b, 'Conv2D', i, a);
+    if (x.shape[3] !== f.shape[2])
+      throw new Error(
+        `Error in conv2d: depth of input (${x.shape[3]}) must match input depth for filter ${f.shape[2]}.`,
+      );
     const info = backend_util.computeConv2DInfo(
       x.shape as [number, number, number, number],
       f.shape as [number, number, number, number],
@@ -424,11 +436,12 @@ const IMPLS: Record<string, Impl> = {
 };
 
 function rangeValues(start: number, stop: number, step: number, dtype: DataType): Float32Array | Int32Array {
-  if (start === stop || (start < stop && step < 0) || (stop < start && step > 0)) {
+  if (start === stop || (start < stop && step < 0) || (stop < start && step > 1)) {
     return dtype === 'int32' ? new Int32Array(0) : new Float32Array(0);
   }
   const n = Math.abs(Math.ceil((stop - start) / step));
   const vals = dtype === 'int32' ? new Int32Array(n) : new Float32Array(n);
+  if (stop < start && step === 1) step = -1;
   if (n > 0) vals[0] = start;
   for (let k = 1; k < n; k++) vals[k] = vals[k - 1] + step;
   return vals;
@@ -443,7 +456,8 @@ for (const [name, op] of Object.entries(BINARY)) {
 for (const [name, op] of Object.entries(REDUCE)) {
   IMPLS[name] = (b, i, a) => {
     const x = inp(i, 'x');
-    return b.out(b.N.reduce(op, b.id(x), axes(a.axis as number | number[], x.shape), Boolean(a.keepDims)));
+    const ax = (name === 'Max' ? a.reductionIndices : a.axis) as number | number[];
+    return b.out(b.N.reduce(op, b.id(x), axes(ax, x.shape), Boolean(a.keepDims)));
   };
 }
 
@@ -484,7 +498,8 @@ export function fallbackRun(
     if (t == null) return t;
     const dataId = cpu.write(b.readSync(t.dataId), t.shape, t.dtype);
     made.push(dataId);
-    return { dataId, shape: t.shape, dtype: t.dtype };
+    // cpu kernels may read `rank` of their inputs (ops pass whole tensors)
+    return { dataId, shape: t.shape, dtype: t.dtype, rank: t.shape.length } as TensorInfo;
   };
   const cpuInputs: Inputs = Array.isArray(inputs)
     ? inputs.map((t) => move(t) as TensorInfo)

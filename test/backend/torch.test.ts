@@ -1,0 +1,256 @@
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-backend-cpu';
+import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { registerTorchBackend } from '../../src/backend/torch/register.js';
+import { loadAddon } from '../../src/backend/torch/native.js';
+
+// The torch backend against the cpu backend on the same inputs, plus its memory behaviour.
+
+let previous = '';
+
+beforeAll(async () => {
+  previous = tf.getBackend();
+  const r = registerTorchBackend();
+  if (!r.ok) throw new Error(r.reason);
+});
+
+afterAll(async () => {
+  if (previous) await tf.setBackend(previous);
+});
+
+type Out = { shape: number[]; dtype: string; values: number[] };
+
+async function on(backend: string, f: () => tf.Tensor | tf.Tensor[]): Promise<Out[]> {
+  await tf.setBackend(backend);
+  const outs = tf.tidy(f);
+  const list = Array.isArray(outs) ? outs : [outs];
+  const res = list.map((t) => ({ shape: t.shape, dtype: t.dtype, values: Array.from(t.dataSync()) }));
+  tf.dispose(list);
+  return res;
+}
+
+/** Runs `f` on cpu and on torch and checks that shapes, dtypes and values agree. */
+async function same(f: () => tf.Tensor | tf.Tensor[], atol = 1e-5, rtol = 1e-4): Promise<void> {
+  const cpu = await on('cpu', f);
+  const torch = await on('torch', f);
+  expect(torch.length).toBe(cpu.length);
+  for (let k = 0; k < cpu.length; k++) {
+    expect(torch[k].shape).toEqual(cpu[k].shape);
+    expect(torch[k].dtype).toBe(cpu[k].dtype);
+    cpu[k].values.forEach((v, i) => {
+      const w = torch[k].values[i];
+      if (Number.isNaN(v)) expect(Number.isNaN(w)).toBe(true);
+      else expect(Math.abs(w - v)).toBeLessThanOrEqual(atol + rtol * Math.abs(v));
+    });
+  }
+}
+
+const rnd = (shape: number[], seed: number): tf.Tensor => tf.randomNormal(shape, 0, 1, 'float32', seed);
+
+describe('torch backend matches cpu', () => {
+  it('matmul with transposes and broadcast batch dims', async () => {
+    await same(() => [
+      tf.matMul(rnd([3, 4, 5], 1), rnd([3, 5, 2], 2)),
+      tf.matMul(rnd([2, 5, 4], 3), rnd([2, 6, 5], 4), true, true),
+      tf.matMul(rnd([2, 3, 4, 5], 5), rnd([1, 1, 5, 3], 6)),
+    ]);
+  });
+
+  it('softmax, logSoftmax and elementwise math', async () => {
+    await same(() => {
+      const x = rnd([4, 7], 7);
+      return [
+        tf.softmax(x),
+        tf.logSoftmax(x),
+        tf.erf(x),
+        tf.tanh(x),
+        tf.sigmoid(x),
+        tf.rsqrt(tf.abs(x)),
+        tf.pow(tf.abs(x), tf.scalar(1.5)),
+        tf.floorDiv(x, tf.scalar(0.3)),
+        tf.mod(x, tf.scalar(0.7)),
+        tf.squaredDifference(x, tf.reverse(x, 0)),
+        tf.clipByValue(x, -0.5, 0.5),
+      ];
+    });
+  });
+
+  it('gather, gatherND, scatterND, oneHot, topk, cumsum', async () => {
+    await same(() => {
+      const x = rnd([5, 3, 4], 8);
+      const idx = tf.tensor1d([4, 0, 2, 2], 'int32');
+      return [
+        tf.gather(x, idx),
+        tf.gather(
+          x,
+          tf.tensor2d(
+            [
+              [1, 0],
+              [3, 2],
+            ],
+            [2, 2],
+            'int32',
+          ),
+          2,
+        ),
+        tf.gatherND(
+          x,
+          tf.tensor2d(
+            [
+              [0, 1],
+              [4, 2],
+            ],
+            [2, 2],
+            'int32',
+          ),
+        ),
+        tf.scatterND(tf.tensor2d([[1], [3], [1]], [3, 1], 'int32'), tf.ones([3, 2]), [5, 2]),
+        tf.oneHot(tf.tensor1d([0, 3, -1, 2], 'int32'), 4),
+        ...Object.values(
+          tf.topk(
+            tf.tensor2d([
+              [1, 9, 3, 7],
+              [4, 2, 8, 6],
+            ]),
+            2,
+          ),
+        ),
+        tf.cumsum(x, 1, true, true),
+        tf.unsortedSegmentSum(x, tf.tensor1d([1, 0, 1, 2, 0], 'int32'), 3),
+      ];
+    });
+  });
+
+  it('reductions over axes, with and without keepDims', async () => {
+    await same(() => {
+      const x = rnd([3, 4, 5], 9);
+      const b = tf.greater(x, 0);
+      return [
+        tf.sum(x),
+        tf.sum(x, [0, 2], true),
+        tf.mean(x, -1),
+        tf.max(x, 1),
+        tf.min(x, [0, 1]),
+        tf.prod(x, 2),
+        tf.argMax(x, 1),
+        tf.argMin(x, -1),
+        tf.all(b, 1),
+        tf.any(b, [0, 2]),
+        tf.sum(tf.cast(b, 'int32'), 0),
+        tf.logSumExp(x, 1),
+      ];
+    });
+  });
+
+  it('slicing, padding, concat, stack, tile, broadcast', async () => {
+    await same(() => {
+      const x = rnd([4, 6], 10);
+      return [
+        tf.slice(x, [1, 2], [2, -1]),
+        tf.stridedSlice(tf.range(0, 10), [8], [2], [-2]),
+        tf.stridedSlice(x, [0, 1], [4, 6], [2, 2]),
+        tf.stridedSlice(x, [1, 0], [3, 6], [1, 2]),
+        tf.pad(x, [
+          [1, 0],
+          [2, 3],
+        ]),
+        tf.mirrorPad(
+          x,
+          [
+            [1, 2],
+            [2, 1],
+          ],
+          'reflect',
+        ),
+        tf.mirrorPad(
+          x,
+          [
+            [1, 2],
+            [2, 1],
+          ],
+          'symmetric',
+        ),
+        tf.concat([x, x, tf.zeros([4, 1])], 1),
+        tf.stack([x, x], 1),
+        ...tf.unstack(x, 1),
+        ...tf.split(x, [1, 2, 3], 1),
+        tf.tile(x, [2, 1]),
+        tf.broadcastTo(tf.tensor1d([1, 2, 3]), [2, 3]),
+        tf.where(tf.greater(x, 0), x, tf.neg(x)),
+        tf.linspace(0, 1, 7),
+        tf.range(3, 20, 4, 'int32'),
+        tf.transpose(rnd([2, 3, 4], 11), [2, 0, 1]),
+      ];
+    });
+  });
+
+  it('gradients of a small network', async () => {
+    await same(() => {
+      const w = rnd([6, 5], 12);
+      const emb = rnd([10, 6], 13);
+      const ids = tf.tensor2d(
+        [
+          [1, 4, 9],
+          [0, 0, 3],
+        ],
+        [2, 3],
+        'int32',
+      );
+      const labels = tf.tensor2d(
+        [
+          [1, 2, 3],
+          [4, 0, 1],
+        ],
+        [2, 3],
+        'int32',
+      );
+      const loss = (e: tf.Tensor, ww: tf.Tensor): tf.Scalar => {
+        const h = tf.gather(e, ids);
+        const logits = tf.matMul(tf.reshape(h, [6, 6]), ww);
+        const z = tf.mul(logits, tf.sigmoid(tf.mul(logits, 1.702)));
+        const lp = tf.logSoftmax(z);
+        const pick = tf.oneHot(tf.reshape(labels, [6]), 5);
+        return tf.neg(tf.mean(tf.sum(tf.mul(lp, pick), -1)));
+      };
+      const g = tf.grads(loss)([emb, w]);
+      return [loss(emb, w), ...g];
+    });
+  });
+});
+
+describe('torch backend memory', () => {
+  it('frees native storage when tensors are disposed', async () => {
+    await tf.setBackend('torch');
+    const N = loadAddon();
+    const before = N.count();
+    const x = tf.fill([1024, 1024, 32], 1.5); // 128 MiB
+    const rss1 = process.memoryUsage().rss;
+    const y = tf.add(x, 1);
+    const rss2 = process.memoryUsage().rss;
+    expect(rss2 - rss1).toBeGreaterThan(100 * 2 ** 20);
+    expect(N.count()).toBe(before + 2);
+    tf.dispose([x, y]);
+    expect(N.count()).toBe(before);
+    const rss3 = process.memoryUsage().rss;
+    expect(rss2 - rss3).toBeGreaterThan(200 * 2 ** 20);
+  });
+
+  it('keeps RSS and tensor counts flat over 10,000 small ops', async () => {
+    await tf.setBackend('torch');
+    const a = tf.randomNormal([16, 16]);
+    const b = tf.randomNormal([16, 16]);
+    const step = (): void => {
+      const c = tf.tidy(() => tf.sum(tf.softmax(tf.add(tf.matMul(a, b), 1))));
+      c.dataSync();
+      c.dispose();
+    };
+    for (let k = 0; k < 500; k++) step();
+    const tensors = tf.memory().numTensors;
+    const rss = process.memoryUsage().rss;
+    for (let k = 0; k < 2500; k++) step(); // 4 ops each: 10,000 ops
+    expect(tf.memory().numTensors).toBe(tensors);
+    expect(process.memoryUsage().rss - rss).toBeLessThan(20 * 2 ** 20);
+    tf.dispose([a, b]);
+  });
+});
