@@ -1,10 +1,11 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module, ModuleList } from '../nn/module.js';
-import { FeedForward, type FeedForwardOptions } from '../nn/feedforward.js';
+import { FeedForward, Indexed, type FeedForwardOptions } from '../nn/feedforward.js';
 import { makeNorm, type Norm, type NormKind } from '../nn/norms.js';
 import { GRUGating, Residual, type ResidualFn } from '../nn/residual.js';
 import { LayerScale, Scale, ShiftTokens, type BranchOut, type Callable } from '../nn/branch.js';
 import { padAt, tidyObj } from '../nn/functional.js';
+import { Linear } from '../nn/linear.js';
 import { Attention } from '../attention/attention.js';
 import { RotaryEmbedding } from '../attention/rotary.js';
 import { RelativePositionBias } from '../attention/relative-position-bias.js';
@@ -141,6 +142,14 @@ export class AttentionLayers extends Module {
   readonly disableAbsPosEmb: boolean;
   readonly layerDropouts: number[];
   readonly dimHead: number;
+  /** Number of blocks, as the reference counts them (1 after weight tying). */
+  readonly depth: number;
+  /** Per layer index: the index of the earlier layer whose input a U-Net skip concatenates, or null. */
+  readonly skipFrom: (number | null)[];
+  skipCombines: Indexed;
+  private readonly combines: (ConcatCombine | null)[];
+  reinjectInputProj: Linear | null = null;
+  learnedReinjectInputGate: Linear | null = null;
   layers: ModuleList<LayerEntry>;
   finalNorm: Norm | null = null;
   rotaryPosEmb: RotaryEmbedding | null = null;
@@ -286,6 +295,7 @@ export class AttentionLayers extends Module {
     }
 
     let layerTypes: LayerType[];
+    let lenDefaultBlock = 1;
     if (o.customLayers) {
       layerTypes = o.customLayers.map((t, i) => {
         if (t !== 'a' && t !== 'c' && t !== 'f')
@@ -316,6 +326,7 @@ export class AttentionLayers extends Module {
         throw new Error('depth: expected a positive integer for Decoder or Encoder, got null');
       layerTypes = [];
       for (let i = 0; i < depth; i++) layerTypes.push(...defaultBlock);
+      lenDefaultBlock = defaultBlock.length;
     }
     this.layerTypes = layerTypes;
     this.layersExecuteOrder = executeOrder ?? layerTypes.map((_, i) => i);
@@ -324,6 +335,37 @@ export class AttentionLayers extends Module {
         throw new Error(`layersExecuteOrder: expected indices in [0, ${layerTypes.length}), got ${i}`);
     }
     this.numAttnLayers = layerTypes.filter((t) => t === 'a').length;
+    this.depth = depth ?? this.layersExecuteOrder.length;
+
+    // U-Net skips: the latter half's blocks take the input of a mirrored earlier block
+    const numSkips = Math.floor(this.depth / lenDefaultBlock);
+    if (o.unetSkips && numSkips === 0)
+      throw new Error('unetSkips: expected a depth of at least 2 for U-Net skip connections');
+    const skipIndices = Array.from({ length: numSkips }, (_, i) => i * lenDefaultBlock);
+    this.skipFrom = layerTypes.map((_, ind) => {
+      const latter = ind % lenDefaultBlock === 0 && Math.floor(ind / lenDefaultBlock) >= this.depth / 2;
+      if (!o.unetSkips || !latter) return null;
+      const from = skipIndices.pop();
+      if (from === undefined) throw new Error('unetSkips: more latter-half blocks than skip sources');
+      return from;
+    });
+    const skipCombines = this.registerModule('skip_combines', new Indexed());
+    this.skipCombines = skipCombines;
+    this.combines = this.skipFrom.map((from, ind) =>
+      from === null ? null : skipCombines.add(ind, new ConcatCombine(o.dim, from)),
+    );
+    if (o.reinjectInput) {
+      this.reinjectInputProj = this.registerModule(
+        'reinject_input_proj',
+        new Linear(o.dim, o.dim, { bias: false }),
+      );
+      if (o.learnedReinjectInputGate)
+        this.learnedReinjectInputGate = this.registerModule(
+          'learned_reinject_input_gate',
+          new Linear(o.dim, 1, { bias: false }),
+        );
+    } else if (o.learnedReinjectInputGate)
+      throw new Error('learnedReinjectInputGate: expected reinjectInput true with it');
 
     this.layerDropouts = castList(o.layerDropout, layerTypes.length, 'layerDropout');
     const shifts = castList(o.shiftTokens, layerTypes.length, 'shiftTokens');
@@ -460,9 +502,20 @@ export class AttentionLayers extends Module {
       let prevCrossAttn: tf.Tensor | undefined;
       let outer: tf.Tensor | null = o.resiDual ? tf.mul(x, o.resiDualScale) : null;
 
+      let inject: tf.Tensor | null = null;
+      if (this.reinjectInputProj) {
+        inject = this.reinjectInputProj.forward(x);
+        if (this.learnedReinjectInputGate)
+          inject = tf.mul(inject, tf.sigmoid(this.learnedReinjectInputGate.forward(x)));
+      }
+      const skipHiddens: tf.Tensor[] = [];
+
       for (const li of order) {
         const type = this.layerTypes[li]!;
         const entry = this.layers.at(li);
+        skipHiddens.push(x);
+        const combine = this.combines[li];
+        if (combine) x = combine.forward(x, skipHiddens[combine.prevLayerInd]!);
         const p = this.layerDropouts[li]!;
         if (training && p > 0 && rng.random() < p) continue;
 
@@ -479,7 +532,7 @@ export class AttentionLayers extends Module {
         const residual = x;
         if (opts.returnHiddens) layerHiddens.push(x.clone());
         const { pre, postBranch, postMain } = entry.norms;
-        let h = x;
+        let h = inject ? tf.add(x, inject) : x;
         if (pre) {
           h = pre.forward(h);
           if (type === 'a' && layerMem) layerMem = pre.forward(layerMem);
@@ -564,6 +617,23 @@ export class AttentionLayers extends Module {
       attnIntermediates: result.attnIntermediates,
       cache,
     };
+  }
+}
+
+/** Concatenates an earlier hidden with the stream and projects back (`combine` [dim, 2 * dim], no bias). */
+class ConcatCombine extends Module {
+  combine: Linear;
+  constructor(
+    dim: number,
+    readonly prevLayerInd: number,
+  ) {
+    super();
+    this.combine = this.registerModule('combine', new Linear(dim * 2, dim, { bias: false }));
+  }
+
+  /** x, skip: [b, n, dim] -> [b, n, dim]. */
+  forward(x: tf.Tensor, skip: tf.Tensor): tf.Tensor {
+    return tf.tidy(() => this.combine.forward(tf.concat([skip, x], -1)));
   }
 }
 

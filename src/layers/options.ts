@@ -64,6 +64,12 @@ export interface AttentionLayersOwnOptions {
   disableAbsPosEmb: boolean | null;
   useLayerscale: boolean;
   layerscaleInitValue: number;
+  /** U-Net style skips: latter-half blocks concatenate an earlier block's input (`skip_combines`). */
+  unetSkips: boolean;
+  /** Adds a projection of the stack's input to every layer's branch input (DEQ-style reinjection). */
+  reinjectInput: boolean;
+  /** Gates the reinjected input by a learned sigmoid of the input. */
+  learnedReinjectInputGate: boolean;
 }
 
 type Prefixed<P extends string, T> = { [K in keyof T as `${P}${Capitalize<string & K>}`]?: T[K] };
@@ -126,4 +132,7 @@ export const attentionLayersDefaults: AttentionLayersOwnOptions = {
   disableAbsPosEmb: null,
   useLayerscale: false,
   layerscaleInitValue: 0,
+  unetSkips: false,
+  reinjectInput: false,
+  learnedReinjectInputGate: false,
 };

@@ -80,6 +80,65 @@ describe('AttentionLayers structure', () => {
   });
 });
 
+describe('U-Net skips and input reinjection', () => {
+  function copyInto(dst: AttentionLayers, src: AttentionLayers) {
+    const sd = src.stateDict();
+    const own = dst.stateDict();
+    const subset: Record<string, tf.Tensor> = {};
+    for (const k of Object.keys(sd)) if (k in own) subset[k] = sd[k]!;
+    dst.loadStateDict(subset, { strict: false });
+  }
+
+  it('latter-half blocks combine a mirrored earlier input, named skip_combines.{i}.combine', () => {
+    manualSeed(20);
+    const plain = new Encoder({ ...small, depth: 4 }).eval();
+    const unet = new Encoder({ ...small, depth: 4, unetSkips: true }).eval();
+    expect(unet.skipFrom).toEqual([null, null, null, null, 2, null, 0, null]);
+    const names = unet.namedParameters().map(([k, v]) => `${k}:${v.shape}`);
+    expect(names).toContain('skip_combines.4.combine.weight:16,32');
+    expect(names).toContain('skip_combines.6.combine.weight:16,32');
+    copyInto(unet, plain);
+    const x = tf.randomNormal([1, 5, 16], 0, 1, 'float32', 21);
+    const base = plain.forward(x).out;
+    // combine = [0 | I]: keeps the stream, so the output is the plain encoder's
+    for (const [k, v] of unet.namedParameters())
+      if (k.startsWith('skip_combines')) v.assign(tf.concat([tf.zeros([16, 16]), tf.eye(16)], 1));
+    const same = unet.forward(x).out;
+    expect(maxDiff(same, base)).toBeLessThan(1e-5);
+    // combine = [I | 0]: the stream is replaced by the skipped input, the output changes
+    for (const [k, v] of unet.namedParameters())
+      if (k.startsWith('skip_combines')) v.assign(tf.concat([tf.eye(16), tf.zeros([16, 16])], 1));
+    const other = unet.forward(x).out;
+    expect(maxDiff(other, base)).toBeGreaterThan(1e-3);
+    tf.dispose([x, base, same, other]);
+    plain.dispose();
+    unet.dispose();
+  });
+
+  it('reinjects a projection of the input into every branch', () => {
+    manualSeed(22);
+    const plain = new Decoder(small).eval();
+    const re = new Decoder({ ...small, reinjectInput: true, learnedReinjectInputGate: true }).eval();
+    expect(re.namedParameters().map(([k]) => k)).toEqual(
+      expect.arrayContaining(['reinject_input_proj.weight', 'learned_reinject_input_gate.weight']),
+    );
+    copyInto(re, plain);
+    const x = tf.randomNormal([1, 4, 16], 0, 1, 'float32', 23);
+    const base = plain.forward(x).out;
+    const changed = re.forward(x).out;
+    expect(maxDiff(changed, base)).toBeGreaterThan(1e-3);
+    re.reinjectInputProj!.weight.assign(tf.zeros([16, 16]));
+    const same = re.forward(x).out;
+    expect(maxDiff(same, base)).toBeLessThan(1e-6);
+    expect(() => new Decoder({ ...small, learnedReinjectInputGate: true })).toThrow(
+      /^learnedReinjectInputGate:/,
+    );
+    tf.dispose([x, base, changed, same]);
+    plain.dispose();
+    re.dispose();
+  });
+});
+
 describe('KV cache', () => {
   it('cached incremental decoding gives the full-sequence logits', () => {
     manualSeed(1);
