@@ -370,20 +370,25 @@ export class AttentionLayers extends Module {
     this.layerDropouts = castList(o.layerDropout, layerTypes.length, 'layerDropout');
     const shifts = castList(o.shiftTokens, layerTypes.length, 'shiftTokens');
 
-    if (preNorm && o.preNormHasFinalNorm) this.finalNorm = this.registerModule('final_norm', normFn());
+    // as in the reference 2.0.1, preNormHasFinalNorm is accepted but a pre-norm stack always has a final norm
+    if (preNorm) this.finalNorm = this.registerModule('final_norm', normFn());
     else if (o.resiDual) this.finalNorm = this.registerModule('final_norm', normFn());
 
     this.layers = this.registerModule('layers', new ModuleList<LayerEntry>());
     layerTypes.forEach((type, ind) => {
       let block: Block;
       if (type === 'a') {
-        block = new Attention(o.dim, { heads: o.heads, causal: o.causal, ...attnKw }) as unknown as Block;
+        block = buildAttention(
+          o.dim,
+          { heads: o.heads, causal: o.causal, ...attnKw },
+          {},
+        ) as unknown as Block;
       } else if (type === 'c') {
-        block = new Attention(o.dim, {
-          heads: o.heads,
-          ...attnKw,
-          ...this.crossAttnOptions,
-        }) as unknown as Block;
+        block = buildAttention(
+          o.dim,
+          { heads: o.heads, ...attnKw },
+          this.crossAttnOptions,
+        ) as unknown as Block;
       } else {
         const f = new FeedForward(o.dim, ffKw) as unknown as Block;
         block = o.macaron ? (new Scale(0.5, f) as Block) : f;
@@ -393,10 +398,10 @@ export class AttentionLayers extends Module {
         const lower = o.causal ? 0 : -s;
         const range: number[] = [];
         for (let i = lower; i <= s; i++) range.push(i);
-        block = new ShiftTokens(range, block) as Block;
+        block = new ShiftTokens(range, block) as unknown as Block;
       }
       if (o.useLayerscale)
-        block = new LayerScale(block, o.dim, o.layerscaleInitValue, o.normAddUnitOffset) as Block;
+        block = new LayerScale(block, o.dim, o.layerscaleInitValue, o.normAddUnitOffset) as unknown as Block;
       const residual: ResidualFn = o.gateResidual
         ? new GRUGating(o.dim, {
             scaleResidual: o.scaleResidual,
@@ -634,6 +639,29 @@ class ConcatCombine extends Module {
   /** x, skip: [b, n, dim] -> [b, n, dim]. */
   forward(x: tf.Tensor, skip: tf.Tensor): tf.Tensor {
     return tf.tidy(() => this.combine.forward(tf.concat([skip, x], -1)));
+  }
+}
+
+/**
+ * Builds an Attention, renaming the option an error names to the prefixed name the caller used
+ * (`flash: ...` -> `attnFlash: ...`, or `crossAttn...` for a cross-attention override).
+ */
+function buildAttention(
+  dim: number,
+  base: Partial<AttentionOptions>,
+  cross: Partial<AttentionOptions>,
+): Attention {
+  try {
+    return new Attention(dim, { ...base, ...cross });
+  } catch (e) {
+    const msg = (e as Error).message;
+    const m = /^([a-zA-Z]+):/.exec(msg);
+    if (m && m[1]! in attentionDefaults && m[1] !== 'heads' && m[1] !== 'causal') {
+      const key = m[1]!;
+      const prefix = key in cross ? 'crossAttn' : 'attn';
+      throw new Error(`${prefix}${key[0]!.toUpperCase()}${key.slice(1)}${msg.slice(key.length)}`);
+    }
+    throw e;
   }
 }
 

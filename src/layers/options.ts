@@ -44,6 +44,7 @@ export interface AttentionLayersOwnOptions {
   crossResidualAttn: boolean;
   macaron: boolean;
   preNorm: boolean;
+  /** Accepted for compatibility; the reference 2.0.1 ignores it (pre-norm stacks keep `final_norm`). */
   preNormHasFinalNorm: boolean;
   gateResidual: boolean;
   scaleResidual: boolean;

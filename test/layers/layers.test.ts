@@ -392,6 +392,14 @@ describe('bad inputs and options', () => {
     expect(() => new Decoder({ ...small, attnFlash: true, relPosBias: true })).toThrow(/^attnFlash:/);
     expect(() => new Decoder({ ...small, attnFlash: true, dynamicPosBias: true })).toThrow(/^attnFlash:/);
     expect(() => new Encoder({ ...small, attnFlash: true, residualAttn: true })).toThrow(/^attnFlash:/);
+    expect(() => new Decoder({ ...small, attnFlash: true, attnPreTalkingHeads: true })).toThrow(
+      /^attnFlash:/,
+    );
+    expect(() => new Decoder({ ...small, attnFlash: true, attnSparseTopk: 2 })).toThrow(/^attnFlash:/);
+    expect(() => new Decoder({ ...small, attnKvHeads: 3 })).toThrow(/^attnKvHeads:/);
+    expect(() => new AttentionLayers({ ...small, crossAttend: true, crossAttnDimHead: 0 })).toThrow(
+      /^crossAttnDimHead:/,
+    );
     expect(() => new Encoder({ ...small, preNorm: false, sandwichNorm: true })).toThrow(/^sandwichNorm:/);
     expect(() => new Encoder({ ...small, rotaryXpos: true })).toThrow(/^rotaryXpos:/);
     expect(() => new Encoder({ ...small, useRmsnorm: true, useScalenorm: true })).toThrow(/^useScalenorm:/);
