@@ -196,6 +196,39 @@ export function attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, opts: AttendFnO
   });
 }
 
+/**
+ * Selective attention (arXiv 2410.02703, section 3.3): the first head's positive logits, summed over
+ * earlier queries, are subtracted from every head's logits, so a token can mask itself from the
+ * future. The first query's own key (column j - i) and each query's own position never gate.
+ * sim: [b, h, i, j] -> [b, h, i, j].
+ */
+export function selectiveAttn(sim: tf.Tensor): tf.Tensor {
+  const [b, , i, j] = sim.shape as [number, number, number, number];
+  let gate = tf.relu(tf.squeeze(tf.slice(sim, [0, 0, 0, 0], [-1, 1, -1, -1]), [1])); // [b, i, j]
+  const col = tf.reshape(tf.range(0, j, 1, 'int32'), [1, j]);
+  const row = tf.reshape(tf.range(0, i, 1, 'int32'), [i, 1]);
+  // zero the column of the first query's position, the diagonal and (when j > i) the keys before the queries
+  const sos = tf.notEqual(col, tf.scalar(j - i, 'int32'));
+  const eye = tf.logicalOr(
+    tf.equal(tf.sub(col, tf.scalar(j - i, 'int32')), row),
+    tf.less(col, tf.scalar(j - i, 'int32')),
+  );
+  const keep = tf.cast(tf.logicalAnd(sos, tf.logicalNot(eye)), 'float32');
+  gate = tf.mul(gate, keep);
+  // only gate the future: query r takes the sum over queries < r
+  gate = tf.slice(
+    tf.pad(gate, [
+      [0, 0],
+      [1, 0],
+      [0, 0],
+    ]),
+    [0, 0, 0],
+    [b, i, j],
+  );
+  gate = tf.cumsum(gate, 1);
+  return tf.sub(sim, tf.expandDims(gate, 1));
+}
+
 /** A 1x1 convolution across heads (nn.Conv2d(heads, heads, 1, bias=False)), initialised to identity. */
 export class HeadMix extends Module {
   readonly weight: tf.Variable;
@@ -230,6 +263,8 @@ export interface AttendModuleOptions {
   scale: number | null;
   l2Distance: boolean;
   sigmoid: boolean;
+  /** Selective attention (arXiv 2410.02703): tokens may stop later tokens from attending to them. */
+  selective: boolean;
   hard: boolean;
   flash: boolean;
   addZeroKv: boolean;
@@ -278,7 +313,9 @@ export class Attend extends Module {
       throw new Error(
         'flash: talking heads (preTalkingHeads, postTalkingHeads, preScalePostTalkingHeads) need the attention matrix, which flash does not form',
       );
-    if (o.flash && o.l2Distance) throw new Error('flash: l2Distance is not available with flash');
+    if (o.flash && o.selective) throw new Error('flash: selective attention needs the attention matrix');
+    if (o.selective && !o.causal)
+      throw new Error('selective: expected causal attention (selective is for autoregression)');
     if (o.softclampLogits && o.flash) throw new Error('flash: softclampLogits is not available with flash');
     if (o.softclampLogits && !(o.logitSoftclampValue > 0))
       throw new Error(`logitSoftclampValue: expected a positive number, got ${o.logitSoftclampValue}`);
@@ -333,7 +370,16 @@ export class Attend extends Module {
       if (o.flash) {
         if (args.prevAttn)
           throw new Error('prevAttn: residual attention is not compatible with flash attention');
-        const out = attend(q, k4, v4, {
+        let qf = q;
+        let kf = k4;
+        if (o.l2Distance) {
+          // -|q - k|^2 as a dot product: [2q, |q|^2, -1] . [k, -1, |k|^2]
+          const qn = tf.sum(tf.square(q), -1, true);
+          const kn = tf.sum(tf.square(k4), -1, true);
+          qf = tf.concat([tf.mul(q, 2), qn, tf.neg(tf.onesLike(qn))], -1);
+          kf = tf.concat([k4, tf.neg(tf.onesLike(kn)), kn], -1);
+        }
+        const out = attend(qf, kf, v4, {
           scale,
           causal: o.causal,
           mask,
@@ -363,6 +409,7 @@ export class Attend extends Module {
       if (o.softclampLogits) sim = tf.mul(tf.tanh(tf.div(sim, o.logitSoftclampValue)), o.logitSoftclampValue);
       if (mask) sim = maskedFill(sim, mask, MASK_VALUE);
       if (o.causal) sim = maskedFill(sim, causalKeep(i, j), MASK_VALUE);
+      if (o.selective) sim = selectiveAttn(sim);
       const preSoftmaxAttn = sim;
       let attn = this.attnFn(sim);
       const postSoftmaxAttn = attn;

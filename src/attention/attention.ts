@@ -91,8 +91,9 @@ export class Attention extends Module {
   readonly memK: tf.Variable | null = null;
   readonly memV: tf.Variable | null = null;
   readonly toOut: Linear;
-  /** Whether this layer supports a key/value cache. */
-  readonly canCacheKv = true;
+  readonly toValueResidualMix: Linear | null = null;
+  /** Whether this layer supports a key/value cache (not with selective attention). */
+  readonly canCacheKv: boolean;
 
   /** dim: feature size of x. */
   constructor(dim: number, options: Partial<AttentionOptions> = {}) {
@@ -140,6 +141,19 @@ export class Attention extends Module {
     if (o.heads % kvHeads !== 0)
       throw new Error(`kvHeads: expected a divisor of heads (${o.heads}), got ${kvHeads}`);
     this.kvHeads = kvHeads;
+    this.canCacheKv = !o.selective;
+    if (o.rotateNumHeads !== null) {
+      if (!Number.isInteger(o.rotateNumHeads) || o.rotateNumHeads <= 0 || o.rotateNumHeads > o.heads)
+        throw new Error(
+          `rotateNumHeads: expected an integer in [1, heads (${o.heads})], got ${o.rotateNumHeads}`,
+        );
+      if (o.rotateNumHeads < o.heads && kvHeads < o.heads)
+        throw new Error(
+          `rotateNumHeads: rotating only some heads is not compatible with grouped-query attention (kvHeads ${kvHeads})`,
+        );
+    }
+    if (o.laser && !(o.laserSoftclampValue > 0))
+      throw new Error(`laserSoftclampValue: expected a positive number, got ${o.laserSoftclampValue}`);
     if (o.qkNorm) {
       checkPositiveInt('qkNormGroups', o.qkNormGroups);
       if (o.dimHead % o.qkNormGroups !== 0)
@@ -191,6 +205,7 @@ export class Attention extends Module {
         scale: o.qkNorm ? o.qkNormScale : this.scale,
         l2Distance: o.l2Distance,
         sigmoid: o.sigmoid,
+        selective: o.selective,
         flash: o.flash,
         addZeroKv: o.addZeroKv,
         softclampLogits: o.softclampLogits,
@@ -211,6 +226,12 @@ export class Attention extends Module {
       this.memK = this.registerParameter('mem_k', draw(kShape));
       this.memV = this.registerParameter('mem_v', draw(vShape));
     }
+
+    if (o.learnedValueResidualMix)
+      this.toValueResidualMix = this.registerModule(
+        'to_value_residual_mix',
+        new Sequential0(dim, o.heads),
+      ).linear;
 
     if (o.onAttn) {
       const seq = this.registerModule('to_out', new ToOutGlu(outDim, this.dimOut));
@@ -303,6 +324,18 @@ export class Attention extends Module {
     let k = splitHeads(this.toK.forward(kvInput), this.kvHeads);
     let v = splitHeads(this.toV.forward(kvInput), this.kvHeads);
 
+    let values: tf.Tensor | undefined;
+    if (opts.returnIntermediates) values = tf.clone(v);
+    if (opts.valueResidual) {
+      const vr = opts.valueResidual;
+      if (vr.rank !== 4 || !vr.shape.every((d, ax) => d === v.shape[ax]))
+        throw new Error(`valueResidual: expected ${fmtShape(v.shape)}, got ${fmtShape(vr.shape)}`);
+      const mix: tf.Tensor | number = this.toValueResidualMix
+        ? tf.expandDims(tf.transpose(tf.sigmoid(this.toValueResidualMix.forward(x)), [0, 2, 1]), -1)
+        : 0.5;
+      v = tf.add(vr, tf.mul(tf.sub(v, vr), mix));
+    }
+
     if (o.qkNorm) {
       q = l2normGroups(q, o.qkNormGroups);
       k = l2normGroups(k, o.qkNormGroups);
@@ -334,7 +367,14 @@ export class Attention extends Module {
       const { freqs, xposScale } = opts.rotary;
       const qScale = xposScale ?? 1;
       let kScale: tf.Tensor | number = xposScale ? tf.pow(xposScale, -1) : 1;
-      q = applyRotaryPosEmb(q, freqs, qScale, 'rotary');
+      const r = o.rotateNumHeads ?? h;
+      const rotate = (t: tf.Tensor, f: tf.Tensor, sc: tf.Tensor | number, name: string): tf.Tensor => {
+        const th = t.shape[1]!;
+        if (r >= th) return applyRotaryPosEmb(t, f, sc, name);
+        const [rest, rot] = tf.split(t, [th - r, r], 1) as [tf.Tensor, tf.Tensor];
+        return tf.concat([rest, applyRotaryPosEmb(rot, f, sc, name)], 1);
+      };
+      q = rotate(q, freqs, qScale, 'rotary');
       let kFreqs = freqs;
       if (hasContext) {
         if (!opts.contextRotary)
@@ -343,7 +383,7 @@ export class Attention extends Module {
         const cx = opts.contextRotary.xposScale;
         kScale = cx ? tf.pow(cx, -1) : 1;
       }
-      k = applyRotaryPosEmb(k, kFreqs, kScale, hasContext ? 'contextRotary' : 'rotary');
+      k = rotate(k, kFreqs, kScale, hasContext ? 'contextRotary' : 'rotary');
     }
 
     // the key mask, before memory key/values
@@ -419,8 +459,14 @@ export class Attention extends Module {
       attnBias = padAxis(attnBias, -1, numMemKv, 0, 0);
     }
 
+    if (o.laser) {
+      const c = o.laserSoftclampValue;
+      v = tf.exp(tf.mul(tf.tanh(tf.div(v, c)), c));
+    }
+
     const res = this.attend.forward(q, k, v, { mask: keep, attnBias, prevAttn: opts.prevAttn ?? null });
     let out = res.out;
+    if (o.laser) out = tf.log(tf.maximum(out, 1e-20));
     if (this.headScaleParams) out = tf.mul(out, this.headScaleParams);
     if (this.toVHeadGate) {
       const gate = tf.sigmoid(this.toVHeadGate.forward(x)); // [b, n, h]
@@ -441,8 +487,18 @@ export class Attention extends Module {
       if (res.postSoftmaxAttn) intermediates.postSoftmaxAttn = res.postSoftmaxAttn;
       if (res.qkSimilarities) intermediates.qkSimilarities = res.qkSimilarities;
       if (cachedKv) intermediates.cachedKv = cachedKv;
+      if (values) intermediates.values = values;
     }
     return { out, intermediates };
+  }
+}
+
+/** nn.Sequential(nn.Linear(dim, out), ...) holding the Linear at index '0'. */
+class Sequential0 extends Module {
+  readonly linear: Linear;
+  constructor(inDim: number, outDim: number) {
+    super();
+    this.linear = this.registerModule('0', new Linear(inDim, outDim));
   }
 }
 

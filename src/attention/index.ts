@@ -1,5 +1,12 @@
 export { Attention } from './attention.js';
-export { Attend, HeadMix, attend, hasFusedAttentionKernel, XT_ATTENTION_KERNEL } from './attend.js';
+export {
+  Attend,
+  HeadMix,
+  attend,
+  hasFusedAttentionKernel,
+  selectiveAttn,
+  XT_ATTENTION_KERNEL,
+} from './attend.js';
 export type { AttendFnOptions, AttendModuleOptions, AttendResult } from './attend.js';
 export { RotaryEmbedding, rotaryEmbeddingDefaults, applyRotaryPosEmb, rotateHalf } from './rotary.js';
 export type { RotaryEmbeddingOptions } from './rotary.js';

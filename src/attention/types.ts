@@ -54,6 +54,15 @@ export interface AttentionOptions {
   l2Distance: boolean;
   /** Sigmoid instead of softmax. */
   sigmoid: boolean;
+  /** Selective attention (causal only; no key/value cache). */
+  selective: boolean;
+  /** LASER: attend over exp(values) (soft-clamped first) and take the log of the result. */
+  laser: boolean;
+  laserSoftclampValue: number;
+  /** Rotary on only the last this-many heads (default all). */
+  rotateNumHeads: number | null;
+  /** With a `valueResidual` input, mix it in per token and head through `to_value_residual_mix` (else 0.5). */
+  learnedValueResidualMix: boolean;
   /** Multi-query attention: a single key/value head (same as `kvHeads: 1`). */
   oneKvHead: boolean;
   /** Grouped-query attention: number of key/value heads (divides `heads`; default `heads`). */
@@ -99,6 +108,11 @@ export const attentionDefaults: AttentionOptions = {
   qkNormDimScale: false,
   l2Distance: false,
   sigmoid: false,
+  selective: false,
+  laser: false,
+  laserSoftclampValue: 15,
+  rotateNumHeads: null,
+  learnedValueResidualMix: false,
   oneKvHead: false,
   kvHeads: null,
   valueDimHead: null,
@@ -163,6 +177,8 @@ export interface AttentionForwardOptions {
   mem?: tf.Tensor;
   /** memMask: [b, m] bool. */
   memMask?: tf.Tensor;
+  /** valueResidual: [b, kvHeads, n_k, valueDimHead] values of the first layer (value residual learning). */
+  valueResidual?: tf.Tensor;
   /** Keys/values of earlier steps; this call's are appended. */
   cache?: AttentionKv;
   /** Fill `intermediates` (attention matrices, cachedKv). */
@@ -177,6 +193,8 @@ export interface AttentionIntermediates {
   postSoftmaxAttn?: tf.Tensor;
   /** [b, h, i, j] scaled q.k logits (+ prevAttn), before talking heads, bias and masking. */
   qkSimilarities?: tf.Tensor;
+  /** [b, kvHeads, n_k, valueDimHead] this call's projected values, before any value residual mix. */
+  values?: tf.Tensor;
   /** Keys/values including this call's, to pass as `cache` next time. */
   cachedKv?: AttentionKv;
 }

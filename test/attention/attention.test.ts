@@ -461,11 +461,119 @@ describe('Attention memory', () => {
       inter.qkSimilarities!,
       inter.cachedKv!.k,
       inter.cachedKv!.v,
+      inter.values!,
     ]);
     expect(tf.memory().numTensors).toBe(before);
     const g = tf.grad((xx: tf.Tensor) => tf.sum(attn.forward(xx).out))(x);
     g.dispose();
     expect(tf.memory().numTensors).toBe(before);
     attn.dispose();
+  });
+});
+
+describe('further reference options', () => {
+  it('l2Distance: logits are -|q - k|^2 * scale, on the fused path too', () => {
+    manualSeed(40);
+    const a = new Attention(8, { heads: 2, dimHead: 4, l2Distance: true, causal: true });
+    const f = new Attention(8, { heads: 2, dimHead: 4, l2Distance: true, causal: true, flash: true });
+    f.loadStateDict(a.stateDict());
+    const x = randn([1, 4, 8], 1);
+    const r = a.forward(x, { returnIntermediates: true });
+    const q = tf.transpose(tf.reshape(a.toQ.forward(x), [1, 4, 2, 4]), [0, 2, 1, 3]);
+    const k = tf.transpose(tf.reshape(a.toK.forward(x), [1, 4, 2, 4]), [0, 2, 1, 3]);
+    const d = tf.sum(tf.square(tf.sub(tf.expandDims(q, 3), tf.expandDims(k, 2))), -1);
+    expectClose(r.intermediates.qkSimilarities!, tf.mul(tf.neg(d), 0.5), 1e-5, 1e-4);
+    expectClose(f.forward(x).out, r.out, 1e-5, 1e-4);
+    a.dispose();
+    f.dispose();
+  });
+
+  it('selective attention: first query unchanged, later logits reduced, no cache', () => {
+    manualSeed(41);
+    const plain = new Attention(8, { heads: 2, dimHead: 4, causal: true });
+    const sel = new Attention(8, { heads: 2, dimHead: 4, causal: true, selective: true });
+    sel.loadStateDict(plain.stateDict());
+    expect(sel.canCacheKv).toBe(false);
+    expect(plain.canCacheKv).toBe(true);
+    expect(() => new Attention(8, { heads: 2, dimHead: 4, selective: true })).toThrow(/^selective: /);
+    const x = randn([1, 5, 8], 2);
+    const p = plain.forward(x, { returnIntermediates: true }).intermediates.preSoftmaxAttn!;
+    const s = sel.forward(x, { returnIntermediates: true }).intermediates.preSoftmaxAttn!;
+    const diff = tf.sub(p, s); // the subtracted gate, >= 0
+    expect(tf.min(diff).dataSync()[0]).toBeGreaterThanOrEqual(-1e-6);
+    expect(maxAbs(tf.slice(diff, [0, 0, 0, 0], [1, 2, 1, 5]))).toBe(0);
+    plain.dispose();
+    sel.dispose();
+  });
+
+  it('laser attends over exp(values) and returns the log', () => {
+    manualSeed(42);
+    const a = new Attention(8, { heads: 2, dimHead: 4, laser: true });
+    const x = randn([1, 3, 8], 3);
+    const { out } = a.forward(x);
+    expect(out.shape).toEqual([1, 3, 8]);
+    expect(Number.isFinite(maxAbs(out))).toBe(true);
+    a.dispose();
+  });
+
+  it('rotateNumHeads rotates only the last heads', () => {
+    manualSeed(43);
+    const all = new Attention(8, { heads: 2, dimHead: 4 });
+    const some = new Attention(8, { heads: 2, dimHead: 4, rotateNumHeads: 1 });
+    some.loadStateDict(all.stateDict());
+    const freqs = tf.tile(tf.reshape(tf.range(0, 4, 1, 'float32'), [4, 1]), [1, 4]);
+    const x = randn([1, 4, 8], 4);
+    const none = all.forward(x, { returnIntermediates: true }).intermediates.qkSimilarities!;
+    const part = some.forward(x, { rotary: { freqs }, returnIntermediates: true }).intermediates
+      .qkSimilarities!;
+    expectClose(tf.slice(part, [0, 0, 0, 0], [1, 1, 4, 4]), tf.slice(none, [0, 0, 0, 0], [1, 1, 4, 4]), 1e-6);
+    expect(
+      maxAbs(tf.sub(tf.slice(part, [0, 1, 0, 0], [1, 1, 4, 4]), tf.slice(none, [0, 1, 0, 0], [1, 1, 4, 4]))),
+    ).toBeGreaterThan(1e-4);
+    expect(() => new Attention(8, { heads: 2, dimHead: 4, rotateNumHeads: 3 })).toThrow(/^rotateNumHeads: /);
+    all.dispose();
+    some.dispose();
+  });
+
+  it('value residual: 0.5 mix by default, learned per head with to_value_residual_mix', () => {
+    manualSeed(44);
+    const a = new Attention(8, { heads: 2, dimHead: 4 });
+    const learned = new Attention(8, { heads: 2, dimHead: 4, learnedValueResidualMix: true });
+    expect(learned.stateDict()['to_value_residual_mix.0.weight']!.shape).toEqual([2, 8]);
+    const x = randn([1, 3, 8], 5);
+    const first = a.forward(x, { returnIntermediates: true });
+    const values = first.intermediates.values!;
+    expect(values.shape).toEqual([1, 2, 3, 4]);
+    // mixing a layer's own values with themselves changes nothing
+    expectClose(a.forward(x, { valueResidual: values }).out, first.out, 1e-6);
+    const other = tf.zerosLike(values);
+    // v -> (v + 0) / 2 halves the output (to_out is linear, attention rows sum to 1)
+    expectClose(a.forward(x, { valueResidual: other }).out, tf.mul(first.out, 0.5), 1e-6);
+    expect(() => a.forward(x, { valueResidual: tf.zeros([1, 2, 4, 4]) })).toThrow(
+      /^valueResidual: expected \[1, 2, 3, 4\]/,
+    );
+    expect(learned.forward(x, { valueResidual: other }).out.shape).toEqual([1, 3, 8]);
+    a.dispose();
+    learned.dispose();
+  });
+
+  it('addZeroKv, softclampLogits, sigmoid and maxAttendPast behave as configured', () => {
+    manualSeed(45);
+    const x = randn([1, 5, 8], 6);
+    const zero = new Attention(8, { heads: 2, dimHead: 4, addZeroKv: true });
+    const post = zero.forward(x, { returnIntermediates: true }).intermediates.postSoftmaxAttn!;
+    expect(post.shape).toEqual([1, 2, 5, 6]);
+    const clamp = new Attention(8, { heads: 2, dimHead: 4, softclampLogits: true, logitSoftclampValue: 0.1 });
+    const pre = clamp.forward(x, { returnIntermediates: true }).intermediates.preSoftmaxAttn!;
+    expect(maxAbs(pre)).toBeLessThanOrEqual(0.1 + 1e-6);
+    const sig = new Attention(8, { heads: 2, dimHead: 4, sigmoid: true });
+    const sp = sig.forward(x, { returnIntermediates: true }).intermediates;
+    expectClose(sp.postSoftmaxAttn!, tf.sigmoid(sp.preSoftmaxAttn!), 1e-7);
+    const past = new Attention(8, { heads: 2, dimHead: 4, causal: true, maxAttendPast: 1 });
+    const pp = past.forward(x, { returnIntermediates: true }).intermediates.postSoftmaxAttn!;
+    const rows = pp.arraySync() as number[][][][];
+    expect(rows[0]![0]![4]![2]).toBe(0);
+    expect(rows[0]![0]![4]![3]).toBeGreaterThan(0);
+    [zero, clamp, sig, past].forEach((m) => m.dispose());
   });
 });
