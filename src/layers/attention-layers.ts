@@ -659,7 +659,9 @@ function buildAttention(
     if (m && m[1]! in attentionDefaults && m[1] !== 'heads' && m[1] !== 'causal') {
       const key = m[1]!;
       const prefix = key in cross ? 'crossAttn' : 'attn';
-      throw new Error(`${prefix}${key[0]!.toUpperCase()}${key.slice(1)}${msg.slice(key.length)}`);
+      throw new Error(`${prefix}${key[0]!.toUpperCase()}${key.slice(1)}${msg.slice(key.length)}`, {
+        cause: e,
+      });
     }
     throw e;
   }
