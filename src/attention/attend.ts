@@ -26,8 +26,10 @@ import {
  *            in float32, and 0 for every query row whose `mask` row has no true entry (the causal
  *            mask alone never empties a row).
  *
- * The kernel needs no gradient of its own: `attend` wraps it in `tf.customGrad` with an analytic
- * backward made of ordinary ops. When an additive bias is given (ALiBi, T5), or the kernel is not
+ * Gradients: when a gradient config is registered for 'XtAttention' (`tf.registerGradient`, e.g.
+ * one calling a native backward kernel), `attend` calls the kernel directly and the engine uses that
+ * gradient (only q, k and v need one; mask is never differentiated). Otherwise `attend` wraps the
+ * kernel in `tf.customGrad` with an analytic backward made of ordinary ops. When an additive bias is given (ALiBi, T5), or the kernel is not
  * registered for the active backend, `attend` runs the composite path, which gives the same numbers.
  */
 export const XT_ATTENTION_KERNEL = 'XtAttention';
@@ -117,6 +119,37 @@ function compositeAttend(
   return out;
 }
 
+/**
+ * The backward pass of the `XtAttention` contract, in ordinary ops (for a backend's gradient config,
+ * or the customGrad wrapper). dy: [b, h, i, dv]; q: [b, h, i, d]; k: [b, h, j, d]; v: [b, h, j, dv];
+ * mask: bool [b|1, h|1, i|1, j] -> [dq, dk, dv].
+ */
+export function attendBackward(
+  dy: tf.Tensor,
+  q: tf.Tensor,
+  k: tf.Tensor,
+  v: tf.Tensor,
+  opts: { scale: number; causal: boolean; mask?: tf.Tensor | null },
+): tf.Tensor[] {
+  return tf.tidy(() => {
+    const { scale, causal } = opts;
+    const mask = opts.mask ?? null;
+    const i = q.shape[2]!;
+    const j = k.shape[2]!;
+    let sim = tf.mul(tf.matMul(q, k, false, true), scale);
+    if (mask) sim = maskedFill(sim, mask, MASK_VALUE);
+    if (causal) sim = maskedFill(sim, causalKeep(i, j), MASK_VALUE);
+    const p = tf.softmax(sim, -1);
+    const g = mask ? tf.where(rowHasKey(mask), dy, tf.zerosLike(dy)) : dy;
+    const dv = tf.matMul(p, g, true, false);
+    const dp = tf.matMul(g, v, false, true);
+    const ds = tf.mul(p, tf.sub(dp, tf.sum(tf.mul(dp, p), -1, true)));
+    const dq = tf.mul(tf.matMul(ds, k), scale);
+    const dk = tf.mul(tf.matMul(ds, q, true, false), scale);
+    return [dq, dk, dv];
+  });
+}
+
 /** The fused kernel, with an analytic backward. */
 function kernelAttend(
   q: tf.Tensor,
@@ -126,6 +159,13 @@ function kernelAttend(
   causal: boolean,
   mask: tf.Tensor | null,
 ): tf.Tensor {
+  if (tf.getGradient(XT_ATTENTION_KERNEL)) {
+    const inputs: tf.NamedTensorMap = mask ? { q, k, v, mask } : { q, k, v };
+    return tf.engine().runKernel(XT_ATTENTION_KERNEL, inputs, {
+      scale,
+      causal,
+    } as unknown as tf.NamedAttrMap) as tf.Tensor;
+  }
   const fused = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
     const [qq, kk, vv, save] = args as [tf.Tensor, tf.Tensor, tf.Tensor, tf.GradSaveFunc];
     save([qq, kk, vv]);
@@ -136,19 +176,7 @@ function kernelAttend(
     } as unknown as tf.NamedAttrMap) as tf.Tensor;
     const gradFunc = (dy: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => {
       const [sq, sk, sv] = saved as [tf.Tensor, tf.Tensor, tf.Tensor];
-      const i = sq.shape[2]!;
-      const j = sk.shape[2]!;
-      let sim = tf.mul(tf.matMul(sq, sk, false, true), scale);
-      if (mask) sim = maskedFill(sim, mask, MASK_VALUE);
-      if (causal) sim = maskedFill(sim, causalKeep(i, j), MASK_VALUE);
-      const p = tf.softmax(sim, -1);
-      const g = mask ? tf.where(rowHasKey(mask), dy, tf.zerosLike(dy)) : dy;
-      const dv = tf.matMul(p, g, true, false);
-      const dp = tf.matMul(g, sv, false, true);
-      const ds = tf.mul(p, tf.sub(dp, tf.sum(tf.mul(dp, p), -1, true)));
-      const dq = tf.mul(tf.matMul(ds, sk), scale);
-      const dk = tf.mul(tf.matMul(ds, sq, true, false), scale);
-      return [dq, dk, dv];
+      return attendBackward(dy, sq, sk, sv, { scale, causal, mask });
     };
     return { value, gradFunc };
   });

@@ -3,6 +3,7 @@ export {
   Attend,
   HeadMix,
   attend,
+  attendBackward,
   hasFusedAttentionKernel,
   selectiveAttn,
   XT_ATTENTION_KERNEL,

@@ -2,7 +2,12 @@ import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Attention } from '../../src/attention/attention.js';
-import { XT_ATTENTION_KERNEL, attend, hasFusedAttentionKernel } from '../../src/attention/attend.js';
+import {
+  XT_ATTENTION_KERNEL,
+  attend,
+  attendBackward,
+  hasFusedAttentionKernel,
+} from '../../src/attention/attend.js';
 import { manualSeed } from '../../src/utils/random.js';
 import { expectClose, randn } from './helpers.js';
 
@@ -174,6 +179,35 @@ describe('attend with a registered XtAttention kernel', () => {
         ).toBe(0);
     });
   }
+
+  it('uses a registered XtAttention gradient config when there is one', () => {
+    const mine = !tf.getGradient(XT_ATTENTION_KERNEL);
+    let gradCalls = 0;
+    if (mine) {
+      // a stand-in for a native backward kernel: the composite path's gradient
+      tf.registerGradient({
+        kernelName: XT_ATTENTION_KERNEL,
+        inputsToSave: ['q', 'k', 'v', 'mask'],
+        gradFunc: (dy, saved, attrs) => {
+          gradCalls++;
+          const [q, k, v, mask] = saved as tf.Tensor[];
+          const a = attrs as unknown as { scale: number; causal: boolean };
+          const [dq, dk, dv] = attendBackward(dy as tf.Tensor, q!, k!, v!, { ...a, mask });
+          return { q: () => dq!, k: () => dk!, v: () => dv! };
+        },
+      });
+    }
+    try {
+      const [q, k, v] = qkv(30, 1, 2, 2, 3, 3, 4);
+      const o = { causal: true, mask: tf.tensor2d([[true, false, true]]) };
+      const gk = gradsOf(true, o, q, k, v);
+      const gc = gradsOf(false, o, q, k, v);
+      for (let n = 0; n < 3; n++) expectClose(gk[n]!, gc[n]!, 1e-5, 1e-4);
+      if (mine) expect(gradCalls).toBe(1);
+    } finally {
+      if (mine) tf.unregisterGradient(XT_ATTENTION_KERNEL);
+    }
+  });
 
   it('falls back to the composite path with an additive bias, and leaks nothing', () => {
     const [q, k, v] = qkv(20);
