@@ -68,3 +68,78 @@ export type {
   AutoregressiveWrapperOptions,
   AutoregressiveForwardOptions,
 } from './generation/autoregressive-wrapper.js';
+export {
+  topK,
+  topP,
+  topA,
+  minP,
+  contrastiveDecode,
+  resolveFilter,
+  normalizeFilterKwargs,
+  FILTER_LOGITS_FN,
+  topKDefaults,
+  topPDefaults,
+  topADefaults,
+  minPDefaults,
+  contrastiveDecodeDefaults,
+} from './generation/filters.js';
+export type {
+  FilterFn,
+  FilterName,
+  FilterKwargs,
+  TopKOptions,
+  TopPOptions,
+  TopAOptions,
+  MinPOptions,
+  ContrastiveDecodeOptions,
+} from './generation/filters.js';
+export { decode, decodeStream } from './generation/generate.js';
+export type {
+  GenerateOptions,
+  GenerateStep,
+  Prompts,
+  DecodingNet,
+  DecodeCache,
+  AmateurModel,
+} from './generation/generate.js';
+export { sampleNext, argmaxRows, multinomialRows } from './generation/sampling.js';
+export {
+  XLAutoregressiveWrapper,
+  xlAutoregressiveWrapperDefaults,
+} from './generation/xl-autoregressive-wrapper.js';
+export type {
+  XLAutoregressiveWrapperOptions,
+  XLGenerateOptions,
+} from './generation/xl-autoregressive-wrapper.js';
+export {
+  ContinuousAutoregressiveWrapper,
+  continuousAutoregressiveWrapperDefaults,
+} from './generation/continuous-autoregressive-wrapper.js';
+export type { ContinuousAutoregressiveWrapperOptions } from './generation/continuous-autoregressive-wrapper.js';
+export {
+  XValAutoregressiveWrapper,
+  xvalAutoregressiveWrapperDefaults,
+} from './generation/xval-autoregressive-wrapper.js';
+export type {
+  XValAutoregressiveWrapperOptions,
+  XValGenerateOptions,
+  XValGenerateResult,
+} from './generation/xval-autoregressive-wrapper.js';
+export { createTokenizer, ByteTokenizer, BpeTokenizer, TOKENIZER_NAMES } from './io/tokenizer.js';
+export type { Tokenizer, TokenizerName } from './io/tokenizer.js';
+export { tokenizeText, splitTokens, WindowSampler, sequentialBatches } from './train/data.js';
+export type { SamplerState } from './train/data.js';
+export { AdamW, adamWDefaults, defaultDecayFilter, clipByGlobalNorm, globalNorm } from './train/optimizer.js';
+export type { AdamWOptions } from './train/optimizer.js';
+export { learningRateAt } from './train/schedule.js';
+export type { ScheduleName, ScheduleOptions } from './train/schedule.js';
+export { Trainer, trainerDefaults } from './train/trainer.js';
+export type {
+  TrainerOptions,
+  StepResult,
+  EvalResult,
+  CheckpointInfo,
+  RunCallbacks,
+  LossModel,
+} from './train/trainer.js';
+export { ensureGradients } from './train/gradients.js';
