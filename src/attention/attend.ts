@@ -27,9 +27,10 @@ import {
  *            mask alone never empties a row).
  *
  * Gradients: when a gradient config is registered for 'XtAttention' (`tf.registerGradient`, e.g.
- * one calling a native backward kernel), `attend` calls the kernel directly and the engine uses that
- * gradient (only q, k and v need one; mask is never differentiated). Otherwise `attend` wraps the
- * kernel in `tf.customGrad` with an analytic backward made of ordinary ops. When an additive bias is given (ALiBi, T5), or the kernel is not
+ * one calling a native backward kernel, with inputsToSave ['q', 'k', 'v', 'mask']) and a mask is
+ * given, `attend` calls the kernel directly and the engine uses that gradient (only q, k and v need
+ * one; mask is never differentiated). Otherwise `attend` wraps the kernel in `tf.customGrad` with
+ * `attendBackward`, an analytic backward made of ordinary ops. When an additive bias is given (ALiBi, T5), or the kernel is not
  * registered for the active backend, `attend` runs the composite path, which gives the same numbers.
  */
 export const XT_ATTENTION_KERNEL = 'XtAttention';
@@ -159,9 +160,10 @@ function kernelAttend(
   causal: boolean,
   mask: tf.Tensor | null,
 ): tf.Tensor {
-  if (tf.getGradient(XT_ATTENTION_KERNEL)) {
-    const inputs: tf.NamedTensorMap = mask ? { q, k, v, mask } : { q, k, v };
-    return tf.engine().runKernel(XT_ATTENTION_KERNEL, inputs, {
+  // a gradient config that saves `mask` cannot run without one (the engine would save a missing
+  // input), so mask-less calls keep the customGrad wrapper
+  if (mask && tf.getGradient(XT_ATTENTION_KERNEL)) {
+    return tf.engine().runKernel(XT_ATTENTION_KERNEL, { q, k, v, mask }, {
       scale,
       causal,
     } as unknown as tf.NamedAttrMap) as tf.Tensor;

@@ -99,8 +99,10 @@ function gradsOf(
 }
 
 describe('attend (fused path) without a registered kernel', () => {
-  it('has no kernel on the cpu backend and equals the non-flash attention', () => {
-    expect(hasFusedAttentionKernel()).toBe(false);
+  it('equals the non-flash attention, values and gradients', () => {
+    // the pure cpu backend has no fused kernel; native backends may (then this checks their kernel)
+    if (tf.getBackend() === 'cpu') expect(hasFusedAttentionKernel()).toBe(false);
+    const tol = hasFusedAttentionKernel() ? 1e-5 : 0;
     manualSeed(1);
     const a = new Attention(16, { heads: 4, dimHead: 4, kvHeads: 2, causal: true });
     const f = new Attention(16, { heads: 4, dimHead: 4, kvHeads: 2, causal: true, flash: true });
@@ -110,13 +112,13 @@ describe('attend (fused path) without a registered kernel', () => {
       [true, true, false, true, true, true],
       [false, false, true, true, true, true],
     ]);
-    expectClose(f.forward(x, { mask }).out, a.forward(x, { mask }).out, 0, 0);
+    expectClose(f.forward(x, { mask }).out, a.forward(x, { mask }).out, tol, tol);
     const loss = (m: Attention) => () => tf.sum(tf.square(m.forward(x, { mask }).out)) as tf.Scalar;
     const ga = tf.variableGrads(loss(a));
     const gf = tf.variableGrads(loss(f));
     for (const [name, v] of a.namedParameters()) {
       const fv = new Map(f.namedParameters()).get(name)!;
-      expectClose(gf.grads[fv.name]!, ga.grads[v.name]!, 0, 0);
+      expectClose(gf.grads[fv.name]!, ga.grads[v.name]!, tol, tol * 10);
     }
     a.dispose();
     f.dispose();
@@ -136,7 +138,14 @@ describe('attend (fused path) without a registered kernel', () => {
 });
 
 describe('attend with a registered XtAttention kernel', () => {
+  // a backend with its own kernel is tested as it is; otherwise the JavaScript stand-in is registered
+  let fake = false;
+  const counted = (n: number): void => {
+    if (fake) expect(kernelCalls).toBe(n);
+  };
   beforeAll(() => {
+    if (hasFusedAttentionKernel()) return;
+    fake = true;
     tf.registerKernel({
       kernelName: XT_ATTENTION_KERNEL,
       backendName: tf.getBackend(),
@@ -144,7 +153,7 @@ describe('attend with a registered XtAttention kernel', () => {
     });
   });
   afterAll(() => {
-    tf.unregisterKernel(XT_ATTENTION_KERNEL, tf.getBackend());
+    if (fake) tf.unregisterKernel(XT_ATTENTION_KERNEL, tf.getBackend());
   });
 
   const cases: [string, Parameters<typeof attend>[3], number, number][] = [
@@ -166,9 +175,9 @@ describe('attend with a registered XtAttention kernel', () => {
       expect(hasFusedAttentionKernel()).toBe(true);
       const calls = kernelCalls;
       const fused = attend(q, k, v, o);
-      expect(kernelCalls).toBe(calls + 1);
+      counted(calls + 1);
       const composite = attend(q, k, v, { ...o, useKernel: false });
-      expect(kernelCalls).toBe(calls + 1);
+      counted(calls + 1);
       expectClose(fused, composite, 1e-5, 1e-4);
       const gk = gradsOf(true, o, q, k, v);
       const gc = gradsOf(false, o, q, k, v);
@@ -219,7 +228,7 @@ describe('attend with a registered XtAttention kernel', () => {
       tf.grads((a: tf.Tensor) => tf.sum(attend(a, k, v, { causal: true })))([q]);
     });
     expect(tf.memory().numTensors).toBe(before);
-    expect(kernelCalls).toBe(calls + 1);
+    counted(calls + 1);
   });
 
   it('a flash Attention layer uses the kernel and matches the non-flash layer, gradients included', () => {
@@ -230,7 +239,7 @@ describe('attend with a registered XtAttention kernel', () => {
     const x = randn([2, 5, 16], 5);
     const calls = kernelCalls;
     expectClose(f.forward(x).out, a.forward(x).out, 1e-5, 1e-4);
-    expect(kernelCalls).toBe(calls + 1);
+    counted(calls + 1);
     const loss = (m: Attention) => () => tf.sum(tf.square(m.forward(x).out)) as tf.Scalar;
     const ga = tf.variableGrads(loss(a));
     const gf = tf.variableGrads(loss(f));
