@@ -1,11 +1,19 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { readFileSync, readdirSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { loadSafetensors } from '../../src/io/safetensors.js';
 import { AttentionLayers, CrossAttender, Decoder, Encoder } from '../../src/layers/attention-layers.js';
 import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
 
-export const VISIBLE = '/work/shared/parity/visible';
+const here = path.dirname(fileURLToPath(import.meta.url));
+
+/** The shared visible reference cases (beside the repository), or XT_PARITY_DIR. */
+export const VISIBLE =
+  process.env.XT_PARITY_DIR ?? path.resolve(here, '..', '..', '..', 'shared', 'parity', 'visible');
+
+/** Extra reference cases for options the shared visible set does not cover (see fixtures/generate.py). */
+export const FIXTURES = path.join(here, 'fixtures');
 
 export interface Case {
   name: string;
@@ -31,11 +39,12 @@ export function readCase(file: string): Case {
   return { name: meta.name, task: meta.task, spec: meta.spec, tensors };
 }
 
-export function listCases(tasks: string[]): string[] {
-  return readdirSync(VISIBLE)
+export function listCases(tasks: string[], dir = VISIBLE): string[] {
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir)
     .filter((f) => f.endsWith('.safetensors'))
     .sort()
-    .map((f) => path.join(VISIBLE, f))
+    .map((f) => path.join(dir, f))
     .filter((f) => {
       const buf = readFileSync(f);
       const len = Number(buf.readBigUInt64LE(0));

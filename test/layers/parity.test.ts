@@ -4,16 +4,17 @@ import { describe, expect, it } from 'vitest';
 import { AttentionLayers } from '../../src/layers/attention-layers.js';
 import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
 import { AutoregressiveWrapper } from '../../src/generation/autoregressive-wrapper.js';
-import { buildModel, compare, listCases, readCase } from './parity-helpers.js';
+import { FIXTURES, buildModel, compare, listCases, readCase } from './parity-helpers.js';
 
 const only = process.env.XT_CASE;
-const files = listCases(['logits', 'logits_masked', 'cross', 'loss_grads', 'xl']).filter(
+const TASKS = ['logits', 'logits_masked', 'cross', 'loss_grads', 'xl'];
+const files = [...listCases(TASKS), ...listCases(TASKS, FIXTURES)].filter(
   (f) => !only || path.basename(f, '.safetensors') === only,
 );
 
 describe('layers parity with the reference (visible cases)', () => {
   for (const file of files) {
-    it(path.basename(file, '.safetensors'), () => {
+    it(`${path.basename(path.dirname(file))}/${path.basename(file, '.safetensors')}`, () => {
       const c = readCase(file);
       const model = buildModel(c);
       const before = tf.memory().numTensors;
