@@ -159,6 +159,18 @@ describe('generate: semantics', () => {
     net.dispose();
   });
 
+  it('restrictToMaxSeqLen false feeds the whole sequence, cached or not', () => {
+    const net = makeNet({ rotaryPosEmb: true });
+    const o = { temperature: 0, restrictToMaxSeqLen: false };
+    const a = run(net, prompts, 20, o);
+    const b = run(net, prompts, 20, { ...o, cacheKv: false });
+    expect(a).toEqual(b);
+    // the sliding window changes the tokens once the sequence outgrows maxSeqLen
+    const windowed = run(net, prompts, 20, { temperature: 0, cacheKv: false });
+    expect(windowed.map((r) => r.slice(0, 12))).toEqual(a.map((r) => r.slice(0, 12)));
+    net.dispose();
+  });
+
   it('contrastive decoding with an amateur model', () => {
     const net = makeNet({ rotaryPosEmb: true });
     const amateur = makeNet({ rotaryPosEmb: true, depth: 1 }, {}, 9);
