@@ -42,7 +42,8 @@ export class RotaryEmbedding extends Module {
     if (!(o.scaleBase > 0)) throw new Error(`scaleBase: expected a positive number, got ${o.scaleBase}`);
     this.dim = dim;
     this.options = o;
-    const base = o.base * o.baseRescaleFactor ** (dim / (dim - 2));
+    // NTK-aware rescale (the reference divides by dim - 2, so it needs dim > 2 whenever it is used)
+    const base = o.baseRescaleFactor === 1 ? o.base : o.base * o.baseRescaleFactor ** (dim / (dim - 2));
     const half = dim / 2;
     const inv = new Float32Array(half);
     for (let i = 0; i < half; i++) inv[i] = 1 / base ** Math.fround((2 * i) / dim);
