@@ -8,6 +8,7 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import * as tf from '@tensorflow/tfjs-core';
 import cliProgress from 'cli-progress';
 import { initBackend } from '../src/backend/index.js';
 import { AutoregressiveWrapper } from '../src/generation/autoregressive-wrapper.js';
@@ -122,7 +123,15 @@ function corpus(maxBytes = 300_000): { text: string; sources: string[] } {
 
 async function main(): Promise<void> {
   const flags = parseFlags(process.argv.slice(2));
-  const backend = await initBackend(flags.backend ?? process.env.XT_BACKEND);
+  let backend = await initBackend(flags.backend ?? process.env.XT_BACKEND);
+  // training needs the gradient of the embedding lookup (UnsortedSegmentSum), which the wasm
+  // backend does not implement: train on the cpu backend then
+  if (tf.getBackend() === 'wasm' && !tf.getKernel('UnsortedSegmentSum', 'wasm')) {
+    await import('@tensorflow/tfjs-backend-cpu');
+    await tf.setBackend('cpu');
+    backend = { ...backend, backend: 'cpu' };
+    console.log('wasm lacks a kernel training needs (UnsortedSegmentSum): training on the cpu backend');
+  }
   const tokenizer = createTokenizer('byte');
   const { text, sources } = corpus();
   const tokens = tokenizeText(text, tokenizer);
