@@ -142,6 +142,12 @@ export class AttentionLayers extends Module {
   readonly disableAbsPosEmb: boolean;
   readonly layerDropouts: number[];
   readonly dimHead: number;
+  /**
+   * Whether KV-cached decoding gives the same numbers as recomputation: every attention layer can
+   * cache, and no layer shifts tokens (a shifted layer would need earlier hidden states, which the
+   * cache does not hold; the reference caches anyway and drifts, this stack recomputes instead).
+   */
+  readonly canCacheKv: boolean;
   /** Number of blocks, as the reference counts them (1 after weight tying). */
   readonly depth: number;
   /** Per layer index: the index of the earlier layer whose input a U-Net skip concatenates, or null. */
@@ -374,21 +380,17 @@ export class AttentionLayers extends Module {
     if (preNorm) this.finalNorm = this.registerModule('final_norm', normFn());
     else if (o.resiDual) this.finalNorm = this.registerModule('final_norm', normFn());
 
+    let allCache = shifts.every((v) => v === 0);
     this.layers = this.registerModule('layers', new ModuleList<LayerEntry>());
     layerTypes.forEach((type, ind) => {
       let block: Block;
-      if (type === 'a') {
-        block = buildAttention(
-          o.dim,
-          { heads: o.heads, causal: o.causal, ...attnKw },
-          {},
-        ) as unknown as Block;
-      } else if (type === 'c') {
-        block = buildAttention(
-          o.dim,
-          { heads: o.heads, ...attnKw },
-          this.crossAttnOptions,
-        ) as unknown as Block;
+      if (type === 'a' || type === 'c') {
+        const a =
+          type === 'a'
+            ? buildAttention(o.dim, { heads: o.heads, causal: o.causal, ...attnKw }, {})
+            : buildAttention(o.dim, { heads: o.heads, ...attnKw }, this.crossAttnOptions);
+        allCache &&= a.canCacheKv;
+        block = a as unknown as Block;
       } else {
         const f = new FeedForward(o.dim, ffKw) as unknown as Block;
         block = o.macaron ? (new Scale(0.5, f) as Block) : f;
@@ -418,6 +420,7 @@ export class AttentionLayers extends Module {
       );
       this.layers.push(new LayerEntry(norms, block, residual));
     });
+    this.canCacheKv = allCache;
   }
 
   /** Which attention layers (self or cross) a cache lists, in execution order: true = self-attention. */

@@ -208,7 +208,7 @@ export class TransformerWrapper extends Module {
 
   /** Whether KV-cached decoding is possible (no memory tokens). */
   get canCacheKv(): boolean {
-    return this.numMemoryTokens === 0;
+    return this.numMemoryTokens === 0 && this.attnLayers.canCacheKv;
   }
 
   /** Whether cached decoding may run past maxSeqLen (no absolute positions). */
@@ -271,7 +271,7 @@ export class TransformerWrapper extends Module {
     if (opts.seqStartPos) checkTensor('seqStartPos', opts.seqStartPos, { shape: [b], dtype: 'int32' });
     if (opts.cache && !this.canCacheKv)
       throw new Error(
-        'cache: expected no memory tokens, cached decoding is not possible with numMemoryTokens > 0',
+        'cache: this model cannot decode with a KV cache (memory tokens, token shifting or an attention layer that cannot cache)',
       );
   }
 

@@ -181,6 +181,71 @@ describe('KV cache', () => {
   });
 });
 
+describe('KV cache matches full recomputation for every positional scheme', () => {
+  const variants: [string, Record<string, unknown>, Record<string, unknown>][] = [
+    ['absolute positions', {}, {}],
+    ['T5 relative bias', { relPosBias: true }, {}],
+    ['ALiBi', { alibiPosBias: true }, {}],
+    ['dynamic bias', { dynamicPosBias: true }, {}],
+    ['xpos', { rotaryXpos: true }, {}],
+    ['memory kv + grouped heads + qk norm', { attnNumMemKv: 2, attnKvHeads: 1, attnQkNorm: true }, {}],
+    ['no absolute positions', {}, { useAbsPosEmb: false }],
+  ];
+  for (const [name, layerOpts, wrapOpts] of variants) {
+    it(name, () => {
+      manualSeed(30);
+      const m = new TransformerWrapper({
+        numTokens: 20,
+        maxSeqLen: 16,
+        ...wrapOpts,
+        attnLayers: new Decoder({ ...small, ...layerOpts }),
+      }).eval();
+      const x = ids(2, 7, 20, 31);
+      const full = m.forward(x);
+      let st = m.forwardWithState(tf.slice(x, [0, 0], [2, 4]), { returnCache: true });
+      for (let t = 5; t <= 7; t++) {
+        const seq = tf.slice(x, [0, 0], [2, t]);
+        const next = m.forwardWithState(seq, { cache: st.cache });
+        const expected = tf.slice(full, [0, t - 1, 0], [2, 1, 20]);
+        expect(maxDiff(next.logits, expected)).toBeLessThan(1e-4);
+        tf.dispose([expected, seq, st.logits, st.embeddings]);
+        st.cache!.dispose();
+        st = next;
+      }
+      st.cache!.dispose();
+      tf.dispose([st.logits, st.embeddings, full, x]);
+      m.dispose();
+    });
+  }
+});
+
+describe('models that cannot use a KV cache say so', () => {
+  it('token shifting and memory tokens turn caching off (recompute instead)', () => {
+    manualSeed(32);
+    const shifted = new TransformerWrapper({
+      numTokens: 20,
+      maxSeqLen: 16,
+      attnLayers: new Decoder({ ...small, shiftTokens: 1 }),
+    });
+    const mem = new TransformerWrapper({
+      numTokens: 20,
+      maxSeqLen: 16,
+      numMemoryTokens: 2,
+      attnLayers: new Decoder(small),
+    });
+    const plain = new TransformerWrapper({ numTokens: 20, maxSeqLen: 16, attnLayers: new Decoder(small) });
+    expect(shifted.canCacheKv).toBe(false);
+    expect(mem.canCacheKv).toBe(false);
+    expect(plain.canCacheKv).toBe(true);
+    const x = ids(1, 3, 20);
+    const st = plain.forwardWithState(x, { returnCache: true });
+    expect(() => shifted.forwardWithState(x, { cache: st.cache })).toThrow(/^cache:/);
+    st.cache!.dispose();
+    tf.dispose([st.logits, st.embeddings, x]);
+    [shifted, mem, plain].forEach((m) => m.dispose());
+  });
+});
+
 describe('dropouts', () => {
   it('embedding, feedforward and attention dropout act in training only', () => {
     manualSeed(2);
