@@ -5,7 +5,6 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-cpu';
-import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
 import os from 'node:os';
 import { TorchBackend } from './backend.js';
 import { registerTorchKernels } from './kernels.js';
