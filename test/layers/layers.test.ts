@@ -219,6 +219,42 @@ describe('KV cache matches full recomputation for every positional scheme', () =
   }
 });
 
+describe('KV cache with cross-attention', () => {
+  it('cross-attention keys/values are cached from the first call', () => {
+    manualSeed(33);
+    const m = new TransformerWrapper({
+      numTokens: 20,
+      maxSeqLen: 16,
+      attnLayers: new Decoder({ ...small, crossAttend: true, rotaryPosEmb: true }),
+    }).eval();
+    const x = ids(2, 6, 20, 34);
+    const context = tf.randomNormal([2, 5, 16], 0, 1, 'float32', 35);
+    const contextMask = tf.tensor2d(
+      [
+        [true, true, true, true, true],
+        [true, true, false, false, false],
+      ],
+      [2, 5],
+      'bool',
+    );
+    const full = m.forward(x, { context, contextMask });
+    let st = m.forwardWithState(tf.slice(x, [0, 0], [2, 4]), { context, contextMask, returnCache: true });
+    expect(st.cache!.selfAttn).toEqual([true, false, true, false]);
+    for (let t = 5; t <= 6; t++) {
+      const seq = tf.slice(x, [0, 0], [2, t]);
+      const next = m.forwardWithState(seq, { context, contextMask, cache: st.cache });
+      const expected = tf.slice(full, [0, t - 1, 0], [2, 1, 20]);
+      expect(maxDiff(next.logits, expected)).toBeLessThan(1e-4);
+      tf.dispose([expected, seq, st.logits, st.embeddings]);
+      st.cache!.dispose();
+      st = next;
+    }
+    st.cache!.dispose();
+    tf.dispose([st.logits, st.embeddings, full, x, context, contextMask]);
+    m.dispose();
+  });
+});
+
 describe('models that cannot use a KV cache say so', () => {
   it('token shifting and memory tokens turn caching off (recompute instead)', () => {
     manualSeed(32);
