@@ -326,6 +326,34 @@ describe('dropouts', () => {
     layers.dispose();
   });
 
+  it('cross-attention token dropout drops context tokens in training only', () => {
+    manualSeed(40);
+    const layers = new AttentionLayers({ ...small, crossAttend: true, crossAttnTokensDropout: 0.5 });
+    const x = tf.randomNormal([2, 4, 16], 0, 1, 'float32', 41);
+    const context = tf.randomNormal([2, 8, 16], 0, 1, 'float32', 42);
+    const contextMask = tf.tensor2d(
+      [
+        [1, 1, 1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+      ],
+      [2, 8],
+      'bool',
+    );
+    layers.eval();
+    const e1 = layers.forward(x, { context, contextMask }).out;
+    const e2 = layers.forward(x, { context, contextMask }).out;
+    expect(maxDiff(e1, e2)).toBe(0);
+    layers.train();
+    const t1 = layers.forward(x, { context, contextMask, rng: new Rng(1) }).out;
+    const t2 = layers.forward(x, { context, contextMask, rng: new Rng(2) }).out;
+    const t1again = layers.forward(x, { context, contextMask, rng: new Rng(1) }).out;
+    expect(maxDiff(t1, t2)).toBeGreaterThan(1e-4);
+    expect(maxDiff(t1, t1again)).toBe(0);
+    expect(maxDiff(t1, e1)).toBeGreaterThan(1e-4);
+    tf.dispose([x, context, contextMask, e1, e2, t1, t2, t1again]);
+    layers.dispose();
+  });
+
   it('layer dropout per layer: a layer with p 0 always runs', () => {
     manualSeed(3);
     const layers = new Decoder({ ...small, depth: 1, layerDropout: [0.5, 0] }).train();
