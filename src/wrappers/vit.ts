@@ -128,11 +128,11 @@ export class ViTransformerWrapper extends Module {
 
   /**
    * img: [b, channels, h, w] float32 (h, w multiples of patchSize, at most imageSize^2 / patchSize^2
-   * patches) -> logits [b, numClasses], or embeddings [b, numPatches, dim] with `returnEmbeddings`
-   * or when the wrapper has no `numClasses`.
+   * patches) -> logits [b, numClasses] (without `numClasses` the head is the identity, as in the
+   * reference: the mean embedding [b, dim]), or embeddings [b, numPatches, dim] with `returnEmbeddings`.
    */
   forward(img: tf.Tensor, opts: ViTForwardOptions = {}): tf.Tensor {
-    const { logits, embeddings } = this.run(img, !opts.returnEmbeddings && this.mlpHead !== null);
+    const { logits, embeddings } = this.run(img, !opts.returnEmbeddings);
     if (logits) {
       embeddings.dispose();
       return logits;
@@ -140,9 +140,11 @@ export class ViTransformerWrapper extends Module {
     return embeddings;
   }
 
-  /** img: [b, channels, h, w] -> logits [b, numClasses] and embeddings [b, numPatches, dim]. */
+  /**
+   * img: [b, channels, h, w] -> logits [b, numClasses] (the mean embedding [b, dim] without
+   * `numClasses`) and embeddings [b, numPatches, dim].
+   */
   forwardWithEmbeddings(img: tf.Tensor): { logits: tf.Tensor; embeddings: tf.Tensor } {
-    if (!this.mlpHead) throw new Error('forwardWithEmbeddings: the wrapper has no numClasses, so no logits');
     const { logits, embeddings } = this.run(img, true);
     return { logits: logits!, embeddings };
   }
@@ -196,8 +198,9 @@ export class ViTransformerWrapper extends Module {
       if (this.registerTokens) x = tf.concat([x, repeatBatch(this.registerTokens, b)], 1);
       let { out: embed } = runLayers(this.attnLayers, x);
       if (this.registerTokens) embed = tf.slice(embed, [0, 0, 0], [b, n, this.dim]);
-      if (!withLogits || !this.mlpHead) return [embed];
-      return [embed, this.mlpHead.forward(tf.mean(embed, -2))];
+      if (!withLogits) return [embed];
+      const pooled = tf.mean(embed, -2);
+      return [embed, this.mlpHead ? this.mlpHead.forward(pooled) : pooled];
     });
     return { logits: logits ?? null, embeddings: embeddings! };
   }

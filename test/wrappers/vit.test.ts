@@ -75,9 +75,15 @@ describe('ViTransformerWrapper', () => {
     });
     const img = tf.randomNormal([1, 3, 8, 8], 0, 1, 'float32', 4);
     m.eval();
-    const a = m.forward(img);
-    const b = m.forward(img);
+    const a = m.forward(img, { returnEmbeddings: true });
+    const b = m.forward(img, { returnEmbeddings: true });
     expect(a.shape).toEqual([1, 4, 8]);
+    // without numClasses the head is the identity (as the reference): the mean embedding
+    const pooled = m.forward(img);
+    expect(pooled.shape).toEqual([1, 8]);
+    const err = tf.tidy(() => tf.max(tf.abs(tf.sub(tf.mean(a, 1), pooled))).dataSync()[0]!);
+    expect(err).toBeLessThan(1e-6);
+    pooled.dispose();
     expect(Array.from(a.dataSync())).toEqual(Array.from(b.dataSync()));
     m.train();
     const c = m.forward(img);
