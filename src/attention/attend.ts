@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module } from '../nn/module.js';
+import type { CoPE } from './cope.js';
 import { fmtShape } from '../utils/errors.js';
 import {
   MASK_VALUE,
@@ -300,6 +301,8 @@ export interface AttendModuleOptions {
   addZeroKv: boolean;
   softclampLogits: boolean;
   logitSoftclampValue: number;
+  /** Contextual position encoding added to the masked logits (registered as `cope`). */
+  cope?: CoPE | null;
 }
 
 /** What `Attend.forward` returns. */
@@ -321,6 +324,7 @@ export class Attend extends Module {
   readonly preSoftmaxTalkingHeads: HeadMix | null = null;
   readonly postSoftmaxTalkingHeads: HeadMix | null = null;
   readonly preScalePostTalkingHeads: HeadMix | null = null;
+  readonly cope: CoPE | null = null;
 
   constructor(options: AttendModuleOptions) {
     super();
@@ -360,6 +364,11 @@ export class Attend extends Module {
         'pre_scale_post_talking_heads',
         new HeadMix(o.heads),
       );
+    if (o.cope) {
+      if (o.flash)
+        throw new Error('flash: CoPE (useCope) needs the attention matrix, which flash does not form');
+      this.cope = this.registerModule('cope', o.cope);
+    }
   }
 
   /**
@@ -439,6 +448,7 @@ export class Attend extends Module {
       if (o.softclampLogits) sim = tf.mul(tf.tanh(tf.div(sim, o.logitSoftclampValue)), o.logitSoftclampValue);
       if (mask) sim = maskedFill(sim, mask, MASK_VALUE);
       if (o.causal) sim = maskedFill(sim, causalKeep(i, j), MASK_VALUE);
+      if (this.cope) sim = tf.add(sim, this.cope.forward(q, sim));
       if (o.selective) sim = selectiveAttn(sim);
       const preSoftmaxAttn = sim;
       let attn = this.attnFn(sim);

@@ -4,6 +4,8 @@ import { Linear } from '../nn/linear.js';
 import { fmtShape } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
 import { Attend } from './attend.js';
+import { CoPE } from './cope.js';
+import { DataDependentAlibi, PerRowDataDependentAlibi } from './data-dependent-alibi.js';
 import { l2normGroups, padAxis } from './ops.js';
 import { applyRotaryPosEmb } from './rotary.js';
 import {
@@ -92,6 +94,7 @@ export class Attention extends Module {
   readonly memV: tf.Variable | null = null;
   readonly toOut: Linear;
   readonly toValueResidualMix: Linear | null = null;
+  readonly dataDependentAlibi: DataDependentAlibi | PerRowDataDependentAlibi | null = null;
   /** Whether this layer supports a key/value cache (not with selective attention). */
   readonly canCacheKv: boolean;
 
@@ -190,6 +193,31 @@ export class Attention extends Module {
       this.qkNormKScale = this.registerParameter('qk_norm_k_scale', tf.ones([kvHeads, 1, o.dimHead]));
     }
 
+    let cope: CoPE | null = null;
+    if (o.useCope) {
+      if (!o.causal) throw new Error('useCope: expected causal attention (CoPE was designed for it)');
+      if (o.flash)
+        throw new Error('flash: CoPE (useCope) needs the attention matrix, which flash does not form');
+      cope = new CoPE(o.dimHead, {
+        heads: o.heads,
+        maxPos: o.copeMaxPos,
+        talkingHeads: o.copeTalkingHeads,
+        softOnehot: o.copeSoftOnehotPos,
+      });
+    }
+    if (o.dataDependentAlibi) {
+      const module = o.dataDependentAlibiPerRow
+        ? new PerRowDataDependentAlibi(
+            dim,
+            o.heads,
+            o.causal,
+            o.dataDependentAlibiPerRowDimHead,
+            o.dataDependentAlibiKwargs,
+          )
+        : new DataDependentAlibi(dim, o.heads, o.causal, o.dataDependentAlibiKwargs);
+      this.dataDependentAlibi = this.registerModule('data_dependent_alibi', module);
+    }
+
     this.attend = this.registerModule(
       'attend',
       new Attend({
@@ -210,6 +238,7 @@ export class Attention extends Module {
         addZeroKv: o.addZeroKv,
         softclampLogits: o.softclampLogits,
         logitSoftclampValue: o.logitSoftclampValue,
+        cope,
       }),
     );
 
@@ -457,6 +486,13 @@ export class Attention extends Module {
         attnBias = opts.relPos.bias(i, j);
       }
       attnBias = padAxis(attnBias, -1, numMemKv, 0, 0);
+    }
+    if (this.dataDependentAlibi) {
+      if (hasContext || mem || opts.cache)
+        throw new Error(
+          'dataDependentAlibi: expected plain self-attention (no context, mem or cache), its bias comes from x alone',
+        );
+      attnBias = padAxis(this.dataDependentAlibi.forward(x), -1, numMemKv, 0, 0);
     }
 
     if (o.laser) {

@@ -29,3 +29,7 @@ export type { RelativePositionBiasOptions } from './relative-position-bias.js';
 export { DynamicPositionBias, dynamicPositionBiasDefaults } from './dynamic-position-bias.js';
 export type { DynamicPositionBiasOptions } from './dynamic-position-bias.js';
 export { AlibiPositionalBias, alibiSlopes } from './alibi.js';
+export { CoPE, copeDefaults } from './cope.js';
+export type { CoPEOptions } from './cope.js';
+export { DataDependentAlibi, PerRowDataDependentAlibi } from './data-dependent-alibi.js';
+export type { DataDependentAlibiKwargs } from './data-dependent-alibi.js';

@@ -1,4 +1,5 @@
 import type * as tf from '@tensorflow/tfjs-core';
+import type { DataDependentAlibiKwargs } from './data-dependent-alibi.js';
 
 /**
  * Options of `Attention`: the reference Attention's keyword arguments in camelCase
@@ -61,6 +62,17 @@ export interface AttentionOptions {
   laserSoftclampValue: number;
   /** Rotary on only the last this-many heads (default all). */
   rotateNumHeads: number | null;
+  /** Contextual position encoding (causal only). */
+  useCope: boolean;
+  copeMaxPos: number;
+  copeSoftOnehotPos: boolean;
+  copeTalkingHeads: boolean;
+  /** Data-dependent ALiBi (Forgetting Transformer) bias from x (self-attention without cache or memories). */
+  dataDependentAlibi: boolean;
+  /** The per-row variant, from small query/key projections. */
+  dataDependentAlibiPerRow: boolean;
+  dataDependentAlibiPerRowDimHead: number;
+  dataDependentAlibiKwargs: DataDependentAlibiKwargs;
   /** With a `valueResidual` input, mix it in per token and head through `to_value_residual_mix` (else 0.5). */
   learnedValueResidualMix: boolean;
   /** Multi-query attention: a single key/value head (same as `kvHeads: 1`). */
@@ -113,6 +125,14 @@ export const attentionDefaults: AttentionOptions = {
   laserSoftclampValue: 15,
   rotateNumHeads: null,
   learnedValueResidualMix: false,
+  useCope: false,
+  copeMaxPos: 16,
+  copeSoftOnehotPos: false,
+  copeTalkingHeads: false,
+  dataDependentAlibi: false,
+  dataDependentAlibiPerRow: false,
+  dataDependentAlibiPerRowDimHead: 8,
+  dataDependentAlibiKwargs: {},
   oneKvHead: false,
   kvHeads: null,
   valueDimHead: null,

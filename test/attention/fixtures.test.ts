@@ -71,7 +71,12 @@ describe('Attention matches reference module fixtures', () => {
       );
       const meta = JSON.parse(metadata['case']!) as { spec: Spec; cache: boolean; grads: boolean };
       const spec = meta.spec;
-      const attn = new Attention(spec.dim, camel(spec.kwargs) as Partial<AttentionOptions>);
+      const kwargs = camel(spec.kwargs);
+      if (kwargs['dataDependentAlibiKwargs'])
+        kwargs['dataDependentAlibiKwargs'] = camel(
+          kwargs['dataDependentAlibiKwargs'] as Record<string, unknown>,
+        );
+      const attn = new Attention(spec.dim, kwargs as Partial<AttentionOptions>);
       attn.loadStateDict(prefixed(t, 'param.'));
       attn.eval();
       const relPos = spec.relpos ? makeRelPos(spec.relpos) : null;
