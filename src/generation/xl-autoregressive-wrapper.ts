@@ -18,10 +18,16 @@ await ensureGradients();
 export interface XlNet extends Module {
   readonly numTokens: number;
   readonly maxSeqLen: number;
+  readonly canCacheKv?: boolean;
   forwardWithState(
     x: tf.Tensor,
-    opts?: { mems?: tf.Tensor[]; returnMems?: boolean },
-  ): { logits: tf.Tensor; embeddings: tf.Tensor; mems?: tf.Tensor[] };
+    opts?: { mems?: tf.Tensor[]; returnMems?: boolean; cache?: XlCache; returnCache?: boolean },
+  ): { logits: tf.Tensor; embeddings: tf.Tensor; mems?: tf.Tensor[]; cache?: XlCache };
+}
+
+/** A key/value cache as the model returns it (LayersCache). */
+export interface XlCache {
+  dispose(): void;
 }
 
 export interface XLAutoregressiveWrapperOptions {
@@ -42,6 +48,11 @@ export interface XLGenerateOptions {
   filterKwargs?: FilterKwargs;
   /** memories to start from: one [b, m, dim] per attention layer (not disposed) */
   mems?: tf.Tensor[];
+  /**
+   * decode with a key/value cache (default true), as the reference: the cache then spans every
+   * segment decoded so far and the memories grow by one position per step
+   */
+  cacheKv?: boolean;
   seed?: number;
   signal?: AbortSignal;
 }
@@ -157,6 +168,7 @@ export class XLAutoregressiveWrapper extends Module {
       if (!ms || ms === given || ms === currMems || ms === stepMems) return;
       for (const m of ms) if (live.delete(m)) m.dispose();
     };
+    let disposeCache = (): void => {};
     const toTensor = (rs: number[][]): tf.Tensor => tf.tensor2d(rs, [rs.length, rs[0]!.length], 'int32');
     try {
       // catch the memories up over every full segment before the last (partial or full) one
@@ -172,13 +184,36 @@ export class XLAutoregressiveWrapper extends Module {
         release(old);
       }
       let currPos = numLeading * L;
+      const useCache = (options.cacheKv ?? true) && this.net.canCacheKv !== false;
+      let cache: XlCache | undefined;
+      disposeCache = () => cache?.dispose();
       const ended = rows.map((r) => eos !== undefined && r.includes(eos));
       for (let step = 0; step < seqLen && !options.signal?.aborted; step++) {
         const len = rows[0]!.length;
         const lastOfSegment = len % L === 0;
         const x = toTensor(rows.map((r) => r.slice(currPos)));
-        const res = this.net.forwardWithState(x, { mems: currMems, returnMems: true });
-        x.dispose();
+        let res;
+        try {
+          res = this.net.forwardWithState(x, {
+            mems: currMems,
+            returnMems: true,
+            cache,
+            returnCache: useCache,
+          });
+        } catch (e) {
+          if (!useCache) throw e;
+          throw new Error(
+            `cacheKv: cached decoding with memories failed for this model (${(e as Error).message}); pass cacheKv: false`,
+            { cause: e },
+          );
+        } finally {
+          x.dispose();
+        }
+        if (res.cache && res.cache !== cache) {
+          cache?.dispose();
+          cache = useCache ? res.cache : undefined;
+          if (!useCache) res.cache.dispose();
+        }
         res.embeddings.dispose();
         const logits = tf.tidy(() => {
           const [b, n, v] = res.logits.shape as [number, number, number];
@@ -221,6 +256,7 @@ export class XLAutoregressiveWrapper extends Module {
       res.dispose();
       return r1;
     } finally {
+      disposeCache();
       for (const m of live) m.dispose();
       this.train(wasTraining);
     }
