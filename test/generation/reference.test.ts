@@ -66,7 +66,7 @@ const genCases = readdirSync(DIR)
   .sort();
 
 describe('generation against the reference', () => {
-  it('finds the fixtures', () => expect(genCases.length).toBeGreaterThanOrEqual(6));
+  it('finds the fixtures', () => expect(genCases.length).toBeGreaterThanOrEqual(7));
 
   for (const name of genCases) {
     it(name, async () => {
@@ -83,6 +83,9 @@ describe('generation against the reference', () => {
         ...(f.t['input.prompt_lens'] ? { promptLens: f.t['input.prompt_lens'] } : {}),
         ...(f.t['input.eos_token'] ? { eosToken: f.t['input.eos_token'].dataSync()[0]! } : {}),
         ...(amateur ? { amateurModel: amateur } : {}),
+        ...(f.t['input.context']
+          ? { context: f.t['input.context'], contextMask: f.t['input.context_mask'] }
+          : {}),
       };
       const before = tf.memory().numTensors;
       for (const cacheKv of [true, false]) {
@@ -138,11 +141,19 @@ describe('task wrappers against the reference', () => {
     f.dispose();
   });
 
-  it('XValAutoregressiveWrapper: cross-entropy plus weighted numerical loss', () => {
+  it('XValAutoregressiveWrapper: cross-entropy plus weighted numerical loss, and generation', async () => {
     const f = read('xval_wrapper');
     const net = f.build() as XValTransformerWrapper;
     const w = new XValAutoregressiveWrapper(net, { numericalLossWeight: 2 });
     close(scalar(w.forward(f.t['input.x']!, f.t['input.nums']!)), f.t['output.loss']!.dataSync()[0]!);
+    const r = await w.generate(f.t['input.start']!, f.t['input.start_nums']!, 8, { filterKwargs: { k: 1 } });
+    expect(r.sampledTokenIds.arraySync()).toEqual(f.t['output.gen_ids']!.arraySync());
+    expect(r.isNumberMask.arraySync()).toEqual(f.t['output.gen_is_number']!.arraySync());
+    const got = r.sampledNumbers.dataSync();
+    f.t['output.gen_nums']!.dataSync().forEach((v, i) =>
+      Number.isNaN(v) ? expect(Number.isNaN(got[i]!)).toBe(true) : close(got[i]!, v),
+    );
+    tf.dispose([r.sampledTokenIds, r.sampledNumbers, r.isNumberMask]);
     net.dispose();
     f.dispose();
   });
