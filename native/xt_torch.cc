@@ -487,7 +487,8 @@ XT_FN(Gather) {
   int64_t axis = num(info, 2);
   auto flat = idx.reshape({-1}).to(at::kLong);
   if (flat.numel() > 0) {
-    int64_t lo = flat.min().item<int64_t>(), hi = flat.max().item<int64_t>();
+    auto mm = at::aminmax(flat);
+    int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
     int64_t n = x.size(axis);
     if (lo < 0 || hi >= n)
       throw std::runtime_error("GatherV2: the index value " + std::to_string(lo < 0 ? lo : hi) + " is not in [0, " +
@@ -674,12 +675,19 @@ XT_FN(ArgReduce) {
   return idv(info, op == 0 ? at::argmax(x, axis) : at::argmin(x, axis));
 }
 
+// The right operand of a matmul, laid out row-major when that pays: BLAS runs much faster with
+// a row-major right operand, and copying it costs O(k n) against the product's O(m k n).
+at::Tensor denseRhs(const at::Tensor& a, const at::Tensor& b) {
+  if (b.dim() >= 2 && b.stride(-1) != 1 && a.size(-2) >= 8 && b.size(-1) > 1) return b.contiguous();
+  return b;
+}
+
 XT_FN(MatMul) {
   at::Tensor a = get(info[0]);
   at::Tensor b = get(info[1]);
   if (flag(info, 2)) a = a.transpose(-2, -1);
   if (flag(info, 3)) b = b.transpose(-2, -1);
-  at::Tensor y = at::matmul(a, b);
+  at::Tensor y = at::matmul(a, denseRhs(a, b));
   if (info.Length() > 4 && info[4].IsNumber()) {
     int32_t bias = num(info, 4);
     if (bias >= 0) y.add_(get(info[4]));
@@ -730,7 +738,7 @@ XT_FN(Conv2D) {
 // [b, h, i, j] (true = keep), causal masks key positions j > i + (nj - ni).
 
 at::Tensor attnScores(const at::Tensor& q, const at::Tensor& k, const at::Tensor* mask, double scale, bool causal) {
-  auto s = at::matmul(q, k.transpose(-2, -1)).mul_(scale);
+  auto s = at::matmul(q, denseRhs(q, k.transpose(-2, -1))).mul_(scale);
   const double neg = -std::numeric_limits<float>::max();
   if (mask) s.masked_fill_(at::logical_not(*mask), neg);
   if (causal) {
@@ -776,7 +784,7 @@ XT_FN(AttentionGrad) {
   at::Tensor dy = dyIn;
   if (mask) dy = dyIn.masked_fill(at::logical_not(mask->any(-1, true)), 0);
   auto dv = at::matmul(p.transpose(-2, -1), dy);
-  auto dp = at::matmul(dy, v.transpose(-2, -1));
+  auto dp = at::matmul(dy, denseRhs(dy, v.transpose(-2, -1)));
   auto ds = p * (dp - (dp * p).sum(-1, true));
   ds.mul_(scale);
   auto dq = at::matmul(ds, k);

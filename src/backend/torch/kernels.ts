@@ -127,6 +127,14 @@ const IMPLS: Record<string, Impl> = {
       x.dtype,
     );
   },
+  ExpandDims: (b, i, a) => {
+    const x = inp(i, 'input');
+    let dim = a.dim as number;
+    if (dim < 0) dim = x.shape.length + 1 + dim;
+    const shape = x.shape.slice();
+    shape.splice(dim, 0, 1);
+    return b.outAs(b.N.reshape(b.id(x), shape), shape, x.dtype);
+  },
   BroadcastTo: (b, i, a) => {
     const x = inp(i, 'x');
     const shape = a.shape as number[];
@@ -503,7 +511,13 @@ export function fallbackRun(
   };
   const cpuInputs: Inputs = Array.isArray(inputs)
     ? inputs.map((t) => move(t) as TensorInfo)
-    : Object.fromEntries(Object.entries(inputs).map(([k, t]) => [k, move(t)]));
+    : Object.fromEntries(
+        Object.entries(inputs).map(([k, t]) => [
+          k,
+          // some kernels (ragged ops) take a list of tensors under one name
+          Array.isArray(t) ? (t as TensorInfo[]).map((u) => move(u)) : move(t),
+        ]),
+      );
   try {
     const out = (cfg.kernelFunc as KernelFunc)({
       inputs: cpuInputs as tf.NamedTensorInfoMap,
