@@ -67,7 +67,7 @@ export interface GenerateOptions {
   eosToken?: number;
   /** promptLens: [b] real lengths of the prompts (left-aligned in `prompts`); they are right-aligned */
   promptLens?: tf.Tensor | number[];
-  /** feed only the last maxSeqLen tokens (default true) */
+  /** feed only the last maxSeqLen tokens (default true); false feeds the whole sequence (the reference 2.0.1 fails there) */
   restrictToMaxSeqLen?: boolean;
   /** decode with a key/value cache (default true) */
   cacheKv?: boolean;
