@@ -3,7 +3,7 @@ import path from 'node:path';
 import pino from 'pino';
 import { initBackend } from '../src/index.js';
 import { buildApp } from '../routes/app.js';
-import { engineStatus } from '../workers/engine.js';
+import { engineStatus, loadEngine } from '../workers/engine.js';
 import { startWorkers, type ServiceWorkers } from '../workers/index.js';
 import { createMetrics } from '../workers/metrics.js';
 import { ConfigError, loadConfig, type ServiceConfig } from './config.js';
@@ -53,6 +53,7 @@ export async function run(role: Role): Promise<void> {
   } catch (e) {
     fail(`tensor backend: ${(e as Error).message}`);
   }
+  await loadEngine();
   const eng = engineStatus();
   if (!eng.ready) log.warn({ reason: eng.reason }, 'engine not ready: /readyz answers 503');
 

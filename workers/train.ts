@@ -148,6 +148,7 @@ export async function processTrain(
           { jobId: d.jobId, step: trainer.stepCount },
           'shutting down: job checkpointed and handed back',
         );
+        await registry.updateJob(d.jobId, { state: 'waiting' });
         await job.moveToWait(token);
         throw new WaitingError();
       }

@@ -18,6 +18,8 @@ export interface TestEnv {
   prefix: string;
   workers: ServiceWorkers | null;
   startWorkers(extra?: Partial<WorkerOptions>): Promise<ServiceWorkers>;
+  /** Workers started in this process so far. */
+  workersStarted(): ServiceWorkers[];
   close(): Promise<void>;
 }
 
@@ -41,6 +43,7 @@ export async function makeEnv(
       started.push(w);
       return w;
     },
+    workersStarted: () => [...started],
     async close() {
       for (const w of started) await w.close();
       await app.close();
