@@ -294,6 +294,8 @@ export interface AttendModuleOptions {
   scale: number | null;
   l2Distance: boolean;
   sigmoid: boolean;
+  /** Replaces the attention function (softmax): logits [b, h, i, j] -> weights [b, h, i, j]. */
+  customAttnFn?: ((logits: tf.Tensor) => tf.Tensor) | null;
   /** Selective attention (arXiv 2410.02703): tokens may stop later tokens from attending to them. */
   selective: boolean;
   hard: boolean;
@@ -465,6 +467,7 @@ export class Attend extends Module {
   /** The attention function on logits [b, h, i, j]. */
   private attnFn(logits: tf.Tensor): tf.Tensor {
     const o = this.options;
+    if (o.customAttnFn) return o.customAttnFn(logits);
     if (o.sigmoid) return tf.sigmoid(logits);
     if (o.hard) {
       const n = logits.shape[logits.rank - 1]!;

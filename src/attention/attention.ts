@@ -5,7 +5,11 @@ import { fmtShape } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
 import { Attend } from './attend.js';
 import { CoPE } from './cope.js';
-import { DataDependentAlibi, PerRowDataDependentAlibi } from './data-dependent-alibi.js';
+import {
+  DataDependentAlibi,
+  PerRowDataDependentAlibi,
+  type DataDependentAlibiKwargs,
+} from './data-dependent-alibi.js';
 import { l2normGroups, padAxis } from './ops.js';
 import { applyRotaryPosEmb } from './rotary.js';
 import {
@@ -33,7 +37,10 @@ function resolveOptions(options: Partial<AttentionOptions>): AttentionOptions {
       throw new Error(`${key}: expected one of the Attention options, got an unknown option`);
     if (value === undefined) continue;
     const def = (attentionDefaults as unknown as Record<string, unknown>)[key];
-    if (def === null) {
+    if (key === 'customAttnFn') {
+      if (value !== null && typeof value !== 'function')
+        throw new Error(`customAttnFn: expected a function or null, got ${JSON.stringify(value)}`);
+    } else if (def === null) {
       if (value !== null && typeof value !== 'number')
         throw new Error(`${key}: expected a number or null, got ${JSON.stringify(value)}`);
     } else if (typeof def !== typeof value) {
@@ -206,15 +213,23 @@ export class Attention extends Module {
       });
     }
     if (o.dataDependentAlibi) {
+      const given = (o.dataDependentAlibiKwargs ?? {}) as Record<string, unknown>;
+      const ddaKwargs: DataDependentAlibiKwargs = {};
+      for (const [key, value] of Object.entries(given)) {
+        const name = key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
+        if (
+          (name !== 'biasInit' && name !== 'postLogScale') ||
+          typeof value !== 'number' ||
+          !Number.isFinite(value)
+        )
+          throw new Error(
+            `dataDependentAlibiKwargs: expected {biasInit?: number, postLogScale?: number}, got ${JSON.stringify(given)}`,
+          );
+        ddaKwargs[name] = value;
+      }
       const module = o.dataDependentAlibiPerRow
-        ? new PerRowDataDependentAlibi(
-            dim,
-            o.heads,
-            o.causal,
-            o.dataDependentAlibiPerRowDimHead,
-            o.dataDependentAlibiKwargs,
-          )
-        : new DataDependentAlibi(dim, o.heads, o.causal, o.dataDependentAlibiKwargs);
+        ? new PerRowDataDependentAlibi(dim, o.heads, o.causal, o.dataDependentAlibiPerRowDimHead, ddaKwargs)
+        : new DataDependentAlibi(dim, o.heads, o.causal, ddaKwargs);
       this.dataDependentAlibi = this.registerModule('data_dependent_alibi', module);
     }
 
@@ -233,6 +248,7 @@ export class Attention extends Module {
         scale: o.qkNorm ? o.qkNormScale : this.scale,
         l2Distance: o.l2Distance,
         sigmoid: o.sigmoid,
+        customAttnFn: o.customAttnFn,
         selective: o.selective,
         flash: o.flash,
         addZeroKv: o.addZeroKv,

@@ -88,6 +88,8 @@ export interface AttentionOptions {
   /** tanh soft-clamp of the logits to +-logitSoftclampValue. */
   softclampLogits: boolean;
   logitSoftclampValue: number;
+  /** Replaces softmax: logits [b, h, i, j] -> attention weights [b, h, i, j] (code only, not JSON). */
+  customAttnFn: ((logits: tf.Tensor) => tf.Tensor) | null;
   /** Accepted for compatibility with the reference; has no effect here. */
   onnxable: boolean;
 }
@@ -140,6 +142,7 @@ export const attentionDefaults: AttentionOptions = {
   addZeroKv: false,
   softclampLogits: false,
   logitSoftclampValue: 50,
+  customAttnFn: null,
   onnxable: false,
 };
 

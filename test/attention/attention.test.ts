@@ -557,6 +557,52 @@ describe('further reference options', () => {
     learned.dispose();
   });
 
+  it('dataDependentAlibi takes its kwargs in either spelling and rejects others', () => {
+    const a = new Attention(8, {
+      heads: 2,
+      dimHead: 4,
+      dataDependentAlibi: true,
+      dataDependentAlibiKwargs: { bias_init: 3 } as object,
+    });
+    expect(Array.from(a.stateDict()['data_dependent_alibi.to_forget_gates.0.bias']!.dataSync())).toEqual([
+      3, 3, 3, 3,
+    ]);
+    expect(
+      () =>
+        new Attention(8, {
+          heads: 2,
+          dimHead: 4,
+          dataDependentAlibi: true,
+          dataDependentAlibiKwargs: { foo: 1 } as object,
+        }),
+    ).toThrow(/^dataDependentAlibiKwargs: expected \{biasInit\?: number, postLogScale\?: number\}/);
+    const x = randn([1, 3, 8], 1);
+    expect(() => a.forward(x, { mem: randn([1, 2, 8], 2) })).toThrow(
+      /^dataDependentAlibi: expected plain self-attention/,
+    );
+    a.dispose();
+  });
+
+  it('customAttnFn replaces softmax', () => {
+    manualSeed(46);
+    const x = randn([1, 4, 8], 7);
+    const custom = new Attention(8, {
+      heads: 2,
+      dimHead: 4,
+      customAttnFn: (l) => tf.div(tf.exp(l), tf.sum(tf.exp(l), -1, true)),
+    });
+    const plain = new Attention(8, { heads: 2, dimHead: 4 });
+    plain.loadStateDict(custom.stateDict());
+    expectClose(custom.forward(x).out, plain.forward(x).out, 1e-6, 1e-5);
+    const relu = new Attention(8, { heads: 2, dimHead: 4, customAttnFn: (l) => tf.relu(l) });
+    const r = relu.forward(x, { returnIntermediates: true }).intermediates;
+    expectClose(r.postSoftmaxAttn!, tf.relu(r.preSoftmaxAttn!), 0, 0);
+    expect(() => new Attention(8, { customAttnFn: 3 as unknown as null })).toThrow(
+      /^customAttnFn: expected a function/,
+    );
+    [custom, plain, relu].forEach((m) => m.dispose());
+  });
+
   it('addZeroKv, softclampLogits, sigmoid and maxAttendPast behave as configured', () => {
     manualSeed(45);
     const x = randn([1, 5, 8], 6);
