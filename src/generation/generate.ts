@@ -270,11 +270,13 @@ class Decoder {
     const restrict = o.restrictToMaxSeqLen ?? true;
     const cacheKv = (o.cacheKv ?? true) && net.canCacheKv;
     const len = this.rows[0]!.length;
+    // every model sees the main model's window; only the main model's cache is trimmed (as the reference)
+    const maxLen = this.net.maxSeqLen;
     let window = this.rows;
-    if (restrict && len > net.maxSeqLen) {
-      window = this.rows.map((r) => r.slice(-net.maxSeqLen));
-      if (cache && cache.seqLen > net.maxSeqLen - 1) {
-        const trimmed = cache.trimmed(net.maxSeqLen - 1, net.attnLayers.cachedLayerKinds());
+    if (restrict && len > maxLen) {
+      window = this.rows.map((r) => r.slice(-maxLen));
+      if (net === this.net && cache && cache.seqLen > maxLen - 1) {
+        const trimmed = cache.trimmed(maxLen - 1, net.attnLayers.cachedLayerKinds());
         cache.dispose();
         cache = trimmed;
         setCache(cache);
