@@ -111,6 +111,27 @@ describe('Trainer', () => {
     m2.dispose();
   });
 
+  it('gradient accumulation over micro-batches equals one large batch', () => {
+    const a = new TinyLm(V, 8);
+    const b = new TinyLm(V, 8);
+    const o = { ...opts, totalSteps: 3, gradClip: 0 };
+    const big = new Trainer(a, data, { ...o, batchSize: 4, gradAccumulation: 1 });
+    const small = new Trainer(b, data, { ...o, batchSize: 2, gradAccumulation: 2 });
+    for (let i = 0; i < 3; i++) {
+      const r1 = big.step();
+      const r2 = small.step();
+      expect(r2.loss).toBeCloseTo(r1.loss, 5);
+      expect(r2.gradNorm).toBeCloseTo(r1.gradNorm, 4);
+    }
+    const wa = a.parameters().flatMap((p) => Array.from(p.dataSync()));
+    const wb = b.parameters().flatMap((p) => Array.from(p.dataSync()));
+    wa.forEach((v, i) => expect(wb[i]!).toBeCloseTo(v, 4));
+    big.dispose();
+    small.dispose();
+    a.dispose();
+    b.dispose();
+  });
+
   it('rejects bad options naming them', () => {
     const m = new TinyLm(V, 8);
     expect(() => new Trainer(m, data, { ...opts, batchSize: 0 })).toThrow(/batchSize/);
