@@ -63,6 +63,12 @@ at::TensorOptions opts(at::ScalarType s) { return at::TensorOptions().dtype(s).d
 
 int32_t store(at::Tensor t) {
   t = normalize(t);
+  // a small view of a large storage (slice, split, unstack) would keep all of it alive
+  if (t.defined() && t.has_storage()) {
+    size_t used = static_cast<size_t>(t.numel()) * t.element_size();
+    size_t held = t.storage().nbytes();
+    if (held > (1u << 16) && held > 2 * used) t = t.clone(at::MemoryFormat::Contiguous);
+  }
   if (g_meta) {
     g_meta[0] = dtypeCode(t.scalar_type());
     int64_t r = t.dim();
