@@ -25,8 +25,38 @@ export class Embedding extends Module {
 
   /** ids: [...] int32 -> [..., dim]. */
   forward(ids: tf.Tensor): tf.Tensor {
-    return tf.gather(this.weight, ids.dtype === 'int32' ? ids : tf.cast(ids, 'int32'));
+    return embeddingLookup(this.weight, ids);
   }
+}
+
+/**
+ * Rows of `weight` [V, d] at `ids` [...] -> [..., d]. Differentiable on every backend: where the
+ * backend lacks UnsortedSegmentSum (gather's gradient; wasm), the weight gradient is computed as
+ * oneHot(ids)^T dy instead (`viaOneHot` forces either path).
+ */
+export function embeddingLookup(weight: tf.Tensor, ids: tf.Tensor, viaOneHot?: boolean): tf.Tensor {
+  return tf.tidy(() => {
+    const idx = ids.dtype === 'int32' ? ids : tf.cast(ids, 'int32');
+    const oneHotGrad = viaOneHot ?? !tf.getKernel('UnsortedSegmentSum', tf.getBackend());
+    if (!oneHotGrad) return tf.gather(weight, idx);
+    const lookup = tf.customGrad(((w: tf.Tensor, i: tf.Tensor, save: tf.GradSaveFunc) => {
+      save([i]);
+      return {
+        value: tf.gather(w, i),
+        gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+          const [v, d] = w.shape as [number, number];
+          const flatIds = tf.reshape(saved[0]!, [-1]);
+          const oneHot = tf.cast(tf.oneHot(flatIds, v), 'float32');
+          const dw = tf.matMul(oneHot, tf.reshape(dy, [-1, d]), true, false);
+          return [dw, tf.zerosLike(saved[0]!)];
+        },
+      };
+    }) as unknown as Parameters<typeof tf.customGrad>[0]) as unknown as (
+      w: tf.Tensor,
+      i: tf.Tensor,
+    ) => tf.Tensor;
+    return lookup(weight, idx);
+  });
 }
 
 /**

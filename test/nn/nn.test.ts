@@ -1,4 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
 import { describe, expect, it } from 'vitest';
 import { Linear } from '../../src/nn/linear.js';
 import {
@@ -6,6 +7,7 @@ import {
   TokenEmbedding,
   AbsolutePositionalEmbedding,
   ScaledSinusoidalEmbedding,
+  embeddingLookup,
 } from '../../src/nn/embedding.js';
 import { LayerNorm, RMSNorm, ScaleNorm, SimpleRMSNorm } from '../../src/nn/norms.js';
 import { FeedForward } from '../../src/nn/feedforward.js';
@@ -78,6 +80,31 @@ describe('embeddings', () => {
     expect(maxDiff(out, e)).toBeLessThan(1e-6);
     out.dispose();
     s.dispose();
+  });
+
+  it('lookup gradients agree between gather and the one-hot path (backends without UnsortedSegmentSum)', () => {
+    const w = tf.variable(tf.randomNormal([5, 3], 0, 1, 'float32', 1));
+    const ids = tf.tensor2d(
+      [
+        [1, 1, 4],
+        [0, 2, 1],
+      ],
+      [2, 3],
+      'int32',
+    );
+    const dy = tf.randomNormal([2, 3, 3], 0, 1, 'float32', 2);
+    const grad = (viaOneHot?: boolean) =>
+      tf.variableGrads(() => tf.sum(tf.mul(embeddingLookup(w, ids, viaOneHot), dy)) as tf.Scalar, [w]);
+    const a = grad(); // the backend's own path (gather where UnsortedSegmentSum exists)
+    const b = grad(true);
+    expect(maxDiff(a.grads[w.name]!, b.grads[w.name]!)).toBeLessThan(1e-6);
+    // row 3 is never looked up: zero gradient; row 1 is used three times
+    const g = b.grads[w.name]!.arraySync() as number[][];
+    expect(g[3]).toEqual([0, 0, 0]);
+    const rows = dy.arraySync() as number[][][];
+    const expected1 = [0, 1, 2].map((k) => rows[0]![0]![k]! + rows[0]![1]![k]! + rows[1]![2]![k]!);
+    expect(maxDiff(tf.tensor1d(g[1]!), expected1)).toBeLessThan(1e-5);
+    tf.dispose([w, ids, dy, a.value, b.value, a.grads[w.name]!, b.grads[w.name]!]);
   });
 
   it('Embedding casts ids and has N(0, 1) init', () => {
