@@ -265,7 +265,10 @@ export class HeadMix extends Module {
   readonly weight: tf.Variable;
   constructor(readonly heads: number) {
     super();
-    this.weight = this.registerParameter('weight', tf.reshape(tf.eye(heads), [heads, heads, 1, 1]));
+    this.weight = this.registerParameter(
+      'weight',
+      tf.tidy(() => tf.reshape(tf.eye(heads), [heads, heads, 1, 1])),
+    );
   }
 
   /** x: [b, h, i, j] -> [b, h, i, j], out[:, o] = sum_c weight[o, c] x[:, c]. */

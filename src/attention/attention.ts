@@ -10,7 +10,7 @@ import {
   PerRowDataDependentAlibi,
   type DataDependentAlibiKwargs,
 } from './data-dependent-alibi.js';
-import { l2normGroups, padAxis } from './ops.js';
+import { fillVariable, l2normGroups, padAxis } from './ops.js';
 import { applyRotaryPosEmb } from './rotary.js';
 import {
   attentionDefaults,
@@ -185,14 +185,14 @@ export class Attention extends Module {
 
     if (o.gateValues) {
       const gate = this.registerModule('to_v_gate', new Linear(dim, outDim));
-      gate.weight.assign(tf.zerosLike(gate.weight));
-      gate.bias!.assign(tf.fill([outDim], 10));
+      fillVariable(gate.weight, 0);
+      fillVariable(gate.bias!, 10);
       this.toVGate = gate;
     }
     if (o.gateValueHeads) {
       const gate = this.registerModule('to_v_head_gate', new Linear(dim, o.heads));
-      gate.weight.assign(tf.zerosLike(gate.weight));
-      gate.bias!.assign(tf.fill([o.heads], 10));
+      fillVariable(gate.weight, 0);
+      fillVariable(gate.bias!, 10);
       this.toVHeadGate = gate;
     }
     if (o.qkNorm && o.qkNormDimScale) {
@@ -284,7 +284,7 @@ export class Attention extends Module {
     } else {
       this.toOut = this.registerModule('to_out', new Linear(outDim, this.dimOut, { bias: false }));
     }
-    if (o.zeroInitOutput) this.toOut.weight.assign(tf.zerosLike(this.toOut.weight));
+    if (o.zeroInitOutput) fillVariable(this.toOut.weight, 0);
   }
 
   /**

@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module } from '../nn/module.js';
 import { Linear } from '../nn/linear.js';
+import { fillVariable } from './ops.js';
 
 /** Extra options of the data-dependent ALiBi modules (the reference's data_dependent_alibi_kwargs). */
 export interface DataDependentAlibiKwargs {
@@ -40,7 +41,7 @@ export class DataDependentAlibi extends Module {
     this.heads = heads;
     this.postLogScale = kwargs.postLogScale ?? 1;
     this.proj = this.registerModule('to_forget_gates', new Seq0(dim, heads * (causal ? 1 : 2), true)).linear;
-    this.proj.bias!.assign(tf.fill(this.proj.bias!.shape, kwargs.biasInit ?? 5));
+    fillVariable(this.proj.bias!, kwargs.biasInit ?? 5);
   }
 
   /** x: [b, n, dim] -> bias [b, heads, n, n]. */

@@ -98,3 +98,8 @@ export function repeatKvHeads(t: tf.Tensor, heads: number): tf.Tensor {
   if (kvh === heads) return t;
   return tf.tile(t, [1, heads / kvh, 1, 1]);
 }
+
+/** Sets every entry of a variable to `value` (nn.init.constant_), leaving no tensor behind. */
+export function fillVariable(v: tf.Variable, value: number): void {
+  tf.tidy(() => v.assign(tf.fill(v.shape, value, v.dtype)));
+}

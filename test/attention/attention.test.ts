@@ -432,6 +432,19 @@ describe('Attention key/value cache equals the uncached pass', () => {
 });
 
 describe('Attention memory', () => {
+  it('construction and dispose leave no tensors behind, whatever the options', () => {
+    const before = tf.memory().numTensors;
+    const all: Partial<AttentionOptions>[] = [
+      { gateValues: true, gateValueHeads: true, zeroInitOutput: true, onAttn: true },
+      { preTalkingHeads: true, postTalkingHeads: true, preScalePostTalkingHeads: true, headScale: true },
+      { qkNorm: true, qkNormDimScale: true, numMemKv: 2, kvHeads: 2, learnedValueResidualMix: true },
+      { causal: true, useCope: true, copeTalkingHeads: true, dataDependentAlibi: true },
+      { causal: true, dataDependentAlibi: true, dataDependentAlibiPerRow: true },
+    ];
+    for (const opts of all) new Attention(8, { heads: 4, dimHead: 4, ...opts }).dispose();
+    expect(tf.memory().numTensors).toBe(before);
+  });
+
   it('leaves no tensors behind, inside and outside tf.tidy', () => {
     manualSeed(30);
     const attn = new Attention(8, {

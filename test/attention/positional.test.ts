@@ -15,6 +15,17 @@ function lastRows(t: tf.Tensor, i: number): tf.Tensor {
   return tf.slice(t, [0, n - i, 0], [h, i, j]);
 }
 
+describe('positional modules', () => {
+  it('construction and dispose leave no tensors behind', () => {
+    const before = tf.memory().numTensors;
+    new RotaryEmbedding(8, { useXpos: true, baseRescaleFactor: 2 }).dispose();
+    new RelativePositionBias(2, { heads: 4 }).dispose();
+    new DynamicPositionBias(8, { heads: 4, depth: 3, norm: true }).dispose();
+    new AlibiPositionalBias(3, { totalHeads: 4 }).dispose();
+    expect(tf.memory().numTensors).toBe(before);
+  });
+});
+
 describe('T5 relative position bias', () => {
   it('buckets: exact near, logarithmic far, direction-aware when bidirectional', () => {
     // causal: keys in the future all fall in bucket 0; the past counts exactly up to numBuckets / 2
