@@ -26,6 +26,7 @@ export {
   TokenEmbedding,
   AbsolutePositionalEmbedding,
   ScaledSinusoidalEmbedding,
+  embeddingLookup,
 } from './nn/embedding.js';
 export type { PositionOptions } from './nn/embedding.js';
 export { LayerNorm, RMSNorm, ScaleNorm, SimpleRMSNorm, makeNorm } from './nn/norms.js';
