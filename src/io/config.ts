@@ -138,7 +138,8 @@ function checkOption(
   const rule = ruleFor(ruleName, def);
   if (rule && !rule.test(value))
     throw new Error(`${join(path, key)}: expected ${rule.expected}, got ${fmtValue(value)}`);
-  if (!rule && typeof value === 'object' && !Array.isArray(value)) {
+  // an object is accepted only where the default is one (e.g. dataDependentAlibiKwargs); its class checks it
+  if (!rule && typeof value === 'object' && !Array.isArray(value) && !isPlainObject(def)) {
     throw new Error(`${join(path, key)}: expected a number, boolean, string or list, got ${fmtValue(value)}`);
   }
 }
