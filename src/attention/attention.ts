@@ -73,9 +73,11 @@ function mergeHeads(t: tf.Tensor): tf.Tensor {
  * Multi-head attention with the reference's options (x-transformers 2.0.1 `Attention`):
  * grouped/multi-query key-values, memory key-values, qk-norm, talking heads, sparse top-k, hard
  * attention, gating, head scale, attention-on-attention, relative position biases, rotary / xpos,
- * XL memories, residual attention and a key/value cache for generation.
- * Parameters (state-dict names as the reference): to_q, to_k, to_v, to_v_gate, to_v_head_gate,
- * qk_norm_q_scale, qk_norm_k_scale, attend.*, head_scale_params, mem_k, mem_v, to_out.
+ * XL memories, residual attention, CoPE, data-dependent ALiBi, value residuals and a key/value
+ * cache for generation (keys cached as the reference does: projected, qk-normed, before rotary).
+ * Parameters (state-dict names as the reference): qk_norm_q_scale, qk_norm_k_scale,
+ * head_scale_params, mem_k, mem_v, to_q, to_k, to_v, to_v_gate, to_v_head_gate,
+ * data_dependent_alibi.*, attend.* (talking heads, cope), to_value_residual_mix.0, to_out (to_out.0).
  */
 export class Attention extends Module {
   readonly dim: number;
@@ -332,6 +334,8 @@ export class Attention extends Module {
         throw new Error(`attnMask: expected rank 2 to 4, got ${fmtShape(a.shape)}`);
     }
     if (opts.cache) {
+      if (!this.canCacheKv)
+        throw new Error('cache: selective attention cannot decode with a key/value cache');
       const { k, v } = opts.cache;
       if (k.rank !== 4 || k.shape[0] !== b || k.shape[1] !== this.kvHeads || k.shape[3] !== this.dimHead)
         throw new Error(
