@@ -130,7 +130,10 @@ const IMPLS: Record<string, Impl> = {
   ExpandDims: (b, i, a) => {
     const x = inp(i, 'input');
     let dim = a.dim as number;
-    if (dim < 0) dim = x.shape.length + 1 + dim;
+    const rank = x.shape.length;
+    if (dim < -(rank + 1) || dim > rank)
+      throw new Error(`Axis must be in the interval [${-(rank + 1)}, ${rank}]`);
+    if (dim < 0) dim = rank + 1 + dim;
     const shape = x.shape.slice();
     shape.splice(dim, 0, 1);
     return b.outAs(b.N.reshape(b.id(x), shape), shape, x.dtype);
