@@ -186,9 +186,16 @@ export class Module {
       if (!src || bad.has(k)) continue;
       if (t.kind === 'param') {
         const v = t.owner._parameters.get(t.key)!;
-        v.assign(src.dtype === v.dtype ? src : tf.tidy(() => tf.cast(src, v.dtype)));
+        if (src === v) continue; // loading a module's own state dict: nothing to copy
+        if (src.dtype === v.dtype) v.assign(src);
+        else {
+          const cast = tf.cast(src, v.dtype);
+          v.assign(cast);
+          cast.dispose();
+        }
       } else {
         const old = t.owner._buffers.get(t.key)!;
+        if (src === old.tensor) continue;
         t.owner.setBuffer(
           t.key,
           tf.tidy(() => tf.cast(src, old.tensor.dtype).clone()),

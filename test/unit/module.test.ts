@@ -67,4 +67,13 @@ describe('Module', () => {
     a.dispose();
     b.dispose();
   });
+
+  it('reloads its own state dict without copying or leaking', () => {
+    const n = new Net();
+    const before = tf.memory().numTensors;
+    n.loadStateDict(n.stateDict());
+    expect(tf.memory().numTensors).toBe(before);
+    expect(Array.from(n.head.weight.dataSync())).toEqual([1, 1, 1]);
+    n.dispose();
+  });
 });
