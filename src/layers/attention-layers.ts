@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { Module, ModuleList } from '../nn/module.js';
 import { FeedForward, Indexed, type FeedForwardOptions } from '../nn/feedforward.js';
 import { makeNorm, type Norm, type NormKind } from '../nn/norms.js';
-import { GRUGating, Residual, type ResidualFn } from '../nn/residual.js';
+import { GRUGating, HyperConnection, Residual, type ResidualFn } from '../nn/residual.js';
 import { LayerScale, Scale, ShiftTokens, type BranchOut, type Callable } from '../nn/branch.js';
 import { padAt, tidyObj } from '../nn/functional.js';
 import { Linear } from '../nn/linear.js';
@@ -155,6 +155,8 @@ export class AttentionLayers extends Module {
   skipCombines: Indexed;
   private readonly combines: (ConcatCombine | null)[];
   reinjectInputProj: Linear | null = null;
+  /** Hyper-connections' learned stream embedding `stream_emb` [streams, dim] (streams > 1). */
+  streamEmb: tf.Variable | null = null;
   learnedReinjectInputGate: Linear | null = null;
   layers: ModuleList<LayerEntry>;
   finalNorm: Norm | null = null;
@@ -380,6 +382,8 @@ export class AttentionLayers extends Module {
     if (preNorm) this.finalNorm = this.registerModule('final_norm', normFn());
     else if (o.resiDual) this.finalNorm = this.registerModule('final_norm', normFn());
 
+    if (o.numResidualStreams > 1)
+      this.streamEmb = this.registerParameter('stream_emb', tf.zeros([o.numResidualStreams, o.dim]));
     let allCache = shifts.every((v) => v === 0);
     this.layers = this.registerModule('layers', new ModuleList<LayerEntry>());
     layerTypes.forEach((type, ind) => {
@@ -404,15 +408,18 @@ export class AttentionLayers extends Module {
       }
       if (o.useLayerscale)
         block = new LayerScale(block, o.dim, o.layerscaleInitValue, o.normAddUnitOffset) as unknown as Block;
-      const residual: ResidualFn = o.gateResidual
-        ? new GRUGating(o.dim, {
-            scaleResidual: o.scaleResidual,
-            scaleResidualConstant: o.scaleResidualConstant,
-          })
-        : new Residual(o.dim, {
-            scaleResidual: o.scaleResidual,
-            scaleResidualConstant: o.scaleResidualConstant,
-          });
+      const residual: ResidualFn =
+        o.numResidualStreams > 1
+          ? new HyperConnection(o.dim, ind, o.numResidualStreams)
+          : o.gateResidual
+            ? new GRUGating(o.dim, {
+                scaleResidual: o.scaleResidual,
+                scaleResidualConstant: o.scaleResidualConstant,
+              })
+            : new Residual(o.dim, {
+                scaleResidual: o.scaleResidual,
+                scaleResidualConstant: o.scaleResidualConstant,
+              });
       const norms = new NormSlots(
         preNorm ? normFn() : null,
         o.sandwichNorm ? normFn() : null,
@@ -508,6 +515,16 @@ export class AttentionLayers extends Module {
 
       let prevAttn: tf.Tensor | undefined;
       let prevCrossAttn: tf.Tensor | undefined;
+      const streams = o.numResidualStreams;
+      const bStream = x.shape[0]!;
+      if (this.streamEmb) {
+        const [, nx, dx] = x.shape as [number, number, number];
+        x = tf.reshape(tf.add(tf.expandDims(x, 1), tf.expandDims(tf.expandDims(this.streamEmb, 0), 2)), [
+          bStream * streams,
+          nx,
+          dx,
+        ]);
+      }
       let outer: tf.Tensor | null = o.resiDual ? tf.mul(x, o.resiDualScale) : null;
 
       let inject: tf.Tensor | null = null;
@@ -537,10 +554,12 @@ export class AttentionLayers extends Module {
         if (type === 'c' && training && o.crossAttnTokensDropout > 0) {
           [context, contextMask] = dropoutSeq(context!, contextMask, o.crossAttnTokensDropout, rng);
         }
-        const residual = x;
-        if (opts.returnHiddens) layerHiddens.push(x.clone());
+        const prep = entry.residual.prepare ? entry.residual.prepare(x) : null;
+        const residual = prep ? prep.residual : x;
+        const branchIn = prep ? prep.branchInput : x;
+        if (opts.returnHiddens) layerHiddens.push(branchIn.clone());
         const { pre, postBranch, postMain } = entry.norms;
-        let h = inject ? tf.add(x, inject) : x;
+        let h = inject ? tf.add(branchIn, inject) : branchIn;
         if (pre) {
           h = pre.forward(h);
           if (type === 'a' && layerMem) layerMem = pre.forward(layerMem);
@@ -579,7 +598,7 @@ export class AttentionLayers extends Module {
           out = entry.block.forward(h) as tf.Tensor;
         }
         if (postBranch) out = postBranch.forward(out);
-        x = entry.residual.forward(out, residual);
+        x = entry.residual.forward(out, residual, prep?.beta);
         if (outer) outer = tf.add(outer, tf.mul(out, o.resiDualScale));
         if (inter) {
           if (wantCache && inter.cachedKv) {
@@ -595,6 +614,10 @@ export class AttentionLayers extends Module {
       }
       if (opts.returnHiddens) layerHiddens.push(x.clone());
       if (o.softclampOutput) x = tf.mul(tf.tanh(tf.div(x, o.softclampOutputValue)), o.softclampOutputValue);
+      if (this.streamEmb) {
+        const [, nx, dx] = x.shape as [number, number, number];
+        x = tf.sum(tf.reshape(x, [bStream, streams, nx, dx]), 1);
+      }
       if (outer) x = tf.add(x, this.finalNorm!.forward(outer));
       else if (this.finalNorm) x = this.finalNorm.forward(x);
       return {
@@ -690,6 +713,13 @@ function validate(o: AttentionLayersOwnOptions): void {
   if (!o.preNorm && o.sandwichNorm)
     throw new Error('sandwichNorm: expected preNorm true, sandwich norm cannot be used with post-norm');
   if (o.resiDual && o.sandwichNorm) throw new Error('sandwichNorm: expected false with resiDual');
+  if (!Number.isInteger(o.numResidualStreams) || o.numResidualStreams < 1)
+    throw new Error(`numResidualStreams: expected a positive integer, got ${o.numResidualStreams}`);
+  if (o.numResidualStreams > 1 && o.gateResidual)
+    throw new Error(
+      'numResidualStreams: expected 1 with gateResidual (hyper-connections replace the residual)',
+    );
+  if (o.numResidualStreams > 1 && o.resiDual) throw new Error('numResidualStreams: expected 1 with resiDual');
   if (!(o.resiDualScale > 0 && o.resiDualScale <= 1))
     throw new Error(`resiDualScale: expected a number in (0, 1], got ${o.resiDualScale}`);
   if (o.layersExecuteOrder && o.customLayers && o.depth !== null)

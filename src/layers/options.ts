@@ -71,6 +71,8 @@ export interface AttentionLayersOwnOptions {
   reinjectInput: boolean;
   /** Gates the reinjected input by a learned sigmoid of the input. */
   learnedReinjectInputGate: boolean;
+  /** Hyper-connections (arXiv 2409.19606): number of residual streams (1 = a plain residual). */
+  numResidualStreams: number;
 }
 
 type Prefixed<P extends string, T> = { [K in keyof T as `${P}${Capitalize<string & K>}`]?: T[K] };
@@ -136,4 +138,5 @@ export const attentionLayersDefaults: AttentionLayersOwnOptions = {
   unetSkips: false,
   reinjectInput: false,
   learnedReinjectInputGate: false,
+  numResidualStreams: 1,
 };

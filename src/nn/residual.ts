@@ -10,10 +10,22 @@ export interface ResidualOptions {
   scaleResidualConstant?: number;
 }
 
+/** What `ResidualFn.prepare` returns: the branch input, the residual to merge into, extras. */
+export interface PreparedResidual {
+  /** branchInput: [b, n, dim]. */
+  branchInput: tf.Tensor;
+  /** residual: [b, n, dim] (or [b, n, streams, dim] for hyper-connections). */
+  residual: tf.Tensor;
+  /** Hyper-connections' per-stream output weights [b, n, streams]. */
+  beta?: tf.Tensor;
+}
+
 /** How a branch's output is merged back into the stream. */
 export interface ResidualFn extends Module {
-  /** out: [b, n, dim] (branch output), residual: [b, n, dim] -> [b, n, dim]. */
-  forward(out: tf.Tensor, residual: tf.Tensor): tf.Tensor;
+  /** Splits the stream into the branch input and the residual (optional: both are the stream). */
+  prepare?(x: tf.Tensor): PreparedResidual;
+  /** out: [b, n, dim] (branch output), residual: as prepared -> the new stream. */
+  forward(out: tf.Tensor, residual: tf.Tensor, beta?: tf.Tensor): tf.Tensor;
 }
 
 /** out + residual (* `residual_scale`) (* constant). */
@@ -97,6 +109,91 @@ export class GRUCell extends Module {
       const z = tf.sigmoid(tf.add(iz, hz));
       const n = tf.tanh(tf.add(inn, tf.mul(r, hn)));
       return tf.add(tf.mul(tf.sub(1, z), n), tf.mul(z, h));
+    });
+  }
+}
+
+/**
+ * Dynamic hyper-connections (arXiv 2409.19606, Algorithm 2) over `streams` residual streams, as the
+ * reference's HyperConnection with one input view. The stream is [(b * streams), n, dim] (batch-major).
+ * Parameters: `norm.weight` [dim] (bias-less LayerNorm), `static_beta` [S], `static_alpha` [S, 1 + S],
+ * `dynamic_alpha_fn` [dim, S + 1], `dynamic_alpha_scale` [], `dynamic_beta_fn` [dim], `dynamic_beta_scale` [].
+ */
+export class HyperConnection extends Module implements ResidualFn {
+  norm: BiasLessLayerNorm;
+  staticBeta: tf.Variable;
+  staticAlpha: tf.Variable;
+  dynamicAlphaFn: tf.Variable;
+  dynamicAlphaScale: tf.Variable;
+  dynamicBetaFn: tf.Variable;
+  dynamicBetaScale: tf.Variable;
+
+  constructor(
+    readonly dim: number,
+    readonly layerIndex: number,
+    readonly streams: number,
+    readonly tanh = true,
+  ) {
+    super();
+    this.norm = this.registerModule('norm', new BiasLessLayerNorm(dim));
+    this.staticBeta = this.registerParameter('static_beta', tf.ones([streams]));
+    const alpha = new Float32Array(streams * (streams + 1));
+    alpha[(layerIndex % streams) * (streams + 1)] = 1;
+    for (let i = 0; i < streams; i++) alpha[i * (streams + 1) + 1 + i] = 1;
+    this.staticAlpha = this.registerParameter('static_alpha', tf.tensor2d(alpha, [streams, streams + 1]));
+    this.dynamicAlphaFn = this.registerParameter('dynamic_alpha_fn', tf.zeros([dim, streams + 1]));
+    this.dynamicAlphaScale = this.registerParameter('dynamic_alpha_scale', tf.scalar(1e-2));
+    this.dynamicBetaFn = this.registerParameter('dynamic_beta_fn', tf.zeros([dim]));
+    this.dynamicBetaScale = this.registerParameter('dynamic_beta_scale', tf.scalar(1e-2));
+  }
+
+  /** x: [(b * S), n, dim] -> branch input [b, n, dim], residual [b, n, S, dim], beta [b, n, S]. */
+  prepare(x: tf.Tensor): PreparedResidual {
+    const S = this.streams;
+    const [bs, n, d] = x.shape as [number, number, number];
+    const b = bs / S;
+    const act = (t: tf.Tensor) => (this.tanh ? tf.tanh(t) : t);
+    const out = tf.tidy(() => {
+      const r = tf.transpose(tf.reshape(x, [b, S, n, d]), [0, 2, 1, 3]); // [b, n, S, d]
+      const normed = this.norm.forward(r);
+      const wc = act(
+        tf.reshape(tf.matMul(tf.reshape(normed, [-1, d]), this.dynamicAlphaFn), [b, n, S, S + 1]),
+      );
+      const alpha = tf.add(tf.mul(wc, this.dynamicAlphaScale), this.staticAlpha); // [b, n, S, 1 + S]
+      const dc = act(tf.sum(tf.mul(normed, this.dynamicBetaFn), -1)); // [b, n, S]
+      const beta = tf.add(tf.mul(dc, this.dynamicBetaScale), this.staticBeta);
+      const mix = tf.matMul(tf.transpose(alpha, [0, 1, 3, 2]), r); // [b, n, 1 + S, d]
+      const branchInput = tf.squeeze(tf.slice(mix, [0, 0, 0, 0], [-1, -1, 1, -1]), [2]);
+      const residual = tf.slice(mix, [0, 0, 1, 0], [-1, -1, S, -1]);
+      return [branchInput, residual, beta];
+    });
+    return { branchInput: out[0]!, residual: out[1]!, beta: out[2]! };
+  }
+
+  /** out: [b, n, dim], residual: [b, n, S, dim], beta: [b, n, S] -> [(b * S), n, dim]. */
+  forward(out: tf.Tensor, residual: tf.Tensor, beta?: tf.Tensor): tf.Tensor {
+    if (!beta) throw new Error('beta: expected the tensor prepare() returned, got undefined');
+    return tf.tidy(() => {
+      const [b, n, S, d] = residual.shape as [number, number, number, number];
+      const merged = tf.add(tf.mul(tf.expandDims(out, 2), tf.expandDims(beta, -1)), residual);
+      return tf.reshape(tf.transpose(merged, [0, 2, 1, 3]), [b * S, n, d]);
+    });
+  }
+}
+
+/** torch.nn.LayerNorm(dim, bias=False): normalise (eps 1e-5) and scale by `weight` [dim]. */
+export class BiasLessLayerNorm extends Module {
+  weight: tf.Variable;
+  constructor(readonly dim: number) {
+    super();
+    this.weight = this.registerParameter('weight', tf.ones([dim]));
+  }
+
+  /** x: [..., dim]. */
+  forward(x: tf.Tensor): tf.Tensor {
+    return tf.tidy(() => {
+      const { mean, variance } = tf.moments(x, -1, true);
+      return tf.mul(tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, 1e-5))), this.weight);
     });
   }
 }
