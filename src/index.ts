@@ -33,8 +33,8 @@ export { LayerNorm, RMSNorm, ScaleNorm, SimpleRMSNorm, makeNorm } from './nn/nor
 export type { Norm, NormKind, NormOptions } from './nn/norms.js';
 export { FeedForward, GLU, feedForwardDefaults } from './nn/feedforward.js';
 export type { FeedForwardOptions } from './nn/feedforward.js';
-export { Residual, GRUGating, GRUCell } from './nn/residual.js';
-export type { ResidualFn, ResidualOptions } from './nn/residual.js';
+export { Residual, GRUGating, GRUCell, HyperConnection } from './nn/residual.js';
+export type { ResidualFn, ResidualOptions, PreparedResidual } from './nn/residual.js';
 export { Scale, LayerScale, ShiftTokens, shiftTokens } from './nn/branch.js';
 export type { BranchOut, Callable } from './nn/branch.js';
 export { dropout, gelu, l2norm, normalize } from './nn/functional.js';

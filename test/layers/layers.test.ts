@@ -533,6 +533,10 @@ describe('bad inputs and options', () => {
     expect(() => new Encoder({ ...small, rotaryXpos: true })).toThrow(/^rotaryXpos:/);
     expect(() => new Encoder({ ...small, useRmsnorm: true, useScalenorm: true })).toThrow(/^useScalenorm:/);
     expect(() => new Encoder({ ...small, shiftTokens: [1, 1] })).toThrow(/^shiftTokens:/);
+    expect(() => new Encoder({ ...small, numResidualStreams: 2, gateResidual: true })).toThrow(
+      /^numResidualStreams:/,
+    );
+    expect(() => new Encoder({ ...small, numResidualStreams: 0 })).toThrow(/^numResidualStreams:/);
     expect(() => new Encoder({ ...small, depth: -1 })).toThrow(/^depth:/);
     expect(() => new Decoder({ ...small, causal: true } as never)).toThrow(/^causal:/);
     expect(() => new Encoder({ ...small, bogus: 1 } as never)).toThrow(/^bogus:/);
