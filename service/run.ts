@@ -1,11 +1,8 @@
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
 import pino from 'pino';
-import { initBackend } from '../src/index.js';
-import { buildApp } from '../routes/app.js';
-import { engineStatus, loadEngine } from '../workers/engine.js';
-import { startWorkers, type ServiceWorkers } from '../workers/index.js';
-import { createMetrics } from '../workers/metrics.js';
+import type { FastifyInstance } from 'fastify';
+import type { ServiceWorkers } from '../workers/index.js';
 import { ConfigError, loadConfig, type ServiceConfig } from './config.js';
 import { REDIS_INSTALL_HINT, startRedisChild, type RedisChild } from './redis-server.js';
 
@@ -47,6 +44,12 @@ export async function run(role: Role): Promise<void> {
     log.info({ redisUrl }, 'started a private redis-server (data under DATA_DIR/redis)');
   }
 
+  // the library and the app load after the configuration and Redis are known to be usable (fast failure)
+  const { initBackend } = await import('../src/index.js');
+  const { buildApp } = await import('../routes/app.js');
+  const { engineStatus, loadEngine } = await import('../workers/engine.js');
+  const { startWorkers } = await import('../workers/index.js');
+  const { createMetrics } = await import('../workers/metrics.js');
   try {
     const info = await initBackend(config.backend, (m) => log.info(m));
     log.info({ backend: info.backend, device: info.device }, 'tensor backend ready');
@@ -73,7 +76,7 @@ export async function run(role: Role): Promise<void> {
     });
     log.info({ concurrency: config.workerConcurrency }, 'worker consuming queues train, generate');
   }
-  let app: Awaited<ReturnType<typeof buildApp>> | null = null;
+  let app: FastifyInstance | null = null;
   if (role !== 'worker') {
     app = await buildApp({
       redisUrl,

@@ -1,0 +1,42 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { makeEnv, tinyDecoder, type TestEnv } from './helpers.js';
+
+describe('worker model cache (bounded LRU)', () => {
+  let env: TestEnv;
+  beforeAll(async () => {
+    env = await makeEnv({ workers: { modelCacheSize: 2 } });
+  });
+  afterAll(async () => env?.close());
+
+  it('keeps at most modelCacheSize models loaded, reloading new weights under a new key', async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const r = await env.app.inject({
+        method: 'POST',
+        url: '/v1/models',
+        payload: { name: `m${i}`, config: tinyDecoder({ attnLayers: { dim: 16 } }) },
+      });
+      expect(r.statusCode).toBe(201);
+      ids.push(r.json().id);
+    }
+    const cache = env.workers!.ctx.cache;
+    const gen = async (id: string) => {
+      const r = await env.app.inject({
+        method: 'POST',
+        url: `/v1/models/${id}/generate`,
+        payload: { promptTokens: [1, 2], maxTokens: 2, temperature: 0 },
+      });
+      expect(r.statusCode).toBe(200);
+      return r.json().tokens as number[];
+    };
+    const first = await gen(ids[0]!);
+    expect(cache.size).toBe(1);
+    await gen(ids[1]!);
+    expect(cache.size).toBe(2);
+    await gen(ids[2]!);
+    expect(cache.size).toBe(2);
+    // the evicted model reloads from its weights file and samples the same tokens
+    expect(await gen(ids[0]!)).toEqual(first);
+    expect(cache.size).toBe(2);
+  });
+});

@@ -1,0 +1,93 @@
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+import { freePort } from '../../service/redis-server.js';
+import { redisUrl, waitFor } from './helpers.js';
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+
+/** Runs a service entrypoint as `node --import tsx service/<name>.ts` with a clean environment. */
+function runEntry(name: string, env: Record<string, string>) {
+  const base = Object.fromEntries(
+    Object.entries(process.env).filter(([k]) => !k.startsWith('VITEST') && k !== 'REDIS_URL'),
+  );
+  const child = spawn(process.execPath, ['--import', 'tsx', `service/${name}.ts`], {
+    cwd: ROOT,
+    env: { ...base, XT_BACKEND: 'cpu', LOG_LEVEL: 'warn', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (out += d.toString()));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  return { child, exited, out: () => out };
+}
+
+describe('service processes', () => {
+  it('an invalid environment stops start-up with a message naming each variable', async () => {
+    const p = runEntry('start', { PORT: 'abc', WORKER_CONCURRENCY: '-1' });
+    expect(await p.exited).toBe(1);
+    expect(p.out()).toContain('PORT: expected an integer');
+    expect(p.out()).toContain('WORKER_CONCURRENCY');
+  });
+
+  it('`npm run api` without REDIS_URL says how to set it', async () => {
+    const p = runEntry('api', {});
+    expect(await p.exited).toBe(1);
+    expect(p.out()).toContain('REDIS_URL is required');
+  });
+
+  it('`npm start` without REDIS_URL runs a private redis-server under DATA_DIR and drains on SIGTERM', async () => {
+    const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-start-'));
+    const port = await freePort();
+    const p = runEntry('start', { DATA_DIR: dataDir, PORT: String(port), HOST: '127.0.0.1' });
+    try {
+      const ready = await waitFor(
+        async () => {
+          if (p.child.exitCode !== null) throw new Error(`start exited: ${p.out()}`);
+          try {
+            const r = await fetch(`http://127.0.0.1:${port}/readyz`);
+            return r.status === 200 ? ((await r.json()) as Record<string, unknown>) : null;
+          } catch {
+            return null;
+          }
+        },
+        60_000,
+        'readyz',
+      );
+      expect(ready).toMatchObject({ status: 'ok', backend: 'cpu', redis: 'ok' });
+      expect(existsSync(path.join(dataDir, 'redis'))).toBe(true);
+      const models = await fetch(`http://127.0.0.1:${port}/v1/models`);
+      expect(models.status).toBe(200);
+      p.child.kill('SIGTERM');
+      expect(await p.exited).toBe(0);
+      // the API stopped listening
+      await expect(fetch(`http://127.0.0.1:${port}/healthz`)).rejects.toThrow();
+    } finally {
+      if (p.child.exitCode === null) p.child.kill('SIGKILL');
+      rmSync(dataDir, { recursive: true, force: true });
+    }
+  });
+
+  it('`npm run worker` with REDIS_URL starts and exits 0 on SIGTERM', async () => {
+    const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-worker-'));
+    const p = runEntry('worker', {
+      REDIS_URL: redisUrl(),
+      DATA_DIR: dataDir,
+      LOG_LEVEL: 'info',
+      REDIS_PREFIX: 'proc',
+    });
+    try {
+      await waitFor(async () => p.out().includes('worker consuming queues'), 60_000, 'worker start');
+      p.child.kill('SIGTERM');
+      expect(await p.exited).toBe(0);
+      expect(p.out()).toContain('stopped');
+    } finally {
+      if (p.child.exitCode === null) p.child.kill('SIGKILL');
+      rmSync(dataDir, { recursive: true, force: true });
+    }
+  });
+});
