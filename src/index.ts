@@ -29,13 +29,21 @@ export {
   embeddingLookup,
 } from './nn/embedding.js';
 export type { PositionOptions } from './nn/embedding.js';
-export { LayerNorm, RMSNorm, ScaleNorm, SimpleRMSNorm, makeNorm } from './nn/norms.js';
+export {
+  LayerNorm,
+  RMSNorm,
+  ScaleNorm,
+  SimpleRMSNorm,
+  AdaptiveLayerNorm,
+  AdaptiveRMSNorm,
+  makeNorm,
+} from './nn/norms.js';
 export type { Norm, NormKind, NormOptions } from './nn/norms.js';
 export { FeedForward, GLU, feedForwardDefaults } from './nn/feedforward.js';
 export type { FeedForwardOptions } from './nn/feedforward.js';
 export { Residual, GRUGating, GRUCell, HyperConnection } from './nn/residual.js';
 export type { ResidualFn, ResidualOptions, PreparedResidual } from './nn/residual.js';
-export { Scale, LayerScale, ShiftTokens, shiftTokens } from './nn/branch.js';
+export { Scale, LayerScale, AdaptiveLayerScale, ShiftTokens, shiftTokens } from './nn/branch.js';
 export type { BranchOut, Callable } from './nn/branch.js';
 export { dropout, gelu, l2norm, normalize } from './nn/functional.js';
 export {

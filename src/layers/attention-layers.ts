@@ -3,7 +3,14 @@ import { Module, ModuleList } from '../nn/module.js';
 import { FeedForward, Indexed, type FeedForwardOptions } from '../nn/feedforward.js';
 import { makeNorm, type Norm, type NormKind } from '../nn/norms.js';
 import { GRUGating, HyperConnection, Residual, type ResidualFn } from '../nn/residual.js';
-import { LayerScale, Scale, ShiftTokens, type BranchOut, type Callable } from '../nn/branch.js';
+import {
+  AdaptiveLayerScale,
+  LayerScale,
+  Scale,
+  ShiftTokens,
+  type BranchOut,
+  type Callable,
+} from '../nn/branch.js';
 import { padAt, tidyObj } from '../nn/functional.js';
 import { Linear } from '../nn/linear.js';
 import { Attention } from '../attention/attention.js';
@@ -63,6 +70,8 @@ export interface LayersForwardOptions {
   rotaryPosEmb?: RotaryInput;
   /** Overrides the execution order of the layers (depth extrapolation). */
   layersExecuteOrder?: number[];
+  /** condition: [b, dimCondition] or [b, n, dimCondition] for adaptive norms / layerscale. */
+  condition?: tf.Tensor;
   /** Generator for layer dropout (default: the library generator). */
   rng?: Rng;
 }
@@ -155,6 +164,10 @@ export class AttentionLayers extends Module {
   skipCombines: Indexed;
   private readonly combines: (ConcatCombine | null)[];
   reinjectInputProj: Linear | null = null;
+  /** Whether forward needs a `condition` (adaptive norms / layerscale). */
+  readonly needCondition: boolean;
+  readonly dimCondition: number;
+  adaptiveMlp: Linear | null = null;
   /** Hyper-connections' learned stream embedding `stream_emb` [streams, dim] (streams > 1). */
   streamEmb: tf.Variable | null = null;
   learnedReinjectInputGate: Linear | null = null;
@@ -276,14 +289,31 @@ export class AttentionLayers extends Module {
       throw new Error('attnFlash: flash attention is not compatible with residualAttn / crossResidualAttn');
 
     // norms
-    const normKind: NormKind = o.useScalenorm
-      ? 'scalenorm'
-      : o.useRmsnorm
-        ? 'rmsnorm'
-        : o.useSimpleRmsnorm
-          ? 'simple_rmsnorm'
-          : 'layernorm';
-    const normFn = (): Norm => makeNorm(normKind, o.dim, { unitOffset: o.normAddUnitOffset });
+    const normKind: NormKind = o.useAdaptiveLayernorm
+      ? 'adaptive_layernorm'
+      : o.useAdaptiveRmsnorm
+        ? 'adaptive_rmsnorm'
+        : o.useScalenorm
+          ? 'scalenorm'
+          : o.useRmsnorm
+            ? 'rmsnorm'
+            : o.useSimpleRmsnorm
+              ? 'simple_rmsnorm'
+              : 'layernorm';
+    const normNeedsCondition = o.useAdaptiveLayernorm || o.useAdaptiveRmsnorm;
+    const dimCondition = o.dimCondition ?? o.dim;
+    const condMult = o.adaptiveConditionMlp ? o.adaptiveConditionMlpExpansion : 1;
+    this.dimCondition = dimCondition;
+    this.needCondition = normNeedsCondition || o.useAdaptiveLayerscale;
+    const normFn = (): Norm =>
+      makeNorm(normKind, o.dim, {
+        unitOffset: !normNeedsCondition && o.normAddUnitOffset,
+        dimCondition: dimCondition * condMult,
+      });
+    if (this.needCondition && o.adaptiveConditionMlp) {
+      const mlp = this.registerModule('adaptive_mlp', new Indexed());
+      this.adaptiveMlp = mlp.add(0, new Linear(dimCondition, dimCondition * condMult, { bias: false }));
+    }
     const preNorm = o.preNorm && !o.resiDual;
 
     // block order
@@ -408,6 +438,8 @@ export class AttentionLayers extends Module {
       }
       if (o.useLayerscale)
         block = new LayerScale(block, o.dim, o.layerscaleInitValue, o.normAddUnitOffset) as unknown as Block;
+      else if (o.useAdaptiveLayerscale)
+        block = new AdaptiveLayerScale(block, o.dim, dimCondition * condMult) as unknown as Block;
       const residual: ResidualFn =
         o.numResidualStreams > 1
           ? new HyperConnection(o.dim, ind, o.numResidualStreams)
@@ -471,6 +503,17 @@ export class AttentionLayers extends Module {
       if (!this.causal) throw new Error('cache: expected a causal stack (Decoder) for cached decoding');
       if (opts.mask || opts.attnMask) throw new Error('cache: cached decoding takes no mask / attnMask');
     }
+    if (this.needCondition && !opts.condition)
+      throw new Error('condition: expected a tensor, this stack uses adaptive norms or layerscale');
+    if (!this.needCondition && opts.condition)
+      throw new Error('condition: expected none, this stack has no adaptive norms or layerscale');
+    if (opts.condition) {
+      const c = opts.condition;
+      if ((c.rank !== 2 && c.rank !== 3) || c.shape[c.rank - 1] !== this.dimCondition || c.shape[0] !== b)
+        throw new Error(
+          `condition: expected shape [${b}, ${this.dimCondition}] or [${b}, n, ${this.dimCondition}], got [${c.shape.join(', ')}]`,
+        );
+    }
     const o = this.options;
     const training = this.training;
     const rng = opts.rng ?? getRng();
@@ -478,6 +521,18 @@ export class AttentionLayers extends Module {
     const input = x;
     const result = tidyObj(() => {
       const order = opts.layersExecuteOrder ?? this.layersExecuteOrder;
+      let cond: tf.Tensor | undefined;
+      if (opts.condition) {
+        cond = opts.condition.rank === 2 ? tf.expandDims(opts.condition, 1) : opts.condition;
+        if (this.adaptiveMlp) {
+          const hcond = this.adaptiveMlp.forward(cond);
+          cond = tf.mul(hcond, tf.sigmoid(hcond));
+        }
+      }
+      const callBlock = (block: Block, inp: tf.Tensor, bo?: BlockOpts): BranchOut =>
+        block instanceof AdaptiveLayerScale
+          ? block.forwardWithCondition(inp, cond!, bo)
+          : block.forward(inp, bo);
       const hiddens: tf.Tensor[] = [];
       const layerHiddens: tf.Tensor[] = [];
       const attnInters: (AttentionIntermediates & { layerType: 'a' | 'c' })[] = [];
@@ -561,14 +616,14 @@ export class AttentionLayers extends Module {
         const { pre, postBranch, postMain } = entry.norms;
         let h = inject ? tf.add(branchIn, inject) : branchIn;
         if (pre) {
-          h = pre.forward(h);
-          if (type === 'a' && layerMem) layerMem = pre.forward(layerMem);
+          h = pre.forward(h, cond);
+          if (type === 'a' && layerMem) layerMem = pre.forward(layerMem, cond);
         }
         let out: tf.Tensor;
         let inter: AttentionIntermediates | undefined;
         const needInter = wantCache || opts.returnHiddens || o.residualAttn || o.crossResidualAttn;
         if (type === 'a') {
-          const r = entry.block.forward(h, {
+          const r = callBlock(entry.block, h, {
             mask: opts.mask,
             contextMask: selfKvMask,
             attnMask: opts.attnMask,
@@ -584,7 +639,7 @@ export class AttentionLayers extends Module {
           out = r.out;
           inter = r.intermediates;
         } else if (type === 'c') {
-          const r = entry.block.forward(h, {
+          const r = callBlock(entry.block, h, {
             context,
             mask: opts.mask,
             contextMask,
@@ -595,9 +650,9 @@ export class AttentionLayers extends Module {
           out = r.out;
           inter = r.intermediates;
         } else {
-          out = entry.block.forward(h) as tf.Tensor;
+          out = callBlock(entry.block, h) as tf.Tensor;
         }
-        if (postBranch) out = postBranch.forward(out);
+        if (postBranch) out = postBranch.forward(out, cond);
         x = entry.residual.forward(out, residual, prep?.beta);
         if (outer) outer = tf.add(outer, tf.mul(out, o.resiDualScale));
         if (inter) {
@@ -610,7 +665,7 @@ export class AttentionLayers extends Module {
           if (type === 'a' && o.residualAttn) prevAttn = inter.preSoftmaxAttn;
           if (type === 'c' && o.crossResidualAttn) prevCrossAttn = inter.preSoftmaxAttn;
         }
-        if (postMain) x = postMain.forward(x);
+        if (postMain) x = postMain.forward(x, cond);
       }
       if (opts.returnHiddens) layerHiddens.push(x.clone());
       if (o.softclampOutput) x = tf.mul(tf.tanh(tf.div(x, o.softclampOutputValue)), o.softclampOutputValue);
@@ -618,8 +673,8 @@ export class AttentionLayers extends Module {
         const [, nx, dx] = x.shape as [number, number, number];
         x = tf.sum(tf.reshape(x, [bStream, streams, nx, dx]), 1);
       }
-      if (outer) x = tf.add(x, this.finalNorm!.forward(outer));
-      else if (this.finalNorm) x = this.finalNorm.forward(x);
+      if (outer) x = tf.add(x, this.finalNorm!.forward(outer, cond));
+      else if (this.finalNorm) x = this.finalNorm.forward(x, cond);
       return {
         out: x === input ? x.clone() : x,
         hiddens,
@@ -708,8 +763,16 @@ function validate(o: AttentionLayersOwnOptions): void {
     throw new Error(`depth: expected a positive integer, got ${o.depth}`);
   if (!Number.isInteger(o.heads) || o.heads <= 0)
     throw new Error(`heads: expected a positive integer, got ${o.heads}`);
-  if ([o.useScalenorm, o.useRmsnorm, o.useSimpleRmsnorm].filter(Boolean).length > 1)
-    throw new Error('useScalenorm: expected at most one of useScalenorm, useRmsnorm, useSimpleRmsnorm');
+  if (
+    [o.useScalenorm, o.useRmsnorm, o.useSimpleRmsnorm, o.useAdaptiveLayernorm, o.useAdaptiveRmsnorm].filter(
+      Boolean,
+    ).length > 1
+  )
+    throw new Error(
+      'useScalenorm: expected at most one of useScalenorm, useRmsnorm, useSimpleRmsnorm, useAdaptiveLayernorm, useAdaptiveRmsnorm',
+    );
+  if (o.useLayerscale && o.useAdaptiveLayerscale)
+    throw new Error('useAdaptiveLayerscale: expected at most one of useLayerscale and useAdaptiveLayerscale');
   if (!o.preNorm && o.sandwichNorm)
     throw new Error('sandwichNorm: expected preNorm true, sandwich norm cannot be used with post-norm');
   if (o.resiDual && o.sandwichNorm) throw new Error('sandwichNorm: expected false with resiDual');

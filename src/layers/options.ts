@@ -73,6 +73,16 @@ export interface AttentionLayersOwnOptions {
   learnedReinjectInputGate: boolean;
   /** Hyper-connections (arXiv 2409.19606): number of residual streams (1 = a plain residual). */
   numResidualStreams: number;
+  /** Norms whose gain comes from a `condition` passed to forward (AdaptiveLayerNorm / AdaptiveRMSNorm). */
+  useAdaptiveLayernorm: boolean;
+  useAdaptiveRmsnorm: boolean;
+  /** DiT ada-LN-zero: branch outputs gated by sigmoid(Linear(condition)). */
+  useAdaptiveLayerscale: boolean;
+  /** Feature size of `condition` (default dim). */
+  dimCondition: number | null;
+  /** Passes the condition through Linear + SiLU (`adaptive_mlp`) first. */
+  adaptiveConditionMlp: boolean;
+  adaptiveConditionMlpExpansion: number;
 }
 
 type Prefixed<P extends string, T> = { [K in keyof T as `${P}${Capitalize<string & K>}`]?: T[K] };
@@ -139,4 +149,10 @@ export const attentionLayersDefaults: AttentionLayersOwnOptions = {
   reinjectInput: false,
   learnedReinjectInputGate: false,
   numResidualStreams: 1,
+  useAdaptiveLayernorm: false,
+  useAdaptiveRmsnorm: false,
+  useAdaptiveLayerscale: false,
+  dimCondition: null,
+  adaptiveConditionMlp: false,
+  adaptiveConditionMlpExpansion: 4,
 };

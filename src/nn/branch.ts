@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module } from './module.js';
 import { padAt } from './functional.js';
+import { Linear } from './linear.js';
 
 /** What a branch (attention or feedforward) returns: a tensor, or an object holding `out`. */
 export type BranchOut = tf.Tensor | { out: tf.Tensor };
@@ -119,4 +120,35 @@ export function shiftTokens(x: tf.Tensor, shifts: number[], mask?: tf.Tensor): t
     if (per * segments < dim) parts.push(tf.slice(x, [0, 0, per * segments], [-1, -1, -1]));
     return tf.concat(parts, -1);
   });
+}
+
+/**
+ * DiT's ada-LN-zero gate: multiplies a branch's output by sigmoid(to_gamma(condition)), with
+ * `to_gamma` Linear(dimCondition, dim) initialised to weight 0, bias `initBiasValue` (-2).
+ */
+export class AdaptiveLayerScale<O, R extends BranchOut> extends Module {
+  fn: Module & Callable<O, R>;
+  toGamma: Linear;
+  constructor(fn: Module & Callable<O, R>, dim: number, dimCondition = dim, initBiasValue = -2) {
+    super();
+    this.fn = this.registerModule('fn', fn);
+    this.toGamma = this.registerModule('to_gamma', new Linear(dimCondition, dim));
+    tf.tidy(() => {
+      this.toGamma.weight.assign(tf.zerosLike(this.toGamma.weight));
+      this.toGamma.bias!.assign(tf.fill([dim], initBiasValue));
+    });
+  }
+
+  /** x: [b, n, dim], condition: [b, dimCondition] or [b, n, dimCondition]. */
+  forwardWithCondition(x: tf.Tensor, condition: tf.Tensor, opts?: O): R {
+    const r = this.fn.forward(x, opts);
+    return mapOut(r, (t) => {
+      const y = tf.tidy(() => {
+        const c = condition.rank === 2 ? tf.expandDims(condition, 1) : condition;
+        return tf.mul(t, tf.sigmoid(this.toGamma.forward(c)));
+      });
+      t.dispose();
+      return y;
+    });
+  }
 }

@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module } from './module.js';
 import { normalize } from './functional.js';
+import { Linear } from './linear.js';
 
 /** Options shared by the reference's norms. */
 export interface NormOptions {
@@ -8,9 +9,12 @@ export interface NormOptions {
   unitOffset?: boolean;
 }
 
-/** A norm over the last axis: x: [..., dim] -> [..., dim]. */
+/**
+ * A norm over the last axis: x: [..., dim] -> [..., dim]. Adaptive norms also take a condition
+ * [b, dimCondition] or [b, n, dimCondition]; the others ignore it.
+ */
 export interface Norm extends Module {
-  forward(x: tf.Tensor): tf.Tensor;
+  forward(x: tf.Tensor, condition?: tf.Tensor): tf.Tensor;
 }
 
 /** Bias-less LayerNorm (eps 1e-5) with a learned `gamma` [dim]. */
@@ -99,11 +103,72 @@ export class SimpleRMSNorm extends Module implements Norm {
   }
 }
 
-export type NormKind = 'layernorm' | 'rmsnorm' | 'scalenorm' | 'simple_rmsnorm';
+/** condition: [b, d] -> [b, 1, d]; [b, n, d] unchanged. */
+function conditionRank3(condition: tf.Tensor | undefined, name: string): tf.Tensor {
+  if (!condition) throw new Error(`condition: expected a tensor for the adaptive ${name}, got undefined`);
+  return condition.rank === 2 ? tf.expandDims(condition, 1) : condition;
+}
 
-/** Builds the norm of a kind. */
-export function makeNorm(kind: NormKind, dim: number, options: NormOptions = {}): Norm {
+/** LayerNorm without affine whose gain is (1 + to_gamma(condition)); `to_gamma.weight` [dim, dimCondition], zero init. */
+export class AdaptiveLayerNorm extends Module implements Norm {
+  toGamma: Linear;
+  constructor(
+    readonly dim: number,
+    dimCondition = dim,
+  ) {
+    super();
+    this.toGamma = this.registerModule('to_gamma', new Linear(dimCondition, dim, { bias: false }));
+    tf.tidy(() => this.toGamma.weight.assign(tf.zerosLike(this.toGamma.weight)));
+  }
+
+  /** x: [b, n, dim], condition: [b, dimCondition] or [b, n, dimCondition]. */
+  forward(x: tf.Tensor, condition?: tf.Tensor): tf.Tensor {
+    return tf.tidy(() => {
+      const c = conditionRank3(condition, 'layernorm');
+      const { mean, variance } = tf.moments(x, -1, true);
+      const normed = tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, 1e-5)));
+      return tf.mul(normed, tf.add(this.toGamma.forward(c), 1));
+    });
+  }
+}
+
+/** normalize(x) * sqrt(dim) * (1 + to_gamma(condition)); `to_gamma.weight` zero init. */
+export class AdaptiveRMSNorm extends Module implements Norm {
+  readonly scale: number;
+  toGamma: Linear;
+  constructor(
+    readonly dim: number,
+    dimCondition = dim,
+  ) {
+    super();
+    this.scale = dim ** 0.5;
+    this.toGamma = this.registerModule('to_gamma', new Linear(dimCondition, dim, { bias: false }));
+    tf.tidy(() => this.toGamma.weight.assign(tf.zerosLike(this.toGamma.weight)));
+  }
+
+  /** x: [b, n, dim], condition: [b, dimCondition] or [b, n, dimCondition]. */
+  forward(x: tf.Tensor, condition?: tf.Tensor): tf.Tensor {
+    return tf.tidy(() => {
+      const c = conditionRank3(condition, 'rmsnorm');
+      return tf.mul(tf.mul(normalize(x), this.scale), tf.add(this.toGamma.forward(c), 1));
+    });
+  }
+}
+
+export type NormKind =
+  'layernorm' | 'rmsnorm' | 'scalenorm' | 'simple_rmsnorm' | 'adaptive_layernorm' | 'adaptive_rmsnorm';
+
+/** Builds the norm of a kind (adaptive kinds take `dimCondition`, default dim). */
+export function makeNorm(
+  kind: NormKind,
+  dim: number,
+  options: NormOptions & { dimCondition?: number } = {},
+): Norm {
   switch (kind) {
+    case 'adaptive_layernorm':
+      return new AdaptiveLayerNorm(dim, options.dimCondition ?? dim);
+    case 'adaptive_rmsnorm':
+      return new AdaptiveRMSNorm(dim, options.dimCondition ?? dim);
     case 'rmsnorm':
       return new RMSNorm(dim, options);
     case 'scalenorm':

@@ -94,6 +94,8 @@ export interface TransformerForwardOptions {
   contextMask?: tf.Tensor;
   attnMask?: tf.Tensor;
   selfAttnKvMask?: tf.Tensor;
+  /** condition: [b, dimCondition] or [b, n, dimCondition] for adaptive norms / layerscale. */
+  condition?: tf.Tensor;
 }
 
 /** What `forwardWithState` returns; the caller owns every tensor (and the cache). */
@@ -338,6 +340,7 @@ export class TransformerWrapper extends Module {
         contextMask: opts.contextMask,
         attnMask: opts.attnMask,
         selfAttnKvMask: kvMask,
+        condition: opts.condition,
       });
       cache = res.cache;
       let e = res.out;

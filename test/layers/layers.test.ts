@@ -502,6 +502,22 @@ describe('bad inputs and options', () => {
     tf.dispose([x, wrongShape, wrongType]);
   });
 
+  it('adaptive stacks require a condition of the right size', () => {
+    const ada = new Decoder({ ...small, useAdaptiveLayernorm: true, dimCondition: 6 });
+    const x = tf.zeros([2, 3, 16]);
+    expect(() => ada.forward(x)).toThrow(/^condition: expected a tensor/);
+    const bad = tf.zeros([2, 5]);
+    expect(() => ada.forward(x, { condition: bad })).toThrow(/^condition: expected shape \[2, 6\]/);
+    const plain = new Decoder(small);
+    const c = tf.zeros([2, 6]);
+    expect(() => plain.forward(x, { condition: c })).toThrow(/^condition: expected none/);
+    const out = ada.forward(x, { condition: c }).out;
+    expect(out.shape).toEqual([2, 3, 16]);
+    tf.dispose([x, bad, c, out]);
+    ada.dispose();
+    plain.dispose();
+  });
+
   it('layers check x, context and mems', () => {
     const layers = new Decoder(small);
     const x = tf.zeros([1, 3, 5]);

@@ -7,7 +7,7 @@ import { AutoregressiveWrapper } from '../../src/generation/autoregressive-wrapp
 import { FIXTURES, buildModel, compare, listCases, readCase } from './parity-helpers.js';
 
 const only = process.env.XT_CASE;
-const TASKS = ['logits', 'logits_masked', 'cross', 'loss_grads', 'xl'];
+const TASKS = ['logits', 'logits_masked', 'logits_cond', 'cross', 'loss_grads', 'xl'];
 const files = [...listCases(TASKS), ...listCases(TASKS, FIXTURES)].filter(
   (f) => !only || path.basename(f, '.safetensors') === only,
 );
@@ -26,6 +26,10 @@ describe('layers parity with the reference (visible cases)', () => {
       };
       if (c.task === 'logits' || c.task === 'logits_masked') {
         const out = (model as TransformerWrapper).forward(t['input.x']!, { mask: t['input.mask'] });
+        check('logits', out, t['output.logits']!);
+        out.dispose();
+      } else if (c.task === 'logits_cond') {
+        const out = (model as TransformerWrapper).forward(t['input.x']!, { condition: t['input.condition'] });
         check('logits', out, t['output.logits']!);
         out.dispose();
       } else if (c.task === 'cross') {
