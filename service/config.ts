@@ -23,6 +23,8 @@ export interface ServiceConfig {
   /** How often (ms) workers look for stalled jobs. */
   stalledIntervalMs: number;
   logLevel: string;
+  /** `npm run worker` serves its own /metrics on this port when set (the API serves them otherwise). */
+  metricsPort: number | undefined;
   limits: ServiceLimits;
 }
 
@@ -68,6 +70,7 @@ export const ENV_VARS: Spec[] = [
   { env: 'LOCK_DURATION_MS', describe: 'job lock; a dead worker’s job resumes after this (default 30000)' },
   { env: 'STALLED_INTERVAL_MS', describe: 'stalled-job check period (default 15000)' },
   { env: 'LOG_LEVEL', describe: 'pino level (default info)' },
+  { env: 'METRICS_PORT', describe: '`npm run worker` only: serve /metrics on this port' },
   { env: 'MAX_PARAMETERS', describe: 'largest model, parameters (default 50000000)' },
   { env: 'MAX_SEQ_LEN', describe: 'largest training seqLen (default 4096)' },
   { env: 'MAX_BATCH_SIZE', describe: 'largest training batch (default 256)' },
@@ -128,6 +131,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
   if (!LOG_LEVELS.includes(logLevel)) {
     problems.push(`LOG_LEVEL: expected one of ${LOG_LEVELS.join(', ')}, got "${logLevel}"`);
   }
+  const metricsPort = env.METRICS_PORT?.trim() ? int('METRICS_PORT', 0, 1, 65535) : undefined;
   const limits: ServiceLimits = {
     maxParameters: int('MAX_PARAMETERS', defaultLimits.maxParameters, 1),
     maxSeqLen: int('MAX_SEQ_LEN', defaultLimits.maxSeqLen, 1),
@@ -153,6 +157,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
     lockDurationMs,
     stalledIntervalMs,
     logLevel: logLevel,
+    metricsPort,
     limits,
   };
 }

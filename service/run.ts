@@ -1,4 +1,5 @@
 import { mkdirSync } from 'node:fs';
+import http from 'node:http';
 import path from 'node:path';
 import pino from 'pino';
 import type { FastifyInstance } from 'fastify';
@@ -91,6 +92,21 @@ export async function run(role: Role): Promise<void> {
     if (config.apiKeys.length) log.info(`API keys required on /v1 (${config.apiKeys.length} configured)`);
   }
 
+  let metricsServer: http.Server | null = null;
+  if (role === 'worker' && config.metricsPort) {
+    metricsServer = http.createServer((req, res) => {
+      if (req.url !== '/metrics') {
+        res.writeHead(404).end();
+        return;
+      }
+      void metrics.registry.metrics().then((text) => {
+        res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text);
+      });
+    });
+    metricsServer.listen(config.metricsPort, config.host);
+    log.info({ port: config.metricsPort }, 'worker metrics at /metrics');
+  }
+
   let stopping = false;
   const stop = async (signal: string) => {
     if (stopping) return;
@@ -103,6 +119,7 @@ export async function run(role: Role): Promise<void> {
     force.unref();
     try {
       if (app) await app.close();
+      metricsServer?.close();
       if (workers) await workers.close();
       if (redisChild) await redisChild.stop();
     } catch (e) {

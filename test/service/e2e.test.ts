@@ -308,6 +308,24 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
     });
     expect(put.statusCode).toBe(200);
     expect(put.json().id).toBe(modelId);
+    const boundary = '----xtweights';
+    const multipart = Buffer.concat([
+      Buffer.from(
+        `--${boundary}\r\nContent-Disposition: form-data; name="file"; filename="w.safetensors"\r\n` +
+          'Content-Type: application/octet-stream\r\n\r\n',
+      ),
+      Buffer.from(bytes),
+      Buffer.from(`\r\n--${boundary}--\r\n`),
+    ]);
+    const viaForm = await env.app.inject({
+      method: 'PUT',
+      url: `/v1/models/${modelId}/weights`,
+      headers: { 'content-type': `multipart/form-data; boundary=${boundary}` },
+      payload: multipart,
+    });
+    expect(viaForm.statusCode).toBe(200);
+    const back = await env.app.inject({ method: 'GET', url: `/v1/models/${modelId}/weights` });
+    expect(Buffer.compare(back.rawPayload, Buffer.from(bytes))).toBe(0);
 
     // one key renamed, one mis-shaped, one missing
     const bad: Record<string, tf.Tensor> = { ...tensors };

@@ -72,16 +72,22 @@ describe('service processes', () => {
     }
   });
 
-  it('`npm run worker` with REDIS_URL starts and exits 0 on SIGTERM', async () => {
+  it('`npm run worker` with REDIS_URL starts, serves METRICS_PORT, and exits 0 on SIGTERM', async () => {
     const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-worker-'));
+    const metricsPort = await freePort();
     const p = runEntry('worker', {
       REDIS_URL: redisUrl(),
       DATA_DIR: dataDir,
       LOG_LEVEL: 'info',
       REDIS_PREFIX: 'proc',
+      METRICS_PORT: String(metricsPort),
+      HOST: '127.0.0.1',
     });
     try {
-      await waitFor(async () => p.out().includes('worker consuming queues'), 60_000, 'worker start');
+      await waitFor(async () => p.out().includes('worker metrics at /metrics'), 60_000, 'worker start');
+      const m = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+      expect(m).toContain('xt_job_duration_seconds');
+      expect(m).toContain('xt_train_steps_total');
       p.child.kill('SIGTERM');
       expect(await p.exited).toBe(0);
       expect(p.out()).toContain('stopped');
