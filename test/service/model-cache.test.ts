@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeEnv, tinyDecoder, type TestEnv } from './helpers.js';
+import * as tf from '@tensorflow/tfjs-core';
+import { makeEnv, tinyDecoder, waitFor, type TestEnv } from './helpers.js';
 
 describe('worker model cache (bounded LRU)', () => {
   let env: TestEnv;
@@ -38,5 +39,36 @@ describe('worker model cache (bounded LRU)', () => {
     // the evicted model reloads from its weights file and samples the same tokens
     expect(await gen(ids[0]!)).toEqual(first);
     expect(cache.size).toBe(2);
+
+    // nothing leaks: a cached generation, a model creation and a whole training job free their tensors
+    const before = tf.memory().numTensors;
+    await gen(ids[0]!);
+    expect(tf.memory().numTensors).toBe(before);
+    const d = await env.app.inject({
+      method: 'POST',
+      url: '/v1/datasets',
+      headers: { 'content-type': 'text/plain' },
+      payload: 'abab'.repeat(100),
+    });
+    const t = await env.app.inject({
+      method: 'POST',
+      url: `/v1/models/${ids[1]}/train`,
+      payload: {
+        datasetId: d.json().id,
+        steps: 3,
+        batchSize: 2,
+        seqLen: 8,
+        learningRate: 0.01,
+        evalEvery: 2,
+      },
+    });
+    const jobId = t.json().jobId as string;
+    await waitFor(
+      async () =>
+        (await env.app.inject({ method: 'GET', url: `/v1/jobs/${jobId}` })).json().state === 'completed',
+      60_000,
+      'training',
+    );
+    expect(tf.memory().numTensors).toBe(before);
   });
 });
