@@ -103,6 +103,8 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
         reply.raw.write(
           `event: start\ndata: ${JSON.stringify({ jobId, promptTokens: promptTokens.length })}\n\n`,
         );
+        // keeps proxies from closing the stream while the job waits for a free worker
+        const heartbeat = setInterval(() => reply.raw.write(': ping\n\n'), 15_000);
         try {
           for await (const ev of followEvents(registry, jobId, '0', gone.signal)) {
             if (ev.event === 'done') onDone(ev.data);
@@ -111,6 +113,7 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
         } catch (e) {
           request.log.warn({ err: (e as Error).message }, 'generation stream ended early');
         } finally {
+          clearInterval(heartbeat);
           reply.raw.end();
         }
         return;
