@@ -12,7 +12,12 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
   let datasetId: string;
 
   beforeAll(async () => {
-    env = await makeEnv({ app: { limits: { maxParameters: 200_000, maxTokens: 600 } }, workers: true });
+    env = await makeEnv({
+      app: {
+        limits: { maxParameters: 200_000, maxTokens: 600, maxSeqLen: 48, maxBatchSize: 16, maxSteps: 100 },
+      },
+      workers: true,
+    });
     base = await env.app.listen({ port: 0, host: '127.0.0.1' });
   });
   afterAll(async () => env?.close());
@@ -98,13 +103,27 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
     expect(d.statusCode).toBe(201);
     datasetId = d.json().id;
 
-    const limit = await env.app.inject({
+    const over: [Record<string, number>, string][] = [
+      [{ seqLen: 49 }, 'seqLen: 49 is over the limit MAX_SEQ_LEN=48'],
+      [{ batchSize: 17 }, 'batchSize: 17 is over the limit MAX_BATCH_SIZE=16'],
+      [{ steps: 101 }, 'steps: 101 is over the limit MAX_STEPS=100'],
+      [{ warmupSteps: 20 }, 'warmupSteps'],
+    ];
+    for (const [change, message] of over) {
+      const r = await env.app.inject({
+        method: 'POST',
+        url: `/v1/models/${modelId}/train`,
+        payload: { datasetId, steps: 10, batchSize: 4, seqLen: 16, learningRate: 0.01, ...change },
+      });
+      expect(r.statusCode, JSON.stringify(change)).toBe(400);
+      expect(r.json().message).toContain(message);
+    }
+    const unknownData = await env.app.inject({
       method: 'POST',
       url: `/v1/models/${modelId}/train`,
-      payload: { datasetId, steps: 10, batchSize: 4, seqLen: 65, learningRate: 0.01 },
+      payload: { datasetId: 'nope', steps: 10, batchSize: 4, seqLen: 16, learningRate: 0.01 },
     });
-    expect(limit.statusCode).toBe(400);
-    expect(limit.json().message).toContain('seqLen');
+    expect(unknownData.statusCode).toBe(404);
 
     const t = await env.app.inject({
       method: 'POST',
@@ -268,7 +287,7 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
     const t = await env.app.inject({
       method: 'POST',
       url: `/v1/models/${modelId}/train`,
-      payload: { datasetId, steps: 5000, batchSize: 2, seqLen: 8, learningRate: 0.001, checkpointEvery: 3 },
+      payload: { datasetId, steps: 100, batchSize: 2, seqLen: 8, learningRate: 0.001, checkpointEvery: 3 },
     });
     const { jobId } = t.json();
     let cancelledAt = 0;
