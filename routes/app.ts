@@ -79,7 +79,8 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   };
   ctx.trainQueue.on('error', (err) => app.log.error({ err: err.message }, 'train queue error'));
   ctx.generateQueue.on('error', (err) => app.log.error({ err: err.message }, 'generate queue error'));
-  redis.on('error', (err) => app.log.warn({ err: err.message }, 'redis error'));
+  for (const c of [redis, queueConn])
+    c.on('error', (err) => app.log.warn({ err: err.message }, 'redis error'));
   app.decorate('svc', ctx);
   app.addHook('onClose', async () => {
     const up = redis.status === 'ready';

@@ -99,9 +99,10 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
       };
       const wantsSse = b.stream === true || (request.headers.accept ?? '').includes('text/event-stream');
       if (wantsSse) {
+        reply.raw.setHeader('x-job-id', jobId);
         startSse(reply);
         reply.raw.write(
-          `event: start\ndata: ${JSON.stringify({ jobId, promptTokens: promptTokens.length })}\n\n`,
+          `id: 0-0\nevent: start\ndata: ${JSON.stringify({ jobId, promptTokens: promptTokens.length })}\n\n`,
         );
         // keeps proxies from closing the stream while the job waits for a free worker
         const heartbeat = setInterval(() => reply.raw.write(': ping\n\n'), 15_000);

@@ -64,6 +64,8 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
     running: new Map(),
     draining: false,
   };
+  for (const c of [redis, sub])
+    c.on('error', (err: Error) => ctx.log.warn({ err: err.message }, 'redis error'));
   await sub.subscribe(registry.cancelChannel);
   sub.on('message', (_channel: string, jobId: string) => ctx.running.get(jobId)?.abort());
 
@@ -79,6 +81,7 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
   const conns: Redis[] = [];
   const connect = (): Redis => {
     const c = createRedis(options.redisUrl);
+    c.on('error', (err: Error) => ctx.log.warn({ err: err.message }, 'redis error'));
     conns.push(c);
     return c;
   };

@@ -186,6 +186,7 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
       },
       () => false,
     );
+    expect(streamed.every((e) => typeof e.id === 'string')).toBe(true);
     const tokens = streamed.filter((e) => e.event === 'token');
     expect(tokens.map((e) => e.data.index)).toEqual(Array.from({ length: 24 }, (_, i) => i));
     const done = streamed.find((e) => e.event === 'done')!;
