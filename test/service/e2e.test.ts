@@ -174,6 +174,32 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
     expect(ck.checkpoints.every((c: { jobId: string }) => c.jobId === jobId)).toBe(true);
   });
 
+  it('a client that reconnects with Last-Event-ID gets exactly the events it missed', async () => {
+    const t = await env.app.inject({
+      method: 'POST',
+      url: `/v1/models/${modelId}/train`,
+      payload: { datasetId, steps: 10, batchSize: 2, seqLen: 8, learningRate: 0.001, checkpointEvery: 5 },
+    });
+    const { jobId } = t.json();
+    const firstPart = await readSse(
+      `${base}/v1/jobs/${jobId}/events`,
+      {},
+      (ev) => ev.event === 'progress' && ev.data.step === 3,
+    );
+    const lastId = firstPart.at(-1)!.id!;
+    await new Promise((r) => setTimeout(r, 300)); // events go on while the client is away
+    const rest = await readSse(
+      `${base}/v1/jobs/${jobId}/events`,
+      { headers: { 'last-event-id': lastId } },
+      () => false,
+    );
+    const all = [...firstPart, ...rest];
+    const steps = all.filter((e) => e.event === 'progress').map((e) => e.data.step);
+    expect(steps).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    expect(new Set(all.map((e) => e.id)).size).toBe(all.length);
+    expect(all.at(-1)!.event).toBe('completed');
+  });
+
   let streamed: SseEvent[] = [];
   it('streams a generation as token events then done (SSE), and JSON gives the same tokens', async () => {
     const body = { prompt: 'abcd', maxTokens: 24, temperature: 0 };
