@@ -89,7 +89,13 @@ export const TrainBody = Type.Object(
     gradClip: Type.Optional(Type.Number({ minimum: 0 })),
     gradAccumulation: Type.Optional(Type.Integer({ minimum: 1 })),
     evalEvery: Type.Optional(Type.Integer({ minimum: 0 })),
-    checkpointEvery: Type.Optional(Type.Integer({ minimum: 0, description: '0: only at the end' })),
+    checkpointEvery: Type.Optional(
+      Type.Integer({
+        minimum: 0,
+        description:
+          'Save a checkpoint every this many steps (default: a tenth of steps; 0: only at the end)',
+      }),
+    ),
     seed: Type.Optional(Type.Integer()),
   },
   { additionalProperties: false },
@@ -133,7 +139,9 @@ export const GenerateBody = Type.Object(
     minP: Type.Optional(Type.Number({ minimum: 0, maximum: 1 })),
     stop: Type.Optional(Type.Array(Type.String({ minLength: 1 }), { maxItems: 16 })),
     seed: Type.Optional(Type.Integer()),
-    cacheKv: Type.Optional(Type.Boolean()),
+    cacheKv: Type.Optional(
+      Type.Boolean({ description: 'Key/value cache (default: on while prompt + maxTokens fits maxSeqLen)' }),
+    ),
     stream: Type.Optional(Type.Boolean()),
   },
   { additionalProperties: false },
