@@ -10,6 +10,7 @@
  * `--json` prints one line per backend: {"backend","config","train_tok_s","gen_tok_s_cache",
  * "gen_tok_s_nocache","peak_rss_mb"} (and one "pytorch" line with --baseline).
  */
+import type * as TF from '@tensorflow/tfjs-core';
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
@@ -123,9 +124,9 @@ async function child(backendName: string): Promise<void> {
   const x = tf.tensor2d(data, [c.batch, c.seq + 1], 'int32');
 
   const step = (): void => {
-    const { value, grads } = tf.variableGrads(() => model.forward(x) as tf.Scalar, vars);
+    const { value, grads } = tf.variableGrads(() => model.forward(x) as TF.Scalar, vars);
     value.dataSync();
-    const named: Record<string, tf.Tensor> = {};
+    const named: Record<string, TF.Tensor> = {};
     for (const [k, g] of Object.entries(grads)) named[names.get(k) ?? k] = g;
     opt.apply(named);
     tf.dispose([value, ...Object.values(grads)]);

@@ -512,7 +512,7 @@ export function fallbackRun(
     // cpu kernels may read `rank` of their inputs (ops pass whole tensors)
     return { dataId, shape: t.shape, dtype: t.dtype, rank: t.shape.length } as TensorInfo;
   };
-  const cpuInputs: Inputs = Array.isArray(inputs)
+  const cpuInputs = (Array.isArray(inputs)
     ? inputs.map((t) => move(t) as TensorInfo)
     : Object.fromEntries(
         Object.entries(inputs).map(([k, t]) => [
@@ -520,7 +520,7 @@ export function fallbackRun(
           // some kernels (ragged ops) take a list of tensors under one name
           Array.isArray(t) ? (t as TensorInfo[]).map((u) => move(u)) : move(t),
         ]),
-      );
+      )) as unknown as Inputs;
   try {
     const out = (cfg.kernelFunc as KernelFunc)({
       inputs: cpuInputs as tf.NamedTensorInfoMap,
