@@ -200,6 +200,29 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
     expect(all.at(-1)!.event).toBe('completed');
   });
 
+  it('a job that fails ends its stream with `failed` and reports the error', async () => {
+    const small = await env.app.inject({
+      method: 'POST',
+      url: '/v1/datasets?name=small',
+      headers: { 'content-type': 'text/plain' },
+      payload: 'abc',
+    });
+    const t = await env.app.inject({
+      method: 'POST',
+      url: `/v1/models/${modelId}/train`,
+      payload: { datasetId: small.json().id, steps: 5, batchSize: 2, seqLen: 16, learningRate: 0.01 },
+    });
+    const { jobId } = t.json();
+    const events = await readSse(`${base}/v1/jobs/${jobId}/events`, {}, () => false);
+    expect(events.at(-1)!.event).toBe('failed');
+    expect(events.at(-1)!.data.error).toContain('too few');
+    const job = (await env.app.inject({ method: 'GET', url: `/v1/jobs/${jobId}` })).json();
+    expect(job).toMatchObject({ state: 'failed', error: expect.stringContaining('seqLen 16') });
+    // the model's checkpoints from earlier jobs are untouched
+    const ck = (await env.app.inject({ method: 'GET', url: `/v1/models/${modelId}/checkpoints` })).json();
+    expect(ck.checkpoints.length).toBeGreaterThanOrEqual(4);
+  });
+
   let streamed: SseEvent[] = [];
   it('streams a generation as token events then done (SSE), and JSON gives the same tokens', async () => {
     const body = { prompt: 'abcd', maxTokens: 24, temperature: 0 };
