@@ -23,6 +23,8 @@ export interface ServiceConfig {
   /** How often (ms) workers look for stalled jobs. */
   stalledIntervalMs: number;
   logLevel: string;
+  /** The redis-server binary `npm start` runs when REDIS_URL is unset (default: found on PATH). */
+  redisServerBin: string | undefined;
   /** `npm run worker` serves its own /metrics on this port when set (the API serves them otherwise). */
   metricsPort: number | undefined;
   limits: ServiceLimits;
@@ -61,6 +63,7 @@ export const ENV_VARS: Spec[] = [
   { env: 'PORT', describe: 'HTTP port (default 3000)' },
   { env: 'HOST', describe: 'interface to listen on (default 0.0.0.0)' },
   { env: 'REDIS_URL', describe: 'redis://host:port; unset: `npm start` runs a private redis-server' },
+  { env: 'REDIS_SERVER_BIN', describe: 'redis-server binary for the private Redis (default: on PATH)' },
   { env: 'DATA_DIR', describe: 'datasets, weights, checkpoints (default ./data)' },
   { env: 'XT_BACKEND', describe: 'torch | tensorflow | wasm | cpu (default: first that loads)' },
   { env: 'WORKER_CONCURRENCY', describe: 'jobs per queue a worker runs at once (default 1)' },
@@ -157,6 +160,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
     lockDurationMs,
     stalledIntervalMs,
     logLevel: logLevel,
+    redisServerBin: env.REDIS_SERVER_BIN?.trim() || undefined,
     metricsPort,
     limits,
   };

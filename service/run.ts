@@ -36,7 +36,10 @@ export async function run(role: Role): Promise<void> {
     if (role !== 'all')
       fail(`REDIS_URL is required for \`npm run ${role}\` (e.g. REDIS_URL=redis://localhost:6379).`);
     try {
-      redisChild = await startRedisChild({ dir: path.join(config.dataDir, 'redis') });
+      redisChild = await startRedisChild({
+        dir: path.join(config.dataDir, 'redis'),
+        bin: config.redisServerBin,
+      });
     } catch (e) {
       const msg = (e as Error).message;
       fail(msg === REDIS_INSTALL_HINT ? msg : `could not start redis-server: ${msg}\n${REDIS_INSTALL_HINT}`);

@@ -34,6 +34,14 @@ describe('service processes', () => {
     expect(p.out()).toContain('WORKER_CONCURRENCY');
   });
 
+  it('`npm start` without Redis installed says how to install it or set REDIS_URL', async () => {
+    const p = runEntry('start', { REDIS_SERVER_BIN: '/nonexistent/redis-server' });
+    expect(await p.exited).toBe(1);
+    expect(p.out()).toContain('Redis was not found');
+    expect(p.out()).toContain('apt-get install redis-server');
+    expect(p.out()).toContain('REDIS_URL=redis://');
+  });
+
   it('`npm run api` without REDIS_URL says how to set it', async () => {
     const p = runEntry('api', {});
     expect(await p.exited).toBe(1);
