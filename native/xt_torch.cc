@@ -238,11 +238,38 @@ XT_FN(Free) {
 
 XT_FN(Count) { return Napi::Number::New(info.Env(), static_cast<double>(g_live)); }
 
+// Bytes of the distinct storages behind live tensors (views share their base's storage).
 XT_FN(Bytes) {
+  std::vector<const void*> seen;
   double b = 0;
-  for (auto& t : g_tensors)
-    if (t.defined()) b += static_cast<double>(t.numel()) * t.element_size();
+  for (auto& t : g_tensors) {
+    if (!t.defined() || !t.has_storage()) continue;
+    const void* p = t.storage().data();
+    if (std::find(seen.begin(), seen.end(), p) != seen.end()) continue;
+    seen.push_back(p);
+    b += static_cast<double>(t.storage().nbytes());
+  }
   return Napi::Number::New(info.Env(), b);
+}
+
+// Distinct storages of live tensors: [[bytes, "shape of the first tensor using it"], ...] (debugging).
+XT_FN(Storages) {
+  std::vector<const void*> seen;
+  auto arr = Napi::Array::New(info.Env());
+  uint32_t k = 0;
+  for (auto& t : g_tensors) {
+    if (!t.defined() || !t.has_storage()) continue;
+    const void* p = t.storage().data();
+    if (std::find(seen.begin(), seen.end(), p) != seen.end()) continue;
+    seen.push_back(p);
+    std::string shape;
+    for (auto d : t.sizes()) shape += (shape.empty() ? "" : ",") + std::to_string(d);
+    auto row = Napi::Array::New(info.Env(), 2);
+    row.Set(0u, static_cast<double>(t.storage().nbytes()));
+    row.Set(1u, shape);
+    arr.Set(k++, row);
+  }
+  return arr;
 }
 
 // Size in bytes of the storage behind one id (test support: proves disposal frees storage).
@@ -824,6 +851,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("count", Count);
   X("bytes", Bytes);
   X("storageUseCount", StorageUseCount);
+  X("storages", Storages);
   X("unary", Unary);
   X("binary", Binary);
   X("cast", Cast);

@@ -23,6 +23,7 @@ export interface TorchAddon {
   count(): number;
   bytes(): number;
   storageUseCount(id: number): number;
+  storages(): Array<[number, string]>;
   unary(op: number, x: number, alpha?: number): number;
   binary(op: number, a: number, b: number): number;
   cast(x: number, dtype: number): number;
