@@ -31,11 +31,8 @@ export function ensureGradients(): Promise<void> {
   if (gradientsRegistered()) return Promise.resolve();
   pending ??= (async () => {
     const spec = '@tensorflow/tfjs-core/dist/register_all_gradients.js';
-    const isVitest = typeof process !== 'undefined' && !!process.env.VITEST;
-    if (!isVitest) {
-      const mod = (await import('node:module')) as { register?: (url: string) => void };
-      mod.register?.(`data:text/javascript,${encodeURIComponent(HOOK)}`);
-    }
+    const mod = (await import('node:module')) as { register?: (url: string) => void };
+    mod.register?.(`data:text/javascript,${encodeURIComponent(HOOK)}`);
     await import(spec);
     if (!gradientsRegistered()) throw new Error('ensureGradients: TF.js gradients could not be registered');
   })();
