@@ -219,6 +219,51 @@ describe('torch backend matches cpu', () => {
   });
 });
 
+describe('fused XtAttention kernel', () => {
+  // reference: softmax(q k^T * scale, masked to -FLT_MAX) v, rows with an empty mask give 0
+  const composite = (q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, mask: tf.Tensor, scale: number): tf.Tensor => {
+    const [i, j] = [q.shape[2]!, k.shape[2]!];
+    let s = tf.mul(tf.matMul(q, k, false, true), scale);
+    const neg = tf.scalar(-3.4028234663852886e38);
+    s = tf.where(mask, s, neg);
+    const causal = tf.lessEqual(tf.reshape(tf.range(0, j), [1, j]), tf.reshape(tf.range(j - i, j), [i, 1]));
+    s = tf.where(causal, s, neg);
+    const out = tf.matMul(tf.softmax(s), v);
+    return tf.where(tf.any(mask, -1, true), out, tf.zerosLike(out));
+  };
+  const fused = (q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, mask: tf.Tensor, scale: number): tf.Tensor =>
+    tf.engine().runKernel('XtAttention', { q, k, v, mask }, {
+      scale,
+      causal: true,
+    } as unknown as tf.NamedAttrMap) as tf.Tensor;
+
+  it('matches the composite forward and gradients, with causal and an empty mask row', async () => {
+    const inputs = (): tf.Tensor[] => {
+      const q = rnd([2, 2, 3, 4], 21);
+      const k = rnd([2, 2, 5, 4], 22);
+      const v = rnd([2, 2, 5, 3], 23);
+      const m = tf.tensor4d(
+        [1, 1, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 0],
+        [2, 1, 3, 5],
+        'bool',
+      );
+      return [q, k, v, m];
+    };
+    const dy = (): tf.Tensor => rnd([2, 2, 3, 3], 24);
+    const run = (f: typeof composite) => (): tf.Tensor[] => {
+      const [q, k, v, m] = inputs();
+      const g = tf.grads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => f(a, b, c, m, 0.5))([q, k, v], dy());
+      return [f(q, k, v, m, 0.5), ...g];
+    };
+    const cpu = await on('cpu', run(composite));
+    const torch = await on('torch', run(fused));
+    for (let n = 0; n < cpu.length; n++) {
+      expect(torch[n].shape).toEqual(cpu[n].shape);
+      cpu[n].values.forEach((x, idx) => expect(Math.abs(torch[n].values[idx] - x)).toBeLessThan(1e-5));
+    }
+  });
+});
+
 describe('torch backend memory', () => {
   it('frees native storage when tensors are disposed', async () => {
     await tf.setBackend('torch');
