@@ -11,7 +11,7 @@ import {
   type DataDependentAlibiKwargs,
 } from './data-dependent-alibi.js';
 import { fillVariable, l2normGroups, padAxis } from './ops.js';
-import { applyRotaryPosEmb } from './rotary.js';
+import { applyRotaryPosEmb, applyRotaryTables } from './rotary.js';
 import {
   attentionDefaults,
   type AttentionForwardOptions,
@@ -417,9 +417,14 @@ export class Attention extends Module {
       const qScale = xposScale ?? 1;
       let kScale: tf.Tensor | number = xposScale ? tf.pow(xposScale, -1) : 1;
       const r = o.rotateNumHeads ?? h;
+      const tables = opts.rotary.tables;
       const rotate = (t: tf.Tensor, f: tf.Tensor, sc: tf.Tensor | number, name: string): tf.Tensor => {
         const th = t.shape[1]!;
-        if (r >= th) return applyRotaryPosEmb(t, f, sc, name);
+        if (r >= th) {
+          // shared cos / sin tables (prepareRotary): same numbers, fewer ops
+          const fast = tables && f === freqs && sc === 1 ? applyRotaryTables(t, tables) : null;
+          return fast ?? applyRotaryPosEmb(t, f, sc, name);
+        }
         const [rest, rot] = tf.split(t, [th - r, r], 1) as [tf.Tensor, tf.Tensor];
         return tf.concat([rest, applyRotaryPosEmb(rot, f, sc, name)], 1);
       };

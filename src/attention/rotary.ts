@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module } from '../nn/module.js';
 import { fmtShape } from '../utils/errors.js';
-import type { RotaryInput } from './types.js';
+import type { RotaryInput, RotaryTables } from './types.js';
 
 /** Options of `RotaryEmbedding` (the reference's kwargs in camelCase). */
 export interface RotaryEmbeddingOptions {
@@ -76,11 +76,12 @@ export class RotaryEmbedding extends Module {
       throw new Error(`t: expected positions [n] or [b, n], got ${fmtShape(t.shape)}`);
     return tf.tidy(() => {
       const pos = t.rank === 1 ? tf.expandDims(t, 0) : t;
-      const maxPos = tf.add(tf.max(tf.cast(t, 'int32')), 1);
       let freqs = tf.mul(tf.expandDims(tf.cast(pos, 'float32'), -1), this.invFreq);
-      freqs = tf.div(freqs, this.options.interpolationFactor);
+      // dividing by 1 is exact: skip the op
+      if (this.options.interpolationFactor !== 1) freqs = tf.div(freqs, this.options.interpolationFactor);
       freqs = interleave2(freqs);
       if (!this.options.useXpos) return { freqs };
+      const maxPos = tf.add(tf.max(tf.cast(t, 'int32')), 1);
       const center = tf.floorDiv(maxPos, tf.scalar(2, 'int32'));
       const power = tf.div(tf.cast(tf.sub(tf.cast(pos, 'int32'), center), 'float32'), this.options.scaleBase);
       const scale = tf.pow(this.getBuffer('scale'), tf.expandDims(power, -1));
@@ -116,6 +117,69 @@ function lastRows(f: tf.Tensor, n: number, name: string): tf.Tensor {
 }
 
 /**
+ * Adds cos / sin tables to a rotary input (without xpos), so that the layers of one forward pass
+ * share them instead of each computing cos and sin of the frequencies: keys use every row, queries
+ * the last `queryLen`. `width` (the head dimension, >= rotDim) pads the tables with cos 1 / sin 0,
+ * so that features past rotDim pass through without a slice and a concat. With xpos, or freqs not
+ * [n_k, rotDim] / [b|1, n_k, rotDim], the input is returned as is. The tables are created in the
+ * caller's scope (call it inside the tidy that runs the layers). `applyRotaryTables` uses them.
+ */
+export function prepareRotary(input: RotaryInput, queryLen: number, width: number): RotaryInput {
+  const { freqs } = input;
+  if (input.xposScale || input.tables || (freqs.rank !== 2 && freqs.rank !== 3)) return input;
+  const rot = freqs.shape[freqs.rank - 1]!;
+  const nk = freqs.shape[freqs.rank - 2]!;
+  if (rot % 2 !== 0 || rot > width || queryLen > nk || queryLen < 1) return input;
+  const f4 = tf.expandDims(freqs.rank === 2 ? tf.expandDims(freqs, 0) : freqs, 1); // [1|b, 1, n_k, rot]
+  let cos = tf.cos(f4);
+  // rotateHalf(x) * sin == swapPairs(x) * (sin with the even features negated); negation is exact
+  const [b] = f4.shape as [number];
+  const sign = tf.tensor1d(
+    Array.from({ length: rot }, (_, i) => (i % 2 === 0 ? -1 : 1)),
+    'float32',
+  );
+  let sin = tf.mul(tf.sin(f4), sign);
+  if (rot < width) {
+    cos = tf.concat([cos, tf.ones([b, 1, nk, width - rot])], -1);
+    sin = tf.concat([sin, tf.zeros([b, 1, nk, width - rot])], -1);
+  }
+  const last = (x: tf.Tensor): tf.Tensor =>
+    queryLen === nk ? x : tf.slice(x, [0, 0, nk - queryLen, 0], [-1, -1, queryLen, -1]);
+  const tables: RotaryTables = { width, queryLen, cos, sin, cosQ: last(cos), sinQ: last(sin) };
+  return { ...input, tables };
+}
+
+/** Swaps the features of each pair: (x0, x1) -> (x1, x0). x: [..., d] with d even. */
+function swapPairs(x: tf.Tensor): tf.Tensor {
+  const d = x.shape[x.rank - 1]!;
+  const pairs = tf.reshape(x, [...x.shape.slice(0, -1), d / 2, 2]);
+  return tf.reshape(tf.reverse(pairs, -1), x.shape);
+}
+
+/**
+ * Applies rotary embeddings with the tables of `prepareRotary`: t * cos + rotateHalf(t) * sin, with
+ * the same numbers as `applyRotaryPosEmb`. t: [b, h, n, width] with n = tables.queryLen (queries)
+ * or n_k (keys); returns null when t does not fit the tables (use `applyRotaryPosEmb` then).
+ */
+export function applyRotaryTables(t: tf.Tensor, tables: RotaryTables): tf.Tensor | null {
+  if (t.rank !== 4 || t.shape[3] !== tables.width) return null;
+  const n = t.shape[2]!;
+  const nk = tables.cos.shape[2]!;
+  const bt = tables.cos.shape[0]!;
+  if (bt !== 1 && bt !== t.shape[0]) return null;
+  let cos: tf.Tensor;
+  let sin: tf.Tensor;
+  if (n === tables.queryLen) {
+    cos = tables.cosQ;
+    sin = tables.sinQ;
+  } else if (n === nk) {
+    cos = tables.cos;
+    sin = tables.sin;
+  } else return null;
+  return tf.tidy(() => tf.add(tf.mul(t, cos), tf.mul(swapPairs(t), sin)));
+}
+
+/**
  * Applies rotary embeddings to the first rotDim features of t, using the last n positions of freqs
  * (n = t's sequence length). t: [b, h, n, d]; freqs: [n_k, rotDim] or [b|1, n_k, rotDim];
  * scale: 1 or a tensor shaped as freqs (xpos). `name` names the argument in errors.
@@ -137,10 +201,9 @@ export function applyRotaryPosEmb(
     const f = lastRows(freqs, n, name);
     const s = typeof scale === 'number' ? scale : lastRows(scale, n, name);
     const tRot = rot === d ? t : tf.slice(t, [0, 0, 0, 0], [-1, -1, -1, rot]);
-    const rotated = tf.add(
-      tf.mul(tf.mul(tRot, tf.cos(f)), s),
-      tf.mul(tf.mul(rotateHalf(tRot), tf.sin(f)), s),
-    );
+    // multiplying by a scale of 1 is exact: skip the op
+    const scaled = (x: tf.Tensor): tf.Tensor => (s === 1 ? x : tf.mul(x, s));
+    const rotated = tf.add(scaled(tf.mul(tRot, tf.cos(f))), scaled(tf.mul(rotateHalf(tRot), tf.sin(f))));
     if (rot === d) return rotated;
     return tf.concat([rotated, tf.slice(t, [0, 0, 0, rot], [-1, -1, -1, -1])], -1);
   });

@@ -172,6 +172,23 @@ export interface PositionBias {
 export interface RotaryInput {
   freqs: tf.Tensor;
   xposScale?: tf.Tensor | null;
+  /**
+   * Optional tables from `prepareRotary`, shared by every layer of one forward pass (without xpos):
+   * cos / sin of freqs for the keys ([1|b, 1, n_k, width]) and for the last `queryLen` positions
+   * ([1|b, 1, queryLen, width]); sin carries rotateHalf's signs, and features past rotDim up to
+   * `width` hold cos 1 and sin 0 (passed through unchanged).
+   */
+  tables?: RotaryTables;
+}
+
+/** cos / sin tables of a `RotaryInput` (see `prepareRotary`). */
+export interface RotaryTables {
+  width: number;
+  queryLen: number;
+  cos: tf.Tensor;
+  sin: tf.Tensor;
+  cosQ: tf.Tensor;
+  sinQ: tf.Tensor;
 }
 
 /** Per-call options of `Attention.forward`. */

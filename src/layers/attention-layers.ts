@@ -14,7 +14,7 @@ import {
 import { padAt, tidyObj } from '../nn/functional.js';
 import { Linear } from '../nn/linear.js';
 import { Attention } from '../attention/attention.js';
-import { RotaryEmbedding } from '../attention/rotary.js';
+import { RotaryEmbedding, prepareRotary } from '../attention/rotary.js';
 import { RelativePositionBias } from '../attention/relative-position-bias.js';
 import { DynamicPositionBias } from '../attention/dynamic-position-bias.js';
 import { AlibiPositionalBias } from '../attention/alibi.js';
@@ -553,7 +553,9 @@ export class AttentionLayers extends Module {
       let rotaryIn = opts.rotaryPosEmb;
       if (this.rotaryPosEmb && !rotaryIn) {
         const memLen = mems[0] ? mems[0].shape[1]! : 0;
-        const pos = opts.pos ?? tf.sub(tf.range(0, n + memLen, 1, 'int32'), memLen);
+        const pos =
+          opts.pos ??
+          (memLen ? tf.sub(tf.range(0, n + memLen, 1, 'int32'), memLen) : tf.range(0, n, 1, 'int32'));
         rotaryIn = this.rotaryPosEmb.forward(pos);
       }
 
@@ -563,6 +565,8 @@ export class AttentionLayers extends Module {
         const age = opts.cacheAge ?? 1;
         if (age > 0 && age < n) x = tf.slice(x, [0, n - age, 0], [-1, age, -1]);
       }
+      // cos / sin computed once for every layer
+      if (rotaryIn) rotaryIn = prepareRotary(rotaryIn, x.shape[1]!, this.dimHead);
 
       const wantCache = opts.returnCache || !!opts.cache;
       const newKvs: AttentionKv[] = [];
