@@ -60,12 +60,15 @@ function glu(x: tf.Tensor): tf.Tensor {
 /** [b, n, h * d] -> [b, h, n, d]. */
 function splitHeads(t: tf.Tensor, h: number): tf.Tensor {
   const [b, n, hd] = t.shape as [number, number, number];
+  // with one position (cached decoding) or one head the transpose moves no data: a reshape will do
+  if (n === 1 || h === 1) return tf.reshape(t, [b, h, n, hd / h]);
   return tf.transpose(tf.reshape(t, [b, n, h, hd / h]), [0, 2, 1, 3]);
 }
 
 /** [b, h, n, d] -> [b, n, h * d]. */
 function mergeHeads(t: tf.Tensor): tf.Tensor {
   const [b, h, n, d] = t.shape as [number, number, number, number];
+  if (n === 1 || h === 1) return tf.reshape(t, [b, n, h * d]);
   return tf.reshape(tf.transpose(t, [0, 2, 1, 3]), [b, n, h * d]);
 }
 
@@ -374,7 +377,8 @@ export class Attention extends Module {
     let v = splitHeads(this.toV.forward(kvInput), this.kvHeads);
 
     let values: tf.Tensor | undefined;
-    if (opts.returnIntermediates) values = tf.clone(v);
+    // v itself: it is never returned elsewhere (cachedKv holds a copy or the concatenation)
+    if (opts.returnIntermediates) values = v;
     if (opts.valueResidual) {
       const vr = opts.valueResidual;
       if (vr.rank !== 4 || !vr.shape.every((d, ax) => d === v.shape[ax]))
@@ -406,9 +410,11 @@ export class Attention extends Module {
     }
     let cachedKv: AttentionKv | undefined;
     if (opts.returnIntermediates) {
+      // with a cache, k and v are this call's concatenations, returned nowhere else: no copy needed
+      const own = (t: tf.Tensor): tf.Tensor => (opts.cache ? t : tf.clone(t));
       cachedKv = {
-        k: memLen ? tf.slice(k, [0, 0, memLen, 0], [-1, -1, -1, -1]) : tf.clone(k),
-        v: memLen ? tf.slice(v, [0, 0, memLen, 0], [-1, -1, -1, -1]) : tf.clone(v),
+        k: memLen ? tf.slice(k, [0, 0, memLen, 0], [-1, -1, -1, -1]) : own(k),
+        v: memLen ? tf.slice(v, [0, 0, memLen, 0], [-1, -1, -1, -1]) : own(v),
       };
     }
 
