@@ -17,6 +17,16 @@ export interface Norm extends Module {
   forward(x: tf.Tensor, condition?: tf.Tensor): tf.Tensor;
 }
 
+/**
+ * (x - mean) / sqrt(var + 1e-5) over the last axis (biased variance), with tf.moments' numbers but
+ * without its cast and reshape, and with x - mean computed once. x: [..., dim] float32.
+ */
+function standardize(x: tf.Tensor): tf.Tensor {
+  const centered = tf.sub(x, tf.mean(x, -1, true));
+  const variance = tf.mean(tf.square(centered), -1, true);
+  return tf.mul(centered, tf.rsqrt(tf.add(variance, 1e-5)));
+}
+
 /** Bias-less LayerNorm (eps 1e-5) with a learned `gamma` [dim]. */
 export class LayerNorm extends Module implements Norm {
   readonly unitOffset: boolean;
@@ -33,8 +43,7 @@ export class LayerNorm extends Module implements Norm {
   /** x: [..., dim]. */
   forward(x: tf.Tensor): tf.Tensor {
     return tf.tidy(() => {
-      const { mean, variance } = tf.moments(x, -1, true);
-      const normed = tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, 1e-5)));
+      const normed = standardize(x);
       return tf.mul(normed, this.unitOffset ? tf.add(this.gamma, 1) : this.gamma);
     });
   }
@@ -125,9 +134,7 @@ export class AdaptiveLayerNorm extends Module implements Norm {
   forward(x: tf.Tensor, condition?: tf.Tensor): tf.Tensor {
     return tf.tidy(() => {
       const c = conditionRank3(condition, 'layernorm');
-      const { mean, variance } = tf.moments(x, -1, true);
-      const normed = tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, 1e-5)));
-      return tf.mul(normed, tf.add(this.toGamma.forward(c), 1));
+      return tf.mul(standardize(x), tf.add(this.toGamma.forward(c), 1));
     });
   }
 }
