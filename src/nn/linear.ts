@@ -45,12 +45,38 @@ export class Linear extends Module {
   }
 }
 
+/**
+ * x W^T for x: [..., n, in] (rank >= 3), weight: [out, in] -> [..., n, out] as one broadcast
+ * matmul (TF.js's matmul gradient does not reduce a broadcast operand, hence the explicit one).
+ * The numbers are those of the flattened [-1, in] product, forward and backward.
+ */
+const batchedLinear = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
+  const [x, w, save] = args as [tf.Tensor, tf.Tensor, tf.GradSaveFunc];
+  save([x, w]);
+  return {
+    value: tf.matMul(x, w, false, true),
+    gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+      const [sx, sw] = saved as [tf.Tensor, tf.Tensor];
+      const [outF, inF] = sw.shape as [number, number];
+      return [
+        tf.matMul(dy, sw),
+        tf.matMul(tf.reshape(dy, [-1, outF]), tf.reshape(sx, [-1, inF]), true, false),
+      ];
+    },
+  };
+}) as (x: tf.Tensor, w: tf.Tensor) => tf.Tensor;
+
 /** x: [..., in], weight: [out, in], bias?: [out] -> [..., out]. */
 export function linear(x: tf.Tensor, weight: tf.Tensor, bias: tf.Tensor | null = null): tf.Tensor {
   return tf.tidy(() => {
     const inF = weight.shape[1];
     if (x.shape[x.rank - 1] !== inF) {
       throw new Error(`x: expected last dimension ${inF}, got shape [${x.shape.join(', ')}]`);
+    }
+    if (x.rank >= 2 && x.dtype === 'float32' && weight.dtype === 'float32' && weight.rank === 2) {
+      // one kernel instead of reshape, matmul, reshape
+      const y = x.rank === 2 ? tf.matMul(x, weight, false, true) : batchedLinear(x, weight);
+      return bias ? tf.add(y, bias) : y;
     }
     const lead = x.shape.slice(0, -1);
     const flat = tf.reshape(x, [-1, inF]);
