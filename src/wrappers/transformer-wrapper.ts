@@ -239,13 +239,15 @@ export class TransformerWrapper extends Module {
     checkTensor('x', x, { rank: 2, dtype: 'int32', desc: 'token ids [batch, seq]' });
     const [b, n] = x.shape as [number, number];
     if (x.size > 0) {
-      const [mn, mx] = tf
-        .tidy(() => [tf.min(x), tf.max(x)])
-        .map((t) => {
-          const v = t.dataSync()[0]!;
-          t.dispose();
-          return v;
-        }) as [number, number];
+      // one read of the ids (no min / max kernels, one sync instead of two)
+      const ids = x.dataSync();
+      let mn = ids[0]!;
+      let mx = mn;
+      for (let i = 1; i < ids.length; i++) {
+        const v = ids[i]!;
+        if (v < mn) mn = v;
+        else if (v > mx) mx = v;
+      }
       if (mn < 0 || mx >= this.numTokens)
         throw new Error(`x: expected token ids in [0, ${this.numTokens}), got values in [${mn}, ${mx}]`);
     }
@@ -290,7 +292,8 @@ export class TransformerWrapper extends Module {
       const po = opts.posOverride;
       if (po && po.dtype === 'float32') pos = po;
       else if (this.posEmb) pos = this.posEmb.forward(n, { pos: po, seqStartPos: opts.seqStartPos });
-      let h: tf.Tensor = tf.add(this.tokenEmb.forward(x), pos);
+      let h: tf.Tensor = this.tokenEmb.forward(x);
+      if (pos !== 0) h = tf.add(h, pos);
       if (opts.sumEmbeds) h = tf.add(h, opts.sumEmbeds);
       if (this.postEmbNorm) h = this.postEmbNorm.forward(h);
       let mask = opts.mask;
