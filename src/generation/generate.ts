@@ -303,7 +303,9 @@ class Decoder {
     } else res.cache?.dispose();
     const logits = res.logits;
     const [b, n, v] = logits.shape as [number, number, number];
-    const last = tf.tidy(() => tf.reshape(tf.slice(logits, [0, n - 1, 0], [b, 1, v]), [b, v]));
+    const last = tf.tidy(() =>
+      tf.reshape(n === 1 ? logits : tf.slice(logits, [0, n - 1, 0], [b, 1, v]), [b, v]),
+    );
     logits.dispose();
     return last;
   }
