@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #if __has_include(<ATen/ops/scaled_dot_product_attention.h>)
@@ -715,12 +716,44 @@ at::Tensor denseRhs(const at::Tensor& a, const at::Tensor& b) {
   return b;
 }
 
+// Row-major copies of transposed right operands for products with few rows (decoding one token
+// at a time multiplies by the same weights over and over). Tensors in the registry are never
+// modified in place, so a copy stays valid while its source lives; the weak pointer tells when it
+// died (and guards against a new tensor reusing the same address).
+struct RhsEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> source;
+  at::Tensor dense;
+};
+std::unordered_map<const c10::TensorImpl*, RhsEntry> g_rhsCache;
+
+at::Tensor cachedDenseRhs(const at::Tensor& source, const at::Tensor& view) {
+  const c10::TensorImpl* impl = source.unsafeGetTensorImpl();
+  auto it = g_rhsCache.find(impl);
+  if (it != g_rhsCache.end()) {
+    if (it->second.source.lock().get() == impl) return it->second.dense;
+    g_rhsCache.erase(it);
+  }
+  if (g_rhsCache.size() >= 256) {
+    for (auto e = g_rhsCache.begin(); e != g_rhsCache.end();) e = e->second.source.expired() ? g_rhsCache.erase(e) : std::next(e);
+  }
+  at::Tensor dense = view.contiguous();
+  if (g_rhsCache.size() < 1024)
+    g_rhsCache.emplace(impl, RhsEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(source.getIntrusivePtr()), dense});
+  return dense;
+}
+
 XT_FN(MatMul) {
   at::Tensor a = get(info[0]);
-  at::Tensor b = get(info[1]);
+  const at::Tensor& b0 = get(info[1]);
+  at::Tensor b = b0;
   if (flag(info, 2)) a = a.transpose(-2, -1);
   if (flag(info, 3)) b = b.transpose(-2, -1);
-  at::Tensor y = at::matmul(a, denseRhs(a, b));
+  at::Tensor rhs;
+  if (b.dim() == 2 && b.stride(-1) != 1 && a.size(-2) < 8 && b.numel() >= 4096)
+    rhs = cachedDenseRhs(b0, b);
+  else
+    rhs = denseRhs(a, b);
+  at::Tensor y = at::matmul(a, rhs);
   if (info.Length() > 4 && info[4].IsNumber()) {
     int32_t bias = num(info, 4);
     if (bias >= 0) y.add_(get(info[4]));

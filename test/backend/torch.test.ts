@@ -219,6 +219,24 @@ describe('torch backend matches cpu', () => {
   });
 });
 
+describe('torch matmul weight layout cache', () => {
+  it('decoding-shaped products see updated and reallocated weights', async () => {
+    await tf.setBackend('torch');
+    const x = tf.ones([1, 64]);
+    const first = (w: tf.Tensor): number => tf.tidy(() => tf.matMul(x, w, false, true).dataSync()[0]);
+    const w = tf.variable(tf.fill([128, 64], 1));
+    expect(first(w)).toBe(64);
+    w.assign(tf.fill([128, 64], 2));
+    expect(first(w)).toBe(128);
+    for (let k = 0; k < 50; k++) {
+      const w2 = tf.fill([128, 64], k); // freed each turn: the same address may come back
+      expect(first(w2)).toBe(64 * k);
+      w2.dispose();
+    }
+    tf.dispose([x, w]);
+  });
+});
+
 describe('fused XtAttention kernel', () => {
   // reference: softmax(q k^T * scale, masked to -FLT_MAX) v, rows with an empty mask give 0
   const composite = (q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, mask: tf.Tensor, scale: number): tf.Tensor => {
