@@ -807,7 +807,7 @@ at::Tensor attnScores(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   auto s = at::matmul(q, denseRhs(q, k.transpose(-2, -1))).mul_(scale);
   const double neg = -std::numeric_limits<float>::max();
   if (mask) s.masked_fill_(at::logical_not(*mask), neg);
-  if (causal) {
+  if (causal && q.size(-2) > 1) {  // one query row (decoding) may attend every key
     int64_t ni = q.size(-2), nj = k.size(-2);
     auto cm = at::ones({ni, nj}, at::TensorOptions().dtype(at::kBool).device(q.device())).triu(nj - ni + 1);
     s.masked_fill_(cm, neg);
