@@ -18,7 +18,14 @@ export type { XValTransformerWrapperOptions, XValForwardOptions, XValOutput } fr
 export { XTransformer, xTransformerDefaults } from './wrappers/xtransformer.js';
 export type { XTransformerOptions, XTransformerForwardOptions } from './wrappers/xtransformer.js';
 export { fromConfig, toConfig, camelKey, snakeKey, WRAPPERS, LAYERS_TYPES } from './io/config.js';
-export type { ModelConfig, LayersConfig, BuiltModel, WrapperName, LayersType, JsonValue } from './io/config.js';
+export type {
+  ModelConfig,
+  LayersConfig,
+  BuiltModel,
+  WrapperName,
+  LayersType,
+  JsonValue,
+} from './io/config.js';
 export { Linear, linear } from './nn/linear.js';
 export type { LinearOptions } from './nn/linear.js';
 export {
