@@ -40,7 +40,7 @@ export function readCase(file: string): Case {
 }
 
 export function listCases(tasks: string[], dir = VISIBLE): string[] {
-  if (!existsSync(dir)) return [];
+  if (!existsSync(dir)) throw new Error(`reference cases not found: ${dir} (set XT_PARITY_DIR)`);
   return readdirSync(dir)
     .filter((f) => f.endsWith('.safetensors'))
     .sort()
