@@ -18,13 +18,15 @@ export interface Norm extends Module {
 }
 
 /**
- * (x - mean) / sqrt(var + 1e-5) over the last axis (biased variance), with tf.moments' numbers but
- * without its cast and reshape, and with x - mean computed once. x: [..., dim] float32.
+ * (x - mean) / sqrt(var + 1e-5) over the last axis (biased variance): tf.moments and the reference's
+ * order of operations without moments' value-preserving cast and reshape. x - mean is computed twice
+ * on purpose: the gradient then accumulates in the same order as through tf.moments, so the
+ * gradients keep the same numbers too. x: [..., dim] float32.
  */
 function standardize(x: tf.Tensor): tf.Tensor {
-  const centered = tf.sub(x, tf.mean(x, -1, true));
-  const variance = tf.mean(tf.square(centered), -1, true);
-  return tf.mul(centered, tf.rsqrt(tf.add(variance, 1e-5)));
+  const mean = tf.mean(x, -1, true);
+  const variance = tf.mean(tf.square(tf.sub(x, mean)), -1, true);
+  return tf.mul(tf.sub(x, mean), tf.rsqrt(tf.add(variance, 1e-5)));
 }
 
 /** Bias-less LayerNorm (eps 1e-5) with a learned `gamma` [dim]. */
