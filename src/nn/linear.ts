@@ -45,26 +45,48 @@ export class Linear extends Module {
   }
 }
 
+/** dy of y = x W^T (+ b) -> [dx, dW(, db)], the ops TF.js's own gradients would run, in their order. */
+function linearGrads(dy: tf.Tensor, x: tf.Tensor, w: tf.Tensor, withBias: boolean): tf.Tensor[] {
+  // in a tidy: the engine runs a custom gradient outside one (its temporaries would otherwise live
+  // until the whole backward pass ends)
+  return tf.tidy(() => linearGradsImpl(dy, x, w, withBias));
+}
+
+function linearGradsImpl(dy: tf.Tensor, x: tf.Tensor, w: tf.Tensor, withBias: boolean): tf.Tensor[] {
+  const [outF, inF] = w.shape as [number, number];
+  const flat = x.rank > 2;
+  const dx = tf.matMul(dy, w);
+  const dw = flat
+    ? tf.matMul(tf.reshape(dy, [-1, outF]), tf.reshape(x, [-1, inF]), true, false)
+    : tf.matMul(dy, x, true, false);
+  if (!withBias) return [dx, dw];
+  const lead = Array.from({ length: dy.rank - 1 }, (_, i) => i);
+  return [dx, dw, tf.reshape(tf.sum(dy, lead), [outF])];
+}
+
 /**
- * x W^T for x: [..., n, in] (rank >= 3), weight: [out, in] -> [..., n, out] as one broadcast
- * matmul (TF.js's matmul gradient does not reduce a broadcast operand, hence the explicit one).
- * The numbers are those of the flattened [-1, in] product, forward and backward.
+ * y = x W^T (+ b) for x: [..., in] (rank >= 2), W: [out, in], b: [out] as one broadcast matmul
+ * (TF.js's matmul gradient does not reduce a broadcast operand, hence the explicit gradient). The
+ * numbers are those of the flattened [-1, in] product, forward and backward; only x and W are kept
+ * for the backward pass (not the product before the bias).
  */
-const batchedLinear = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
+const linearNoBias = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
   const [x, w, save] = args as [tf.Tensor, tf.Tensor, tf.GradSaveFunc];
   save([x, w]);
   return {
     value: tf.matMul(x, w, false, true),
-    gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
-      const [sx, sw] = saved as [tf.Tensor, tf.Tensor];
-      const [outF, inF] = sw.shape as [number, number];
-      return [
-        tf.matMul(dy, sw),
-        tf.matMul(tf.reshape(dy, [-1, outF]), tf.reshape(sx, [-1, inF]), true, false),
-      ];
-    },
+    gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => linearGrads(dy, saved[0]!, saved[1]!, false),
   };
 }) as (x: tf.Tensor, w: tf.Tensor) => tf.Tensor;
+
+const linearBias = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
+  const [x, w, b, save] = args as [tf.Tensor, tf.Tensor, tf.Tensor, tf.GradSaveFunc];
+  save([x, w]);
+  return {
+    value: tf.add(tf.matMul(x, w, false, true), b),
+    gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => linearGrads(dy, saved[0]!, saved[1]!, true),
+  };
+}) as (x: tf.Tensor, w: tf.Tensor, b: tf.Tensor) => tf.Tensor;
 
 /** x: [..., in], weight: [out, in], bias?: [out] -> [..., out]. */
 export function linear(x: tf.Tensor, weight: tf.Tensor, bias: tf.Tensor | null = null): tf.Tensor {
@@ -75,8 +97,7 @@ export function linear(x: tf.Tensor, weight: tf.Tensor, bias: tf.Tensor | null =
     }
     if (x.rank >= 2 && x.dtype === 'float32' && weight.dtype === 'float32' && weight.rank === 2) {
       // one kernel instead of reshape, matmul, reshape
-      const y = x.rank === 2 ? tf.matMul(x, weight, false, true) : batchedLinear(x, weight);
-      return bias ? tf.add(y, bias) : y;
+      return bias && bias.rank === 1 ? linearBias(x, weight, bias) : linearNoBias(x, weight);
     }
     const lead = x.shape.slice(0, -1);
     const flat = tf.reshape(x, [-1, inF]);
