@@ -176,7 +176,24 @@ export function applyRotaryTables(t: tf.Tensor, tables: RotaryTables): tf.Tensor
     cos = tables.cos;
     sin = tables.sin;
   } else return null;
-  return tf.tidy(() => tf.add(tf.mul(t, cos), tf.mul(swapPairs(t), sin)));
+  const c = cos;
+  const s = sin;
+  // a custom gradient (dy * cos + swapPairs(dy * sin), the ops and order of the tape's own) keeps
+  // none of the rotated intermediates for the backward pass
+  // (the tables are saved: the scope that made them may end before the backward pass runs)
+  const rotate = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
+    const [x, save] = args as [tf.Tensor, tf.GradSaveFunc];
+    save([c, s]);
+    return {
+      value: tf.tidy(() => tf.add(tf.mul(x, c), tf.mul(swapPairs(x), s))),
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) =>
+        tf.tidy(() => {
+          const [sc, ss] = saved as [tf.Tensor, tf.Tensor];
+          return tf.add(swapPairs(tf.mul(dy, ss)), tf.mul(dy, sc));
+        }),
+    };
+  }) as (x: tf.Tensor) => tf.Tensor;
+  return rotate(t);
 }
 
 /**
