@@ -66,7 +66,12 @@ interface Result {
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const root = path.resolve(here, '..');
+/** The package root (this file also runs bundled from build/bench/). */
+const root = (() => {
+  let dir = here;
+  for (let i = 0; i < 6 && !existsSync(path.join(dir, 'package.json')); i++) dir = path.dirname(dir);
+  return dir;
+})();
 const argv = process.argv.slice(2);
 const opt = (name: string, dflt?: string): string | undefined => {
   const i = argv.indexOf(name);
@@ -213,26 +218,46 @@ async function baseline(): Promise<Result & { torch: string }> {
   };
 }
 
+/**
+ * How a child runs: this file bundled to plain JavaScript (build/bench/bench-child.mjs, dependencies
+ * left external) so that the measured process carries no TypeScript loader; through tsx when the
+ * bundler is unavailable.
+ */
+async function childCommand(): Promise<string[]> {
+  const self = fileURLToPath(import.meta.url);
+  const tsxArgs = [path.join(root, 'node_modules', 'tsx', 'dist', 'cli.mjs'), self];
+  if (!self.endsWith('.ts')) return [self];
+  try {
+    const esbuild = await import('esbuild');
+    const outfile = path.join(root, 'build', 'bench', 'bench-child.mjs');
+    await esbuild.build({
+      entryPoints: [self],
+      bundle: true,
+      platform: 'node',
+      format: 'esm',
+      target: 'node20',
+      packages: 'external',
+      outfile,
+      logLevel: 'silent',
+    });
+    return [outfile];
+  } catch (e) {
+    progress(`children run through tsx (bundling failed: ${(e as Error).message})`);
+    return tsxArgs;
+  }
+}
+
 async function main(): Promise<void> {
   const childBackend = opt('--child');
   if (childBackend) return child(childBackend);
   const backends = (opt('--backend') ?? process.env.XT_BACKEND ?? 'torch').split(',').map((s) => s.trim());
   const results: Result[] = [];
-  const tsx = path.join(root, 'node_modules', 'tsx', 'dist', 'cli.mjs');
+  const runner = await childCommand();
   for (const b of backends) {
     progress(`[${b}] config=${configName} threads=${threads}`);
     const out = await runChild(
       process.execPath,
-      [
-        tsx,
-        fileURLToPath(import.meta.url),
-        '--child',
-        b,
-        '--config',
-        configName,
-        '--threads',
-        String(threads),
-      ],
+      [...runner, '--child', b, '--config', configName, '--threads', String(threads)],
       { ...process.env, XT_NUM_THREADS: String(threads) },
     );
     const line = out.split('\n').find((l) => l.startsWith('XTBENCH '));
