@@ -1,0 +1,126 @@
+/**
+ * The lean paths (custom gradients, shared rotary tables, one-kernel linear) must give the same
+ * numbers, bit for bit, as the plain TF.js formulations they replace: forward and gradients.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
+import { describe, expect, it } from 'vitest';
+import { linear } from '../../src/nn/linear.js';
+import { gelu } from '../../src/nn/functional.js';
+import { LayerNorm } from '../../src/nn/norms.js';
+import {
+  RotaryEmbedding,
+  applyRotaryPosEmb,
+  applyRotaryTables,
+  prepareRotary,
+} from '../../src/attention/rotary.js';
+import { Rng } from '../../src/utils/random.js';
+
+function rand(shape: number[], seed: number): tf.Tensor {
+  const rng = new Rng(seed);
+  const size = shape.reduce((a, b) => a * b, 1);
+  return tf.tensor(rng.fillNormal(size, 0, 1), shape, 'float32');
+}
+
+function bits(t: tf.Tensor): number[] {
+  return Array.from(new Uint32Array(new Float32Array(t.dataSync()).buffer));
+}
+
+/** Value and gradients (w.r.t. every input) of sum(f(...) * w) with a fixed random weighting. */
+function valueAndGrads(f: (...xs: tf.Tensor[]) => tf.Tensor, xs: tf.Tensor[]): number[][] {
+  return tf.tidy(() => {
+    const y = f(...xs);
+    const w = rand(y.shape, 99);
+    const g = tf.grads((...a: tf.Tensor[]) => tf.sum(tf.mul(f(...a), w)))(xs);
+    return [bits(y), ...g.map(bits)];
+  });
+}
+
+describe('lean paths give the same numbers as the plain formulations', () => {
+  it('linear (rank 2, 3 and 4, with and without bias) matches reshape + matMul + add', () => {
+    const plain = (x: tf.Tensor, w: tf.Tensor, b?: tf.Tensor): tf.Tensor => {
+      const lead = x.shape.slice(0, -1);
+      let y = tf.matMul(tf.reshape(x, [-1, w.shape[1]!]), w, false, true);
+      if (b) y = tf.add(y, b);
+      return tf.reshape(y, [...lead, w.shape[0]!]);
+    };
+    const w = rand([5, 6], 1);
+    const b = rand([5], 2);
+    for (const shape of [
+      [3, 6],
+      [2, 3, 6],
+      [2, 2, 3, 6],
+    ]) {
+      const x = rand(shape, 3);
+      expect(valueAndGrads((xx, ww, bb) => linear(xx!, ww!, bb!), [x, w, b])).toEqual(
+        valueAndGrads((xx, ww, bb) => plain(xx!, ww!, bb!), [x, w, b]),
+      );
+      expect(valueAndGrads((xx, ww) => linear(xx!, ww!), [x, w])).toEqual(
+        valueAndGrads((xx, ww) => plain(xx!, ww!), [x, w]),
+      );
+      x.dispose();
+    }
+    tf.dispose([w, b]);
+  });
+
+  it('gelu matches x * 0.5 * (1 + erf(x / sqrt 2)) through the tape', () => {
+    const x = rand([2, 3, 8], 4);
+    const plain = (t: tf.Tensor): tf.Tensor =>
+      tf.mul(tf.mul(t, 0.5), tf.add(1, tf.erf(tf.mul(t, Math.SQRT1_2))));
+    expect(valueAndGrads((t) => gelu(t!), [x])).toEqual(valueAndGrads((t) => plain(t!), [x]));
+    x.dispose();
+  });
+
+  it('LayerNorm matches tf.moments-based standardization, gradients included', () => {
+    const ln = new LayerNorm(8);
+    const x = rand([2, 3, 8], 5);
+    const plain = (t: tf.Tensor): tf.Tensor => {
+      const { mean, variance } = tf.moments(t, -1, true);
+      return tf.mul(tf.mul(tf.sub(t, mean), tf.rsqrt(tf.add(variance, 1e-5))), ln.gamma);
+    };
+    // x also feeds a second consumer, as the residual stream does
+    const wrap = (f: (t: tf.Tensor) => tf.Tensor) => (t: tf.Tensor) => tf.add(f(t), tf.mul(t, 0.3));
+    expect(valueAndGrads((t) => wrap((u) => ln.forward(u))(t!), [x])).toEqual(
+      valueAndGrads((t) => wrap(plain)(t!), [x]),
+    );
+    tf.dispose([x]);
+    ln.dispose();
+  });
+
+  it('rotary tables match applyRotaryPosEmb for queries and keys, full and partial rotation', () => {
+    for (const [rotDim, width] of [
+      [8, 8],
+      [4, 8],
+    ] as const) {
+      const rotary = new RotaryEmbedding(rotDim);
+      const nk = 5;
+      const nq = 2;
+      const pos = tf.range(0, nk, 1, 'int32');
+      const input = rotary.forward(pos);
+      const prepared = prepareRotary(input, nq, width);
+      expect(prepared.tables).toBeDefined();
+      const k = rand([2, 3, nk, width], 6);
+      const q = rand([2, 3, nq, width], 7);
+      for (const t of [q, k]) {
+        expect(valueAndGrads((u) => applyRotaryTables(u!, prepared.tables!)!, [t])).toEqual(
+          valueAndGrads((u) => applyRotaryPosEmb(u!, input.freqs), [t]),
+        );
+      }
+      // shapes the tables do not cover fall back
+      const other = rand([2, 3, 3, width], 8);
+      expect(applyRotaryTables(other, prepared.tables!)).toBeNull();
+      const t = prepared.tables!;
+      tf.dispose([pos, input.freqs, t.cos, t.sin, t.cosQ, t.sinQ, k, q, other]);
+      rotary.dispose();
+    }
+  });
+
+  it('prepareRotary leaves xpos inputs alone', () => {
+    const rotary = new RotaryEmbedding(8, { useXpos: true });
+    const pos = tf.range(0, 4, 1, 'int32');
+    const input = rotary.forward(pos);
+    expect(prepareRotary(input, 1, 8)).toBe(input);
+    tf.dispose([pos, input.freqs, input.xposScale!]);
+    rotary.dispose();
+  });
+});
