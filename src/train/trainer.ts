@@ -4,6 +4,7 @@
  * checkpoints that resume to exactly the same losses as an uninterrupted run.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { variableGradsLean } from './backprop.js';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { Module } from '../nn/module.js';
@@ -198,7 +199,7 @@ export class Trainer {
       let value: tf.Scalar;
       let grads: tf.NamedTensorMap;
       try {
-        ({ value, grads } = tf.variableGrads(() => {
+        ({ value, grads } = variableGradsLean(() => {
           const loss = this.model.forward(batch);
           if (loss.rank !== 0)
             throw new Error(`model.forward: expected a scalar loss, got shape [${loss.shape}]`);
