@@ -159,3 +159,4 @@ export type {
   LossModel,
 } from './train/trainer.js';
 export { ensureGradients } from './train/gradients.js';
+export { variableGradsLean } from './train/backprop.js';
