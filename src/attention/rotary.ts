@@ -132,7 +132,7 @@ export function prepareRotary(input: RotaryInput, queryLen: number, width: numbe
   if (rot % 2 !== 0 || rot > width || queryLen > nk || queryLen < 1) return input;
   const f4 = tf.expandDims(freqs.rank === 2 ? tf.expandDims(freqs, 0) : freqs, 1); // [1|b, 1, n_k, rot]
   let cos = tf.cos(f4);
-  // rotateHalf(x) * sin == swapPairs(x) * (sin with the even features negated); negation is exact
+  // rotateHalf(x) * sin == swapped pairs of x * (sin with the even features negated); negation is exact
   const [b] = f4.shape as [number];
   const sign = tf.tensor1d(
     Array.from({ length: rot }, (_, i) => (i % 2 === 0 ? -1 : 1)),
@@ -145,15 +145,12 @@ export function prepareRotary(input: RotaryInput, queryLen: number, width: numbe
   }
   const last = (x: tf.Tensor): tf.Tensor =>
     queryLen === nk ? x : tf.slice(x, [0, 0, nk - queryLen, 0], [-1, -1, queryLen, -1]);
-  const tables: RotaryTables = { width, queryLen, cos, sin, cosQ: last(cos), sinQ: last(sin) };
+  const swap = tf.tensor1d(
+    Array.from({ length: width }, (_, i) => i ^ 1),
+    'int32',
+  );
+  const tables: RotaryTables = { width, queryLen, cos, sin, cosQ: last(cos), sinQ: last(sin), swap };
   return { ...input, tables };
-}
-
-/** Swaps the features of each pair: (x0, x1) -> (x1, x0). x: [..., d] with d even. */
-function swapPairs(x: tf.Tensor): tf.Tensor {
-  const d = x.shape[x.rank - 1]!;
-  const pairs = tf.reshape(x, [...x.shape.slice(0, -1), d / 2, 2]);
-  return tf.reshape(tf.reverse(pairs, -1), x.shape);
 }
 
 /**
@@ -178,18 +175,19 @@ export function applyRotaryTables(t: tf.Tensor, tables: RotaryTables): tf.Tensor
   } else return null;
   const c = cos;
   const s = sin;
-  // a custom gradient (dy * cos + swapPairs(dy * sin), the ops and order of the tape's own) keeps
-  // none of the rotated intermediates for the backward pass
+  // a custom gradient (dy * cos + pair-swapped dy * sin, the ops and order of the tape's own) keeps
+  // none of the rotated intermediates for the backward pass; inside it nothing is recorded, so the
+  // pairs (x0, x1) -> (x1, x0) are swapped with one gather (data movement only)
   // (the tables are saved: the scope that made them may end before the backward pass runs)
   const rotate = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
     const [x, save] = args as [tf.Tensor, tf.GradSaveFunc];
-    save([c, s]);
+    save([c, s, tables.swap]);
     return {
-      value: tf.tidy(() => tf.add(tf.mul(x, c), tf.mul(swapPairs(x), s))),
+      value: tf.tidy(() => tf.add(tf.mul(x, c), tf.mul(tf.gather(x, tables.swap, -1), s))),
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) =>
         tf.tidy(() => {
-          const [sc, ss] = saved as [tf.Tensor, tf.Tensor];
-          return tf.add(swapPairs(tf.mul(dy, ss)), tf.mul(dy, sc));
+          const [sc, ss, sw] = saved as [tf.Tensor, tf.Tensor, tf.Tensor];
+          return tf.add(tf.gather(tf.mul(dy, ss), sw, -1), tf.mul(dy, sc));
         }),
     };
   }) as (x: tf.Tensor) => tf.Tensor;

@@ -189,6 +189,8 @@ export interface RotaryTables {
   sin: tf.Tensor;
   cosQ: tf.Tensor;
   sinQ: tf.Tensor;
+  /** int32 [width]: the feature order with each pair swapped (1, 0, 3, 2, ...). */
+  swap: tf.Tensor;
 }
 
 /** Per-call options of `Attention.forward`. */

@@ -110,7 +110,7 @@ describe('lean paths give the same numbers as the plain formulations', () => {
       const other = rand([2, 3, 3, width], 8);
       expect(applyRotaryTables(other, prepared.tables!)).toBeNull();
       const t = prepared.tables!;
-      tf.dispose([pos, input.freqs, t.cos, t.sin, t.cosQ, t.sinQ, k, q, other]);
+      tf.dispose([pos, input.freqs, t.cos, t.sin, t.cosQ, t.sinQ, t.swap, k, q, other]);
       rotary.dispose();
     }
   });
