@@ -416,12 +416,20 @@ export class AttentionLayers extends Module {
       this.streamEmb = this.registerParameter('stream_emb', tf.zeros([o.numResidualStreams, o.dim]));
     let allCache = shifts.every((v) => v === 0);
     this.layers = this.registerModule('layers', new ModuleList<LayerEntry>());
+    // as the reference: only self-attention layers after the first learn their value residual mix
+    const learnedValueResidualMix = o.learnedValueResidualMix && o.addValueResidual;
+    let isFirstSelfAttn = true;
     layerTypes.forEach((type, ind) => {
       let block: Block;
       if (type === 'a' || type === 'c') {
+        const selfKw: Partial<AttentionOptions> = { heads: o.heads, causal: o.causal, ...attnKw };
+        if (type === 'a') {
+          selfKw.learnedValueResidualMix = learnedValueResidualMix && !isFirstSelfAttn;
+          isFirstSelfAttn = false;
+        }
         const a =
           type === 'a'
-            ? buildAttention(o.dim, { heads: o.heads, causal: o.causal, ...attnKw }, {})
+            ? buildAttention(o.dim, selfKw, {})
             : buildAttention(o.dim, { heads: o.heads, ...attnKw }, this.crossAttnOptions);
         allCache &&= a.canCacheKv;
         block = a as unknown as Block;
@@ -574,6 +582,9 @@ export class AttentionLayers extends Module {
 
       let prevAttn: tf.Tensor | undefined;
       let prevCrossAttn: tf.Tensor | undefined;
+      // value residual: the values of the first self- and cross-attention layer run
+      let firstSelfValues: tf.Tensor | undefined;
+      let firstCrossValues: tf.Tensor | undefined;
       const streams = o.numResidualStreams;
       const bStream = x.shape[0]!;
       if (this.streamEmb) {
@@ -625,7 +636,8 @@ export class AttentionLayers extends Module {
         }
         let out: tf.Tensor;
         let inter: AttentionIntermediates | undefined;
-        const needInter = wantCache || opts.returnHiddens || o.residualAttn || o.crossResidualAttn;
+        const needInter =
+          wantCache || opts.returnHiddens || o.residualAttn || o.crossResidualAttn || o.addValueResidual;
         if (type === 'a') {
           const r = callBlock(entry.block, h, {
             mask: opts.mask,
@@ -638,6 +650,7 @@ export class AttentionLayers extends Module {
             cache: cacheIter.shift(),
             mem: layerMem,
             memMask: layerMemMask,
+            valueResidual: o.addValueResidual ? firstSelfValues : undefined,
             returnIntermediates: needInter,
           }) as { out: tf.Tensor; intermediates: AttentionIntermediates };
           out = r.out;
@@ -649,6 +662,7 @@ export class AttentionLayers extends Module {
             contextMask,
             prevAttn: prevCrossAttn,
             cache: cacheIter.shift(),
+            valueResidual: o.addValueResidual ? firstCrossValues : undefined,
             returnIntermediates: needInter,
           }) as { out: tf.Tensor; intermediates: AttentionIntermediates };
           out = r.out;
@@ -666,6 +680,8 @@ export class AttentionLayers extends Module {
           }
           if (opts.returnHiddens)
             attnInters.push({ ...inter, cachedKv: undefined, layerType: type as 'a' | 'c' });
+          if (type === 'a' && !firstSelfValues) firstSelfValues = inter.values;
+          if (type === 'c' && !firstCrossValues) firstCrossValues = inter.values;
           if (type === 'a' && o.residualAttn) prevAttn = inter.preSoftmaxAttn;
           if (type === 'c' && o.crossResidualAttn) prevCrossAttn = inter.preSoftmaxAttn;
         }

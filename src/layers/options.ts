@@ -71,6 +71,13 @@ export interface AttentionLayersOwnOptions {
   reinjectInput: boolean;
   /** Gates the reinjected input by a learned sigmoid of the input. */
   learnedReinjectInputGate: boolean;
+  /**
+   * Value residual learning (ResFormer): every later self-attention (cross-attention) layer mixes the
+   * values of the first self-attention (cross-attention) layer into its own.
+   */
+  addValueResidual: boolean;
+  /** With `addValueResidual`, learn the mix per token and head (`to_value_residual_mix`) in self-attention layers after the first; else 0.5. */
+  learnedValueResidualMix: boolean;
   /** Hyper-connections (arXiv 2409.19606): number of residual streams (1 = a plain residual). */
   numResidualStreams: number;
   /** Norms whose gain comes from a `condition` passed to forward (AdaptiveLayerNorm / AdaptiveRMSNorm). */
@@ -148,6 +155,8 @@ export const attentionLayersDefaults: AttentionLayersOwnOptions = {
   unetSkips: false,
   reinjectInput: false,
   learnedReinjectInputGate: false,
+  addValueResidual: false,
+  learnedValueResidualMix: true,
   numResidualStreams: 1,
   useAdaptiveLayernorm: false,
   useAdaptiveRmsnorm: false,
