@@ -474,7 +474,7 @@ export class Attend extends Module {
     if (o.sigmoid) return tf.sigmoid(logits);
     if (o.hard) {
       const n = logits.shape[logits.rank - 1]!;
-      const oneHot = noGrad((l) => tf.oneHot(tf.argMax(l, -1), n, 1, 0, 'float32'), logits);
+      const oneHot = noGrad((l) => tf.cast(tf.oneHot(tf.argMax(l, -1), n), 'float32'), logits);
       return straightThrough(oneHot, tf.softmax(logits, -1));
     }
     if (o.sparseTopk != null) {

@@ -93,7 +93,7 @@ export class CoPE extends Module {
         return tf.sum(tf.mul(soft, tf.expandDims(logitsInt, 3)), -1);
       }
       const pick = (idx: tf.Tensor): tf.Tensor => {
-        const oneHot = noGrad((p) => tf.oneHot(tf.cast(p, 'int32'), P, 1, 0, 'float32'), idx);
+        const oneHot = noGrad((p) => tf.cast(tf.oneHot(tf.cast(p, 'int32'), P), 'float32'), idx);
         return tf.sum(tf.mul(oneHot, tf.expandDims(logitsInt, 3)), -1);
       };
       const floor = noGrad((p) => tf.floor(p), pos);

@@ -3,6 +3,7 @@ import { Module, ModuleList } from '../nn/module.js';
 import { Linear } from '../nn/linear.js';
 import { LayerNorm } from '../nn/norms.js';
 import type { PositionBias } from './types.js';
+import { embeddingLookup } from '../nn/embedding.js';
 
 /** Options of `DynamicPositionBias` (the reference's kwargs in camelCase). */
 export interface DynamicPositionBiasOptions {
@@ -103,7 +104,7 @@ export class DynamicPositionBias extends Module implements PositionBias {
       const q = tf.reshape(tf.range(j - i, j, 1, 'int32'), [i, 1]);
       const k = tf.reshape(tf.range(0, j, 1, 'int32'), [1, j]);
       const idx = tf.add(tf.sub(q, k), tf.scalar(j - 1, 'int32')); // [i, j]
-      return tf.transpose(tf.gather(pos, idx), [2, 0, 1]);
+      return tf.transpose(embeddingLookup(pos, idx), [2, 0, 1]);
     });
   }
 }

@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { Module } from '../nn/module.js';
 import { getRng } from '../utils/random.js';
 import type { PositionBias } from './types.js';
+import { embeddingLookup } from '../nn/embedding.js';
 
 /** Options of `RelativePositionBias` (the reference's kwargs in camelCase). */
 export interface RelativePositionBiasOptions {
@@ -100,7 +101,7 @@ export class RelativePositionBias extends Module implements PositionBias {
     }
     return tf.tidy(() => {
       const idx = tf.tensor2d(buckets, [i, j], 'int32');
-      const values = tf.gather(this.relativeAttentionBias.weight, idx); // [i, j, h]
+      const values = embeddingLookup(this.relativeAttentionBias.weight, idx); // [i, j, h]
       return tf.mul(tf.transpose(values, [2, 0, 1]), this.scale);
     });
   }
