@@ -519,11 +519,19 @@ export class Attention extends Module {
       attnBias = padAxis(attnBias, -1, numMemKv, 0, 0);
     }
     if (this.dataDependentAlibi) {
-      if (hasContext || mem || opts.cache)
+      if (hasContext || mem)
         throw new Error(
-          'dataDependentAlibi: expected plain self-attention (no context, mem or cache), its bias comes from x alone',
+          'dataDependentAlibi: expected plain self-attention (no context or mem), its bias comes from x alone',
         );
-      attnBias = padAxis(this.dataDependentAlibi.forward(x), -1, numMemKv, 0, 0);
+      if (!opts.cache) {
+        attnBias = padAxis(this.dataDependentAlibi.forward(x), -1, numMemKv, 0, 0);
+      } else if (x.shape[1] !== 1 || numMemKv > 0) {
+        // the reference takes the bias of the new tokens alone, which only fits the keys for one token
+        throw new Error(
+          `dataDependentAlibi: with a cache, expected one new token and no memory key/values, got ${x.shape[1]} tokens and numMemKv ${numMemKv}`,
+        );
+      }
+      // one new token with a cache: as the reference, its bias (the token's gates against themselves) is 0
     }
 
     if (o.laser) {
