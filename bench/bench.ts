@@ -103,6 +103,7 @@ async function child(backendName: string): Promise<void> {
   const { Decoder } = await import('../src/layers/attention-layers.js');
   const { AutoregressiveWrapper } = await import('../src/generation/autoregressive-wrapper.js');
   const { AdamW } = await import('../src/train/optimizer.js');
+  const { variableGradsLean } = await import('../src/train/backprop.js');
   const { manualSeed, Rng } = await import('../src/utils/random.js');
   manualSeed(0);
   const c = config;
@@ -129,7 +130,8 @@ async function child(backendName: string): Promise<void> {
   const x = tf.tensor2d(data, [c.batch, c.seq + 1], 'int32');
 
   const step = (): void => {
-    const { value, grads } = tf.variableGrads(() => model.forward(x) as TF.Scalar, vars);
+    // the Trainer's backward pass: each gradient is freed as soon as it has been used
+    const { value, grads } = variableGradsLean(() => model.forward(x) as TF.Scalar, vars);
     value.dataSync();
     const named: Record<string, TF.Tensor> = {};
     for (const [k, g] of Object.entries(grads)) named[names.get(k) ?? k] = g;
