@@ -35,6 +35,8 @@ import {
  * registered for the active backend, `attend` runs the composite path, which gives the same numbers.
  */
 export const XT_ATTENTION_KERNEL = 'XtAttention';
+/** Optional native backward of `XtAttention`: inputs {dy, q, k, v, mask?}, same attrs, outputs [dq, dk, dv]. */
+export const XT_ATTENTION_GRAD_KERNEL = 'XtAttentionGrad';
 
 /** Options of `attend`. */
 export interface AttendFnOptions {
@@ -179,6 +181,15 @@ function kernelAttend(
     } as unknown as tf.NamedAttrMap) as tf.Tensor;
     const gradFunc = (dy: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => {
       const [sq, sk, sv] = saved as [tf.Tensor, tf.Tensor, tf.Tensor];
+      // a backend with a native backward kernel computes [dq, dk, dv] in one step
+      if (tf.getKernel(XT_ATTENTION_GRAD_KERNEL, tf.getBackend())) {
+        const gradInputs: tf.NamedTensorMap = { dy, q: sq, k: sk, v: sv };
+        if (mask) gradInputs.mask = mask;
+        return tf.engine().runKernel(XT_ATTENTION_GRAD_KERNEL, gradInputs, {
+          scale,
+          causal,
+        } as unknown as tf.NamedAttrMap) as tf.Tensor[];
+      }
       return attendBackward(dy, sq, sk, sv, { scale, causal, mask });
     };
     return { value, gradFunc };

@@ -280,6 +280,27 @@ describe('fused XtAttention kernel', () => {
       cpu[n].values.forEach((x, idx) => expect(Math.abs(torch[n].values[idx] - x)).toBeLessThan(1e-5));
     }
   });
+
+  it("the library's mask-less causal attend trains through the native backward kernel", async () => {
+    const { attend } = await import('../../src/attention/attend.js');
+    const run = (): tf.Tensor[] => {
+      const [q, k, v] = [rnd([1, 2, 4, 8], 31), rnd([1, 2, 4, 8], 32), rnd([1, 2, 4, 8], 33)];
+      const g = tf.grads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => attend(a, b, c, { causal: true }))(
+        [q, k, v],
+        rnd([1, 2, 4, 8], 34),
+      );
+      return [attend(q, k, v, { causal: true }), ...g];
+    };
+    const cpu = await on('cpu', run);
+    await tf.setBackend('torch');
+    const info = await tf.profile(() => tf.dispose(run()));
+    expect(info.kernelNames).toContain('XtAttention');
+    expect(info.kernelNames).toContain('XtAttentionGrad');
+    const torch = await on('torch', run);
+    for (let n = 0; n < cpu.length; n++) {
+      cpu[n].values.forEach((x, idx) => expect(Math.abs(torch[n].values[idx] - x)).toBeLessThan(1e-5));
+    }
+  });
 });
 
 describe('torch backend memory', () => {
