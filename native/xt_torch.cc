@@ -528,7 +528,12 @@ XT_FN(Gather) {
       throw std::runtime_error("GatherV2: the index value " + std::to_string(lo < 0 ? lo : hi) + " is not in [0, " +
                                std::to_string(n - 1) + "]");
   }
-  auto y = x.index_select(axis, flat);
+  at::Tensor y;
+  if (x.dim() > 2 && axis == x.dim() - 1 && x.numel() > 0 && x.is_contiguous())
+    // the same copy; index_select along dim 1 of a 2-D view is several times faster here
+    y = x.view({x.numel() / x.size(axis), x.size(axis)}).index_select(1, flat);
+  else
+    y = x.index_select(axis, flat);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().begin() + axis);
   for (auto s : idx.sizes()) shape.push_back(s);
   for (int64_t d = axis + 1; d < x.dim(); d++) shape.push_back(x.size(d));
