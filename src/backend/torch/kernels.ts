@@ -94,6 +94,10 @@ const REDUCE: Record<string, number> = { Sum: 0, Mean: 1, Max: 2, Min: 3, Prod: 
 
 function axes(axis: number | number[] | undefined | null, shape: number[]): number[] {
   if (axis == null) return shape.map((_, i) => i);
+  // one in-range integer axis (the common case): the result of parseAxisParam without its checks
+  const rank = shape.length;
+  if (typeof axis === 'number' && Number.isInteger(axis) && axis >= -rank && axis < rank)
+    return [axis < 0 ? axis + rank : axis];
   return util.parseAxisParam(axis, shape);
 }
 
@@ -193,7 +197,7 @@ const IMPLS: Record<string, Impl> = {
   },
   Concat: (b, i, a) => {
     const ts = list(i);
-    const axis = util.parseAxisParam(a.axis as number, ts[0].shape)[0];
+    const axis = axes(a.axis as number, ts[0].shape)[0];
     if (ts.length === 1) return IMPLS.Identity(b, { x: ts[0] }, {});
     return b.out(
       b.N.concat(
@@ -216,13 +220,13 @@ const IMPLS: Record<string, Impl> = {
   },
   Unpack: (b, i, a) => {
     const x = inp(i, 'value');
-    const axis = util.parseAxisParam(a.axis as number, x.shape)[0];
+    const axis = axes(a.axis as number, x.shape)[0];
     const shape = x.shape.filter((_, d) => d !== axis);
     return b.N.unstack(b.id(x), axis).map((id) => b.outAs(id, shape.slice(), x.dtype));
   },
   SplitV: (b, i, a) => {
     const x = inp(i, 'x');
-    const axis = util.parseAxisParam(a.axis as number, x.shape)[0];
+    const axis = axes(a.axis as number, x.shape)[0];
     const sizes = backend_util.prepareSplitSize(
       x as tf.Tensor,
       a.numOrSizeSplits as number[] | number,
@@ -287,7 +291,7 @@ const IMPLS: Record<string, Impl> = {
     const x = inp(i, 'x');
     const idx = inp(i, 'indices');
     if ((a.batchDims as number) !== 0) return fallbackRun(b, 'GatherV2', i, a);
-    const axis = util.parseAxisParam(a.axis as number, x.shape)[0];
+    const axis = axes(a.axis as number, x.shape)[0];
     return b.out(b.N.gather(b.id(x), b.id(idx), axis));
   },
   GatherNd: (b, i) => b.out(b.N.gatherNd(b.id(inp(i, 'params')), b.id(inp(i, 'indices')))),
@@ -315,12 +319,12 @@ const IMPLS: Record<string, Impl> = {
   },
   Cumsum: (b, i, a) => {
     const x = inp(i, 'x');
-    const axis = util.parseAxisParam(a.axis as number, x.shape)[0];
+    const axis = axes(a.axis as number, x.shape)[0];
     return b.out(b.N.cumulative(b.id(x), axis, Boolean(a.exclusive), Boolean(a.reverse), false));
   },
   Cumprod: (b, i, a) => {
     const x = inp(i, 'x');
-    const axis = util.parseAxisParam(a.axis as number, x.shape)[0];
+    const axis = axes(a.axis as number, x.shape)[0];
     return b.out(b.N.cumulative(b.id(x), axis, Boolean(a.exclusive), Boolean(a.reverse), true));
   },
   Fill: (b, i, a) => {
