@@ -51,19 +51,20 @@ export class LayerNorm extends Module implements Norm {
   }
 }
 
-/** RMSNorm: normalize(x) * sqrt(dim) * `g` [dim]. */
-export class RMSNorm extends Module implements Norm {
+/** normalize(x) * sqrt(dim) * `g`, with `g` of shape [dim] (RMSNorm) or [1] (ScaleNorm). */
+abstract class GainNorm extends Module implements Norm {
   readonly unitOffset: boolean;
   readonly scale: number;
   g: tf.Variable;
   constructor(
     readonly dim: number,
-    options: NormOptions = {},
+    options: NormOptions,
+    gainSize: number,
   ) {
     super();
     this.unitOffset = options.unitOffset ?? false;
     this.scale = dim ** 0.5;
-    this.g = this.registerParameter('g', tf.fill([dim], this.unitOffset ? 0 : 1));
+    this.g = this.registerParameter('g', tf.fill([gainSize], this.unitOffset ? 0 : 1));
   }
 
   /** x: [..., dim]. */
@@ -74,26 +75,17 @@ export class RMSNorm extends Module implements Norm {
   }
 }
 
-/** ScaleNorm: normalize(x) * sqrt(dim) * `g` [1]. */
-export class ScaleNorm extends Module implements Norm {
-  readonly unitOffset: boolean;
-  readonly scale: number;
-  g: tf.Variable;
-  constructor(
-    readonly dim: number,
-    options: NormOptions = {},
-  ) {
-    super();
-    this.unitOffset = options.unitOffset ?? false;
-    this.scale = dim ** 0.5;
-    this.g = this.registerParameter('g', tf.fill([1], this.unitOffset ? 0 : 1));
+/** RMSNorm: normalize(x) * sqrt(dim) * `g` [dim]. */
+export class RMSNorm extends GainNorm {
+  constructor(dim: number, options: NormOptions = {}) {
+    super(dim, options, dim);
   }
+}
 
-  /** x: [..., dim]. */
-  forward(x: tf.Tensor): tf.Tensor {
-    return tf.tidy(() =>
-      tf.mul(tf.mul(normalize(x), this.scale), this.unitOffset ? tf.add(this.g, 1) : this.g),
-    );
+/** ScaleNorm: normalize(x) * sqrt(dim) * `g` [1]. */
+export class ScaleNorm extends GainNorm {
+  constructor(dim: number, options: NormOptions = {}) {
+    super(dim, options, 1);
   }
 }
 
