@@ -11,6 +11,9 @@
 #include <ATen/Parallel.h>
 #include <torch/version.h>
 
+#include <dlfcn.h>
+#include <malloc.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -151,6 +154,107 @@ Napi::Value idList(const Napi::CallbackInfo& info, const std::vector<at::Tensor>
 // ---------------------------------------------------------------------------------------------
 // registry, data in and out
 
+// ---------------------------------------------------------------------------------------------
+// float32 matrix products. LibTorch hands CPU products to whatever BLAS it was built with; Debian's
+// build uses the generic reference BLAS (about 6 GFLOP/s on one core). The oneDNN library that the
+// same LibTorch links (libdnnl) exports a JIT-compiled sgemm that runs an order of magnitude faster,
+// so CPU float32 products go there when the process has it (XT_GEMM=aten keeps ATen's matmul).
+
+using SgemmFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t,
+                        float, float*, int64_t);
+SgemmFn g_sgemm = nullptr;
+
+std::string initGemm(const std::string& mode) {
+  g_sgemm = nullptr;
+  if (mode == "aten") return "aten";
+  void* lib = dlopen("libdnnl.so.2", RTLD_LAZY | RTLD_NOLOAD);
+  if (!lib && mode == "dnnl") lib = dlopen("libdnnl.so.2", RTLD_LAZY);
+  if (lib) g_sgemm = reinterpret_cast<SgemmFn>(dlsym(lib, "dnnl_sgemm"));
+  if (!g_sgemm && mode == "dnnl") throw std::runtime_error("XT_GEMM=dnnl but libdnnl.so.2 (dnnl_sgemm) is not available");
+  return g_sgemm ? "dnnl" : "aten";
+}
+
+// How sgemm reads a matrix (the last two dims of t): row-major with a leading dimension, or
+// transposed (column-major). Neither when the strides are not of that form.
+struct MatLayout {
+  char trans;
+  int64_t ld;
+};
+
+bool matLayout(const at::Tensor& t, MatLayout& out) {
+  int64_t r = t.size(-2), c = t.size(-1), sr = t.stride(-2), sc = t.stride(-1);
+  if ((sc == 1 || c == 1) && sr >= std::max<int64_t>(c, 1)) {
+    out = {'N', std::max<int64_t>(sr, 1)};
+    return true;
+  }
+  if ((sr == 1 || r == 1) && sc >= std::max<int64_t>(r, 1)) {
+    out = {'T', std::max<int64_t>(sc, 1)};
+    return true;
+  }
+  return false;
+}
+
+// a: [..., m, k] @ b: [..., k, n] with batch dims broadcast, as at::matmul (rank >= 2 each).
+at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
+  if (!g_sgemm || a0.scalar_type() != at::kFloat || b0.scalar_type() != at::kFloat || !a0.device().is_cpu() ||
+      !b0.device().is_cpu() || a0.dim() < 2 || b0.dim() < 2)
+    return at::matmul(a0, b0);
+  int64_t m = a0.size(-2), k = a0.size(-1), n = b0.size(-1);
+  if (b0.size(-2) != k || m == 0 || n == 0 || k == 0) return at::matmul(a0, b0);
+  at::Tensor a = a0, b = b0;
+  // shared right operand (a linear layer): one product over all the rows of a
+  if (b.dim() == 2 && a.dim() > 2 && a.is_contiguous()) {
+    std::vector<int64_t> outShape(a.sizes().begin(), a.sizes().end());
+    outShape.back() = n;
+    return xtMatmul(a.view({-1, k}), b).view(outShape);
+  }
+  MatLayout la, lb;
+  if (!matLayout(a, la)) {
+    a = a.contiguous();
+    matLayout(a, la);
+  }
+  if (!matLayout(b, lb)) {
+    b = b.contiguous();
+    matLayout(b, lb);
+  }
+  // broadcast batch shape
+  int64_t ba = a.dim() - 2, bb = b.dim() - 2, nb = std::max(ba, bb);
+  std::vector<int64_t> batch(nb), sa(nb, 0), sb(nb, 0);
+  for (int64_t d = 0; d < nb; d++) {
+    int64_t da = d - (nb - ba), db = d - (nb - bb);
+    int64_t xa = da >= 0 ? a.size(da) : 1, xb = db >= 0 ? b.size(db) : 1;
+    if (xa != xb && xa != 1 && xb != 1) return at::matmul(a0, b0);  // ATen words the error
+    batch[d] = std::max(xa, xb);
+    if (da >= 0 && xa != 1) sa[d] = a.stride(da);
+    if (db >= 0 && xb != 1) sb[d] = b.stride(db);
+  }
+  std::vector<int64_t> outShape(batch);
+  outShape.push_back(m);
+  outShape.push_back(n);
+  at::Tensor y = at::empty(outShape, a.options());
+  int64_t count = 1;
+  for (auto x : batch) count *= x;
+  if (count == 0) return y;
+  const float* pa = a.data_ptr<float>();
+  const float* pb = b.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  std::vector<int64_t> idx(nb, 0);
+  for (int64_t i = 0; i < count; i++) {
+    int64_t oa = 0, ob = 0;
+    for (int64_t d = 0; d < nb; d++) {
+      oa += idx[d] * sa[d];
+      ob += idx[d] * sb[d];
+    }
+    int st = g_sgemm(la.trans, lb.trans, m, n, k, 1.0f, pa + oa, la.ld, pb + ob, lb.ld, 0.0f, py + i * m * n, n);
+    if (st != 0) throw std::runtime_error("matmul: dnnl_sgemm failed with status " + std::to_string(st));
+    for (int64_t d = nb - 1; d >= 0; d--) {
+      if (++idx[d] < batch[d]) break;
+      idx[d] = 0;
+    }
+  }
+  return y;
+}
+
 XT_FN(Init) {
   auto meta = info[0].As<Napi::Int32Array>();
   g_metaRef = Napi::Persistent(meta);
@@ -158,6 +262,7 @@ XT_FN(Init) {
   int threads = num(info, 1);
   std::string dev = info[2].As<Napi::String>().Utf8Value();
   if (threads > 0) at::set_num_threads(threads);
+  std::string gemm = initGemm(info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "");
   if (dev == "cuda") {
 #ifdef XT_HAS_CUDA
     if (!at::hasCUDA()) throw std::runtime_error("XT_DEVICE=cuda but LibTorch sees no CUDA device");
@@ -171,6 +276,7 @@ XT_FN(Init) {
   auto out = Napi::Object::New(info.Env());
   out.Set("threads", at::get_num_threads());
   out.Set("device", g_device.is_cuda() ? "cuda" : "cpu");
+  out.Set("gemm", g_device.is_cuda() ? "aten" : gemm);
 #ifdef XT_HAS_CUDA
   out.Set("cuda", at::hasCUDA());
 #else
@@ -753,12 +859,17 @@ XT_FN(MatMul) {
   at::Tensor b = b0;
   if (flag(info, 2)) a = a.transpose(-2, -1);
   if (flag(info, 3)) b = b.transpose(-2, -1);
-  at::Tensor rhs;
-  if (b.dim() == 2 && b.stride(-1) != 1 && a.size(-2) < 8 && b.numel() >= 4096)
-    rhs = cachedDenseRhs(b0, b);
-  else
-    rhs = denseRhs(a, b);
-  at::Tensor y = at::matmul(a, rhs);
+  at::Tensor y;
+  if (g_sgemm) {
+    y = xtMatmul(a, b);  // reads transposed operands in place
+  } else {
+    at::Tensor rhs;
+    if (b.dim() == 2 && b.stride(-1) != 1 && a.size(-2) < 8 && b.numel() >= 4096)
+      rhs = cachedDenseRhs(b0, b);
+    else
+      rhs = denseRhs(a, b);
+    y = at::matmul(a, rhs);
+  }
   if (info.Length() > 4 && info[4].IsNumber()) {
     int32_t bias = num(info, 4);
     if (bias >= 0) y.add_(get(info[4]));
@@ -809,7 +920,7 @@ XT_FN(Conv2D) {
 // [b, h, i, j] (true = keep), causal masks key positions j > i + (nj - ni).
 
 at::Tensor attnScores(const at::Tensor& q, const at::Tensor& k, const at::Tensor* mask, double scale, bool causal) {
-  auto s = at::matmul(q, denseRhs(q, k.transpose(-2, -1))).mul_(scale);
+  auto s = xtMatmul(q, g_sgemm ? k.transpose(-2, -1) : denseRhs(q, k.transpose(-2, -1))).mul_(scale);
   const double neg = -std::numeric_limits<float>::max();
   if (mask) s.masked_fill_(at::logical_not(*mask), neg);
   if (causal && q.size(-2) > 1) {  // one query row (decoding) may attend every key
@@ -835,7 +946,7 @@ XT_FN(Attention) {
     return idv(info, at::scaled_dot_product_attention(q, k, v, {}, 0.0, causal, scale));
 #endif
   auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
-  auto out = at::matmul(p, v);
+  auto out = xtMatmul(p, v);
   // query rows whose mask row has no true entry give 0
   if (mask) out.masked_fill_(at::logical_not(mask->any(-1, true)), 0);
   return idv(info, out);
@@ -854,12 +965,12 @@ XT_FN(AttentionGrad) {
   auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
   at::Tensor dy = dyIn;
   if (mask) dy = dyIn.masked_fill(at::logical_not(mask->any(-1, true)), 0);
-  auto dv = at::matmul(p.transpose(-2, -1), dy);
-  auto dp = at::matmul(dy, denseRhs(dy, v.transpose(-2, -1)));
+  auto dv = xtMatmul(p.transpose(-2, -1), dy);
+  auto dp = xtMatmul(dy, g_sgemm ? v.transpose(-2, -1) : denseRhs(dy, v.transpose(-2, -1)));
   auto ds = p * (dp - (dp * p).sum(-1, true));
   ds.mul_(scale);
-  auto dq = at::matmul(ds, k);
-  auto dk = at::matmul(ds.transpose(-2, -1), q);
+  auto dq = xtMatmul(ds, k);
+  auto dk = xtMatmul(ds.transpose(-2, -1), q);
   // broadcast batch/head dims of k, v back to their own shapes
   auto reduceTo = [](at::Tensor g, const at::Tensor& ref) {
     if (g.sizes() == ref.sizes()) return g;
@@ -870,6 +981,92 @@ XT_FN(AttentionGrad) {
     return g.sum(dims, true).reshape(ref.sizes());
   };
   return idList(info, {reduceTo(dq, q), reduceTo(dk, k), reduceTo(dv, v)});
+}
+
+// ---------------------------------------------------------------------------------------------
+// fused layer pieces: LayerNorm (no bias), exact GELU, rotary embedding
+
+// x: [..., d], gamma: [d] -> (x - mean) / sqrt(var + eps) * (gamma + offset), biased variance.
+XT_FN(LayerNorm) {
+  const at::Tensor& x = get(info[0]);
+  const at::Tensor& gamma = get(info[1]);
+  double eps = dbl(info, 2);
+  double offset = dbl(info, 3);
+  at::Tensor w = offset != 0.0 ? gamma + offset : gamma;
+  return idv(info, at::layer_norm(x, {x.size(-1)}, w, {}, eps));
+}
+
+// dy, x: [..., d], gamma: [d] -> [dx, dgamma] of LayerNorm (mean and rstd recomputed).
+XT_FN(LayerNormGrad) {
+  const at::Tensor& dy = get(info[0]);
+  const at::Tensor& x = get(info[1]);
+  const at::Tensor& gamma = get(info[2]);
+  double eps = dbl(info, 3);
+  double offset = dbl(info, 4);
+  at::Tensor w = offset != 0.0 ? gamma + offset : gamma;
+  std::vector<int64_t> norm{x.size(-1)};
+  auto xc = x.contiguous();
+  auto fwd = at::native_layer_norm(xc, norm, w, {}, eps);
+  auto g = at::native_layer_norm_backward(dy.contiguous(), xc, norm, std::get<1>(fwd), std::get<2>(fwd), w, {},
+                                          {true, true, false});
+  return idList(info, {std::get<0>(g), std::get<1>(g)});
+}
+
+// dy, x: any shape -> dx of the exact (erf) GELU.
+XT_FN(GeluGrad) { return idv(info, at::gelu_backward(get(info[0]), get(info[1]))); }
+
+// Rotary embedding with pair tables: x [b, h, n, w]; cos, sin broadcastable to x with the last axis
+// whole (sin holds the sign of the pair rotation). forward: y = x * cos + swap(x) * sin, where swap
+// exchanges features 2i and 2i+1; transpose (its gradient): y = x * cos + swap(x * sin).
+XT_FN(Rotary) {
+  const at::Tensor& x = get(info[0]);
+  const at::Tensor& c0 = get(info[1]);
+  const at::Tensor& s0 = get(info[2]);
+  bool transpose = flag(info, 3);
+  int64_t w = x.size(-1);
+  bool fast = x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat && c0.scalar_type() == at::kFloat &&
+              s0.scalar_type() == at::kFloat && c0.device().is_cpu() && s0.device().is_cpu() && w % 2 == 0 &&
+              c0.size(-1) == w && s0.size(-1) == w && c0.dim() <= 4 && s0.dim() <= 4;
+  if (!fast) {
+    auto swap = [w](const at::Tensor& t) {
+      auto sizes = t.sizes().vec();
+      sizes.back() = w / 2;
+      sizes.push_back(2);
+      return t.reshape(sizes).flip(-1).reshape(t.sizes());
+    };
+    return idv(info, transpose ? x * c0 + swap(x * s0) : x * c0 + swap(x) * s0);
+  }
+  at::Tensor xc = x.contiguous();
+  at::Tensor c = c0.expand(xc.sizes());
+  at::Tensor s = s0.expand(xc.sizes());
+  if (c.stride(3) != 1) c = c.contiguous();
+  if (s.stride(3) != 1) s = s.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const float* px = xc.data_ptr<float>();
+  const float* pc = c.data_ptr<float>();
+  const float* ps = s.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  int64_t B = xc.size(0), H = xc.size(1), N = xc.size(2);
+  for (int64_t bi = 0; bi < B; bi++)
+    for (int64_t hi = 0; hi < H; hi++)
+      for (int64_t ni = 0; ni < N; ni++) {
+        const float* xr = px + ((bi * H + hi) * N + ni) * w;
+        float* yr = py + ((bi * H + hi) * N + ni) * w;
+        const float* cr = pc + bi * c.stride(0) + hi * c.stride(1) + ni * c.stride(2);
+        const float* sr = ps + bi * s.stride(0) + hi * s.stride(1) + ni * s.stride(2);
+        if (!transpose) {
+          for (int64_t j = 0; j < w; j += 2) {
+            yr[j] = xr[j] * cr[j] + xr[j + 1] * sr[j];
+            yr[j + 1] = xr[j + 1] * cr[j + 1] + xr[j] * sr[j + 1];
+          }
+        } else {
+          for (int64_t j = 0; j < w; j += 2) {
+            yr[j] = xr[j] * cr[j] + xr[j + 1] * sr[j + 1];
+            yr[j + 1] = xr[j + 1] * cr[j + 1] + xr[j] * sr[j];
+          }
+        }
+      }
+  return idv(info, y);
 }
 
 XT_FN(HasSdpa) {
@@ -923,6 +1120,10 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("reduce", Reduce);
   X("argReduce", ArgReduce);
   X("matmul", MatMul);
+  X("layerNorm", LayerNorm);
+  X("layerNormGrad", LayerNormGrad);
+  X("geluGrad", GeluGrad);
+  X("rotary", Rotary);
   X("softmax", Softmax);
   X("einsum", Einsum);
   X("conv2d", Conv2D);

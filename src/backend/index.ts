@@ -10,6 +10,8 @@ export interface BackendInfo {
   backend: BackendName;
   device: string;
   threads: number;
+  /** torch on CPU: which matrix-product engine runs float32 products (`dnnl` or `aten`). */
+  gemm?: string;
 }
 
 let current: BackendInfo | null = null;
@@ -19,12 +21,12 @@ async function tryTorch(): Promise<BackendInfo | string> {
   try {
     const mod = (await import('./torch/register.js')) as {
       registerTorchBackend: () =>
-        { ok: true; device: string; threads: number } | { ok: false; reason: string };
+        { ok: true; device: string; threads: number; gemm: string } | { ok: false; reason: string };
     };
     const r = mod.registerTorchBackend();
     if (!r.ok) return r.reason;
     await tf.setBackend('torch');
-    return { backend: 'torch', device: r.device, threads: r.threads };
+    return { backend: 'torch', device: r.device, threads: r.threads, gemm: r.gemm };
   } catch (e) {
     return `torch backend unavailable: ${(e as Error).message}`;
   }
@@ -91,7 +93,10 @@ export function initBackend(
       const r = await LOADERS[b]();
       if (typeof r !== 'string') {
         current = r;
-        log(`x-transformers: backend=${r.backend} device=${r.device} threads=${r.threads}`);
+        log(
+          `x-transformers: backend=${r.backend} device=${r.device} threads=${r.threads}` +
+            (r.gemm ? ` gemm=${r.gemm}` : ''),
+        );
         return r;
       }
       reasons.push(r);

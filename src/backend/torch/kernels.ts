@@ -428,6 +428,31 @@ const IMPLS: Record<string, Impl> = {
       ),
     );
   },
+  XtLayerNorm: (b, i, a) =>
+    b.out(
+      b.N.layerNorm(
+        b.id(inp(i, 'x')),
+        b.id(inp(i, 'gamma')),
+        a.epsilon as number,
+        (a.gammaOffset as number | undefined) ?? 0,
+      ),
+    ),
+  XtLayerNormGrad: (b, i, a) => {
+    const x = inp(i, 'x');
+    const gamma = inp(i, 'gamma');
+    const ids = b.N.layerNormGrad(
+      b.id(inp(i, 'dy')),
+      b.id(x),
+      b.id(gamma),
+      a.epsilon as number,
+      (a.gammaOffset as number | undefined) ?? 0,
+    );
+    return [b.outAs(ids[0], x.shape.slice(), 'float32'), b.outAs(ids[1], gamma.shape.slice(), 'float32')];
+  },
+  XtGelu: (b, i) => b.out(b.N.unary(40, b.id(inp(i, 'x')))),
+  XtGeluGrad: (b, i) => b.out(b.N.geluGrad(b.id(inp(i, 'dy')), b.id(inp(i, 'x')))),
+  XtRotary: (b, i, a) =>
+    b.out(b.N.rotary(b.id(inp(i, 'x')), b.id(inp(i, 'cos')), b.id(inp(i, 'sin')), Boolean(a.transpose))),
   XtAttentionGrad: (b, i, a) => {
     const mask = (i as Record<string, TensorInfo | null | undefined>).mask;
     const q = inp(i, 'q');

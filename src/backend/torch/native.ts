@@ -16,7 +16,8 @@ export interface TorchAddon {
     meta: Int32Array,
     threads: number,
     device: string,
-  ): { threads: number; device: string; cuda: boolean; version: number };
+    gemm?: string,
+  ): { threads: number; device: string; cuda: boolean; version: number; gemm: string };
   fromData(values: ArrayBufferView, shape: Ints, dtype: number): number;
   toData(id: number): Float32Array | Int32Array | Uint8Array;
   free(id: number): void;
@@ -31,6 +32,10 @@ export interface TorchAddon {
   clip(x: number, lo: number, hi: number): number;
   addN(ids: Ids): number;
   reshape(x: number, shape: Ints): number;
+  layerNorm(x: number, gamma: number, eps: number, gammaOffset: number): number;
+  layerNormGrad(dy: number, x: number, gamma: number, eps: number, gammaOffset: number): Ids;
+  geluGrad(dy: number, x: number): number;
+  rotary(x: number, cos: number, sin: number, transpose: boolean): number;
   transpose(x: number, perm: Ints): number;
   broadcastTo(x: number, shape: Ints): number;
   contiguous(x: number): number;

@@ -1,7 +1,9 @@
 /**
  * Registers the LibTorch-backed TF.js backend (`torch`) when the native addon is built.
  * XT_NUM_THREADS (default: all cores) sets LibTorch's intra-op threads; XT_DEVICE=cpu|cuda picks
- * the device (cuda only when LibTorch has it).
+ * the device (cuda only when LibTorch has it). XT_GEMM=auto|dnnl|aten picks what runs CPU float32
+ * matrix products: oneDNN's sgemm when the process has libdnnl (auto, the default; dnnl requires
+ * it), or ATen's matmul over LibTorch's own BLAS.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-cpu';
@@ -13,7 +15,8 @@ import { loadAddon } from './native.js';
 
 export { addonPath } from './native.js';
 
-export type RegisterResult = { ok: true; device: string; threads: number } | { ok: false; reason: string };
+export type RegisterResult =
+  { ok: true; device: string; threads: number; gemm: string } | { ok: false; reason: string };
 
 let result: RegisterResult | null = null;
 
@@ -38,16 +41,19 @@ export function registerTorchBackend(): RegisterResult {
   if (device !== 'cpu' && device !== 'cuda')
     return { ok: false, reason: `XT_DEVICE: expected cpu or cuda, got "${process.env.XT_DEVICE}"` };
   const threads = threadsFromEnv();
+  const gemm = (process.env.XT_GEMM ?? 'auto').trim().toLowerCase() || 'auto';
+  if (!['auto', 'dnnl', 'aten'].includes(gemm))
+    return { ok: false, reason: `XT_GEMM: expected auto, dnnl or aten, got "${process.env.XT_GEMM}"` };
   const backend = new TorchBackend(addon);
   let info;
   try {
-    info = addon.init(backend.meta, threads, device);
+    info = addon.init(backend.meta, threads, device, gemm);
   } catch (e) {
     return { ok: false, reason: `torch backend unavailable: ${(e as Error).message}` };
   }
   tf.registerBackend('torch', () => backend, 2);
   registerTorchKernels();
   registerAttentionGradient();
-  result = { ok: true, device: info.device, threads: info.threads };
+  result = { ok: true, device: info.device, threads: info.threads, gemm: info.gemm };
   return result;
 }
