@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { Module } from '../nn/module.js';
 import { fmtShape } from '../utils/errors.js';
 import type { RotaryInput, RotaryTables } from './types.js';
+import { fusedRotary } from '../nn/fused.js';
 
 /** Options of `RotaryEmbedding` (the reference's kwargs in camelCase). */
 export interface RotaryEmbeddingOptions {
@@ -173,6 +174,8 @@ export function applyRotaryTables(t: tf.Tensor, tables: RotaryTables): tf.Tensor
     cos = tables.cos;
     sin = tables.sin;
   } else return null;
+  const fused = fusedRotary(t, cos, sin);
+  if (fused) return fused;
   const c = cos;
   const s = sin;
   // a custom gradient (dy * cos + pair-swapped dy * sin, the ops and order of the tape's own) keeps

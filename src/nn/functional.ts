@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { getRng, type Rng } from '../utils/random.js';
+import { fusedGelu } from './fused.js';
 
 /**
  * Small tensor helpers shared by the building blocks. None of them dispose their inputs; callers
@@ -36,7 +37,7 @@ const geluFn = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
 
 /** Exact (erf) GELU, as torch's nn.GELU(). x: any shape (float32). */
 export function gelu(x: tf.Tensor): tf.Tensor {
-  return geluFn(x);
+  return fusedGelu(x) ?? geluFn(x);
 }
 
 /** relu(x)^2. x: any shape. */

@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { Module } from './module.js';
 import { normalize } from './functional.js';
 import { Linear } from './linear.js';
+import { fusedLayerNorm } from './fused.js';
 
 /** Options shared by the reference's norms. */
 export interface NormOptions {
@@ -45,6 +46,8 @@ export class LayerNorm extends Module implements Norm {
   /** x: [..., dim]. */
   forward(x: tf.Tensor): tf.Tensor {
     return tf.tidy(() => {
+      const fused = fusedLayerNorm(x, this.gamma, 1e-5, this.unitOffset ? 1 : 0);
+      if (fused) return fused;
       const normed = standardize(x);
       return tf.mul(normed, this.unitOffset ? tf.add(this.gamma, 1) : this.gamma);
     });

@@ -1,6 +1,8 @@
 /**
  * The lean paths (custom gradients, shared rotary tables, one-kernel linear) must give the same
- * numbers, bit for bit, as the plain TF.js formulations they replace: forward and gradients.
+ * numbers, bit for bit, as the plain TF.js formulations they replace: forward and gradients. The
+ * fused kernels a backend registers (src/nn/fused.ts) must agree with them to float32 rounding, and
+ * the fused rotary kernel bit for bit.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
@@ -15,11 +17,52 @@ import {
   prepareRotary,
 } from '../../src/attention/rotary.js';
 import { Rng } from '../../src/utils/random.js';
+import {
+  XT_GELU,
+  XT_GELU_GRAD,
+  XT_LAYER_NORM,
+  XT_LAYER_NORM_GRAD,
+  XT_ROTARY,
+  backendHasKernel,
+  geluBackward,
+  layerNormBackward,
+  setFusedKernels,
+} from '../../src/nn/fused.js';
 
 function rand(shape: number[], seed: number): tf.Tensor {
   const rng = new Rng(seed);
   const size = shape.reduce((a, b) => a * b, 1);
   return tf.tensor(rng.fillNormal(size, 0, 1), shape, 'float32');
+}
+
+/** Runs f with the fused kernels on or off, restoring the setting afterwards. */
+function withFused<T>(on: boolean, f: () => T): T {
+  const prev = setFusedKernels(on);
+  try {
+    return f();
+  } finally {
+    setFusedKernels(prev);
+  }
+}
+
+/** Value and gradients of sum(f(...) * w) as plain arrays (see valueAndGrads). */
+function valueAndGradsF(f: (...xs: tf.Tensor[]) => tf.Tensor, xs: tf.Tensor[]): Float32Array[] {
+  return tf.tidy(() => {
+    const y = f(...xs);
+    const w = rand(y.shape, 99);
+    const g = tf.grads((...a: tf.Tensor[]) => tf.sum(tf.mul(f(...a), w)))(xs);
+    return [y, ...g].map((t) => t.dataSync() as Float32Array);
+  });
+}
+
+/** Largest |a - b| / (1 + |b|) over matching arrays. */
+function maxRelDiff(a: Float32Array[], b: Float32Array[]): number {
+  expect(a.map((x) => x.length)).toEqual(b.map((x) => x.length));
+  let m = 0;
+  a.forEach((x, i) =>
+    x.forEach((v, j) => (m = Math.max(m, Math.abs(v - b[i]![j]!) / (1 + Math.abs(b[i]![j]!))))),
+  );
+  return m;
 }
 
 function bits(t: tf.Tensor): number[] {
@@ -67,7 +110,9 @@ describe('lean paths give the same numbers as the plain formulations', () => {
     const x = rand([2, 3, 8], 4);
     const plain = (t: tf.Tensor): tf.Tensor =>
       tf.mul(tf.mul(t, 0.5), tf.add(1, tf.erf(tf.mul(t, Math.SQRT1_2))));
-    expect(valueAndGrads((t) => gelu(t!), [x])).toEqual(valueAndGrads((t) => plain(t!), [x]));
+    withFused(false, () =>
+      expect(valueAndGrads((t) => gelu(t!), [x])).toEqual(valueAndGrads((t) => plain(t!), [x])),
+    );
     x.dispose();
   });
 
@@ -80,8 +125,10 @@ describe('lean paths give the same numbers as the plain formulations', () => {
     };
     // x also feeds a second consumer, as the residual stream does
     const wrap = (f: (t: tf.Tensor) => tf.Tensor) => (t: tf.Tensor) => tf.add(f(t), tf.mul(t, 0.3));
-    expect(valueAndGrads((t) => wrap((u) => ln.forward(u))(t!), [x])).toEqual(
-      valueAndGrads((t) => wrap(plain)(t!), [x]),
+    withFused(false, () =>
+      expect(valueAndGrads((t) => wrap((u) => ln.forward(u))(t!), [x])).toEqual(
+        valueAndGrads((t) => wrap(plain)(t!), [x]),
+      ),
     );
     tf.dispose([x]);
     ln.dispose();
@@ -102,9 +149,11 @@ describe('lean paths give the same numbers as the plain formulations', () => {
       const k = rand([2, 3, nk, width], 6);
       const q = rand([2, 3, nq, width], 7);
       for (const t of [q, k]) {
-        expect(valueAndGrads((u) => applyRotaryTables(u!, prepared.tables!)!, [t])).toEqual(
-          valueAndGrads((u) => applyRotaryPosEmb(u!, input.freqs), [t]),
-        );
+        const plain = valueAndGrads((u) => applyRotaryPosEmb(u!, input.freqs), [t]);
+        for (const fused of [false, true])
+          withFused(fused, () =>
+            expect(valueAndGrads((u) => applyRotaryTables(u!, prepared.tables!)!, [t])).toEqual(plain),
+          );
       }
       // shapes the tables do not cover fall back
       const other = rand([2, 3, 3, width], 8);
@@ -122,5 +171,80 @@ describe('lean paths give the same numbers as the plain formulations', () => {
     expect(prepareRotary(input, 1, 8)).toBe(input);
     tf.dispose([pos, input.freqs, input.xposScale!]);
     rotary.dispose();
+  });
+});
+
+describe('fused kernels', () => {
+  const names = [XT_LAYER_NORM, XT_LAYER_NORM_GRAD, XT_GELU, XT_GELU_GRAD, XT_ROTARY];
+
+  it('are registered by the torch backend (and by no other)', () => {
+    const expected = tf.getBackend() === 'torch';
+    for (const n of names) expect([n, backendHasKernel(n)]).toEqual([n, expected]);
+    withFused(false, () => {
+      for (const n of names) expect(backendHasKernel(n)).toBe(false);
+    });
+  });
+
+  it('LayerNorm (plain and unit offset) agrees with the ordinary ops to float32 rounding, gradients included', () => {
+    for (const unitOffset of [false, true]) {
+      const ln = new LayerNorm(32, { unitOffset });
+      ln.gamma.assign(rand([32], 11));
+      for (const shape of [
+        [5, 32],
+        [2, 7, 32],
+      ]) {
+        const x = tf.tidy(() => tf.add(tf.mul(rand(shape, 12), 3), 1.5));
+        const f = (t: tf.Tensor, g: tf.Tensor): tf.Tensor => {
+          // gamma as an input so that its gradient is checked too
+          const saved = ln.gamma;
+          (ln as unknown as { gamma: tf.Tensor }).gamma = g;
+          try {
+            return ln.forward(t);
+          } finally {
+            (ln as unknown as { gamma: tf.Tensor }).gamma = saved;
+          }
+        };
+        const ref = withFused(false, () => valueAndGradsF((t, g) => f(t!, g!), [x, ln.gamma]));
+        const got = withFused(true, () => valueAndGradsF((t, g) => f(t!, g!), [x, ln.gamma]));
+        expect(maxRelDiff(got, ref)).toBeLessThan(2e-6);
+        x.dispose();
+      }
+      ln.dispose();
+    }
+  });
+
+  it('GELU agrees with the ordinary ops to float32 rounding, gradient included', () => {
+    const x = tf.tidy(() => tf.mul(rand([3, 4, 64], 13), 4));
+    const ref = withFused(false, () => valueAndGradsF((t) => gelu(t!), [x]));
+    const got = withFused(true, () => valueAndGradsF((t) => gelu(t!), [x]));
+    expect(maxRelDiff(got, ref)).toBeLessThan(2e-6);
+    x.dispose();
+  });
+
+  it('the ordinary-op backward passes of LayerNorm and GELU match the tape of their forward formulas', () => {
+    const x = tf.tidy(() => tf.add(rand([4, 16], 14), 0.5));
+    const dy = rand([4, 16], 15);
+    const gamma = rand([16], 16);
+    for (const offset of [0, 1]) {
+      const [dx, dg] = layerNormBackward(dy, x, gamma, 1e-5, offset);
+      const plain = (t: tf.Tensor, g: tf.Tensor): tf.Tensor => {
+        const { mean, variance } = tf.moments(t, -1, true);
+        return tf.mul(tf.mul(tf.sub(t, mean), tf.rsqrt(tf.add(variance, 1e-5))), tf.add(g, offset));
+      };
+      const [rx, rg] = tf.grads((t: tf.Tensor, g: tf.Tensor) => tf.sum(tf.mul(plain(t, g), dy)))([x, gamma]);
+      expect(
+        maxRelDiff(
+          [dx!.dataSync() as Float32Array, dg!.dataSync() as Float32Array],
+          [rx!.dataSync() as Float32Array, rg!.dataSync() as Float32Array],
+        ),
+      ).toBeLessThan(1e-5);
+      tf.dispose([dx!, dg!, rx!, rg!]);
+    }
+    const gx = geluBackward(dy, x);
+    const rgx = tf.grad((t: tf.Tensor) =>
+      tf.sum(tf.mul(tf.mul(tf.mul(t, 0.5), tf.add(1, tf.erf(tf.mul(t, Math.SQRT1_2)))), dy)),
+    )(x);
+    expect(maxRelDiff([gx.dataSync() as Float32Array], [rgx.dataSync() as Float32Array])).toBeLessThan(1e-5);
+    tf.dispose([x, dy, gamma, gx, rgx]);
   });
 });
