@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -262,6 +263,11 @@ XT_FN(Init) {
   int threads = num(info, 1);
   std::string dev = info[2].As<Napi::String>().Utf8Value();
   if (threads > 0) at::set_num_threads(threads);
+  // glibc serves blocks above a threshold that grows with every large free (up to 32 MiB) from its
+  // heap, where freed tensors fragment memory and the process keeps growing; a fixed threshold
+  // sends every tensor of 256 KiB or more straight back to the system when it is freed (as
+  // MALLOC_MMAP_THRESHOLD_ would, which is left to decide when set)
+  if (!std::getenv("MALLOC_MMAP_THRESHOLD_")) mallopt(M_MMAP_THRESHOLD, 256 * 1024);
   std::string gemm = initGemm(info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "");
   if (dev == "cuda") {
 #ifdef XT_HAS_CUDA
