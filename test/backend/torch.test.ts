@@ -4,6 +4,8 @@ import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { registerTorchBackend } from '../../src/backend/torch/register.js';
 import { loadAddon } from '../../src/backend/torch/native.js';
+import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 
 // The torch backend against the cpu backend on the same inputs, plus its memory behaviour.
 
@@ -216,6 +218,74 @@ describe('torch backend matches cpu', () => {
       const g = tf.grads(loss)([emb, w]);
       return [loss(emb, w), ...g];
     });
+  });
+});
+
+describe('torch matrix products', () => {
+  it('run on oneDNN sgemm exactly when the process has libdnnl', () => {
+    const r = registerTorchBackend();
+    if (!r.ok) throw new Error(r.reason);
+    const maps = readFileSync('/proc/self/maps', 'utf8');
+    expect(r.gemm).toBe(/libdnnl\.so/.test(maps) && r.device === 'cpu' ? 'dnnl' : 'aten');
+  });
+
+  it('strided, broadcast, one-row, empty and large products match cpu', async () => {
+    await same(
+      () => {
+        const a = rnd([2, 3, 4, 5], 11);
+        return [
+          // transposed views as operands
+          tf.matMul(tf.transpose(a, [0, 1, 3, 2]), rnd([2, 3, 4, 6], 12)),
+          tf.matMul(tf.transpose(rnd([4, 2, 5], 13), [1, 0, 2]), rnd([2, 5, 3], 14)),
+          // broadcasting on both sides (the cpu kernel folds batch dims by modulo, so it gets the
+          // operands tiled out)
+          tf.getBackend() === 'cpu'
+            ? tf.matMul(
+                tf.tile(rnd([2, 1, 3, 4], 15), [1, 5, 1, 1]),
+                tf.tile(rnd([1, 5, 4, 2], 16), [2, 1, 1, 1]),
+              )
+            : tf.matMul(rnd([2, 1, 3, 4], 15), rnd([1, 5, 4, 2], 16)),
+          // decoding shapes: one row against a transposed weight
+          tf.matMul(rnd([1, 1, 64], 17), rnd([96, 64], 18), false, true),
+          tf.matMul(rnd([1, 64], 17), rnd([64, 96], 19)),
+          // empty dims
+          tf.matMul(rnd([2, 0, 4], 20), rnd([2, 4, 3], 21)),
+          tf.matMul(tf.zeros([2, 3, 0]), tf.zeros([2, 0, 4])),
+          // large enough for the blocked kernels
+          tf.matMul(rnd([130, 257], 22), rnd([257, 190], 23)),
+          tf.matMul(rnd([3, 70, 33], 24), rnd([3, 90, 33], 25), false, true),
+        ];
+      },
+      1e-4,
+      1e-4,
+    );
+  });
+
+  it('XT_GEMM=aten gives the same products, and a bad XT_GEMM is named', () => {
+    const script = [
+      "const tf = await import('@tensorflow/tfjs-core');",
+      "const { registerTorchBackend } = await import('./src/backend/torch/register.ts');",
+      'const r = registerTorchBackend();',
+      'if (!r.ok) { console.log(JSON.stringify({ reason: r.reason })); process.exit(0); }',
+      "await tf.setBackend('torch');",
+      'const a = tf.randomNormal([3, 40, 50], 0, 1, "float32", 1);',
+      'const b = tf.randomNormal([50, 30], 0, 1, "float32", 2);',
+      'console.log(JSON.stringify({ gemm: r.gemm, y: Array.from(tf.matMul(a, b).dataSync()) }));',
+    ].join('\n');
+    const run = (gemm: string): { gemm?: string; y?: number[]; reason?: string } => {
+      const p = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+        env: { ...process.env, XT_GEMM: gemm },
+        encoding: 'utf8',
+      });
+      expect(p.status, p.stderr).toBe(0);
+      return JSON.parse(p.stdout.trim().split('\n').pop()!);
+    };
+    const aten = run('aten');
+    const auto = run('auto');
+    expect(aten.gemm).toBe('aten');
+    expect(auto.y!.length).toBe(3 * 40 * 30);
+    auto.y!.forEach((v, i) => expect(Math.abs(v - aten.y![i]!)).toBeLessThan(1e-4 * (1 + Math.abs(v))));
+    expect(run('blas').reason).toMatch(/XT_GEMM: expected auto, dnnl or aten, got "blas"/);
   });
 });
 
