@@ -12,7 +12,9 @@
 #include <torch/version.h>
 
 #include <dlfcn.h>
+#ifdef __GLIBC__
 #include <malloc.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -267,7 +269,9 @@ XT_FN(Init) {
   // heap, where freed tensors fragment memory and the process keeps growing; a fixed threshold
   // sends every tensor of 256 KiB or more straight back to the system when it is freed (as
   // MALLOC_MMAP_THRESHOLD_ would, which is left to decide when set)
+#ifdef __GLIBC__
   if (!std::getenv("MALLOC_MMAP_THRESHOLD_")) mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+#endif
   std::string gemm = initGemm(info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "");
   if (dev == "cuda") {
 #ifdef XT_HAS_CUDA

@@ -48,7 +48,7 @@ if (arg >= 0) {
   const cuda = existsSync(path.join(t.lib, 'libtorch_cuda.so'));
   if (what === 'include') console.log(t.inc.join(' '));
   else if (what === 'libs') {
-    const libs = ['-ltorch', '-ltorch_cpu', '-lc10'];
+    const libs = ['-ltorch', '-ltorch_cpu', '-lc10', '-ldl'];
     if (cuda) libs.push('-ltorch_cuda', '-lc10_cuda');
     console.log(
       [`-L${t.lib}`, `-Wl,-rpath,${t.lib}`, '-Wl,--no-as-needed', ...libs, '-Wl,--as-needed'].join(' '),
