@@ -12,12 +12,17 @@
 #include <torch/version.h>
 
 #include <dlfcn.h>
+#include <sys/mman.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
 
+#include <c10/core/CPUAllocator.h>
+
 #include <algorithm>
 #include <cmath>
+#include <list>
+#include <mutex>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -258,6 +263,150 @@ at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// CPU memory for tensors. Training allocates and frees the same activation and gradient buffers
+// every step, and decoding slightly larger ones every token. From glibc's heap they fragment it
+// and the process keeps growing; mapped fresh from the system each time, every page faults and is
+// zeroed again. So blocks of 32 KiB and more are mapped directly, in size classes, and freed ones
+// are kept, up to a bound (XT_CPU_CACHE_MB, default 64; 0 keeps none), for the next request of the
+// same class; the least recently freed go back to the system first. Smaller tensors come from the
+// heap, aligned as LibTorch's own.
+
+constexpr size_t kLargeBlock = 32 * 1024;
+// sizes are rounded up to eight classes per power of two (at most 12.5% more), at least a page
+// apart, so that the slightly different sizes of consecutive steps share blocks
+size_t blockSize(size_t n) {
+  size_t top = 63 - __builtin_clzll(static_cast<unsigned long long>(n));
+  size_t step = std::max<size_t>(size_t(1) << (top >= 3 ? top - 3 : 0), 4096);
+  return (n + step - 1) / step * step;
+}
+constexpr size_t kHeader = 64;  // keeps the 64-byte alignment LibTorch expects
+
+struct CachingCpuAllocator final : public c10::Allocator {
+  struct Block {
+    size_t size;
+    void* base;
+  };
+  size_t limit;
+  mutable std::mutex mu;
+  mutable std::list<Block> lru;  // freed blocks, oldest first
+  mutable std::unordered_map<size_t, std::vector<std::list<Block>::iterator>> bySize;
+  mutable size_t cached = 0;
+
+  explicit CachingCpuAllocator(size_t limitBytes) : limit(limitBytes) {}
+
+  static void unmap(const Block& b) { munmap(b.base, b.size); }
+
+  // takes the oldest cached block out (caller holds mu)
+  void evictOldest() const {
+    Block b = lru.front();
+    auto& v = bySize[b.size];
+    for (auto it = v.begin(); it != v.end(); ++it)
+      if ((*it)->base == b.base) {
+        v.erase(it);
+        break;
+      }
+    if (v.empty()) bySize.erase(b.size);
+    lru.pop_front();
+    cached -= b.size;
+    unmap(b);
+  }
+
+  void* take(size_t size) const {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto f = bySize.find(size);
+      if (f != bySize.end() && !f->second.empty()) {
+        auto it = f->second.back();
+        f->second.pop_back();
+        if (f->second.empty()) bySize.erase(f);
+        void* base = it->base;
+        lru.erase(it);
+        cached -= size;
+        return base;
+      }
+    }
+    void* base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) {  // give the cache back and try once more
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        while (!lru.empty()) evictOldest();
+      }
+      base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (base == MAP_FAILED) throw std::bad_alloc();
+    }
+    return base;
+  }
+
+  void give(void* base, size_t size) const {
+    std::lock_guard<std::mutex> lock(mu);
+    if (size > limit / 4) {  // a block this large would crowd out everything else
+      unmap({size, base});
+      return;
+    }
+    while (cached + size > limit && !lru.empty()) evictOldest();
+    lru.push_back({size, base});
+    bySize[size].push_back(std::prev(lru.end()));
+    cached += size;
+  }
+
+  static void release(void* data);
+
+  // every block starts with a header holding its mapped size (0: from the heap), so that one
+  // deleter frees both kinds (LibTorch's raw_deallocate needs a single one)
+  c10::DataPtr allocate(size_t n) const override {
+    void* base;
+    size_t size = 0;
+    if (n < kLargeBlock) {
+      if (posix_memalign(&base, kHeader, n + kHeader) != 0) throw std::bad_alloc();
+    } else {
+      size = blockSize(n + kHeader);
+      base = take(size);
+    }
+    *static_cast<size_t*>(base) = size;
+    void* data = static_cast<char*>(base) + kHeader;
+    return {data, data, &CachingCpuAllocator::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &CachingCpuAllocator::release; }
+
+  size_t cachedBytes() const {
+    std::lock_guard<std::mutex> lock(mu);
+    return cached;
+  }
+};
+
+CachingCpuAllocator* g_cpuAlloc = nullptr;  // never destroyed: tensors may outlive static destructors
+
+void CachingCpuAllocator::release(void* data) {
+  if (!data) return;
+  void* base = static_cast<char*>(data) - kHeader;
+  size_t size = *static_cast<size_t*>(base);
+  if (size == 0) std::free(base);
+  else g_cpuAlloc->give(base, size);
+}
+
+void installCpuAllocator() {
+  if (g_cpuAlloc) return;
+  size_t mb = 64;
+  if (const char* env = std::getenv("XT_CPU_CACHE_MB")) {
+    char* end = nullptr;
+    long v = std::strtol(env, &end, 10);
+    if (!*env || *end || v < 0)
+      throw std::runtime_error(std::string("XT_CPU_CACHE_MB: expected a non-negative integer, got \"") + env + "\"");
+    mb = static_cast<size_t>(v);
+  }
+  g_cpuAlloc = new CachingCpuAllocator(mb << 20);
+  c10::SetCPUAllocator(g_cpuAlloc, 100);
+}
+
+XT_FN(CpuCache) {
+  auto out = Napi::Object::New(info.Env());
+  out.Set("cachedBytes", static_cast<double>(g_cpuAlloc ? g_cpuAlloc->cachedBytes() : 0));
+  out.Set("limitBytes", static_cast<double>(g_cpuAlloc ? g_cpuAlloc->limit : 0));
+  return out;
+}
+
 XT_FN(Init) {
   auto meta = info[0].As<Napi::Int32Array>();
   g_metaRef = Napi::Persistent(meta);
@@ -265,13 +414,14 @@ XT_FN(Init) {
   int threads = num(info, 1);
   std::string dev = info[2].As<Napi::String>().Utf8Value();
   if (threads > 0) at::set_num_threads(threads);
-  // glibc serves blocks above a threshold that grows with every large free (up to 32 MiB) from its
-  // heap, where freed tensors fragment memory and the process keeps growing; a fixed threshold
-  // sends every tensor of 256 KiB or more straight back to the system when it is freed (as
-  // MALLOC_MMAP_THRESHOLD_ would, which is left to decide when set)
+  // other large buffers (the copies that reads hand to JavaScript): glibc serves blocks above a
+  // threshold that grows with every large free (up to 32 MiB) from its heap, where they fragment
+  // it; a fixed threshold sends every block of 256 KiB or more back to the system when it is freed
+  // (as MALLOC_MMAP_THRESHOLD_ would, which is left to decide when set)
 #ifdef __GLIBC__
   if (!std::getenv("MALLOC_MMAP_THRESHOLD_")) mallopt(M_MMAP_THRESHOLD, 256 * 1024);
 #endif
+  installCpuAllocator();
   std::string gemm = initGemm(info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "");
   if (dev == "cuda") {
 #ifdef XT_HAS_CUDA
@@ -1130,6 +1280,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("reduce", Reduce);
   X("argReduce", ArgReduce);
   X("matmul", MatMul);
+  X("cpuCache", CpuCache);
   X("layerNorm", LayerNorm);
   X("layerNormGrad", LayerNormGrad);
   X("geluGrad", GeluGrad);

@@ -261,7 +261,7 @@ describe('torch matrix products', () => {
     );
   });
 
-  it('XT_GEMM=aten gives the same products, and a bad XT_GEMM is named', () => {
+  it('XT_GEMM=aten gives the same products; bad XT_GEMM and XT_CPU_CACHE_MB are named', () => {
     const script = [
       "const tf = await import('@tensorflow/tfjs-core');",
       "const { registerTorchBackend } = await import('./src/backend/torch/register.ts');",
@@ -272,9 +272,9 @@ describe('torch matrix products', () => {
       'const b = tf.randomNormal([50, 30], 0, 1, "float32", 2);',
       'console.log(JSON.stringify({ gemm: r.gemm, y: Array.from(tf.matMul(a, b).dataSync()) }));',
     ].join('\n');
-    const run = (gemm: string): { gemm?: string; y?: number[]; reason?: string } => {
+    const run = (gemm: string, cacheMb = '64'): { gemm?: string; y?: number[]; reason?: string } => {
       const p = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
-        env: { ...process.env, XT_GEMM: gemm },
+        env: { ...process.env, XT_GEMM: gemm, XT_CPU_CACHE_MB: cacheMb },
         encoding: 'utf8',
       });
       expect(p.status, p.stderr).toBe(0);
@@ -286,6 +286,9 @@ describe('torch matrix products', () => {
     expect(auto.y!.length).toBe(3 * 40 * 30);
     auto.y!.forEach((v, i) => expect(Math.abs(v - aten.y![i]!)).toBeLessThan(1e-4 * (1 + Math.abs(v))));
     expect(run('blas').reason).toMatch(/XT_GEMM: expected auto, dnnl or aten, got "blas"/);
+    expect(run('auto', '-3').reason).toMatch(/XT_CPU_CACHE_MB: expected a non-negative integer, got "-3"/);
+    const noCache = run('auto', '0');
+    noCache.y!.forEach((v, i) => expect(v).toBe(auto.y![i]));
   });
 });
 
@@ -388,6 +391,29 @@ describe('torch backend memory', () => {
     expect(N.count()).toBe(before);
     const rss3 = process.memoryUsage().rss;
     expect(rss2 - rss3).toBeGreaterThan(200 * 2 ** 20);
+  });
+
+  it('keeps freed CPU blocks for reuse, within XT_CPU_CACHE_MB', async () => {
+    await tf.setBackend('torch');
+    const N = loadAddon();
+    const { limitBytes } = N.cpuCache();
+    expect(limitBytes).toBe(Number(process.env.XT_CPU_CACHE_MB ?? 64) * 2 ** 20);
+    // a freed 1 MiB block is kept, and the next tensor of that size takes it back
+    const a = tf.fill([256, 1024], 2);
+    const before = N.cpuCache().cachedBytes;
+    a.dispose();
+    const kept = N.cpuCache().cachedBytes - before;
+    expect(kept).toBeGreaterThanOrEqual(2 ** 20);
+    expect(kept).toBeLessThanOrEqual(2 ** 20 * 1.125 + 4096);
+    const b = tf.fill([256, 1024], 3); // the reused block holds the new values
+    expect(N.cpuCache().cachedBytes).toBe(before);
+    expect(Array.from(b.dataSync().subarray(0, 3))).toEqual([3, 3, 3]);
+    b.dispose();
+    // many distinct sizes freed at once: the cache stays within its bound
+    const many = Array.from({ length: 120 }, (_, k) => tf.fill([256 + 8 * k, 1024], k));
+    tf.dispose(many);
+    expect(N.cpuCache().cachedBytes).toBeLessThanOrEqual(limitBytes);
+    expect(N.cpuCache().cachedBytes).toBeGreaterThan(limitBytes / 2);
   });
 
   it('keeps RSS and tensor counts flat over 10,000 small ops', async () => {

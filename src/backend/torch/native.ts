@@ -22,6 +22,8 @@ export interface TorchAddon {
   toData(id: number): Float32Array | Int32Array | Uint8Array;
   free(id: number): void;
   count(): number;
+  /** freed CPU blocks kept for reuse, and the bound on them (XT_CPU_CACHE_MB) */
+  cpuCache(): { cachedBytes: number; limitBytes: number };
   bytes(): number;
   storageUseCount(id: number): number;
   storages(): Array<[number, string]>;
