@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { createRequire } from 'node:module';
 import path from 'node:path';
+import type { RegisterResult } from './torch/register.js';
 
 /** The TF.js backends this library can run on, in the order they are tried. */
 export const BACKENDS = ['torch', 'tensorflow', 'wasm', 'cpu'] as const;
@@ -19,10 +20,7 @@ let pending: Promise<BackendInfo> | null = null;
 
 async function tryTorch(): Promise<BackendInfo | string> {
   try {
-    const mod = (await import('./torch/register.js')) as {
-      registerTorchBackend: () =>
-        { ok: true; device: string; threads: number; gemm: string } | { ok: false; reason: string };
-    };
+    const mod = (await import('./torch/register.js')) as { registerTorchBackend: () => RegisterResult };
     const r = mod.registerTorchBackend();
     if (!r.ok) return r.reason;
     await tf.setBackend('torch');

@@ -3,7 +3,8 @@
  * XT_NUM_THREADS (default: all cores) sets LibTorch's intra-op threads; XT_DEVICE=cpu|cuda picks
  * the device (cuda only when LibTorch has it). XT_GEMM=auto|dnnl|aten picks what runs CPU float32
  * matrix products: oneDNN's sgemm when the process has libdnnl (auto, the default; dnnl requires
- * it), or ATen's matmul over LibTorch's own BLAS.
+ * it), or ATen's matmul over LibTorch's own BLAS. XT_CPU_CACHE_MB (default 64) bounds the freed
+ * CPU blocks the addon keeps for reuse.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-cpu';
