@@ -1,3 +1,4 @@
+import { UnrecoverableError } from 'bullmq';
 import type { Registry } from '../models/registry.js';
 import type { Storage } from '../models/storage.js';
 import type { ServiceMetrics } from './metrics.js';
@@ -26,4 +27,23 @@ export interface WorkerContext {
 /** Yields to the event loop so timers (lock renewal, heartbeats) and I/O run between steps. */
 export function yieldToLoop(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
+}
+
+/**
+ * Records a job that failed for good: logs it, marks the job failed with a `failed` event (unless
+ * its state already moved on), and returns the error BullMQ should see (never retried).
+ */
+export async function recordFailure(
+  ctx: WorkerContext,
+  jobId: string,
+  what: string,
+  e: unknown,
+  observe: (state: string) => void,
+): Promise<UnrecoverableError> {
+  const message = (e as Error).message;
+  ctx.log.error({ jobId, err: message }, `${what} failed`);
+  const applied = await ctx.registry.updateJob(jobId, { state: 'failed', error: message });
+  if (applied) await ctx.registry.appendEvent(jobId, 'failed', { error: message });
+  observe('failed');
+  return e instanceof UnrecoverableError ? e : new UnrecoverableError(message);
 }

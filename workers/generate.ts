@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { UnrecoverableError, type Job } from 'bullmq';
 import type { StreamOptions } from './engine.js';
-import type { WorkerContext } from './context.js';
+import { recordFailure, type WorkerContext } from './context.js';
 import type { GenerateJobData } from './queues.js';
 
 export interface GenerateJobResult {
@@ -54,7 +54,7 @@ export async function processGenerate(
   bullSignal?: AbortSignal,
 ): Promise<GenerateJobResult | { cancelled: true }> {
   const d = job.data;
-  const { registry, log } = ctx;
+  const { registry } = ctx;
   const started = Date.now();
   const ac = new AbortController();
   ctx.running.set(d.jobId, ac);
@@ -144,12 +144,7 @@ export async function processGenerate(
     observe('completed');
     return result;
   } catch (e) {
-    const message = (e as Error).message;
-    log.error({ jobId: d.jobId, err: message }, 'generation failed');
-    const applied = await registry.updateJob(d.jobId, { state: 'failed', error: message });
-    if (applied) await registry.appendEvent(d.jobId, 'failed', { error: message });
-    observe('failed');
-    throw e instanceof UnrecoverableError ? e : new UnrecoverableError(message);
+    throw await recordFailure(ctx, d.jobId, 'generation', e, observe);
   } finally {
     ctx.running.delete(d.jobId);
     if (loaded) ctx.cache.release(loaded);

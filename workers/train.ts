@@ -10,7 +10,7 @@ import {
   trainerClass,
   type TrainerLike,
 } from './engine.js';
-import { yieldToLoop, type WorkerContext } from './context.js';
+import { recordFailure, yieldToLoop, type WorkerContext } from './context.js';
 import type { TrainJobData } from './queues.js';
 
 /** Result of a finished training job. */
@@ -191,12 +191,7 @@ export async function processTrain(
     return result;
   } catch (e) {
     if (e instanceof WaitingError) throw e;
-    const message = (e as Error).message;
-    log.error({ jobId: d.jobId, err: message }, 'training failed');
-    const applied = await registry.updateJob(d.jobId, { state: 'failed', error: message });
-    if (applied) await registry.appendEvent(d.jobId, 'failed', { error: message });
-    observe('failed');
-    throw e instanceof UnrecoverableError ? e : new UnrecoverableError(message);
+    throw await recordFailure(ctx, d.jobId, 'training', e, observe);
   } finally {
     ctx.running.delete(d.jobId);
     trainer?.dispose();
