@@ -1091,15 +1091,24 @@ at::Tensor attnScores(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return s;
 }
 
+// The arguments shared by the attention kernels, from position `at`: q, k, v, mask id (-1: none),
+// scale, causal.
+struct AttnArgs {
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  const at::Tensor* mask;
+  double scale;
+  bool causal;
+};
+
+AttnArgs attnArgs(const Napi::CallbackInfo& info, size_t at) {
+  const at::Tensor* mask = num(info, at + 3) >= 0 ? &get(info[at + 3]) : nullptr;
+  return {get(info[at]), get(info[at + 1]), get(info[at + 2]), mask, dbl(info, at + 4), flag(info, at + 5)};
+}
+
 XT_FN(Attention) {
-  const at::Tensor& q = get(info[0]);
-  const at::Tensor& k = get(info[1]);
-  const at::Tensor& v = get(info[2]);
-  int32_t mid = num(info, 3);
-  const at::Tensor* mask = nullptr;
-  if (mid >= 0) mask = &get(info[3]);
-  double scale = dbl(info, 4);
-  bool causal = flag(info, 5);
+  auto [q, k, v, mask, scale, causal] = attnArgs(info, 0);
 #if defined(XT_HAS_SDPA) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1))
   // same numbers where the semantics coincide: no mask, and causal only for square scores
   if (!mask && (!causal || q.size(-2) == k.size(-2)))
@@ -1114,14 +1123,7 @@ XT_FN(Attention) {
 
 XT_FN(AttentionGrad) {
   const at::Tensor& dyIn = get(info[0]);
-  const at::Tensor& q = get(info[1]);
-  const at::Tensor& k = get(info[2]);
-  const at::Tensor& v = get(info[3]);
-  int32_t mid = num(info, 4);
-  const at::Tensor* mask = nullptr;
-  if (mid >= 0) mask = &get(info[4]);
-  double scale = dbl(info, 5);
-  bool causal = flag(info, 6);
+  auto [q, k, v, mask, scale, causal] = attnArgs(info, 1);
   auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
   at::Tensor dy = dyIn;
   if (mask) dy = dyIn.masked_fill(at::logical_not(mask->any(-1, true)), 0);
