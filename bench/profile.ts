@@ -1,6 +1,6 @@
 /**
  * Per-kernel profile of one training step and one cached generation on the chosen backend:
- *   npx tsx bench/profile.ts [--backend torch] [--threads 1] [--steps 2]
+ *   npx tsx bench/profile.ts [--backend torch] [--threads 1] [--steps 2] [--vocab 256]
  * Prints kernels by total time (calls, ms) and which ran on the cpu fallback.
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -21,6 +21,7 @@ const { TransformerWrapper } = await import('../src/wrappers/transformer-wrapper
 const { Decoder } = await import('../src/layers/attention-layers.js');
 const { AutoregressiveWrapper } = await import('../src/generation/autoregressive-wrapper.js');
 const { AdamW } = await import('../src/train/optimizer.js');
+const { variableGradsLean } = await import('../src/train/backprop.js');
 
 const stats = new Map<string, { n: number; ms: number }>();
 for (const cfg of tf.getKernelsForBackend(backendName)) {
@@ -36,8 +37,9 @@ for (const cfg of tf.getKernelsForBackend(backendName)) {
   };
 }
 
+const vocab = Number(opt('--vocab', '256'));
 const net = new TransformerWrapper({
-  numTokens: 256,
+  numTokens: vocab,
   maxSeqLen: 256,
   attnLayers: new Decoder({
     dim: 256,
@@ -53,7 +55,7 @@ const params = model.namedParameters();
 const adam = new AdamW(params, { learningRate: 3e-4, weightDecay: 0 });
 const vars = params.map(([, v]) => v);
 const names = new Map(params.map(([n, v]) => [v.name, n]));
-const x = tf.randomUniformInt([4, 257], 0, 256, { seed: 1 } as never) as tf.Tensor;
+const x = tf.randomUniformInt([4, 257], 0, vocab, { seed: 1 } as never) as tf.Tensor;
 
 function report(title: string, wall: number): void {
   const rows = [...stats.entries()].sort((a, b) => b[1].ms - a[1].ms);
@@ -69,7 +71,7 @@ model.train();
 for (let s = 0; s < steps; s++) {
   stats.clear();
   const t = performance.now();
-  const { value, grads } = tf.variableGrads(() => model.forward(x) as tf.Scalar, vars);
+  const { value, grads } = variableGradsLean(() => model.forward(x) as tf.Scalar, vars);
   value.dataSync();
   const named: Record<string, tf.Tensor> = {};
   for (const [k, g] of Object.entries(grads)) named[names.get(k) ?? k] = g;

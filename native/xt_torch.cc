@@ -1231,6 +1231,195 @@ XT_FN(Rotary) {
   return idv(info, y);
 }
 
+// ---------------------------------------------------------------------------------------------
+// training pieces: cross-entropy with its backward, the AdamW update, seeded random fills
+
+// logits: [N, C] float32, target: [N] int32 -> [losses [N] (0 where target == ignoreIndex),
+// logp [N, C] (kept by the caller for the backward pass)].
+XT_FN(CrossEntropy) {
+  const at::Tensor& logits = get(info[0]);
+  const at::Tensor& target = get(info[1]);
+  int64_t ignore = static_cast<int64_t>(dbl(info, 2));
+  if (logits.dim() != 2 || target.dim() != 1 || target.size(0) != logits.size(0))
+    throw std::runtime_error("crossEntropy: expected logits [N, C] and target [N]");
+  at::Tensor logp = at::log_softmax(logits, 1);
+  at::Tensor t = target.to(at::kLong);
+  at::Tensor valid = t.ne(ignore);
+  at::Tensor safe = at::where(valid, t, at::zeros({}, t.options()));
+  int64_t c = logits.size(1);
+  if (safe.numel() > 0 && (safe.min().item<int64_t>() < 0 || safe.max().item<int64_t>() >= c))
+    throw std::runtime_error("crossEntropy: target ids must be in [0, " + std::to_string(c) + ") or ignoreIndex");
+  at::Tensor picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1);
+  at::Tensor losses = at::where(valid, picked.neg(), at::zeros({}, picked.options()));
+  return idList(info, {losses, logp});
+}
+
+// dy: [N] (gradient of the per-row losses), logp: [N, C], target: [N] int32 ->
+// dlogits = (exp(logp) - onehot(target)) * dy[:, None], zero on ignored rows.
+XT_FN(CrossEntropyGrad) {
+  const at::Tensor& dy = get(info[0]);
+  const at::Tensor& logp = get(info[1]);
+  const at::Tensor& target = get(info[2]);
+  int64_t ignore = static_cast<int64_t>(dbl(info, 3));
+  at::Tensor t = target.to(at::kLong);
+  at::Tensor valid = t.ne(ignore);
+  at::Tensor scale = at::where(valid, dy, at::zeros({}, dy.options())).unsqueeze(1);
+  at::Tensor safe = at::where(valid, t, at::zeros({}, t.options())).unsqueeze(1);
+  at::Tensor g = at::exp(logp);
+  g.mul_(scale);
+  g.scatter_add_(1, safe, scale.neg());
+  return idv(info, g);
+}
+
+// One AdamW step over many parameters, in one pass over each parameter's memory.
+// args: params, grads, m, v (id lists), decay (0/1 list), exclusive (0/1 list: JavaScript holds
+// p, m and v nowhere else), beta1, beta2, eps, stepSize, sqrtBc2, decayFactor -> [p', m', v', ...]
+// per parameter, each step rounded to float32 as TF.js's ops would:
+//   m' = m b1 + g (1 - b1);  v' = v b2 + g^2 (1 - b2);  base = decay ? p decayFactor : p
+//   p' = base - (m' / (sqrt(v') / sqrtBc2 + eps)) stepSize
+// An exclusive parameter whose p, m and v own their storage alone is updated in place (as torch's
+// optimizers do), and its three ids come back as -1; any other gets new tensors.
+XT_FN(AdamW) {
+  auto ps = tensorList(info[0]);
+  auto gs = tensorList(info[1]);
+  auto ms = tensorList(info[2]);
+  auto vs = tensorList(info[3]);
+  auto decay = ints(info[4]);
+  auto exclusive = ints(info[5]);
+  const float b1 = static_cast<float>(dbl(info, 6)), b2 = static_cast<float>(dbl(info, 7));
+  const float omb1 = static_cast<float>(1.0 - dbl(info, 6)), omb2 = static_cast<float>(1.0 - dbl(info, 7));
+  const float eps = static_cast<float>(dbl(info, 8)), step = static_cast<float>(dbl(info, 9));
+  const float sbc2 = static_cast<float>(dbl(info, 10)), dfac = static_cast<float>(dbl(info, 11));
+  size_t n = ps.size();
+  if (gs.size() != n || ms.size() != n || vs.size() != n || decay.size() != n || exclusive.size() != n)
+    throw std::runtime_error("adamW: expected as many grads, moments and flags as params");
+  auto env = info.Env();
+  auto result = Napi::Array::New(env, 3 * n);
+  auto owned = [](const at::Tensor& t) {
+    return t.is_contiguous() && t.storage().use_count() == 1 && t.storage_offset() == 0;
+  };
+  for (size_t i = 0; i < n; i++) {
+    const at::Tensor &p = ps[i], &g = gs[i], &m = ms[i], &v = vs[i];
+    if (!p.sizes().equals(g.sizes()) || !p.sizes().equals(m.sizes()) || !p.sizes().equals(v.sizes()))
+      throw std::runtime_error("adamW: parameter " + std::to_string(i) + " has mismatched shapes");
+    bool cpu = p.device().is_cpu() && p.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat &&
+               m.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && g.device().is_cpu() &&
+               m.device().is_cpu() && v.device().is_cpu();
+    if (!cpu) {
+      auto m2 = m * b1 + g * omb1;
+      auto v2 = v * b2 + g.square() * omb2;
+      auto base = decay[i] ? p * dfac : p;
+      auto p2 = base - (m2 / (v2.sqrt() / sbc2 + eps)) * step;
+      result.Set(3 * i, Napi::Number::New(env, store(p2)));
+      result.Set(3 * i + 1, Napi::Number::New(env, store(m2)));
+      result.Set(3 * i + 2, Napi::Number::New(env, store(v2)));
+      continue;
+    }
+    bool inplace = exclusive[i] && owned(p) && owned(m) && owned(v) && p.storage().data() != m.storage().data() &&
+                   p.storage().data() != v.storage().data() && m.storage().data() != v.storage().data();
+    at::Tensor gc = g.contiguous();
+    at::Tensor p2 = p, m2 = m, v2 = v, pc = p, mc = m, vc = v;
+    if (!inplace) {
+      pc = p.contiguous();
+      mc = m.contiguous();
+      vc = v.contiguous();
+      p2 = at::empty_like(pc);
+      m2 = at::empty_like(mc);
+      v2 = at::empty_like(vc);
+    } else {
+      g_rhsCache.erase(p.unsafeGetTensorImpl());  // a dense copy of the old weights is stale now
+    }
+    const float *pp = pc.data_ptr<float>(), *pg = gc.data_ptr<float>(), *pm = mc.data_ptr<float>(),
+                *pv = vc.data_ptr<float>();
+    float *op = p2.data_ptr<float>(), *om = m2.data_ptr<float>(), *ov = v2.data_ptr<float>();
+    bool dec = decay[i] != 0;
+    at::parallel_for(0, pc.numel(), 16384, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; j++) {
+        float gj = pg[j];
+        float mj = pm[j] * b1 + gj * omb1;
+        float g2 = gj * gj;
+        float vj = pv[j] * b2 + g2 * omb2;
+        float base = dec ? pp[j] * dfac : pp[j];
+        float denom = std::sqrt(vj) / sbc2 + eps;
+        float upd = (mj / denom) * step;
+        op[j] = base - upd;
+        om[j] = mj;
+        ov[j] = vj;
+      }
+    });
+    if (inplace) {
+      for (uint32_t k = 0; k < 3; k++) result.Set(3 * i + k, Napi::Number::New(env, -1));
+    } else {
+      result.Set(3 * i, Napi::Number::New(env, store(p2)));
+      result.Set(3 * i + 1, Napi::Number::New(env, store(m2)));
+      result.Set(3 * i + 2, Napi::Number::New(env, store(v2)));
+    }
+  }
+  return result;
+}
+
+// The library's generator (xoshiro128**, seeded state of four 32-bit words) filling a float32
+// tensor with the exact stream the JavaScript `Rng` would draw: kind 0 uniform in [a, b), kind 1
+// normal (Box-Muller, mean a, std b, keeping the spare value as the JavaScript one does).
+// state: Float64Array [s0, s1, s2, s3, hasSpare, spare], read and advanced in place.
+XT_FN(RandomFill) {
+  int kind = num(info, 0);
+  auto shape = ints(info[1]);
+  double a = dbl(info, 2), b = dbl(info, 3);
+  auto st = info[4].As<Napi::Float64Array>();
+  if (st.ElementLength() != 6) throw std::runtime_error("randomFill: expected a state of 6 numbers");
+  double* sd = st.Data();
+  uint32_t s0 = static_cast<uint32_t>(sd[0]), s1 = static_cast<uint32_t>(sd[1]), s2 = static_cast<uint32_t>(sd[2]),
+           s3 = static_cast<uint32_t>(sd[3]);
+  bool hasSpare = sd[4] != 0;
+  double spare = sd[5];
+  auto rotl = [](uint32_t x, int k) { return (x << k) | (x >> (32 - k)); };
+  auto next = [&]() {
+    uint32_t r = rotl(s1 * 5u, 7) * 9u;
+    uint32_t t = s1 << 9;
+    s2 ^= s0;
+    s3 ^= s1;
+    s1 ^= s2;
+    s0 ^= s3;
+    s2 ^= t;
+    s3 = rotl(s3, 11);
+    return r;
+  };
+  auto unit = [&]() { return static_cast<double>(next()) / 4294967296.0; };
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(at::kFloat));
+  float* out = t.data_ptr<float>();
+  int64_t n = t.numel();
+  if (kind == 0) {
+    for (int64_t i = 0; i < n; i++) out[i] = static_cast<float>(a + (b - a) * unit());
+  } else if (kind == 1) {
+    const double twoPi = 2 * M_PI;
+    for (int64_t i = 0; i < n; i++) {
+      if (hasSpare) {
+        hasSpare = false;
+        out[i] = static_cast<float>(a + b * spare);
+        continue;
+      }
+      double u = 0;
+      while (u == 0) u = unit();
+      double v = unit();
+      double r = std::sqrt(-2 * std::log(u));
+      spare = r * std::sin(twoPi * v);
+      hasSpare = true;
+      out[i] = static_cast<float>(a + b * r * std::cos(twoPi * v));
+    }
+  } else {
+    throw std::runtime_error("randomFill: unknown kind " + std::to_string(kind));
+  }
+  sd[0] = s0;
+  sd[1] = s1;
+  sd[2] = s2;
+  sd[3] = s3;
+  sd[4] = hasSpare ? 1 : 0;
+  sd[5] = hasSpare ? spare : 0;
+  if (!g_device.is_cpu()) t = t.to(g_device);
+  return idv(info, t);
+}
+
 XT_FN(HasSdpa) {
 #ifdef XT_HAS_SDPA
   return Napi::Boolean::New(info.Env(), true);
@@ -1293,6 +1482,10 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("attention", Attention);
   X("attentionGrad", AttentionGrad);
   X("hasSdpa", HasSdpa);
+  X("crossEntropy", CrossEntropy);
+  X("crossEntropyGrad", CrossEntropyGrad);
+  X("adamW", AdamW);
+  X("randomFill", RandomFill);
 #undef X
   return exports;
 }

@@ -75,11 +75,8 @@ export type {
   TransformerForwardOptions,
   TransformerState,
 } from './wrappers/transformer-wrapper.js';
-export {
-  AutoregressiveWrapper,
-  autoregressiveWrapperDefaults,
-  crossEntropy,
-} from './generation/autoregressive-wrapper.js';
+export { AutoregressiveWrapper, autoregressiveWrapperDefaults } from './generation/autoregressive-wrapper.js';
+export { crossEntropy, crossEntropyRows } from './nn/losses.js';
 export type {
   AutoregressiveWrapperOptions,
   AutoregressiveForwardOptions,

@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { getRng, type Rng } from '../utils/random.js';
+import { uniformTensor } from '../nn/init.js';
 
 /**
  * Tensor helpers of the attention code. None of them dispose their inputs; callers run them
@@ -87,7 +88,7 @@ export function causalKeep(i: number, j: number): tf.Tensor2D {
 export function dropoutSeeded(x: tf.Tensor, p: number, training: boolean, rng: Rng = getRng()): tf.Tensor {
   if (!training || p <= 0) return x;
   if (p >= 1) return tf.zerosLike(x);
-  const u = tf.tensor(rng.fillUniform(x.size, 0, 1), x.shape, 'float32');
+  const u = uniformTensor(rng, x.shape, 0, 1);
   const keep = tf.cast(tf.greaterEqual(u, p), x.dtype);
   return tf.div(tf.mul(x, keep), 1 - p);
 }

@@ -4,7 +4,10 @@ import type { TransformerWrapper, TransformerForwardOptions } from '../wrappers/
 import { checkTensor } from '../utils/errors.js';
 import { getRng, type Rng } from '../utils/random.js';
 import { ensureGradients } from '../train/gradients.js';
+import { crossEntropy } from '../nn/losses.js';
 import { decode, decodeStream, type GenerateOptions, type GenerateStep, type Prompts } from './generate.js';
+
+export { crossEntropy } from '../nn/losses.js';
 
 // gradients for the loss (TF.js's Node build leaves them out; see ensureGradients)
 await ensureGradients();
@@ -121,24 +124,6 @@ export class AutoregressiveWrapper extends Module {
   ): AsyncGenerator<GenerateStep, void, undefined> {
     return decodeStream(this.net, prompts, seqLen, options, this.padValue);
   }
-}
-
-/**
- * Mean cross-entropy, as torch's F.cross_entropy with ignore_index (NaN when every target is ignored).
- * logits: [b, n, c], target: [b, n] int32 -> scalar.
- */
-export function crossEntropy(logits: tf.Tensor, target: tf.Tensor, ignoreIndex = -100): tf.Scalar {
-  return tf.tidy(() => {
-    const c = logits.shape[logits.rank - 1]!;
-    const flat = tf.reshape(logits, [-1, c]);
-    const t = tf.reshape(target, [-1]);
-    const valid = tf.notEqual(t, ignoreIndex);
-    const safe = tf.where(valid, t, tf.zerosLike(t));
-    const logp = tf.logSoftmax(flat, -1);
-    const picked = tf.sum(tf.mul(logp, tf.oneHot(safe, c)), -1);
-    const w = tf.cast(valid, 'float32');
-    return tf.div(tf.neg(tf.sum(tf.mul(picked, w))), tf.sum(w)) as tf.Scalar;
-  });
 }
 
 /**

@@ -8,6 +8,7 @@ import { Module } from '../nn/module.js';
 import { checkTensor } from '../utils/errors.js';
 import { Rng } from '../utils/random.js';
 import { ensureGradients } from '../train/gradients.js';
+import { crossEntropyRows } from '../nn/losses.js';
 import { resolveFilter, topK, type FilterFn, type FilterKwargs, type FilterName } from './filters.js';
 import { checkTemperature, sampleNext } from './sampling.js';
 
@@ -89,7 +90,6 @@ export class XValAutoregressiveWrapper extends Module {
     const n = seq - 1;
     const { ignoreIndex, numericalLossWeight } = this.options;
     const numId = this.net.options.numericalTokenId;
-    const V = this.net.options.numTokens;
     let mask = opts.mask;
     if (mask) {
       checkTensor('mask', mask, { rank: 2, dtype: 'bool' });
@@ -107,9 +107,7 @@ export class XValAutoregressiveWrapper extends Module {
       if (mask) targetMask = tf.logicalAnd(targetMask, mask);
       const { logits, numerical } = this.net.forward(inp, numInp, mask ? { mask } : {});
       // per-position cross-entropy (0 where ignored)
-      const safe = tf.where(tf.notEqual(target, ignoreIndex), target, tf.zerosLike(target));
-      const logp = tf.logSoftmax(logits, -1);
-      const ce = tf.neg(tf.sum(tf.mul(logp, tf.oneHot(safe, V)), -1)); // [b, n]
+      const ce = crossEntropyRows(logits, target, ignoreIndex); // [b, n]
       const isNum = tf.equal(target, numId);
       numTarget = tf.where(isNum, numTarget, tf.zerosLike(numTarget));
       const tm = tf.cast(targetMask, 'float32');

@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { Module } from './module.js';
 import { getRng, type Rng } from '../utils/random.js';
 import { l2norm } from './functional.js';
+import { normalTensor } from './init.js';
 
 /** A lookup table `weight` [numEmbeddings, dim], initialised N(0, std) (torch default std 1). */
 export class Embedding extends Module {
@@ -19,7 +20,7 @@ export class Embedding extends Module {
     const rng = options.rng ?? getRng();
     this.weight = this.registerParameter(
       'weight',
-      tf.tensor2d(rng.fillNormal(numEmbeddings * dim, 0, options.std ?? 1), [numEmbeddings, dim]),
+      normalTensor(rng, [numEmbeddings, dim], 0, options.std ?? 1),
     );
   }
 

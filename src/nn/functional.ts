@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { getRng, type Rng } from '../utils/random.js';
 import { fusedGelu } from './fused.js';
+import { uniformTensor } from './init.js';
 
 /**
  * Small tensor helpers shared by the building blocks. None of them dispose their inputs; callers
@@ -34,6 +35,23 @@ const geluFn = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
       }),
   };
 }) as (x: tf.Tensor) => tf.Tensor;
+
+/**
+ * x broadcast to `shape` (numpy rules). On a backend with a BroadcastTo kernel (torch: a view, no
+ * copy) it runs that; tf.broadcastTo itself always runs Tile, which copies.
+ */
+export function broadcastView(x: tf.Tensor, shape: number[]): tf.Tensor {
+  const backend = tf.getBackend();
+  if (x.rank > shape.length || !backend || !tf.getKernel('BroadcastTo', backend))
+    return tf.broadcastTo(x, shape);
+  if (tf.util.arraysEqual(x.shape, shape)) return tf.clone(x);
+  const lead = shape.length - x.rank;
+  x.shape.forEach((d, i) => {
+    if (d !== 1 && d !== shape[lead + i])
+      throw new Error(`broadcastView: [${x.shape}] cannot be broadcast to [${shape}]`);
+  });
+  return tf.engine().runKernel('BroadcastTo', { x }, { shape, inputShape: x.shape }) as tf.Tensor;
+}
 
 /** Exact (erf) GELU, as torch's nn.GELU(). x: any shape (float32). */
 export function gelu(x: tf.Tensor): tf.Tensor {
@@ -73,10 +91,7 @@ export function dropout(x: tf.Tensor, p: number, training: boolean, rng: Rng = g
   if (!training || p <= 0) return x;
   if (p >= 1) return tf.zerosLike(x);
   const keep = tf.tidy(() =>
-    tf.div(
-      tf.cast(tf.greaterEqual(tf.randomUniform(x.shape, 0, 1, 'float32', rng.nextUint32()), p), 'float32'),
-      1 - p,
-    ),
+    tf.div(tf.cast(tf.greaterEqual(uniformTensor(rng.fork(), x.shape, 0, 1), p), 'float32'), 1 - p),
   );
   const out = tf.mul(x, keep);
   keep.dispose();

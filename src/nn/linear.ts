@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module } from './module.js';
 import { getRng, type Rng } from '../utils/random.js';
+import { uniformTensor } from './init.js';
 
 /** Options of `Linear`. */
 export interface LinearOptions {
@@ -32,10 +33,10 @@ export class Linear extends Module {
     const bound = 1 / Math.sqrt(inFeatures);
     this.weight = this.registerParameter(
       'weight',
-      tf.tensor2d(rng.fillUniform(outFeatures * inFeatures, -bound, bound), [outFeatures, inFeatures]),
+      uniformTensor(rng, [outFeatures, inFeatures], -bound, bound),
     );
     if (options.bias ?? true) {
-      this.bias = this.registerParameter('bias', tf.tensor1d(rng.fillUniform(outFeatures, -bound, bound)));
+      this.bias = this.registerParameter('bias', uniformTensor(rng, [outFeatures], -bound, bound));
     }
   }
 

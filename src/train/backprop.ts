@@ -9,6 +9,7 @@
  * expected, or when called inside another gradient computation, it falls back to `tf.variableGrads`.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { broadcastView } from '../nn/functional.js';
 
 interface TapeNode {
   id: number;
@@ -132,7 +133,16 @@ export function variableGradsLean(
       const node = filtered[i]!;
       if (!node.gradient)
         throw new Error(`Cannot compute gradient: gradient function not found for ${node.kernelName}.`);
-      const dys = node.outputs.map((o) => grad.get(o.id) ?? null);
+      // an output with no gradient gets a broadcast zero (the engine would build a JavaScript
+      // array of its size)
+      const zeros: tf.Tensor[] = [];
+      const dys = node.outputs.map((o) => {
+        const g = grad.get(o.id);
+        if (g) return g;
+        const z = tf.tidy(() => broadcastView(tf.scalar(0, o.dtype), o.shape));
+        zeros.push(z);
+        return z;
+      });
       const inputGrads = node.gradient(dys);
       for (const name in node.inputs) {
         const thunk = inputGrads[name];
@@ -152,6 +162,7 @@ export function variableGradsLean(
           if (!holders.has(dx)) dx.dispose();
         }
       }
+      tf.dispose(zeros);
       // this node's output gradients and saved tensors are not needed any more
       for (const o of node.outputs) release(o.id);
       for (const t of node.saved ?? []) t.dispose();

@@ -3,6 +3,17 @@
  * of PyTorch's `torch.optim.AdamW`, plus gradient clipping by global norm.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { backendHasKernel } from '../nn/fused.js';
+
+/**
+ * A kernel a backend may register to run the whole update as one step:
+ *   XtAdamW  inputs {p0, g0, m0, v0, p1, ...}: each parameter with its gradient and moments
+ *            attrs {decay: 0|1 per parameter, beta1, beta2, eps, stepSize, sqrtBc2, decayFactor}
+ *            outputs [p0', m0', v0', p1', ...], each step rounded to float32 as the ops of `apply`:
+ *            m' = m beta1 + g (1 - beta1); v' = v beta2 + g^2 (1 - beta2);
+ *            p' = (decay ? p decayFactor : p) - m' / (sqrt(v') / sqrtBc2 + eps) stepSize
+ */
+export const XT_ADAMW = 'XtAdamW';
 
 export interface AdamWOptions {
   learningRate: number;
@@ -89,6 +100,10 @@ export class AdamW {
     const bc2 = 1 - beta2 ** this.stepCount;
     const stepSize = learningRate / bc1;
     const sqrtBc2 = Math.sqrt(bc2);
+    if (backendHasKernel(XT_ADAMW)) {
+      this.applyFused(grads, { stepSize, sqrtBc2, decayFactor: 1 - learningRate * weightDecay });
+      return;
+    }
     for (const [name, p] of this.params) {
       const g = grads[name];
       if (!g) continue;
@@ -105,6 +120,45 @@ export class AdamW {
         p.assign(next);
       });
     }
+  }
+
+  /** `apply` as one XtAdamW kernel call over every parameter that has a gradient. */
+  private applyFused(
+    grads: Record<string, tf.Tensor>,
+    step: { stepSize: number; sqrtBc2: number; decayFactor: number },
+  ): void {
+    const { beta1, beta2, eps, weightDecay } = this.options;
+    const inputs: tf.NamedTensorMap = {};
+    const decay: number[] = [];
+    const updated: [tf.Variable, Slot][] = [];
+    for (const [name, p] of this.params) {
+      const g = grads[name];
+      if (!g) continue;
+      if (!tf.util.arraysEqual(g.shape, p.shape))
+        throw new Error(`grads.${name}: expected shape [${p.shape}], got [${g.shape}]`);
+      const s = this.slot(name, p);
+      const k = updated.length;
+      inputs[`p${k}`] = p;
+      inputs[`g${k}`] = g;
+      inputs[`m${k}`] = s.m;
+      inputs[`v${k}`] = s.v;
+      decay.push(weightDecay > 0 && this.decays(name) ? 1 : 0);
+      updated.push([p, s]);
+    }
+    if (updated.length === 0) return;
+    const out = tf.engine().runKernel(XT_ADAMW, inputs, {
+      decay,
+      beta1,
+      beta2,
+      eps,
+      ...step,
+    } as unknown as tf.NamedAttrMap) as tf.Tensor[];
+    updated.forEach(([p, s], k) => {
+      p.assign(out[3 * k]!);
+      s.m.assign(out[3 * k + 1]!);
+      s.v.assign(out[3 * k + 2]!);
+    });
+    tf.dispose(out);
   }
 
   /** Moments by name (`m.<param>`, `v.<param>`): the module's own tensors, do not dispose. */

@@ -453,6 +453,65 @@ const IMPLS: Record<string, Impl> = {
   XtGeluGrad: (b, i) => b.out(b.N.geluGrad(b.id(inp(i, 'dy')), b.id(inp(i, 'x')))),
   XtRotary: (b, i, a) =>
     b.out(b.N.rotary(b.id(inp(i, 'x')), b.id(inp(i, 'cos')), b.id(inp(i, 'sin')), Boolean(a.transpose))),
+  XtCrossEntropy: (b, i, a) => {
+    const logits = inp(i, 'logits');
+    const [n, c] = logits.shape as [number, number];
+    const [losses, logp] = b.N.crossEntropy(b.id(logits), b.id(inp(i, 'target')), a.ignoreIndex as number);
+    return [b.outAs(losses!, [n], 'float32'), b.outAs(logp!, [n, c], 'float32')];
+  },
+  XtCrossEntropyGrad: (b, i, a) => {
+    const logp = inp(i, 'logp');
+    return b.outAs(
+      b.N.crossEntropyGrad(b.id(inp(i, 'dy')), b.id(logp), b.id(inp(i, 'target')), a.ignoreIndex as number),
+      logp.shape.slice(),
+      'float32',
+    );
+  },
+  XtAdamW: (b, i, a) => {
+    const named = i as Record<string, TensorInfo>;
+    const count = (a.decay as number[]).length;
+    const t = (k: string, j: number): TensorInfo => inp(named, `${k}${j}`);
+    const ids = (k: string): number[] => Array.from({ length: count }, (_, j) => b.id(t(k, j)));
+    // p, m and v may be updated in place when nothing else in JavaScript holds their data
+    const exclusive = Array.from({ length: count }, (_, j) =>
+      ['p', 'm', 'v'].every((k) => b.refCount(t(k, j).dataId) === 1) ? 1 : 0,
+    );
+    const out = b.N.adamW(
+      ids('p'),
+      ids('g'),
+      ids('m'),
+      ids('v'),
+      a.decay as number[],
+      exclusive,
+      a.beta1 as number,
+      a.beta2 as number,
+      a.eps as number,
+      a.stepSize as number,
+      a.sqrtBc2 as number,
+      a.decayFactor as number,
+    );
+    return out.map((id, k) => {
+      const src = t(['p', 'm', 'v'][k % 3]!, Math.floor(k / 3));
+      if (id >= 0) return b.outAs(id, src.shape.slice(), 'float32');
+      // updated in place: the same data, one more reference (as Identity)
+      b.incRef(src.dataId);
+      return { dataId: src.dataId, shape: src.shape.slice(), dtype: src.dtype };
+    });
+  },
+  XtRandomFill: (b, _i, a) => {
+    const shape = (a.shape as number[]).slice();
+    return b.outAs(
+      b.N.randomFill(
+        a.kind as number,
+        shape,
+        a.a as number,
+        a.b as number,
+        a.state as unknown as Float64Array,
+      ),
+      shape,
+      'float32',
+    );
+  },
   XtAttentionGrad: (b, i, a) => {
     const mask = (i as Record<string, TensorInfo | null | undefined>).mask;
     const q = inp(i, 'q');

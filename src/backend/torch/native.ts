@@ -86,6 +86,26 @@ export interface TorchAddon {
     causal: boolean,
   ): Ids;
   hasSdpa(): boolean;
+  /** logits [N, C], target [N] int32 -> [losses [N], logp [N, C]] */
+  crossEntropy(logits: number, target: number, ignoreIndex: number): Ids;
+  crossEntropyGrad(dy: number, logp: number, target: number, ignoreIndex: number): number;
+  /** one AdamW step over many parameters -> [p', m', v'] per parameter (-1: updated in place) */
+  adamW(
+    params: Ids,
+    grads: Ids,
+    m: Ids,
+    v: Ids,
+    decay: Ints,
+    exclusive: Ints,
+    beta1: number,
+    beta2: number,
+    eps: number,
+    stepSize: number,
+    sqrtBc2: number,
+    decayFactor: number,
+  ): Ids;
+  /** kind 0 uniform [a, b), 1 normal (mean a, std b); state [s0..s3, hasSpare, spare], advanced */
+  randomFill(kind: number, shape: Ints, a: number, b: number, state: Float64Array): number;
 }
 
 /** Where the addon is built: build/Release/xt_torch.node at the package root. */
