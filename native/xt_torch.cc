@@ -1420,6 +1420,40 @@ XT_FN(RandomFill) {
   return idv(info, t);
 }
 
+// One categorical draw per row, walking the cumulative mass in double precision exactly as the
+// library's JavaScript sampler does. probs: [b, v] float32 (rows need not sum to 1; entries <= 0
+// or NaN carry no mass), draws: b uniform numbers in [0, 1) -> int32 [b], the first index whose
+// running mass exceeds draw * total (-1 for a row with no mass).
+XT_FN(SampleRows) {
+  at::Tensor p = get(info[0]);
+  if (p.dim() != 2) throw std::runtime_error("sampleRows: expected probs [b, v]");
+  p = p.to(at::kCPU).to(at::kFloat).contiguous();
+  auto draws = info[1].As<Napi::Float64Array>();
+  int64_t b = p.size(0), v = p.size(1);
+  if (static_cast<int64_t>(draws.ElementLength()) != b) throw std::runtime_error("sampleRows: expected one draw per row");
+  at::Tensor out = at::empty({b}, at::TensorOptions().dtype(at::kInt));
+  const float* pp = p.data_ptr<float>();
+  int32_t* po = out.data_ptr<int32_t>();
+  for (int64_t i = 0; i < b; i++) {
+    const float* row = pp + i * v;
+    double total = 0;
+    for (int64_t j = 0; j < v; j++)
+      if (row[j] > 0) total += row[j];
+    double u = draws.Data()[i] * total;
+    double acc = 0;
+    int64_t pick = -1;
+    for (int64_t j = 0; j < v; j++) {
+      if (!(row[j] > 0)) continue;
+      acc += row[j];
+      pick = j;
+      if (acc > u) break;
+    }
+    po[i] = static_cast<int32_t>(pick);
+  }
+  if (!g_device.is_cpu()) out = out.to(g_device);
+  return idv(info, out);
+}
+
 XT_FN(HasSdpa) {
 #ifdef XT_HAS_SDPA
   return Napi::Boolean::New(info.Env(), true);
@@ -1486,6 +1520,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("crossEntropyGrad", CrossEntropyGrad);
   X("adamW", AdamW);
   X("randomFill", RandomFill);
+  X("sampleRows", SampleRows);
 #undef X
   return exports;
 }

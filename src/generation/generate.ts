@@ -190,7 +190,7 @@ class Decoder {
     // check the kwargs of built-in filters before decoding starts
     if (!o.amateurModel && !this.greedy && (typeof filterSpec === 'string' || BUILTIN.has(filterSpec))) {
       tf.tidy(() => {
-        this.filter(tf.zeros([1, net.numTokens]), o.filterKwargs ?? {});
+        this.filter(tf.fill([1, net.numTokens], 0), o.filterKwargs ?? {});
       });
     }
     this.rng = new Rng(o.seed ?? 0);

@@ -6,29 +6,46 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { Rng } from '../utils/random.js';
 import type { FilterFn, FilterKwargs } from './filters.js';
 
-/** Index of the largest logit per row (the first on ties, as torch.argmax). logits: [b, v]. */
+/**
+ * A kernel a backend may register to draw on its own side, so that only the picked ids are read:
+ *   XtSampleRows  inputs {probs: float32 [b, v]}, attrs {draws: Float64Array [b], uniform in [0, 1)}
+ *                 output int32 [b]: what `multinomialRows` picks for those draws (-1: no mass)
+ */
+export const XT_SAMPLE_ROWS = 'XtSampleRows';
+
+function backendHas(kernel: string): boolean {
+  const backend = tf.getBackend();
+  return backend != null && tf.getKernel(kernel, backend) != null;
+}
+
+/**
+ * Index of the largest logit per row (the first on ties, as torch.argmax). logits: [b, v]. Runs
+ * on the backend, so that only the b ids cross to JavaScript.
+ */
 export function argmaxRows(logits: tf.Tensor): number[] {
-  const [b, v] = logits.shape as [number, number];
-  const d = logits.dataSync();
-  const out: number[] = [];
-  for (let i = 0; i < b; i++) {
-    let best = 0;
-    let bv = d[i * v]!;
-    for (let j = 1; j < v; j++) {
-      const x = d[i * v + j]!;
-      if (x > bv) {
-        bv = x;
-        best = j;
-      }
-    }
-    out.push(best);
+  const ids = tf.argMax(logits, -1);
+  try {
+    return Array.from(ids.dataSync());
+  } finally {
+    ids.dispose();
   }
-  return out;
 }
 
 /** One draw per row from the categorical distributions `probs` ([b, v], rows need not sum to 1). */
 export function multinomialRows(probs: tf.Tensor, rng: Rng): number[] {
   const [b, v] = probs.shape as [number, number];
+  if (backendHas(XT_SAMPLE_ROWS)) {
+    const draws = new Float64Array(b);
+    for (let i = 0; i < b; i++) draws[i] = rng.random();
+    const ids = tf
+      .engine()
+      .runKernel(XT_SAMPLE_ROWS, { probs }, { draws } as unknown as tf.NamedAttrMap) as tf.Tensor;
+    const picked = Array.from(ids.dataSync());
+    ids.dispose();
+    if (picked.some((p) => p < 0))
+      throw new Error('sample: every token was filtered out (no probability mass left)');
+    return picked;
+  }
   const data = probs.dataSync();
   const out: number[] = [];
   for (let i = 0; i < b; i++) {

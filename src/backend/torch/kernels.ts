@@ -498,6 +498,14 @@ const IMPLS: Record<string, Impl> = {
       return { dataId: src.dataId, shape: src.shape.slice(), dtype: src.dtype };
     });
   },
+  XtSampleRows: (b, i, a) => {
+    const probs = inp(i, 'probs');
+    return b.outAs(
+      b.N.sampleRows(b.id(probs), a.draws as unknown as Float64Array),
+      [probs.shape[0]!],
+      'int32',
+    );
+  },
   XtRandomFill: (b, _i, a) => {
     const shape = (a.shape as number[]).slice();
     return b.outAs(

@@ -106,6 +106,8 @@ export interface TorchAddon {
   ): Ids;
   /** kind 0 uniform [a, b), 1 normal (mean a, std b); state [s0..s3, hasSpare, spare], advanced */
   randomFill(kind: number, shape: Ints, a: number, b: number, state: Float64Array): number;
+  /** one categorical draw per row of probs [b, v], walking the mass in double -> int32 [b] */
+  sampleRows(probs: number, draws: Float64Array): number;
 }
 
 /** Where the addon is built: build/Release/xt_torch.node at the package root. */
