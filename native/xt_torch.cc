@@ -12,12 +12,16 @@
 #include <torch/version.h>
 
 #include <dlfcn.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <sys/mman.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
 
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <cmath>
@@ -148,6 +152,7 @@ Napi::Value idList(const Napi::CallbackInfo& info, const std::vector<at::Tensor>
   Napi::Value name##_impl(const Napi::CallbackInfo& info); \
   Napi::Value name(const Napi::CallbackInfo& info) { \
     try { \
+      c10::InferenceMode noAutograd; \
       return name##_impl(info); \
     } catch (const c10::Error& e) { \
       throw Napi::Error::New(info.Env(), e.what_without_backtrace()); \
@@ -171,9 +176,13 @@ Napi::Value idList(const Napi::CallbackInfo& info, const std::vector<at::Tensor>
 using SgemmFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t,
                         float, float*, int64_t);
 SgemmFn g_sgemm = nullptr;
+// products of a few rows on the in-place kernels below (XT_SMALL_GEMV=0 turns them off)
+bool g_smallGemv = true;
 
 std::string initGemm(const std::string& mode) {
   g_sgemm = nullptr;
+  const char* small = std::getenv("XT_SMALL_GEMV");
+  g_smallGemv = !(small && std::string(small) == "0");
   if (mode == "aten") return "aten";
   void* lib = dlopen("libdnnl.so.2", RTLD_LAZY | RTLD_NOLOAD);
   if (!lib && mode == "dnnl") lib = dlopen("libdnnl.so.2", RTLD_LAZY);
@@ -201,6 +210,99 @@ bool matLayout(const at::Tensor& t, MatLayout& out) {
   }
   return false;
 }
+
+// Products with a handful of rows (decoding: one token's activations times a weight) are bound by
+// reading the weight, which sgemm packs into a buffer first; these read it once, in place, with
+// AVX2 FMA where the CPU has it. y[r, j] = sum_i a[r, i] * w(i, j), a row-major with lda.
+//   gemvT: w(i, j) = w[j * ldw + i] (the weight of a linear layer, [n, k]): a dot product per output
+//   gemvN: w(i, j) = w[i * ldw + j] (row-major [k, n]): rows of w scaled and summed
+constexpr int64_t kSmallRows = 4;
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+// output columns [j0, j1) of gemvT, in blocks of 8
+__attribute__((target("avx2,fma"))) void gemvTCols(int64_t m, int64_t j0, int64_t j1, int64_t k, const float* a,
+                                                    int64_t lda, const float* w, int64_t ldw, float* y, int64_t ldy) {
+  for (int64_t jb = j0; jb < j1; jb += 8) {
+    int64_t nj = std::min<int64_t>(8, j1 - jb);
+    for (int64_t r = 0; r < m; r++) {
+      const float* x = a + r * lda;
+      __m256 acc[8];
+      for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= k; i += 8) {
+        __m256 xv = _mm256_loadu_ps(x + i);
+        for (int q = 0; q < nj; q++) acc[q] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (jb + q) * ldw + i), xv, acc[q]);
+      }
+      for (int q = 0; q < nj; q++) {
+        float t = hsum256(acc[q]);
+        const float* wr = w + (jb + q) * ldw;
+        for (int64_t ii = i; ii < k; ii++) t += x[ii] * wr[ii];
+        y[r * ldy + jb + q] = t;
+      }
+    }
+  }
+}
+
+// output columns [j0, j1) of gemvN, in blocks of 32
+__attribute__((target("avx2,fma"))) void gemvNCols(int64_t m, int64_t j0, int64_t j1, int64_t k, const float* a,
+                                                    int64_t lda, const float* w, int64_t ldw, float* y, int64_t ldy) {
+  for (int64_t r = 0; r < m; r++) {
+    const float* x = a + r * lda;
+    for (int64_t jb = j0; jb < j1; jb += 32) {
+      int64_t nj = std::min<int64_t>(32, j1 - jb);
+      float* yr = y + r * ldy + jb;
+      if (nj == 32) {
+        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+        for (int64_t i = 0; i < k; i++) {
+          __m256 xv = _mm256_broadcast_ss(x + i);
+          const float* wr = w + i * ldw + jb;
+          c0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr), xv, c0);
+          c1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 8), xv, c1);
+          c2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 16), xv, c2);
+          c3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 24), xv, c3);
+        }
+        _mm256_storeu_ps(yr, c0);
+        _mm256_storeu_ps(yr + 8, c1);
+        _mm256_storeu_ps(yr + 16, c2);
+        _mm256_storeu_ps(yr + 24, c3);
+      } else {
+        float t[32] = {0};
+        for (int64_t i = 0; i < k; i++)
+          for (int64_t q = 0; q < nj; q++) t[q] += x[i] * w[i * ldw + jb + q];
+        for (int64_t q = 0; q < nj; q++) yr[q] = t[q];
+      }
+    }
+  }
+}
+
+void gemvT(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, int64_t ldw, float* y,
+           int64_t ldy) {
+  at::parallel_for(0, (n + 7) / 8, 16, [&](int64_t b0, int64_t b1) {
+    gemvTCols(m, b0 * 8, std::min(n, b1 * 8), k, a, lda, w, ldw, y, ldy);
+  });
+}
+
+void gemvN(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, int64_t ldw, float* y,
+           int64_t ldy) {
+  at::parallel_for(0, (n + 31) / 32, 8, [&](int64_t b0, int64_t b1) {
+    gemvNCols(m, b0 * 32, std::min(n, b1 * 32), k, a, lda, w, ldw, y, ldy);
+  });
+}
+
+const bool g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+const bool g_avx2 = false;
+void gemvT(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
+void gemvN(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
+#endif
 
 // a: [..., m, k] @ b: [..., k, n] with batch dims broadcast, as at::matmul (rank >= 2 each).
 at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
@@ -246,6 +348,8 @@ at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
   const float* pa = a.data_ptr<float>();
   const float* pb = b.data_ptr<float>();
   float* py = y.data_ptr<float>();
+  // a few rows of a row-major left operand: read the right one in place
+  const bool small = g_avx2 && g_smallGemv && m <= kSmallRows && la.trans == 'N';
   std::vector<int64_t> idx(nb, 0);
   for (int64_t i = 0; i < count; i++) {
     int64_t oa = 0, ob = 0;
@@ -253,8 +357,13 @@ at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
       oa += idx[d] * sa[d];
       ob += idx[d] * sb[d];
     }
-    int st = g_sgemm(la.trans, lb.trans, m, n, k, 1.0f, pa + oa, la.ld, pb + ob, lb.ld, 0.0f, py + i * m * n, n);
-    if (st != 0) throw std::runtime_error("matmul: dnnl_sgemm failed with status " + std::to_string(st));
+    if (small) {
+      if (lb.trans == 'T') gemvT(m, n, k, pa + oa, la.ld, pb + ob, lb.ld, py + i * m * n, n);
+      else gemvN(m, n, k, pa + oa, la.ld, pb + ob, lb.ld, py + i * m * n, n);
+    } else {
+      int st = g_sgemm(la.trans, lb.trans, m, n, k, 1.0f, pa + oa, la.ld, pb + ob, lb.ld, 0.0f, py + i * m * n, n);
+      if (st != 0) throw std::runtime_error("matmul: dnnl_sgemm failed with status " + std::to_string(st));
+    }
     for (int64_t d = nb - 1; d >= 0; d--) {
       if (++idx[d] < batch[d]) break;
       idx[d] = 0;
