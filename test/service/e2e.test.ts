@@ -174,6 +174,21 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
     expect(ck.checkpoints.every((c: { jobId: string }) => c.jobId === jobId)).toBe(true);
   });
 
+  it('a training request needs only datasetId and steps: batchSize, seqLen and learningRate default', async () => {
+    const t = await env.app.inject({
+      method: 'POST',
+      url: `/v1/models/${modelId}/train`,
+      payload: { datasetId, steps: 2 },
+    });
+    expect(t.statusCode).toBe(202);
+    const { jobId } = t.json();
+    // the defaults that the job runs with: batch 8, lr 3e-4, seqLen = min(maxSeqLen 64, 256, MAX_SEQ_LEN 48)
+    const queued = await env.app.svc.trainQueue.getJob(jobId);
+    expect(queued!.data).toMatchObject({ batchSize: 8, seqLen: 48, learningRate: 3e-4, steps: 2 });
+    const events = await readSse(`${base}/v1/jobs/${jobId}/events`, {}, () => false);
+    expect(events.at(-1)!.event).toBe('completed');
+  });
+
   it('a client that reconnects with Last-Event-ID gets exactly the events it missed', async () => {
     const t = await env.app.inject({
       method: 'POST',
