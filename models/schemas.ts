@@ -77,13 +77,33 @@ export interface CheckpointRecord extends CheckpointView {
   dir: string;
 }
 
+/** Defaults of the optional training settings (the API documents them in the OpenAPI schema). */
+export const TRAIN_DEFAULTS = {
+  batchSize: 8,
+  learningRate: 3e-4,
+  /** seqLen: the model's maxSeqLen, at most this. */
+  maxDefaultSeqLen: 256,
+} as const;
+
 export const TrainBody = Type.Object(
   {
     datasetId: Type.String({ minLength: 1 }),
     steps: Type.Integer({ minimum: 1 }),
-    batchSize: Type.Integer({ minimum: 1 }),
-    seqLen: Type.Integer({ minimum: 1 }),
-    learningRate: Type.Number({ exclusiveMinimum: 0 }),
+    batchSize: Type.Optional(
+      Type.Integer({ minimum: 1, description: `Sequences per step (default ${TRAIN_DEFAULTS.batchSize})` }),
+    ),
+    seqLen: Type.Optional(
+      Type.Integer({
+        minimum: 1,
+        description: `Tokens per sequence (default: the model's maxSeqLen, at most ${TRAIN_DEFAULTS.maxDefaultSeqLen})`,
+      }),
+    ),
+    learningRate: Type.Optional(
+      Type.Number({
+        exclusiveMinimum: 0,
+        description: `Peak AdamW learning rate (default ${TRAIN_DEFAULTS.learningRate})`,
+      }),
+    ),
     warmupSteps: Type.Optional(Type.Integer({ minimum: 0 })),
     weightDecay: Type.Optional(Type.Number({ minimum: 0 })),
     gradClip: Type.Optional(Type.Number({ minimum: 0 })),

@@ -1,4 +1,4 @@
-import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import multipart from '@fastify/multipart';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
@@ -35,6 +35,8 @@ export interface AppOptions {
   apiKeys?: string[];
   limits?: Partial<ServiceLimits>;
   logger?: FastifyServerOptions['logger'];
+  /** A logger to use instead of `logger`'s options (the service's own, pretty on a terminal). */
+  loggerInstance?: FastifyBaseLogger;
   /** Shared metrics (e.g. with an in-process worker); created when absent. */
   metrics?: ServiceMetrics;
 }
@@ -63,7 +65,11 @@ function keyMatches(given: string, keys: Buffer[]): boolean {
 export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   await loadEngine();
   const limits: ServiceLimits = { ...defaultLimits, ...options.limits };
-  const app = Fastify({ logger: options.logger ?? false, bodyLimit: limits.maxBodyBytes });
+  const app = (
+    options.loggerInstance
+      ? Fastify({ loggerInstance: options.loggerInstance, bodyLimit: limits.maxBodyBytes })
+      : Fastify({ logger: options.logger ?? false, bodyLimit: limits.maxBodyBytes })
+  ) as FastifyInstance;
   const prefix = options.prefix ?? 'xt';
   const redis = createRedis(options.redisUrl);
   const queueConn = createRedis(options.redisUrl);

@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { Type } from '@sinclair/typebox';
 import { randomUUID } from 'node:crypto';
 import { isTerminal } from '../models/registry.js';
-import { IdParams, JobAccepted, JobView, TrainBody, errors } from '../models/schemas.js';
+import { IdParams, JobAccepted, JobView, TRAIN_DEFAULTS, TrainBody, errors } from '../models/schemas.js';
 import type { TrainJobData } from '../workers/queues.js';
 import { badRequest, conflict, notFound } from './errors.js';
 import { clientGone, followEvents, resumeId, startSse, writeSse } from './sse.js';
@@ -24,9 +24,15 @@ export default async function jobRoutes(app: FastifyInstance): Promise<void> {
       },
     },
     async (request, reply) => {
-      const b = request.body;
       const model = await registry.getModel(request.params.id);
       if (!model) throw notFound('model', request.params.id);
+      const b = {
+        ...request.body,
+        batchSize: request.body.batchSize ?? TRAIN_DEFAULTS.batchSize,
+        seqLen:
+          request.body.seqLen ?? Math.min(model.maxSeqLen, TRAIN_DEFAULTS.maxDefaultSeqLen, limits.maxSeqLen),
+        learningRate: request.body.learningRate ?? TRAIN_DEFAULTS.learningRate,
+      };
       const dataset = await registry.getDataset(b.datasetId);
       if (!dataset) throw notFound('dataset', b.datasetId);
       if (b.steps > limits.maxSteps)

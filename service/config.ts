@@ -23,6 +23,8 @@ export interface ServiceConfig {
   /** How often (ms) workers look for stalled jobs. */
   stalledIntervalMs: number;
   logLevel: string;
+  /** `pretty` or `json`; unset: pretty on a terminal, JSON otherwise. */
+  logFormat?: 'pretty' | 'json';
   /** The redis-server binary `npm start` runs when REDIS_URL is unset (default: found on PATH). */
   redisServerBin: string | undefined;
   /** `npm run worker` serves its own /metrics on this port when set (the API serves them otherwise). */
@@ -73,6 +75,7 @@ export const ENV_VARS: Spec[] = [
   { env: 'LOCK_DURATION_MS', describe: 'job lock; a dead worker’s job resumes after this (default 30000)' },
   { env: 'STALLED_INTERVAL_MS', describe: 'stalled-job check period (default 15000)' },
   { env: 'LOG_LEVEL', describe: 'pino level (default info)' },
+  { env: 'LOG_FORMAT', describe: 'pretty | json (default: pretty on a terminal, json otherwise)' },
   { env: 'METRICS_PORT', describe: '`npm run worker` only: serve /metrics on this port' },
   { env: 'MAX_PARAMETERS', describe: 'largest model, parameters (default 50000000)' },
   { env: 'MAX_SEQ_LEN', describe: 'largest training seqLen (default 4096)' },
@@ -134,6 +137,10 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
   if (!LOG_LEVELS.includes(logLevel)) {
     problems.push(`LOG_LEVEL: expected one of ${LOG_LEVELS.join(', ')}, got "${logLevel}"`);
   }
+  const logFormat = env.LOG_FORMAT?.trim() || undefined;
+  if (logFormat !== undefined && logFormat !== 'pretty' && logFormat !== 'json') {
+    problems.push(`LOG_FORMAT: expected pretty or json, got "${logFormat}"`);
+  }
   const metricsPort = env.METRICS_PORT?.trim() ? int('METRICS_PORT', 0, 1, 65535) : undefined;
   const limits: ServiceLimits = {
     maxParameters: int('MAX_PARAMETERS', defaultLimits.maxParameters, 1),
@@ -160,6 +167,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
     lockDurationMs,
     stalledIntervalMs,
     logLevel: logLevel,
+    ...(logFormat ? { logFormat: logFormat as 'pretty' | 'json' } : {}),
     redisServerBin: env.REDIS_SERVER_BIN?.trim() || undefined,
     metricsPort,
     limits,

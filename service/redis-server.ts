@@ -19,8 +19,9 @@ export interface RedisChildOptions {
 }
 
 export const REDIS_INSTALL_HINT =
-  'Redis was not found. Install it (Debian/Ubuntu: `sudo apt-get install redis-server`, macOS: ' +
-  '`brew install redis`) or point the service at a running Redis with REDIS_URL=redis://host:6379.';
+  'Redis was not found. `npm run setup` installs it (or prints the command: Debian/Ubuntu ' +
+  '`sudo apt-get install redis-server`, macOS `brew install redis`); or point the service at a running ' +
+  'Redis with REDIS_URL=redis://host:6379.';
 
 /** The redis-server binary to use, or null when none is installed. */
 export function findRedisServer(bin?: string): string | null {

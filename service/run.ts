@@ -1,10 +1,10 @@
 import { mkdirSync } from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
-import pino from 'pino';
 import type { FastifyInstance } from 'fastify';
 import type { ServiceWorkers } from '../workers/index.js';
 import { ConfigError, loadConfig, type ServiceConfig } from './config.js';
+import { createLogger, defaultLogFormat } from './logger.js';
 import { REDIS_INSTALL_HINT, startRedisChild, type RedisChild } from './redis-server.js';
 
 export type Role = 'all' | 'api' | 'worker';
@@ -27,7 +27,11 @@ export async function run(role: Role): Promise<void> {
     if (e instanceof ConfigError) fail(e.message);
     throw e;
   }
-  const log = pino({ level: config.logLevel, name: `xt-${role}` });
+  const log = createLogger({
+    level: config.logLevel,
+    name: `xt-${role}`,
+    format: config.logFormat ?? defaultLogFormat(),
+  });
   mkdirSync(config.dataDir, { recursive: true });
 
   let redisChild: RedisChild | null = null;
@@ -89,7 +93,7 @@ export async function run(role: Role): Promise<void> {
       apiKeys: config.apiKeys,
       limits: config.limits,
       metrics,
-      logger: { level: config.logLevel },
+      loggerInstance: log.child({ part: 'api' }),
     });
     await app.listen({ port: config.port, host: config.host });
     if (config.apiKeys.length) log.info(`API keys required on /v1 (${config.apiKeys.length} configured)`);

@@ -1,10 +1,5 @@
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { PARITY_CASES } from '../scripts/parity/paths.js';
 import { paritySuite } from './parity/suite.js';
 
-// Every visible reference case, one test each.
-const here = path.dirname(fileURLToPath(import.meta.url));
-paritySuite(
-  'parity with x-transformers 2.0.1',
-  path.resolve(here, '..', '..', 'shared', 'parity', 'visible'),
-);
+// Every reference case of the parity specification (test/fixtures/parity), one test each.
+paritySuite('parity with x-transformers 2.0.1', PARITY_CASES);

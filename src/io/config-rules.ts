@@ -8,7 +8,8 @@
 /** A check: `test(v)` is true when `v` is acceptable; `expected` says what is ("a positive integer"). */
 export type Rule = { expected: string; test: (v: unknown) => boolean };
 
-const isInt = (v: unknown): v is number => typeof v === 'number' && Number.isInteger(v);
+// beyond 2^53 a number is no longer an exact integer (and as a size it could never be allocated)
+const isInt = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v);
 const isNum = (v: unknown): v is number => typeof v === 'number' && Number.isFinite(v);
 
 export const RULES = {

@@ -9,6 +9,7 @@ import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
 import { Decoder } from '../../src/layers/attention-layers.js';
 import { AutoregressiveWrapper } from '../../src/generation/autoregressive-wrapper.js';
 import { AdamW } from '../../src/train/optimizer.js';
+import { PARITY_CASES } from '../../scripts/parity/paths.js';
 
 // Every kernel that a parity run, a training step and generation dispatch on the torch backend
 // must be native (none may go through the cpu fallback).
@@ -43,7 +44,7 @@ afterAll(async () => {
 
 describe('torch backend kernel coverage', () => {
   it('runs the visible parity cases natively', async () => {
-    const files = listCases('../shared/parity/visible');
+    const files = listCases(PARITY_CASES);
     expect(files.length).toBeGreaterThan(0);
     const failed: string[] = [];
     for (const f of files) {

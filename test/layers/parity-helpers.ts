@@ -5,14 +5,14 @@ import { fileURLToPath } from 'node:url';
 import { loadSafetensors } from '../../src/io/safetensors.js';
 import { AttentionLayers, CrossAttender, Decoder, Encoder } from '../../src/layers/attention-layers.js';
 import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
+import { PARITY_CASES } from '../../scripts/parity/paths.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
-/** The shared visible reference cases (beside the repository), or XT_PARITY_DIR. */
-export const VISIBLE =
-  process.env.XT_PARITY_DIR ?? path.resolve(here, '..', '..', '..', 'shared', 'parity', 'visible');
+/** The parity specification's reference cases (test/fixtures/parity), or XT_PARITY_DIR. */
+export const VISIBLE = process.env.XT_PARITY_DIR ?? PARITY_CASES;
 
-/** Extra reference cases for options the shared visible set does not cover (see fixtures/generate.py). */
+/** Extra reference cases for options the specification's cases do not cover (see fixtures/generate.py). */
 export const FIXTURES = path.join(here, 'fixtures');
 
 export interface Case {

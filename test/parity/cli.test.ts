@@ -6,9 +6,10 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as tf from '@tensorflow/tfjs-core';
 import { saveSafetensors } from '../../src/io/safetensors.js';
+import { PARITY_CASES } from '../../scripts/parity/paths.js';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const visible = path.resolve(root, '..', 'shared', 'parity', 'visible');
+const visible = PARITY_CASES;
 
 // the child is a plain Node process: drop the test runner's own environment markers
 const childEnv = Object.fromEntries(

@@ -1,7 +1,7 @@
+import * as tf from '@tensorflow/tfjs-core';
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../../routes/app.js';
-import { engineStatus } from '../../workers/engine.js';
 import { generateOpenApi } from '../../service/openapi-doc.js';
 import { ConfigError, loadConfig } from '../../service/config.js';
 import { makeEnv, parseSse, type TestEnv } from './helpers.js';
@@ -19,15 +19,21 @@ describe('service basics (real Redis)', () => {
     expect(r.json()).toEqual({ status: 'ok' });
   });
 
-  it('GET /readyz reports backend, device and Redis; 200 exactly when the engine is ready', async () => {
+  it('GET /readyz reports backend, device and Redis; 200 once the backend is initialised', async () => {
+    // test/setup.ts initialised the backend (XT_BACKEND, else the first that loads): the tensor engine's
+    // own record of its active backend is the expected value
     const r = await env.app.inject({ method: 'GET', url: '/readyz' });
+    expect(r.statusCode).toBe(200);
     const body = r.json();
-    expect(body.redis).toBe('ok');
-    expect(body.backend).toBe(process.env.XT_BACKEND ?? body.backend);
-    expect(typeof body.device).toBe('string');
-    const ready = engineStatus().ready;
-    expect(r.statusCode).toBe(ready ? 200 : 503);
-    expect(body.status).toBe(ready ? 'ok' : 'unavailable');
+    expect(body).toMatchObject({ status: 'ok', redis: 'ok', backend: tf.getBackend() });
+    if (process.env.XT_BACKEND) expect(body.backend).toBe(process.env.XT_BACKEND);
+    const devices: Record<string, string[]> = {
+      torch: [process.env.XT_DEVICE ?? 'cpu'],
+      tensorflow: ['cpu', 'gpu'],
+      wasm: ['cpu'],
+      cpu: ['cpu'],
+    };
+    expect(devices[body.backend as string]).toContain(body.device);
   });
 
   it('GET /readyz is 503 with redis "down" when Redis is unreachable', async () => {

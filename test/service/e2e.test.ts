@@ -14,7 +14,13 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
   beforeAll(async () => {
     env = await makeEnv({
       app: {
-        limits: { maxParameters: 200_000, maxTokens: 600, maxSeqLen: 48, maxBatchSize: 16, maxSteps: 100 },
+        limits: {
+          maxParameters: 200_000,
+          maxTokens: 600,
+          maxSeqLen: 48,
+          maxBatchSize: 16,
+          maxSteps: 100_000,
+        },
       },
       workers: true,
     });
@@ -106,7 +112,7 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
     const over: [Record<string, number>, string][] = [
       [{ seqLen: 49 }, 'seqLen: 49 is over the limit MAX_SEQ_LEN=48'],
       [{ batchSize: 17 }, 'batchSize: 17 is over the limit MAX_BATCH_SIZE=16'],
-      [{ steps: 101 }, 'steps: 101 is over the limit MAX_STEPS=100'],
+      [{ steps: 100_001 }, 'steps: 100001 is over the limit MAX_STEPS=100000'],
       [{ warmupSteps: 20 }, 'warmupSteps'],
     ];
     for (const [change, message] of over) {
@@ -172,6 +178,21 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
     const ck = (await env.app.inject({ method: 'GET', url: `/v1/models/${modelId}/checkpoints` })).json();
     expect(ck.checkpoints.map((c: { step: number }) => c.step)).toEqual([10, 20, 30, 40]);
     expect(ck.checkpoints.every((c: { jobId: string }) => c.jobId === jobId)).toBe(true);
+  });
+
+  it('a training request needs only datasetId and steps: batchSize, seqLen and learningRate default', async () => {
+    const t = await env.app.inject({
+      method: 'POST',
+      url: `/v1/models/${modelId}/train`,
+      payload: { datasetId, steps: 2 },
+    });
+    expect(t.statusCode).toBe(202);
+    const { jobId } = t.json();
+    // the defaults that the job runs with: batch 8, lr 3e-4, seqLen = min(maxSeqLen 64, 256, MAX_SEQ_LEN 48)
+    const queued = await env.app.svc.trainQueue.getJob(jobId);
+    expect(queued!.data).toMatchObject({ batchSize: 8, seqLen: 48, learningRate: 3e-4, steps: 2 });
+    const events = await readSse(`${base}/v1/jobs/${jobId}/events`, {}, () => false);
+    expect(events.at(-1)!.event).toBe('completed');
   });
 
   it('a client that reconnects with Last-Event-ID gets exactly the events it missed', async () => {
@@ -334,23 +355,38 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
   });
 
   it('DELETE /v1/jobs/:id cancels a training job within one step; it keeps its checkpoints', async () => {
+    // far more steps than can run before the request lands: the job is still active when it does
     const t = await env.app.inject({
       method: 'POST',
       url: `/v1/models/${modelId}/train`,
-      payload: { datasetId, steps: 100, batchSize: 2, seqLen: 8, learningRate: 0.001, checkpointEvery: 3 },
+      payload: {
+        datasetId,
+        steps: 100_000,
+        batchSize: 2,
+        seqLen: 8,
+        learningRate: 0.001,
+        checkpointEvery: 3,
+      },
     });
     const { jobId } = t.json();
-    let cancelledAt = 0;
+    let deleted: Promise<{
+      statusCode: number;
+      json(): { state: string; progress: { step?: number } };
+    }> | null = null;
     const events = await readSse(`${base}/v1/jobs/${jobId}/events`, {}, (ev) => {
-      if (ev.event === 'checkpoint' && !cancelledAt) {
-        cancelledAt = ev.data.step as number;
-        void env.app.inject({ method: 'DELETE', url: `/v1/jobs/${jobId}` });
-      }
+      if (ev.event === 'checkpoint' && !deleted)
+        deleted = env.app.inject({ method: 'DELETE', url: `/v1/jobs/${jobId}` });
       return false;
     });
+    const del = await deleted!;
+    expect(del.statusCode).toBe(202);
+    // the job as it was once the request was recorded: the worker was at most one step further on,
+    // and it checks for cancellation before every step
+    const recorded = del.json().progress.step ?? 0;
     const end = events.at(-1)!;
     expect(end.event).toBe('cancelled');
-    expect(end.data.step as number).toBeLessThanOrEqual(cancelledAt + 2);
+    expect(end.data.step as number).toBeGreaterThanOrEqual(recorded);
+    expect(end.data.step as number).toBeLessThanOrEqual(recorded + 1);
     const job = (await env.app.inject({ method: 'GET', url: `/v1/jobs/${jobId}` })).json();
     expect(job.state).toBe('cancelled');
     const again = await env.app.inject({ method: 'DELETE', url: `/v1/jobs/${jobId}` });

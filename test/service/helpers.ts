@@ -145,3 +145,23 @@ export async function waitFor<T>(
     await new Promise((r) => setTimeout(r, 50));
   }
 }
+
+/**
+ * Waits until neither queue has a waiting or active job: every processor has returned, so an
+ * in-process worker has disposed what its jobs allocated (a job's recorded state can turn final a
+ * moment before its processor returns).
+ */
+export async function queuesIdle(app: FastifyInstance, timeoutMs = 60_000): Promise<void> {
+  const { trainQueue, generateQueue } = app.svc;
+  await waitFor(
+    async () => {
+      for (const q of [trainQueue, generateQueue]) {
+        const c = await q.getJobCounts('active', 'waiting', 'delayed', 'prioritized');
+        if (Object.values(c).some((n) => n > 0)) return false;
+      }
+      return true;
+    },
+    timeoutMs,
+    'idle queues',
+  );
+}

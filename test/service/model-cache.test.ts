@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
-import { makeEnv, tinyDecoder, waitFor, type TestEnv } from './helpers.js';
+import { makeEnv, queuesIdle, tinyDecoder, waitFor, type TestEnv } from './helpers.js';
 
 describe('worker model cache (bounded LRU)', () => {
   let env: TestEnv;
@@ -40,9 +40,13 @@ describe('worker model cache (bounded LRU)', () => {
     expect(await gen(ids[0]!)).toEqual(first);
     expect(cache.size).toBe(2);
 
-    // nothing leaks: a cached generation, a model creation and a whole training job free their tensors
+    // nothing leaks: a cached generation, a model creation and a whole training job free their tensors.
+    // Each count is taken once the in-process worker has no job left (its processors have returned)
+    // and no HTTP request is in flight: nothing else in this process allocates then.
+    await queuesIdle(env.app);
     const before = tf.memory().numTensors;
     await gen(ids[0]!);
+    await queuesIdle(env.app);
     expect(tf.memory().numTensors).toBe(before);
     const d = await env.app.inject({
       method: 'POST',
@@ -69,6 +73,7 @@ describe('worker model cache (bounded LRU)', () => {
       60_000,
       'training',
     );
+    await queuesIdle(env.app);
     expect(tf.memory().numTensors).toBe(before);
   });
 });

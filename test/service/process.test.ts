@@ -20,10 +20,14 @@ function runEntry(name: string, env: Record<string, string>) {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let out = '';
-  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  let stdout = '';
+  child.stdout.on('data', (d: Buffer) => {
+    out += d.toString();
+    stdout += d.toString();
+  });
   child.stderr.on('data', (d: Buffer) => (out += d.toString()));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  return { child, exited, out: () => out };
+  return { child, exited, out: () => out, stdout: () => stdout };
 }
 
 describe('service processes', () => {
@@ -38,6 +42,7 @@ describe('service processes', () => {
     const p = runEntry('start', { REDIS_SERVER_BIN: '/nonexistent/redis-server' });
     expect(await p.exited).toBe(1);
     expect(p.out()).toContain('Redis was not found');
+    expect(p.out()).toContain('npm run setup');
     expect(p.out()).toContain('apt-get install redis-server');
     expect(p.out()).toContain('REDIS_URL=redis://');
   });
@@ -99,6 +104,35 @@ describe('service processes', () => {
       p.child.kill('SIGTERM');
       expect(await p.exited).toBe(0);
       expect(p.out()).toContain('stopped');
+      // standard output is a pipe here, not a terminal: one JSON object per line
+      const lines = p.stdout().trim().split('\n');
+      expect(lines.length).toBeGreaterThan(2);
+      for (const line of lines) expect(JSON.parse(line)).toHaveProperty('level');
+    } finally {
+      if (p.child.exitCode === null) p.child.kill('SIGKILL');
+      rmSync(dataDir, { recursive: true, force: true });
+    }
+  });
+
+  it('LOG_FORMAT=pretty writes one readable line per message instead of JSON', async () => {
+    const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-worker-'));
+    const p = runEntry('worker', {
+      REDIS_URL: redisUrl(),
+      DATA_DIR: dataDir,
+      LOG_LEVEL: 'info',
+      LOG_FORMAT: 'pretty',
+      REDIS_PREFIX: 'proc-pretty',
+    });
+    try {
+      await waitFor(async () => p.stdout().includes('worker consuming queues'), 60_000, 'worker start');
+      p.child.kill('SIGTERM');
+      expect(await p.exited).toBe(0);
+      const line = p
+        .stdout()
+        .split('\n')
+        .find((l) => l.includes('worker consuming queues'))!;
+      expect(() => JSON.parse(line)).toThrow();
+      expect(line).toMatch(/\d\d:\d\d:\d\d\.\d{3}.*INFO.*xt-worker.*worker consuming queues/);
     } finally {
       if (p.child.exitCode === null) p.child.kill('SIGKILL');
       rmSync(dataDir, { recursive: true, force: true });

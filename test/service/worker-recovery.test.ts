@@ -66,12 +66,15 @@ describe('worker failure and shutdown (real Redis, worker child processes)', () 
   });
 
   it('a worker killed mid-training leaves the job to another worker, which resumes from the last checkpoint', async () => {
+    // the kill is sent at the checkpoint of step 8; the job has far more steps than the dead worker
+    // can run before the signal lands, so it is always killed mid-job
+    const STEPS = 200;
     const t = await env.app.inject({
       method: 'POST',
       url: `/v1/models/${modelId}/train`,
       payload: {
         datasetId,
-        steps: 20,
+        steps: STEPS,
         batchSize: 4,
         seqLen: 16,
         learningRate: 0.01,
@@ -109,7 +112,7 @@ describe('worker failure and shutdown (real Redis, worker child processes)', () 
     );
     expect(events[resumedAt]!.data.step).toBe(lastCkpt);
     const stepsAfter = after.filter((e) => e.event === 'progress').map((e) => e.data.step as number);
-    expect(stepsAfter).toEqual(Array.from({ length: 20 - lastCkpt }, (_, i) => lastCkpt + 1 + i));
+    expect(stepsAfter).toEqual(Array.from({ length: STEPS - lastCkpt }, (_, i) => lastCkpt + 1 + i));
     expect(events.at(-1)!.event).toBe('completed');
 
     // the loss curve continues: the resumed run repeats exactly the losses the dead worker had reached
@@ -123,7 +126,7 @@ describe('worker failure and shutdown (real Redis, worker child processes)', () 
 
     const job = (await env.app.inject({ method: 'GET', url: `/v1/jobs/${jobId}` })).json();
     expect(job.state).toBe('completed');
-    expect(job.result).toMatchObject({ steps: 20, resumedFromStep: lastCkpt });
+    expect(job.result).toMatchObject({ steps: STEPS, resumedFromStep: lastCkpt });
   });
 
   it('SIGTERM drains: the worker checkpoints its current step, hands the job back and exits 0', async () => {

@@ -32,7 +32,7 @@ describe('AdamW', () => {
       opt.apply({ 'layer.weight': gt });
       gt.dispose();
     }
-    // values printed by PyTorch 1.13 for the same sequence
+    // values printed by test/train/fixtures/adamw_reference.py (torch.optim.AdamW, PyTorch 1.13)
     const want = [0.708069384098053, -1.9659792184829712, 0.6213319897651672, 2.6477832794189453];
     const got = Array.from(p.dataSync());
     got.forEach((v, i) => expect(v).toBeCloseTo(want[i]!, 6));
@@ -52,6 +52,7 @@ describe('AdamW', () => {
     vec.dispose();
   });
 
+  // reference values: test/train/fixtures/adamw_reference.py (torch.nn.utils.clip_grad_norm_)
   it('clips by global norm as torch.nn.utils.clip_grad_norm_', () => {
     const grads = { a: tf.tensor1d([3, 4]), b: tf.tensor1d([12]) };
     const { norm, grads: out } = clipByGlobalNorm(grads, 1);

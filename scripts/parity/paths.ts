@@ -1,0 +1,10 @@
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+
+/** The reference cases (test/fixtures/parity) of the parity specification (x-transformers 2.0.1), kept in the repository. */
+export const PARITY_CASES = path.resolve(here, '..', '..', 'test', 'fixtures', 'parity');
+
+/** Extra reference cases (test/fixtures/extra-parity) for options the specification's cases do not combine. */
+export const EXTRA_PARITY_CASES = path.resolve(here, '..', '..', 'test', 'fixtures', 'extra-parity');
