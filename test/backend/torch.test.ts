@@ -248,6 +248,14 @@ describe('torch matrix products', () => {
           // decoding shapes: one row against a transposed weight
           tf.matMul(rnd([1, 1, 64], 17), rnd([96, 64], 18), false, true),
           tf.matMul(rnd([1, 64], 17), rnd([64, 96], 19)),
+          // a few rows (read in place up to 4), with lengths that are not multiples of the vector
+          // width, both layouts, batched heads as in cached attention
+          tf.matMul(rnd([3, 1, 37], 26), rnd([45, 37], 27), false, true),
+          tf.matMul(rnd([4, 70], 28), rnd([70, 67], 29)),
+          tf.matMul(rnd([2, 4, 1, 16], 30), rnd([2, 4, 9, 16], 31), false, true),
+          tf.matMul(rnd([2, 4, 1, 9], 32), rnd([2, 4, 9, 16], 33)),
+          // many rows against a transposed weight (copied to row-major first)
+          tf.matMul(rnd([130, 40], 34), rnd([50, 40], 35), false, true),
           // empty dims
           tf.matMul(rnd([2, 0, 4], 20), rnd([2, 4, 3], 21)),
           tf.matMul(tf.zeros([2, 3, 0]), tf.zeros([2, 0, 4])),
@@ -372,6 +380,22 @@ describe('fused XtAttention kernel', () => {
     const torch = await on('torch', run);
     for (let n = 0; n < cpu.length; n++) {
       cpu[n].values.forEach((x, idx) => expect(Math.abs(torch[n].values[idx] - x)).toBeLessThan(1e-5));
+    }
+  });
+
+  it('long causal attention (computed by blocks of 64 query rows) matches the composite on cpu', async () => {
+    const { attend } = await import('../../src/attention/attend.js');
+    for (const n of [128, 200]) {
+      // 200 rows: three whole blocks and a partial one
+      const run = (): tf.Tensor[] => {
+        const [q, k, v] = [rnd([2, 3, n, 16], 41), rnd([2, 3, n, 16], 42), rnd([2, 3, n, 16], 43)];
+        const g = tf.grads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) => attend(a, b, c, { causal: true }))(
+          [q, k, v],
+          rnd([2, 3, n, 16], 44),
+        );
+        return [attend(q, k, v, { causal: true }), ...g];
+      };
+      await same(run, 2e-5, 1e-4);
     }
   });
 });
