@@ -30,7 +30,7 @@ import {
 import { feedForwardDefaults } from '../nn/feedforward.js';
 import { checkTensor } from '../utils/errors.js';
 import { getRng, type Rng } from '../utils/random.js';
-import { LayersCache } from './cache.js';
+import { LayersCache, SharedRotaryTables } from './cache.js';
 import {
   attentionLayersDefaults,
   type AttentionLayersOptions,
@@ -527,190 +527,215 @@ export class AttentionLayers extends Module {
     const rng = opts.rng ?? getRng();
 
     const input = x;
-    const result = tidyObj(() => {
-      const order = opts.layersExecuteOrder ?? this.layersExecuteOrder;
-      let cond: tf.Tensor | undefined;
-      if (opts.condition) {
-        cond = opts.condition.rank === 2 ? tf.expandDims(opts.condition, 1) : opts.condition;
-        if (this.adaptiveMlp) {
-          const hcond = this.adaptiveMlp.forward(cond);
-          cond = tf.mul(hcond, tf.sigmoid(hcond));
-        }
-      }
-      const callBlock = (block: Block, inp: tf.Tensor, bo?: BlockOpts): BranchOut =>
-        block instanceof AdaptiveLayerScale
-          ? block.forwardWithCondition(inp, cond!, bo)
-          : block.forward(inp, bo);
-      const hiddens: tf.Tensor[] = [];
-      const layerHiddens: tf.Tensor[] = [];
-      const attnInters: (AttentionIntermediates & { layerType: 'a' | 'c' })[] = [];
-      const mems = opts.mems && opts.mems.length ? [...opts.mems] : [];
-      const memMasks = opts.memMasks ? [...opts.memMasks] : [];
-      let context = opts.context;
-      let contextMask = opts.contextMask;
-
-      let selfKvMask = opts.selfAttnKvMask;
-      if (opts.seqStartPos) {
-        const leftPad = tf.greaterEqual(
-          tf.expandDims(tf.range(0, n, 1, 'int32'), 0),
-          tf.expandDims(tf.cast(opts.seqStartPos, 'int32'), -1),
-        );
-        selfKvMask = selfKvMask ? tf.logicalAnd(selfKvMask, leftPad) : leftPad;
-      }
-
-      let rotaryIn = opts.rotaryPosEmb;
-      if (this.rotaryPosEmb && !rotaryIn) {
-        const memLen = mems[0] ? mems[0].shape[1]! : 0;
-        const pos =
-          opts.pos ??
-          (memLen ? tf.sub(tf.range(0, n + memLen, 1, 'int32'), memLen) : tf.range(0, n, 1, 'int32'));
-        rotaryIn = this.rotaryPosEmb.forward(pos);
-      }
-
-      const cacheIter = opts.cache ? [...opts.cache.kvs] : [];
-      if (opts.cache) {
-        if (context) context = tf.slice(context, [0, 0, 0], [-1, 0, -1]);
-        const age = opts.cacheAge ?? 1;
-        if (age > 0 && age < n) x = tf.slice(x, [0, n - age, 0], [-1, age, -1]);
-      }
-      // cos / sin computed once for every layer
-      if (rotaryIn) rotaryIn = prepareRotary(rotaryIn, x.shape[1]!, this.dimHead);
-
-      const wantCache = opts.returnCache || !!opts.cache;
-      const newKvs: AttentionKv[] = [];
-      const newKinds: boolean[] = [];
-
-      let prevAttn: tf.Tensor | undefined;
-      let prevCrossAttn: tf.Tensor | undefined;
-      // value residual: the values of the first self- and cross-attention layer run
-      let firstSelfValues: tf.Tensor | undefined;
-      let firstCrossValues: tf.Tensor | undefined;
-      const streams = o.numResidualStreams;
-      const bStream = x.shape[0]!;
-      if (this.streamEmb) {
-        const [, nx, dx] = x.shape as [number, number, number];
-        x = tf.reshape(tf.add(tf.expandDims(x, 1), tf.expandDims(tf.expandDims(this.streamEmb, 0), 2)), [
-          bStream * streams,
-          nx,
-          dx,
-        ]);
-      }
-      let outer: tf.Tensor | null = o.resiDual ? tf.mul(x, o.resiDualScale) : null;
-
-      let inject: tf.Tensor | null = null;
-      if (this.reinjectInputProj) {
-        inject = this.reinjectInputProj.forward(x);
-        if (this.learnedReinjectInputGate)
-          inject = tf.mul(inject, tf.sigmoid(this.learnedReinjectInputGate.forward(x)));
-      }
-      const skipHiddens: tf.Tensor[] = [];
-
-      for (const li of order) {
-        const type = this.layerTypes[li]!;
-        const entry = this.layers.at(li);
-        skipHiddens.push(x);
-        const combine = this.combines[li];
-        if (combine) x = combine.forward(x, skipHiddens[combine.prevLayerInd]!);
-        const p = this.layerDropouts[li]!;
-        if (training && p > 0 && rng.random() < p) continue;
-
-        let layerMem: tf.Tensor | undefined;
-        let layerMemMask: tf.Tensor | undefined;
-        if (type === 'a') {
-          if (opts.returnHiddens) hiddens.push(x.clone());
-          layerMem = mems.shift();
-          layerMemMask = memMasks.shift();
-        }
-        if (type === 'c' && training && o.crossAttnTokensDropout > 0) {
-          [context, contextMask] = dropoutSeq(context!, contextMask, o.crossAttnTokensDropout, rng);
-        }
-        const prep = entry.residual.prepare ? entry.residual.prepare(x) : null;
-        const residual = prep ? prep.residual : x;
-        const branchIn = prep ? prep.branchInput : x;
-        if (opts.returnHiddens) layerHiddens.push(branchIn.clone());
-        const { pre, postBranch, postMain } = entry.norms;
-        let h = inject ? tf.add(branchIn, inject) : branchIn;
-        if (pre) {
-          h = pre.forward(h, cond);
-          if (type === 'a' && layerMem) layerMem = pre.forward(layerMem, cond);
-        }
-        let out: tf.Tensor;
-        let inter: AttentionIntermediates | undefined;
-        const needInter =
-          wantCache || opts.returnHiddens || o.residualAttn || o.crossResidualAttn || o.addValueResidual;
-        if (type === 'a') {
-          const r = callBlock(entry.block, h, {
-            mask: opts.mask,
-            contextMask: selfKvMask,
-            attnMask: opts.attnMask,
-            relPos: this.relPos ?? undefined,
-            pos: opts.pos,
-            rotary: rotaryIn,
-            prevAttn,
-            cache: cacheIter.shift(),
-            mem: layerMem,
-            memMask: layerMemMask,
-            valueResidual: o.addValueResidual ? firstSelfValues : undefined,
-            returnIntermediates: needInter,
-          }) as { out: tf.Tensor; intermediates: AttentionIntermediates };
-          out = r.out;
-          inter = r.intermediates;
-        } else if (type === 'c') {
-          const r = callBlock(entry.block, h, {
-            context,
-            mask: opts.mask,
-            contextMask,
-            prevAttn: prevCrossAttn,
-            cache: cacheIter.shift(),
-            valueResidual: o.addValueResidual ? firstCrossValues : undefined,
-            returnIntermediates: needInter,
-          }) as { out: tf.Tensor; intermediates: AttentionIntermediates };
-          out = r.out;
-          inter = r.intermediates;
-        } else {
-          out = callBlock(entry.block, h) as tf.Tensor;
-        }
-        if (postBranch) out = postBranch.forward(out, cond);
-        x = entry.residual.forward(out, residual, prep?.beta);
-        if (outer) outer = tf.add(outer, tf.mul(out, o.resiDualScale));
-        if (inter) {
-          if (wantCache && inter.cachedKv) {
-            newKvs.push(inter.cachedKv);
-            newKinds.push(type === 'a');
+    let rotaryTables: SharedRotaryTables | null = null;
+    const run = () =>
+      tidyObj(() => {
+        const order = opts.layersExecuteOrder ?? this.layersExecuteOrder;
+        let cond: tf.Tensor | undefined;
+        if (opts.condition) {
+          cond = opts.condition.rank === 2 ? tf.expandDims(opts.condition, 1) : opts.condition;
+          if (this.adaptiveMlp) {
+            const hcond = this.adaptiveMlp.forward(cond);
+            cond = tf.mul(hcond, tf.sigmoid(hcond));
           }
-          if (opts.returnHiddens)
-            attnInters.push({ ...inter, cachedKv: undefined, layerType: type as 'a' | 'c' });
-          if (type === 'a' && !firstSelfValues) firstSelfValues = inter.values;
-          if (type === 'c' && !firstCrossValues) firstCrossValues = inter.values;
-          if (type === 'a' && o.residualAttn) prevAttn = inter.preSoftmaxAttn;
-          if (type === 'c' && o.crossResidualAttn) prevCrossAttn = inter.preSoftmaxAttn;
         }
-        if (postMain) x = postMain.forward(x, cond);
-      }
-      if (opts.returnHiddens) layerHiddens.push(x.clone());
-      if (o.softclampOutput) x = tf.mul(tf.tanh(tf.div(x, o.softclampOutputValue)), o.softclampOutputValue);
-      if (this.streamEmb) {
-        const [, nx, dx] = x.shape as [number, number, number];
-        x = tf.sum(tf.reshape(x, [bStream, streams, nx, dx]), 1);
-      }
-      if (outer) x = tf.add(x, this.finalNorm!.forward(outer, cond));
-      else if (this.finalNorm) x = this.finalNorm.forward(x, cond);
-      return {
-        out: x === input ? x.clone() : x,
-        hiddens,
-        layerHiddens,
-        attnIntermediates: attnInters,
-        kvs: newKvs,
-        kinds: newKinds,
-      };
-    });
+        const callBlock = (block: Block, inp: tf.Tensor, bo?: BlockOpts): BranchOut =>
+          block instanceof AdaptiveLayerScale
+            ? block.forwardWithCondition(inp, cond!, bo)
+            : block.forward(inp, bo);
+        const hiddens: tf.Tensor[] = [];
+        const layerHiddens: tf.Tensor[] = [];
+        const attnInters: (AttentionIntermediates & { layerType: 'a' | 'c' })[] = [];
+        const mems = opts.mems && opts.mems.length ? [...opts.mems] : [];
+        const memMasks = opts.memMasks ? [...opts.memMasks] : [];
+        let context = opts.context;
+        let contextMask = opts.contextMask;
 
+        let selfKvMask = opts.selfAttnKvMask;
+        if (opts.seqStartPos) {
+          const leftPad = tf.greaterEqual(
+            tf.expandDims(tf.range(0, n, 1, 'int32'), 0),
+            tf.expandDims(tf.cast(opts.seqStartPos, 'int32'), -1),
+          );
+          selfKvMask = selfKvMask ? tf.logicalAnd(selfKvMask, leftPad) : leftPad;
+        }
+
+        let rotaryIn = opts.rotaryPosEmb;
+        // positions 0 .. n - 1 of a decoding run: sliced from tables shared along the run
+        const memLen0 = mems[0] ? mems[0].shape[1]! : 0;
+        const rangeRotary =
+          this.rotaryPosEmb &&
+          !rotaryIn &&
+          !opts.pos &&
+          !memLen0 &&
+          wantRotaryTables(this.rotaryPosEmb, opts);
+        if (this.rotaryPosEmb && !rotaryIn && !rangeRotary) {
+          const memLen = mems[0] ? mems[0].shape[1]! : 0;
+          const pos =
+            opts.pos ??
+            (memLen ? tf.sub(tf.range(0, n + memLen, 1, 'int32'), memLen) : tf.range(0, n, 1, 'int32'));
+          rotaryIn = this.rotaryPosEmb.forward(pos);
+        }
+
+        const cacheIter = opts.cache ? [...opts.cache.kvs] : [];
+        if (opts.cache) {
+          if (context) context = tf.slice(context, [0, 0, 0], [-1, 0, -1]);
+          const age = opts.cacheAge ?? 1;
+          if (age > 0 && age < n) x = tf.slice(x, [0, n - age, 0], [-1, age, -1]);
+        }
+        // cos / sin computed once for every layer
+        if (rangeRotary) {
+          rotaryTables = sharedRotaryTables(this.rotaryPosEmb!, n, this.dimHead, opts.cache?.rotary ?? null);
+          rotaryIn = rotaryTables.slice(n, x.shape[1]!);
+        } else if (rotaryIn) rotaryIn = prepareRotary(rotaryIn, x.shape[1]!, this.dimHead);
+
+        const wantCache = opts.returnCache || !!opts.cache;
+        const newKvs: AttentionKv[] = [];
+        const newKinds: boolean[] = [];
+
+        let prevAttn: tf.Tensor | undefined;
+        let prevCrossAttn: tf.Tensor | undefined;
+        // value residual: the values of the first self- and cross-attention layer run
+        let firstSelfValues: tf.Tensor | undefined;
+        let firstCrossValues: tf.Tensor | undefined;
+        const streams = o.numResidualStreams;
+        const bStream = x.shape[0]!;
+        if (this.streamEmb) {
+          const [, nx, dx] = x.shape as [number, number, number];
+          x = tf.reshape(tf.add(tf.expandDims(x, 1), tf.expandDims(tf.expandDims(this.streamEmb, 0), 2)), [
+            bStream * streams,
+            nx,
+            dx,
+          ]);
+        }
+        let outer: tf.Tensor | null = o.resiDual ? tf.mul(x, o.resiDualScale) : null;
+
+        let inject: tf.Tensor | null = null;
+        if (this.reinjectInputProj) {
+          inject = this.reinjectInputProj.forward(x);
+          if (this.learnedReinjectInputGate)
+            inject = tf.mul(inject, tf.sigmoid(this.learnedReinjectInputGate.forward(x)));
+        }
+        const skipHiddens: tf.Tensor[] = [];
+
+        for (const li of order) {
+          const type = this.layerTypes[li]!;
+          const entry = this.layers.at(li);
+          skipHiddens.push(x);
+          const combine = this.combines[li];
+          if (combine) x = combine.forward(x, skipHiddens[combine.prevLayerInd]!);
+          const p = this.layerDropouts[li]!;
+          if (training && p > 0 && rng.random() < p) continue;
+
+          let layerMem: tf.Tensor | undefined;
+          let layerMemMask: tf.Tensor | undefined;
+          if (type === 'a') {
+            if (opts.returnHiddens) hiddens.push(x.clone());
+            layerMem = mems.shift();
+            layerMemMask = memMasks.shift();
+          }
+          if (type === 'c' && training && o.crossAttnTokensDropout > 0) {
+            [context, contextMask] = dropoutSeq(context!, contextMask, o.crossAttnTokensDropout, rng);
+          }
+          const prep = entry.residual.prepare ? entry.residual.prepare(x) : null;
+          const residual = prep ? prep.residual : x;
+          const branchIn = prep ? prep.branchInput : x;
+          if (opts.returnHiddens) layerHiddens.push(branchIn.clone());
+          const { pre, postBranch, postMain } = entry.norms;
+          let h = inject ? tf.add(branchIn, inject) : branchIn;
+          if (pre) {
+            h = pre.forward(h, cond);
+            if (type === 'a' && layerMem) layerMem = pre.forward(layerMem, cond);
+          }
+          let out: tf.Tensor;
+          let inter: AttentionIntermediates | undefined;
+          const needInter =
+            wantCache || opts.returnHiddens || o.residualAttn || o.crossResidualAttn || o.addValueResidual;
+          if (type === 'a') {
+            const r = callBlock(entry.block, h, {
+              mask: opts.mask,
+              contextMask: selfKvMask,
+              attnMask: opts.attnMask,
+              relPos: this.relPos ?? undefined,
+              pos: opts.pos,
+              rotary: rotaryIn,
+              prevAttn,
+              cache: cacheIter.shift(),
+              mem: layerMem,
+              memMask: layerMemMask,
+              valueResidual: o.addValueResidual ? firstSelfValues : undefined,
+              returnIntermediates: needInter,
+            }) as { out: tf.Tensor; intermediates: AttentionIntermediates };
+            out = r.out;
+            inter = r.intermediates;
+          } else if (type === 'c') {
+            const r = callBlock(entry.block, h, {
+              context,
+              mask: opts.mask,
+              contextMask,
+              prevAttn: prevCrossAttn,
+              cache: cacheIter.shift(),
+              valueResidual: o.addValueResidual ? firstCrossValues : undefined,
+              returnIntermediates: needInter,
+            }) as { out: tf.Tensor; intermediates: AttentionIntermediates };
+            out = r.out;
+            inter = r.intermediates;
+          } else {
+            out = callBlock(entry.block, h) as tf.Tensor;
+          }
+          if (postBranch) out = postBranch.forward(out, cond);
+          x = entry.residual.forward(out, residual, prep?.beta);
+          if (outer) outer = tf.add(outer, tf.mul(out, o.resiDualScale));
+          if (inter) {
+            if (wantCache && inter.cachedKv) {
+              newKvs.push(inter.cachedKv);
+              newKinds.push(type === 'a');
+            }
+            if (opts.returnHiddens)
+              attnInters.push({ ...inter, cachedKv: undefined, layerType: type as 'a' | 'c' });
+            if (type === 'a' && !firstSelfValues) firstSelfValues = inter.values;
+            if (type === 'c' && !firstCrossValues) firstCrossValues = inter.values;
+            if (type === 'a' && o.residualAttn) prevAttn = inter.preSoftmaxAttn;
+            if (type === 'c' && o.crossResidualAttn) prevCrossAttn = inter.preSoftmaxAttn;
+          }
+          if (postMain) x = postMain.forward(x, cond);
+        }
+        if (opts.returnHiddens) layerHiddens.push(x.clone());
+        if (o.softclampOutput) x = tf.mul(tf.tanh(tf.div(x, o.softclampOutputValue)), o.softclampOutputValue);
+        if (this.streamEmb) {
+          const [, nx, dx] = x.shape as [number, number, number];
+          x = tf.sum(tf.reshape(x, [bStream, streams, nx, dx]), 1);
+        }
+        if (outer) x = tf.add(x, this.finalNorm!.forward(outer, cond));
+        else if (this.finalNorm) x = this.finalNorm.forward(x, cond);
+        return {
+          out: x === input ? x.clone() : x,
+          hiddens,
+          layerHiddens,
+          attnIntermediates: attnInters,
+          kvs: newKvs,
+          kinds: newKinds,
+        };
+      });
+    let result: ReturnType<typeof run>;
+    try {
+      result = run();
+    } catch (e) {
+      (rotaryTables as SharedRotaryTables | null)?.release();
+      throw e;
+    }
+
+    // (assigned inside the scope above)
+    const tables = rotaryTables as SharedRotaryTables | null;
     let cache: LayersCache | undefined;
     if (opts.returnCache || opts.cache) {
       const selfIdx = result.kinds.indexOf(true);
       const seqLen = selfIdx >= 0 ? result.kvs[selfIdx]!.k.shape[2]! : n;
-      cache = new LayersCache(result.kvs, seqLen, result.kinds);
-    } else {
+      cache = new LayersCache(result.kvs, seqLen, result.kinds, tables);
+    }
+    // this call's reference: a new cache holds the tables now (or nothing does, and they are freed)
+    tables?.release();
+    if (!cache) {
       for (const kv of result.kvs) {
         kv.k.dispose();
         kv.v.dispose();
@@ -924,4 +949,26 @@ export class PrefixDecoder extends AttentionLayers {
       attnMask.dispose();
     }
   }
+}
+
+/** Whether a forward call decodes (a cache in or out) with position-only rotary (no xpos). */
+function wantRotaryTables(rope: RotaryEmbedding, opts: { cache?: unknown; returnCache?: boolean }): boolean {
+  return !rope.options.useXpos && (opts.cache != null || opts.returnCache === true);
+}
+
+/**
+ * The tables of positions 0 .. n - 1: the previous step's when they reach that far, else new ones
+ * for twice as many positions (at least 64), so a run computes them a logarithmic number of times.
+ */
+function sharedRotaryTables(
+  rope: RotaryEmbedding,
+  n: number,
+  width: number,
+  prev: SharedRotaryTables | null,
+): SharedRotaryTables {
+  if (prev && prev.capacity >= n && prev.width === width) return prev.hold();
+  let capacity = Math.max(64, prev ? 2 * prev.capacity : 64);
+  while (capacity < n) capacity *= 2;
+  const full = tidyObj(() => prepareRotary(rope.forwardFromSeqLen(capacity), capacity, width));
+  return new SharedRotaryTables(capacity, width, full);
 }

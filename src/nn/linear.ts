@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { Module } from './module.js';
 import { getRng, type Rng } from '../utils/random.js';
 import { uniformTensor } from './init.js';
+import { backendHasKernel } from './fused.js';
 
 /** Options of `Linear`. */
 export interface LinearOptions {
@@ -80,11 +81,21 @@ const linearNoBias = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) =>
   };
 }) as (x: tf.Tensor, w: tf.Tensor) => tf.Tensor;
 
+/**
+ * A kernel a backend may register to run a biased linear layer as one step:
+ *   XtLinear  inputs {x: float32 [..., in], w: float32 [out, in], bias: float32 [out]}
+ *             output x W^T + bias: the product, then the bias added (the same numbers as those
+ *             two ops)
+ */
+export const XT_LINEAR = 'XtLinear';
+
 const linearBias = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
   const [x, w, b, save] = args as [tf.Tensor, tf.Tensor, tf.Tensor, tf.GradSaveFunc];
   save([x, w]);
   return {
-    value: tf.add(tf.matMul(x, w, false, true), b),
+    value: backendHasKernel(XT_LINEAR)
+      ? (tf.engine().runKernel(XT_LINEAR, { x, w, bias: b }) as tf.Tensor)
+      : tf.add(tf.matMul(x, w, false, true), b),
     gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => linearGrads(dy, saved[0]!, saved[1]!, true),
   };
 }) as (x: tf.Tensor, w: tf.Tensor, b: tf.Tensor) => tf.Tensor;

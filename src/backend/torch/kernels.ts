@@ -428,6 +428,8 @@ const IMPLS: Record<string, Impl> = {
       ),
     );
   },
+  XtLinear: (b, i) =>
+    b.out(b.N.matmul(b.id(inp(i, 'x')), b.id(inp(i, 'w')), false, true, b.id(inp(i, 'bias')), 0)),
   XtLayerNorm: (b, i, a) =>
     b.out(
       b.N.layerNorm(
