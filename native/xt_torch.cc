@@ -1271,19 +1271,24 @@ AttnArgs attnArgs(const Napi::CallbackInfo& info, size_t at) {
   return {get(info[at]), get(info[at + 1]), get(info[at + 2]), mask, dbl(info, at + 4), flag(info, at + 5)};
 }
 
-XT_FN(Attention) {
-  auto [q, k, v, mask, scale, causal] = attnArgs(info, 0);
+at::Tensor attentionForward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
+                            double scale, bool causal) {
 #if defined(XT_HAS_SDPA) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1))
   // same numbers where the semantics coincide: no mask, and causal only for square scores
   if (!mask && (!causal || q.size(-2) == k.size(-2)))
-    return idv(info, at::scaled_dot_product_attention(q, k, v, {}, 0.0, causal, scale));
+    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, causal, scale);
 #endif
-  if (causalBlocked(q, k, v, mask, causal)) return idv(info, causalBlockedForward(q, k, v, scale));
+  if (causalBlocked(q, k, v, mask, causal)) return causalBlockedForward(q, k, v, scale);
   auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
   auto out = xtMatmul(p, v);
   // query rows whose mask row has no true entry give 0
   if (mask) out.masked_fill_(at::logical_not(mask->any(-1, true)), 0);
-  return idv(info, out);
+  return out;
+}
+
+XT_FN(Attention) {
+  auto [q, k, v, mask, scale, causal] = attnArgs(info, 0);
+  return idv(info, attentionForward(q, k, v, mask, scale, causal));
 }
 
 XT_FN(AttentionGrad) {
@@ -1346,11 +1351,7 @@ XT_FN(GeluGrad) { return idv(info, at::gelu_backward(get(info[0]), get(info[1]))
 // Rotary embedding with pair tables: x [b, h, n, w]; cos, sin broadcastable to x with the last axis
 // whole (sin holds the sign of the pair rotation). forward: y = x * cos + swap(x) * sin, where swap
 // exchanges features 2i and 2i+1; transpose (its gradient): y = x * cos + swap(x * sin).
-XT_FN(Rotary) {
-  const at::Tensor& x = get(info[0]);
-  const at::Tensor& c0 = get(info[1]);
-  const at::Tensor& s0 = get(info[2]);
-  bool transpose = flag(info, 3);
+at::Tensor rotaryApply(const at::Tensor& x, const at::Tensor& c0, const at::Tensor& s0, bool transpose) {
   int64_t w = x.size(-1);
   bool fast = x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat && c0.scalar_type() == at::kFloat &&
               s0.scalar_type() == at::kFloat && c0.device().is_cpu() && s0.device().is_cpu() && w % 2 == 0 &&
@@ -1362,7 +1363,7 @@ XT_FN(Rotary) {
       sizes.push_back(2);
       return t.reshape(sizes).flip(-1).reshape(t.sizes());
     };
-    return idv(info, transpose ? x * c0 + swap(x * s0) : x * c0 + swap(x) * s0);
+    return transpose ? x * c0 + swap(x * s0) : x * c0 + swap(x) * s0;
   }
   at::Tensor xc = x.contiguous();
   at::Tensor c = c0.expand(xc.sizes());
@@ -1394,7 +1395,42 @@ XT_FN(Rotary) {
           }
         }
       }
-  return idv(info, y);
+  return y;
+}
+
+XT_FN(Rotary) { return idv(info, rotaryApply(get(info[0]), get(info[1]), get(info[2]), flag(info, 3))); }
+
+// One decoding step of plain self-attention with a key/value cache, as the library's ops would run
+// it (the same kernels in the same order, so the same numbers):
+//   q, k, v = x Wq^T, x Wk^T, x Wv^T split into heads; k, v appended to the cache;
+//   q rotated with (cosQ, sinQ) and all keys with (cos, sin) when tables are given (ids >= 0);
+//   softmax(q k^T * scale) v over every key; heads merged; times Wo^T.
+// args: x [b, 1, dim], wq, wk, wv, wo, kCache [b, h, t, d], vCache [b, h, t, dv], cos, sin, cosQ,
+// sinQ (ids or -1), scale, heads -> [out [b, 1, dimOut], k [b, h, t + 1, d], v [b, h, t + 1, dv],
+// this step's v [b, h, 1, dv]].
+XT_FN(CachedAttention) {
+  const at::Tensor& x = get(info[0]);
+  const at::Tensor &wq = get(info[1]), &wk = get(info[2]), &wv = get(info[3]), &wo = get(info[4]);
+  const at::Tensor &kc = get(info[5]), &vc = get(info[6]);
+  bool rotary = num(info, 7) >= 0;
+  double scale = dbl(info, 11);
+  int64_t h = num(info, 12);
+  int64_t b = x.size(0);
+  auto heads = [&](const at::Tensor& t) { return t.view({b, 1, h, t.size(-1) / h}).permute({0, 2, 1, 3}); };
+  auto q = heads(xtMatmul(x, wq.transpose(0, 1)));
+  auto k = heads(xtMatmul(x, wk.transpose(0, 1)));
+  auto v = heads(xtMatmul(x, wv.transpose(0, 1)));
+  auto kAll = at::cat({kc, k}, 2);
+  auto vAll = at::cat({vc, v}, 2);
+  at::Tensor qr = q, kr = kAll;
+  if (rotary) {
+    qr = rotaryApply(q, get(info[9]), get(info[10]), false);
+    kr = rotaryApply(kAll, get(info[7]), get(info[8]), false);
+  }
+  auto o = attentionForward(qr, kr, vAll, nullptr, scale, true);
+  auto merged = o.permute({0, 2, 1, 3}).reshape({b, 1, o.size(1) * o.size(3)});
+  auto out = xtMatmul(merged, wo.transpose(0, 1));
+  return idList(info, {out, kAll, vAll, v});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1730,6 +1766,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("adamW", AdamW);
   X("randomFill", RandomFill);
   X("sampleRows", SampleRows);
+  X("cachedAttention", CachedAttention);
 #undef X
   return exports;
 }

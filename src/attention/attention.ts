@@ -12,6 +12,7 @@ import {
 } from './data-dependent-alibi.js';
 import { fillVariable, l2normGroups, padAxis } from './ops.js';
 import { applyRotaryPosEmb, applyRotaryTables } from './rotary.js';
+import { backendHasKernel } from '../nn/fused.js';
 import {
   attentionDefaults,
   type AttentionForwardOptions,
@@ -19,6 +20,46 @@ import {
   type AttentionKv,
   type AttentionOptions,
 } from './types.js';
+
+/**
+ * A kernel a backend may register to run one decoding step of plain self-attention:
+ *   XtCachedAttention  inputs {x: [b, 1, dim], wq, wk, wv, wo (the Linear weights, [out, in]),
+ *                      kCache: [b, h, t, d], vCache: [b, h, t, dv], cos?, sin? ([1|b, 1, t + 1, d]),
+ *                      cosQ?, sinQ? ([1|b, 1, 1, d]), the tables of `prepareRotary`}
+ *                      attrs {scale, heads}
+ *                      outputs [out: [b, 1, dimOut], k: [b, h, t + 1, d], v: [b, h, t + 1, dv],
+ *                      this step's v: [b, h, 1, dv]]
+ *   It must compute what `forwardImpl` does for that step with its kernels (projections, heads
+ *   split, cache appended, XtRotary on q and every key, XtAttention, heads merged, output
+ *   projection), so that a layer gives the same numbers either way.
+ */
+export const XT_CACHED_ATTENTION = 'XtCachedAttention';
+
+/** Options that must keep these values for the one-kernel decoding step (none changes its math). */
+const PLAIN_DECODE: Partial<AttentionOptions> = {
+  preTalkingHeads: false,
+  postTalkingHeads: false,
+  preScalePostTalkingHeads: false,
+  headScale: false,
+  sparseTopk: null,
+  numMemKv: 0,
+  onAttn: false,
+  gateValueHeads: false,
+  gateValues: false,
+  hard: false,
+  maxAttendPast: null,
+  qkNorm: false,
+  l2Distance: false,
+  sigmoid: false,
+  selective: false,
+  laser: false,
+  useCope: false,
+  dataDependentAlibi: false,
+  learnedValueResidualMix: false,
+  addZeroKv: false,
+  softclampLogits: false,
+  customAttnFn: null,
+};
 
 function checkPositiveInt(name: string, v: unknown): void {
   if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0)
@@ -109,6 +150,8 @@ export class Attention extends Module {
   readonly dataDependentAlibi: DataDependentAlibi | PerRowDataDependentAlibi | null = null;
   /** Whether this layer supports a key/value cache (not with selective attention). */
   readonly canCacheKv: boolean;
+  /** Whether a decoding step may run as one XtCachedAttention kernel (plain options). */
+  private readonly plainDecode: boolean;
 
   /** dim: feature size of x. */
   constructor(dim: number, options: Partial<AttentionOptions> = {}) {
@@ -157,6 +200,10 @@ export class Attention extends Module {
       throw new Error(`kvHeads: expected a divisor of heads (${o.heads}), got ${kvHeads}`);
     this.kvHeads = kvHeads;
     this.canCacheKv = !o.selective;
+    this.plainDecode =
+      kvHeads === o.heads &&
+      (o.rotateNumHeads === null || o.rotateNumHeads >= o.heads) &&
+      (Object.keys(PLAIN_DECODE) as (keyof AttentionOptions)[]).every((key) => o[key] === PLAIN_DECODE[key]);
     if (o.rotateNumHeads !== null) {
       if (!Number.isInteger(o.rotateNumHeads) || o.rotateNumHeads <= 0 || o.rotateNumHeads > o.heads)
         throw new Error(
@@ -359,10 +406,76 @@ export class Attention extends Module {
       throw new Error('attnBias: expected either relPos or attnBias, got both');
   }
 
+  /**
+   * One decoding step (one new token, a cache, plain options, no extra inputs) as one
+   * XtCachedAttention kernel where the backend has it; null where it does not apply.
+   */
+  private decodeStep(
+    x: tf.Tensor,
+    opts: AttentionForwardOptions,
+  ): { out: tf.Tensor; intermediates: AttentionIntermediates } | null {
+    const cache = opts.cache;
+    if (
+      !this.plainDecode ||
+      !cache ||
+      x.shape[1] !== 1 ||
+      (this.training && this.options.dropout > 0) ||
+      opts.context ||
+      opts.mem ||
+      opts.mask ||
+      opts.attnMask ||
+      opts.memMask ||
+      opts.contextMask ||
+      opts.relPos ||
+      opts.attnBias ||
+      opts.prevAttn ||
+      opts.valueResidual ||
+      !backendHasKernel(XT_CACHED_ATTENTION)
+    )
+      return null;
+    const inputs: tf.NamedTensorMap = {
+      x,
+      wq: this.toQ.weight,
+      wk: this.toK.weight,
+      wv: this.toV.weight,
+      wo: this.toOut.weight,
+      kCache: cache.k,
+      vCache: cache.v,
+    };
+    if (opts.rotary) {
+      const t = opts.rotary.tables;
+      const nk = cache.k.shape[2]! + 1;
+      // only what applyRotaryTables would use: full-width tables for this step's query and keys
+      if (
+        !t ||
+        opts.rotary.xposScale ||
+        t.width !== this.dimHead ||
+        t.queryLen !== 1 ||
+        t.cos.shape[2] !== nk
+      )
+        return null;
+      const bt = t.cos.shape[0]!;
+      if (bt !== 1 && bt !== x.shape[0]) return null;
+      Object.assign(inputs, { cos: t.cos, sin: t.sin, cosQ: t.cosQ, sinQ: t.sinQ });
+    }
+    const [out, k, v, values] = tf.engine().runKernel(XT_CACHED_ATTENTION, inputs, {
+      scale: this.scale,
+      heads: this.heads,
+    }) as tf.Tensor[];
+    const intermediates: AttentionIntermediates = {};
+    if (opts.returnIntermediates) {
+      intermediates.cachedKv = { k: k!, v: v! };
+      intermediates.values = values!;
+    }
+    return { out: out!, intermediates };
+  }
+
   private forwardImpl(
     x: tf.Tensor,
     opts: AttentionForwardOptions,
   ): { out: tf.Tensor; intermediates: AttentionIntermediates } {
+    const step = this.decodeStep(x, opts);
+    if (step) return step;
     const o = this.options;
     const [b, n] = x.shape as [number, number, number];
     const h = this.heads;

@@ -428,6 +428,36 @@ const IMPLS: Record<string, Impl> = {
       ),
     );
   },
+  XtCachedAttention: (b, i, a) => {
+    const named = i as Record<string, TensorInfo | null | undefined>;
+    const opt = (k: string): number => (named[k] ? b.id(named[k]!) : -1);
+    const ids = b.N.cachedAttention(
+      b.id(inp(i, 'x')),
+      b.id(inp(i, 'wq')),
+      b.id(inp(i, 'wk')),
+      b.id(inp(i, 'wv')),
+      b.id(inp(i, 'wo')),
+      b.id(inp(i, 'kCache')),
+      b.id(inp(i, 'vCache')),
+      opt('cos'),
+      opt('sin'),
+      opt('cosQ'),
+      opt('sinQ'),
+      a.scale as number,
+      a.heads as number,
+    );
+    const x = inp(i, 'x');
+    const kc = inp(i, 'kCache');
+    const vc = inp(i, 'vCache');
+    const [bb, h, t, d] = kc.shape as [number, number, number, number];
+    const dv = vc.shape[3]!;
+    return [
+      b.outAs(ids[0]!, [x.shape[0]!, 1, inp(i, 'wo').shape[0]!], 'float32'),
+      b.outAs(ids[1]!, [bb, h, t + 1, d], 'float32'),
+      b.outAs(ids[2]!, [bb, h, t + 1, dv], 'float32'),
+      b.outAs(ids[3]!, [bb, h, 1, dv], 'float32'),
+    ];
+  },
   XtLinear: (b, i) =>
     b.out(b.N.matmul(b.id(inp(i, 'x')), b.id(inp(i, 'w')), false, true, b.id(inp(i, 'bias')), 0)),
   XtLayerNorm: (b, i, a) =>

@@ -106,6 +106,22 @@ export interface TorchAddon {
   ): Ids;
   /** kind 0 uniform [a, b), 1 normal (mean a, std b); state [s0..s3, hasSpare, spare], advanced */
   randomFill(kind: number, shape: Ints, a: number, b: number, state: Float64Array): number;
+  /** one decoding step of plain self-attention -> [out, k, v, this step's v] */
+  cachedAttention(
+    x: number,
+    wq: number,
+    wk: number,
+    wv: number,
+    wo: number,
+    kCache: number,
+    vCache: number,
+    cos: number,
+    sin: number,
+    cosQ: number,
+    sinQ: number,
+    scale: number,
+    heads: number,
+  ): Ids;
   /** one categorical draw per row of probs [b, v], walking the mass in double -> int32 [b] */
   sampleRows(probs: number, draws: Float64Array): number;
 }
