@@ -4,9 +4,19 @@ import { Decoder } from '../../src/layers/attention-layers.js';
 import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
 import { manualSeed } from '../../src/utils/random.js';
 import { expectClose } from './helpers.js';
+import { XT_CACHED_ATTENTION } from '../../src/attention/attention.js';
 
 // Cached decoding through a whole decoder equals the full pass for every attention-side scheme.
 const configs: Record<string, object> = {
+  // plain self-attention: one XtCachedAttention kernel per step where the backend has it
+  plain: {},
+  'rotary over heads of 64 (tables)': { rotaryPosEmb: true, attnDimHead: 64 },
+  'flash + rotary, value heads of 8': {
+    attnFlash: true,
+    rotaryPosEmb: true,
+    attnDimHead: 64,
+    attnValueDimHead: 8,
+  },
   rotary: { rotaryPosEmb: true },
   'rotary xpos': { rotaryXpos: true },
   'alibi (2 of 4 heads)': { alibiPosBias: true, alibiNumHeads: 2 },
@@ -19,6 +29,29 @@ const configs: Record<string, object> = {
 };
 
 describe('decoder cached decoding equals the uncached pass', () => {
+  it('runs a plain step as one XtCachedAttention kernel exactly where the backend registers it', async () => {
+    manualSeed(2);
+    const model = new TransformerWrapper({
+      numTokens: 20,
+      maxSeqLen: 16,
+      attnLayers: new Decoder({ dim: 16, depth: 2, heads: 2, attnDimHead: 64, rotaryPosEmb: true }),
+    });
+    model.eval();
+    const x = tf.tensor2d([[1, 5, 7, 3]], [1, 4], 'int32');
+    const st = model.forwardWithState(tf.slice(x, [0, 0], [1, 3]), { returnCache: true });
+    const info = await tf.profile(() => {
+      const next = model.forwardWithState(x, { cache: st.cache!, returnCache: true });
+      next.cache!.dispose();
+      return next.logits;
+    });
+    const registered = tf.getKernel(XT_CACHED_ATTENTION, tf.getBackend()) !== undefined;
+    expect(registered).toBe(tf.getBackend() === 'torch');
+    expect(info.kernels.filter((k) => k.name === XT_CACHED_ATTENTION).length).toBe(registered ? 2 : 0);
+    st.cache!.dispose();
+    tf.dispose([st.logits, x]);
+    model.dispose();
+  });
+
   for (const [name, extra] of Object.entries(configs)) {
     it(name, () => {
       manualSeed(1);
