@@ -1400,6 +1400,46 @@ at::Tensor rotaryApply(const at::Tensor& x, const at::Tensor& c0, const at::Tens
 
 XT_FN(Rotary) { return idv(info, rotaryApply(get(info[0]), get(info[1]), get(info[2]), flag(info, 3))); }
 
+// Appending one position to a key/value cache ([b, h, t, d] along dim 2) without copying the t
+// cached ones each step: the result is a view of the first t + 1 positions of a buffer with room
+// for more. A cache that is such a view, and after whose last position nothing has been written,
+// gets the new position written in place (the old view's values are untouched, so tensors stay
+// immutable); any other gets a new buffer with room for half as many positions again.
+struct AppendBuffer {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  int64_t used;
+};
+std::unordered_map<const void*, AppendBuffer> g_appendBuffers;
+
+at::Tensor appendPosition(const at::Tensor& cache, const at::Tensor& x) {
+  int64_t b = cache.size(0), h = cache.size(1), t = cache.size(2), d = cache.size(3);
+  if (cache.device().is_cpu() && cache.scalar_type() == x.scalar_type() && cache.has_storage() &&
+      cache.storage_offset() == 0 && cache.stride(3) == 1 && cache.stride(2) == d && d > 0) {
+    int64_t cap = cache.stride(1) / d;
+    auto it = g_appendBuffers.find(cache.storage().data());
+    if (it != g_appendBuffers.end() && cap > t && cache.stride(1) == cap * d && cache.stride(0) == h * cap * d &&
+        it->second.used == t && it->second.storage.lock().get() == cache.storage().unsafeGetStorageImpl()) {
+      auto full = cache.as_strided({b, h, t + 1, d}, cache.strides(), 0);
+      full.narrow(2, t, 1).copy_(x);
+      it->second.used = t + 1;
+      return full;
+    }
+  }
+  int64_t cap = std::max<int64_t>(t + 1 + (t + 1) / 2, 16);
+  auto buffer = at::empty({b, h, cap, d}, cache.options());
+  auto full = buffer.narrow(2, 0, t + 1);
+  full.narrow(2, 0, t).copy_(cache);
+  full.narrow(2, t, 1).copy_(x);
+  if (buffer.device().is_cpu()) {
+    if (g_appendBuffers.size() >= 1024)
+      for (auto e = g_appendBuffers.begin(); e != g_appendBuffers.end();)
+        e = e->second.storage.expired() ? g_appendBuffers.erase(e) : std::next(e);
+    g_appendBuffers.erase(buffer.storage().data());
+    g_appendBuffers.emplace(buffer.storage().data(), AppendBuffer{buffer.storage().getWeakStorageImpl(), t + 1});
+  }
+  return full;
+}
+
 // One decoding step of plain self-attention with a key/value cache, as the library's ops would run
 // it (the same kernels in the same order, so the same numbers):
 //   q, k, v = x Wq^T, x Wk^T, x Wv^T split into heads; k, v appended to the cache;
@@ -1420,8 +1460,8 @@ XT_FN(CachedAttention) {
   auto q = heads(xtMatmul(x, wq.transpose(0, 1)));
   auto k = heads(xtMatmul(x, wk.transpose(0, 1)));
   auto v = heads(xtMatmul(x, wv.transpose(0, 1)));
-  auto kAll = at::cat({kc, k}, 2);
-  auto vAll = at::cat({vc, v}, 2);
+  auto kAll = appendPosition(kc, k);
+  auto vAll = appendPosition(vc, v);
   at::Tensor qr = q, kr = kAll;
   if (rotary) {
     qr = rotaryApply(q, get(info[9]), get(info[10]), false);

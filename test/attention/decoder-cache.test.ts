@@ -29,6 +29,39 @@ const configs: Record<string, object> = {
 };
 
 describe('decoder cached decoding equals the uncached pass', () => {
+  it('a cache continued twice (branching) keeps each continuation right', () => {
+    manualSeed(3);
+    const model = new TransformerWrapper({
+      numTokens: 20,
+      maxSeqLen: 64,
+      attnLayers: new Decoder({ dim: 16, depth: 2, heads: 2, attnDimHead: 64, rotaryPosEmb: true }),
+    });
+    model.eval();
+    const before = tf.memory().numTensors;
+    tf.tidy(() => {
+      const prefix = [1, 5, 7, 3, 2, 9, 11, 4, 6, 8, 10, 12, 13, 14, 15, 16, 17];
+      const ids = (xs: number[]): tf.Tensor => tf.tensor2d([xs], [1, xs.length], 'int32');
+      const start = model.forwardWithState(ids(prefix.slice(0, -1)), { returnCache: true }).cache!;
+      // a decoding step's cache (which later steps may extend in place)
+      const root = model.forwardWithState(ids(prefix), { cache: start, returnCache: true }).cache!;
+      start.dispose();
+      // two branches from the same cache, the second made after the first
+      const a1 = model.forwardWithState(ids([...prefix, 2]), { cache: root, returnCache: true });
+      const b1 = model.forwardWithState(ids([...prefix, 3]), { cache: root, returnCache: true });
+      // each branch continued: its keys must be its own
+      const a2 = model.forwardWithState(ids([...prefix, 2, 4]), { cache: a1.cache!, returnCache: true });
+      const b2 = model.forwardWithState(ids([...prefix, 3, 5]), { cache: b1.cache!, returnCache: true });
+      const again = model.forwardWithState(ids([...prefix, 2]), { cache: root, returnCache: true });
+      const last = (t: tf.Tensor): tf.Tensor => tf.slice(t, [0, t.shape[1]! - 1, 0], [1, 1, -1]);
+      expectClose(a2.logits, last(model.forward(ids([...prefix, 2, 4]))), 1e-5, 1e-4);
+      expectClose(b2.logits, last(model.forward(ids([...prefix, 3, 5]))), 1e-5, 1e-4);
+      expectClose(again.logits, a1.logits, 0, 0);
+      for (const c of [root, a1.cache!, b1.cache!, a2.cache!, b2.cache!, again.cache!]) c.dispose();
+    });
+    expect(tf.memory().numTensors).toBe(before);
+    model.dispose();
+  });
+
   it('runs a plain step as one XtCachedAttention kernel exactly where the backend registers it', async () => {
     manualSeed(2);
     const model = new TransformerWrapper({
