@@ -1408,6 +1408,10 @@ XT_FN(Rotary) { return idv(info, rotaryApply(get(info[0]), get(info[1]), get(inf
 struct AppendBuffer {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
   int64_t used;
+  // for a key buffer: its first `rotatedUsed` positions rotated (rotary), in a buffer of the same
+  // capacity that only this code reads
+  at::Tensor rotated;
+  int64_t rotatedUsed = 0;
 };
 std::unordered_map<const void*, AppendBuffer> g_appendBuffers;
 
@@ -1431,13 +1435,41 @@ at::Tensor appendPosition(const at::Tensor& cache, const at::Tensor& x) {
   full.narrow(2, 0, t).copy_(cache);
   full.narrow(2, t, 1).copy_(x);
   if (buffer.device().is_cpu()) {
-    if (g_appendBuffers.size() >= 1024)
-      for (auto e = g_appendBuffers.begin(); e != g_appendBuffers.end();)
-        e = e->second.storage.expired() ? g_appendBuffers.erase(e) : std::next(e);
+    // buffers that died take their rotated keys with them here (a run holds a few per layer)
+    for (auto e = g_appendBuffers.begin(); e != g_appendBuffers.end();)
+      e = e->second.storage.expired() ? g_appendBuffers.erase(e) : std::next(e);
     g_appendBuffers.erase(buffer.storage().data());
-    g_appendBuffers.emplace(buffer.storage().data(), AppendBuffer{buffer.storage().getWeakStorageImpl(), t + 1});
+    g_appendBuffers.emplace(buffer.storage().data(),
+                            AppendBuffer{buffer.storage().getWeakStorageImpl(), t + 1, at::Tensor(), 0});
   }
   return full;
+}
+
+// The rotated keys of an appended key cache (kAll, from appendPosition): rotating a key depends on
+// its position alone, so the rotations of earlier steps are kept beside the buffer and only the new
+// position is rotated; anything else rotates every key.
+at::Tensor rotatedKeys(const at::Tensor& kAll, const at::Tensor& cos, const at::Tensor& sin) {
+  int64_t t1 = kAll.size(2);
+  auto it = kAll.device().is_cpu() ? g_appendBuffers.find(kAll.storage().data()) : g_appendBuffers.end();
+  bool tracked = it != g_appendBuffers.end() && it->second.used == t1 &&
+                 it->second.storage.lock().get() == kAll.storage().unsafeGetStorageImpl();
+  if (tracked && it->second.rotated.defined() && it->second.rotatedUsed == t1 - 1 && cos.size(2) == t1 &&
+      sin.size(2) == t1) {
+    auto& r = it->second.rotated;
+    r.narrow(2, t1 - 1, 1).copy_(rotaryApply(kAll.narrow(2, t1 - 1, 1), cos.narrow(2, t1 - 1, 1),
+                                             sin.narrow(2, t1 - 1, 1), false));
+    it->second.rotatedUsed = t1;
+    return r.narrow(2, 0, t1);
+  }
+  auto all = rotaryApply(kAll, cos, sin, false);
+  if (tracked) {
+    int64_t cap = kAll.stride(1) / kAll.size(3);
+    auto r = at::empty({kAll.size(0), kAll.size(1), cap, kAll.size(3)}, all.options());
+    r.narrow(2, 0, t1).copy_(all);
+    it->second.rotated = r;
+    it->second.rotatedUsed = t1;
+  }
+  return all;
 }
 
 // One decoding step of plain self-attention with a key/value cache, as the library's ops would run
@@ -1465,7 +1497,7 @@ XT_FN(CachedAttention) {
   at::Tensor qr = q, kr = kAll;
   if (rotary) {
     qr = rotaryApply(q, get(info[9]), get(info[10]), false);
-    kr = rotaryApply(kAll, get(info[7]), get(info[8]), false);
+    kr = rotatedKeys(kAll, get(info[7]), get(info[8]));
   }
   auto o = attentionForward(qr, kr, vAll, nullptr, scale, true);
   auto merged = o.permute({0, 2, 1, 3}).reshape({b, 1, o.size(1) * o.size(3)});
