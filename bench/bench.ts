@@ -39,55 +39,24 @@ interface BenchConfig {
   newTokens: number;
 }
 
+const SMALL: BenchConfig = {
+  vocab: 256,
+  dim: 256,
+  depth: 4,
+  heads: 4,
+  seq: 256,
+  batch: 4,
+  trainSteps: 8,
+  warmupSteps: 2,
+  prompt: 16,
+  newTokens: 240,
+};
+
 const CONFIGS: Record<string, BenchConfig> = {
-  small: {
-    vocab: 256,
-    dim: 256,
-    depth: 4,
-    heads: 4,
-    seq: 256,
-    batch: 4,
-    trainSteps: 8,
-    warmupSteps: 2,
-    prompt: 16,
-    newTokens: 240,
-  },
-  'small-32k': {
-    vocab: 32000,
-    dim: 256,
-    depth: 4,
-    heads: 4,
-    seq: 256,
-    batch: 4,
-    trainSteps: 8,
-    warmupSteps: 2,
-    prompt: 16,
-    newTokens: 240,
-  },
-  gpt2: {
-    vocab: 32000,
-    dim: 768,
-    depth: 12,
-    heads: 12,
-    seq: 1024,
-    batch: 8,
-    trainSteps: 8,
-    warmupSteps: 2,
-    prompt: 16,
-    newTokens: 240,
-  },
-  base: {
-    vocab: 256,
-    dim: 512,
-    depth: 6,
-    heads: 8,
-    seq: 512,
-    batch: 4,
-    trainSteps: 4,
-    warmupSteps: 1,
-    prompt: 16,
-    newTokens: 240,
-  },
+  small: SMALL,
+  'small-32k': { ...SMALL, vocab: 32000 },
+  gpt2: { ...SMALL, vocab: 32000, dim: 768, depth: 12, heads: 12, seq: 1024, batch: 8 },
+  base: { ...SMALL, dim: 512, depth: 6, heads: 8, seq: 512, trainSteps: 4, warmupSteps: 1 },
 };
 
 interface Result {
