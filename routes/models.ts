@@ -1,6 +1,7 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
+import { parameterLowerBound } from '../models/parameter-bound.js';
 import { checkpointView, modelView } from '../models/registry.js';
 import {
   CheckpointView,
@@ -33,28 +34,6 @@ export function engineCall<T>(fn: () => T): T {
     if (e instanceof EngineUnavailableError) throw unavailable(`engine not ready: ${e.message}`);
     throw e;
   }
-}
-
-function num(obj: unknown, ...keys: string[]): number {
-  if (!obj || typeof obj !== 'object') return 0;
-  for (const k of keys) {
-    const v = (obj as Record<string, unknown>)[k];
-    if (typeof v === 'number' && Number.isFinite(v)) return v;
-  }
-  return 0;
-}
-
-/**
- * A rough upper-bound-ish parameter count read from the definition, to refuse absurd models before
- * allocating them (the exact count is checked after building).
- */
-export function estimateParameters(config: Record<string, unknown>): number {
-  const layers = config.attnLayers ?? config.attn_layers;
-  const dim = num(layers, 'dim');
-  const depth = num(layers, 'depth');
-  const numTokens = num(config, 'numTokens', 'num_tokens');
-  const maxSeqLen = num(config, 'maxSeqLen', 'max_seq_len');
-  return 12 * depth * dim * dim + 2 * numTokens * dim + maxSeqLen * dim;
 }
 
 /** Reads an uploaded file: multipart (first file) or a raw body (octet-stream / text). */
@@ -124,10 +103,12 @@ export default async function modelRoutes(app: FastifyInstance): Promise<void> {
     async (request, reply) => {
       const { name, config } = request.body;
       const tokenizerName: TokenizerName = request.body.tokenizer ?? 'byte';
-      const estimate = estimateParameters(config);
-      if (estimate > 4 * limits.maxParameters) {
+      // refused before anything is allocated when even its lower bound is over the limit
+      const bound = parameterLowerBound(config);
+      if (bound.total > limits.maxParameters) {
         throw badRequest(
-          `config: the model would have about ${estimate} parameters, over the limit MAX_PARAMETERS=${limits.maxParameters}`,
+          `config: the model would have at least ${bound.total} parameters (token embedding ${bound.embedding}, ` +
+            `attention ${bound.attention}, feedforward ${bound.feedforward}), over the limit MAX_PARAMETERS=${limits.maxParameters}`,
         );
       }
       const tokenizer = engineCall(() => getTokenizer(tokenizerName));
