@@ -97,9 +97,11 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   });
 
   installErrorHandling(app, limits);
-  app.addContentTypeParser('application/octet-stream', { parseAs: 'buffer' }, (_req, body, done) =>
-    done(null, body),
-  );
+  // uploads arrive as bytes: a text body is checked as UTF-8 by its route, not decoded with replacements
+  app.removeContentTypeParser('text/plain');
+  for (const type of ['application/octet-stream', 'text/plain']) {
+    app.addContentTypeParser(type, { parseAs: 'buffer' }, (_req, body, done) => done(null, body));
+  }
   await app.register(multipart, { limits: { fileSize: limits.maxUploadBytes, files: 1 } });
   app.addHook('onResponse', async (request, reply) => {
     ctx.metrics.httpDuration.observe(
