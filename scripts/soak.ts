@@ -75,7 +75,7 @@ async function main(): Promise<void> {
     });
     const datasetId = data.json().id as string;
 
-    const train = async (steps: number): Promise<void> => {
+    const train = async (steps: number, offset: number): Promise<void> => {
       const r = await app.inject({
         method: 'POST',
         url: `/v1/models/${modelId}/train`,
@@ -90,7 +90,7 @@ async function main(): Promise<void> {
         const step = Number(job.progress.step ?? 0);
         if (step >= last + 100) {
           last = step;
-          sample(`train step ${step}`);
+          sample(`train step ${offset + step}`);
         }
         if (job.state === 'completed') return;
         await new Promise((res) => setTimeout(res, 20));
@@ -121,12 +121,12 @@ async function main(): Promise<void> {
     const startRss = rss();
     const warmSteps = Math.round(STEPS * WARM);
     const warmGens = Math.round(GENERATIONS * WARM);
-    await train(warmSteps);
+    await train(warmSteps, 0);
     await generate(warmGens, 0);
     await queuesIdle();
     const baseline = rss();
     const tensors = tf.memory().numTensors;
-    await train(STEPS - warmSteps);
+    await train(STEPS - warmSteps, warmSteps);
     await generate(GENERATIONS - warmGens, warmGens);
     await queuesIdle();
     const end = rss();

@@ -239,6 +239,9 @@ describe('bodies over their limit are refused before they are read', () => {
       expect(JSON.parse(r.body).message).toContain(limit);
       // the server read at most the limit plus what sockets buffer (a few MiB on loopback), then
       // closed the connection: the client could not write the rest
+      console.log(
+        `${what}: ${r.status} after the client wrote ${(r.written / 2 ** 20).toFixed(1)} MiB of ${TOTAL / 2 ** 20} MiB`,
+      );
       expect(r.written).toBeLessThan(64 * 1024 * 1024);
       // and it closed the connection with its answer (not at a timeout a minute later)
       expect(r.closedAfterMs).toBeLessThan(10_000);
