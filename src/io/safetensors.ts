@@ -145,8 +145,7 @@ function decode(buf: Uint8Array, start: number, count: number, dtype: Safetensor
       const out = new Int32Array(count);
       for (let i = 0; i < count; i++) {
         const v = view.getBigInt64(i * 8, true);
-        if (v > 2147483647n || v < -2147483648n)
-          throw new Error(`I64 value ${v} does not fit in int32`);
+        if (v > 2147483647n || v < -2147483648n) throw new Error(`I64 value ${v} does not fit in int32`);
         out[i] = Number(v);
       }
       return out;
