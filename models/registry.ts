@@ -1,4 +1,5 @@
 import type { Redis } from 'ioredis';
+import { isId } from './ids.js';
 import type {
   CheckpointRecord,
   CheckpointView,
@@ -68,7 +69,9 @@ export class Registry {
       .exec();
   }
 
+  /** The model, or null when there is none (an id of another form names none). */
   async getModel(id: string): Promise<ModelRecord | null> {
+    if (!isId(id)) return null;
     const raw = await this.redis.get(this.key('model', id));
     return raw ? (JSON.parse(raw) as ModelRecord) : null;
   }
@@ -132,6 +135,7 @@ export class Registry {
   }
 
   async getDataset(id: string): Promise<DatasetView | null> {
+    if (!isId(id)) return null;
     const raw = await this.redis.get(this.key('dataset', id));
     return raw ? (JSON.parse(raw) as DatasetView) : null;
   }
@@ -198,6 +202,7 @@ export class Registry {
   }
 
   async getJob(id: string): Promise<JobView | null> {
+    if (!isId(id)) return null;
     const h = await this.redis.hgetall(this.key('job', id));
     if (!h.type) return null;
     const view: JobView = {

@@ -1,5 +1,6 @@
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import { checkId } from './ids.js';
 
 /**
  * Files under DATA_DIR, shared by API and workers (a volume in docker compose):
@@ -10,6 +11,7 @@ export class Storage {
   constructor(readonly dataDir: string) {}
 
   abs(rel: string): string {
+    if (rel.includes('\0')) throw new Error(`path: expected no NUL byte, got ${JSON.stringify(rel)}`);
     const p = path.resolve(this.dataDir, rel);
     if (!p.startsWith(path.resolve(this.dataDir) + path.sep)) {
       throw new Error(`path: expected a file under DATA_DIR, got "${rel}"`);
@@ -18,15 +20,26 @@ export class Storage {
   }
 
   datasetFile(id: string): string {
-    return path.join('datasets', `${id}.txt`);
+    return path.join('datasets', `${checkId('datasetId', id)}.txt`);
   }
 
   weightsFile(modelId: string, version: string): string {
-    return path.join('models', modelId, `${version}.safetensors`);
+    if (!/^[A-Za-z0-9-]+$/.test(version))
+      throw new Error(`version: expected letters, digits and -, got ${JSON.stringify(version)}`);
+    return path.join('models', checkId('modelId', modelId), `${version}.safetensors`);
   }
 
   checkpointDir(modelId: string, jobId: string, step: number): string {
-    return path.join('checkpoints', modelId, jobId, `step-${String(step).padStart(8, '0')}`);
+    if (!Number.isSafeInteger(step) || step < 0)
+      throw new Error(`step: expected a non-negative integer, got ${step}`);
+    const name = `step-${String(step).padStart(8, '0')}`;
+    return path.join('checkpoints', checkId('modelId', modelId), checkId('jobId', jobId), name);
+  }
+
+  /** The folders of one model: its weights and its checkpoints. */
+  modelDirs(modelId: string): string[] {
+    checkId('modelId', modelId);
+    return [path.join('models', modelId), path.join('checkpoints', modelId)];
   }
 
   /** Writes a file atomically (temporary name, then rename): readers never see half a file. */

@@ -71,6 +71,7 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
       : Fastify({ logger: options.logger ?? false, bodyLimit: limits.maxBodyBytes })
   ) as FastifyInstance;
   const prefix = options.prefix ?? 'xt';
+  const closing = new AbortController();
   const redis = createRedis(options.redisUrl);
   const queueConn = createRedis(options.redisUrl);
   const ctx: ServiceContext = {
@@ -82,12 +83,15 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     generateQueue: new Queue<GenerateJobData>(GENERATE_QUEUE, { connection: queueConn, prefix }),
     limits,
     metrics: options.metrics ?? createMetrics(),
+    closing: closing.signal,
   };
   ctx.trainQueue.on('error', (err) => app.log.error({ err: err.message }, 'train queue error'));
   ctx.generateQueue.on('error', (err) => app.log.error({ err: err.message }, 'generate queue error'));
   for (const c of [redis, queueConn])
     c.on('error', (err) => app.log.warn({ err: err.message }, 'redis error'));
   app.decorate('svc', ctx);
+  // before the server stops accepting: end open event streams, or closing would wait on them
+  app.addHook('preClose', async () => closing.abort());
   app.addHook('onClose', async () => {
     const up = redis.status === 'ready';
     await within(ctx.trainQueue.close(), up ? 5000 : 100);
@@ -97,9 +101,11 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   });
 
   installErrorHandling(app, limits);
-  app.addContentTypeParser('application/octet-stream', { parseAs: 'buffer' }, (_req, body, done) =>
-    done(null, body),
-  );
+  // uploads arrive as bytes: a text body is checked as UTF-8 by its route, not decoded with replacements
+  app.removeContentTypeParser('text/plain');
+  for (const type of ['application/octet-stream', 'text/plain']) {
+    app.addContentTypeParser(type, { parseAs: 'buffer' }, (_req, body, done) => done(null, body));
+  }
   await app.register(multipart, { limits: { fileSize: limits.maxUploadBytes, files: 1 } });
   app.addHook('onResponse', async (request, reply) => {
     ctx.metrics.httpDuration.observe(

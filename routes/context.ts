@@ -16,6 +16,8 @@ export interface ServiceContext {
   generateQueue: Queue<GenerateJobData>;
   limits: ServiceLimits;
   metrics: ServiceMetrics;
+  /** Aborted when the app starts closing: open event streams end, telling their clients to reconnect. */
+  closing: AbortSignal;
 }
 
 declare module 'fastify' {

@@ -1,7 +1,9 @@
 import type { FastifyInstance } from 'fastify';
 import { Type, type Static } from '@sinclair/typebox';
+import { isUtf8 } from 'node:buffer';
 import { randomUUID } from 'node:crypto';
 import { DatasetView, IdParams, errors } from '../models/schemas.js';
+import { firstInvalidUtf8 } from '../models/utf8.js';
 import { badRequest, notFound } from './errors.js';
 import { uploadedBytes } from './models.js';
 
@@ -27,6 +29,11 @@ export default async function datasetRoutes(app: FastifyInstance): Promise<void>
     async (request, reply) => {
       const { bytes, filename, fields } = await uploadedBytes(request, limits.maxUploadBytes);
       if (bytes.byteLength === 0) throw badRequest('body: expected non-empty text, got 0 bytes');
+      const bad = isUtf8(bytes) ? -1 : firstInvalidUtf8(bytes);
+      if (bad >= 0) {
+        const got = [...bytes.subarray(bad, bad + 4)].map((b) => b.toString(16).padStart(2, '0')).join(' ');
+        throw badRequest(`body: expected UTF-8 text, got bytes ${got} at byte ${bad}`);
+      }
       const name = request.query.name ?? fields.name ?? filename ?? 'dataset';
       const id = randomUUID();
       await storage.write(storage.datasetFile(id), bytes);

@@ -34,6 +34,8 @@ export function installErrorHandling(app: FastifyInstance, limits: ServiceLimits
         ? `request body exceeds the upload limit MAX_UPLOAD_BYTES=${limits.maxUploadBytes}`
         : `request body exceeds the limit MAX_BODY_BYTES=${limits.maxBodyBytes}`;
     }
+    // an oversized body is not read further: the connection closes after the answer
+    if (statusCode === 413) reply.header('connection', 'close');
     if (statusCode >= 500) request.log.error({ err }, 'request failed');
     void reply
       .status(statusCode)

@@ -3,9 +3,9 @@ import { randomUUID } from 'node:crypto';
 import { GenerateBody, GenerateResult, IdParams, errors } from '../models/schemas.js';
 import type { GenerateJobData } from '../workers/queues.js';
 import { getTokenizer } from '../workers/engine.js';
-import { badRequest, HttpError, notFound } from './errors.js';
+import { badRequest, HttpError, notFound, unavailable } from './errors.js';
 import { engineCall } from './models.js';
-import { clientGone, followEvents, startSse, writeSse } from './sse.js';
+import { clientGone, followEvents, pipeEvents, startSse } from './sse.js';
 
 /**
  * Sampling: the request becomes a `generate` job; its tokens come back through the job's Redis
@@ -104,22 +104,20 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
         reply.raw.write(
           `id: 0-0\nevent: start\ndata: ${JSON.stringify({ jobId, promptTokens: promptTokens.length })}\n\n`,
         );
-        // keeps proxies from closing the stream while the job waits for a free worker
-        const heartbeat = setInterval(() => reply.raw.write(': ping\n\n'), 15_000);
-        try {
-          for await (const ev of followEvents(registry, jobId, '0', gone.signal)) {
+        await pipeEvents(
+          reply,
+          registry,
+          jobId,
+          '0',
+          { gone: gone.signal, closing: app.svc.closing },
+          (ev) => {
             if (ev.event === 'done') onDone(ev.data);
-            writeSse(reply, ev);
-          }
-        } catch (e) {
-          request.log.warn({ err: (e as Error).message }, 'generation stream ended early');
-        } finally {
-          clearInterval(heartbeat);
-          reply.raw.end();
-        }
+          },
+        );
         return;
       }
-      for await (const ev of followEvents(registry, jobId, '0', gone.signal)) {
+      const signal = AbortSignal.any([gone.signal, app.svc.closing]);
+      for await (const ev of followEvents(registry, jobId, '0', signal)) {
         if (ev.event === 'done') {
           onDone(ev.data);
           return { jobId, ...(ev.data as Omit<GenerateResult, 'jobId'>) };
@@ -127,6 +125,10 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
         if (ev.event === 'failed') throw new HttpError(500, `generation failed: ${String(ev.data.error)}`);
         if (ev.event === 'cancelled') throw new HttpError(409, `generation ${jobId} was cancelled`);
       }
+      if (app.svc.closing.aborted)
+        throw unavailable(
+          `the server is shutting down; generation ${jobId} goes on: read it at /v1/jobs/${jobId}`,
+        );
       throw new HttpError(500, `generation ${jobId} ended without a result`);
     },
   );

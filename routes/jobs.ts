@@ -5,7 +5,7 @@ import { isTerminal } from '../models/registry.js';
 import { IdParams, JobAccepted, JobView, TRAIN_DEFAULTS, TrainBody, errors } from '../models/schemas.js';
 import type { TrainJobData } from '../workers/queues.js';
 import { badRequest, conflict, notFound } from './errors.js';
-import { clientGone, followEvents, resumeId, startSse, writeSse } from './sse.js';
+import { clientGone, pipeEvents, resumeId, startSse } from './sse.js';
 
 /** Training jobs: start, read, cancel, and follow progress over server-sent events. */
 export default async function jobRoutes(app: FastifyInstance): Promise<void> {
@@ -128,15 +128,7 @@ export default async function jobRoutes(app: FastifyInstance): Promise<void> {
       const from = resumeId(request.headers['last-event-id'] ?? request.query.lastEventId);
       const gone = clientGone(reply);
       startSse(reply);
-      const heartbeat = setInterval(() => reply.raw.write(': ping\n\n'), 15_000);
-      try {
-        for await (const ev of followEvents(registry, job.id, from, gone.signal)) writeSse(reply, ev);
-      } catch (e) {
-        request.log.warn({ err: (e as Error).message }, 'event stream ended early');
-      } finally {
-        clearInterval(heartbeat);
-        reply.raw.end();
-      }
+      await pipeEvents(reply, registry, job.id, from, { gone: gone.signal, closing: app.svc.closing });
     },
   );
 }

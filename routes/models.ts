@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { randomUUID } from 'node:crypto';
-import path from 'node:path';
+import { parameterLowerBound } from '../models/parameter-bound.js';
 import { checkpointView, modelView } from '../models/registry.js';
 import {
   CheckpointView,
@@ -22,7 +22,7 @@ import {
   weightsToBytes,
   type BuiltLm,
 } from '../workers/engine.js';
-import { badRequest, conflict, notFound, unavailable } from './errors.js';
+import { badRequest, conflict, HttpError, notFound, unavailable } from './errors.js';
 
 /** Turns library errors into 400 (bad definition) / 503 (engine missing). */
 export function engineCall<T>(fn: () => T): T {
@@ -35,29 +35,10 @@ export function engineCall<T>(fn: () => T): T {
   }
 }
 
-function num(obj: unknown, ...keys: string[]): number {
-  if (!obj || typeof obj !== 'object') return 0;
-  for (const k of keys) {
-    const v = (obj as Record<string, unknown>)[k];
-    if (typeof v === 'number' && Number.isFinite(v)) return v;
-  }
-  return 0;
-}
-
 /**
- * A rough upper-bound-ish parameter count read from the definition, to refuse absurd models before
- * allocating them (the exact count is checked after building).
+ * Reads an uploaded file: multipart (first file) or a raw body (octet-stream / text). A multipart
+ * file over `fileSize` is refused (413) as soon as it passes the limit: the rest is not read.
  */
-export function estimateParameters(config: Record<string, unknown>): number {
-  const layers = config.attnLayers ?? config.attn_layers;
-  const dim = num(layers, 'dim');
-  const depth = num(layers, 'depth');
-  const numTokens = num(config, 'numTokens', 'num_tokens');
-  const maxSeqLen = num(config, 'maxSeqLen', 'max_seq_len');
-  return 12 * depth * dim * dim + 2 * numTokens * dim + maxSeqLen * dim;
-}
-
-/** Reads an uploaded file: multipart (first file) or a raw body (octet-stream / text). */
 export async function uploadedBytes(
   request: FastifyRequest,
   fileSize: number,
@@ -65,13 +46,26 @@ export async function uploadedBytes(
   if (request.isMultipart()) {
     const fields: Record<string, string> = {};
     let out: { bytes: Buffer; filename?: string } | null = null;
-    for await (const part of request.parts({ limits: { fileSize } })) {
-      if (part.type === 'file') {
-        const buf = await part.toBuffer();
-        if (!out) out = { bytes: buf, filename: part.filename };
-      } else if (typeof part.value === 'string') {
-        fields[part.fieldname] = part.value;
+    try {
+      for await (const part of request.parts({ limits: { fileSize } })) {
+        if (part.type === 'file') {
+          const chunks: Buffer[] = [];
+          // past the limit the parser skips the part's data until its boundary: stop reading at once
+          part.file.once('limit', () => part.file.destroy(uploadTooLarge(fileSize)));
+          for await (const chunk of part.file as AsyncIterable<Buffer>) {
+            if (part.file.truncated) throw uploadTooLarge(fileSize);
+            chunks.push(chunk);
+          }
+          if (part.file.truncated) throw uploadTooLarge(fileSize);
+          if (!out) out = { bytes: Buffer.concat(chunks), filename: part.filename };
+        } else if (typeof part.value === 'string') {
+          fields[part.fieldname] = part.value;
+        }
       }
+    } catch (e) {
+      const status = (e as { statusCode?: number }).statusCode;
+      if (e instanceof HttpError || (status !== undefined && status < 500)) throw e;
+      throw badRequest(`file: expected a complete multipart/form-data body, got ${(e as Error).message}`);
     }
     if (!out) throw badRequest('file: expected a multipart file part, got none');
     return { ...out, fields };
@@ -83,6 +77,9 @@ export async function uploadedBytes(
     `body: expected text/plain, application/octet-stream or multipart/form-data, got ${request.headers['content-type'] ?? 'no content type'}`,
   );
 }
+
+const uploadTooLarge = (limit: number) =>
+  new HttpError(413, `request body exceeds the upload limit MAX_UPLOAD_BYTES=${limit}`);
 
 /**
  * Training checkpoints hold the AutoregressiveWrapper's state dict (keys under `net.`); downloads
@@ -124,10 +121,12 @@ export default async function modelRoutes(app: FastifyInstance): Promise<void> {
     async (request, reply) => {
       const { name, config } = request.body;
       const tokenizerName: TokenizerName = request.body.tokenizer ?? 'byte';
-      const estimate = estimateParameters(config);
-      if (estimate > 4 * limits.maxParameters) {
+      // refused before anything is allocated when even its lower bound is over the limit
+      const bound = parameterLowerBound(config);
+      if (bound.total > limits.maxParameters) {
         throw badRequest(
-          `config: the model would have about ${estimate} parameters, over the limit MAX_PARAMETERS=${limits.maxParameters}`,
+          `config: the model would have at least ${bound.total} parameters (token embedding ${bound.embedding}, ` +
+            `attention ${bound.attention}, feedforward ${bound.feedforward}), over the limit MAX_PARAMETERS=${limits.maxParameters}`,
         );
       }
       const tokenizer = engineCall(() => getTokenizer(tokenizerName));
@@ -208,8 +207,7 @@ export default async function modelRoutes(app: FastifyInstance): Promise<void> {
       if (jobs.length)
         throw conflict(`model ${m.id} is in use by job(s) ${jobs.join(', ')}; cancel them first`);
       await registry.deleteModel(m.id);
-      await storage.remove(path.join('models', m.id));
-      await storage.remove(path.join('checkpoints', m.id));
+      for (const dir of storage.modelDirs(m.id)) await storage.remove(dir);
       return reply.status(204).send();
     },
   );

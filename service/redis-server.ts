@@ -16,6 +16,8 @@ export interface RedisChildOptions {
   dir?: string;
   /** Binary to run (default `redis-server` on PATH, then /usr/bin/redis-server). */
   bin?: string;
+  /** Port to listen on (default: a free one), e.g. to restart a server where its clients expect it. */
+  port?: number;
 }
 
 export const REDIS_INSTALL_HINT =
@@ -64,7 +66,7 @@ function canConnect(port: number): Promise<boolean> {
 export async function startRedisChild(options: RedisChildOptions = {}): Promise<RedisChild> {
   const bin = findRedisServer(options.bin);
   if (!bin) throw new Error(REDIS_INSTALL_HINT);
-  const port = await freePort();
+  const port = options.port ?? (await freePort());
   const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', ''];
   if (options.dir) {
     mkdirSync(options.dir, { recursive: true });

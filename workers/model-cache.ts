@@ -21,11 +21,16 @@ export interface LoadedModel {
 interface Entry {
   value: LoadedModel;
   refs: number;
+  modelId: string;
+  weightsVersion: number;
+  /** Newer weights of the model were loaded: disposed as soon as no generation uses it. */
+  stale: boolean;
 }
 
 /**
- * A bounded LRU of models loaded for generation, keyed by model id and weights version (new weights
- * mean a new entry; the old one ages out). Entries in use are never disposed: `acquire` pins,
+ * A bounded LRU of models loaded for generation, keyed by model id and weights version. New weights
+ * mean a new entry, and the model's older entries are disposed as soon as no generation uses them
+ * (a model trained again and again keeps one copy, not `capacity`). Entries in use are never disposed: `acquire` pins,
  * `release` unpins, and eviction skips pinned entries.
  */
 export class ModelCache {
@@ -38,6 +43,11 @@ export class ModelCache {
 
   get size(): number {
     return this.entries.size;
+  }
+
+  /** The weights versions of a model that are loaded. */
+  versions(modelId: string): number[] {
+    return [...this.entries.values()].filter((e) => e.modelId === modelId).map((e) => e.weightsVersion);
   }
 
   async acquire(record: ModelRecord): Promise<LoadedModel> {
@@ -64,7 +74,18 @@ export class ModelCache {
       ar: autoregressive(built.model),
       tokenizer: getTokenizer(record.tokenizer),
     };
-    this.entries.set(key, { value, refs: 1 });
+    this.entries.set(key, {
+      value,
+      refs: 1,
+      modelId: record.id,
+      weightsVersion: record.weightsVersion,
+      stale: false,
+    });
+    for (const [k, e] of this.entries) {
+      if (e.modelId !== record.id || e.weightsVersion >= record.weightsVersion) continue;
+      e.stale = true;
+      if (e.refs === 0) this.remove(k, e);
+    }
     this.evict();
     return value;
   }
@@ -73,6 +94,7 @@ export class ModelCache {
     const e = this.entries.get(m.key);
     if (e) {
       e.refs = Math.max(0, e.refs - 1);
+      if (e.stale && e.refs === 0) this.remove(m.key, e);
       this.evict();
     } else {
       // evicted while pinned is impossible; disposed by clear() meanwhile
@@ -82,10 +104,7 @@ export class ModelCache {
   /** Drops every entry of a model (e.g. after it was deleted). */
   drop(modelId: string): void {
     for (const [k, e] of this.entries) {
-      if (k.startsWith(`${modelId}@`) && e.refs === 0) {
-        this.entries.delete(k);
-        e.value.built.model.dispose();
-      }
+      if (e.modelId === modelId && e.refs === 0) this.remove(k, e);
     }
   }
 
@@ -93,9 +112,13 @@ export class ModelCache {
     for (const [k, e] of this.entries) {
       if (this.entries.size <= this.capacity) break;
       if (e.refs > 0) continue;
-      this.entries.delete(k);
-      e.value.built.model.dispose();
+      this.remove(k, e);
     }
+  }
+
+  private remove(key: string, e: Entry): void {
+    this.entries.delete(key);
+    e.value.built.model.dispose();
   }
 
   clear(): void {

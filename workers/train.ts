@@ -121,7 +121,14 @@ export async function processTrain(
     const checkpoint = async (): Promise<CheckpointRecord> => {
       const step = trainer!.stepCount;
       const dir = storage.checkpointDir(d.modelId, d.jobId, step);
-      await trainer!.saveCheckpoint(storage.abs(dir));
+      try {
+        await trainer!.saveCheckpoint(storage.abs(dir));
+      } catch (e) {
+        const kept = lastCkpt ? `the checkpoint of step ${lastCkpt.step} is kept` : 'no earlier checkpoint';
+        throw new UnrecoverableError(
+          `checkpoint of step ${step} could not be written (${(e as Error).message}); ${kept}`,
+        );
+      }
       const rec: CheckpointRecord = {
         id: randomUUID(),
         modelId: d.modelId,

@@ -198,6 +198,23 @@ function checkLayersOptions(
   }
 }
 
+/** Largest size of one tensor dimension that a definition may ask for (TF.js shapes are int32). */
+export const MAX_DIMENSION = 2 ** 31 - 1;
+
+/**
+ * The feedforward's hidden size is floor(dim * mult): a float factor can make it zero or too large
+ * to allocate, which no single-option rule sees. `key` is the option's name in the definition.
+ */
+function checkFeedForwardSize(path: string, key: string, dim: unknown, mult: unknown): void {
+  if (typeof dim !== 'number' || typeof mult !== 'number') return;
+  const inner = Math.floor(dim * mult);
+  if (!(inner >= 1 && inner <= MAX_DIMENSION)) {
+    throw new Error(
+      `${join(path, key)}: expected a factor that makes the feedforward size floor(dim * ${key}) an integer in [1, ${MAX_DIMENSION}] (dim is ${dim}), got ${fmtValue(mult)}`,
+    );
+  }
+}
+
 /** Prefixes a constructor's `option: message` error with the key path. */
 function withPath<T>(path: string, fn: () => T): T {
   try {
@@ -225,6 +242,7 @@ function buildLayers(path: string, raw: unknown, typeOverride?: string): Attenti
   const t = type as LayersType;
   checkLayersOptions(path, o, t);
   required(path, 'dim', o);
+  checkFeedForwardSize(path, 'ffMult', o.dim, o.ffMult ?? feedForwardDefaults.mult);
   const opts = dropNulls(o) as AttentionLayersOptions;
   return withPath(path, () => {
     switch (t) {
@@ -356,6 +374,7 @@ function buildXTransformer(o: Record<string, unknown>): XTransformer {
       else layerOpts[k] = v;
     }
     checkLayersOptions('', layerOpts, prefix === 'enc' ? 'Encoder' : 'Decoder', prefix);
+    checkFeedForwardSize('', `${prefix}FfMult`, own.dim, layerOpts.ffMult ?? feedForwardDefaults.mult);
     if (prefix === 'dec' && 'crossAttend' in layerOpts)
       throw new Error('decCrossAttend: always true on the decoder');
     for (const k of ['numTokens', 'maxSeqLen']) {

@@ -96,7 +96,13 @@ export function parseSafetensors(buf: Uint8Array, source = 'safetensors'): Safet
       );
     }
     ranges.push([begin, end, name]);
-    tensors.set(name, { dtype, shape, data: decode(buf, dataStart + begin, count, dtype) });
+    let data: RawTensor['data'];
+    try {
+      data = decode(buf, dataStart + begin, count, dtype);
+    } catch (err) {
+      throw new Error(`${source}: entry "${name}": ${(err as Error).message}`, { cause: err });
+    }
+    tensors.set(name, { dtype, shape, data });
   }
   ranges.sort((a, b) => a[0] - b[0]);
   for (let i = 1; i < ranges.length; i++) {
@@ -139,8 +145,7 @@ function decode(buf: Uint8Array, start: number, count: number, dtype: Safetensor
       const out = new Int32Array(count);
       for (let i = 0; i < count; i++) {
         const v = view.getBigInt64(i * 8, true);
-        if (v > 2147483647n || v < -2147483648n)
-          throw new Error(`safetensors: I64 value ${v} does not fit in int32`);
+        if (v > 2147483647n || v < -2147483648n) throw new Error(`I64 value ${v} does not fit in int32`);
         out[i] = Number(v);
       }
       return out;
@@ -195,8 +200,10 @@ export function loadSafetensors(
   source?: string,
 ): { metadata: Record<string, string>; tensors: Record<string, tf.Tensor> } {
   const file = parseSafetensors(buf, source);
-  const tensors: Record<string, tf.Tensor> = {};
-  for (const [name, raw] of file.tensors) tensors[name] = rawToTensor(raw);
+  // own properties whatever the names (an entry called "__proto__" must not become a prototype)
+  const tensors: Record<string, tf.Tensor> = Object.fromEntries(
+    [...file.tensors].map(([name, raw]) => [name, rawToTensor(raw)]),
+  );
   return { metadata: file.metadata, tensors };
 }
 

@@ -93,6 +93,21 @@ describe('fromConfig errors name the key path', () => {
       }),
     ).toMatch(/^imageSize: expected a multiple of patchSize 4, got 10/);
   });
+  it('rejects a feedforward factor whose size floor(dim * ffMult) is zero or beyond a tensor dimension', () => {
+    for (const ffMult of [2 ** 53, 1e308, 2 ** 28, 1e-3]) {
+      const inner = Math.floor(layers.dim * ffMult);
+      expect([ffMult, inner >= 1 && inner < 2 ** 31]).toEqual([ffMult, false]);
+      expect(fails({ ...lm, attnLayers: { ...layers, ffMult } })).toBe(
+        `attnLayers.ffMult: expected a factor that makes the feedforward size floor(dim * ffMult) an integer in [1, 2147483647] (dim is 8), got ${JSON.stringify(ffMult)}`,
+      );
+    }
+    // the largest and smallest factors that still give a size: a size of 1 builds
+    expect(fails({ ...lm, attnLayers: { ...layers, ffMult: 1 / layers.dim } })).toBe('no error');
+    const x = { wrapper: 'XTransformer', dim: 8, enc_num_tokens: 10, enc_max_seq_len: 8 };
+    expect(fails({ ...x, dec_num_tokens: 10, dec_max_seq_len: 8, dec_ff_mult: 2 ** 53 })).toMatch(
+      /^decFfMult: expected a factor that makes the feedforward size floor\(dim \* decFfMult\)/,
+    );
+  });
   it('rejects a key given both in snake_case and camelCase', () => {
     expect(fails({ ...lm, max_seq_len: 8 })).toMatch(/^maxSeqLen: given twice/);
   });

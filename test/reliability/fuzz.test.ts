@@ -1,6 +1,7 @@
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { fromConfig } from '../../src/io/config.js';
+import { parameterLowerBound } from '../../models/parameter-bound.js';
 import { makeEnv, tinyDecoder, type TestEnv } from '../service/helpers.js';
 
 // Bad input, generated: every answer is a model or an error that names what was wrong; the service
@@ -76,6 +77,67 @@ describe('model definitions (fromConfig), fuzzed', () => {
       }),
       { numRuns: RUNS, seed: 1 },
     );
+  });
+});
+
+describe('the parameter bound the API checks before building, fuzzed', () => {
+  /** Valid definitions of many shapes (the sizes that hold parameters). */
+  const definition = fc.record({
+    numTokens: fc.integer({ min: 1, max: 300 }),
+    maxSeqLen: fc.integer({ min: 1, max: 64 }),
+    embDim: fc.option(fc.integer({ min: 1, max: 24 }), { nil: undefined }),
+    tieEmbedding: fc.boolean(),
+    layers: fc.record({
+      type: fc.constantFrom('Decoder', 'Encoder'),
+      dim: fc.integer({ min: 1, max: 24 }),
+      depth: fc.integer({ min: 1, max: 3 }),
+      heads: fc.integer({ min: 1, max: 4 }),
+      attn_dim_head: fc.option(fc.integer({ min: 1, max: 16 }), { nil: undefined }),
+      ffMult: fc.option(fc.double({ min: 0.1, max: 6, noNaN: true }), { nil: undefined }),
+      ffGlu: fc.boolean(),
+      crossAttend: fc.boolean(),
+      attnKvHeads: fc.option(fc.constant(1), { nil: undefined }),
+      customLayers: fc.option(fc.array(fc.constantFrom('a', 'f'), { minLength: 1, maxLength: 4 }), {
+        nil: undefined,
+      }),
+    }),
+  });
+  it('is never more than the parameters the definition builds into', () => {
+    let built = 0;
+    const runs = Math.min(RUNS, 300);
+    fc.assert(
+      fc.property(definition, (d) => {
+        const layers = Object.fromEntries(Object.entries(d.layers).filter(([, v]) => v !== undefined));
+        if (layers.customLayers) delete layers.depth;
+        const config = {
+          wrapper: 'TransformerWrapper',
+          numTokens: d.numTokens,
+          maxSeqLen: d.maxSeqLen,
+          tieEmbedding: d.tieEmbedding && d.embDim === undefined,
+          ...(d.embDim !== undefined ? { embDim: d.embDim } : {}),
+          attnLayers: layers,
+        };
+        let model: { numParameters(): number; dispose(): void };
+        try {
+          model = fromConfig(config) as unknown as typeof model;
+        } catch (e) {
+          // combinations the library refuses (e.g. a floor(dim * ffMult) of 0) build nothing
+          expect((e as Error).message).toMatch(/^[A-Za-z.]+: /);
+          return;
+        }
+        built++;
+        try {
+          const bound = parameterLowerBound(config);
+          expect(bound.total).toBeGreaterThan(0);
+          expect(bound.total).toBeLessThanOrEqual(model.numParameters());
+        } finally {
+          model.dispose();
+        }
+      }),
+      { numRuns: runs, seed: 6 },
+    );
+    // most definitions are valid: the bound was compared with real models, not skipped
+    expect(built).toBeGreaterThan(runs / 2);
   });
 });
 
@@ -186,6 +248,28 @@ describe('request bodies and queries, fuzzed (real Redis, no worker)', () => {
       }),
       { numRuns: RUNS, seed: 4 },
     );
+  });
+
+  it('a definition over MAX_PARAMETERS is refused before anything is allocated', async () => {
+    // 6 x 2 x 512 x (512 x 2^20) feedforward parameters: 3.3e12, 13 TB of float32 if it were built
+    const config = tinyDecoder({ attnLayers: { dim: 512, depth: 6, ffMult: 2 ** 20 } });
+    const rssBefore = process.memoryUsage().rss;
+    const r = await env.app.inject({ method: 'POST', url: '/v1/models', payload: { name: 'big', config } });
+    expect(r.statusCode).toBe(400);
+    expect(r.json().message).toMatch(
+      /^config: the model would have at least \d+ parameters .*feedforward \d+\), over the limit MAX_PARAMETERS=50000000$/,
+    );
+    // building even one of its feedforward weights would have taken 1 GiB
+    expect(process.memoryUsage().rss - rssBefore).toBeLessThan(256 * 1024 * 1024);
+    // a factor that makes no size at all is named by the library's rule, with the key path
+    const bad = tinyDecoder({ attnLayers: { ffMult: 2 ** 53 } });
+    const r2 = await env.app.inject({
+      method: 'POST',
+      url: '/v1/models',
+      payload: { name: 'x', config: bad },
+    });
+    expect(r2.statusCode).toBe(400);
+    expect(r2.json().message).toMatch(/^config\.attnLayers\.ffMult: expected a factor/);
   });
 
   it('GET and DELETE with made-up ids and queries', async () => {

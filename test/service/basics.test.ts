@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import * as tf from '@tensorflow/tfjs-core';
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -161,14 +162,15 @@ describe('service basics (real Redis)', () => {
 
   it('SSE job events carry ids and resume after Last-Event-ID', async () => {
     const { registry } = env.app.svc;
-    await registry.createJob({ id: 'sse-job', type: 'train', modelId: 'm' });
+    const job = randomUUID();
+    await registry.createJob({ id: job, type: 'train', modelId: randomUUID() });
     const ids: string[] = [];
     for (let step = 1; step <= 3; step++) {
-      ids.push(await registry.appendEvent('sse-job', 'progress', { step, steps: 3, loss: 5 - step }));
+      ids.push(await registry.appendEvent(job, 'progress', { step, steps: 3, loss: 5 - step }));
     }
-    await registry.updateJob('sse-job', { state: 'completed', result: { steps: 3 } });
-    ids.push(await registry.appendEvent('sse-job', 'completed', { steps: 3 }));
-    const full = await env.app.inject({ method: 'GET', url: '/v1/jobs/sse-job/events' });
+    await registry.updateJob(job, { state: 'completed', result: { steps: 3 } });
+    ids.push(await registry.appendEvent(job, 'completed', { steps: 3 }));
+    const full = await env.app.inject({ method: 'GET', url: `/v1/jobs/${job}/events` });
     expect(full.headers['content-type']).toContain('text/event-stream');
     const all = parseSse(full.body);
     expect(all.map((e) => e.id)).toEqual(ids);
@@ -177,7 +179,7 @@ describe('service basics (real Redis)', () => {
       (
         await env.app.inject({
           method: 'GET',
-          url: '/v1/jobs/sse-job/events',
+          url: `/v1/jobs/${job}/events`,
           headers: { 'last-event-id': ids[1]! },
         })
       ).body,

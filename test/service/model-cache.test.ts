@@ -75,5 +75,29 @@ describe('worker model cache (bounded LRU)', () => {
     );
     await queuesIdle(env.app);
     expect(tf.memory().numTensors).toBe(before);
+
+    // a cached model trained again: its next generation loads the new weights and disposes the old
+    // copy at once, instead of keeping it until it ages out (the other cached model stays)
+    const cachedBefore = cache.versions(ids[0]!);
+    expect(cachedBefore).toHaveLength(1);
+    const t2 = await env.app.inject({
+      method: 'POST',
+      url: `/v1/models/${ids[0]}/train`,
+      payload: { datasetId: d.json().id, steps: 2, batchSize: 2, seqLen: 8, learningRate: 0.01 },
+    });
+    const job2 = t2.json().jobId as string;
+    await waitFor(
+      async () =>
+        (await env.app.inject({ method: 'GET', url: `/v1/jobs/${job2}` })).json().state === 'completed',
+      60_000,
+      'training',
+    );
+    await gen(ids[0]!);
+    await queuesIdle(env.app);
+    const after = cache.versions(ids[0]!);
+    expect(after).toHaveLength(1);
+    expect(after[0]).toBeGreaterThan(cachedBefore[0]!);
+    expect(cache.size).toBe(2);
+    expect(tf.memory().numTensors).toBe(before);
   });
 });
