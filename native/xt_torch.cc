@@ -285,14 +285,17 @@ __attribute__((target("avx2,fma"))) void gemvNCols(int64_t m, int64_t j0, int64_
 
 void gemvT(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, int64_t ldw, float* y,
            int64_t ldy) {
-  at::parallel_for(0, (n + 7) / 8, 16, [&](int64_t b0, int64_t b1) {
+  // threads only pay for themselves on large weights: at least 1M weights per thread
+  int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / (8 * std::max<int64_t>(k, 1)));
+  at::parallel_for(0, (n + 7) / 8, grain, [&](int64_t b0, int64_t b1) {
     gemvTCols(m, b0 * 8, std::min(n, b1 * 8), k, a, lda, w, ldw, y, ldy);
   });
 }
 
 void gemvN(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, int64_t ldw, float* y,
            int64_t ldy) {
-  at::parallel_for(0, (n + 31) / 32, 8, [&](int64_t b0, int64_t b1) {
+  int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / (32 * std::max<int64_t>(k, 1)));
+  at::parallel_for(0, (n + 31) / 32, grain, [&](int64_t b0, int64_t b1) {
     gemvNCols(m, b0 * 32, std::min(n, b1 * 32), k, a, lda, w, ldw, y, ldy);
   });
 }
