@@ -2,7 +2,7 @@
  * Benchmark: training and generation throughput of the library on one or more backends.
  *
  *   npm run bench -- [--config small|small-32k|gpt2|base] [--backend torch[,cpu,...]] [--threads N]
- *                    [--best] [--json] [--baseline]
+ *                    [--best] [--json] [--baseline] [--build-only]
  *
  * The configs are the workloads of ../shared/bench/torch_reference.py: `small` is vocab 256, dim 256,
  * depth 4, heads 4, rotary, seq 256, batch 4, Adam lr 3e-4; `small-32k` the same with vocab 32,000;
@@ -15,6 +15,7 @@
  * core for us and for PyTorch. `--best` instead runs each side at its best on all cores: ours with
  * every core, PyTorch with each of (1 intra-op thread, all-core BLAS), (all, all) and (all, 1
  * BLAS thread), keeping the setting that trains fastest.
+ * `--build-only` only builds the model (parameter initialisation) and reports how long it took.
  * `--baseline` also runs the PyTorch script (same vocabulary, same threads) and prints ratios.
  * `--json` prints one line per run: {"backend","config","threads","train_tok_s","gen_tok_s_cache",
  * "gen_tok_s_nocache","peak_rss_mb","build_ms"} (a "pytorch" line with --baseline, then the ratios).
@@ -128,6 +129,13 @@ async function child(backendName: string): Promise<void> {
     }),
   });
   const buildMs = performance.now() - built;
+  if (argv.includes('--build-only')) {
+    const parameters = net.namedParameters().reduce((n, [, v]) => n + v.size, 0);
+    process.stdout.write(
+      `XTBUILD ${JSON.stringify({ backend: backendName, config: configName, parameters, build_ms: Math.round(buildMs) })}\n`,
+    );
+    return;
+  }
   const model = new AutoregressiveWrapper(net);
   const params = model.namedParameters();
   const opt = new AdamW(params, { learningRate: 3e-4, weightDecay: 0 });
@@ -319,6 +327,24 @@ async function main(): Promise<void> {
   const all = argv.includes('--best');
   const results: Result[] = [];
   const runner = await childCommand();
+  if (argv.includes('--build-only')) {
+    for (const b of backends) {
+      const out = await runChild(
+        process.execPath,
+        [...runner, '--child', b, '--config', configName, '--threads', String(threads), '--build-only'],
+        pinned(threads, threads),
+      );
+      const line = out.split('\n').find((l) => l.startsWith('XTBUILD '));
+      if (!line) throw new Error(`bench: backend ${b} produced no result`);
+      const r = JSON.parse(line.slice(8)) as { parameters: number; build_ms: number };
+      console.log(
+        json
+          ? JSON.stringify(r)
+          : `${b} (${configName}): ${r.parameters} parameters built in ${r.build_ms} ms`,
+      );
+    }
+    return;
+  }
   for (const b of backends) {
     const r = all
       ? await best([[cores, cores]], (i, t) => ours(runner, b, i, t))
