@@ -16,8 +16,7 @@ import path from 'node:path';
 // prints what the build needs to know of the torch that this Python imports, as one JSON line
 const PYTHON_PROBE = [
   'import json, os, torch',
-  'print(json.dumps({"dir": os.path.dirname(torch.__file__), "version": torch.__version__,',
-  ' "cxx11abi": bool(torch.compiled_with_cxx11_abi()), "cuda": torch.version.cuda}))',
+  'print(json.dumps({"dir": os.path.dirname(torch.__file__), "cxx11abi": bool(torch.compiled_with_cxx11_abi())}))',
 ].join('\n');
 
 /** `major.minor.patch` from a LibTorch include folder's torch/version.h, or null. */
