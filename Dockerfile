@@ -11,7 +11,7 @@ RUN apt-get update \
 WORKDIR /app
 # the install script builds native/ against LibTorch, so these come before `npm ci`
 COPY package.json package-lock.json binding.gyp ./
-COPY scripts/build-native.mjs scripts/build-native.mjs
+COPY scripts/build-native.mjs scripts/libtorch.mjs scripts/
 COPY native native
 RUN npm ci
 COPY . .

@@ -11,7 +11,7 @@
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "<!@(node scripts/build-native.mjs --print defines)"],
       "cflags!": ["-fno-exceptions", "-fno-rtti", "-O3"],
       "cflags_cc!": ["-fno-exceptions", "-fno-rtti", "-O3"],
-      "cflags_cc": ["-std=c++17", "-O2", "-fexceptions", "-frtti", "-Wno-unused-parameter", "-Wno-deprecated-declarations"]
+      "cflags_cc": ["<!@(node scripts/build-native.mjs --print cflags)", "-O2", "-fexceptions", "-frtti", "-Wno-unused-parameter", "-Wno-deprecated-declarations"]
     }
   ]
 }

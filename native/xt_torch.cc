@@ -398,6 +398,14 @@ size_t blockSize(size_t n) {
 }
 constexpr size_t kHeader = 64;  // keeps the 64-byte alignment LibTorch expects
 
+// LibTorch 2.3 made c10::Allocator::allocate non-const and added the pure virtual copy_data
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+#define XT_ALLOCATOR_V2_3 1
+#define XT_ALLOCATE_CONST
+#else
+#define XT_ALLOCATE_CONST const
+#endif
+
 struct CachingCpuAllocator final : public c10::Allocator {
   struct Block {
     size_t size;
@@ -470,7 +478,7 @@ struct CachingCpuAllocator final : public c10::Allocator {
 
   // every block starts with a header holding its mapped size (0: from the heap), so that one
   // deleter frees both kinds (LibTorch's raw_deallocate needs a single one)
-  c10::DataPtr allocate(size_t n) const override {
+  c10::DataPtr allocate(size_t n) XT_ALLOCATE_CONST override {
     void* base;
     size_t size = 0;
     if (n < kLargeBlock) {
@@ -485,6 +493,13 @@ struct CachingCpuAllocator final : public c10::Allocator {
   }
 
   c10::DeleterFnPtr raw_deleter() const override { return &CachingCpuAllocator::release; }
+
+#ifdef XT_ALLOCATOR_V2_3
+  // both blocks are plain host memory, whichever way they were obtained
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    if (count) std::memcpy(dest, src, count);
+  }
+#endif
 
   size_t cachedBytes() const {
     std::lock_guard<std::mutex> lock(mu);

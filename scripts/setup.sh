@@ -34,7 +34,11 @@ case "$(uname -s)" in
     ;;
   *)
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-    if [ -z "${LIBTORCH:-}" ] && ! dpkg -s libtorch-dev >/dev/null 2>&1; then missing+=(libtorch-dev); fi
+    # LibTorch: LIBTORCH, a Python torch's or libtorch-dev (scripts/libtorch.mjs looks for the last two)
+    if [ -z "${LIBTORCH:-}" ] && ! dpkg -s libtorch-dev >/dev/null 2>&1 &&
+      ! node -e 'import("./scripts/libtorch.mjs").then((m) => process.exit(m.findLibTorch().lib ? 0 : 1))' >/dev/null 2>&1; then
+      missing+=(libtorch-dev)
+    fi
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     install_cmd="${SUDO:+sudo }apt-get update && ${SUDO:+sudo }apt-get install -y --no-install-recommends ${missing[*]:-}"

@@ -47,4 +47,14 @@ describe('deployment files', () => {
     expect(() => read(script)).not.toThrow();
     for (const c of ['service/api.ts', 'service/worker.ts']) expect(() => read(c)).not.toThrow();
   });
+
+  it('Dockerfile: the addon build’s scripts are copied before `npm ci` runs them', () => {
+    const df = read('Dockerfile');
+    const beforeInstall = df.slice(0, df.indexOf('RUN npm ci'));
+    const imported = [...read('scripts/build-native.mjs').matchAll(/from '\.\/([\w-]+\.mjs)'/g)].map(
+      (m) => m[1],
+    );
+    expect(imported).toContain('libtorch.mjs');
+    for (const f of ['build-native.mjs', ...imported]) expect(beforeInstall).toContain(`scripts/${f}`);
+  });
 });
