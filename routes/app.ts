@@ -6,6 +6,7 @@ import { Queue } from 'bullmq';
 import { Registry } from '../models/registry.js';
 import { Storage } from '../models/storage.js';
 import { defaultLimits, type ServiceLimits } from '../service/config.js';
+import { ModelBuilder } from '../workers/build-pool.js';
 import { loadEngine } from '../workers/engine.js';
 import { createMetrics, type ServiceMetrics } from '../workers/metrics.js';
 import {
@@ -78,6 +79,7 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     limits,
     metrics: options.metrics ?? createMetrics(),
     closing: closing.signal,
+    builder: new ModelBuilder(),
   };
   ctx.trainQueue.on('error', (err) => app.log.error({ err: err.message }, 'train queue error'));
   ctx.generateQueue.on('error', (err) => app.log.error({ err: err.message }, 'generate queue error'));
@@ -90,6 +92,7 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     const up = redis.status === 'ready';
     await within(ctx.trainQueue.close(), up ? 5000 : 100);
     await within(ctx.generateQueue.close(), up ? 5000 : 100);
+    await ctx.builder.close();
     await closeRedis(queueConn);
     await closeRedis(redis);
   });
