@@ -3,10 +3,10 @@ import multipart from '@fastify/multipart';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
 import { Queue } from 'bullmq';
-import { timingSafeEqual } from 'node:crypto';
 import { Registry } from '../models/registry.js';
 import { Storage } from '../models/storage.js';
 import { defaultLimits, type ServiceLimits } from '../service/config.js';
+import { ModelBuilder } from '../workers/build-pool.js';
 import { loadEngine } from '../workers/engine.js';
 import { createMetrics, type ServiceMetrics } from '../workers/metrics.js';
 import {
@@ -18,6 +18,7 @@ import {
   type GenerateJobData,
   type TrainJobData,
 } from '../workers/queues.js';
+import { bearerRefusal } from './auth.js';
 import type { ServiceContext } from './context.js';
 import datasetRoutes from './datasets.js';
 import { installErrorHandling } from './errors.js';
@@ -25,6 +26,7 @@ import generateRoutes from './generate.js';
 import healthRoutes from './health.js';
 import jobRoutes from './jobs.js';
 import modelRoutes from './models.js';
+import openaiRoutes from './openai.js';
 
 export interface AppOptions {
   redisUrl: string;
@@ -49,13 +51,6 @@ export const OPENAPI_INFO = {
     'server-sent events.',
   version: '0.1.0',
 };
-
-function keyMatches(given: string, keys: Buffer[]): boolean {
-  const g = Buffer.from(given);
-  let ok = false;
-  for (const k of keys) if (k.length === g.length && timingSafeEqual(k, g)) ok = true;
-  return ok;
-}
 
 /**
  * Assembles the HTTP API: error shape, metrics, OpenAPI (/openapi.json, Swagger UI at /docs),
@@ -84,6 +79,7 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     limits,
     metrics: options.metrics ?? createMetrics(),
     closing: closing.signal,
+    builder: new ModelBuilder(),
   };
   ctx.trainQueue.on('error', (err) => app.log.error({ err: err.message }, 'train queue error'));
   ctx.generateQueue.on('error', (err) => app.log.error({ err: err.message }, 'generate queue error'));
@@ -96,6 +92,7 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     const up = redis.status === 'ready';
     await within(ctx.trainQueue.close(), up ? 5000 : 100);
     await within(ctx.generateQueue.close(), up ? 5000 : 100);
+    await ctx.builder.close();
     await closeRedis(queueConn);
     await closeRedis(redis);
   });
@@ -128,6 +125,7 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
         { name: 'jobs', description: 'Training jobs and their event streams' },
         { name: 'generation', description: 'Sampling' },
         { name: 'health', description: 'Liveness, readiness, metrics' },
+        { name: 'openai', description: 'OpenAI-compatible completions and chat completions' },
       ],
       components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
     },
@@ -139,24 +137,14 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   const keys = (options.apiKeys ?? []).map((k) => Buffer.from(k));
   await app.register(
     async (v1) => {
-      if (keys.length) {
-        v1.addHook('onRequest', async (request, reply) => {
-          const h = request.headers.authorization ?? '';
-          const m = /^Bearer\s+(.+)$/i.exec(h);
-          if (!m || !keyMatches(m[1]!.trim(), keys)) {
-            return reply
-              .status(401)
-              .header('www-authenticate', 'Bearer')
-              .send({
-                statusCode: 401,
-                error: 'Unauthorized',
-                message: m
-                  ? 'Authorization: the bearer key is not valid'
-                  : 'Authorization: expected "Bearer <key>"',
-              });
-          }
-        });
-      }
+      v1.addHook('onRequest', async (request, reply) => {
+        const refusal = bearerRefusal(request.headers.authorization, keys);
+        if (refusal)
+          return reply
+            .status(401)
+            .header('www-authenticate', 'Bearer')
+            .send({ statusCode: 401, error: 'Unauthorized', message: refusal });
+      });
       v1.addHook('onRoute', (route) => {
         route.schema = { ...route.schema, security: [{ bearer: [] }] };
       });
@@ -167,5 +155,6 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     },
     { prefix: '/v1' },
   );
+  await app.register(openaiRoutes, { prefix: '/openai/v1', keys });
   return app;
 }

@@ -1,9 +1,8 @@
 import type { FastifyInstance } from 'fastify';
-import { randomUUID } from 'node:crypto';
 import { GenerateBody, GenerateResult, IdParams, errors } from '../models/schemas.js';
-import type { GenerateJobData } from '../workers/queues.js';
 import { getTokenizer } from '../workers/engine.js';
 import { badRequest, HttpError, notFound, unavailable } from './errors.js';
+import { cancelJob, submitGeneration } from './job-control.js';
 import { engineCall } from './models.js';
 import { clientGone, followEvents, pipeEvents, startSse } from './sse.js';
 
@@ -13,7 +12,7 @@ import { clientGone, followEvents, pipeEvents, startSse } from './sse.js';
  * disconnects cancels its generation.
  */
 export default async function generateRoutes(app: FastifyInstance): Promise<void> {
-  const { registry, limits, generateQueue, metrics } = app.svc;
+  const { registry, limits, metrics } = app.svc;
 
   app.post<{ Params: IdParams; Body: GenerateBody }>(
     '/models/:id/generate',
@@ -55,11 +54,7 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
         throw badRequest(
           `prompt: ${promptTokens.length} tokens is over the limit MAX_SEQ_LEN=${limits.maxSeqLen}`,
         );
-      const jobId = randomUUID();
-      const data: GenerateJobData = {
-        jobId,
-        modelId: model.id,
-        tokenizer: model.tokenizer,
+      const jobId = await submitGeneration(app.svc, model, {
         promptTokens,
         maxTokens: b.maxTokens,
         temperature: b.temperature,
@@ -69,28 +64,10 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
         stop: b.stop,
         seed: b.seed,
         cacheKv: b.cacheKv,
-      };
-      await registry.createJob({ id: jobId, type: 'generate', modelId: model.id });
-      await generateQueue.add('generate', data, {
-        jobId,
-        attempts: 1,
-        removeOnComplete: 100,
-        removeOnFail: 100,
       });
-
       const gone = clientGone(reply);
       gone.signal.addEventListener('abort', () => {
-        void registry.requestCancel(jobId).catch(() => undefined);
-        void generateQueue
-          .getJob(jobId)
-          .then(async (j) => {
-            if (j && (await j.getState()) !== 'active') {
-              await j.remove();
-              if (await registry.updateJob(jobId, { state: 'cancelled' }))
-                await registry.appendEvent(jobId, 'cancelled', { tokens: 0 });
-            }
-          })
-          .catch(() => undefined);
+        void cancelJob(app.svc, { id: jobId, type: 'generate' }, { tokens: 0 }).catch(() => undefined);
       });
       const onDone = (d: Record<string, unknown>) => {
         const n = Array.isArray(d.tokens) ? d.tokens.length : 0;

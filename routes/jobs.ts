@@ -5,11 +5,12 @@ import { isTerminal } from '../models/registry.js';
 import { IdParams, JobAccepted, JobView, TRAIN_DEFAULTS, TrainBody, errors } from '../models/schemas.js';
 import type { TrainJobData } from '../workers/queues.js';
 import { badRequest, conflict, notFound } from './errors.js';
+import { cancelJob } from './job-control.js';
 import { clientGone, pipeEvents, resumeId, startSse } from './sse.js';
 
 /** Training jobs: start, read, cancel, and follow progress over server-sent events. */
 export default async function jobRoutes(app: FastifyInstance): Promise<void> {
-  const { registry, limits, trainQueue, generateQueue } = app.svc;
+  const { registry, limits, trainQueue } = app.svc;
 
   app.post<{ Params: IdParams; Body: TrainBody }>(
     '/models/:id/train',
@@ -90,19 +91,7 @@ export default async function jobRoutes(app: FastifyInstance): Promise<void> {
       const job = await registry.getJob(request.params.id);
       if (!job) throw notFound('job', request.params.id);
       if (isTerminal(job.state)) throw conflict(`job ${job.id} already ${job.state}`);
-      await registry.requestCancel(job.id);
-      const queue = job.type === 'train' ? trainQueue : generateQueue;
-      const q = await queue.getJob(job.id);
-      let removed = false;
-      if (q && (await q.getState()) !== 'active') {
-        removed = await q.remove().then(
-          () => true,
-          () => false,
-        );
-      }
-      if (removed && (await registry.updateJob(job.id, { state: 'cancelled' }))) {
-        await registry.appendEvent(job.id, 'cancelled', { step: Number(job.progress.step ?? 0) });
-      }
+      await cancelJob(app.svc, job, { step: Number(job.progress.step ?? 0) });
       return reply.status(202).send((await registry.getJob(job.id)) ?? job);
     },
   );

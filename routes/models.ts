@@ -19,19 +19,23 @@ import {
   EngineUnavailableError,
   getTokenizer,
   loadWeights,
-  weightsToBytes,
-  type BuiltLm,
 } from '../workers/engine.js';
 import { badRequest, conflict, HttpError, notFound, unavailable } from './errors.js';
 
 /** Turns library errors into 400 (bad definition) / 503 (engine missing). */
 export function engineCall<T>(fn: () => T): T {
+  const mapped = (e: unknown): unknown => {
+    if (e instanceof DefinitionError) return badRequest(`config.${e.message}`);
+    if (e instanceof EngineUnavailableError) return unavailable(`engine not ready: ${e.message}`);
+    return e;
+  };
   try {
-    return fn();
+    const r = fn();
+    // a promise's rejection is mapped the same way
+    if (r instanceof Promise) return r.catch((e: unknown) => Promise.reject(mapped(e))) as T;
+    return r;
   } catch (e) {
-    if (e instanceof DefinitionError) throw badRequest(`config.${e.message}`);
-    if (e instanceof EngineUnavailableError) throw unavailable(`engine not ready: ${e.message}`);
-    throw e;
+    throw mapped(e);
   }
 }
 
@@ -130,39 +134,35 @@ export default async function modelRoutes(app: FastifyInstance): Promise<void> {
         );
       }
       const tokenizer = engineCall(() => getTokenizer(tokenizerName));
-      const built: BuiltLm = engineCall(() => buildModel(config));
-      try {
-        if (built.numTokens < tokenizer.vocabSize) {
-          throw badRequest(
-            `config.numTokens: expected at least ${tokenizer.vocabSize} (the ${tokenizerName} tokenizer's vocabulary), got ${built.numTokens}`,
-          );
-        }
-        const parameters = built.model.numParameters();
-        if (parameters > limits.maxParameters) {
-          throw badRequest(
-            `config: the model has ${parameters} parameters, over the limit MAX_PARAMETERS=${limits.maxParameters}`,
-          );
-        }
-        const id = randomUUID();
-        const weightsFile = storage.weightsFile(id, 'initial');
-        await storage.write(weightsFile, weightsToBytes(built.model));
-        const record: ModelRecord = {
-          id,
-          name,
-          config,
-          parameters,
-          tokenizer: tokenizerName,
-          createdAt: new Date().toISOString(),
-          weightsFile,
-          weightsVersion: Date.now(),
-          numTokens: built.numTokens,
-          maxSeqLen: built.maxSeqLen,
-        };
-        await registry.putModel(record);
-        return reply.status(201).send(modelView(record));
-      } finally {
-        built.model.dispose();
+      // weight initialisation runs on the builder's thread, not on this event loop
+      const built = await engineCall(() => app.svc.builder.build(config));
+      if (built.numTokens < tokenizer.vocabSize) {
+        throw badRequest(
+          `config.numTokens: expected at least ${tokenizer.vocabSize} (the ${tokenizerName} tokenizer's vocabulary), got ${built.numTokens}`,
+        );
       }
+      if (built.parameters > limits.maxParameters) {
+        throw badRequest(
+          `config: the model has ${built.parameters} parameters, over the limit MAX_PARAMETERS=${limits.maxParameters}`,
+        );
+      }
+      const id = randomUUID();
+      const weightsFile = storage.weightsFile(id, 'initial');
+      await storage.write(weightsFile, built.bytes);
+      const record: ModelRecord = {
+        id,
+        name,
+        config,
+        parameters: built.parameters,
+        tokenizer: tokenizerName,
+        createdAt: new Date().toISOString(),
+        weightsFile,
+        weightsVersion: Date.now(),
+        numTokens: built.numTokens,
+        maxSeqLen: built.maxSeqLen,
+      };
+      await registry.putModel(record);
+      return reply.status(201).send(modelView(record));
     },
   );
 

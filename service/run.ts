@@ -1,3 +1,4 @@
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
@@ -15,8 +16,9 @@ function fail(message: string): never {
 }
 
 /**
- * Runs the service: `all` (API and a worker in one process; starts a private redis-server under
- * DATA_DIR/redis when REDIS_URL is unset), `api` or `worker` (both need REDIS_URL). SIGTERM/SIGINT
+ * Runs the service: `all` (the API in this process and a worker in a child process, so training and
+ * generation never hold up HTTP; starts a private redis-server under DATA_DIR/redis when REDIS_URL
+ * is unset), `api` or `worker` (both need REDIS_URL). SIGTERM/SIGINT
  * drain: the API stops accepting, workers finish or checkpoint their current step, then exit.
  */
 export async function run(role: Role): Promise<void> {
@@ -70,7 +72,9 @@ export async function run(role: Role): Promise<void> {
 
   const metrics = createMetrics(true);
   let workers: ServiceWorkers | null = null;
-  if (role !== 'api') {
+  let workerChild: { stop(): Promise<void> } | null = null;
+  if (role === 'all') workerChild = startWorkerProcess(redisUrl, log);
+  if (role === 'worker') {
     workers = await startWorkers({
       redisUrl,
       dataDir: config.dataDir,
@@ -126,6 +130,7 @@ export async function run(role: Role): Promise<void> {
     force.unref();
     try {
       if (app) await app.close();
+      if (workerChild) await workerChild.stop();
       metricsServer?.close();
       if (workers) await workers.close();
       if (redisChild) await redisChild.stop();
@@ -137,4 +142,45 @@ export async function run(role: Role): Promise<void> {
   };
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
+}
+
+/**
+ * Runs `npm run worker`'s entry as a child process on `redisUrl` (its logs go to this process's
+ * output). A child that dies is started again after a second; `stop()` drains it with SIGTERM and
+ * waits for it to exit.
+ */
+function startWorkerProcess(
+  redisUrl: string,
+  log: { info(o: object, m: string): void; error(o: object, m: string): void },
+): { stop(): Promise<void> } {
+  let child: ChildProcess | null = null;
+  let stopping = false;
+  const entry = new URL('./worker.ts', import.meta.url).pathname;
+  const launch = () => {
+    const c = spawn(process.execPath, ['--import', 'tsx', entry], {
+      env: { ...process.env, REDIS_URL: redisUrl },
+      stdio: 'inherit',
+    });
+    child = c;
+    log.info({ pid: c.pid }, 'worker process started');
+    c.once('exit', (code, signal) => {
+      if (child === c) child = null;
+      if (stopping) return;
+      log.error({ code, signal }, 'worker process exited; starting another in 1 s');
+      setTimeout(() => {
+        if (!stopping) launch();
+      }, 1000);
+    });
+  };
+  launch();
+  return {
+    async stop() {
+      stopping = true;
+      const c = child;
+      if (!c || c.exitCode !== null) return;
+      const exited = new Promise<void>((resolve) => c.once('exit', () => resolve()));
+      c.kill('SIGTERM');
+      await exited;
+    },
+  };
 }

@@ -37,7 +37,12 @@ describe('API keys on every route of the OpenAPI document', () => {
           ...(method === 'POST' || method === 'PUT' ? { payload: {} } : {}),
         });
         expect([method, p, authorization, r.statusCode]).toEqual([method, p, authorization, 401]);
-        expect(r.json()).toMatchObject({ statusCode: 401, error: 'Unauthorized' });
+        // the OpenAI-compatible routes answer in OpenAI's error shape
+        expect(r.json()).toMatchObject(
+          p.startsWith('/openai/')
+            ? { error: { type: 'authentication_error', code: 'invalid_api_key' } }
+            : { statusCode: 401, error: 'Unauthorized' },
+        );
       }
       // with the key the request gets past authentication (404 for the made-up id, 400 for the body)
       const ok = await env.app.inject({

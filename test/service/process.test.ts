@@ -53,7 +53,7 @@ describe('service processes', () => {
     expect(p.out()).toContain('REDIS_URL is required');
   });
 
-  it('`npm start` without REDIS_URL runs a private redis-server under DATA_DIR and drains on SIGTERM', async () => {
+  it('`npm start` without REDIS_URL runs a private redis-server under DATA_DIR, the worker in its own process (/healthz p99 under 50 ms while it trains), and drains on SIGTERM', async () => {
     const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-start-'));
     const port = await freePort();
     const p = runEntry('start', { DATA_DIR: dataDir, PORT: String(port), HOST: '127.0.0.1' });
@@ -75,6 +75,50 @@ describe('service processes', () => {
       expect(existsSync(path.join(dataDir, 'redis'))).toBe(true);
       const models = await fetch(`http://127.0.0.1:${port}/v1/models`);
       expect(models.status).toBe(200);
+
+      // the worker runs in its own process: while it trains, /healthz answers within 50 ms (p99)
+      const B = `http://127.0.0.1:${port}/v1`;
+      const post = async (url: string, body: unknown, type = 'application/json') =>
+        (await fetch(url, {
+          method: 'POST',
+          headers: { 'content-type': type },
+          body: typeof body === 'string' ? body : JSON.stringify(body),
+        }).then((r) => r.json())) as Record<string, string>;
+      const model = await post(`${B}/models`, {
+        name: 'm',
+        config: {
+          wrapper: 'TransformerWrapper',
+          numTokens: 256,
+          maxSeqLen: 64,
+          attnLayers: { type: 'Decoder', dim: 64, depth: 2, heads: 4 },
+        },
+      });
+      const data = await post(`${B}/datasets`, 'the quick brown fox. '.repeat(400), 'text/plain');
+      const { jobId } = await post(`${B}/models/${model.id}/train`, {
+        datasetId: data.id,
+        steps: 100000,
+        batchSize: 8,
+        seqLen: 64,
+      });
+      await waitFor(
+        async () => {
+          const j = (await (await fetch(`${B}/jobs/${jobId}`)).json()) as { progress: { step?: number } };
+          return (j.progress.step ?? 0) >= 2;
+        },
+        60_000,
+        'training steps',
+      );
+      const times: number[] = [];
+      for (let i = 0; i < 200; i++) {
+        const t0 = performance.now();
+        expect((await fetch(`http://127.0.0.1:${port}/healthz`)).status).toBe(200);
+        times.push(performance.now() - t0);
+      }
+      const job = (await (await fetch(`${B}/jobs/${jobId}`)).json()) as { state: string };
+      expect(job.state).toBe('active');
+      times.sort((a, b) => a - b);
+      expect(times[Math.ceil(times.length * 0.99) - 1]).toBeLessThan(50);
+
       p.child.kill('SIGTERM');
       expect(await p.exited).toBe(0);
       // the API stopped listening

@@ -1,0 +1,203 @@
+/**
+ * `npm run bench:service`: the service under streaming load. Starts `npm start` (private Redis,
+ * a fresh DATA_DIR), creates a model, then at 1, 8 and 32 concurrent clients streams completions
+ * from /openai/v1/completions over SSE and reports time to first token, tokens/s per stream and in
+ * all, and p50/p99 request latency. Options: --tokens N (per request, default 32), --rounds N
+ * (requests per client, default 2), --concurrency 1,8,32, --json. WORKER_CONCURRENCY and XT_BACKEND
+ * pass through to the service.
+ */
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { freePort } from '../service/redis-server.js';
+
+const ROOT = fileURLToPath(new URL('../', import.meta.url));
+
+function option(name: string, fallback: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 && process.argv[i + 1] ? process.argv[i + 1]! : fallback;
+}
+
+function positiveInt(name: string, value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`--${name}: expected a positive integer, got ${value}`);
+  return n;
+}
+
+const tokens = positiveInt('tokens', option('tokens', '32'));
+const rounds = positiveInt('rounds', option('rounds', '2'));
+const levels = option('concurrency', '1,8,32')
+  .split(',')
+  .map((v) => positiveInt('concurrency', v));
+
+interface Sample {
+  ttftMs: number;
+  latencyMs: number;
+  tokens: number;
+  streamTokensPerSecond: number;
+}
+
+/** One streamed completion: reads the SSE body as it arrives. */
+async function streamOnce(base: string, model: string, prompt: string): Promise<Sample> {
+  const t0 = performance.now();
+  const res = await fetch(`${base}/openai/v1/completions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({
+      model,
+      prompt,
+      max_tokens: tokens,
+      temperature: 1,
+      stream: true,
+      stream_options: { include_usage: true },
+    }),
+  });
+  if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}: ${await res.text()}`);
+  const decoder = new TextDecoder();
+  let buf = '';
+  let first = 0;
+  let count = 0;
+  let done = false;
+  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+    buf += decoder.decode(chunk, { stream: true });
+    let cut: number;
+    while ((cut = buf.indexOf('\n\n')) >= 0) {
+      const block = buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+      if (!block.startsWith('data: ')) continue;
+      const payload = block.slice(6);
+      if (payload === '[DONE]') {
+        done = true;
+        continue;
+      }
+      const msg = JSON.parse(payload) as {
+        error?: { message: string };
+        choices: { text: string }[];
+        usage?: { completion_tokens: number };
+      };
+      if (msg.error) throw new Error(msg.error.message);
+      if (!first && msg.choices.some((c) => c.text)) first = performance.now();
+      if (msg.usage) count = msg.usage.completion_tokens;
+    }
+  }
+  if (!done) throw new Error('stream ended without [DONE]');
+  const end = performance.now();
+  const ttft = (first || end) - t0;
+  return {
+    ttftMs: ttft,
+    latencyMs: end - t0,
+    tokens: count,
+    // the stream's own rate, from its first token to its end (queueing shows in TTFT)
+    streamTokensPerSecond: count / Math.max(1e-6, (end - (first || t0)) / 1000),
+  };
+}
+
+const pct = (xs: number[], p: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)]!;
+};
+
+async function main() {
+  const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-bench-service-'));
+  const port = await freePort();
+  const child = spawn(process.execPath, ['--import', 'tsx', 'service/start.ts'], {
+    cwd: ROOT,
+    env: { ...process.env, DATA_DIR: dataDir, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: 'warn' },
+    stdio: ['ignore', 'inherit', 'inherit'],
+  });
+  const base = `http://127.0.0.1:${port}`;
+  try {
+    const deadline = Date.now() + 120_000;
+    for (;;) {
+      if (child.exitCode !== null) throw new Error(`npm start exited with ${child.exitCode}`);
+      const ok = await fetch(`${base}/readyz`).then(
+        (r) => r.status === 200,
+        () => false,
+      );
+      if (ok) break;
+      if (Date.now() > deadline) throw new Error('the service did not become ready in 120 s');
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    const ready = (await (await fetch(`${base}/readyz`)).json()) as { backend: string };
+    const created = await fetch(`${base}/v1/models`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({
+        name: 'bench',
+        config: {
+          wrapper: 'TransformerWrapper',
+          numTokens: 256,
+          maxSeqLen: 128,
+          attnLayers: { type: 'Decoder', dim: 64, depth: 2, heads: 4, rotaryPosEmb: true },
+        },
+      }),
+    });
+    const model = ((await created.json()) as { id: string }).id;
+    await streamOnce(base, model, 'warm up '); // loads the model into the worker's cache
+
+    const rows = [];
+    for (const c of levels) {
+      const samples: Sample[] = [];
+      const t0 = performance.now();
+      await Promise.all(
+        Array.from({ length: c }, async (_, i) => {
+          for (let r = 0; r < rounds; r++) samples.push(await streamOnce(base, model, `client ${i} says `));
+        }),
+      );
+      const wall = (performance.now() - t0) / 1000;
+      const total = samples.reduce((s, x) => s + x.tokens, 0);
+      rows.push({
+        concurrency: c,
+        requests: samples.length,
+        ttftP50Ms: pct(
+          samples.map((s) => s.ttftMs),
+          50,
+        ),
+        ttftP99Ms: pct(
+          samples.map((s) => s.ttftMs),
+          99,
+        ),
+        streamTokensPerSecond: pct(
+          samples.map((s) => s.streamTokensPerSecond),
+          50,
+        ),
+        totalTokensPerSecond: total / wall,
+        latencyP50Ms: pct(
+          samples.map((s) => s.latencyMs),
+          50,
+        ),
+        latencyP99Ms: pct(
+          samples.map((s) => s.latencyMs),
+          99,
+        ),
+      });
+    }
+    if (process.argv.includes('--json')) {
+      console.log(JSON.stringify({ backend: ready.backend, tokens, rounds, rows }, null, 2));
+      return;
+    }
+    console.log(
+      `backend ${ready.backend}, ${tokens} tokens per request, ${rounds} requests per client, ` +
+        `WORKER_CONCURRENCY=${process.env.WORKER_CONCURRENCY ?? 1}\n`,
+    );
+    console.log(
+      '| streams | requests | TTFT p50 / p99 (ms) | tokens/s per stream (p50) | tokens/s in all | latency p50 / p99 (ms) |',
+    );
+    console.log('| ---: | ---: | ---: | ---: | ---: | ---: |');
+    const f = (x: number) => x.toFixed(x < 100 ? 1 : 0);
+    for (const r of rows)
+      console.log(
+        `| ${r.concurrency} | ${r.requests} | ${f(r.ttftP50Ms)} / ${f(r.ttftP99Ms)} | ${f(r.streamTokensPerSecond)} | ` +
+          `${f(r.totalTokensPerSecond)} | ${f(r.latencyP50Ms)} / ${f(r.latencyP99Ms)} |`,
+      );
+  } finally {
+    const exited = new Promise((r) => child.once('exit', r));
+    child.kill('SIGTERM');
+    await exited;
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+}
+
+await main();
