@@ -61,7 +61,9 @@ function report(title: string, wall: number): void {
   const rows = [...stats.entries()].sort((a, b) => b[1].ms - a[1].ms);
   const total = rows.reduce((a, [, s]) => a + s.ms, 0);
   const calls = rows.reduce((a, [, s]) => a + s.n, 0);
-  console.log(`${title}: wall ${wall.toFixed(0)} ms, in kernels ${total.toFixed(0)} ms, ${calls} kernel calls`);
+  console.log(
+    `${title}: wall ${wall.toFixed(0)} ms, in kernels ${total.toFixed(0)} ms, ${calls} kernel calls`,
+  );
   for (const [k, s] of rows.slice(0, 25))
     console.log(`  ${k.padEnd(22)} ${String(s.n).padStart(6)} ${s.ms.toFixed(1).padStart(9)}`);
   stats.clear();
