@@ -1797,7 +1797,23 @@ XT_FN(HasSdpa) {
 #endif
 }
 
+// The tensor registry and the shared meta array are the process's: two JavaScript threads using
+// them would corrupt each other's tensors, so the addon serves the first thread that loads it and
+// refuses others until that thread ends.
+napi_env g_owner = nullptr;
+
 Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
+  if (g_owner != nullptr && g_owner != static_cast<napi_env>(env))
+    throw Napi::Error::New(env,
+                           "xt_torch: the addon is in use by another JavaScript thread of this process (one "
+                           "thread per process can use the torch backend)");
+  if (g_owner == nullptr) {
+    g_owner = env;
+    env.AddCleanupHook([]() {
+      g_owner = nullptr;
+      g_meta = nullptr;
+    });
+  }
 #define X(n, f) exports.Set(n, Napi::Function::New(env, f, n))
   X("init", Init);
   X("fromData", FromData);

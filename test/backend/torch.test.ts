@@ -400,6 +400,28 @@ describe('fused XtAttention kernel', () => {
   });
 });
 
+describe('torch backend threads', () => {
+  it('refuses a second JavaScript thread (the registry is per process) and keeps serving the first', async () => {
+    const { Worker } = await import('node:worker_threads');
+    const { addonPath } = await import('../../src/backend/torch/native.js');
+    const message = await new Promise<string>((resolve, reject) => {
+      const w = new Worker(
+        `const { parentPort, workerData } = require('node:worker_threads');
+         try { require(workerData); parentPort.postMessage('loaded'); }
+         catch (e) { parentPort.postMessage(String(e.message)); }`,
+        { eval: true, workerData: addonPath() },
+      );
+      w.once('message', (m: string) => resolve(m));
+      w.once('error', reject);
+    });
+    expect(message).toMatch(/in use by another JavaScript thread/);
+    await tf.setBackend('torch');
+    const t = tf.tensor1d([1, 2, 3]);
+    expect(Array.from(tf.mul(t, 2).dataSync())).toEqual([2, 4, 6]);
+    t.dispose();
+  });
+});
+
 describe('torch backend memory', () => {
   it('frees native storage when tensors are disposed', async () => {
     await tf.setBackend('torch');
