@@ -396,6 +396,7 @@ export class TransformerWrapper extends Module {
         );
       if (opts.selfAttnKvMask)
         throw new Error('selfAttnKvMask: not supported with memoryTokensInterspersedEvery');
+      if (opts.prependMask) throw new Error('prependMask: not supported with memoryTokensInterspersedEvery');
     }
     const steps = opts.recycleSteps;
     if (steps !== undefined) {

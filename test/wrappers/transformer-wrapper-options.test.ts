@@ -328,8 +328,14 @@ describe('TransformerWrapper forward arguments of these options', () => {
     expect(fails(() => m.forward(ids, { mask }))).toMatch(
       /^mask: not supported with memoryTokensInterspersedEvery/,
     );
+    const prependEmbeds = tf.zeros([2, 2, 8]);
+    const prependMask = tf.ones([2, 2], 'bool');
+    expect(fails(() => m.forward(ids, { prependEmbeds, prependMask }))).toBe(
+      'prependMask: not supported with memoryTokensInterspersedEvery',
+    );
     const y = m.forward(ids);
     expect(y.shape).toEqual([2, 3, 10]);
+    tf.dispose([prependEmbeds, prependMask]);
     tf.dispose([ids, mask, y]);
     m.dispose();
   });
