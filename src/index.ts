@@ -3,7 +3,7 @@
  */
 export { initBackend, backendInfo, BACKENDS } from './backend/index.js';
 export type { BackendName, BackendInfo } from './backend/index.js';
-export { Module, ModuleList } from './nn/module.js';
+export { Module, ModuleDict, ModuleList } from './nn/module.js';
 export type { LoadStateDictOptions, LoadStateDictResult } from './nn/module.js';
 export { Rng, manualSeed, getRng } from './utils/random.js';
 export { parseSafetensors, loadSafetensors, saveSafetensors, rawToTensor } from './io/safetensors.js';

@@ -8,3 +8,6 @@ export const PARITY_CASES = path.resolve(here, '..', '..', 'test', 'fixtures', '
 
 /** Extra reference cases (test/fixtures/extra-parity) for options the specification's cases do not combine. */
 export const EXTRA_PARITY_CASES = path.resolve(here, '..', '..', 'test', 'fixtures', 'extra-parity');
+
+/** Reference cases (test/fixtures/wrapper-options) of TransformerWrapper's output, embedding and recycling options. */
+export const WRAPPER_OPTION_CASES = path.resolve(here, '..', '..', 'test', 'fixtures', 'wrapper-options');

@@ -36,6 +36,14 @@ export const RULES = {
     test: (v: unknown) =>
       Array.isArray(v) && v.length > 0 && v.every((x) => x === 'a' || x === 'c' || x === 'f'),
   },
+  countsByName: {
+    expected: 'an object of positive integers by name',
+    test: (v: unknown) =>
+      typeof v === 'object' &&
+      v !== null &&
+      !Array.isArray(v) &&
+      Object.values(v).every((x) => isInt(x) && x > 0),
+  },
   indexList: {
     expected: 'a non-empty list of non-negative integers',
     test: (v: unknown) => Array.isArray(v) && v.length > 0 && v.every((x) => isInt(x) && x >= 0),
@@ -56,6 +64,11 @@ const BY_NAME: Record<string, Rule> = {
   logitsDim: RULES.posInt,
   numMemoryTokens: RULES.nonNegInt,
   numClsTokens: RULES.posInt,
+  numOutputHeads: RULES.posInt,
+  mixtureOfSoftmaxK: RULES.posInt,
+  memoryTokensInterspersedEvery: RULES.posInt,
+  trainMaxRecycleSteps: RULES.posInt,
+  embedNumTokens: RULES.countsByName,
   embFracGradient: RULES.unitInterval,
   imageSize: RULES.posInt,
   patchSize: RULES.posInt,

@@ -391,6 +391,10 @@ function sameValue(a: unknown, b: unknown): boolean {
       Array.isArray(a) && Array.isArray(b) && a.length === b.length && a.every((x, i) => sameValue(x, b[i]))
     );
   }
+  if (isPlainObject(a) && isPlainObject(b)) {
+    const ka = Object.keys(a);
+    return ka.length === Object.keys(b).length && ka.every((k) => k in b && sameValue(a[k], b[k]));
+  }
   return a === b;
 }
 
@@ -404,7 +408,7 @@ function nonDefault(
   for (const [k, v] of Object.entries(o)) {
     if (v === undefined) continue;
     if (!keep.includes(k) && k in defaults && sameValue(v, defaults[k])) continue;
-    out[k] = (Array.isArray(v) ? [...v] : v) as JsonValue;
+    out[k] = (Array.isArray(v) ? [...v] : isPlainObject(v) ? { ...v } : v) as JsonValue;
   }
   return out;
 }

@@ -291,3 +291,23 @@ function join(prefix: string, name: string): string {
 function sameShape(a: readonly number[], b: readonly number[]): boolean {
   return a.length === b.length && a.every((d, i) => d === b[i]);
 }
+
+/** Modules by name, registered under their names as PyTorch's nn.ModuleDict (in insertion order). */
+export class ModuleDict<M extends Module = Module> extends Module {
+  readonly items = new Map<string, M>();
+
+  constructor(items: Record<string, M> = {}) {
+    super();
+    for (const [name, m] of Object.entries(items)) this.set(name, m);
+  }
+
+  set(name: string, m: M): M {
+    this.registerModule(name, m);
+    this.items.set(name, m);
+    return m;
+  }
+
+  get(name: string): M | undefined {
+    return this.items.get(name);
+  }
+}

@@ -1,10 +1,11 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { Module } from '../nn/module.js';
+import { Module, ModuleDict, ModuleList } from '../nn/module.js';
 import { Linear } from '../nn/linear.js';
+import { Embedding } from '../nn/embedding.js';
 import { LayerNorm } from '../nn/norms.js';
 import { AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding, TokenEmbedding } from '../nn/embedding.js';
 import { dropout, padAt, tidyObj } from '../nn/functional.js';
-import { AttentionLayers, type LayersCache } from '../layers/attention-layers.js';
+import { AttentionLayers, Decoder, type LayersCache } from '../layers/attention-layers.js';
 import { checkTensor } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
 
@@ -30,6 +31,21 @@ export interface TransformerWrapperOwnOptions {
   numClsTokens: number;
   squeezeOutLastDim: boolean;
   sigsoftmaxLogits: boolean;
+  /** Extra embedding tables summed into the token embedding, by name: `{segment: 2}` (ids given as `embedIds`). */
+  embedNumTokens: Record<string, number>;
+  /** Memory tokens put before every chunk of this many tokens instead of once in front (Decoder only). */
+  memoryTokensInterspersedEvery: number | null;
+  /** Independent projections to logits (`to_logits.<i>`); read them with `forwardHeads`. */
+  numOutputHeads: number;
+  /** Run the attention layers again on their own projected output (AlphaFold2's recycling). */
+  recycling: boolean;
+  /** In training, the number of recycling steps is drawn from 1..trainMaxRecycleSteps. */
+  trainMaxRecycleSteps: number;
+  /** Default weight of the attention z-loss (`returnAttnZLoss`). */
+  attnZLossWeight: number;
+  /** Mixture of softmaxes: the output is log-probabilities mixed from mixtureOfSoftmaxK softmaxes. */
+  mixtureOfSoftmax: boolean;
+  mixtureOfSoftmaxK: number;
 }
 
 export interface TransformerWrapperOptions extends Partial<TransformerWrapperOwnOptions> {
@@ -59,6 +75,14 @@ export const transformerWrapperDefaults: TransformerWrapperOwnOptions = {
   numClsTokens: 1,
   squeezeOutLastDim: false,
   sigsoftmaxLogits: false,
+  embedNumTokens: {},
+  memoryTokensInterspersedEvery: null,
+  numOutputHeads: 1,
+  recycling: false,
+  trainMaxRecycleSteps: 4,
+  attnZLossWeight: 1e-4,
+  mixtureOfSoftmax: false,
+  mixtureOfSoftmaxK: 4,
 };
 
 /** Per-call options of `TransformerWrapper.forward` / `forwardWithState`. */
@@ -96,6 +120,14 @@ export interface TransformerForwardOptions {
   selfAttnKvMask?: tf.Tensor;
   /** condition: [b, dimCondition] or [b, n, dimCondition] for adaptive norms / layerscale. */
   condition?: tf.Tensor;
+  /** embedIds: one [b, n] int32 tensor per name of `embedNumTokens` (all of them). */
+  embedIds?: Record<string, tf.Tensor>;
+  /** Recycling steps (recycling models; required outside training, where it defaults to a random 1..trainMaxRecycleSteps). */
+  recycleSteps?: number;
+  /** Return the attention z-loss (forwardWithState): needs the attention logits, so not with attnFlash. */
+  returnAttnZLoss?: boolean;
+  /** Weight of the attention z-loss (default: the model's attnZLossWeight). */
+  attnZLossWeight?: number;
 }
 
 /** What `forwardWithState` returns; the caller owns every tensor (and the cache). */
@@ -106,6 +138,13 @@ export interface TransformerState {
   embeddings: tf.Tensor;
   mems?: tf.Tensor[];
   cache?: LayersCache;
+  /** With numOutputHeads > 1: the logits of every head (`logits` is the first). */
+  headLogits?: tf.Tensor[];
+  /**
+   * With returnAttnZLoss, a scalar: the weight times the mean over batch and queries of the sum over
+   * heads of (the sum over attention layers of logsumexp of the attention logits)^2.
+   */
+  attnZLoss?: tf.Tensor;
 }
 
 /** Identity whose gradient is zero (torch's detach). */
@@ -118,7 +157,8 @@ const detach = tf.customGrad(((x: tf.Tensor) => ({
  * Token ids in, logits out: token (+ absolute position) embedding, attention layers, projection to
  * logits, as the reference's TransformerWrapper. Parameters: `token_emb.emb.weight`,
  * `pos_emb.emb.weight` (or `pos_emb.scale`), `post_emb_norm.gamma`, `project_emb`, `attn_layers.*`,
- * `to_logits.weight`, `memory_tokens`, `cls_token`.
+ * `to_logits.weight` (`to_logits.<i>.weight` per output head), `memory_tokens`, `cls_token`,
+ * `embeds.<name>_embed.weight`, `recycled_proj.weight`, `to_mixture.0.weight`, `combine_mixture.weight`.
  */
 export class TransformerWrapper extends Module {
   readonly options: TransformerWrapperOwnOptions;
@@ -136,6 +176,12 @@ export class TransformerWrapper extends Module {
   clsToken: tf.Variable | null = null;
   toLogits: Linear | null = null;
   memoryTokens: tf.Variable | null = null;
+  /** embedNumTokens' tables, by name (registered as `embeds.<name>_embed`). */
+  embeds: Map<string, Embedding> = new Map();
+  recycledProj: Linear | null = null;
+  toMixture: ModuleList<Linear> | null = null;
+  combineMixture: Linear | null = null;
+  toLogitsHeads: ModuleList<Linear> | null = null;
 
   constructor(options: TransformerWrapperOptions) {
     super();
@@ -160,6 +206,21 @@ export class TransformerWrapper extends Module {
     const nm = o.numMemoryTokens ?? 0;
     if (!Number.isInteger(nm) || nm < 0)
       throw new Error(`numMemoryTokens: expected a non-negative integer, got ${o.numMemoryTokens}`);
+    checkOutputOptions(o);
+    const every = o.memoryTokensInterspersedEvery;
+    if (every !== null) {
+      if (!Number.isInteger(every) || every <= 0)
+        throw new Error(`memoryTokensInterspersedEvery: expected a positive integer or null, got ${every}`);
+      if (nm > 0 && !(attnLayers instanceof Decoder))
+        throw new Error(
+          `memoryTokensInterspersedEvery: expected a Decoder (causal attention layers), got ${attnLayers.constructor.name}`,
+        );
+    }
+    if (!Number.isInteger(o.trainMaxRecycleSteps) || o.trainMaxRecycleSteps <= 0)
+      throw new Error(`trainMaxRecycleSteps: expected a positive integer, got ${o.trainMaxRecycleSteps}`);
+    if (typeof o.attnZLossWeight !== 'number' || !Number.isFinite(o.attnZLossWeight))
+      throw new Error(`attnZLossWeight: expected a finite number, got ${o.attnZLossWeight}`);
+    const embedNames = checkEmbedNumTokens(o.embedNumTokens);
     this.options = o;
     this.numTokens = o.numTokens;
     this.maxSeqLen = o.maxSeqLen;
@@ -184,19 +245,45 @@ export class TransformerWrapper extends Module {
           : new AbsolutePositionalEmbedding(embDim, o.maxSeqLen, { l2normEmbed: o.l2normEmbed, rng }),
       );
     }
+    if (embedNames.length) {
+      const tables = this.registerModule('embeds', new ModuleDict<Embedding>());
+      for (const name of embedNames)
+        this.embeds.set(
+          name,
+          tables.set(`${name}_embed`, new Embedding(o.embedNumTokens[name]!, embDim, { rng })),
+        );
+    }
     if (o.postEmbNorm) this.postEmbNorm = this.registerModule('post_emb_norm', new LayerNorm(embDim));
     if (embDim !== dim)
       this.projectEmb = this.registerModule('project_emb', new Linear(embDim, dim, { rng }));
     this.attnLayers = this.registerModule('attn_layers', attnLayers);
+    if (o.recycling)
+      this.recycledProj = this.registerModule('recycled_proj', new Linear(dim, dim, { bias: false, rng }));
     if (o.useClsToken) {
       this.clsToken = this.registerParameter(
         'cls_token',
         tf.tensor2d(rng.fillNormal(o.numClsTokens * dim, 0, 0.02), [o.numClsTokens, dim]),
       );
     }
+    if (o.mixtureOfSoftmax) {
+      const k = o.mixtureOfSoftmaxK;
+      this.toMixture = this.registerModule(
+        'to_mixture',
+        new ModuleList([new Linear(dim, dim * k, { bias: false, rng })]),
+      );
+      this.combineMixture = this.registerModule('combine_mixture', new Linear(dim, k, { bias: false, rng }));
+    }
     const logitsDim = o.logitsDim ?? o.numTokens;
     if (!o.returnOnlyEmbed && !o.tieEmbedding) {
-      this.toLogits = this.registerModule('to_logits', new Linear(dim, logitsDim, { bias: false, rng }));
+      if (o.numOutputHeads > 1) {
+        const heads = Array.from(
+          { length: o.numOutputHeads },
+          () => new Linear(dim, logitsDim, { bias: false, rng }),
+        );
+        this.toLogitsHeads = this.registerModule('to_logits', new ModuleList(heads));
+      } else {
+        this.toLogits = this.registerModule('to_logits', new Linear(dim, logitsDim, { bias: false, rng }));
+      }
     }
     if (o.tieEmbedding && embDim !== dim)
       throw new Error(`tieEmbedding: expected embDim equal to the model dim ${dim}, got ${embDim}`);
@@ -208,9 +295,14 @@ export class TransformerWrapper extends Module {
     }
   }
 
-  /** Whether KV-cached decoding is possible (no memory tokens). */
+  /** Whether KV-cached decoding is possible (no memory tokens, no recycling). */
   get canCacheKv(): boolean {
-    return this.numMemoryTokens === 0 && this.attnLayers.canCacheKv;
+    return this.numMemoryTokens === 0 && !this.options.recycling && this.attnLayers.canCacheKv;
+  }
+
+  /** Whether the output is log-probabilities rather than logits (mixture of softmaxes). */
+  get outputIsLogProb(): boolean {
+    return this.options.mixtureOfSoftmax;
   }
 
   /** Whether cached decoding may run past maxSeqLen (no absolute positions). */
@@ -224,10 +316,28 @@ export class TransformerWrapper extends Module {
    */
   forward(x: tf.Tensor, opts: TransformerForwardOptions = {}): tf.Tensor {
     const { returnEmbeddings, ...rest } = opts;
-    const st = this.run(x, { ...rest, returnMems: false, returnCache: false }, !returnEmbeddings);
+    const heads = this.options.numOutputHeads;
+    if (!returnEmbeddings && this.toLogitsHeads)
+      throw new Error(
+        `numOutputHeads: the model has ${heads} output heads; read their logits with forwardHeads`,
+      );
+    const st = this.run(
+      x,
+      { ...rest, returnMems: false, returnCache: false, returnAttnZLoss: false },
+      !returnEmbeddings,
+    );
     if (returnEmbeddings || !st.logits) return st.embeddings;
     st.embeddings.dispose();
     return st.logits;
+  }
+
+  /** x: [b, n] int32 -> the logits of every output head (numOutputHeads of them), each [b, n, logitsDim]. */
+  forwardHeads(x: tf.Tensor, opts: Omit<TransformerForwardOptions, 'returnEmbeddings'> = {}): tf.Tensor[] {
+    if (this.options.returnOnlyEmbed)
+      throw new Error('forwardHeads: the model has no output head (returnOnlyEmbed)');
+    const st = this.run(x, { ...opts, returnMems: false, returnCache: false, returnAttnZLoss: false }, true);
+    st.embeddings.dispose();
+    return st.headLogits ?? [st.logits];
   }
 
   /** x: [b, n] int32 -> logits, embeddings, and with returnMems / returnCache the next mems and cache. */
@@ -275,8 +385,71 @@ export class TransformerWrapper extends Module {
     if (opts.seqStartPos) checkTensor('seqStartPos', opts.seqStartPos, { shape: [b], dtype: 'int32' });
     if (opts.cache && !this.canCacheKv)
       throw new Error(
-        'cache: this model cannot decode with a KV cache (memory tokens, token shifting or an attention layer that cannot cache)',
+        'cache: this model cannot decode with a KV cache (memory tokens, recycling, token shifting or an attention layer that cannot cache)',
       );
+    this.validateEmbedIds(b, n, opts.embedIds);
+    const o = this.options;
+    if (o.memoryTokensInterspersedEvery !== null && this.numMemoryTokens > 0) {
+      if (opts.mask)
+        throw new Error(
+          'mask: not supported with memoryTokensInterspersedEvery (the reference does not mask memory tokens between chunks)',
+        );
+      if (opts.selfAttnKvMask)
+        throw new Error('selfAttnKvMask: not supported with memoryTokensInterspersedEvery');
+      if (opts.prependMask) throw new Error('prependMask: not supported with memoryTokensInterspersedEvery');
+    }
+    const steps = opts.recycleSteps;
+    if (steps !== undefined) {
+      if (!Number.isInteger(steps) || steps <= 0)
+        throw new Error(`recycleSteps: expected a positive integer, got ${steps}`);
+      if (!o.recycling && steps !== 1)
+        throw new Error(`recycleSteps: expected 1 (or nothing) for a model without recycling, got ${steps}`);
+    } else if (o.recycling && !this.training) {
+      throw new Error(
+        'recycleSteps: expected a positive integer outside training (the model recycles), got undefined',
+      );
+    }
+    if (opts.returnAttnZLoss) {
+      const w = opts.attnZLossWeight;
+      if (w !== undefined && (typeof w !== 'number' || !Number.isFinite(w)))
+        throw new Error(`attnZLossWeight: expected a finite number, got ${w}`);
+      if (this.attnLayers.attnOptions.flash || this.attnLayers.crossAttnOptions.flash)
+        throw new Error(
+          'returnAttnZLoss: needs the attention logits before softmax, which the fused attention (attnFlash) does not form',
+        );
+    }
+  }
+
+  /** embedIds: one [b, n] int32 per name of embedNumTokens, each in [0, its size). */
+  private validateEmbedIds(b: number, n: number, embedIds: Record<string, tf.Tensor> | undefined): void {
+    const names = [...this.embeds.keys()];
+    const given = embedIds ? Object.keys(embedIds) : [];
+    if (names.length === 0) {
+      if (given.length)
+        throw new Error(`embedIds: given (${given.join(', ')}), but the model has no embedNumTokens`);
+      return;
+    }
+    const missing = names.filter((k) => !given.includes(k));
+    const unknown = given.filter((k) => !this.embeds.has(k));
+    if (missing.length || unknown.length)
+      throw new Error(
+        `embedIds: expected ids for exactly the names of embedNumTokens (${names.join(', ')}), got (${given.join(', ')})`,
+      );
+    for (const name of names) {
+      const ids = embedIds![name]!;
+      checkTensor(`embedIds.${name}`, ids, { shape: [b, n], dtype: 'int32' });
+      const size = this.embeds.get(name)!.numEmbeddings;
+      if (ids.size === 0) continue;
+      const v = ids.dataSync();
+      let mn = v[0]!;
+      let mx = mn;
+      for (let i = 1; i < v.length; i++) {
+        if (v[i]! < mn) mn = v[i]!;
+        else if (v[i]! > mx) mx = v[i]!;
+      }
+      if (mn < 0 || mx >= size)
+        throw new Error(`embedIds.${name}: expected ids in [0, ${size}), got values in [${mn}, ${mx}]`);
+    }
   }
 
   private run(x: tf.Tensor, opts: TransformerForwardOptions, wantLogits: boolean): TransformerState {
@@ -294,6 +467,8 @@ export class TransformerWrapper extends Module {
       else if (this.posEmb) pos = this.posEmb.forward(n, { pos: po, seqStartPos: opts.seqStartPos });
       let h: tf.Tensor = this.tokenEmb.forward(x);
       if (pos !== 0) h = tf.add(h, pos);
+      for (const [name, ids] of Object.entries(opts.embedIds ?? {}))
+        h = tf.add(h, this.embeds.get(name)!.forward(ids));
       if (opts.sumEmbeds) h = tf.add(h, opts.sumEmbeds);
       if (this.postEmbNorm) h = this.postEmbNorm.forward(h);
       let mask = opts.mask;
@@ -320,7 +495,9 @@ export class TransformerWrapper extends Module {
         if (kvMask) kvMask = padAt(kvMask, 1, o.numClsTokens, 0, 1);
       }
       const memSeq = h.shape[1]!;
-      if (numMem > 0) {
+      const every = numMem > 0 ? o.memoryTokensInterspersedEvery : null;
+      if (every !== null) h = this.intersperseMemory(h, n, every);
+      else if (numMem > 0) {
         h = tf.concat([tf.tile(tf.expandDims(this.memoryTokens!, 0), [b, 1, 1]), h], 1);
         if (mask) mask = padAt(mask, 1, numMem, 0, 1);
         if (kvMask) kvMask = padAt(kvMask, 1, numMem, 0, 1);
@@ -330,24 +507,44 @@ export class TransformerWrapper extends Module {
         const k = o.shiftMemDown;
         mems = [...mems.slice(k), ...mems.slice(0, k)];
       }
-      const res = this.attnLayers.forward(h, {
+      const layersOpts = {
         mask,
         mems,
         memMasks: opts.memMasks,
         cache: opts.cache,
         cacheAge: opts.cacheAge,
         returnCache: opts.returnCache,
-        returnHiddens: wantMems,
+        returnHiddens: wantMems || !!opts.returnAttnZLoss,
         seqStartPos: opts.seqStartPos,
         context: opts.context,
         contextMask: opts.contextMask,
         attnMask: opts.attnMask,
         selfAttnKvMask: kvMask,
         condition: opts.condition,
-      });
+      };
+      // recycling: every step but the last runs on the detached, projected output of the one before
+      const steps = !o.recycling ? 1 : (opts.recycleSteps ?? getRng().int(0, o.trainMaxRecycleSteps) + 1);
+      let res = this.attnLayers.forward(h, steps > 1 ? { ...layersOpts, returnCache: false } : layersOpts);
+      for (let i = 1; i < steps; i++) {
+        const recycled = this.recycledProj!.forward(detach(res.out));
+        const last = i === steps - 1;
+        res = this.attnLayers.forward(
+          tf.add(h, recycled),
+          last ? layersOpts : { ...layersOpts, returnCache: false },
+        );
+      }
       cache = res.cache;
+      let attnZLoss: tf.Tensor | undefined;
+      if (opts.returnAttnZLoss)
+        attnZLoss = this.attnZLoss(res.attnIntermediates, opts.attnZLossWeight ?? o.attnZLossWeight);
       let e = res.out;
-      if (numMem > 0) e = tf.slice(e, [0, numMem, 0], [-1, memSeq, -1]);
+      if (every !== null) {
+        // [b, chunks * (numMem + every), d] -> drop each chunk's memory tokens -> the first memSeq positions
+        const chunks = e.shape[1]! / (numMem + every);
+        e = tf.reshape(e, [b * chunks, numMem + every, this.dim]);
+        e = tf.slice(e, [0, numMem, 0], [-1, every, -1]);
+        e = tf.slice(tf.reshape(e, [b, chunks * every, this.dim]), [0, 0, 0], [-1, memSeq, -1]);
+      } else if (numMem > 0) e = tf.slice(e, [0, numMem, 0], [-1, memSeq, -1]);
       if (o.averagePoolEmbed) {
         if (opts.mask) {
           const m = tf.expandDims(tf.cast(opts.mask, 'float32'), -1);
@@ -358,18 +555,28 @@ export class TransformerWrapper extends Module {
         e = tf.slice(e, [0, 0, 0], [-1, o.numClsTokens, -1]);
         if (o.numClsTokens === 1) e = tf.squeeze(e, [1]);
       }
-      let logits: tf.Tensor | null = null;
-      if (wantLogits && !o.returnOnlyEmbed) {
-        let l: tf.Tensor = o.tieEmbedding
-          ? tf.reshape(tf.matMul(tf.reshape(e, [-1, this.dim]), this.tokenEmb.emb.weight, false, true), [
-              ...e.shape.slice(0, -1),
-              this.numTokens,
-            ])
-          : this.toLogits!.forward(e);
-        if (o.sigsoftmaxLogits) l = tf.add(l, tf.log(tf.sigmoid(l)));
-        if (o.squeezeOutLastDim && l.shape[l.rank - 1] === 1) l = tf.squeeze(l, [-1]);
-        logits = l;
+      // mixture of softmaxes: k weights per position, and the embedding expanded to [..., k, dim]
+      let mixWeights: tf.Tensor | null = null;
+      if (this.toMixture) {
+        const k = o.mixtureOfSoftmaxK;
+        mixWeights = tf.softmax(this.combineMixture!.forward(e), -1);
+        e = tf.reshape(this.toMixture.at(0).forward(e), [...e.shape.slice(0, -1), k, this.dim]);
       }
+      let headLogits: tf.Tensor[] | null = null;
+      if (wantLogits && !o.returnOnlyEmbed) {
+        headLogits = this.projectToLogits(e).map((raw) => {
+          let l = raw;
+          if (o.sigsoftmaxLogits) l = tf.add(l, tf.log(tf.sigmoid(l)));
+          if (mixWeights) {
+            // log of the mixture of the k softmaxes: [..., k, v] x [..., k] -> [..., v]
+            const mos = tf.sum(tf.mul(tf.softmax(l, -1), tf.expandDims(mixWeights, -1)), -2);
+            l = tf.log(tf.maximum(mos, 1e-20));
+          }
+          if (o.squeezeOutLastDim && l.shape[l.rank - 1] === 1) l = tf.squeeze(l, [-1]);
+          return l;
+        });
+      }
+      const logits = headLogits ? headLogits[0]! : null;
       let newMems: tf.Tensor[] | undefined;
       if (wantMems) {
         const hiddens = res.hiddens;
@@ -380,15 +587,92 @@ export class TransformerWrapper extends Module {
           return detach(tf.slice(t, [0, len - keep, 0], [-1, keep, -1]));
         });
       }
-      return { logits, embeddings: e, mems: newMems };
+      return {
+        logits,
+        embeddings: e,
+        mems: newMems,
+        headLogits: headLogits && headLogits.length > 1 ? headLogits : undefined,
+        attnZLoss,
+      };
     });
     return {
       logits: out.logits as tf.Tensor,
       embeddings: out.embeddings,
       ...(out.mems ? { mems: out.mems } : {}),
       ...(cache ? { cache } : {}),
+      ...(out.headLogits ? { headLogits: out.headLogits } : {}),
+      ...(out.attnZLoss ? { attnZLoss: out.attnZLoss } : {}),
     };
   }
+
+  /** e: [..., dim] -> one [..., logitsDim] per output head (the token embedding's transpose when tied). */
+  private projectToLogits(e: tf.Tensor): tf.Tensor[] {
+    if (this.toLogitsHeads) return this.toLogitsHeads.items.map((head) => head.forward(e));
+    if (this.toLogits) return [this.toLogits.forward(e)];
+    const flat = tf.matMul(tf.reshape(e, [-1, this.dim]), this.tokenEmb.emb.weight, false, true);
+    return [tf.reshape(flat, [...e.shape.slice(0, -1), this.numTokens])];
+  }
+
+  /**
+   * Memory tokens in front of every chunk of `every` positions: x [b, len, d] (len = n + positions put
+   * in front of the tokens), zero-padded so the n tokens fill whole chunks -> [b, chunks * (numMem + every), d].
+   */
+  private intersperseMemory(x: tf.Tensor, n: number, every: number): tf.Tensor {
+    const [b, len, d] = x.shape as [number, number, number];
+    const padded = len + Math.ceil(n / every) * every - n;
+    if (padded % every !== 0)
+      throw new Error(
+        `memoryTokensInterspersedEvery: expected the positions put in front of the tokens (${len - n}) to fill whole chunks of ${every}`,
+      );
+    const chunks = padded / every;
+    const numMem = this.numMemoryTokens;
+    const h = tf.reshape(padAt(x, 1, 0, padded - len, 0), [b * chunks, every, d]);
+    const mem = tf.tile(tf.expandDims(this.memoryTokens!, 0), [b * chunks, 1, 1]);
+    return tf.reshape(tf.concat([mem, h], 1), [b, chunks * (numMem + every), d]);
+  }
+
+  /** The attention z-loss of the layers' pre-softmax logits ([b, h, i, j] each), times `weight`. */
+  private attnZLoss(inters: { preSoftmaxAttn?: tf.Tensor }[], weight: number): tf.Tensor {
+    let lse: tf.Tensor | null = null;
+    for (const inter of inters) {
+      if (!inter.preSoftmaxAttn)
+        throw new Error('returnAttnZLoss: an attention layer did not form its logits (fused attention)');
+      const l = tf.logSumExp(inter.preSoftmaxAttn, -1);
+      lse = lse ? tf.add(lse, l) : l;
+    }
+    if (!lse) throw new Error('returnAttnZLoss: the attention layers have no attention layer');
+    return tf.mul(tf.mean(tf.sum(tf.square(lse), 1)), weight);
+  }
+}
+
+/** Checks the output options that exclude each other (as the reference's asserts and failures do). */
+function checkOutputOptions(o: TransformerWrapperOwnOptions): void {
+  const heads = o.numOutputHeads;
+  if (!Number.isInteger(heads) || heads <= 0)
+    throw new Error(`numOutputHeads: expected a positive integer, got ${heads}`);
+  if (heads > 1 && !o.returnOnlyEmbed) {
+    if (o.tieEmbedding) throw new Error(`numOutputHeads: expected 1 with tieEmbedding, got ${heads}`);
+    if (o.sigsoftmaxLogits) throw new Error(`numOutputHeads: expected 1 with sigsoftmaxLogits, got ${heads}`);
+  }
+  if (o.mixtureOfSoftmax && heads !== 1)
+    throw new Error(`mixtureOfSoftmax: expected numOutputHeads 1, got ${heads}`);
+  if (!Number.isInteger(o.mixtureOfSoftmaxK) || o.mixtureOfSoftmaxK <= 0)
+    throw new Error(`mixtureOfSoftmaxK: expected a positive integer, got ${o.mixtureOfSoftmaxK}`);
+}
+
+/** Checks `embedNumTokens` ({name: number of ids}); returns its names. */
+function checkEmbedNumTokens(e: unknown): string[] {
+  if (typeof e !== 'object' || e === null || Array.isArray(e))
+    throw new Error(
+      `embedNumTokens: expected an object of positive integers by name, got ${JSON.stringify(e)}`,
+    );
+  for (const [name, size] of Object.entries(e)) {
+    if (!/^[A-Za-z0-9_]+$/.test(name))
+      throw new Error(`embedNumTokens.${name}: expected a name of letters, digits and underscores`);
+    if (typeof size !== 'number' || !Number.isInteger(size) || size <= 0)
+      throw new Error(`embedNumTokens.${name}: expected a positive integer, got ${JSON.stringify(size)}`);
+  }
+  return Object.keys(e);
 }
 
 function stripUndefined<T extends object>(o: T): Partial<T> {
