@@ -3,6 +3,7 @@ import type { Registry } from '../models/registry.js';
 import type { Storage } from '../models/storage.js';
 import type { ServiceMetrics } from './metrics.js';
 import type { ModelCache } from './model-cache.js';
+import type { TokenCache } from './token-cache.js';
 
 /** Minimal logger (pino's shape). */
 export interface Logger {
@@ -16,6 +17,8 @@ export interface WorkerContext {
   registry: Registry;
   storage: Storage;
   cache: ModelCache;
+  /** Datasets' tokens per tokenizer, tokenized once and kept in DATA_DIR. */
+  tokens: TokenCache;
   metrics?: ServiceMetrics;
   log: Logger;
   /** Abort controllers of the jobs running here, by job id (cancel requests abort them). */

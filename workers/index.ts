@@ -6,6 +6,7 @@ import type { Logger, WorkerContext } from './context.js';
 import type { ServiceMetrics } from './metrics.js';
 import { loadEngine } from './engine.js';
 import { ModelCache } from './model-cache.js';
+import { TokenCache } from './token-cache.js';
 import { processGenerate } from './generate.js';
 import { processTrain } from './train.js';
 import {
@@ -31,6 +32,8 @@ export interface WorkerOptions {
   stalledIntervalMs?: number;
   metrics?: ServiceMetrics;
   log?: Logger;
+  /** Characters of dataset text tokenized between progress events (default 1 Mi). */
+  tokenizePieceChars?: number;
   /** Which queues to consume (default both). */
   queues?: ('train' | 'generate')[];
 }
@@ -59,6 +62,7 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
     registry,
     storage,
     cache: new ModelCache(storage, options.modelCacheSize ?? 4),
+    tokens: new TokenCache(storage, options.tokenizePieceChars),
     metrics: options.metrics,
     log: options.log ?? silent,
     running: new Map(),

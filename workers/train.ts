@@ -1,11 +1,10 @@
 import { WaitingError, UnrecoverableError, type Job } from 'bullmq';
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
-import type { CheckpointRecord } from '../models/schemas.js';
+import type { CheckpointRecord, TokenizerName } from '../models/schemas.js';
 import {
   autoregressive,
   buildModel,
-  getTokenizer,
   loadWeights,
   trainerClass,
   type TrainerLike,
@@ -25,15 +24,41 @@ export interface TrainResult {
 
 /** Splits tokens into train and validation parts (10% for validation when evaluation is asked). */
 function splitTokens(
-  tokens: number[],
+  all: Int32Array,
   wantVal: boolean,
   seqLen: number,
 ): { train: Int32Array; val?: Int32Array } {
-  const all = Int32Array.from(tokens);
   if (!wantVal) return { train: all };
   const nVal = Math.floor(all.length * 0.1);
   if (nVal < seqLen + 2 || all.length - nVal < seqLen + 2) return { train: all };
   return { train: all.subarray(0, all.length - nVal), val: all.subarray(all.length - nVal) };
+}
+
+/**
+ * The dataset's tokens under the model's tokenizer: read from the token file, or tokenized first on
+ * a worker thread with `tokenizing` events ({progress: 0..1, tokens}, at most two a second); then a
+ * `tokens` event {tokenizer, tokens, cached, tokenizeMs, loadMs}.
+ */
+async function datasetTokens(ctx: WorkerContext, d: TrainJobData, tokenizer: TokenizerName): Promise<Int32Array> {
+  let lastSent = 0;
+  const pending: Promise<unknown>[] = [];
+  const got = await ctx.tokens.tokens(d.datasetId, tokenizer, (p) => {
+    const now = Date.now();
+    if (now - lastSent < 500 && p.progress < 1) return;
+    lastSent = now;
+    pending.push(ctx.registry.appendEvent(d.jobId, 'tokenizing', p));
+  });
+  await Promise.all(pending);
+  const info = {
+    tokenizer,
+    tokens: got.tokens.length,
+    cached: got.cached,
+    tokenizeMs: Math.round(got.tokenizeMs),
+    loadMs: Math.round(got.loadMs),
+  };
+  ctx.log.info({ jobId: d.jobId, datasetId: d.datasetId, ...info }, 'dataset tokens ready');
+  await ctx.registry.appendEvent(d.jobId, 'tokens', info);
+  return got.tokens;
 }
 
 /**
@@ -77,9 +102,7 @@ export async function processTrain(
     loadWeights(built.model, await storage.read(model.weightsFile), model.weightsFile);
     built.model.train();
     const ar = autoregressive(built.model);
-    const tokenizer = getTokenizer(model.tokenizer);
-    const text = (await storage.read(storage.datasetFile(d.datasetId))).toString('utf8');
-    const data = splitTokens(tokenizer.encode(text), (d.evalEvery ?? 0) > 0, d.seqLen);
+    const data = splitTokens(await datasetTokens(ctx, d, model.tokenizer), (d.evalEvery ?? 0) > 0, d.seqLen);
     if (data.train.length < d.seqLen + 2) {
       throw new UnrecoverableError(
         `dataset ${d.datasetId}: ${data.train.length} tokens is too few for seqLen ${d.seqLen} (needs at least ${d.seqLen + 2})`,
