@@ -81,6 +81,7 @@ export async function run(role: Role): Promise<void> {
       prefix: config.prefix,
       concurrency: config.workerConcurrency,
       modelCacheSize: config.modelCacheSize,
+      trainMaxPauseMs: config.trainMaxPauseMs,
       lockDurationMs: config.lockDurationMs,
       stalledIntervalMs: config.stalledIntervalMs,
       metrics,

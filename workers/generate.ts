@@ -62,6 +62,7 @@ export async function processGenerate(
   const observe = (state: string) =>
     ctx.metrics?.jobDuration.observe({ type: 'generate', state }, (Date.now() - started) / 1000);
   let loaded: Awaited<ReturnType<typeof ctx.cache.acquire>> | null = null;
+  const endPriority = ctx.priority.begin();
   const tokens: number[] = [];
   try {
     if (await registry.isCancelRequested(d.jobId)) {
@@ -147,6 +148,7 @@ export async function processGenerate(
     throw await recordFailure(ctx, d.jobId, 'generation', e, observe);
   } finally {
     ctx.running.delete(d.jobId);
+    endPriority();
     if (loaded) ctx.cache.release(loaded);
   }
 }

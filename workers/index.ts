@@ -7,6 +7,7 @@ import type { ServiceMetrics } from './metrics.js';
 import { loadEngine } from './engine.js';
 import { ModelCache } from './model-cache.js';
 import { TokenCache } from './token-cache.js';
+import { GenerationPriority } from './priority.js';
 import { processGenerate } from './generate.js';
 import { processTrain } from './train.js';
 import {
@@ -34,6 +35,8 @@ export interface WorkerOptions {
   log?: Logger;
   /** Characters of dataset text tokenized between progress events (default 1 Mi). */
   tokenizePieceChars?: number;
+  /** Longest a training step waits for running generations (default 2000 ms). */
+  trainMaxPauseMs?: number;
   /** Which queues to consume (default both). */
   queues?: ('train' | 'generate')[];
 }
@@ -63,6 +66,7 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
     storage,
     cache: new ModelCache(storage, options.modelCacheSize ?? 4),
     tokens: new TokenCache(storage, options.tokenizePieceChars),
+    priority: new GenerationPriority(options.trainMaxPauseMs),
     metrics: options.metrics,
     log: options.log ?? silent,
     running: new Map(),

@@ -182,6 +182,8 @@ export async function processTrain(
         await job.moveToWait(token);
         throw new WaitingError();
       }
+      await ctx.priority.beforeTrainStep(ac.signal);
+      if (ac.signal.aborted) continue; // cancelled while waiting: handled at the top of the loop
       const r = await trainer.step();
       lastLoss = r.loss;
       if (firstLoss === null) firstLoss = r.loss;
