@@ -4,7 +4,6 @@ import { Registry } from '../models/registry.js';
 import { Storage } from '../models/storage.js';
 import type { Logger, WorkerContext } from './context.js';
 import type { ServiceMetrics } from './metrics.js';
-import { loadEngine } from './engine.js';
 import { ModelCache } from './model-cache.js';
 import { TokenCache } from './token-cache.js';
 import { GenerationPriority } from './priority.js';
@@ -55,7 +54,6 @@ const silent: Logger = { info: () => undefined, warn: () => undefined, error: ()
 
 /** Starts the BullMQ workers for the `train` and `generate` queues. */
 export async function startWorkers(options: WorkerOptions): Promise<ServiceWorkers> {
-  await loadEngine();
   const prefix = options.prefix ?? 'xt';
   const redis = createRedis(options.redisUrl);
   const sub = createRedis(options.redisUrl);

@@ -2,13 +2,7 @@ import { WaitingError, UnrecoverableError, type Job } from 'bullmq';
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import type { CheckpointRecord, TokenizerName } from '../models/schemas.js';
-import {
-  autoregressive,
-  buildModel,
-  loadWeights,
-  trainerClass,
-  type TrainerLike,
-} from './engine.js';
+import { autoregressive, buildModel, loadWeights, Trainer } from './engine.js';
 import { recordFailure, yieldToLoop, type WorkerContext } from './context.js';
 import type { TrainJobData } from './queues.js';
 
@@ -39,7 +33,11 @@ function splitTokens(
  * a worker thread with `tokenizing` events ({progress: 0..1, tokens}, at most two a second); then a
  * `tokens` event {tokenizer, tokens, cached, tokenizeMs, loadMs}.
  */
-async function datasetTokens(ctx: WorkerContext, d: TrainJobData, tokenizer: TokenizerName): Promise<Int32Array> {
+async function datasetTokens(
+  ctx: WorkerContext,
+  d: TrainJobData,
+  tokenizer: TokenizerName,
+): Promise<Int32Array> {
   let lastSent = 0;
   const pending: Promise<unknown>[] = [];
   const got = await ctx.tokens.tokens(d.datasetId, tokenizer, (p) => {
@@ -79,7 +77,7 @@ export async function processTrain(
   const ac = new AbortController();
   ctx.running.set(d.jobId, ac);
   bullSignal?.addEventListener('abort', () => ac.abort());
-  let trainer: TrainerLike | null = null;
+  let trainer: Trainer | null = null;
   let disposeModel: (() => void) | null = null;
   const observe = (state: string) =>
     ctx.metrics?.jobDuration.observe({ type: 'train', state }, (Date.now() - started) / 1000);
@@ -120,7 +118,6 @@ export async function processTrain(
       evalEvery: d.evalEvery,
       seed: d.seed,
     };
-    const Trainer = trainerClass();
     const last = await registry.latestCheckpoint(d.modelId, d.jobId);
     let resumedFromStep: number | null = null;
     if (last) {
