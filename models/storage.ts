@@ -26,7 +26,9 @@ export class Storage {
   /** A dataset's tokens under one tokenizer (the worker's cache; see workers/token-file.ts). */
   tokensFile(id: string, tokenizer: string): string {
     if (!/^[a-z0-9_]+$/.test(tokenizer))
-      throw new Error(`tokenizer: expected lower-case letters, digits and _, got ${JSON.stringify(tokenizer)}`);
+      throw new Error(
+        `tokenizer: expected lower-case letters, digits and _, got ${JSON.stringify(tokenizer)}`,
+      );
     return path.join('datasets', `${checkId('datasetId', id)}.${tokenizer}.tokens`);
   }
 
