@@ -4,7 +4,7 @@ import { checkId } from './ids.js';
 
 /**
  * Files under DATA_DIR, shared by API and workers (a volume in docker compose):
- *   datasets/<id>.txt, models/<id>/<version>.safetensors, checkpoints/<modelId>/<jobId>/step-<n>/.
+ *   datasets/<id>.txt, datasets/<id>.<tokenizer>.tokens, models/<id>/<version>.safetensors, checkpoints/<modelId>/<jobId>/step-<n>/.
  * Records in Redis keep paths relative to DATA_DIR so every process resolves them the same way.
  */
 export class Storage {
@@ -21,6 +21,15 @@ export class Storage {
 
   datasetFile(id: string): string {
     return path.join('datasets', `${checkId('datasetId', id)}.txt`);
+  }
+
+  /** A dataset's tokens under one tokenizer (the worker's cache; see workers/token-file.ts). */
+  tokensFile(id: string, tokenizer: string): string {
+    if (!/^[a-z0-9_]+$/.test(tokenizer))
+      throw new Error(
+        `tokenizer: expected lower-case letters, digits and _, got ${JSON.stringify(tokenizer)}`,
+      );
+    return path.join('datasets', `${checkId('datasetId', id)}.${tokenizer}.tokens`);
   }
 
   weightsFile(modelId: string, version: string): string {

@@ -7,7 +7,6 @@ import { Registry } from '../models/registry.js';
 import { Storage } from '../models/storage.js';
 import { defaultLimits, type ServiceLimits } from '../service/config.js';
 import { ModelBuilder } from '../workers/build-pool.js';
-import { loadEngine } from '../workers/engine.js';
 import { createMetrics, type ServiceMetrics } from '../workers/metrics.js';
 import {
   closeRedis,
@@ -58,7 +57,6 @@ export const OPENAPI_INFO = {
  * Redis connections and queues and closes them in `app.close()`.
  */
 export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
-  await loadEngine();
   const limits: ServiceLimits = { ...defaultLimits, ...options.limits };
   const app = (
     options.loggerInstance

@@ -3,6 +3,7 @@ import { Type, type Static } from '@sinclair/typebox';
 import { isUtf8 } from 'node:buffer';
 import { randomUUID } from 'node:crypto';
 import { DatasetView, IdParams, errors } from '../models/schemas.js';
+import { TOKENIZER_NAMES } from '../src/index.js';
 import { firstInvalidUtf8 } from '../models/utf8.js';
 import { badRequest, notFound } from './errors.js';
 import { uploadedBytes } from './models.js';
@@ -70,6 +71,7 @@ export default async function datasetRoutes(app: FastifyInstance): Promise<void>
       if (!d) throw notFound('dataset', request.params.id);
       await registry.deleteDataset(d.id);
       await storage.remove(storage.datasetFile(d.id));
+      for (const t of TOKENIZER_NAMES) await storage.remove(storage.tokensFile(d.id, t));
       return reply.status(204).send();
     },
   );

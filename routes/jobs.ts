@@ -102,7 +102,9 @@ export default async function jobRoutes(app: FastifyInstance): Promise<void> {
       schema: {
         tags: ['jobs'],
         summary:
-          'Server-sent events of a job: `progress` {step, steps, loss, learningRate, tokensPerSecond}, `checkpoint`, ' +
+          'Server-sent events of a job: `tokenizing` {progress, tokens} (the first job on a dataset and tokenizer), ' +
+          '`tokens` {tokenizer, tokens, cached, tokenizeMs, loadMs}, ' +
+          '`progress` {step, steps, loss, learningRate, tokensPerSecond}, `checkpoint`, ' +
           '`eval`, `resumed`, then `completed` | `failed` | `cancelled` (generation: `token`, then `done`). ' +
           'Every event has an id; reconnect with Last-Event-ID to get what was missed.',
         params: IdParams,

@@ -3,8 +3,9 @@
  * a fresh DATA_DIR), creates a model, then at 1, 8 and 32 concurrent clients streams completions
  * from /openai/v1/completions over SSE and reports time to first token, tokens/s per stream and in
  * all, and p50/p99 request latency. Options: --tokens N (per request, default 32), --rounds N
- * (requests per client, default 2), --concurrency 1,8,32, --json. WORKER_CONCURRENCY and XT_BACKEND
- * pass through to the service.
+ * (requests per client, default 2), --concurrency 1,8,32, --json, --while-training (a training job of
+ * a larger model runs in the same worker throughout, started before the first request and cancelled
+ * after the last). WORKER_CONCURRENCY and XT_BACKEND pass through to the service.
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -99,6 +100,59 @@ const pct = (xs: number[], p: number) => {
   return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)]!;
 };
 
+/**
+ * Starts a training job of a larger model (dim 256, depth 4, batch 16 of 128 tokens) and waits for
+ * its first step; `stop` cancels it and returns the steps it made.
+ */
+async function startTraining(base: string): Promise<{ stop(): Promise<number> }> {
+  const json = async (url: string, init: RequestInit) => {
+    const r = await fetch(`${base}${url}`, init);
+    if (!r.ok) throw new Error(`${url}: HTTP ${r.status} ${await r.text()}`);
+    return (await r.json()) as Record<string, unknown>;
+  };
+  const post = (url: string, body: unknown) =>
+    json(url, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+    });
+  const model = await post('/v1/models', {
+    name: 'bench-train',
+    config: {
+      wrapper: 'TransformerWrapper',
+      numTokens: 256,
+      maxSeqLen: 128,
+      attnLayers: { type: 'Decoder', dim: 256, depth: 4, heads: 4 },
+    },
+  });
+  const dataset = await json('/v1/datasets?name=bench', {
+    method: 'POST',
+    headers: { 'content-type': 'text/plain' },
+    body: 'the quick brown fox jumps over the lazy dog. '.repeat(2000),
+  });
+  const job = await post(`/v1/models/${model.id}/train`, {
+    datasetId: dataset.id,
+    steps: 100_000,
+    batchSize: 16,
+    seqLen: 128,
+    checkpointEvery: 100_000,
+  });
+  const step = async () =>
+    Number(((await json(`/v1/jobs/${job.jobId}`, {})).progress as { step?: number }).step ?? 0);
+  const deadline = Date.now() + 120_000;
+  while ((await step()) < 1) {
+    if (Date.now() > deadline) throw new Error('the training job made no step in 120 s');
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  return {
+    async stop() {
+      const steps = await step();
+      await fetch(`${base}/v1/jobs/${job.jobId}`, { method: 'DELETE' });
+      return steps;
+    },
+  };
+}
+
 async function main() {
   const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-bench-service-'));
   const port = await freePort();
@@ -136,6 +190,7 @@ async function main() {
     });
     const model = ((await created.json()) as { id: string }).id;
     await streamOnce(base, model, 'warm up '); // loads the model into the worker's cache
+    const training = process.argv.includes('--while-training') ? await startTraining(base) : null;
 
     const rows = [];
     for (const c of levels) {
@@ -174,13 +229,16 @@ async function main() {
         ),
       });
     }
+    const trainedSteps = training ? await training.stop() : null;
     if (process.argv.includes('--json')) {
-      console.log(JSON.stringify({ backend: ready.backend, tokens, rounds, rows }, null, 2));
+      console.log(JSON.stringify({ backend: ready.backend, tokens, rounds, trainedSteps, rows }, null, 2));
       return;
     }
     console.log(
       `backend ${ready.backend}, ${tokens} tokens per request, ${rounds} requests per client, ` +
-        `WORKER_CONCURRENCY=${process.env.WORKER_CONCURRENCY ?? 1}\n`,
+        `WORKER_CONCURRENCY=${process.env.WORKER_CONCURRENCY ?? 1}` +
+        (training ? `, a training job ran throughout (${trainedSteps} steps)` : '') +
+        '\n',
     );
     console.log(
       '| streams | requests | TTFT p50 / p99 (ms) | tokens/s per stream (p50) | tokens/s in all | latency p50 / p99 (ms) |',

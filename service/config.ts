@@ -18,6 +18,8 @@ export interface ServiceConfig {
   prefix: string;
   /** Loaded models a worker keeps in memory. */
   modelCacheSize: number;
+  /** Longest (ms) a training step waits while generations run in the same worker. */
+  trainMaxPauseMs: number;
   /** BullMQ lock duration (ms): a worker silent this long is presumed dead and its job is resumed elsewhere. */
   lockDurationMs: number;
   /** How often (ms) workers look for stalled jobs. */
@@ -72,6 +74,10 @@ export const ENV_VARS: Spec[] = [
   { env: 'API_KEYS', describe: 'comma-separated bearer keys; unset: no auth' },
   { env: 'REDIS_PREFIX', describe: 'key prefix in Redis (default xt)' },
   { env: 'MODEL_CACHE_SIZE', describe: 'models a worker keeps loaded (default 4)' },
+  {
+    env: 'TRAIN_MAX_PAUSE_MS',
+    describe: 'longest a training step waits for running generations (default 2000)',
+  },
   { env: 'LOCK_DURATION_MS', describe: 'job lock; a dead worker’s job resumes after this (default 30000)' },
   { env: 'STALLED_INTERVAL_MS', describe: 'stalled-job check period (default 15000)' },
   { env: 'LOG_LEVEL', describe: 'pino level (default info)' },
@@ -131,6 +137,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
     problems.push(`REDIS_PREFIX: expected letters, digits, _ . -, got "${prefix}"`);
   }
   const modelCacheSize = int('MODEL_CACHE_SIZE', 4, 1, 1024);
+  const trainMaxPauseMs = int('TRAIN_MAX_PAUSE_MS', 2000, 0);
   const lockDurationMs = int('LOCK_DURATION_MS', 30_000, 500);
   const stalledIntervalMs = int('STALLED_INTERVAL_MS', 15_000, 200);
   const logLevel = env.LOG_LEVEL?.trim() || 'info';
@@ -164,6 +171,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
     apiKeys,
     prefix,
     modelCacheSize,
+    trainMaxPauseMs,
     lockDurationMs,
     stalledIntervalMs,
     logLevel: logLevel,

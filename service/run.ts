@@ -57,7 +57,7 @@ export async function run(role: Role): Promise<void> {
   // the library and the app load after the configuration and Redis are known to be usable (fast failure)
   const { initBackend } = await import('../src/index.js');
   const { buildApp } = await import('../routes/app.js');
-  const { engineStatus, loadEngine } = await import('../workers/engine.js');
+  const { engineStatus } = await import('../workers/engine.js');
   const { startWorkers } = await import('../workers/index.js');
   const { createMetrics } = await import('../workers/metrics.js');
   try {
@@ -66,7 +66,6 @@ export async function run(role: Role): Promise<void> {
   } catch (e) {
     fail(`tensor backend: ${(e as Error).message}`);
   }
-  await loadEngine();
   const eng = engineStatus();
   if (!eng.ready) log.warn({ reason: eng.reason }, 'engine not ready: /readyz answers 503');
 
@@ -81,6 +80,7 @@ export async function run(role: Role): Promise<void> {
       prefix: config.prefix,
       concurrency: config.workerConcurrency,
       modelCacheSize: config.modelCacheSize,
+      trainMaxPauseMs: config.trainMaxPauseMs,
       lockDurationMs: config.lockDurationMs,
       stalledIntervalMs: config.stalledIntervalMs,
       metrics,

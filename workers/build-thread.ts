@@ -5,12 +5,11 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { initBackend } from '../src/index.js';
-import { buildModel, DefinitionError, EngineUnavailableError, loadEngine, weightsToBytes } from './engine.js';
+import { buildModel, DefinitionError, EngineUnavailableError, weightsToBytes } from './engine.js';
 import type { BuildReply, BuildRequest } from './build-pool.js';
 
 const port = parentPort!;
 await initBackend((workerData as { backend?: string }).backend, () => undefined);
-await loadEngine();
 
 port.on('message', (req: BuildRequest) => {
   let reply: BuildReply;

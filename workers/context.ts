@@ -3,6 +3,8 @@ import type { Registry } from '../models/registry.js';
 import type { Storage } from '../models/storage.js';
 import type { ServiceMetrics } from './metrics.js';
 import type { ModelCache } from './model-cache.js';
+import type { TokenCache } from './token-cache.js';
+import type { GenerationPriority } from './priority.js';
 
 /** Minimal logger (pino's shape). */
 export interface Logger {
@@ -16,6 +18,10 @@ export interface WorkerContext {
   registry: Registry;
   storage: Storage;
   cache: ModelCache;
+  /** Datasets' tokens per tokenizer, tokenized once and kept in DATA_DIR. */
+  tokens: TokenCache;
+  /** Generations go first: training waits before a step while one runs. */
+  priority: GenerationPriority;
   metrics?: ServiceMetrics;
   log: Logger;
   /** Abort controllers of the jobs running here, by job id (cancel requests abort them). */

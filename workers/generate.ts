@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { UnrecoverableError, type Job } from 'bullmq';
-import type { StreamOptions } from './engine.js';
+import type { GenerateOptions } from './engine.js';
 import { recordFailure, type WorkerContext } from './context.js';
 import type { GenerateJobData } from './queues.js';
 
@@ -36,7 +36,7 @@ class IncrementalText {
 function filterOptions(
   d: GenerateJobData,
   numTokens: number,
-): Pick<StreamOptions, 'filterLogitsFn' | 'filterKwargs'> {
+): Pick<GenerateOptions, 'filterLogitsFn' | 'filterKwargs'> {
   if (d.minP !== undefined) return { filterLogitsFn: 'minP', filterKwargs: { minP: d.minP } };
   if (d.topP !== undefined) return { filterLogitsFn: 'topP', filterKwargs: { thres: d.topP } };
   if (d.topK !== undefined)
@@ -62,6 +62,7 @@ export async function processGenerate(
   const observe = (state: string) =>
     ctx.metrics?.jobDuration.observe({ type: 'generate', state }, (Date.now() - started) / 1000);
   let loaded: Awaited<ReturnType<typeof ctx.cache.acquire>> | null = null;
+  const endPriority = ctx.priority.begin();
   const tokens: number[] = [];
   try {
     if (await registry.isCancelRequested(d.jobId)) {
@@ -80,7 +81,7 @@ export async function processGenerate(
     let finishReason: GenerateJobResult['finishReason'] = 'length';
     const t0 = Date.now();
     try {
-      const opts: StreamOptions = {
+      const opts: GenerateOptions = {
         temperature: d.temperature ?? 1,
         // past maxSeqLen the window slides, which a cache of absolute positions cannot follow
         cacheKv: d.cacheKv ?? d.promptTokens.length + d.maxTokens <= built.maxSeqLen,
@@ -147,6 +148,7 @@ export async function processGenerate(
     throw await recordFailure(ctx, d.jobId, 'generation', e, observe);
   } finally {
     ctx.running.delete(d.jobId);
+    endPriority();
     if (loaded) ctx.cache.release(loaded);
   }
 }

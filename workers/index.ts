@@ -4,8 +4,9 @@ import { Registry } from '../models/registry.js';
 import { Storage } from '../models/storage.js';
 import type { Logger, WorkerContext } from './context.js';
 import type { ServiceMetrics } from './metrics.js';
-import { loadEngine } from './engine.js';
 import { ModelCache } from './model-cache.js';
+import { TokenCache } from './token-cache.js';
+import { GenerationPriority } from './priority.js';
 import { processGenerate } from './generate.js';
 import { processTrain } from './train.js';
 import {
@@ -31,6 +32,10 @@ export interface WorkerOptions {
   stalledIntervalMs?: number;
   metrics?: ServiceMetrics;
   log?: Logger;
+  /** Characters of dataset text tokenized between progress events (default 1 Mi). */
+  tokenizePieceChars?: number;
+  /** Longest a training step waits for running generations (default 2000 ms). */
+  trainMaxPauseMs?: number;
   /** Which queues to consume (default both). */
   queues?: ('train' | 'generate')[];
 }
@@ -49,7 +54,6 @@ const silent: Logger = { info: () => undefined, warn: () => undefined, error: ()
 
 /** Starts the BullMQ workers for the `train` and `generate` queues. */
 export async function startWorkers(options: WorkerOptions): Promise<ServiceWorkers> {
-  await loadEngine();
   const prefix = options.prefix ?? 'xt';
   const redis = createRedis(options.redisUrl);
   const sub = createRedis(options.redisUrl);
@@ -59,6 +63,8 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
     registry,
     storage,
     cache: new ModelCache(storage, options.modelCacheSize ?? 4),
+    tokens: new TokenCache(storage, options.tokenizePieceChars),
+    priority: new GenerationPriority(options.trainMaxPauseMs),
     metrics: options.metrics,
     log: options.log ?? silent,
     running: new Map(),

@@ -5,16 +5,16 @@ import {
   buildModel,
   getTokenizer,
   loadWeights,
-  type ArWrapper,
   type BuiltLm,
   type Tokenizer,
 } from './engine.js';
+import type { AutoregressiveWrapper } from '../src/index.js';
 
 /** A model loaded for sampling. */
 export interface LoadedModel {
   key: string;
   built: BuiltLm;
-  ar: ArWrapper;
+  ar: AutoregressiveWrapper;
   tokenizer: Tokenizer;
 }
 

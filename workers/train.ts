@@ -1,15 +1,8 @@
 import { WaitingError, UnrecoverableError, type Job } from 'bullmq';
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
-import type { CheckpointRecord } from '../models/schemas.js';
-import {
-  autoregressive,
-  buildModel,
-  getTokenizer,
-  loadWeights,
-  trainerClass,
-  type TrainerLike,
-} from './engine.js';
+import type { CheckpointRecord, TokenizerName } from '../models/schemas.js';
+import { autoregressive, buildModel, loadWeights, Trainer } from './engine.js';
 import { recordFailure, yieldToLoop, type WorkerContext } from './context.js';
 import type { TrainJobData } from './queues.js';
 
@@ -25,15 +18,45 @@ export interface TrainResult {
 
 /** Splits tokens into train and validation parts (10% for validation when evaluation is asked). */
 function splitTokens(
-  tokens: number[],
+  all: Int32Array,
   wantVal: boolean,
   seqLen: number,
 ): { train: Int32Array; val?: Int32Array } {
-  const all = Int32Array.from(tokens);
   if (!wantVal) return { train: all };
   const nVal = Math.floor(all.length * 0.1);
   if (nVal < seqLen + 2 || all.length - nVal < seqLen + 2) return { train: all };
   return { train: all.subarray(0, all.length - nVal), val: all.subarray(all.length - nVal) };
+}
+
+/**
+ * The dataset's tokens under the model's tokenizer: read from the token file, or tokenized first on
+ * a worker thread with `tokenizing` events ({progress: 0..1, tokens}, at most two a second); then a
+ * `tokens` event {tokenizer, tokens, cached, tokenizeMs, loadMs}.
+ */
+async function datasetTokens(
+  ctx: WorkerContext,
+  d: TrainJobData,
+  tokenizer: TokenizerName,
+): Promise<Int32Array> {
+  let lastSent = 0;
+  const pending: Promise<unknown>[] = [];
+  const got = await ctx.tokens.tokens(d.datasetId, tokenizer, (p) => {
+    const now = Date.now();
+    if (now - lastSent < 500 && p.progress < 1) return;
+    lastSent = now;
+    pending.push(ctx.registry.appendEvent(d.jobId, 'tokenizing', p));
+  });
+  await Promise.all(pending);
+  const info = {
+    tokenizer,
+    tokens: got.tokens.length,
+    cached: got.cached,
+    tokenizeMs: Math.round(got.tokenizeMs),
+    loadMs: Math.round(got.loadMs),
+  };
+  ctx.log.info({ jobId: d.jobId, datasetId: d.datasetId, ...info }, 'dataset tokens ready');
+  await ctx.registry.appendEvent(d.jobId, 'tokens', info);
+  return got.tokens;
 }
 
 /**
@@ -54,7 +77,7 @@ export async function processTrain(
   const ac = new AbortController();
   ctx.running.set(d.jobId, ac);
   bullSignal?.addEventListener('abort', () => ac.abort());
-  let trainer: TrainerLike | null = null;
+  let trainer: Trainer | null = null;
   let disposeModel: (() => void) | null = null;
   const observe = (state: string) =>
     ctx.metrics?.jobDuration.observe({ type: 'train', state }, (Date.now() - started) / 1000);
@@ -77,9 +100,7 @@ export async function processTrain(
     loadWeights(built.model, await storage.read(model.weightsFile), model.weightsFile);
     built.model.train();
     const ar = autoregressive(built.model);
-    const tokenizer = getTokenizer(model.tokenizer);
-    const text = (await storage.read(storage.datasetFile(d.datasetId))).toString('utf8');
-    const data = splitTokens(tokenizer.encode(text), (d.evalEvery ?? 0) > 0, d.seqLen);
+    const data = splitTokens(await datasetTokens(ctx, d, model.tokenizer), (d.evalEvery ?? 0) > 0, d.seqLen);
     if (data.train.length < d.seqLen + 2) {
       throw new UnrecoverableError(
         `dataset ${d.datasetId}: ${data.train.length} tokens is too few for seqLen ${d.seqLen} (needs at least ${d.seqLen + 2})`,
@@ -97,7 +118,6 @@ export async function processTrain(
       evalEvery: d.evalEvery,
       seed: d.seed,
     };
-    const Trainer = trainerClass();
     const last = await registry.latestCheckpoint(d.modelId, d.jobId);
     let resumedFromStep: number | null = null;
     if (last) {
@@ -159,6 +179,8 @@ export async function processTrain(
         await job.moveToWait(token);
         throw new WaitingError();
       }
+      await ctx.priority.beforeTrainStep(ac.signal);
+      if (ac.signal.aborted) continue; // cancelled while waiting: handled at the top of the loop
       const r = await trainer.step();
       lastLoss = r.loss;
       if (firstLoss === null) firstLoss = r.loss;
