@@ -20,12 +20,15 @@ export interface AutoregressiveWrapperOptions {
   padValue: number;
   /** Forgetful causal masking: fraction of key positions hidden from every query (default 0). */
   maskProb: number;
+  /** Adds the net's attention z-loss (TransformerWrapper `returnAttnZLoss`) to the loss (default false). */
+  addAttnZLoss: boolean;
 }
 
 export const autoregressiveWrapperDefaults: AutoregressiveWrapperOptions = {
   ignoreIndex: -100,
   padValue: 0,
   maskProb: 0,
+  addAttnZLoss: false,
 };
 
 /** Per-call options of `AutoregressiveWrapper.forward`. */
@@ -44,6 +47,7 @@ export class AutoregressiveWrapper extends Module {
   readonly ignoreIndex: number;
   readonly padValue: number;
   readonly maskProb: number;
+  readonly addAttnZLoss: boolean;
   readonly maxSeqLen: number;
   net: TransformerWrapper;
 
@@ -62,11 +66,17 @@ export class AutoregressiveWrapper extends Module {
     this.ignoreIndex = o.ignoreIndex;
     this.padValue = o.padValue;
     this.maskProb = o.maskProb;
+    if (typeof o.addAttnZLoss !== 'boolean')
+      throw new Error(`addAttnZLoss: expected a boolean, got ${String(o.addAttnZLoss)}`);
+    this.addAttnZLoss = o.addAttnZLoss;
     this.net = this.registerModule('net', net);
     this.maxSeqLen = net.maxSeqLen;
   }
 
-  /** x: [b, n + 1] int32 -> scalar mean cross-entropy over the non-ignored targets. */
+  /**
+   * x: [b, n + 1] int32 -> scalar mean cross-entropy over the non-ignored targets (plus the attention
+   * z-loss with addAttnZLoss).
+   */
   forward(x: tf.Tensor, opts: AutoregressiveForwardOptions = {}): tf.Scalar {
     checkTensor('x', x, { rank: 2, dtype: 'int32', desc: 'token ids [batch, seq + 1]' });
     const [b, seq] = x.shape as [number, number];
@@ -86,7 +96,7 @@ export class AutoregressiveWrapper extends Module {
     try {
       return tf.tidy(() => {
         const target = tf.slice(x, [0, 1], [b, n]);
-        const logits = this.net.forward(inp, {
+        const callOpts = {
           ...netOpts,
           ...(kvMask
             ? {
@@ -95,8 +105,11 @@ export class AutoregressiveWrapper extends Module {
                   : kvMask,
               }
             : {}),
-        });
-        return crossEntropy(logits, target, this.ignoreIndex);
+        };
+        if (!this.addAttnZLoss)
+          return crossEntropy(this.net.forward(inp, callOpts), target, this.ignoreIndex);
+        const st = this.net.forwardWithState(inp, { ...callOpts, returnAttnZLoss: true });
+        return tf.add(crossEntropy(st.logits, target, this.ignoreIndex), st.attnZLoss!) as tf.Scalar;
       });
     } finally {
       inp.dispose();

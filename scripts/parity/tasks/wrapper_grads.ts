@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { crossEntropy } from '../../../src/nn/losses.js';
+import { AutoregressiveWrapper } from '../../../src/generation/autoregressive-wrapper.js';
 import type { TransformerWrapper } from '../../../src/wrappers/transformer-wrapper.js';
 import { expected, input } from '../case.js';
 import { compareTensors, type Comparison } from '../compare.js';
@@ -28,9 +29,16 @@ registerTask('wrapper_grads', (c) =>
     const opts = forwardOptions(c);
     opts.returnAttnZLoss = c.inputs.attn_z_loss_weight !== undefined;
     const named = model.namedParameters().filter(([, v]) => v.trainable);
+    // the z-loss cases are the reference AutoregressiveWrapper's add_attn_z_loss: run ours
+    const zLoss = opts.returnAttnZLoss && !model.outputIsLogProb && model.options.numOutputHeads === 1;
+    const ar = zLoss ? new AutoregressiveWrapper(model, { addAttnZLoss: true }) : null;
     const { value, grads } = tf.variableGrads(
       () =>
         tf.tidy(() => {
+          if (ar) {
+            const { returnAttnZLoss: _, ...rest } = opts;
+            return ar.forward(x, rest);
+          }
           const st = model.forwardWithState(inp, opts);
           const heads = st.headLogits ?? [st.logits];
           let loss = tf.addN(
