@@ -8,7 +8,7 @@ import { RelativePositionBias, relativePositionBucket } from '../../src/attentio
 import { RotaryEmbedding, applyRotaryPosEmb } from '../../src/attention/rotary.js';
 import type { AttentionForwardOptions, AttentionKv, PositionBias } from '../../src/attention/types.js';
 import { manualSeed } from '../../src/utils/random.js';
-import { expectClose, randn } from './helpers.js';
+import { expectClose, explicitAttention, randn } from './helpers.js';
 
 function lastRows(t: tf.Tensor, i: number): tf.Tensor {
   const [h, n, j] = t.shape as [number, number, number];
@@ -280,7 +280,7 @@ describe('cached decoding with positional schemes equals the uncached pass', () 
     }
   }
 
-  it('alibi with flash (composite fused path) equals the non-flash attention, cached too', () => {
+  it('alibi, flash (composite fused path) and not, equals the attention written out with the bias, cached too', () => {
     manualSeed(5);
     const a = new Attention(16, { heads, dimHead, causal: true });
     const f = new Attention(16, { heads, dimHead, causal: true, flash: true });
@@ -288,10 +288,22 @@ describe('cached decoding with positional schemes equals the uncached pass', () 
     const al = new AlibiPositionalBias(heads);
     const x = randn([1, 6, 16], 6);
     const mask = tf.tensor2d([[false, true, true, true, true, true]]);
-    expectClose(f.forward(x, { relPos: al, mask }).out, a.forward(x, { relPos: al, mask }).out, 1e-6, 1e-5);
+    // ALiBi: -|i - j| * slope of the head
+    const slopes = alibiSlopes(heads);
+    const bias = tf.tensor4d(
+      Array.from({ length: heads * 36 }, (_, k) => {
+        const [hh, i, j] = [Math.floor(k / 36), Math.floor(k / 6) % 6, k % 6];
+        return -Math.abs(i - j) * slopes[hh]!;
+      }),
+      [1, heads, 6, 6],
+    );
+    const want = explicitAttention(a.stateDict(), x, mask, heads, heads, dimHead, bias);
+    expectClose(f.forward(x, { relPos: al, mask }).out, want, 1e-6, 1e-5);
+    expectClose(a.forward(x, { relPos: al, mask }).out, want, 1e-6, 1e-5);
+    const wantAll = explicitAttention(a.stateDict(), x, tf.ones([1, 6], 'bool'), heads, heads, dimHead, bias);
     expectClose(
       cachedRun(f, x, 2, () => ({ relPos: al })),
-      a.forward(x, { relPos: al }).out,
+      wantAll,
     );
     [a, f, al].forEach((m) => m.dispose());
   });

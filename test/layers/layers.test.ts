@@ -391,15 +391,37 @@ describe('resiDual', () => {
         v.assign(tf.randomNormal(v.shape, 0, 0.3, 'float32', 9));
     const x = tf.randomNormal([2, 5, 16], 0, 1, 'float32', 6);
     const out = layers.forward(x).out;
+    // the same computation written out from the weights: attention and feedforward by hand,
+    // LayerNorm (unit offset: gain gamma + 1) by its formula
+    const w = Object.fromEntries(layers.namedParameters()) as Record<string, tf.Tensor>;
     const expected = tf.tidy(() => {
-      const attn = layers.layers.at(0);
-      const ff = layers.layers.at(1);
-      const a = (attn.block.forward(x) as { out: tf.Tensor }).out;
-      const x1 = attn.norms.postMain!.forward(tf.add(x, a));
-      const f = ff.block.forward(x1) as tf.Tensor;
-      const x2 = ff.norms.postMain!.forward(tf.add(x1, f));
+      const ln = (t: tf.Tensor, gamma: tf.Tensor): tf.Tensor => {
+        const mean = tf.mean(t, -1, true);
+        const variance = tf.mean(tf.square(tf.sub(t, mean)), -1, true);
+        return tf.mul(tf.div(tf.sub(t, mean), tf.sqrt(tf.add(variance, 1e-5))), tf.add(gamma, 1));
+      };
+      const lin = (t: tf.Tensor, name: string, bias = false): tf.Tensor => {
+        const y = tf.matMul(tf.reshape(t, [-1, t.shape[2]!]), w[`${name}.weight`]!, false, true);
+        return tf.reshape(bias ? tf.add(y, w[`${name}.bias`]!) : y, [2, 5, -1]);
+      };
+      const heads = (t: tf.Tensor): tf.Tensor => tf.transpose(tf.reshape(t, [2, 5, 2, 8]), [0, 2, 1, 3]);
+      const attn = (t: tf.Tensor): tf.Tensor => {
+        const [q, k, v] = ['to_q', 'to_k', 'to_v'].map((n) => heads(lin(t, `layers.0.1.${n}`)));
+        const p = tf.softmax(tf.mul(tf.matMul(q!, k!, false, true), 8 ** -0.5));
+        const o = tf.reshape(tf.transpose(tf.matMul(p, v!), [0, 2, 1, 3]), [2, 5, 16]);
+        return lin(o, 'layers.0.1.to_out');
+      };
+      const ff = (t: tf.Tensor): tf.Tensor => {
+        const h = lin(t, 'layers.1.1.ff.0.0', true);
+        const g = tf.mul(tf.mul(h, 0.5), tf.add(1, tf.erf(tf.mul(h, Math.SQRT1_2))));
+        return lin(g, 'layers.1.1.ff.2', true);
+      };
+      const a = attn(x);
+      const x1 = ln(tf.add(x, a), w['layers.0.0.2.gamma']!);
+      const f = ff(x1);
+      const x2 = ln(tf.add(x1, f), w['layers.1.0.2.gamma']!);
       const outer = tf.mul(tf.add(tf.add(x, a), f), s);
-      return tf.add(x2, layers.finalNorm!.forward(outer));
+      return tf.add(x2, ln(outer, w['final_norm.gamma']!));
     });
     expect(maxDiff(out, expected)).toBeLessThan(1e-5);
     tf.dispose([out, expected, x]);
