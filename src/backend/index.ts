@@ -59,6 +59,9 @@ async function tryWasm(): Promise<BackendInfo | string> {
 async function tryCpu(): Promise<BackendInfo | string> {
   await import('@tensorflow/tfjs-backend-cpu');
   if (!(await tf.setBackend('cpu'))) return 'cpu backend failed to initialise';
+  // its first write prints advice to install tfjs-node; the startup line says which backend runs
+  const cpu = tf.findBackend('cpu') as { firstUse?: boolean } | null;
+  if (cpu && 'firstUse' in cpu) cpu.firstUse = false;
   return { backend: 'cpu', device: 'cpu', threads: 1 };
 }
 

@@ -612,6 +612,8 @@ function getCpu(): tf.KernelBackend {
     if (!be)
       throw new Error('torch backend: the cpu backend (fallback for missing kernels) is not registered');
     cpuBackend = be;
+    // it would print advice to install tfjs-node on its first write
+    if ('firstUse' in be) (be as { firstUse: boolean }).firstUse = false;
   }
   return cpuBackend;
 }
