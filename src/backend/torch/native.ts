@@ -143,6 +143,11 @@ export function loadAddon(): TorchAddon {
   if (addon) return addon;
   const p = addonPath();
   if (!existsSync(p)) throw new Error(`native addon not built (${p} missing)`);
+  // OpenMP's idle threads spin by default: beside any other busy process (a service's API, Redis,
+  // another worker) they take the cores its work needs, and decoding, a stream of small parallel
+  // sections, slowed twenty-fold on two cores. Passive threads sleep instead. OpenMP reads this once,
+  // when LibTorch loads, so it is set before (unless the environment sets it).
+  process.env.OMP_WAIT_POLICY ??= 'PASSIVE';
   addon = createRequire(import.meta.url)(p) as TorchAddon;
   return addon;
 }
