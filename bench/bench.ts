@@ -13,8 +13,9 @@
  * Threads are pinned on both sides: `--threads N` (default 1) sets LibTorch's threads and, through
  * OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS, every BLAS pool, so "1 thread" is one
  * core for us and for PyTorch. `--best` instead runs each side at its best on all cores: ours with
- * every core, PyTorch with each of (1 intra-op thread, all-core BLAS), (all, all) and (all, 1
- * BLAS thread), keeping the setting that trains fastest.
+ * every core, its OpenMP threads passive (the default) and spinning (OMP_WAIT_POLICY=ACTIVE),
+ * PyTorch with each of (1 intra-op thread, all-core BLAS), (all, all) and (all, 1 BLAS thread),
+ * keeping the setting that trains fastest.
  * `--build-only` only builds the model (parameter initialisation) and reports how long it took.
  * `--baseline` also runs the PyTorch script (same vocabulary, same threads) and prints ratios.
  * `--json` prints one line per run: {"backend","config","threads","train_tok_s","gen_tok_s_cache",
@@ -218,17 +219,32 @@ function pinned(intra: number, blas: number): NodeJS.ProcessEnv {
   };
 }
 
-/** Our library on one backend, in a child process. */
-async function ours(runner: string[], backend: string, intra: number, blas: number): Promise<Result> {
-  progress(`[${backend}] config=${configName} threads=${intra} blas=${blas}`);
+/**
+ * Our library on one backend, in a child process. `waitPolicy`: OpenMP's (the library sets PASSIVE
+ * unless told; ACTIVE spins, which trains faster on cores nothing else uses).
+ */
+async function ours(
+  runner: string[],
+  backend: string,
+  intra: number,
+  blas: number,
+  waitPolicy?: 'ACTIVE' | 'PASSIVE',
+): Promise<Result> {
+  progress(
+    `[${backend}] config=${configName} threads=${intra} blas=${blas}${waitPolicy ? ` omp=${waitPolicy}` : ''}`,
+  );
+  const env = pinned(intra, blas);
+  if (waitPolicy) env.OMP_WAIT_POLICY = waitPolicy;
   const out = await runChild(
     process.execPath,
     [...runner, '--child', backend, '--config', configName, '--threads', String(intra)],
-    pinned(intra, blas),
+    env,
   );
   const line = out.split('\n').find((l) => l.startsWith('XTBENCH '));
   if (!line) throw new Error(`bench: backend ${backend} produced no result`);
-  return JSON.parse(line.slice(8)) as Result;
+  const r = JSON.parse(line.slice(8)) as Result;
+  if (waitPolicy) r.threads += ` omp ${waitPolicy.toLowerCase()}`;
+  return r;
 }
 
 /** PyTorch baseline: the shared reference script on the same workload, with its peak RSS. */
@@ -267,13 +283,13 @@ async function pytorch(intra: number, blas: number): Promise<Result & { torch: s
 }
 
 /** Runs every setting and keeps the one that trains fastest. */
-async function best<T extends Result>(
-  settings: [number, number][],
-  run: (i: number, b: number) => Promise<T>,
+async function best<T extends Result, S extends unknown[]>(
+  settings: S[],
+  run: (...s: S) => Promise<T>,
 ): Promise<T> {
   let top: T | null = null;
-  for (const [i, b] of settings) {
-    const r = await run(i, b);
+  for (const s of settings) {
+    const r = await run(...s);
     progress(`[${r.backend}] threads ${r.threads}: train ${r.train_tok_s} tok/s`);
     if (!top || r.train_tok_s > top.train_tok_s) top = r;
   }
@@ -347,7 +363,13 @@ async function main(): Promise<void> {
   }
   for (const b of backends) {
     const r = all
-      ? await best([[cores, cores]], (i, t) => ours(runner, b, i, t))
+      ? await best<Result, [number, number, 'ACTIVE' | 'PASSIVE']>(
+          [
+            [cores, cores, 'PASSIVE'],
+            [cores, cores, 'ACTIVE'],
+          ],
+          (i, t, w) => ours(runner, b, i, t, w),
+        )
       : await ours(runner, b, threads, threads);
     results.push(r);
     console.log(json ? JSON.stringify(r) : describe(r));
