@@ -23,6 +23,31 @@ export default tseslint.config(
     },
   },
   {
+    // the dashboard's scripts run in the browser
+    files: ['dashboard/**/*.js'],
+    languageOptions: {
+      globals: Object.fromEntries(
+        [
+          'window',
+          'document',
+          'fetch',
+          'sessionStorage',
+          'localStorage',
+          'performance',
+          'confirm',
+          'setTimeout',
+          'clearTimeout',
+          'AbortController',
+          'XMLHttpRequest',
+          'FormData',
+          'URL',
+          'TextDecoderStream',
+          'Event',
+        ].map((name) => [name, 'readonly']),
+      ),
+    },
+  },
+  {
     files: ['test/**', 'scripts/**', 'bench/**'],
     rules: { '@typescript-eslint/no-explicit-any': 'off' },
   },

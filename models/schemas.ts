@@ -33,6 +33,21 @@ export const CreateModelBody = Type.Object(
 );
 export type CreateModelBody = Static<typeof CreateModelBody>;
 
+export const ParameterCountBody = Type.Object(
+  {
+    config: Json,
+    tokenizer: Type.Optional(TokenizerName),
+  },
+  { additionalProperties: false },
+);
+export type ParameterCountBody = Static<typeof ParameterCountBody>;
+
+export const ParameterCount = Type.Object({
+  parameters: Type.Integer({ description: 'Number of parameters the model would have' }),
+  numTokens: Type.Integer({ description: 'Vocabulary size of the built model' }),
+  maxSeqLen: Type.Integer({ description: 'Context length of the built model' }),
+});
+
 export const ModelView = Type.Object({
   id: Type.String(),
   name: Type.String(),

@@ -18,6 +18,7 @@ import {
   type TrainJobData,
 } from '../workers/queues.js';
 import { bearerRefusal } from './auth.js';
+import dashboardRoutes from './dashboard.js';
 import type { ServiceContext } from './context.js';
 import datasetRoutes from './datasets.js';
 import { installErrorHandling } from './errors.js';
@@ -53,7 +54,7 @@ export const OPENAPI_INFO = {
 
 /**
  * Assembles the HTTP API: error shape, metrics, OpenAPI (/openapi.json, Swagger UI at /docs),
- * health routes, and the /v1 routes (behind bearer keys when `apiKeys` is set). The app owns its
+ * health routes, the web dashboard at /, and the /v1 routes (behind bearer keys when `apiKeys` is set). The app owns its
  * Redis connections and queues and closes them in `app.close()`.
  */
 export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
@@ -132,6 +133,7 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger());
 
   await app.register(healthRoutes);
+  await app.register(dashboardRoutes);
   const keys = (options.apiKeys ?? []).map((k) => Buffer.from(k));
   await app.register(
     async (v1) => {

@@ -7,6 +7,8 @@ import {
   CreateModelBody,
   IdParams,
   ModelView,
+  ParameterCount,
+  ParameterCountBody,
   errors,
   type ModelRecord,
   type TokenizerName,
@@ -112,6 +114,35 @@ export default async function modelRoutes(app: FastifyInstance): Promise<void> {
     return m;
   };
 
+  /**
+   * Builds a definition as a create does (on the builder's thread) and checks it against the
+   * tokenizer and MAX_PARAMETERS; a definition over the limit even at its lower bound is refused
+   * before anything is allocated.
+   */
+  const buildChecked = async (config: Record<string, unknown>, tokenizerName: TokenizerName) => {
+    const bound = parameterLowerBound(config);
+    if (bound.total > limits.maxParameters) {
+      throw badRequest(
+        `config: the model would have at least ${bound.total} parameters (token embedding ${bound.embedding}, ` +
+          `attention ${bound.attention}, feedforward ${bound.feedforward}), over the limit MAX_PARAMETERS=${limits.maxParameters}`,
+      );
+    }
+    const tokenizer = engineCall(() => getTokenizer(tokenizerName));
+    // weight initialisation runs on the builder's thread, not on this event loop
+    const built = await engineCall(() => app.svc.builder.build(config));
+    if (built.numTokens < tokenizer.vocabSize) {
+      throw badRequest(
+        `config.numTokens: expected at least ${tokenizer.vocabSize} (the ${tokenizerName} tokenizer's vocabulary), got ${built.numTokens}`,
+      );
+    }
+    if (built.parameters > limits.maxParameters) {
+      throw badRequest(
+        `config: the model has ${built.parameters} parameters, over the limit MAX_PARAMETERS=${limits.maxParameters}`,
+      );
+    }
+    return built;
+  };
+
   app.post<{ Body: CreateModelBody }>(
     '/models',
     {
@@ -125,27 +156,7 @@ export default async function modelRoutes(app: FastifyInstance): Promise<void> {
     async (request, reply) => {
       const { name, config } = request.body;
       const tokenizerName: TokenizerName = request.body.tokenizer ?? 'byte';
-      // refused before anything is allocated when even its lower bound is over the limit
-      const bound = parameterLowerBound(config);
-      if (bound.total > limits.maxParameters) {
-        throw badRequest(
-          `config: the model would have at least ${bound.total} parameters (token embedding ${bound.embedding}, ` +
-            `attention ${bound.attention}, feedforward ${bound.feedforward}), over the limit MAX_PARAMETERS=${limits.maxParameters}`,
-        );
-      }
-      const tokenizer = engineCall(() => getTokenizer(tokenizerName));
-      // weight initialisation runs on the builder's thread, not on this event loop
-      const built = await engineCall(() => app.svc.builder.build(config));
-      if (built.numTokens < tokenizer.vocabSize) {
-        throw badRequest(
-          `config.numTokens: expected at least ${tokenizer.vocabSize} (the ${tokenizerName} tokenizer's vocabulary), got ${built.numTokens}`,
-        );
-      }
-      if (built.parameters > limits.maxParameters) {
-        throw badRequest(
-          `config: the model has ${built.parameters} parameters, over the limit MAX_PARAMETERS=${limits.maxParameters}`,
-        );
-      }
+      const built = await buildChecked(config, tokenizerName);
       const id = randomUUID();
       const weightsFile = storage.weightsFile(id, 'initial');
       await storage.write(weightsFile, built.bytes);
@@ -163,6 +174,23 @@ export default async function modelRoutes(app: FastifyInstance): Promise<void> {
       };
       await registry.putModel(record);
       return reply.status(201).send(modelView(record));
+    },
+  );
+
+  app.post<{ Body: ParameterCountBody }>(
+    '/models/parameters',
+    {
+      schema: {
+        tags: ['models'],
+        summary:
+          "Count a definition's parameters without creating the model (checked as a create is: 400 names the field)",
+        body: ParameterCountBody,
+        response: { 200: ParameterCount, ...errors(400, 401, 413, 503) },
+      },
+    },
+    async (request) => {
+      const built = await buildChecked(request.body.config, request.body.tokenizer ?? 'byte');
+      return { parameters: built.parameters, numTokens: built.numTokens, maxSeqLen: built.maxSeqLen };
     },
   );
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up (`npm run setup`): installs what the project needs and is missing, on Debian/Ubuntu (apt-get)
-# or macOS (Homebrew; Redis only): redis-server (the service's queue; `npm start` runs a private one) and LibTorch
+# or macOS (Homebrew; Redis only): redis-server (the service's queue; `npm start` runs a private one), chromium
+# (the dashboard's browser test) and LibTorch
 # (the fast `torch` backend; without it the library falls back to wasm/cpu). It installs them itself
 # when it may (root, or sudo without a password, or brew); otherwise it prints the exact command and,
 # for Redis, which `npm start` needs unless REDIS_URL is set, stops. Then `npm ci`, which builds the
@@ -34,6 +35,11 @@ case "$(uname -s)" in
     ;;
   *)
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    # chromium: the dashboard's browser test drives it (CHROMIUM_PATH names another browser)
+    if [ -z "${CHROMIUM_PATH:-}" ] && ! command -v chromium >/dev/null 2>&1 &&
+      ! command -v chromium-browser >/dev/null 2>&1; then
+      missing+=(chromium)
+    fi
     # LibTorch: LIBTORCH, a Python torch's or libtorch-dev (scripts/libtorch.mjs looks for the last two)
     if [ -z "${LIBTORCH:-}" ] && ! dpkg -s libtorch-dev >/dev/null 2>&1 &&
       ! node -e 'import("./scripts/libtorch.mjs").then((m) => process.exit(m.findLibTorch().lib ? 0 : 1))' >/dev/null 2>&1; then

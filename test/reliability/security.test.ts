@@ -89,6 +89,16 @@ describe('ids cannot reach outside DATA_DIR (every route with an id)', () => {
               : {};
         const r = await env.app.inject({ method: method as 'GET', url, ...payload });
         requests++;
+        // a client resolves the dot segments of `/v1/models/../..` to `/`: the dashboard's page, no data
+        if (method === 'GET' && new URL(url, 'http://h').pathname === '/') {
+          expect([method, url, r.statusCode, r.headers['content-type']]).toEqual([
+            method,
+            url,
+            200,
+            'text/html; charset=utf-8',
+          ]);
+          continue;
+        }
         expect([method, url, r.statusCode]).toEqual([method, url, 404]);
         expect(r.json()).toMatchObject({ statusCode: 404, error: 'Not Found' });
       }
