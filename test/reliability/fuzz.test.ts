@@ -2,7 +2,7 @@ import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { fromConfig } from '../../src/io/config.js';
 import { parameterLowerBound } from '../../models/parameter-bound.js';
-import { makeEnv, tinyDecoder, type TestEnv } from '../service/helpers.js';
+import { createModelAndDataset, makeEnv, tinyDecoder, type TestEnv } from '../service/helpers.js';
 
 // Bad input, generated: every answer is a model or an error that names what was wrong; the service
 // answers 4xx (never 5xx) with a message, and stays up. Runs bounded (fixed seeds, counted runs).
@@ -147,21 +147,7 @@ describe('request bodies and queries, fuzzed (real Redis, no worker)', () => {
   let datasetId = '';
   beforeAll(async () => {
     env = await makeEnv();
-    modelId = (
-      await env.app.inject({
-        method: 'POST',
-        url: '/v1/models',
-        payload: { name: 'f', config: tinyDecoder() },
-      })
-    ).json().id;
-    datasetId = (
-      await env.app.inject({
-        method: 'POST',
-        url: '/v1/datasets?name=f',
-        headers: { 'content-type': 'text/plain' },
-        payload: 'abc '.repeat(200),
-      })
-    ).json().id;
+    ({ modelId, datasetId } = await createModelAndDataset(env, 'f', 'abc '.repeat(200), '?name=f'));
   });
   afterAll(async () => env?.close());
 

@@ -3,7 +3,7 @@ import http from 'node:http';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Storage } from '../../models/storage.js';
-import { makeEnv, tinyDecoder, type TestEnv } from '../service/helpers.js';
+import { createModelAndDataset, makeEnv, type TestEnv } from '../service/helpers.js';
 
 /** Every file under `dir`, relative to it. */
 function listFiles(dir: string): string[] {
@@ -21,21 +21,7 @@ describe('ids cannot reach outside DATA_DIR (every route with an id)', () => {
   const SECRET = 'not for clients';
   beforeAll(async () => {
     env = await makeEnv();
-    modelId = (
-      await env.app.inject({
-        method: 'POST',
-        url: '/v1/models',
-        payload: { name: 's', config: tinyDecoder() },
-      })
-    ).json().id;
-    datasetId = (
-      await env.app.inject({
-        method: 'POST',
-        url: '/v1/datasets',
-        headers: { 'content-type': 'text/plain' },
-        payload: 'abc '.repeat(100),
-      })
-    ).json().id;
+    ({ modelId, datasetId } = await createModelAndDataset(env, 's', 'abc '.repeat(100)));
     // files beside DATA_DIR that a traversal would reach: a model folder and a dataset file
     outside = path.join(path.dirname(env.dataDir), `${path.basename(env.dataDir)}-outside`);
     mkdirSync(path.join(outside, 'models', 'victim'), { recursive: true });

@@ -165,3 +165,24 @@ export async function queuesIdle(app: FastifyInstance, timeoutMs = 60_000): Prom
     'idle queues',
   );
 }
+
+/** Creates a tiny decoder named `name` and a text dataset through the API; returns their ids. */
+export async function createModelAndDataset(
+  env: TestEnv,
+  name: string,
+  text: string,
+  datasetQuery = '',
+): Promise<{ modelId: string; datasetId: string }> {
+  const model = await env.app.inject({
+    method: 'POST',
+    url: '/v1/models',
+    payload: { name, config: tinyDecoder() },
+  });
+  const dataset = await env.app.inject({
+    method: 'POST',
+    url: `/v1/datasets${datasetQuery}`,
+    headers: { 'content-type': 'text/plain' },
+    payload: text,
+  });
+  return { modelId: model.json().id, datasetId: dataset.json().id };
+}
