@@ -34,3 +34,54 @@ export function asShape(t: tf.Tensor, shape: readonly number[]): tf.Tensor {
   if (t.size !== size) return t;
   return tf.reshape(t, [...shape]);
 }
+
+/**
+ * The loss against output.loss and every trainable parameter's gradient against
+ * output.grad.<name>: a listed gradient that never reached its parameter compares as zeros; a
+ * gradient the reference does not list, or a listed one with no parameter, fails. Disposes `value`
+ * and `grads`.
+ */
+export function compareLossAndGrads(
+  c: ParityCase,
+  value: tf.Tensor,
+  grads: tf.NamedTensorMap,
+  named: [string, tf.Variable][],
+): Comparison[] {
+  const out: Comparison[] = [];
+  try {
+    const loss = asShape(value, expected(c, 'loss').shape);
+    out.push(compareTensors('output.loss', loss, expected(c, 'loss')));
+    if (loss !== value) loss.dispose();
+    const listed = new Set(
+      Object.keys(c.outputs)
+        .filter((k) => k.startsWith('grad.'))
+        .map((k) => k.slice('grad.'.length)),
+    );
+    const fail = (name: string, message: string): Comparison => ({
+      name,
+      ok: false,
+      maxAbsErr: Infinity,
+      message,
+    });
+    for (const [pname, v] of named) {
+      const g = grads[v.name];
+      const key = `output.grad.${pname}`;
+      if (listed.has(pname)) {
+        const actual = g ?? tf.zerosLike(v);
+        out.push(
+          compareTensors(g ? key : `${key} (no gradient reached it)`, actual, c.outputs[`grad.${pname}`]!),
+        );
+        if (!g) actual.dispose();
+        listed.delete(pname);
+      } else if (g && tf.tidy(() => tf.max(tf.abs(g)).dataSync()[0]!) > 0) {
+        out.push(fail(key, `${key}: a gradient the reference does not have`));
+      }
+    }
+    for (const pname of listed)
+      out.push(fail(`output.grad.${pname}`, `output.grad.${pname}: the model has no parameter ${pname}`));
+  } finally {
+    value.dispose();
+    tf.dispose(Object.values(grads));
+  }
+  return out;
+}

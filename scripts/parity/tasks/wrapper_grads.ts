@@ -2,9 +2,9 @@ import * as tf from '@tensorflow/tfjs-core';
 import { crossEntropy } from '../../../src/nn/losses.js';
 import { AutoregressiveWrapper } from '../../../src/generation/autoregressive-wrapper.js';
 import type { TransformerWrapper } from '../../../src/wrappers/transformer-wrapper.js';
-import { expected, input } from '../case.js';
-import { compareTensors, type Comparison } from '../compare.js';
-import { asShape, withModel } from '../helpers.js';
+import { input } from '../case.js';
+import type { Comparison } from '../compare.js';
+import { compareLossAndGrads, withModel } from '../helpers.js';
 import { registerTask } from '../registry.js';
 import { forwardOptions } from './wrapper_forward.js';
 
@@ -49,45 +49,7 @@ registerTask('wrapper_grads', (c) =>
         }),
       named.map(([, v]) => v),
     );
-    const out: Comparison[] = [];
-    try {
-      const loss = asShape(value, expected(c, 'loss').shape);
-      out.push(compareTensors('output.loss', loss, expected(c, 'loss')));
-      if (loss !== value) loss.dispose();
-      const gradKeys = new Set(
-        Object.keys(c.outputs)
-          .filter((k) => k.startsWith('grad.'))
-          .map((k) => k.slice('grad.'.length)),
-      );
-      for (const [pname, v] of named) {
-        const g = grads[v.name];
-        const key = `output.grad.${pname}`;
-        if (gradKeys.has(pname)) {
-          const actual = g ?? tf.zerosLike(v);
-          out.push(compareTensors(key, actual, c.outputs[`grad.${pname}`]!));
-          if (!g) actual.dispose();
-          gradKeys.delete(pname);
-        } else if (g && tf.tidy(() => tf.max(tf.abs(g)).dataSync()[0]!) > 0) {
-          out.push({
-            name: key,
-            ok: false,
-            maxAbsErr: Infinity,
-            message: `${key}: a gradient the reference does not have`,
-          });
-        }
-      }
-      for (const pname of gradKeys)
-        out.push({
-          name: `output.grad.${pname}`,
-          ok: false,
-          maxAbsErr: Infinity,
-          message: `output.grad.${pname}: the model has no parameter ${pname}`,
-        });
-    } finally {
-      value.dispose();
-      tf.dispose(Object.values(grads));
-      tf.dispose([inp, target]);
-    }
-    return out;
+    tf.dispose([inp, target]);
+    return compareLossAndGrads(c, value, grads, named);
   }),
 );
