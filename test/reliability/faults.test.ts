@@ -1,9 +1,8 @@
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { loadSafetensors } from '../../src/io/safetensors.js';
 import { freePort, startRedisChild, type RedisChild } from '../../service/redis-server.js';
@@ -11,8 +10,10 @@ import {
   makeEnv,
   readSse,
   redisUrl,
+  runServiceEntry,
   tinyDecoder,
   waitFor,
+  type ServiceProcess,
   type SseEvent,
   type TestEnv,
 } from '../service/helpers.js';
@@ -20,7 +21,6 @@ import {
 // Faults injected while jobs run; every wait is for a state (an event seen, a process gone), and
 // every check compares what clients received with what the job's Redis Stream holds.
 
-const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const TEXT = 'the quick brown fox jumps over the lazy dog. '.repeat(200);
 
 /** Progress steps, in the order received. */
@@ -152,35 +152,20 @@ describe('Redis restarted mid-job (append-only persistence)', () => {
 });
 
 /** Runs `npm run api`'s entrypoint as a child process on `port`. */
-function spawnApi(
-  env: TestEnv,
-  port: number,
-): { child: ChildProcess; exited: Promise<number | null>; log: () => string } {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'service/api.ts'], {
-    cwd: ROOT,
-    env: {
-      ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('VITEST'))),
-      REDIS_URL: redisUrl(),
-      REDIS_PREFIX: env.prefix,
-      DATA_DIR: env.dataDir,
-      PORT: String(port),
-      HOST: '127.0.0.1',
-      XT_BACKEND: 'cpu',
-      LOG_LEVEL: 'warn',
-    },
-    stdio: ['ignore', 'pipe', 'pipe'],
+function spawnApi(env: TestEnv, port: number): ServiceProcess {
+  return runServiceEntry('api', {
+    REDIS_URL: redisUrl(),
+    REDIS_PREFIX: env.prefix,
+    DATA_DIR: env.dataDir,
+    PORT: String(port),
+    HOST: '127.0.0.1',
   });
-  let out = '';
-  child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
-  child.stderr?.on('data', (d: Buffer) => (out += d.toString()));
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  return { child, exited, log: () => out };
 }
 
-async function ready(port: number, api: { child: ChildProcess; log: () => string }): Promise<void> {
+async function ready(port: number, api: ServiceProcess): Promise<void> {
   await waitFor(
     async () => {
-      if (api.child.exitCode !== null) throw new Error(`api exited: ${api.log()}`);
+      if (api.child.exitCode !== null) throw new Error(`api exited: ${api.out()}`);
       try {
         return (await fetch(`http://127.0.0.1:${port}/readyz`)).status === 200;
       } catch {
@@ -263,7 +248,7 @@ describe('the API restarted while a client follows a job', () => {
       received.push(events);
       if (how === 'SIGTERM') {
         // drained at once (not at the 60 s limit), and the stream said why it ended
-        expect(code, api.log()).toBe(0);
+        expect(code, api.out()).toBe(0);
         expect(events.at(-1)).toMatchObject({ event: 'error', id: undefined });
         expect(events.at(-1)!.data.message).toMatch(/shutting down; reconnect with Last-Event-ID/);
       }

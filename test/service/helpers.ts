@@ -1,4 +1,6 @@
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import os from 'node:os';
 import path from 'node:path';
 import { randomUUID } from 'node:crypto';
@@ -185,4 +187,46 @@ export async function createModelAndDataset(
     payload: text,
   });
   return { modelId: model.json().id, datasetId: dataset.json().id };
+}
+
+/** A service entrypoint running as a child process. */
+export interface ServiceProcess {
+  child: ChildProcess;
+  /** its exit code */
+  exited: Promise<number | null>;
+  /** its exit code and the signal that ended it */
+  ended: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** stdout and stderr so far */
+  out(): string;
+  stdout(): string;
+}
+
+/**
+ * Runs `node --import tsx service/<name>.ts` (one node process, so signals reach it) in a plain
+ * environment: none of the test runner's variables (VITEST changes module loading) and no REDIS_URL
+ * unless `env` gives one; the cpu backend and warn-level logs unless `env` says otherwise.
+ */
+export function runServiceEntry(
+  name: 'api' | 'worker' | 'start',
+  env: Record<string, string>,
+): ServiceProcess {
+  const base = Object.fromEntries(
+    Object.entries(process.env).filter(([k]) => !k.startsWith('VITEST') && k !== 'REDIS_URL'),
+  );
+  const child = spawn(process.execPath, ['--import', 'tsx', `service/${name}.ts`], {
+    cwd: fileURLToPath(new URL('../../', import.meta.url)),
+    env: { ...base, XT_BACKEND: 'cpu', LOG_LEVEL: 'warn', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  let stdout = '';
+  child.stdout!.on('data', (d: Buffer) => {
+    out += d.toString();
+    stdout += d.toString();
+  });
+  child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+  const ended = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.once('exit', (code, signal) => resolve({ code, signal })),
+  );
+  return { child, ended, exited: ended.then((e) => e.code), out: () => out, stdout: () => stdout };
 }

@@ -1,34 +1,11 @@
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { freePort } from '../../service/redis-server.js';
-import { redisUrl, waitFor } from './helpers.js';
+import { redisUrl, runServiceEntry, waitFor } from './helpers.js';
 
-const ROOT = fileURLToPath(new URL('../../', import.meta.url));
-
-/** Runs a service entrypoint as `node --import tsx service/<name>.ts` with a clean environment. */
-function runEntry(name: string, env: Record<string, string>) {
-  const base = Object.fromEntries(
-    Object.entries(process.env).filter(([k]) => !k.startsWith('VITEST') && k !== 'REDIS_URL'),
-  );
-  const child = spawn(process.execPath, ['--import', 'tsx', `service/${name}.ts`], {
-    cwd: ROOT,
-    env: { ...base, XT_BACKEND: 'cpu', LOG_LEVEL: 'warn', ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let out = '';
-  let stdout = '';
-  child.stdout.on('data', (d: Buffer) => {
-    out += d.toString();
-    stdout += d.toString();
-  });
-  child.stderr.on('data', (d: Buffer) => (out += d.toString()));
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  return { child, exited, out: () => out, stdout: () => stdout };
-}
+const runEntry = runServiceEntry;
 
 describe('service processes', () => {
   it('an invalid environment stops start-up with a message naming each variable', async () => {

@@ -1,39 +1,29 @@
-import { spawn, type ChildProcess } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
+import type { ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeEnv, readSse, redisUrl, tinyDecoder, waitFor, type SseEvent, type TestEnv } from './helpers.js';
+import {
+  makeEnv,
+  readSse,
+  redisUrl,
+  runServiceEntry,
+  tinyDecoder,
+  waitFor,
+  type ServiceProcess,
+  type SseEvent,
+  type TestEnv,
+} from './helpers.js';
 
-const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const LOCK_MS = 2000;
 
-/** Runs `npm run worker`'s entrypoint as a child process (one node process, so signals reach it). */
-function spawnWorker(env: TestEnv): {
-  child: ChildProcess;
-  exited: Promise<{ code: number | null; signal: string | null }>;
-  log: () => string;
-} {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'service/worker.ts'], {
-    cwd: ROOT,
-    env: {
-      // a plain node process: none of the test runner's variables (VITEST changes module loading)
-      ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('VITEST'))),
-      REDIS_URL: redisUrl(),
-      REDIS_PREFIX: env.prefix,
-      DATA_DIR: env.dataDir,
-      XT_BACKEND: 'cpu',
-      LOCK_DURATION_MS: String(LOCK_MS),
-      STALLED_INTERVAL_MS: '500',
-      LOG_LEVEL: 'info',
-    },
-    stdio: ['ignore', 'pipe', 'pipe'],
+/** Runs `npm run worker`'s entrypoint as a child process. */
+function spawnWorker(env: TestEnv): ServiceProcess {
+  return runServiceEntry('worker', {
+    REDIS_URL: redisUrl(),
+    REDIS_PREFIX: env.prefix,
+    DATA_DIR: env.dataDir,
+    LOCK_DURATION_MS: String(LOCK_MS),
+    STALLED_INTERVAL_MS: '500',
+    LOG_LEVEL: 'info',
   });
-  let out = '';
-  child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
-  child.stderr?.on('data', (d: Buffer) => (out += d.toString()));
-  const exited = new Promise<{ code: number | null; signal: string | null }>((resolve) =>
-    child.once('exit', (code, signal) => resolve({ code, signal })),
-  );
-  return { child, exited, log: () => out };
 }
 
 describe('worker failure and shutdown (real Redis, worker child processes)', () => {
@@ -87,7 +77,7 @@ describe('worker failure and shutdown (real Redis, worker child processes)', () 
     children.push(a.child);
     let killed = false;
     let second: Promise<unknown> | null = null;
-    void a.exited.then(() => {
+    void a.ended.then(() => {
       if (!killed) void env.app.inject({ method: 'DELETE', url: `/v1/jobs/${jobId}` });
     });
     const events = await readSse(`${base}/v1/jobs/${jobId}/events`, {}, (ev) => {
@@ -98,10 +88,10 @@ describe('worker failure and shutdown (real Redis, worker child processes)', () 
       }
       return false;
     });
-    expect(killed, a.log()).toBe(true);
+    expect(killed, a.out()).toBe(true);
     await second;
-    const exit = await a.exited;
-    expect(exit.signal, a.log()).toBe('SIGKILL');
+    const exit = await a.ended;
+    expect(exit.signal, a.out()).toBe('SIGKILL');
 
     const resumedAt = events.findIndex((e) => e.event === 'resumed');
     expect(resumedAt, JSON.stringify(events.map((e) => e.event))).toBeGreaterThan(0);
@@ -157,9 +147,9 @@ describe('worker failure and shutdown (real Redis, worker child processes)', () 
       }
       return ev.event === 'checkpoint' && termAt > 0;
     });
-    const exit = await c.exited;
+    const exit = await c.ended;
     await reading;
-    expect(exit.code, c.log()).toBe(0);
+    expect(exit.code, c.out()).toBe(0);
     const ck = events.filter((e) => e.event === 'checkpoint').at(-1)!;
     expect(ck.data.step as number).toBeGreaterThanOrEqual(termAt);
     const q = await env.app.svc.trainQueue.getJob(jobId);
