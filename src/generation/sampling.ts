@@ -4,6 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { Rng } from '../utils/random.js';
+import { backendHasKernel } from '../nn/fused.js';
 import type { FilterFn, FilterKwargs } from './filters.js';
 
 /**
@@ -12,11 +13,6 @@ import type { FilterFn, FilterKwargs } from './filters.js';
  *                 output int32 [b]: what `multinomialRows` picks for those draws (-1: no mass)
  */
 export const XT_SAMPLE_ROWS = 'XtSampleRows';
-
-function backendHas(kernel: string): boolean {
-  const backend = tf.getBackend();
-  return backend != null && tf.getKernel(kernel, backend) != null;
-}
 
 /**
  * Index of the largest logit per row (the first on ties, as torch.argmax). logits: [b, v]. Runs
@@ -34,7 +30,7 @@ export function argmaxRows(logits: tf.Tensor): number[] {
 /** One draw per row from the categorical distributions `probs` ([b, v], rows need not sum to 1). */
 export function multinomialRows(probs: tf.Tensor, rng: Rng): number[] {
   const [b, v] = probs.shape as [number, number];
-  if (backendHas(XT_SAMPLE_ROWS)) {
+  if (backendHasKernel(XT_SAMPLE_ROWS)) {
     const draws = new Float64Array(b);
     for (let i = 0; i < b; i++) draws[i] = rng.random();
     const ids = tf

@@ -562,15 +562,10 @@ export class AttentionLayers extends Module {
 
         let rotaryIn = opts.rotaryPosEmb;
         // positions 0 .. n - 1 of a decoding run: sliced from tables shared along the run
-        const memLen0 = mems[0] ? mems[0].shape[1]! : 0;
+        const memLen = mems[0] ? mems[0].shape[1]! : 0;
         const rangeRotary =
-          this.rotaryPosEmb &&
-          !rotaryIn &&
-          !opts.pos &&
-          !memLen0 &&
-          wantRotaryTables(this.rotaryPosEmb, opts);
+          this.rotaryPosEmb && !rotaryIn && !opts.pos && !memLen && wantRotaryTables(this.rotaryPosEmb, opts);
         if (this.rotaryPosEmb && !rotaryIn && !rangeRotary) {
-          const memLen = mems[0] ? mems[0].shape[1]! : 0;
           const pos =
             opts.pos ??
             (memLen ? tf.sub(tf.range(0, n + memLen, 1, 'int32'), memLen) : tf.range(0, n, 1, 'int32'));
