@@ -178,6 +178,9 @@ using SgemmFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const floa
 SgemmFn g_sgemm = nullptr;
 // products of a few rows on the in-place kernels below (XT_SMALL_GEMV=0 turns them off)
 bool g_smallGemv = true;
+// most rows a product sends to those kernels (setSmallGemvRows): kSmallRows, or more while batched
+// decoding wants every row's numbers to be those of the row alone
+int64_t g_smallRowsLimit = 4;
 
 std::string initGemm(const std::string& mode) {
   g_sgemm = nullptr;
@@ -307,6 +310,10 @@ void gemvT(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64
 void gemvN(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
 #endif
 
+// Whether a product of m rows goes to the in-place kernels: then every row of the result is computed
+// alone, in the same order whatever the number of rows (what batched decoding relies on).
+bool smallGemvFor(int64_t m) { return g_avx2 && g_smallGemv && m <= g_smallRowsLimit; }
+
 // a: [..., m, k] @ b: [..., k, n] with batch dims broadcast, as at::matmul (rank >= 2 each).
 at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
   if (!g_sgemm || a0.scalar_type() != at::kFloat || b0.scalar_type() != at::kFloat || !a0.device().is_cpu() ||
@@ -356,7 +363,7 @@ at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
   const float* pb = b.data_ptr<float>();
   float* py = y.data_ptr<float>();
   // a few rows of a row-major left operand: read the right one in place
-  const bool small = g_avx2 && g_smallGemv && m <= kSmallRows && la.trans == 'N';
+  const bool small = smallGemvFor(m) && la.trans == 'N';
   std::vector<int64_t> idx(nb, 0);
   for (int64_t i = 0; i < count; i++) {
     int64_t oa = 0, ob = 0;
@@ -529,6 +536,15 @@ void installCpuAllocator() {
   }
   g_cpuAlloc = new CachingCpuAllocator(mb << 20);
   c10::SetCPUAllocator(g_cpuAlloc, 100);
+}
+
+// n: the most rows a float32 CPU product computes row by row on the in-place kernels (at least
+// kSmallRows; they serve products where oneDNN's sgemm serves the others); returns the previous value.
+XT_FN(SetSmallGemvRows) {
+  int64_t prev = g_smallRowsLimit;
+  int64_t n = num(info, 0);
+  g_smallRowsLimit = std::max<int64_t>(kSmallRows, n);
+  return Napi::Number::New(info.Env(), static_cast<double>(prev));
 }
 
 XT_FN(CpuCache) {
@@ -1857,6 +1873,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("argReduce", ArgReduce);
   X("matmul", MatMul);
   X("cpuCache", CpuCache);
+  X("setSmallGemvRows", SetSmallGemvRows);
   X("layerNorm", LayerNorm);
   X("layerNormGrad", LayerNormGrad);
   X("geluGrad", GeluGrad);

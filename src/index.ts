@@ -1,7 +1,7 @@
 /**
  * x-transformers for TypeScript: the library's public API.
  */
-export { initBackend, backendInfo, BACKENDS } from './backend/index.js';
+export { initBackend, backendInfo, BACKENDS, rowStableProducts } from './backend/index.js';
 export type { BackendName, BackendInfo } from './backend/index.js';
 export { Module, ModuleDict, ModuleList } from './nn/module.js';
 export type { LoadStateDictOptions, LoadStateDictResult } from './nn/module.js';
@@ -107,6 +107,8 @@ export type {
   ContrastiveDecodeOptions,
 } from './generation/filters.js';
 export { decode, decodeStream } from './generation/generate.js';
+export { BatchDecoder } from './generation/batch-decoder.js';
+export type { BatchSequenceOptions, BatchToken, BatchModel } from './generation/batch-decoder.js';
 export type {
   GenerateOptions,
   GenerateStep,

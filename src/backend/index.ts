@@ -115,3 +115,21 @@ export function initBackend(
 export function backendInfo(): BackendInfo | null {
   return current;
 }
+
+/**
+ * Runs `fn` with matrix products of up to `rows` rows computed so that each row's result does not
+ * depend on the other rows (batched decoding: a row's numbers equal those it has alone). The torch
+ * backend computes products of up to 4 rows row by row on its in-place kernels (where oneDNN's
+ * sgemm runs the others, the default wherever LibTorch links libdnnl); this raises that bound to
+ * `rows` for the call. The cpu backend's products are row-independent already.
+ */
+export function rowStableProducts<T>(rows: number, fn: () => T): T {
+  const backend = tf.backend() as { setRowStableRows?: (n: number) => number };
+  if (typeof backend.setRowStableRows !== 'function') return fn();
+  const prev = backend.setRowStableRows(rows);
+  try {
+    return fn();
+  } finally {
+    backend.setRowStableRows(prev);
+  }
+}

@@ -27,12 +27,18 @@ export function argmaxRows(logits: tf.Tensor): number[] {
   }
 }
 
-/** One draw per row from the categorical distributions `probs` ([b, v], rows need not sum to 1). */
-export function multinomialRows(probs: tf.Tensor, rng: Rng): number[] {
+/**
+ * One draw per row from the categorical distributions `probs` ([b, v], rows need not sum to 1);
+ * `rng` is one generator for every row (drawn in row order), or one per row.
+ */
+export function multinomialRows(probs: tf.Tensor, rng: Rng | Rng[]): number[] {
   const [b, v] = probs.shape as [number, number];
+  if (Array.isArray(rng) && rng.length !== b)
+    throw new Error(`rng: expected ${b} generators (one per row), got ${rng.length}`);
+  const rngOf = (i: number): Rng => (Array.isArray(rng) ? rng[i]! : rng);
   if (backendHasKernel(XT_SAMPLE_ROWS)) {
     const draws = new Float64Array(b);
-    for (let i = 0; i < b; i++) draws[i] = rng.random();
+    for (let i = 0; i < b; i++) draws[i] = rngOf(i).random();
     const ids = tf
       .engine()
       .runKernel(XT_SAMPLE_ROWS, { probs }, { draws } as unknown as tf.NamedAttrMap) as tf.Tensor;
@@ -50,7 +56,7 @@ export function multinomialRows(probs: tf.Tensor, rng: Rng): number[] {
       const p = data[i * v + j]!;
       if (p > 0) total += p;
     }
-    const u = rng.random() * total;
+    const u = rngOf(i).random() * total;
     let acc = 0;
     let pick = -1;
     for (let j = 0; j < v; j++) {
@@ -72,7 +78,8 @@ export interface SampleOptions {
   /** applied before the temperature; none = keep all */
   filter?: FilterFn;
   filterKwargs?: FilterKwargs;
-  rng: Rng;
+  /** one generator for every row, or one per row */
+  rng: Rng | Rng[];
 }
 
 /** The next token of every row. logits: [b, v] -> b ids. */

@@ -60,6 +60,13 @@ export interface LayersForwardOptions {
   /** Keys/values of earlier steps: only the last `cacheAge` positions of x are computed. */
   cache?: LayersCache;
   cacheAge?: number;
+  /**
+   * Rows of different lengths decoded together: x is [b, 1, dim], one new position per row, and
+   * row i continues `rowCaches[i]` (a cache of that row alone). Attention runs row by row on its
+   * own cache, everything else on all rows at once; `rowCaches` of the output holds each row's
+   * cache including this step. See `rowsUnsupported` for the stacks this needs.
+   */
+  rowCaches?: LayersCache[];
   /** Return a `LayersCache` with this call's keys/values (also implied by `cache`). */
   returnCache?: boolean;
   /** Fill `hiddens` / `layerHiddens` / `attnIntermediates`. */
@@ -88,6 +95,8 @@ export interface LayersOutput {
   attnIntermediates: (AttentionIntermediates & { layerType: 'a' | 'c' })[];
   /** Keys/values including this call's, with returnCache or cache. */
   cache?: LayersCache;
+  /** Each row's cache including this call's, with rowCaches. */
+  rowCaches?: LayersCache[];
 }
 
 type LayerType = 'a' | 'c' | 'f';
@@ -476,6 +485,55 @@ export class AttentionLayers extends Module {
   }
 
   /**
+   * Why this stack cannot decode rows of different lengths together (`rowCaches`), or null when it
+   * can: that needs a causal stack that caches keys/values, without cross-attention, conditioning,
+   * several residual streams, or attention that passes values or scores from layer to layer.
+   */
+  get rowsUnsupported(): string | null {
+    const o = this.options;
+    if (!this.causal) return 'not a causal stack (Decoder)';
+    if (!this.canCacheKv) return 'a layer cannot decode with a key/value cache';
+    if (this.crossAttend) return 'cross-attention (the context is per request)';
+    if (this.needCondition) return 'adaptive norms or layerscale (a condition per row)';
+    if (o.numResidualStreams > 1) return 'several residual streams (hyper-connections)';
+    if (o.residualAttn) return 'residualAttn (attention scores passed between layers)';
+    if (o.addValueResidual) return 'addValueResidual (values passed between layers)';
+    return null;
+  }
+
+  private checkRows(x: tf.Tensor, opts: LayersForwardOptions): void {
+    const rows = opts.rowCaches!;
+    const why = this.rowsUnsupported;
+    if (why) throw new Error(`rowCaches: this stack cannot decode rows together: ${why}`);
+    if (x.shape[0] !== rows.length || x.shape[1] !== 1)
+      throw new Error(
+        `x: expected [${rows.length}, 1, ${this.dim}] (one new position per row of rowCaches), got [${x.shape.join(', ')}]`,
+      );
+    rows.forEach((c, i) => {
+      if (c.isDisposed) throw new Error(`rowCaches[${i}]: expected a live cache, got a disposed one`);
+      if (c.kvs[0]?.k.shape[0] !== 1)
+        throw new Error(`rowCaches[${i}]: expected the cache of one row, got batch ${c.kvs[0]?.k.shape[0]}`);
+    });
+    const given: string[] = (
+      ['cache', 'mask', 'attnMask', 'selfAttnKvMask', 'seqStartPos', 'pos', 'rotaryPosEmb'] as const
+    ).filter((k) => opts[k] !== undefined);
+    const extra = opts.mems?.length ? [...given, 'mems'] : given;
+    if (extra.length) throw new Error(`rowCaches: expected no ${extra.join(', ')} with it`);
+  }
+
+  /** The rotary input of one row's next position (and the tables it holds), as its own decoding step has. */
+  private rowRotary(c: LayersCache): { rotary?: RotaryInput; tables: SharedRotaryTables | null } {
+    const rope = this.rotaryPosEmb;
+    if (!rope) return { tables: null };
+    const n = c.seqLen + 1;
+    if (wantRotaryTables(rope, { cache: c })) {
+      const tables = sharedRotaryTables(rope, n, this.dimHead, c.rotary);
+      return { rotary: tables.slice(n, 1), tables };
+    }
+    return { rotary: prepareRotary(rope.forward(tf.range(0, n, 1, 'int32')), 1, this.dimHead), tables: null };
+  }
+
+  /**
    * x: [b, n, dim] -> out [b, n, dim] (with a cache: [b, cacheAge, dim]).
    * See `LayersForwardOptions` for the optional inputs.
    */
@@ -511,6 +569,7 @@ export class AttentionLayers extends Module {
       if (!this.causal) throw new Error('cache: expected a causal stack (Decoder) for cached decoding');
       if (opts.mask || opts.attnMask) throw new Error('cache: cached decoding takes no mask / attnMask');
     }
+    if (opts.rowCaches) this.checkRows(x, opts);
     if (this.needCondition && !opts.condition)
       throw new Error('condition: expected a tensor, this stack uses adaptive norms or layerscale');
     if (!this.needCondition && opts.condition)
@@ -528,6 +587,10 @@ export class AttentionLayers extends Module {
 
     const input = x;
     let rotaryTables: SharedRotaryTables | null = null;
+    let rowRotary: { rotary?: RotaryInput; tables: SharedRotaryTables | null }[] = [];
+    const releaseRowTables = () => {
+      for (const r of rowRotary) r.tables?.release();
+    };
     const run = () =>
       tidyObj(() => {
         const order = opts.layersExecuteOrder ?? this.layersExecuteOrder;
@@ -563,9 +626,11 @@ export class AttentionLayers extends Module {
         let rotaryIn = opts.rotaryPosEmb;
         // positions 0 .. n - 1 of a decoding run: sliced from tables shared along the run
         const memLen = mems[0] ? mems[0].shape[1]! : 0;
+        const rows = opts.rowCaches;
         const rangeRotary =
           this.rotaryPosEmb && !rotaryIn && !opts.pos && !memLen && wantRotaryTables(this.rotaryPosEmb, opts);
-        if (this.rotaryPosEmb && !rotaryIn && !rangeRotary) {
+        if (rows) rowRotary = rows.map((c) => this.rowRotary(c));
+        else if (this.rotaryPosEmb && !rotaryIn && !rangeRotary) {
           const pos =
             opts.pos ??
             (memLen ? tf.sub(tf.range(0, n + memLen, 1, 'int32'), memLen) : tf.range(0, n, 1, 'int32'));
@@ -573,13 +638,17 @@ export class AttentionLayers extends Module {
         }
 
         const cacheIter = opts.cache ? [...opts.cache.kvs] : [];
+        const rowIters = rows ? rows.map((c) => [...c.kvs]) : null;
+        const rowKvs: AttentionKv[][] = rows ? rows.map(() => []) : [];
         if (opts.cache) {
           if (context) context = tf.slice(context, [0, 0, 0], [-1, 0, -1]);
           const age = opts.cacheAge ?? 1;
           if (age > 0 && age < n) x = tf.slice(x, [0, n - age, 0], [-1, age, -1]);
         }
         // cos / sin computed once for every layer
-        if (rangeRotary) {
+        if (rows) {
+          // each row's rotary input was prepared above
+        } else if (rangeRotary) {
           rotaryTables = sharedRotaryTables(this.rotaryPosEmb!, n, this.dimHead, opts.cache?.rotary ?? null);
           rotaryIn = rotaryTables.slice(n, x.shape[1]!);
         } else if (rotaryIn) rotaryIn = prepareRotary(rotaryIn, x.shape[1]!, this.dimHead);
@@ -646,7 +715,16 @@ export class AttentionLayers extends Module {
           let inter: AttentionIntermediates | undefined;
           const needInter =
             wantCache || opts.returnHiddens || o.residualAttn || o.crossResidualAttn || o.addValueResidual;
-          if (type === 'a') {
+          if (type === 'a' && rowIters) {
+            out = attendRows(h, rowIters, rowKvs, (r, hr, cache) =>
+              callBlock(entry.block, hr, {
+                relPos: this.relPos ?? undefined,
+                rotary: rowRotary[r]!.rotary,
+                cache,
+                returnIntermediates: true,
+              }),
+            );
+          } else if (type === 'a') {
             const r = callBlock(entry.block, h, {
               mask: opts.mask,
               contextMask: selfKvMask,
@@ -710,6 +788,7 @@ export class AttentionLayers extends Module {
           attnIntermediates: attnInters,
           kvs: newKvs,
           kinds: newKinds,
+          rowKvs,
         };
       });
     let result: ReturnType<typeof run>;
@@ -717,7 +796,16 @@ export class AttentionLayers extends Module {
       result = run();
     } catch (e) {
       (rotaryTables as SharedRotaryTables | null)?.release();
+      releaseRowTables();
       throw e;
+    }
+    if (opts.rowCaches) {
+      const kinds = this.cachedLayerKinds(opts.layersExecuteOrder ?? this.layersExecuteOrder);
+      const rowCaches = opts.rowCaches.map(
+        (c, r) => new LayersCache(result.rowKvs[r]!, c.seqLen + 1, kinds, rowRotary[r]!.tables),
+      );
+      releaseRowTables();
+      return { out: result.out, hiddens: [], layerHiddens: [], attnIntermediates: [], rowCaches };
     }
 
     // (assigned inside the scope above)
@@ -966,4 +1054,27 @@ function sharedRotaryTables(
   while (capacity < n) capacity *= 2;
   const full = tidyObj(() => prepareRotary(rope.forwardFromSeqLen(capacity), capacity, width));
   return new SharedRotaryTables(capacity, width, full);
+}
+
+/**
+ * Self-attention of rows decoded together: row r of h ([b, 1, dim]) attends over its own cache
+ * (the next entry of rowIters[r]), exactly as it would alone; each row's new keys/values go to
+ * rowKvs[r]. Returns the rows' outputs, [b, 1, dim].
+ */
+function attendRows(
+  h: tf.Tensor,
+  rowIters: AttentionKv[][],
+  rowKvs: AttentionKv[][],
+  call: (r: number, hr: tf.Tensor, cache: AttentionKv | undefined) => BranchOut,
+): tf.Tensor {
+  const parts = rowIters.length === 1 ? [h] : tf.split(h, rowIters.length, 0);
+  const outs = parts.map((hr, r) => {
+    const res = call(r, hr, rowIters[r]!.shift()) as {
+      out: tf.Tensor;
+      intermediates: AttentionIntermediates;
+    };
+    rowKvs[r]!.push(res.intermediates.cachedKv!);
+    return res.out;
+  });
+  return outs.length === 1 ? outs[0]! : tf.concat(outs, 0);
 }

@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module, ModuleDict, ModuleList } from '../nn/module.js';
+import { rowStableProducts } from '../backend/index.js';
 import { Linear } from '../nn/linear.js';
 import { Embedding } from '../nn/embedding.js';
 import { LayerNorm } from '../nn/norms.js';
@@ -103,6 +104,12 @@ export interface TransformerForwardOptions {
   cacheAge?: number;
   /** Return a KV cache including this call (forwardWithState). */
   returnCache?: boolean;
+  /**
+   * Rows of different lengths decoded together (forwardWithState): x is [b, 1], each row's next
+   * token, and row i continues `rowCaches[i]` (a cache of that row alone, which gives its position);
+   * the state's `rowCaches` include this step. See `rowsUnsupported`.
+   */
+  rowCaches?: LayersCache[];
   /** prependEmbeds: [b, p, dim] embeddings placed before the tokens (PaLI style). */
   prependEmbeds?: tf.Tensor;
   /** prependMask: [b, p] bool. */
@@ -138,6 +145,8 @@ export interface TransformerState {
   embeddings: tf.Tensor;
   mems?: tf.Tensor[];
   cache?: LayersCache;
+  /** With rowCaches: each row's cache including this call. */
+  rowCaches?: LayersCache[];
   /** With numOutputHeads > 1: the logits of every head (`logits` is the first). */
   headLogits?: tf.Tensor[];
   /**
@@ -300,6 +309,25 @@ export class TransformerWrapper extends Module {
     return this.numMemoryTokens === 0 && !this.options.recycling && this.attnLayers.canCacheKv;
   }
 
+  /**
+   * Why this model cannot decode rows of different lengths together (`rowCaches`), or null when it
+   * can: besides what its attention layers need (AttentionLayers.rowsUnsupported), no extra
+   * embedding tables, class tokens, pooled or embedding-only outputs.
+   */
+  get rowsUnsupported(): string | null {
+    const o = this.options;
+    if (!this.canCacheKv) return 'no key/value cache (memory tokens, recycling or a layer that cannot cache)';
+    const why = this.attnLayers.rowsUnsupported;
+    if (why) return why;
+    if (this.embeds.size > 0) return 'embedNumTokens (ids per row and position)';
+    if (this.clsToken) return 'class tokens';
+    if (o.averagePoolEmbed) return 'averagePoolEmbed';
+    if (o.returnOnlyEmbed) return 'returnOnlyEmbed (no logits)';
+    // decoding alone projects the embeddings of the whole window, on the many-row product path
+    if (this.projectEmb) return 'embDim different from the layers dim (a projected embedding)';
+    return null;
+  }
+
   /** Whether the output is log-probabilities rather than logits (mixture of softmaxes). */
   get outputIsLogProb(): boolean {
     return this.options.mixtureOfSoftmax;
@@ -342,6 +370,8 @@ export class TransformerWrapper extends Module {
 
   /** x: [b, n] int32 -> logits, embeddings, and with returnMems / returnCache the next mems and cache. */
   forwardWithState(x: tf.Tensor, opts: TransformerForwardOptions = {}): TransformerState {
+    // rows decoded together: every row's products as that row's alone
+    if (opts.rowCaches) return rowStableProducts(opts.rowCaches.length, () => this.run(x, opts, true));
     return this.run(x, opts, true);
   }
 
@@ -383,6 +413,7 @@ export class TransformerWrapper extends Module {
     if (opts.sumEmbeds)
       checkTensor('sumEmbeds', opts.sumEmbeds, { shape: [b, n, this.embDim], dtype: 'float32' });
     if (opts.seqStartPos) checkTensor('seqStartPos', opts.seqStartPos, { shape: [b], dtype: 'int32' });
+    if (opts.rowCaches) this.validateRows(b, n, opts);
     if (opts.cache && !this.canCacheKv)
       throw new Error(
         'cache: this model cannot decode with a KV cache (memory tokens, recycling, token shifting or an attention layer that cannot cache)',
@@ -418,6 +449,28 @@ export class TransformerWrapper extends Module {
           'returnAttnZLoss: needs the attention logits before softmax, which the fused attention (attnFlash) does not form',
         );
     }
+  }
+
+  /** rowCaches: one per row of x ([b, 1]), each short of the last absolute position. */
+  private validateRows(b: number, n: number, opts: TransformerForwardOptions): void {
+    const why = this.rowsUnsupported;
+    if (why) throw new Error(`rowCaches: this model cannot decode rows together: ${why}`);
+    const rows = opts.rowCaches!;
+    if (b !== rows.length || n !== 1)
+      throw new Error(
+        `x: expected [${rows.length}, 1] (the next token of each row of rowCaches), got [${b}, ${n}]`,
+      );
+    const extra = (
+      ['cache', 'mask', 'prependEmbeds', 'sumEmbeds', 'posOverride', 'seqStartPos'] as const
+    ).filter((k) => opts[k] !== undefined);
+    if (extra.length) throw new Error(`rowCaches: expected no ${extra.join(', ')} with it`);
+    if (this.hasAbsPosEmb)
+      rows.forEach((c, i) => {
+        if (c.seqLen >= this.maxSeqLen)
+          throw new Error(
+            `rowCaches[${i}]: expected fewer than maxSeqLen ${this.maxSeqLen} positions (absolute positional embedding), got ${c.seqLen}`,
+          );
+      });
   }
 
   /** embedIds: one [b, n] int32 per name of embedNumTokens, each in [0, its size). */
@@ -460,11 +513,20 @@ export class TransformerWrapper extends Module {
     const numMem = this.numMemoryTokens;
     const wantMems = !!opts.returnMems;
     let cache: LayersCache | undefined;
+    let rowCaches: LayersCache[] | undefined;
     const out = tidyObj(() => {
       let pos: tf.Tensor | number = 0;
       const po = opts.posOverride;
       if (po && po.dtype === 'float32') pos = po;
-      else if (this.posEmb) pos = this.posEmb.forward(n, { pos: po, seqStartPos: opts.seqStartPos });
+      else if (this.posEmb && opts.rowCaches) {
+        // each row's next position: the length of its cache
+        const rowPos = tf.tensor2d(
+          opts.rowCaches.map((c) => c.seqLen),
+          [b, 1],
+          'int32',
+        );
+        pos = this.posEmb.forward(1, { pos: rowPos });
+      } else if (this.posEmb) pos = this.posEmb.forward(n, { pos: po, seqStartPos: opts.seqStartPos });
       let h: tf.Tensor = this.tokenEmb.forward(x);
       if (pos !== 0) h = tf.add(h, pos);
       for (const [name, ids] of Object.entries(opts.embedIds ?? {}))
@@ -513,6 +575,7 @@ export class TransformerWrapper extends Module {
         memMasks: opts.memMasks,
         cache: opts.cache,
         cacheAge: opts.cacheAge,
+        rowCaches: opts.rowCaches,
         returnCache: opts.returnCache,
         returnHiddens: wantMems || !!opts.returnAttnZLoss,
         seqStartPos: opts.seqStartPos,
@@ -534,6 +597,7 @@ export class TransformerWrapper extends Module {
         );
       }
       cache = res.cache;
+      rowCaches = res.rowCaches;
       let attnZLoss: tf.Tensor | undefined;
       if (opts.returnAttnZLoss)
         attnZLoss = this.attnZLoss(res.attnIntermediates, opts.attnZLossWeight ?? o.attnZLossWeight);
@@ -600,6 +664,7 @@ export class TransformerWrapper extends Module {
       embeddings: out.embeddings,
       ...(out.mems ? { mems: out.mems } : {}),
       ...(cache ? { cache } : {}),
+      ...(rowCaches ? { rowCaches } : {}),
       ...(out.headLogits ? { headLogits: out.headLogits } : {}),
       ...(out.attnZLoss ? { attnZLoss: out.attnZLoss } : {}),
     };

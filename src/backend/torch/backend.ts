@@ -59,6 +59,14 @@ export class TorchBackend extends tf.KernelBackend {
     super();
   }
 
+  /**
+   * Float32 CPU products of up to `rows` rows (at least 4) are computed row by row on the in-place
+   * kernels, each row in the order it has alone; returns the previous bound. See rowStableProducts.
+   */
+  setRowStableRows(rows: number): number {
+    return this.N.setSmallGemvRows(rows);
+  }
+
   /** TensorInfo for the addon id just returned (shape and dtype from `meta`). */
   out(id: number): TensorInfo {
     const m = this.meta;

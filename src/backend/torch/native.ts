@@ -24,6 +24,8 @@ export interface TorchAddon {
   count(): number;
   /** freed CPU blocks kept for reuse, and the bound on them (XT_CPU_CACHE_MB) */
   cpuCache(): { cachedBytes: number; limitBytes: number };
+  /** most rows a float32 product computes row by row (at least 4); returns the previous bound */
+  setSmallGemvRows(rows: number): number;
   bytes(): number;
   storageUseCount(id: number): number;
   storages(): Array<[number, string]>;
