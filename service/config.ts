@@ -10,8 +10,10 @@ export interface ServiceConfig {
   dataDir: string;
   /** Tensor backend (`torch|tensorflow|wasm|cpu`); undefined: the first that loads. */
   backend: string | undefined;
-  /** Jobs a worker runs at once, per queue. */
+  /** Training jobs a worker runs at once. */
   workerConcurrency: number;
+  /** Generations a worker decodes together per loaded model (and generation jobs it takes at once). */
+  maxBatch: number;
   /** Bearer keys that /v1 routes accept; empty: no authentication. */
   apiKeys: string[];
   /** Key prefix for the registry and the queues, so several deployments can share one Redis. */
@@ -70,7 +72,11 @@ export const ENV_VARS: Spec[] = [
   { env: 'REDIS_SERVER_BIN', describe: 'redis-server binary for the private Redis (default: on PATH)' },
   { env: 'DATA_DIR', describe: 'datasets, weights, checkpoints (default ./data)' },
   { env: 'XT_BACKEND', describe: 'torch | tensorflow | wasm | cpu (default: first that loads)' },
-  { env: 'WORKER_CONCURRENCY', describe: 'jobs per queue a worker runs at once (default 1)' },
+  { env: 'WORKER_CONCURRENCY', describe: 'training jobs a worker runs at once (default 1)' },
+  {
+    env: 'MAX_BATCH',
+    describe: 'generations a worker decodes together per model, one forward pass per step (default 32)',
+  },
   { env: 'API_KEYS', describe: 'comma-separated bearer keys; unset: no auth' },
   { env: 'REDIS_PREFIX', describe: 'key prefix in Redis (default xt)' },
   { env: 'MODEL_CACHE_SIZE', describe: 'models a worker keeps loaded (default 4)' },
@@ -128,6 +134,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
     backend = undefined;
   }
   const workerConcurrency = int('WORKER_CONCURRENCY', 1, 1, 64);
+  const maxBatch = int('MAX_BATCH', 32, 1, 1024);
   const apiKeys = (env.API_KEYS ?? '')
     .split(',')
     .map((k) => k.trim())
@@ -168,6 +175,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
     dataDir,
     backend,
     workerConcurrency,
+    maxBatch,
     apiKeys,
     prefix,
     modelCacheSize,

@@ -79,6 +79,7 @@ export async function run(role: Role): Promise<void> {
       dataDir: config.dataDir,
       prefix: config.prefix,
       concurrency: config.workerConcurrency,
+      maxBatch: config.maxBatch,
       modelCacheSize: config.modelCacheSize,
       trainMaxPauseMs: config.trainMaxPauseMs,
       lockDurationMs: config.lockDurationMs,
@@ -86,7 +87,10 @@ export async function run(role: Role): Promise<void> {
       metrics,
       log: log.child({ part: 'worker' }),
     });
-    log.info({ concurrency: config.workerConcurrency }, 'worker consuming queues train, generate');
+    log.info(
+      { concurrency: config.workerConcurrency, maxBatch: config.maxBatch },
+      'worker consuming queues train, generate',
+    );
   }
   let app: FastifyInstance | null = null;
   if (role !== 'worker') {

@@ -5,6 +5,7 @@ import type { ServiceMetrics } from './metrics.js';
 import type { ModelCache } from './model-cache.js';
 import type { TokenCache } from './token-cache.js';
 import type { GenerationPriority } from './priority.js';
+import type { GenerationBatcher } from './batcher.js';
 
 /** Minimal logger (pino's shape). */
 export interface Logger {
@@ -20,6 +21,10 @@ export interface WorkerContext {
   cache: ModelCache;
   /** Datasets' tokens per tokenizer, tokenized once and kept in DATA_DIR. */
   tokens: TokenCache;
+  /** One decode loop per loaded model, by the model's cache key: its generations run as one batch. */
+  batchers: Map<string, GenerationBatcher>;
+  /** Most generations a batcher runs at once (MAX_BATCH). */
+  maxBatch: number;
   /** Generations go first: training waits before a step while one runs. */
   priority: GenerationPriority;
   metrics?: ServiceMetrics;

@@ -3,6 +3,8 @@ import { UnrecoverableError, type Job } from 'bullmq';
 import type { GenerateOptions } from './engine.js';
 import { recordFailure, type WorkerContext } from './context.js';
 import type { GenerateJobData } from './queues.js';
+import type { LoadedModel } from './model-cache.js';
+import { batcherFor } from './batcher.js';
 
 export interface GenerateJobResult {
   tokens: number[];
@@ -45,8 +47,113 @@ function filterOptions(
 }
 
 /**
+ * A generation's tokens as they come: text pieces, end of sequence, stop strings, and one `token`
+ * event ({index, tokenId, text}) per token in the job's Redis Stream, appended in order.
+ */
+class TokenSink {
+  readonly tokens: number[] = [];
+  finishReason: GenerateJobResult['finishReason'] = 'length';
+  firstAt = 0;
+  private readonly text: IncrementalText;
+  private appends: Promise<unknown> = Promise.resolve();
+
+  constructor(
+    private readonly ctx: WorkerContext,
+    private readonly d: GenerateJobData,
+    private readonly tokenizer: LoadedModel['tokenizer'],
+  ) {
+    this.text = new IncrementalText((ids) => tokenizer.decode(ids));
+  }
+
+  /** Takes the next token; returns true when the generation ends here (end of sequence, a stop string, maxTokens). */
+  push(tokenId: number): boolean {
+    const d = this.d;
+    if (!this.firstAt) this.firstAt = Date.now();
+    if (this.tokenizer.eosTokenId !== undefined && tokenId === this.tokenizer.eosTokenId) {
+      this.finishReason = 'eos';
+      return true;
+    }
+    this.tokens.push(tokenId);
+    let piece = this.text.push(this.tokens);
+    let stopHit = false;
+    if (d.stop?.length) {
+      const full = this.text.text;
+      for (const s of d.stop) {
+        const at = full.indexOf(s, Math.max(0, full.length - piece.length - s.length + 1));
+        if (at >= 0) {
+          piece = piece.slice(0, Math.max(0, piece.length - (full.length - at)));
+          stopHit = true;
+          break;
+        }
+      }
+    }
+    const event = { index: this.tokens.length - 1, tokenId, text: piece };
+    this.appends = this.appends.then(() => this.ctx.registry.appendEvent(d.jobId, 'token', event));
+    if (stopHit) this.finishReason = 'stop';
+    return stopHit || this.tokens.length >= d.maxTokens;
+  }
+
+  /** Resolves when every token event is in the stream. */
+  flush(): Promise<unknown> {
+    return this.appends;
+  }
+
+  /** The final text (cut at the first stop string). */
+  finalText(): string {
+    let finalText = this.text.text || this.tokenizer.decode(this.tokens);
+    const stop = this.d.stop;
+    if (this.finishReason === 'stop' && stop) {
+      const cut = Math.min(...stop.map((s) => finalText.indexOf(s)).filter((i) => i >= 0));
+      if (Number.isFinite(cut)) finalText = finalText.slice(0, cut);
+    }
+    return finalText;
+  }
+}
+
+/** Samples the job's tokens into `sink`: in the model's batch when it can, else alone. */
+async function sample(
+  ctx: WorkerContext,
+  d: GenerateJobData,
+  loaded: LoadedModel,
+  sink: TokenSink,
+  signal: AbortSignal,
+): Promise<void> {
+  const { ar, built } = loaded;
+  // past maxSeqLen the window slides, which a cache of absolute positions cannot follow
+  const cacheKv = d.cacheKv ?? d.promptTokens.length + d.maxTokens <= built.maxSeqLen;
+  const sampling = { temperature: d.temperature ?? 1, seed: d.seed, ...filterOptions(d, built.numTokens) };
+  const batcher = cacheKv ? batcherFor(ctx.batchers, loaded, ctx.maxBatch) : null;
+  if (batcher) {
+    try {
+      await batcher.run({
+        prompt: d.promptTokens,
+        options: { maxTokens: d.maxTokens, ...sampling },
+        onToken: (t) => sink.push(t.token),
+        signal,
+      });
+    } finally {
+      await sink.flush();
+    }
+    return;
+  }
+  const prompt = tf.tensor2d([d.promptTokens], [1, d.promptTokens.length], 'int32');
+  try {
+    const opts: GenerateOptions = { ...sampling, cacheKv, signal };
+    for await (const step of ar.generateStream(prompt, d.maxTokens, opts)) {
+      const end = sink.push(step.tokens[0]!);
+      await sink.flush();
+      if (end || signal.aborted) break;
+    }
+  } finally {
+    prompt.dispose();
+  }
+}
+
+/**
  * Runs one generation: streams `token` events ({index, tokenId, text}) into the job's Redis Stream as
  * tokens are sampled, then `done`. A cancel request (the client went away) stops it at the next token.
+ * Generations of one model run together in its batcher (see GenerationBatcher); models the batched
+ * path cannot decode, and generations without a KV cache, run alone.
  */
 export async function processGenerate(
   ctx: WorkerContext,
@@ -61,9 +168,8 @@ export async function processGenerate(
   bullSignal?.addEventListener('abort', () => ac.abort());
   const observe = (state: string) =>
     ctx.metrics?.jobDuration.observe({ type: 'generate', state }, (Date.now() - started) / 1000);
-  let loaded: Awaited<ReturnType<typeof ctx.cache.acquire>> | null = null;
+  let loaded: LoadedModel | null = null;
   const endPriority = ctx.priority.begin();
-  const tokens: number[] = [];
   try {
     if (await registry.isCancelRequested(d.jobId)) {
       await registry.updateJob(d.jobId, { state: 'cancelled' });
@@ -74,71 +180,23 @@ export async function processGenerate(
     if (!model) throw new UnrecoverableError(`model ${d.modelId} no longer exists`);
     await registry.updateJob(d.jobId, { state: 'active' });
     loaded = await ctx.cache.acquire(model);
-    const { ar, tokenizer, built } = loaded;
-    const text = new IncrementalText((ids) => tokenizer.decode(ids));
-    const prompt = tf.tensor2d([d.promptTokens], [1, d.promptTokens.length], 'int32');
-    let firstAt = 0;
-    let finishReason: GenerateJobResult['finishReason'] = 'length';
+    const sink = new TokenSink(ctx, d, loaded.tokenizer);
     const t0 = Date.now();
-    try {
-      const opts: GenerateOptions = {
-        temperature: d.temperature ?? 1,
-        // past maxSeqLen the window slides, which a cache of absolute positions cannot follow
-        cacheKv: d.cacheKv ?? d.promptTokens.length + d.maxTokens <= built.maxSeqLen,
-        seed: d.seed,
-        signal: ac.signal,
-        ...filterOptions(d, built.numTokens),
-      };
-      for await (const step of ar.generateStream(prompt, d.maxTokens, opts)) {
-        const tokenId = step.tokens[0]!;
-        if (!firstAt) firstAt = Date.now();
-        if (tokenizer.eosTokenId !== undefined && tokenId === tokenizer.eosTokenId) {
-          finishReason = 'eos';
-          break;
-        }
-        tokens.push(tokenId);
-        let piece = text.push(tokens);
-        let stopHit = false;
-        if (d.stop?.length) {
-          const full = text.text;
-          for (const s of d.stop) {
-            const at = full.indexOf(s, Math.max(0, full.length - piece.length - s.length + 1));
-            if (at >= 0) {
-              piece = piece.slice(0, Math.max(0, piece.length - (full.length - at)));
-              stopHit = true;
-              break;
-            }
-          }
-        }
-        await registry.appendEvent(d.jobId, 'token', { index: tokens.length - 1, tokenId, text: piece });
-        if (stopHit) {
-          finishReason = 'stop';
-          break;
-        }
-        if (ac.signal.aborted) break;
-        if (tokens.length >= d.maxTokens) break;
-      }
-    } finally {
-      prompt.dispose();
-    }
+    await sample(ctx, d, loaded, sink, ac.signal);
+    const tokens = sink.tokens;
     if (ac.signal.aborted || (await registry.isCancelRequested(d.jobId))) {
       await registry.updateJob(d.jobId, { state: 'cancelled', progress: { tokens: tokens.length } });
       await registry.appendEvent(d.jobId, 'cancelled', { tokens: tokens.length });
       observe('cancelled');
       return { cancelled: true };
     }
-    let finalText = text.text || tokenizer.decode(tokens);
-    if (finishReason === 'stop' && d.stop) {
-      const cut = Math.min(...d.stop.map((s) => finalText.indexOf(s)).filter((i) => i >= 0));
-      if (Number.isFinite(cut)) finalText = finalText.slice(0, cut);
-    }
     const seconds = Math.max(1e-6, (Date.now() - t0) / 1000);
     const result: GenerateJobResult = {
       tokens,
-      text: finalText,
+      text: sink.finalText(),
       tokensPerSecond: tokens.length / seconds,
-      timeToFirstTokenMs: firstAt ? firstAt - t0 : 0,
-      finishReason,
+      timeToFirstTokenMs: sink.firstAt ? sink.firstAt - t0 : 0,
+      finishReason: sink.finishReason,
     };
     await registry.updateJob(d.jobId, { state: 'completed', progress: { tokens: tokens.length }, result });
     await registry.appendEvent(d.jobId, 'done', result);

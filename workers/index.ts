@@ -22,8 +22,13 @@ export interface WorkerOptions {
   redisUrl: string;
   dataDir: string;
   prefix?: string;
-  /** Jobs run at once per queue (default 1). */
+  /** Training jobs run at once (default 1). */
   concurrency?: number;
+  /**
+   * Generations decoded together per loaded model, and generation jobs taken at once (default 32):
+   * the generate queue's concurrency feeds the batchers.
+   */
+  maxBatch?: number;
   /** Models kept loaded for generation (default 4). */
   modelCacheSize?: number;
   /** BullMQ lock: a worker silent this long is presumed dead (default 30000 ms). */
@@ -65,6 +70,8 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
     cache: new ModelCache(storage, options.modelCacheSize ?? 4),
     tokens: new TokenCache(storage, options.tokenizePieceChars),
     priority: new GenerationPriority(options.trainMaxPauseMs),
+    batchers: new Map(),
+    maxBatch: options.maxBatch ?? 32,
     metrics: options.metrics,
     log: options.log ?? silent,
     running: new Map(),
@@ -107,7 +114,7 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
         GENERATE_QUEUE,
         (job: Job<GenerateJobData>, _token?: string, signal?: AbortSignal) =>
           processGenerate(ctx, job, signal),
-        { ...common, connection: connect() },
+        { ...common, concurrency: ctx.maxBatch, connection: connect() },
       ),
     );
   }
@@ -127,6 +134,8 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
         await Promise.all(conns.map((c) => closeRedis(c)));
         await closeRedis(sub);
         await closeRedis(redis);
+        for (const b of ctx.batchers.values()) b.dispose();
+        ctx.batchers.clear();
         ctx.cache.clear();
       })();
       return closing;

@@ -1,0 +1,145 @@
+import { BatchDecoder, type BatchSequenceOptions, type BatchToken } from '../src/index.js';
+import type { LoadedModel } from './model-cache.js';
+
+/** How a batched generation ended: its own end (eos, length), stopped by its handler, or aborted. */
+export type BatchEnd = 'eos' | 'length' | 'stopped' | 'aborted';
+
+/** One generation handed to a batcher. */
+export interface BatchRequest {
+  prompt: number[];
+  options: BatchSequenceOptions;
+  /** called with each token, in order; returning true ends the generation (a stop string) */
+  onToken(t: BatchToken): boolean;
+  /** aborting removes the generation before the next step */
+  signal?: AbortSignal;
+}
+
+/**
+ * The decode loop of one loaded model: every active generation of that model advances together,
+ * one forward pass per step (the library's BatchDecoder). A generation joins at the next step and
+ * leaves on its end of sequence, its maxTokens, a stop string (its handler says so), or an abort
+ * (cancel or client disconnect). Between steps the loop yields to the event loop, so new requests,
+ * cancels and Redis traffic are served while it runs; it stops when no generation is left.
+ */
+export class GenerationBatcher {
+  private readonly decoder: BatchDecoder;
+  private readonly pending = new Map<
+    number,
+    { req: BatchRequest; done: (end: BatchEnd) => void; fail: (e: unknown) => void }
+  >();
+  private running = false;
+
+  constructor(
+    readonly model: LoadedModel,
+    readonly maxBatch: number,
+    /** called when the last generation has left (the owner may drop the batcher) */
+    private readonly onIdle: () => void = () => undefined,
+  ) {
+    this.decoder = new BatchDecoder(model.ar, { maxBatch });
+  }
+
+  /** Generations held now. */
+  get size(): number {
+    return this.decoder.size;
+  }
+
+  /** Whether a model can be decoded in batches; else the reason (it is then served one request at a time). */
+  static unsupported(model: LoadedModel): string | null {
+    return BatchDecoder.unsupported(model.ar);
+  }
+
+  /** Runs one generation to its end; resolves with how it ended. Throws when the batcher is full. */
+  run(req: BatchRequest): Promise<BatchEnd> {
+    if (req.signal?.aborted) return Promise.resolve('aborted');
+    const id = this.decoder.add(req.prompt, req.options);
+    return new Promise<BatchEnd>((resolve, reject) => {
+      const onAbort = () => this.finish(id, 'aborted');
+      req.signal?.addEventListener('abort', onAbort, { once: true });
+      const detach = () => req.signal?.removeEventListener('abort', onAbort);
+      this.pending.set(id, {
+        req,
+        done: (end) => {
+          detach();
+          resolve(end);
+        },
+        fail: (e) => {
+          detach();
+          reject(e instanceof Error ? e : new Error(String(e)));
+        },
+      });
+      if (!this.running) void this.loop();
+    });
+  }
+
+  private finish(id: number, end: BatchEnd): void {
+    const p = this.pending.get(id);
+    if (!p) return;
+    this.pending.delete(id);
+    this.decoder.remove(id);
+    p.done(end);
+  }
+
+  private async loop(): Promise<void> {
+    this.running = true;
+    try {
+      while (this.decoder.size > 0) {
+        let tokens: BatchToken[];
+        try {
+          tokens = this.decoder.step();
+        } catch (e) {
+          // a failed step fails every generation in it
+          for (const [id, p] of [...this.pending]) {
+            this.pending.delete(id);
+            this.decoder.remove(id);
+            p.fail(e);
+          }
+          break;
+        }
+        for (const t of tokens) {
+          const p = this.pending.get(t.id);
+          if (!p) continue;
+          let stop = false;
+          try {
+            stop = p.req.onToken(t);
+          } catch {
+            stop = true;
+          }
+          if (t.done) this.finish(t.id, t.done);
+          else if (stop) this.finish(t.id, 'stopped');
+        }
+        await new Promise<void>((r) => setImmediate(r));
+      }
+    } finally {
+      this.running = false;
+      if (this.decoder.size === 0) this.onIdle();
+    }
+  }
+
+  /** Frees the decoder; generations still held end as aborted. */
+  dispose(): void {
+    for (const id of [...this.pending.keys()]) this.finish(id, 'aborted');
+    this.decoder.dispose();
+  }
+}
+
+/**
+ * The batcher of a loaded model (created on first use, dropped when its last generation leaves), or
+ * null when the model cannot be decoded in batches or its batcher is full.
+ */
+export function batcherFor(
+  batchers: Map<string, GenerationBatcher>,
+  model: LoadedModel,
+  maxBatch: number,
+): GenerationBatcher | null {
+  let b = batchers.get(model.key);
+  if (!b) {
+    if (GenerationBatcher.unsupported(model)) return null;
+    const created: GenerationBatcher = new GenerationBatcher(model, maxBatch, () => {
+      if (batchers.get(model.key) === created) batchers.delete(model.key);
+      created.dispose();
+    });
+    batchers.set(model.key, created);
+    b = created;
+  }
+  return b.size < b.maxBatch ? b : null;
+}
