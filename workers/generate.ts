@@ -120,7 +120,9 @@ async function sample(
 ): Promise<void> {
   const { ar, built } = loaded;
   // past maxSeqLen the window slides, which a cache of absolute positions cannot follow
-  const cacheKv = d.cacheKv ?? d.promptTokens.length + d.maxTokens <= built.maxSeqLen;
+  const cacheKv =
+    d.cacheKv ??
+    (d.promptTokens.length + d.maxTokens <= built.maxSeqLen || built.model.canCacheKvOutsideMaxSeqLen);
   const sampling = { temperature: d.temperature ?? 1, seed: d.seed, ...filterOptions(d, built.numTokens) };
   const batcher = cacheKv ? batcherFor(ctx.batchers, loaded, ctx.maxBatch) : null;
   if (batcher) {
