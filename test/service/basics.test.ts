@@ -269,6 +269,11 @@ describe('configuration from the environment', () => {
     expect(c.workerConcurrency).toBe(3);
     expect(c.limits.maxTokens).toBe(64);
     expect(c.redisUrl).toBeUndefined();
+    expect(c.maxBatch).toBe(32);
+    expect(loadConfig({ MAX_BATCH: '8' }).maxBatch).toBe(8);
+    expect(() => loadConfig({ MAX_BATCH: '0' })).toThrow(
+      /MAX_BATCH: expected an integer in \[1, 1024\], got "0"/,
+    );
   });
 
   it('lists every invalid variable with what was expected', () => {

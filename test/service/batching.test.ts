@@ -1,0 +1,98 @@
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { BatchDecoder } from '../../src/index.js';
+import { makeEnv, readSse, tinyDecoder, waitFor, type TestEnv } from './helpers.js';
+
+describe('continuous batching in the worker (real Redis, in-process worker)', () => {
+  let env: TestEnv;
+  let base: string;
+  let modelId: string;
+  const sizes: number[] = [];
+
+  beforeAll(async () => {
+    env = await makeEnv({ app: { limits: { maxTokens: 4000 } }, workers: { maxBatch: 8 } });
+    base = await env.app.listen({ port: 0, host: '127.0.0.1' });
+    const r = await env.app.inject({
+      method: 'POST',
+      url: '/v1/models',
+      payload: { name: 'rope', config: tinyDecoder({ attnLayers: { rotaryPosEmb: true, depth: 2 } }) },
+    });
+    modelId = r.json().id;
+    // the size of the batch at every step of the worker's decode loops
+    const step = BatchDecoder.prototype.step;
+    vi.spyOn(BatchDecoder.prototype, 'step').mockImplementation(function (this: BatchDecoder) {
+      sizes.push(this.size);
+      return step.call(this);
+    });
+  });
+  afterAll(async () => {
+    vi.restoreAllMocks();
+    await env?.close();
+  });
+
+  const generate = async (payload: Record<string, unknown>) => {
+    const r = await env.app.inject({ method: 'POST', url: `/v1/models/${modelId}/generate`, payload });
+    expect(r.statusCode, r.body).toBe(200);
+    return r.json() as { tokens: number[]; finishReason: string };
+  };
+
+  it('generations that run together get the tokens each gets alone (greedy and seeded)', async () => {
+    const requests = [
+      { prompt: 'a', maxTokens: 30, temperature: 0 },
+      { prompt: 'the quick brown fox', maxTokens: 40, temperature: 0 },
+      { prompt: 'xyz', maxTokens: 35, temperature: 1, seed: 7 },
+      { prompt: 'hello there, general', maxTokens: 25, temperature: 0.8, topK: 10, seed: 2 },
+    ];
+    const alone = [];
+    for (const q of requests) alone.push((await generate(q)).tokens);
+    expect(Math.max(...sizes)).toBe(1);
+
+    // a long generation holds the batch open while the others join it and finish
+    let holderId = '';
+    let release = false;
+    const mark = sizes.length;
+    const holder = readSse(
+      `${base}/v1/models/${modelId}/generate`,
+      {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ prompt: 'hold', maxTokens: 4000, stream: true }),
+      },
+      (ev) => {
+        if (ev.event === 'start') holderId = ev.data.jobId as string;
+        return release && ev.event === 'token';
+      },
+    );
+    await waitFor(async () => sizes.length > mark && holderId, 30_000, 'the long generation running');
+    const results = await Promise.all(requests.map((q) => generate(q)));
+    release = true;
+    expect(results.map((r) => r.tokens)).toEqual(alone);
+    expect(Math.max(...sizes)).toBeGreaterThanOrEqual(2);
+    await holder;
+    await waitFor(
+      async () =>
+        (await env.app.inject({ method: 'GET', url: `/v1/jobs/${holderId}` })).json().state === 'cancelled',
+      30_000,
+      'holder cancelled by its disconnect',
+    );
+    // the decode loop ends with its last generation
+    await waitFor(async () => env.workers!.ctx.batchers.size === 0, 30_000, 'batcher dropped');
+  });
+
+  it('a model the batched path cannot decode is served one request at a time', async () => {
+    const r = await env.app.inject({
+      method: 'POST',
+      url: '/v1/models',
+      payload: { name: 'resattn', config: tinyDecoder({ attnLayers: { residualAttn: true } }) },
+    });
+    const id = r.json().id;
+    const before = sizes.length;
+    const out = await env.app.inject({
+      method: 'POST',
+      url: `/v1/models/${id}/generate`,
+      payload: { prompt: 'abc', maxTokens: 12, temperature: 0 },
+    });
+    expect(out.statusCode).toBe(200);
+    expect(out.json().tokens).toHaveLength(12);
+    expect(sizes.length).toBe(before);
+  });
+});
