@@ -18,6 +18,12 @@ export function isTerminal(state: JobState): boolean {
   return TERMINAL.includes(state);
 }
 
+/** How a job ends (see Registry.endJob). */
+export type JobEnd =
+  | { state: 'completed'; result: Record<string, unknown>; progress?: Record<string, unknown> }
+  | { state: 'cancelled'; data: Record<string, unknown>; progress?: Record<string, unknown> }
+  | { state: 'failed'; error: string };
+
 /** One entry of a job's event stream: the Redis Stream id, the event name and its JSON data. */
 export interface JobEvent {
   id: string;
@@ -236,6 +242,34 @@ export class Registry {
       await this.redis.expire(this.key('job', id), JOB_TTL_S);
     }
     return r === 1;
+  }
+
+  /**
+   * Ends a job, once: writes its final state (with its progress, result or error) and, only when
+   * that write applied (the job had not ended already), appends the end event that clients wait
+   * for: `done` (a generation's result) or `completed`, `cancelled` with `data`, `failed` {error}.
+   * Returns whether this call ended the job.
+   */
+  async endJob(id: string, type: 'train' | 'generate', end: JobEnd): Promise<boolean> {
+    const update: JobUpdate = { state: end.state };
+    if (end.state !== 'failed' && end.progress) update.progress = end.progress;
+    let name: string;
+    let data: Record<string, unknown>;
+    if (end.state === 'completed') {
+      update.result = end.result;
+      name = type === 'generate' ? 'done' : 'completed';
+      data = end.result;
+    } else if (end.state === 'failed') {
+      update.error = end.error;
+      name = 'failed';
+      data = { error: end.error };
+    } else {
+      name = 'cancelled';
+      data = end.data;
+    }
+    const applied = await this.updateJob(id, update);
+    if (applied) await this.appendEvent(id, name, data);
+    return applied;
   }
 
   // ---- cancellation ----

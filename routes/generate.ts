@@ -4,7 +4,7 @@ import { getTokenizer } from '../workers/engine.js';
 import { badRequest, HttpError, notFound, unavailable } from './errors.js';
 import { cancelJob, submitGeneration } from './job-control.js';
 import { engineCall } from './models.js';
-import { clientGone, followEvents, pipeEvents, startSse } from './sse.js';
+import { clientGone, followEvents, pipeEvents, SseWriter } from './sse.js';
 
 /**
  * Sampling: the request becomes a `generate` job; its tokens come back through the job's Redis
@@ -77,16 +77,15 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
       const wantsSse = b.stream === true || (request.headers.accept ?? '').includes('text/event-stream');
       if (wantsSse) {
         reply.raw.setHeader('x-job-id', jobId);
-        startSse(reply);
-        reply.raw.write(
-          `id: 0-0\nevent: start\ndata: ${JSON.stringify({ jobId, promptTokens: promptTokens.length })}\n\n`,
-        );
+        const sse = new SseWriter(reply);
+        sse.event({ id: '0-0', event: 'start', data: { jobId, promptTokens: promptTokens.length } });
         await pipeEvents(
-          reply,
+          sse,
           registry,
           jobId,
           '0',
           { gone: gone.signal, closing: app.svc.closing },
+          reply.log,
           (ev) => {
             if (ev.event === 'done') onDone(ev.data);
           },

@@ -42,6 +42,5 @@ export async function cancelJob(
     () => true,
     () => false,
   );
-  if (removed && (await svc.registry.updateJob(job.id, { state: 'cancelled' })))
-    await svc.registry.appendEvent(job.id, 'cancelled', endData);
+  if (removed) await svc.registry.endJob(job.id, job.type, { state: 'cancelled', data: endData });
 }

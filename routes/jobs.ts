@@ -6,7 +6,7 @@ import { IdParams, JobAccepted, JobView, TRAIN_DEFAULTS, TrainBody, errors } fro
 import type { TrainJobData } from '../workers/queues.js';
 import { badRequest, conflict, notFound } from './errors.js';
 import { cancelJob } from './job-control.js';
-import { clientGone, pipeEvents, resumeId, startSse } from './sse.js';
+import { clientGone, pipeEvents, resumeId, SseWriter } from './sse.js';
 
 /** Training jobs: start, read, cancel, and follow progress over server-sent events. */
 export default async function jobRoutes(app: FastifyInstance): Promise<void> {
@@ -118,8 +118,15 @@ export default async function jobRoutes(app: FastifyInstance): Promise<void> {
       if (!job) throw notFound('job', request.params.id);
       const from = resumeId(request.headers['last-event-id'] ?? request.query.lastEventId);
       const gone = clientGone(reply);
-      startSse(reply);
-      await pipeEvents(reply, registry, job.id, from, { gone: gone.signal, closing: app.svc.closing });
+      const sse = new SseWriter(reply);
+      await pipeEvents(
+        sse,
+        registry,
+        job.id,
+        from,
+        { gone: gone.signal, closing: app.svc.closing },
+        reply.log,
+      );
     },
   );
 }

@@ -10,7 +10,7 @@ import { CHAT_STOP, renderChat, type ChatMessage } from './chat-template.js';
 import { errorStatus, HttpError } from './errors.js';
 import { cancelJob, submitGeneration, type GenerationRequest } from './job-control.js';
 import { engineCall } from './models.js';
-import { clientGone, followEvents, startSse } from './sse.js';
+import { clientGone, followEvents, SseWriter } from './sse.js';
 
 /**
  * The OpenAI-compatible API (base URL `/openai/v1`): `GET /models`, `POST /completions`,
@@ -427,26 +427,22 @@ export default async function openaiRoutes(app: FastifyInstance, options: { keys
         ...(shape.whole(choices, usageOf(plan, choices)) as object),
       };
     }
+    const sse = new SseWriter(reply);
     const write = (choices: unknown[], extra: object = {}) =>
-      reply.raw.write(
-        `data: ${JSON.stringify({ id: shape.id, object: shape.object, created, model: plan.modelName, choices, ...extra })}\n\n`,
-      );
-    startSse(reply);
-    const heartbeat = setInterval(() => reply.raw.write(': ping\n\n'), 15_000);
+      sse.data({ id: shape.id, object: shape.object, created, model: plan.modelName, choices, ...extra });
     try {
       const total = plan.prompts.length * plan.n;
       if (shape.start) write(Array.from({ length: total }, (_, i) => shape.start!(i)));
       const choices = await runChoices(plan, reply, (index, text) => write([shape.piece(index, text)]));
       for (const c of choices) write([shape.end(c.index, c.finishReason)]);
       if (plan.includeUsage) write([], { usage: usageOf(plan, choices) });
-      reply.raw.write('data: [DONE]\n\n');
+      sse.data('[DONE]');
     } catch (e) {
       const status = e instanceof HttpError ? e.statusCode : 500;
       if (status >= 500) request.log.error({ err: (e as Error).message }, 'stream failed');
-      reply.raw.write(`data: ${JSON.stringify(errorBody(status, (e as Error).message, null, null))}\n\n`);
+      sse.data(errorBody(status, (e as Error).message, null, null));
     } finally {
-      clearInterval(heartbeat);
-      reply.raw.end();
+      sse.end();
     }
     return reply;
   };

@@ -88,67 +88,97 @@ export async function* followEvents(
   }
 }
 
+/** How often a quiet stream sends a comment, so that proxies keep it open. */
+export const SSE_HEARTBEAT_MS = 15_000;
+
 /**
- * Sends a job's events on an SSE response (started with `startSse`) until its end event, the
- * client going away (`gone`), or the server shutting down (`closing`). A stream that cannot go on
- * ends with an `error` event that says why and carries no id, so the client reconnects with the
- * Last-Event-ID it has and loses nothing. Returns whether the job's end event was sent.
+ * The one writer of server-sent events: starts the response on the raw socket (Fastify stops
+ * handling the reply), sends a `: ping` comment every `heartbeatMs` while it is open (a job waiting
+ * for a worker, Redis away, a long prefill), and ends the response once.
+ */
+export class SseWriter {
+  private readonly heartbeat: NodeJS.Timeout;
+  private ended = false;
+
+  constructor(
+    private readonly reply: FastifyReply,
+    heartbeatMs = SSE_HEARTBEAT_MS,
+  ) {
+    reply.hijack();
+    reply.raw.writeHead(200, {
+      'content-type': 'text/event-stream; charset=utf-8',
+      'cache-control': 'no-cache, no-transform',
+      connection: 'keep-alive',
+      'x-accel-buffering': 'no',
+    });
+    this.write(': stream open\n\n');
+    this.heartbeat = setInterval(() => this.write(': ping\n\n'), heartbeatMs);
+  }
+
+  /** One named event; with an id, a client resumes after it with Last-Event-ID. */
+  event(ev: { id?: string; event: string; data: unknown }): void {
+    this.write(
+      `${ev.id !== undefined ? `id: ${ev.id}\n` : ''}event: ${ev.event}\ndata: ${JSON.stringify(ev.data)}\n\n`,
+    );
+  }
+
+  /** An unnamed `data:` message (OpenAI's streaming chunks); a string is sent as it is. */
+  data(payload: unknown): void {
+    this.write(`data: ${typeof payload === 'string' ? payload : JSON.stringify(payload)}\n\n`);
+  }
+
+  /** An `error` event without an id (the client's Last-Event-ID stays the last real event). */
+  error(message: string): void {
+    this.event({ event: 'error', data: { message } });
+  }
+
+  /** Ends the response (once) and its heartbeat. */
+  end(): void {
+    if (this.ended) return;
+    this.ended = true;
+    clearInterval(this.heartbeat);
+    this.reply.raw.end();
+  }
+
+  private write(chunk: string): void {
+    if (!this.ended && !this.reply.raw.writableEnded) this.reply.raw.write(chunk);
+  }
+}
+
+/**
+ * Sends a job's events on an SSE stream until its end event, the client going away (`gone`), or
+ * the server shutting down (`closing`), then ends the stream. A stream that cannot go on ends with
+ * an `error` event that says why and carries no id, so the client reconnects with the Last-Event-ID
+ * it has and loses nothing. Returns whether the job's end event was sent.
  */
 export async function pipeEvents(
-  reply: FastifyReply,
+  sse: SseWriter,
   registry: Registry,
   jobId: string,
   fromId: string,
   signals: { gone: AbortSignal; closing: AbortSignal },
+  log: { warn(obj: object, msg: string): void },
   onEvent: (ev: JobEvent) => void = () => undefined,
 ): Promise<boolean> {
   const signal = AbortSignal.any([signals.gone, signals.closing]);
-  // keeps proxies from closing a quiet stream (a job waiting for a worker, Redis away)
-  const heartbeat = setInterval(() => reply.raw.write(': ping\n\n'), 15_000);
   let ended = false;
   try {
     for await (const ev of followEvents(registry, jobId, fromId, signal)) {
       onEvent(ev);
-      writeSse(reply, ev);
+      sse.event(ev);
       if (END_EVENTS.has(ev.event)) ended = true;
     }
     if (!ended && signals.closing.aborted && !signals.gone.aborted)
-      writeSseError(reply, 'the server is shutting down; reconnect with Last-Event-ID to continue');
+      sse.error('the server is shutting down; reconnect with Last-Event-ID to continue');
     else if (!ended && !signal.aborted)
-      writeSseError(reply, `job ${jobId} has no events any more; read it at /v1/jobs/${jobId}`);
+      sse.error(`job ${jobId} has no events any more; read it at /v1/jobs/${jobId}`);
   } catch (e) {
-    reply.log.warn({ err: (e as Error).message, jobId }, 'event stream interrupted');
-    writeSseError(
-      reply,
-      `event stream interrupted (${(e as Error).message}); reconnect with Last-Event-ID to continue`,
-    );
+    log.warn({ err: (e as Error).message, jobId }, 'event stream interrupted');
+    sse.error(`event stream interrupted (${(e as Error).message}); reconnect with Last-Event-ID to continue`);
   } finally {
-    clearInterval(heartbeat);
-    reply.raw.end();
+    sse.end();
   }
   return ended;
-}
-
-/** Writes an `error` event without an id (the client's Last-Event-ID stays the last real event). */
-export function writeSseError(reply: FastifyReply, message: string): void {
-  reply.raw.write(`event: error\ndata: ${JSON.stringify({ message })}\n\n`);
-}
-
-/** Starts a server-sent-events response on the raw socket (Fastify stops handling the reply). */
-export function startSse(reply: FastifyReply): void {
-  reply.hijack();
-  reply.raw.writeHead(200, {
-    'content-type': 'text/event-stream; charset=utf-8',
-    'cache-control': 'no-cache, no-transform',
-    connection: 'keep-alive',
-    'x-accel-buffering': 'no',
-  });
-  reply.raw.write(': stream open\n\n');
-}
-
-/** Writes one SSE event with its id (a client resumes after it with Last-Event-ID). */
-export function writeSse(reply: FastifyReply, ev: { id: string; event: string; data: unknown }): void {
-  reply.raw.write(`id: ${ev.id}\nevent: ${ev.event}\ndata: ${JSON.stringify(ev.data)}\n\n`);
 }
 
 /** An AbortSignal that fires when the client goes away before the response is finished. */

@@ -41,20 +41,77 @@ export function yieldToLoop(): Promise<void> {
 }
 
 /**
- * Records a job that failed for good: logs it, marks the job failed with a `failed` event (unless
- * its state already moved on), and returns the error BullMQ should see (never retried).
+ * One job's run in this worker, from its processor's first line to its last: the job's abort
+ * controller is registered (a cancel request or BullMQ's signal aborts it), and the job ends once,
+ * through `Registry.endJob` (final state and end event), with its duration metric.
  */
-export async function recordFailure(
-  ctx: WorkerContext,
-  jobId: string,
-  what: string,
-  e: unknown,
-  observe: (state: string) => void,
-): Promise<UnrecoverableError> {
-  const message = (e as Error).message;
-  ctx.log.error({ jobId, err: message }, `${what} failed`);
-  const applied = await ctx.registry.updateJob(jobId, { state: 'failed', error: message });
-  if (applied) await ctx.registry.appendEvent(jobId, 'failed', { error: message });
-  observe('failed');
-  return e instanceof UnrecoverableError ? e : new UnrecoverableError(message);
+export class JobRun {
+  private readonly ac = new AbortController();
+  private readonly started = Date.now();
+
+  constructor(
+    private readonly ctx: WorkerContext,
+    readonly type: 'train' | 'generate',
+    readonly jobId: string,
+    bullSignal?: AbortSignal,
+  ) {
+    ctx.running.set(jobId, this.ac);
+    bullSignal?.addEventListener('abort', () => this.ac.abort());
+  }
+
+  /** Aborted when the job is cancelled or its worker must let go of it. */
+  get signal(): AbortSignal {
+    return this.ac.signal;
+  }
+
+  /** Whether the job should stop: aborted here, or a cancel request recorded in Redis. */
+  async cancelRequested(): Promise<boolean> {
+    return this.ac.signal.aborted || (await this.ctx.registry.isCancelRequested(this.jobId));
+  }
+
+  /** Marks the job active. */
+  async begin(): Promise<void> {
+    await this.ctx.registry.updateJob(this.jobId, { state: 'active' });
+  }
+
+  /** Ends the job as cancelled; `data` is its `cancelled` event (and its progress, when given). */
+  async cancelled(
+    data: Record<string, unknown>,
+    progress?: Record<string, unknown>,
+  ): Promise<{ cancelled: true }> {
+    await this.ctx.registry.endJob(this.jobId, this.type, { state: 'cancelled', data, progress });
+    this.observe('cancelled');
+    return { cancelled: true };
+  }
+
+  /** Ends the job with its result (the `done` or `completed` event). */
+  async completed<T extends Record<string, unknown>>(
+    result: T,
+    progress?: Record<string, unknown>,
+  ): Promise<T> {
+    await this.ctx.registry.endJob(this.jobId, this.type, { state: 'completed', result, progress });
+    this.observe('completed');
+    return result;
+  }
+
+  /**
+   * Ends a job that failed for good: logs it, marks it failed with a `failed` event (unless it
+   * already ended), and returns the error BullMQ should see (never retried).
+   */
+  async failed(what: string, e: unknown): Promise<UnrecoverableError> {
+    const message = (e as Error).message;
+    this.ctx.log.error({ jobId: this.jobId, err: message }, `${what} failed`);
+    await this.ctx.registry.endJob(this.jobId, this.type, { state: 'failed', error: message });
+    this.observe('failed');
+    return e instanceof UnrecoverableError ? e : new UnrecoverableError(message);
+  }
+
+  /** Unregisters the job (the processor's last step). */
+  close(): void {
+    this.ctx.running.delete(this.jobId);
+  }
+
+  private observe(state: string): void {
+    this.ctx.metrics?.jobDuration.observe({ type: this.type, state }, (Date.now() - this.started) / 1000);
+  }
 }

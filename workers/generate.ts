@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { UnrecoverableError, type Job } from 'bullmq';
 import type { GenerateOptions } from './engine.js';
-import { recordFailure, type WorkerContext } from './context.js';
+import { JobRun, type WorkerContext } from './context.js';
 import type { GenerateJobData } from './queues.js';
 import type { LoadedModel } from './model-cache.js';
 import { batcherFor } from './batcher.js';
@@ -163,51 +163,36 @@ export async function processGenerate(
   bullSignal?: AbortSignal,
 ): Promise<GenerateJobResult | { cancelled: true }> {
   const d = job.data;
-  const { registry } = ctx;
-  const started = Date.now();
-  const ac = new AbortController();
-  ctx.running.set(d.jobId, ac);
-  bullSignal?.addEventListener('abort', () => ac.abort());
-  const observe = (state: string) =>
-    ctx.metrics?.jobDuration.observe({ type: 'generate', state }, (Date.now() - started) / 1000);
+  const run = new JobRun(ctx, 'generate', d.jobId, bullSignal);
   let loaded: LoadedModel | null = null;
   const endPriority = ctx.priority.begin();
   try {
-    if (await registry.isCancelRequested(d.jobId)) {
-      await registry.updateJob(d.jobId, { state: 'cancelled' });
-      await registry.appendEvent(d.jobId, 'cancelled', { tokens: 0 });
-      return { cancelled: true };
-    }
-    const model = await registry.getModel(d.modelId);
+    if (await run.cancelRequested()) return await run.cancelled({ tokens: 0 });
+    const model = await ctx.registry.getModel(d.modelId);
     if (!model) throw new UnrecoverableError(`model ${d.modelId} no longer exists`);
-    await registry.updateJob(d.jobId, { state: 'active' });
+    await run.begin();
     loaded = await ctx.cache.acquire(model);
     const sink = new TokenSink(ctx, d, loaded.tokenizer);
     const t0 = Date.now();
-    await sample(ctx, d, loaded, sink, ac.signal);
+    await sample(ctx, d, loaded, sink, run.signal);
     const tokens = sink.tokens;
-    if (ac.signal.aborted || (await registry.isCancelRequested(d.jobId))) {
-      await registry.updateJob(d.jobId, { state: 'cancelled', progress: { tokens: tokens.length } });
-      await registry.appendEvent(d.jobId, 'cancelled', { tokens: tokens.length });
-      observe('cancelled');
-      return { cancelled: true };
-    }
+    const progress = { tokens: tokens.length };
+    if (await run.cancelRequested()) return await run.cancelled(progress, progress);
     const seconds = Math.max(1e-6, (Date.now() - t0) / 1000);
-    const result: GenerateJobResult = {
-      tokens,
-      text: sink.finalText(),
-      tokensPerSecond: tokens.length / seconds,
-      timeToFirstTokenMs: sink.firstAt ? sink.firstAt - t0 : 0,
-      finishReason: sink.finishReason,
-    };
-    await registry.updateJob(d.jobId, { state: 'completed', progress: { tokens: tokens.length }, result });
-    await registry.appendEvent(d.jobId, 'done', result);
-    observe('completed');
-    return result;
+    return await run.completed<GenerateJobResult>(
+      {
+        tokens,
+        text: sink.finalText(),
+        tokensPerSecond: tokens.length / seconds,
+        timeToFirstTokenMs: sink.firstAt ? sink.firstAt - t0 : 0,
+        finishReason: sink.finishReason,
+      },
+      progress,
+    );
   } catch (e) {
-    throw await recordFailure(ctx, d.jobId, 'generation', e, observe);
+    throw await run.failed('generation', e);
   } finally {
-    ctx.running.delete(d.jobId);
+    run.close();
     endPriority();
     if (loaded) ctx.cache.release(loaded);
   }

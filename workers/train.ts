@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import type { CheckpointRecord, TokenizerName } from '../models/schemas.js';
 import { autoregressive, buildModel, loadWeights, Trainer } from './engine.js';
-import { recordFailure, yieldToLoop, type WorkerContext } from './context.js';
+import { JobRun, yieldToLoop, type WorkerContext } from './context.js';
 import type { TrainJobData } from './queues.js';
 
 /** Result of a finished training job. */
@@ -73,27 +73,17 @@ export async function processTrain(
 ): Promise<TrainResult | { cancelled: true }> {
   const d = job.data;
   const { registry, storage, log } = ctx;
-  const started = Date.now();
-  const ac = new AbortController();
-  ctx.running.set(d.jobId, ac);
-  bullSignal?.addEventListener('abort', () => ac.abort());
+  const run = new JobRun(ctx, 'train', d.jobId, bullSignal);
   let trainer: Trainer | null = null;
   let disposeModel: (() => void) | null = null;
-  const observe = (state: string) =>
-    ctx.metrics?.jobDuration.observe({ type: 'train', state }, (Date.now() - started) / 1000);
-  const finishCancelled = async (step: number) => {
-    await registry.updateJob(d.jobId, { state: 'cancelled' });
-    await registry.appendEvent(d.jobId, 'cancelled', { step, steps: d.steps });
-    observe('cancelled');
-    return { cancelled: true as const };
-  };
+  const finishCancelled = (step: number) => run.cancelled({ step, steps: d.steps });
   try {
-    if (await registry.isCancelRequested(d.jobId)) return await finishCancelled(0);
+    if (await run.cancelRequested()) return await finishCancelled(0);
     const model = await registry.getModel(d.modelId);
     if (!model) throw new UnrecoverableError(`model ${d.modelId} no longer exists`);
     const dataset = await registry.getDataset(d.datasetId);
     if (!dataset) throw new UnrecoverableError(`dataset ${d.datasetId} no longer exists`);
-    await registry.updateJob(d.jobId, { state: 'active' });
+    await run.begin();
 
     const built = buildModel(model.config);
     disposeModel = () => built.model.dispose();
@@ -166,9 +156,7 @@ export async function processTrain(
     };
 
     while (trainer.stepCount < d.steps) {
-      if (ac.signal.aborted || (await registry.isCancelRequested(d.jobId))) {
-        return await finishCancelled(trainer.stepCount);
-      }
+      if (await run.cancelRequested()) return await finishCancelled(trainer.stepCount);
       if (ctx.draining) {
         if (!lastCkpt || lastCkpt.step !== trainer.stepCount) await checkpoint();
         log.info(
@@ -179,8 +167,8 @@ export async function processTrain(
         await job.moveToWait(token);
         throw new WaitingError();
       }
-      await ctx.priority.beforeTrainStep(ac.signal);
-      if (ac.signal.aborted) continue; // cancelled while waiting: handled at the top of the loop
+      await ctx.priority.beforeTrainStep(run.signal);
+      if (run.signal.aborted) continue; // cancelled while waiting: handled at the top of the loop
       const r = await trainer.step();
       lastLoss = r.loss;
       if (firstLoss === null) firstLoss = r.loss;
@@ -214,15 +202,12 @@ export async function processTrain(
       checkpointId: final.id,
       resumedFromStep,
     };
-    const applied = await registry.updateJob(d.jobId, { state: 'completed', result });
-    if (applied) await registry.appendEvent(d.jobId, 'completed', result);
-    observe('completed');
-    return result;
+    return await run.completed(result);
   } catch (e) {
     if (e instanceof WaitingError) throw e;
-    throw await recordFailure(ctx, d.jobId, 'training', e, observe);
+    throw await run.failed('training', e);
   } finally {
-    ctx.running.delete(d.jobId);
+    run.close();
     trainer?.dispose();
     disposeModel?.();
   }
