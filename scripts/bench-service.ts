@@ -5,7 +5,7 @@
  * all, and p50/p99 request latency. Options: --tokens N (per request, default 32), --rounds N
  * (requests per client, default 2), --concurrency 1,8,32, --json, --while-training (a training job of
  * a larger model runs in the same worker throughout, started before the first request and cancelled
- * after the last). WORKER_CONCURRENCY and XT_BACKEND pass through to the service.
+ * after the last). WORKER_CONCURRENCY, MAX_BATCH and XT_BACKEND pass through to the service.
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -236,7 +236,7 @@ async function main() {
     }
     console.log(
       `backend ${ready.backend}, ${tokens} tokens per request, ${rounds} requests per client, ` +
-        `WORKER_CONCURRENCY=${process.env.WORKER_CONCURRENCY ?? 1}` +
+        `WORKER_CONCURRENCY=${process.env.WORKER_CONCURRENCY ?? 1}, MAX_BATCH=${process.env.MAX_BATCH ?? 32}` +
         (training ? `, a training job ran throughout (${trainedSteps} steps)` : '') +
         '\n',
     );
