@@ -100,6 +100,11 @@ export const TRAIN_DEFAULTS = {
   maxDefaultSeqLen: 256,
 } as const;
 
+export const Precision = Type.Union([Type.Literal('fp32'), Type.Literal('bf16')], {
+  description:
+    'bf16: matrix products and attention in bfloat16, parameters, optimizer state and loss in float32 (needs the torch backend on the worker); default fp32',
+});
+
 export const TrainBody = Type.Object(
   {
     datasetId: Type.String({ minLength: 1 }),
@@ -132,6 +137,7 @@ export const TrainBody = Type.Object(
       }),
     ),
     seed: Type.Optional(Type.Integer()),
+    precision: Type.Optional(Precision),
   },
   { additionalProperties: false },
 );
@@ -178,6 +184,7 @@ export const GenerateBody = Type.Object(
       Type.Boolean({ description: 'Key/value cache (default: on while prompt + maxTokens fits maxSeqLen)' }),
     ),
     stream: Type.Optional(Type.Boolean()),
+    precision: Type.Optional(Precision),
   },
   { additionalProperties: false },
 );

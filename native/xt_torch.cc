@@ -37,6 +37,11 @@
 #if __has_include(<ATen/ops/scaled_dot_product_attention.h>)
 #define XT_HAS_SDPA 1
 #endif
+// fused attention (flash / memory-efficient kernels on CUDA) with an explicit scale: LibTorch 2.1+
+#if defined(XT_HAS_SDPA) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1))
+#define XT_SDPA 1
+#include <torch/csrc/autograd/autograd.h>
+#endif
 
 namespace {
 
@@ -46,6 +51,13 @@ int64_t g_live = 0;
 int32_t* g_meta = nullptr;
 Napi::Reference<Napi::Int32Array> g_metaRef;
 at::Device g_device(at::kCPU);
+// Mixed precision (setPrecision): while on, matrix products and attention read bfloat16 copies of
+// their float32 operands and return float32 results (the products accumulate in float32); every
+// other op, the parameters and the optimizer state stay float32.
+bool g_bf16 = false;
+
+inline bool lowp(const at::Tensor& t) { return g_bf16 && t.scalar_type() == at::kFloat; }
+inline at::Tensor toBf16(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.to(at::kBFloat16) : t; }
 
 at::ScalarType toScalar(int code) {
   switch (code) {
@@ -309,6 +321,7 @@ void gemvN(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64
 
 // a: [..., m, k] @ b: [..., k, n] with batch dims broadcast, as at::matmul (rank >= 2 each).
 at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
+  if (lowp(a0) && lowp(b0)) return at::matmul(toBf16(a0), toBf16(b0)).to(at::kFloat);
   if (!g_sgemm || a0.scalar_type() != at::kFloat || b0.scalar_type() != at::kFloat || !a0.device().is_cpu() ||
       !b0.device().is_cpu() || a0.dim() < 2 || b0.dim() < 2)
     return at::matmul(a0, b0);
@@ -554,6 +567,13 @@ XT_FN(Init) {
 #endif
   installCpuAllocator();
   std::string gemm = initGemm(info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "");
+  if (dev == "auto") {
+#ifdef XT_HAS_CUDA
+    dev = at::hasCUDA() ? "cuda" : "cpu";
+#else
+    dev = "cpu";
+#endif
+  }
   if (dev == "cuda") {
 #ifdef XT_HAS_CUDA
     if (!at::hasCUDA()) throw std::runtime_error("XT_DEVICE=cuda but LibTorch sees no CUDA device");
@@ -562,7 +582,7 @@ XT_FN(Init) {
     throw std::runtime_error("XT_DEVICE=cuda but this LibTorch build has no CUDA");
 #endif
   } else if (dev != "cpu") {
-    throw std::runtime_error("XT_DEVICE: expected cpu or cuda, got " + dev);
+    throw std::runtime_error("XT_DEVICE: expected cpu, cuda or auto, got " + dev);
   }
   auto out = Napi::Object::New(info.Env());
   out.Set("threads", at::get_num_threads());
@@ -1151,7 +1171,7 @@ XT_FN(MatMul) {
   if (flag(info, 2)) a = a.transpose(-2, -1);
   if (flag(info, 3)) b = b.transpose(-2, -1);
   at::Tensor y;
-  if (g_sgemm) {
+  if (g_sgemm || (lowp(a) && lowp(b))) {
     y = xtMatmul(a, b);  // reads transposed operands in place
   } else {
     at::Tensor rhs;
@@ -1189,7 +1209,12 @@ XT_FN(Softmax) {
 
 XT_FN(Einsum) {
   std::string eq = info[0].As<Napi::String>().Utf8Value();
-  return idv(info, at::einsum(eq, tensorList(info[1])));
+  auto ts = tensorList(info[1]);
+  if (g_bf16 && std::all_of(ts.begin(), ts.end(), [](const at::Tensor& t) { return lowp(t); })) {
+    for (auto& t : ts) t = toBf16(t);
+    return idv(info, at::einsum(eq, ts).to(at::kFloat));
+  }
+  return idv(info, at::einsum(eq, ts));
 }
 
 // x: [n, h, w, c] (NHWC), f: [fh, fw, cin, cout]; pads [top, bottom, left, right].
@@ -1289,12 +1314,49 @@ AttnArgs attnArgs(const Napi::CallbackInfo& info, size_t at) {
   return {get(info[at]), get(info[at + 1]), get(info[at + 2]), mask, dbl(info, at + 4), flag(info, at + 5)};
 }
 
+// Where LibTorch's fused attention (at::scaled_dot_product_attention: flash or memory-efficient
+// kernels on CUDA) computes what the composite does: no mask, float q, k, v of one rank-4 batch
+// shape, and causal only for square scores (the composite's causal mask of a longer key sequence
+// is offset, SDPA's is not). One query row attends every key either way.
+bool useSdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask, bool causal) {
+#ifdef XT_SDPA
+  return !mask && (!causal || q.size(-2) == k.size(-2) || q.size(-2) == 1) && q.dim() == 4 && k.dim() == 4 &&
+         v.dim() == 4 && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+         v.scalar_type() == at::kFloat && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
+         k.sizes().slice(0, 3) == v.sizes().slice(0, 3);
+#else
+  return false;
+#endif
+}
+
+#ifdef XT_SDPA
+at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal) {
+  bool square = causal && q.size(-2) == k.size(-2) && q.size(-2) > 1;
+  if (g_bf16) return at::scaled_dot_product_attention(toBf16(q), toBf16(k), toBf16(v), {}, 0.0, square, scale).to(at::kFloat);
+  return at::scaled_dot_product_attention(q, k, v, {}, 0.0, square, scale);
+}
+
+// The gradients of sdpa through LibTorch's autograd (the fused kernels' own backward): the forward
+// is recomputed on copies that record the graph, outside the inference mode the kernels run in.
+std::vector<at::Tensor> sdpaBackward(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, double scale, bool causal) {
+  c10::InferenceMode recording(false);
+  auto leaf = [](const at::Tensor& t) { return (g_bf16 ? toBf16(t) : t.clone()).detach().requires_grad_(true); };
+  at::Tensor ql = leaf(q), kl = leaf(k), vl = leaf(v);
+  bool square = causal && q.size(-2) == k.size(-2) && q.size(-2) > 1;
+  at::Tensor out = at::scaled_dot_product_attention(ql, kl, vl, {}, 0.0, square, scale);
+  at::Tensor g = g_bf16 ? toBf16(dy) : dy.clone();
+  auto grads = torch::autograd::grad({out}, {ql, kl, vl}, {g});
+  std::vector<at::Tensor> res;
+  for (auto& t : grads) res.push_back(t.to(at::kFloat));
+  return res;
+}
+#endif
+
 at::Tensor attentionForward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
                             double scale, bool causal) {
-#if defined(XT_HAS_SDPA) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1))
-  // same numbers where the semantics coincide: no mask, and causal only for square scores
-  if (!mask && (!causal || q.size(-2) == k.size(-2)))
-    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, causal, scale);
+#ifdef XT_SDPA
+  if (useSdpa(q, k, v, mask, causal)) return sdpa(q, k, v, scale, causal);
 #endif
   if (causalBlocked(q, k, v, mask, causal)) return causalBlockedForward(q, k, v, scale);
   auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
@@ -1312,6 +1374,9 @@ XT_FN(Attention) {
 XT_FN(AttentionGrad) {
   const at::Tensor& dyIn = get(info[0]);
   auto [q, k, v, mask, scale, causal] = attnArgs(info, 1);
+#ifdef XT_SDPA
+  if (useSdpa(q, k, v, mask, causal)) return idList(info, sdpaBackward(dyIn, q, k, v, scale, causal));
+#endif
   if (causalBlocked(q, k, v, mask, causal)) return idList(info, causalBlockedBackward(dyIn, q, k, v, scale));
   auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
   at::Tensor dy = dyIn;
@@ -1539,10 +1604,20 @@ XT_FN(CrossEntropy) {
   at::Tensor valid = t.ne(ignore);
   at::Tensor safe = at::where(valid, t, at::zeros({}, t.options()));
   int64_t c = logits.size(1);
-  if (safe.numel() > 0 && (safe.min().item<int64_t>() < 0 || safe.max().item<int64_t>() >= c))
-    throw std::runtime_error("crossEntropy: target ids must be in [0, " + std::to_string(c) + ") or ignoreIndex");
-  at::Tensor picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1);
-  at::Tensor losses = at::where(valid, picked.neg(), at::zeros({}, picked.options()));
+  at::Tensor losses;
+  if (logits.device().is_cpu()) {
+    if (safe.numel() > 0 && (safe.min().item<int64_t>() < 0 || safe.max().item<int64_t>() >= c))
+      throw std::runtime_error("crossEntropy: target ids must be in [0, " + std::to_string(c) + ") or ignoreIndex");
+    at::Tensor picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1);
+    losses = at::where(valid, picked.neg(), at::zeros({}, picked.options()));
+  } else {
+    // on a GPU the range check would wait for the device every step: an id out of range gives a
+    // NaN loss for its row instead (and a gather index that cannot fault)
+    at::Tensor inRange = safe.ge(0).logical_and_(safe.lt(c));
+    at::Tensor picked = logp.gather(1, safe.clamp(0, c - 1).unsqueeze(1)).squeeze(1);
+    losses = at::where(valid, at::where(inRange, picked.neg(), at::full({}, NAN, picked.options())),
+                       at::zeros({}, picked.options()));
+  }
   return idList(info, {losses, logp});
 }
 
@@ -1559,6 +1634,7 @@ XT_FN(CrossEntropyGrad) {
   at::Tensor safe = at::where(valid, t, at::zeros({}, t.options())).unsqueeze(1);
   at::Tensor g = at::exp(logp);
   g.mul_(scale);
+  if (!g.device().is_cpu()) safe = safe.clamp(0, g.size(1) - 1);
   g.scatter_add_(1, safe, scale.neg());
   return idv(info, g);
 }
@@ -1759,13 +1835,34 @@ XT_FN(RandomFill) {
 // library's JavaScript sampler does. probs: [b, v] float32 (rows need not sum to 1; entries <= 0
 // or NaN carry no mass), draws: b uniform numbers in [0, 1) -> int32 [b], the first index whose
 // running mass exceeds draw * total (-1 for a row with no mass).
+// The same walk as tensor ops on the device that holds probs, so that only the picked ids ever
+// leave it: the positive mass summed in double by cumsum; the pick is the first position whose
+// running sum exceeds u (its mass is positive: the sum only grows there), else the last positive
+// position, else -1. A parallel cumsum may round differently from the sequential walk by an ulp.
+at::Tensor sampleRowsOnDevice(const at::Tensor& probs, const double* draws) {
+  int64_t b = probs.size(0), v = probs.size(1);
+  at::Tensor p = probs.to(at::kDouble);
+  at::Tensor positive = p.gt(0);
+  at::Tensor mass = at::where(positive, p, at::zeros({}, p.options()));
+  at::Tensor running = mass.cumsum(1);
+  at::Tensor d = at::from_blob(const_cast<double*>(draws), {b, 1}, at::TensorOptions().dtype(at::kDouble))
+                     .to(p.device(), at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor u = d * running.narrow(1, v - 1, 1);
+  at::Tensor first = at::searchsorted(running, u, /*out_int32=*/false, /*right=*/true).squeeze(1);
+  at::Tensor pos = at::arange(v, at::TensorOptions().dtype(at::kLong).device(p.device()));
+  at::Tensor last = at::where(positive, pos.unsqueeze(0), at::full({}, -1, pos.options())).amax(1);
+  return at::where(first.lt(v), first, last).to(at::kInt);
+}
+
 XT_FN(SampleRows) {
   at::Tensor p = get(info[0]);
   if (p.dim() != 2) throw std::runtime_error("sampleRows: expected probs [b, v]");
-  p = p.to(at::kCPU).to(at::kFloat).contiguous();
   auto draws = info[1].As<Napi::Float64Array>();
   int64_t b = p.size(0), v = p.size(1);
   if (static_cast<int64_t>(draws.ElementLength()) != b) throw std::runtime_error("sampleRows: expected one draw per row");
+  bool tensorWalk = info.Length() > 2 && flag(info, 2);
+  if ((!p.device().is_cpu() || tensorWalk) && v > 0) return idv(info, sampleRowsOnDevice(p, draws.Data()));
+  p = p.to(at::kCPU).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({b}, at::TensorOptions().dtype(at::kInt));
   const float* pp = p.data_ptr<float>();
   int32_t* po = out.data_ptr<int32_t>();
@@ -1789,8 +1886,48 @@ XT_FN(SampleRows) {
   return idv(info, out);
 }
 
+// setPrecision("fp32" | "bf16") -> the previous setting
+XT_FN(SetPrecision) {
+  std::string p = info[0].As<Napi::String>().Utf8Value();
+  std::string before = g_bf16 ? "bf16" : "fp32";
+  if (p == "bf16") g_bf16 = true;
+  else if (p == "fp32") g_bf16 = false;
+  else throw std::runtime_error("setPrecision: expected fp32 or bf16, got " + p);
+  return Napi::String::New(info.Env(), before);
+}
+
+// The CUDA device in use, through the driver library (libcuda.so.1, present wherever a CUDA
+// LibTorch runs; no CUDA headers are needed): {name, memoryUsedBytes, memoryTotalBytes}, or null on
+// the CPU. memoryUsedBytes is the device's, every process included.
+XT_FN(DeviceInfo) {
+  Napi::Env env = info.Env();
+  if (!g_device.is_cuda()) return env.Null();
+  auto out = Napi::Object::New(env);
+  out.Set("index", static_cast<double>(g_device.index() < 0 ? 0 : g_device.index()));
+  void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+  if (!lib) lib = dlopen("libcuda.so.1", RTLD_LAZY);
+  if (!lib) return out;
+  using GetFn = int (*)(int*, int);
+  using NameFn = int (*)(char*, int, int);
+  using TotalFn = int (*)(size_t*, int);
+  using MemFn = int (*)(size_t*, size_t*);
+  auto deviceGet = reinterpret_cast<GetFn>(dlsym(lib, "cuDeviceGet"));
+  auto getName = reinterpret_cast<NameFn>(dlsym(lib, "cuDeviceGetName"));
+  auto totalMem = reinterpret_cast<TotalFn>(dlsym(lib, "cuDeviceTotalMem_v2"));
+  auto memInfo = reinterpret_cast<MemFn>(dlsym(lib, "cuMemGetInfo_v2"));
+  int dev = 0;
+  if (!deviceGet || deviceGet(&dev, g_device.index() < 0 ? 0 : g_device.index()) != 0) return out;
+  char name[256] = {0};
+  if (getName && getName(name, sizeof(name) - 1, dev) == 0) out.Set("name", std::string(name));
+  size_t total = 0, free = 0, total2 = 0;
+  if (totalMem && totalMem(&total, dev) == 0) out.Set("memoryTotalBytes", static_cast<double>(total));
+  // needs the device's context current on this thread, which LibTorch's first CUDA call made
+  if (memInfo && memInfo(&free, &total2) == 0) out.Set("memoryUsedBytes", static_cast<double>(total2 - free));
+  return out;
+}
+
 XT_FN(HasSdpa) {
-#ifdef XT_HAS_SDPA
+#ifdef XT_SDPA
   return Napi::Boolean::New(info.Env(), true);
 #else
   return Napi::Boolean::New(info.Env(), false);
@@ -1867,6 +2004,8 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("attention", Attention);
   X("attentionGrad", AttentionGrad);
   X("hasSdpa", HasSdpa);
+  X("setPrecision", SetPrecision);
+  X("deviceInfo", DeviceInfo);
   X("crossEntropy", CrossEntropy);
   X("crossEntropyGrad", CrossEntropyGrad);
   X("adamW", AdamW);

@@ -3,6 +3,8 @@
  */
 export { initBackend, backendInfo, BACKENDS } from './backend/index.js';
 export type { BackendName, BackendInfo } from './backend/index.js';
+export { PRECISIONS, checkPrecision, withPrecision } from './backend/precision.js';
+export type { Precision } from './backend/precision.js';
 export { Module, ModuleDict, ModuleList } from './nn/module.js';
 export type { LoadStateDictOptions, LoadStateDictResult } from './nn/module.js';
 export { Rng, manualSeed, getRng } from './utils/random.js';

@@ -86,6 +86,7 @@ export async function processGenerate(
         // past maxSeqLen the window slides, which a cache of absolute positions cannot follow
         cacheKv: d.cacheKv ?? d.promptTokens.length + d.maxTokens <= built.maxSeqLen,
         seed: d.seed,
+        precision: d.precision,
         signal: ac.signal,
         ...filterOptions(d, built.numTokens),
       };
