@@ -1015,7 +1015,13 @@ XT_FN(SegmentSum) {
   auto src = x.reshape(rows);
   // ids outside [0, n) are dropped, as in TF.js
   auto keep = at::logical_and(at::ge(ids, 0), at::lt(ids, n));
-  if (!keep.all().item<bool>()) {
+  if (!x.device().is_cpu() && n > 0) {
+    // without reading `keep` back (a wait for the device): dropped rows add zeros to segment 0
+    std::vector<int64_t> kshape = {-1};
+    for (int64_t d = 1; d < src.dim(); d++) kshape.push_back(1);
+    src = at::where(keep.reshape(kshape), src, at::zeros({}, src.options()));
+    ids = at::where(keep, ids, at::zeros({}, ids.options()));
+  } else if (!keep.all().item<bool>()) {
     auto sel = at::nonzero(keep).reshape({-1});
     ids = ids.index_select(0, sel);
     src = src.index_select(0, sel);
@@ -1720,7 +1726,56 @@ XT_FN(AdamW) {
   auto owned = [](const at::Tensor& t) {
     return t.is_contiguous() && t.storage().use_count() == 1 && t.storage_offset() == 0;
   };
+  auto separate = [](const at::Tensor& p, const at::Tensor& m, const at::Tensor& v) {
+    return p.storage().data() != m.storage().data() && p.storage().data() != v.storage().data() &&
+           m.storage().data() != v.storage().data();
+  };
+  // Parameters on a GPU that may be updated in place: a few multi-tensor (foreach) ops update
+  // all of them, a handful of kernel launches instead of eight per parameter.
+  // XT_ADAMW_FOREACH=1 takes this path on the CPU too.
+  static const bool foreachOnCpu = [] {
+    const char* e = std::getenv("XT_ADAMW_FOREACH");
+    return e && std::string(e) == "1";
+  }();
+  std::vector<bool> done(n, false);
+  {
+    std::vector<at::Tensor> fp, fg, fm, fv, fpDecay;
+    std::vector<size_t> idx;
+    for (size_t i = 0; i < n; i++) {
+      const at::Tensor &p = ps[i], &g = gs[i], &m = ms[i], &v = vs[i];
+      bool onDevice = !p.device().is_cpu() || foreachOnCpu;
+      if (!onDevice || !exclusive[i] || p.scalar_type() != at::kFloat || g.scalar_type() != at::kFloat ||
+          m.scalar_type() != at::kFloat || v.scalar_type() != at::kFloat || g.device() != p.device() ||
+          m.device() != p.device() || v.device() != p.device() || !p.sizes().equals(g.sizes()) ||
+          !p.sizes().equals(m.sizes()) || !p.sizes().equals(v.sizes()) || !owned(p) || !owned(m) || !owned(v) ||
+          !separate(p, m, v))
+        continue;
+      fp.push_back(p);
+      fg.push_back(g.contiguous());
+      fm.push_back(m);
+      fv.push_back(v);
+      if (decay[i]) fpDecay.push_back(p);
+      idx.push_back(i);
+    }
+    if (!fp.empty()) {
+      at::_foreach_mul_(fm, b1);
+      at::_foreach_add_(fm, fg, omb1);
+      at::_foreach_mul_(fv, b2);
+      at::_foreach_addcmul_(fv, fg, fg, omb2);
+      auto denom = at::_foreach_sqrt(fv);
+      at::_foreach_div_(denom, sbc2);
+      at::_foreach_add_(denom, eps);
+      if (!fpDecay.empty()) at::_foreach_mul_(fpDecay, dfac);
+      at::_foreach_addcdiv_(fp, fm, denom, -step);
+      for (size_t i : idx) {
+        done[i] = true;
+        g_rhsCache.erase(ps[i].unsafeGetTensorImpl());
+        for (uint32_t k = 0; k < 3; k++) result.Set(static_cast<uint32_t>(3 * i + k), Napi::Number::New(env, -1));
+      }
+    }
+  }
   for (size_t i = 0; i < n; i++) {
+    if (done[i]) continue;
     const at::Tensor &p = ps[i], &g = gs[i], &m = ms[i], &v = vs[i];
     if (!p.sizes().equals(g.sizes()) || !p.sizes().equals(m.sizes()) || !p.sizes().equals(v.sizes()))
       throw std::runtime_error("adamW: parameter " + std::to_string(i) + " has mismatched shapes");
