@@ -9,6 +9,7 @@
  *   - the categorical draw on the device picks what the sequential walk over the read-back
  *     probabilities picks;
  *   - the loss of an id out of range (NaN on a GPU, an error on the CPU);
+ *   - a gather index out of range: an error (on a GPU at the next read), and reads after it work;
  *   - a bf16 training run tracks the float32 loss curve.
  * Prints one JSON line per check ({"check", "ok", ...numbers}) and the device, and exits 1 when a
  * check failed.
@@ -163,6 +164,25 @@ function lossCheck(device: string): void {
   }
 }
 
+function gatherCheck(): void {
+  const x = tf.tensor2d([1, 2, 3, 4, 5, 6], [3, 2]);
+  const idx = tf.tensor1d([0, 7], 'int32');
+  let message = '';
+  try {
+    const y = tf.gather(x, idx);
+    y.dataSync();
+    y.dispose();
+  } catch (e) {
+    message = (e as Error).message;
+  }
+  const after = Array.from(tf.tidy(() => tf.gather(x, tf.tensor1d([2, 0], 'int32'))).dataSync());
+  report('gather index out of range', /GatherV2/.test(message) && after.join() === '5,6,1,2', {
+    message,
+    after,
+  });
+  tf.dispose([x, idx]);
+}
+
 function trainingCheck(): void {
   const rng = new Rng(11);
   const V = 64;
@@ -207,6 +227,7 @@ export async function gpuCheck(): Promise<number> {
   await decodingChecks();
   samplingCheck();
   lossCheck(info.device);
+  gatherCheck();
   trainingCheck();
   console.log(JSON.stringify({ failed, cuda: (tf.backend() as TorchBackend).deviceInfo() }));
   return failed;

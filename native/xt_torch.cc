@@ -89,6 +89,30 @@ at::Tensor normalize(const at::Tensor& t) {
 
 at::TensorOptions opts(at::ScalarType s) { return at::TensorOptions().dtype(s).device(g_device); }
 
+// A CPU tensor on the device in use. To a GPU it goes through page-locked memory without waiting:
+// a copy from ordinary (pageable) memory first waits for every kernel queued before it, which
+// would stall the device on every small upload (a scalar, an index list). LibTorch keeps the
+// page-locked block until the copy is done.
+at::Tensor onDevice(const at::Tensor& cpu) {
+  if (g_device.is_cpu() || !cpu.device().is_cpu()) return cpu;
+  return cpu.pin_memory().to(g_device, cpu.scalar_type(), /*non_blocking=*/true, /*copy=*/false);
+}
+
+// On a GPU, gather indices are checked on the device and the result of the check is read with
+// the next read of any result (reading it at once would wait for the device on every gather);
+// out-of-range indices are clamped meanwhile, so that no kernel reads outside its input.
+at::Tensor g_indexFault;
+int64_t g_indexFaultSize = 0;
+
+void raiseIndexFault() {
+  if (!g_indexFault.defined()) return;
+  bool fault = g_indexFault.item<bool>();
+  g_indexFault = at::Tensor();
+  if (fault)
+    throw std::runtime_error("GatherV2: an index value is not in [0, " + std::to_string(g_indexFaultSize - 1) +
+                             "] (found on the GPU after the op; the results computed since are not valid)");
+}
+
 int32_t store(at::Tensor t) {
   t = normalize(t);
   // a small view of a large storage (slice, split, unstack) would keep all of it alive
@@ -603,7 +627,8 @@ XT_FN(FromData) {
   auto ta = info[0].As<Napi::TypedArray>();
   int64_t n = 1;
   for (auto d : shape) n *= d;
-  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(st));
+  // staged in page-locked memory when it goes to a GPU (see onDevice)
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(st).pinned_memory(!g_device.is_cpu()));
   size_t esz = t.element_size();
   size_t bytes = ta.ByteLength();
   if (bytes != static_cast<size_t>(n) * esz)
@@ -613,12 +638,13 @@ XT_FN(FromData) {
     auto* src = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
     std::memcpy(t.data_ptr(), src, bytes);
   }
-  if (!g_device.is_cpu()) t = t.to(g_device);
+  if (!g_device.is_cpu()) t = t.to(g_device, st, /*non_blocking=*/true, /*copy=*/false);
   return idv(info, t);
 }
 
 XT_FN(ToData) {
   at::Tensor t = get(info[0]);
+  raiseIndexFault();
   if (!t.device().is_cpu()) t = t.to(at::kCPU);
   t = t.contiguous();
   size_t n = t.numel();
@@ -920,7 +946,8 @@ XT_FN(MirrorPad) {
       else if (j >= n) k = symmetric ? 2 * n - 1 - j : 2 * n - 2 - j;
       idx.push_back(k);
     }
-    auto it = at::tensor(idx, at::TensorOptions().dtype(at::kLong)).to(x.device());
+    auto it = x.device().is_cpu() ? at::tensor(idx, at::TensorOptions().dtype(at::kLong))
+                                  : onDevice(at::tensor(idx, at::TensorOptions().dtype(at::kLong)));
     x = x.index_select(d, it);
   }
   return idv(info, x);
@@ -937,7 +964,13 @@ XT_FN(Gather) {
   const at::Tensor& idx = get(info[1]);
   int64_t axis = num(info, 2);
   auto flat = idx.reshape({-1}).to(at::kLong);
-  if (flat.numel() > 0) {
+  if (flat.numel() > 0 && !x.device().is_cpu() && x.size(axis) > 0) {
+    int64_t n = x.size(axis);
+    auto bad = flat.lt(0).logical_or_(flat.ge(n)).any();
+    g_indexFault = g_indexFault.defined() ? g_indexFault.logical_or(bad) : bad;
+    g_indexFaultSize = n;
+    flat = flat.clamp(0, n - 1);
+  } else if (flat.numel() > 0) {
     auto mm = at::aminmax(flat);
     int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
     int64_t n = x.size(axis);
@@ -966,7 +999,8 @@ at::Tensor flatIndex(const at::Tensor& idx, at::IntArrayRef shape) {
     strides[d] = s;
     s *= shape[d];
   }
-  auto st = at::tensor(strides, at::TensorOptions().dtype(at::kLong)).to(idx.device());
+  auto st = at::tensor(strides, at::TensorOptions().dtype(at::kLong));
+  if (!idx.device().is_cpu()) st = onDevice(st);
   return (idx.to(at::kLong) * st).sum(-1).reshape({-1});
 }
 
@@ -1882,7 +1916,7 @@ XT_FN(RandomFill) {
   sd[3] = s3;
   sd[4] = hasSpare ? 1 : 0;
   sd[5] = hasSpare ? spare : 0;
-  if (!g_device.is_cpu()) t = t.to(g_device);
+  if (!g_device.is_cpu()) t = onDevice(t);
   return idv(info, t);
 }
 
@@ -1900,8 +1934,8 @@ at::Tensor sampleRowsOnDevice(const at::Tensor& probs, const double* draws) {
   at::Tensor positive = p.gt(0);
   at::Tensor mass = at::where(positive, p, at::zeros({}, p.options()));
   at::Tensor running = mass.cumsum(1);
-  at::Tensor d = at::from_blob(const_cast<double*>(draws), {b, 1}, at::TensorOptions().dtype(at::kDouble))
-                     .to(p.device(), at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor d = at::from_blob(const_cast<double*>(draws), {b, 1}, at::TensorOptions().dtype(at::kDouble)).clone();
+  if (!p.device().is_cpu()) d = onDevice(d);
   at::Tensor u = d * running.narrow(1, v - 1, 1);
   at::Tensor first = at::searchsorted(running, u, /*out_int32=*/false, /*right=*/true).squeeze(1);
   at::Tensor pos = at::arange(v, at::TensorOptions().dtype(at::kLong).device(p.device()));
