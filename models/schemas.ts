@@ -204,12 +204,36 @@ export const IdParams = Type.Object({ id: Type.String() });
 export type IdParams = Static<typeof IdParams>;
 
 export const Health = Type.Object({ status: Type.String() });
+export const CudaDevice = Type.Object(
+  {
+    name: Type.Optional(Type.String()),
+    memoryUsedBytes: Type.Optional(Type.Number({ description: 'In use on the device, by every process' })),
+    memoryTotalBytes: Type.Optional(Type.Number()),
+  },
+  { description: 'The CUDA device a tensor engine computes on' },
+);
+
+export const WorkerPresence = Type.Object({
+  id: Type.String({ description: 'host:pid' }),
+  host: Type.String(),
+  pid: Type.Integer(),
+  backend: Type.Union([Type.String(), Type.Null()]),
+  device: Type.Union([Type.String(), Type.Null()]),
+  queues: Type.Array(Type.String()),
+  cuda: Type.Optional(CudaDevice),
+  updatedAt: Type.String({ format: 'date-time' }),
+});
+
 export const Ready = Type.Object({
   status: Type.Union([Type.Literal('ok'), Type.Literal('unavailable')]),
   backend: Type.Union([Type.String(), Type.Null()]),
   device: Type.Union([Type.String(), Type.Null()]),
+  cuda: Type.Optional(CudaDevice),
   redis: Type.Union([Type.Literal('ok'), Type.Literal('down')]),
   engine: Type.Optional(Type.String()),
+  workers: Type.Optional(
+    Type.Array(WorkerPresence, { description: 'Worker processes seen in Redis in the last 30 s' }),
+  ),
 });
 
 /** Standard error responses for a route's schema. */

@@ -7,6 +7,7 @@ import { AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding, TokenEmbedding 
 import { dropout, padAt, tidyObj } from '../nn/functional.js';
 import { AttentionLayers, Decoder, type LayersCache } from '../layers/attention-layers.js';
 import { checkTensor } from '../utils/errors.js';
+import { onGpu } from '../backend/index.js';
 import { getRng } from '../utils/random.js';
 
 /** Options of `TransformerWrapper` (camelCase of the reference's keyword names). */
@@ -348,7 +349,9 @@ export class TransformerWrapper extends Module {
   private validate(x: tf.Tensor, opts: TransformerForwardOptions): void {
     checkTensor('x', x, { rank: 2, dtype: 'int32', desc: 'token ids [batch, seq]' });
     const [b, n] = x.shape as [number, number];
-    if (x.size > 0) {
+    // on a GPU the read would stall the device every forward: the embedding's gather checks the
+    // ids there instead (an id out of range is reported at the next read of a result)
+    if (x.size > 0 && !onGpu()) {
       // one read of the ids (no min / max kernels, one sync instead of two)
       const ids = x.dataSync();
       let mn = ids[0]!;
@@ -439,7 +442,7 @@ export class TransformerWrapper extends Module {
       const ids = embedIds![name]!;
       checkTensor(`embedIds.${name}`, ids, { shape: [b, n], dtype: 'int32' });
       const size = this.embeds.get(name)!.numEmbeddings;
-      if (ids.size === 0) continue;
+      if (ids.size === 0 || onGpu()) continue;
       const v = ids.dataSync();
       let mn = v[0]!;
       let mx = mn;
