@@ -16,6 +16,8 @@ export type { ContinuousTransformerWrapperOptions, ContinuousForwardOptions } fr
 export { XValTransformerWrapper, xValTransformerWrapperDefaults } from './wrappers/xval.js';
 export type { XValTransformerWrapperOptions, XValForwardOptions, XValOutput } from './wrappers/xval.js';
 export { XTransformer, xTransformerDefaults } from './wrappers/xtransformer.js';
+export { NeoMLP, neoMLPDefaults } from './wrappers/neo-mlp.js';
+export type { NeoMLPOptions, NeoMLPEncoderOptions, NeoMLPOutput } from './wrappers/neo-mlp.js';
 export type { XTransformerOptions, XTransformerForwardOptions } from './wrappers/xtransformer.js';
 export { fromConfig, toConfig, camelKey, snakeKey, WRAPPERS, LAYERS_TYPES } from './io/config.js';
 export type {

@@ -77,6 +77,8 @@ const BY_NAME: Record<string, Rule> = {
   numRegisterTokens: RULES.nonNegInt,
   dimIn: RULES.posInt,
   dimOut: RULES.posInt,
+  dimHidden: RULES.posInt,
+  dimModel: RULES.posInt,
   numericalTokenId: RULES.nonNegInt,
   ignoreIndex: RULES.int,
   padValue: RULES.int,

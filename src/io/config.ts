@@ -31,6 +31,7 @@ import {
   xTransformerDefaults,
   type XTransformerOptions,
 } from '../wrappers/xtransformer.js';
+import { NeoMLP, neoMLPDefaults, type NeoMLPOptions } from '../wrappers/neo-mlp.js';
 import { ruleFor } from './config-rules.js';
 
 /** A JSON value. */
@@ -64,6 +65,7 @@ export const WRAPPERS = [
   'ContinuousTransformerWrapper',
   'XValTransformerWrapper',
   'XTransformer',
+  'NeoMLP',
   ...LAYERS_TYPES,
 ] as const;
 export type WrapperName = (typeof WRAPPERS)[number];
@@ -75,6 +77,7 @@ export type BuiltModel =
   | ContinuousTransformerWrapper
   | XValTransformerWrapper
   | XTransformer
+  | NeoMLP
   | AttentionLayers;
 
 /** `attn_dim_head` -> `attnDimHead`; camelCase keys are unchanged. */
@@ -300,6 +303,7 @@ export function fromConfig(json: unknown): BuiltModel {
     return buildLayers('', o, w);
   }
   if (w === 'XTransformer') return buildXTransformer(o);
+  if (w === 'NeoMLP') return buildNeoMLP(o);
 
   const { attnLayers: rawLayers, ...rest } = o;
   const defaults: Record<string, Record<string, unknown>> = {
@@ -383,6 +387,25 @@ function buildXTransformer(o: Record<string, unknown>): XTransformer {
     }
   }
   return new XTransformer(dropNulls(o) as XTransformerOptions);
+}
+
+/** NeoMLP: its own options, and `encoderKwargs` as the options of an Encoder (without dim and depth). */
+function buildNeoMLP(o: Record<string, unknown>): NeoMLP {
+  const defaults = neoMLPDefaults as unknown as Record<string, unknown>;
+  const opts = wrapperOptions(o, defaults, ['dimIn', 'dimHidden', 'dimOut', 'dimModel', 'depth'], 'NeoMLP');
+  if (opts.encoderKwargs !== undefined) {
+    if (!isPlainObject(opts.encoderKwargs))
+      throw new Error(
+        `encoderKwargs: expected an object of Encoder options, got ${fmtValue(opts.encoderKwargs)}`,
+      );
+    const kw = camelObject(opts.encoderKwargs as Record<string, unknown>, 'encoderKwargs');
+    for (const k of ['dim', 'depth'])
+      if (k in kw) throw new Error(`encoderKwargs.${k}: set by NeoMLP (dimModel, depth)`);
+    checkLayersOptions('encoderKwargs', kw, 'Encoder');
+    checkFeedForwardSize('encoderKwargs', 'ffMult', opts.dimModel, kw.ffMult ?? feedForwardDefaults.mult);
+    opts.encoderKwargs = dropNulls(kw);
+  }
+  return new NeoMLP(opts as unknown as NeoMLPOptions);
 }
 
 function sameValue(a: unknown, b: unknown): boolean {
@@ -509,6 +532,16 @@ export function toConfig(model: BuiltModel): ModelConfig {
         'numericalTokenId',
       ]),
       attnLayers: layers(model.attnLayers),
+    };
+  }
+  if (model instanceof NeoMLP) {
+    return {
+      wrapper: 'NeoMLP',
+      ...nonDefault(
+        model.options as unknown as Record<string, unknown>,
+        neoMLPDefaults as unknown as Record<string, unknown>,
+        ['dimIn', 'dimHidden', 'dimOut', 'dimModel', 'depth'],
+      ),
     };
   }
   if (model instanceof XTransformer) {
