@@ -18,6 +18,16 @@ export type { XValTransformerWrapperOptions, XValForwardOptions, XValOutput } fr
 export { XTransformer, xTransformerDefaults } from './wrappers/xtransformer.js';
 export { NeoMLP, neoMLPDefaults } from './wrappers/neo-mlp.js';
 export type { NeoMLPOptions, NeoMLPEncoderOptions, NeoMLPOutput } from './wrappers/neo-mlp.js';
+export {
+  MultiInputTransformerWrapper,
+  multiInputTransformerWrapperDefaults,
+} from './wrappers/multi-input.js';
+export type {
+  MultiInputTransformerWrapperOptions,
+  MultiInputTransformerWrapperOwnOptions,
+  MultiInputForwardOptions,
+  MultiInputState,
+} from './wrappers/multi-input.js';
 export type { XTransformerOptions, XTransformerForwardOptions } from './wrappers/xtransformer.js';
 export { fromConfig, toConfig, camelKey, snakeKey, WRAPPERS, LAYERS_TYPES } from './io/config.js';
 export type {

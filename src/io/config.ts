@@ -32,7 +32,12 @@ import {
   type XTransformerOptions,
 } from '../wrappers/xtransformer.js';
 import { NeoMLP, neoMLPDefaults, type NeoMLPOptions } from '../wrappers/neo-mlp.js';
-import { ruleFor } from './config-rules.js';
+import {
+  MultiInputTransformerWrapper,
+  multiInputTransformerWrapperDefaults,
+  type MultiInputTransformerWrapperOptions,
+} from '../wrappers/multi-input.js';
+import { RULES, ruleFor } from './config-rules.js';
 
 /** A JSON value. */
 export type JsonValue = string | number | boolean | null | JsonValue[] | { [key: string]: JsonValue };
@@ -65,6 +70,7 @@ export const WRAPPERS = [
   'ContinuousTransformerWrapper',
   'XValTransformerWrapper',
   'XTransformer',
+  'MultiInputTransformerWrapper',
   'NeoMLP',
   ...LAYERS_TYPES,
 ] as const;
@@ -78,6 +84,7 @@ export type BuiltModel =
   | XValTransformerWrapper
   | XTransformer
   | NeoMLP
+  | MultiInputTransformerWrapper
   | AttentionLayers;
 
 /** `attn_dim_head` -> `attnDimHead`; camelCase keys are unchanged. */
@@ -304,6 +311,7 @@ export function fromConfig(json: unknown): BuiltModel {
   }
   if (w === 'XTransformer') return buildXTransformer(o);
   if (w === 'NeoMLP') return buildNeoMLP(o);
+  if (w === 'MultiInputTransformerWrapper') return buildMultiInput(o);
 
   const { attnLayers: rawLayers, ...rest } = o;
   const defaults: Record<string, Record<string, unknown>> = {
@@ -387,6 +395,30 @@ function buildXTransformer(o: Record<string, unknown>): XTransformer {
     }
   }
   return new XTransformer(dropNulls(o) as XTransformerOptions);
+}
+
+/** MultiInputTransformerWrapper: `numTokens` is an object of vocabulary sizes by input name. */
+function buildMultiInput(o: Record<string, unknown>): MultiInputTransformerWrapper {
+  const { attnLayers: rawLayers, numTokens, ...rest } = o;
+  if (!RULES.countsByName.test(numTokens) || Object.keys(numTokens as object).length === 0)
+    throw new Error(
+      `numTokens: expected an object of positive integers by input name (at least one), got ${fmtValue(numTokens)}`,
+    );
+  const defaults = multiInputTransformerWrapperDefaults as unknown as Record<string, unknown>;
+  const opts = wrapperOptions(rest, defaults, ['maxSeqLen'], 'MultiInputTransformerWrapper');
+  if (rawLayers === undefined)
+    throw new Error(`attnLayers: expected an object {type, dim, depth, ...}, got undefined`);
+  const attnLayers = buildLayers('attnLayers', rawLayers);
+  try {
+    return new MultiInputTransformerWrapper({
+      ...(opts as { maxSeqLen: number }),
+      numTokens: numTokens as Record<string, number>,
+      attnLayers,
+    } as MultiInputTransformerWrapperOptions);
+  } catch (e) {
+    attnLayers.dispose();
+    throw e;
+  }
 }
 
 /** NeoMLP: its own options, and `encoderKwargs` as the options of an Encoder (without dim and depth). */
@@ -531,6 +563,17 @@ export function toConfig(model: BuiltModel): ModelConfig {
         'maxSeqLen',
         'numericalTokenId',
       ]),
+      attnLayers: layers(model.attnLayers),
+    };
+  }
+  if (model instanceof MultiInputTransformerWrapper) {
+    return {
+      wrapper: 'MultiInputTransformerWrapper',
+      ...nonDefault(
+        model.options as unknown as Record<string, unknown>,
+        multiInputTransformerWrapperDefaults as unknown as Record<string, unknown>,
+        ['numTokens', 'maxSeqLen'],
+      ),
       attnLayers: layers(model.attnLayers),
     };
   }
