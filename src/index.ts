@@ -159,6 +159,8 @@ export type { AdamWOptions } from './train/optimizer.js';
 export { learningRateAt } from './train/schedule.js';
 export type { ScheduleName, ScheduleOptions } from './train/schedule.js';
 export { Trainer, trainerDefaults } from './train/trainer.js';
+export { DPO, dpoDefaults } from './train/dpo.js';
+export type { DPOOptions, DPOForwardOptions } from './train/dpo.js';
 export type {
   TrainerOptions,
   StepResult,
