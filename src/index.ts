@@ -142,6 +142,22 @@ export {
 } from './generation/continuous-autoregressive-wrapper.js';
 export type { ContinuousAutoregressiveWrapperOptions } from './generation/continuous-autoregressive-wrapper.js';
 export {
+  NonAutoregressiveWrapper,
+  nonAutoregressiveWrapperDefaults,
+  NAR_SCHEDULES,
+  maskCounts,
+  linspace01,
+} from './generation/nonautoregressive-wrapper.js';
+export type {
+  NonAutoregressiveWrapperOptions,
+  NARForwardOptions,
+  NARTrainNoise,
+  NARLosses,
+  NARGenerateOptions,
+  ScheduleFn,
+  ScheduleName as NARScheduleName,
+} from './generation/nonautoregressive-wrapper.js';
+export {
   XValAutoregressiveWrapper,
   xvalAutoregressiveWrapperDefaults,
 } from './generation/xval-autoregressive-wrapper.js';
