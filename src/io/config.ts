@@ -37,6 +37,11 @@ import {
   multiInputTransformerWrapperDefaults,
   type MultiInputTransformerWrapperOptions,
 } from '../wrappers/multi-input.js';
+import {
+  NonAutoregressiveWrapper,
+  nonAutoregressiveWrapperDefaults,
+  type NonAutoregressiveWrapperOptions,
+} from '../generation/nonautoregressive-wrapper.js';
 import { RULES, ruleFor } from './config-rules.js';
 
 /** A JSON value. */
@@ -72,6 +77,7 @@ export const WRAPPERS = [
   'XTransformer',
   'MultiInputTransformerWrapper',
   'NeoMLP',
+  'NonAutoregressiveWrapper',
   ...LAYERS_TYPES,
 ] as const;
 export type WrapperName = (typeof WRAPPERS)[number];
@@ -85,6 +91,7 @@ export type BuiltModel =
   | XTransformer
   | NeoMLP
   | MultiInputTransformerWrapper
+  | NonAutoregressiveWrapper
   | AttentionLayers;
 
 /** `attn_dim_head` -> `attnDimHead`; camelCase keys are unchanged. */
@@ -312,6 +319,7 @@ export function fromConfig(json: unknown): BuiltModel {
   if (w === 'XTransformer') return buildXTransformer(o);
   if (w === 'NeoMLP') return buildNeoMLP(o);
   if (w === 'MultiInputTransformerWrapper') return buildMultiInput(o);
+  if (w === 'NonAutoregressiveWrapper') return buildNonAutoregressive(o);
 
   const { attnLayers: rawLayers, ...rest } = o;
   const defaults: Record<string, Record<string, unknown>> = {
@@ -417,6 +425,48 @@ function buildMultiInput(o: Record<string, unknown>): MultiInputTransformerWrapp
     } as MultiInputTransformerWrapperOptions);
   } catch (e) {
     attnLayers.dispose();
+    throw e;
+  }
+}
+
+/** A TransformerWrapper given as a nested config (`net`, `tokenCritic`), errors prefixed with its key. */
+function buildNested(key: string, raw: unknown): TransformerWrapper {
+  if (!isPlainObject(raw))
+    throw new Error(
+      `${key}: expected a TransformerWrapper config {wrapper, numTokens, ...}, got ${fmtValue(raw)}`,
+    );
+  const m = withPath(key, () => fromConfig(raw));
+  if (!(m instanceof TransformerWrapper)) {
+    m.dispose();
+    throw new Error(`${key}.wrapper: expected TransformerWrapper, got ${fmtValue(raw.wrapper)}`);
+  }
+  return m;
+}
+
+/**
+ * NonAutoregressiveWrapper: its own options, `net` (a TransformerWrapper config) and optionally
+ * `tokenCritic` (another, with logitsDim 1).
+ */
+function buildNonAutoregressive(o: Record<string, unknown>): NonAutoregressiveWrapper {
+  const { net: rawNet, tokenCritic: rawCritic, ...rest } = o;
+  const { tokenCritic: _none, ...defaults } = nonAutoregressiveWrapperDefaults;
+  const opts = wrapperOptions(
+    rest,
+    defaults as Record<string, unknown>,
+    ['maskId'],
+    'NonAutoregressiveWrapper',
+  );
+  const net = buildNested('net', rawNet);
+  let critic: TransformerWrapper | null = null;
+  try {
+    if (rawCritic !== undefined && rawCritic !== null) critic = buildNested('tokenCritic', rawCritic);
+    return new NonAutoregressiveWrapper(net, {
+      ...(opts as Partial<NonAutoregressiveWrapperOptions> & { maskId: number }),
+      tokenCritic: critic,
+    });
+  } catch (e) {
+    net.dispose();
+    critic?.dispose();
     throw e;
   }
 }
@@ -575,6 +625,18 @@ export function toConfig(model: BuiltModel): ModelConfig {
         ['numTokens', 'maxSeqLen'],
       ),
       attnLayers: layers(model.attnLayers),
+    };
+  }
+  if (model instanceof NonAutoregressiveWrapper) {
+    const { tokenCritic, schedule, ...own } = model.options;
+    if (typeof schedule === 'function')
+      throw new Error('schedule: a schedule function has no JSON config (use linear or cosine)');
+    const { tokenCritic: _none, ...defaults } = nonAutoregressiveWrapperDefaults;
+    return {
+      wrapper: 'NonAutoregressiveWrapper',
+      ...nonDefault({ ...own, schedule }, defaults as Record<string, unknown>, ['maskId']),
+      net: toConfig(model.net) as unknown as JsonValue,
+      ...(tokenCritic ? { tokenCritic: toConfig(tokenCritic) as unknown as JsonValue } : {}),
     };
   }
   if (model instanceof NeoMLP) {

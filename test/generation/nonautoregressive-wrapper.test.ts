@@ -9,6 +9,7 @@ import {
 import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
 import { Encoder } from '../../src/layers/attention-layers.js';
 import { Rng, manualSeed } from '../../src/utils/random.js';
+import { fromConfig, toConfig } from '../../src/io/config.js';
 
 const net = (extra = {}): TransformerWrapper =>
   new TransformerWrapper({
@@ -119,5 +120,56 @@ describe('NonAutoregressiveWrapper', () => {
     );
     short.dispose();
     w.dispose();
+  });
+
+  it('builds from JSON with the net and critic as nested configs, and gives its config back', () => {
+    const netJson = {
+      wrapper: 'TransformerWrapper',
+      num_tokens: 10,
+      max_seq_len: 8,
+      attn_layers: { type: 'Encoder', dim: 8, depth: 1, heads: 2, attn_dim_head: 4 },
+    };
+    const json = {
+      wrapper: 'NonAutoregressiveWrapper',
+      mask_id: 9,
+      schedule: 'cosine',
+      self_cond: true,
+      net: netJson,
+      token_critic: { ...netJson, logits_dim: 1 },
+    };
+    const w = fromConfig(json) as NonAutoregressiveWrapper;
+    expect(w).toBeInstanceOf(NonAutoregressiveWrapper);
+    expect(w.tokenCritic).toBeInstanceOf(TransformerWrapper);
+    const layers = { type: 'Encoder', dim: 8, depth: 1, heads: 2, attnDimHead: 4 };
+    expect(toConfig(w)).toEqual({
+      wrapper: 'NonAutoregressiveWrapper',
+      maskId: 9,
+      schedule: 'cosine',
+      selfCond: true,
+      net: { wrapper: 'TransformerWrapper', numTokens: 10, maxSeqLen: 8, attnLayers: layers },
+      tokenCritic: {
+        wrapper: 'TransformerWrapper',
+        numTokens: 10,
+        maxSeqLen: 8,
+        logitsDim: 1,
+        attnLayers: layers,
+      },
+    });
+    const again = fromConfig(toConfig(w)) as NonAutoregressiveWrapper;
+    expect(Object.keys(again.stateDict())).toEqual(Object.keys(w.stateDict()));
+    again.dispose();
+    w.dispose();
+    expect(() => fromConfig({ ...json, no_replace_prob: 1.5 })).toThrow(
+      'noReplaceProb: expected a number in [0, 1], got 1.5',
+    );
+    expect(() => fromConfig({ ...json, mask_id: undefined })).toThrow(
+      'maskId: expected a non-negative integer, got undefined',
+    );
+    expect(() => fromConfig({ ...json, net: { ...netJson, num_tokens: 0 } })).toThrow(
+      'net.numTokens: expected a positive integer, got 0',
+    );
+    expect(() => fromConfig({ ...json, token_critic: { ...netJson, wrapper: 'NeoMLP' } })).toThrow(
+      /^tokenCritic\./,
+    );
   });
 });
