@@ -4,10 +4,13 @@ import { Linear } from '../nn/linear.js';
 import { Embedding, AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding } from '../nn/embedding.js';
 import { LayerNorm } from '../nn/norms.js';
 import { dropout, padAt, tidyObj } from '../nn/functional.js';
-import { AttentionLayers } from '../layers/attention-layers.js';
+import { AttentionLayers, Decoder } from '../layers/attention-layers.js';
 import { checkTensor } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
 import {
+  attentionZLoss,
+  dropInterspersedMemory,
+  intersperseMemoryTokens,
   checkKnownKeys,
   checkNonNegInt,
   checkPositiveInt,
@@ -27,13 +30,13 @@ export interface MultiInputTransformerWrapperOwnOptions {
   embDropout: number;
   postEmbNorm: boolean;
   numMemoryTokens: number | null;
-  /** Not supported (the reference's forward fails with it); must stay null. */
+  /** Memory tokens put before every chunk of this many tokens instead of once in front (Decoder only). */
   memoryTokensInterspersedEvery: number | null;
   returnOnlyEmbed: boolean;
   useAbsPosEmb: boolean;
   scaledSinuPosEmb: boolean;
   embFracGradient: number;
-  /** Accepted for compatibility; the reference does not read it. */
+  /** Default weight of the attention z-loss (`returnAttnZLoss`). */
   attnZLossWeight: number;
 }
 
@@ -84,6 +87,10 @@ export interface MultiInputForwardOptions {
   attnMask?: tf.Tensor;
   selfAttnKvMask?: tf.Tensor;
   condition?: tf.Tensor;
+  /** Return the attention z-loss (forwardWithState): needs the attention logits, so not with attnFlash. */
+  returnAttnZLoss?: boolean;
+  /** Weight of the attention z-loss (default: the model's attnZLossWeight). */
+  attnZLossWeight?: number;
 }
 
 /** What `forwardWithState` returns; the caller owns every tensor. */
@@ -93,6 +100,8 @@ export interface MultiInputState {
   /** embeddings: [b, n, dim] after the attention layers. */
   embeddings: tf.Tensor;
   mems?: tf.Tensor[];
+  /** With returnAttnZLoss, a scalar (see TransformerState.attnZLoss). */
+  attnZLoss?: tf.Tensor;
 }
 
 /** Identity whose gradient is zero (torch's detach). */
@@ -144,10 +153,15 @@ export class MultiInputTransformerWrapper extends Module {
     if (!(o.embFracGradient > 0 && o.embFracGradient <= 1))
       throw new Error(`embFracGradient: expected a number in (0, 1], got ${fmt(o.embFracGradient)}`);
     const nm = o.numMemoryTokens === null ? 0 : checkNonNegInt('numMemoryTokens', o.numMemoryTokens);
-    if (o.memoryTokensInterspersedEvery !== null)
-      throw new Error(
-        `memoryTokensInterspersedEvery: expected null (MultiInputTransformerWrapper puts memory tokens once in front; TransformerWrapper intersperses them), got ${fmt(o.memoryTokensInterspersedEvery)}`,
-      );
+    if (o.memoryTokensInterspersedEvery !== null) {
+      checkPositiveInt('memoryTokensInterspersedEvery', o.memoryTokensInterspersedEvery);
+      if (nm > 0 && !(attnLayers instanceof Decoder))
+        throw new Error(
+          `memoryTokensInterspersedEvery: expected a Decoder (causal attention layers), got ${attnLayers.constructor.name}`,
+        );
+    }
+    if (typeof o.attnZLossWeight !== 'number' || !Number.isFinite(o.attnZLossWeight))
+      throw new Error(`attnZLossWeight: expected a finite number, got ${fmt(o.attnZLossWeight)}`);
     this.options = { ...o, numTokens: { ...o.numTokens } };
     this.maxSeqLen = o.maxSeqLen;
     const dim = attnLayers.dim;
@@ -190,17 +204,17 @@ export class MultiInputTransformerWrapper extends Module {
   forward(x: Record<string, tf.Tensor>, opts: MultiInputForwardOptions = {}): Record<string, tf.Tensor> {
     if (!this.toLogits)
       throw new Error('forward: the model has no output heads (returnOnlyEmbed); use forwardEmbeddings');
-    const st = this.run(x, { ...opts, returnMems: false }, true);
+    const st = this.run(x, { ...opts, returnMems: false, returnAttnZLoss: false }, true);
     st.embeddings.dispose();
     return st.logits;
   }
 
   /** x: `{name: [b, n] int32}` -> the embeddings after the attention layers, [b, n, dim]. */
   forwardEmbeddings(x: Record<string, tf.Tensor>, opts: MultiInputForwardOptions = {}): tf.Tensor {
-    return this.run(x, { ...opts, returnMems: false }, false).embeddings;
+    return this.run(x, { ...opts, returnMems: false, returnAttnZLoss: false }, false).embeddings;
   }
 
-  /** Logits by name, the embeddings, and with returnMems the next mems. */
+  /** Logits by name, the embeddings, with returnMems the next mems and with returnAttnZLoss the z-loss. */
   forwardWithState(x: Record<string, tf.Tensor>, opts: MultiInputForwardOptions = {}): MultiInputState {
     return this.run(x, opts, true);
   }
@@ -249,6 +263,19 @@ export class MultiInputTransformerWrapper extends Module {
           dtype: 'bool',
         });
     } else if (opts.prependMask) throw new Error('prependMask: given without prependEmbeds');
+    if (this.options.memoryTokensInterspersedEvery !== null && this.numMemoryTokens > 0) {
+      for (const k of ['mask', 'selfAttnKvMask', 'prependMask'] as const)
+        if (opts[k]) throw new Error(`${k}: not supported with memoryTokensInterspersedEvery`);
+    }
+    if (opts.returnAttnZLoss) {
+      const w = opts.attnZLossWeight;
+      if (w !== undefined && (typeof w !== 'number' || !Number.isFinite(w)))
+        throw new Error(`attnZLossWeight: expected a finite number, got ${fmt(w)}`);
+      if (this.attnLayers.attnOptions.flash || this.attnLayers.crossAttnOptions.flash)
+        throw new Error(
+          'returnAttnZLoss: needs the attention logits before softmax, which attnFlash does not form',
+        );
+    }
     return [b, n];
   }
 
@@ -284,7 +311,9 @@ export class MultiInputTransformerWrapper extends Module {
       h = dropout(h, o.embDropout, training);
       if (this.projectEmb) h = this.projectEmb.forward(h);
       const seq = h.shape[1]!;
-      if (numMem > 0) {
+      const every = numMem > 0 ? o.memoryTokensInterspersedEvery : null;
+      if (every !== null) h = intersperseMemoryTokens(h, n, every, this.memoryTokens!);
+      else if (numMem > 0) {
         h = tf.concat([tf.tile(tf.expandDims(this.memoryTokens!, 0), [b, 1, 1]), h], 1);
         if (mask) mask = padAt(mask, 1, numMem, 0, 1);
         if (kvMask) kvMask = padAt(kvMask, 1, numMem, 0, 1);
@@ -296,7 +325,7 @@ export class MultiInputTransformerWrapper extends Module {
         mask,
         mems,
         memMasks: opts.memMasks,
-        returnHiddens: !!opts.returnMems,
+        returnHiddens: !!opts.returnMems || !!opts.returnAttnZLoss,
         seqStartPos: opts.seqStartPos,
         context: opts.context,
         contextMask: opts.contextMask,
@@ -306,8 +335,12 @@ export class MultiInputTransformerWrapper extends Module {
       });
       res.cache?.dispose();
       // with memory tokens, the reference keeps the first n positions after them (prepended ones included)
-      const keep = numMem > 0 ? Math.min(n, seq) : seq;
-      const e = numMem > 0 || keep < seq ? tf.slice(res.out, [0, numMem, 0], [-1, keep, -1]) : res.out;
+      let e = res.out;
+      if (every !== null) e = tf.slice(dropInterspersedMemory(e, numMem, every), [0, 0, 0], [-1, n, -1]);
+      else if (numMem > 0) e = tf.slice(e, [0, numMem, 0], [-1, Math.min(n, seq), -1]);
+      const attnZLoss = opts.returnAttnZLoss
+        ? attentionZLoss(res.attnIntermediates, opts.attnZLossWeight ?? o.attnZLossWeight)
+        : undefined;
       const logits: Record<string, tf.Tensor> = {};
       if (wantLogits && this.toLogits)
         for (const name of this.names) logits[name] = this.toLogits.get(name)!.forward(e);
@@ -321,7 +354,12 @@ export class MultiInputTransformerWrapper extends Module {
           return detach(tf.slice(t, [0, len - k, 0], [-1, k, -1]));
         });
       }
-      return { logits, embeddings: e, ...(newMems ? { mems: newMems } : {}) };
+      return {
+        logits,
+        embeddings: e,
+        ...(newMems ? { mems: newMems } : {}),
+        ...(attnZLoss ? { attnZLoss } : {}),
+      };
     });
   }
 }

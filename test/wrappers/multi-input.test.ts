@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
 import { MultiInputTransformerWrapper } from '../../src/wrappers/multi-input.js';
-import { Decoder } from '../../src/layers/attention-layers.js';
+import { Decoder, Encoder } from '../../src/layers/attention-layers.js';
 import { fromConfig, toConfig } from '../../src/io/config.js';
 
 const layers = (): Decoder => new Decoder({ dim: 8, depth: 1, heads: 2, attnDimHead: 4 });
@@ -51,9 +51,19 @@ describe('MultiInputTransformerWrapper', () => {
     expect(() => make({ numTokens: { note: 0 } })).toThrow(
       'numTokens.note: expected a positive integer, got 0',
     );
-    expect(() => make({ memoryTokensInterspersedEvery: 2 })).toThrow(
-      /^memoryTokensInterspersedEvery: expected null/,
+    expect(() => make({ numMemoryTokens: 1, memoryTokensInterspersedEvery: 0 })).toThrow(
+      'memoryTokensInterspersedEvery: expected a positive integer, got 0',
     );
+    expect(
+      () =>
+        new MultiInputTransformerWrapper({
+          numTokens: { note: 10 },
+          maxSeqLen: 6,
+          numMemoryTokens: 1,
+          memoryTokensInterspersedEvery: 2,
+          attnLayers: new Encoder({ dim: 8, depth: 1, heads: 2, attnDimHead: 4 }),
+        }),
+    ).toThrow('memoryTokensInterspersedEvery: expected a Decoder (causal attention layers), got Encoder');
     const m = make();
     const note = tf.tensor2d([[1, 2]], [1, 2], 'int32');
     const vel = tf.tensor2d([[1, 4]], [1, 2], 'int32');

@@ -6,7 +6,7 @@ import type {
 import { crossEntropy } from '../../../src/nn/losses.js';
 import type { ParityCase } from '../case.js';
 import type { Comparison } from '../compare.js';
-import { compareLossAndGrads, compareOutputs, withModel } from '../helpers.js';
+import { asShape, compareLossAndGrads, compareOutputs, withModel } from '../helpers.js';
 import { registerTask } from '../registry.js';
 
 /** The case's inputs named `<prefix><input name>`, by input name. */
@@ -17,14 +17,20 @@ function idsOf(c: ParityCase, prefix: string): Record<string, tf.Tensor> {
   return out;
 }
 
+/** returnAttnZLoss with the case's weight, where it gives input.attn_z_loss_weight. */
+function zLossOptions(c: ParityCase): MultiInputForwardOptions {
+  const w = c.inputs.attn_z_loss_weight;
+  return w ? { returnAttnZLoss: true, attnZLossWeight: w.dataSync()[0]! } : {};
+}
+
 /** Logits by input name as outputs `<prefix><name>`. */
 function named(prefix: string, logits: Record<string, tf.Tensor>): Record<string, tf.Tensor> {
   return Object.fromEntries(Object.entries(logits).map(([k, t]) => [`${prefix}${k}`, t]));
 }
 
 /**
- * multi_input: forwardWithState(input.x.*, {mask, sumEmbeds, prependEmbeds, prependMask, posOverride})
- * against output.logits.<name> and output.embeddings.
+ * multi_input: forwardWithState(input.x.*, {mask, sumEmbeds, prependEmbeds, prependMask, posOverride,
+ * returnAttnZLoss}) against output.logits.<name>, output.embeddings and output.attn_z_loss.
  */
 registerTask('multi_input', (c) =>
   withModel<MultiInputTransformerWrapper, Comparison[]>(c, (model) => {
@@ -35,9 +41,16 @@ registerTask('multi_input', (c) =>
       prependEmbeds: i.prepend_embeds,
       prependMask: i.prepend_mask,
       posOverride: i.pos,
+      ...zLossOptions(c),
     };
     const st = model.forwardWithState(idsOf(c, 'x.'), opts);
-    return compareOutputs(c, { ...named('logits.', st.logits), embeddings: st.embeddings });
+    const z = st.attnZLoss ? asShape(st.attnZLoss, [1]) : null;
+    if (z && z !== st.attnZLoss) st.attnZLoss!.dispose();
+    return compareOutputs(c, {
+      ...named('logits.', st.logits),
+      embeddings: st.embeddings,
+      ...(z ? { attn_z_loss: z } : {}),
+    });
   }),
 );
 
@@ -53,7 +66,8 @@ registerTask('multi_input_xl', (c) =>
 
 /**
  * multi_input_grads: loss = the sum over inputs of the mean cross-entropy of the logits of
- * input.x.<name>[:, :-1] against input.x.<name>[:, 1:]; the loss and every gradient.
+ * input.x.<name>[:, :-1] against input.x.<name>[:, 1:] (plus the attention z-loss where the case
+ * gives its weight); the loss and every gradient.
  */
 registerTask('multi_input_grads', (c) =>
   withModel<MultiInputTransformerWrapper, Comparison[]>(c, (model) => {
@@ -65,8 +79,9 @@ registerTask('multi_input_grads', (c) =>
     const { value, grads } = tf.variableGrads(
       () =>
         tf.tidy(() => {
-          const logits = model.forward(inp);
-          return tf.addN(Object.keys(x).map((k) => crossEntropy(logits[k]!, tgt[k]!))) as tf.Scalar;
+          const st = model.forwardWithState(inp, zLossOptions(c));
+          const ce = Object.keys(x).map((k) => crossEntropy(st.logits[k]!, tgt[k]!));
+          return tf.addN(st.attnZLoss ? [...ce, st.attnZLoss] : ce) as tf.Scalar;
         }),
       params.map(([, v]) => v),
     );
