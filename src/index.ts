@@ -18,6 +18,18 @@ export type { ContinuousTransformerWrapperOptions, ContinuousForwardOptions } fr
 export { XValTransformerWrapper, xValTransformerWrapperDefaults } from './wrappers/xval.js';
 export type { XValTransformerWrapperOptions, XValForwardOptions, XValOutput } from './wrappers/xval.js';
 export { XTransformer, xTransformerDefaults } from './wrappers/xtransformer.js';
+export { NeoMLP, neoMLPDefaults } from './wrappers/neo-mlp.js';
+export type { NeoMLPOptions, NeoMLPEncoderOptions, NeoMLPOutput } from './wrappers/neo-mlp.js';
+export {
+  MultiInputTransformerWrapper,
+  multiInputTransformerWrapperDefaults,
+} from './wrappers/multi-input.js';
+export type {
+  MultiInputTransformerWrapperOptions,
+  MultiInputTransformerWrapperOwnOptions,
+  MultiInputForwardOptions,
+  MultiInputState,
+} from './wrappers/multi-input.js';
 export type { XTransformerOptions, XTransformerForwardOptions } from './wrappers/xtransformer.js';
 export { fromConfig, toConfig, camelKey, snakeKey, WRAPPERS, LAYERS_TYPES } from './io/config.js';
 export type {
@@ -132,6 +144,22 @@ export {
 } from './generation/continuous-autoregressive-wrapper.js';
 export type { ContinuousAutoregressiveWrapperOptions } from './generation/continuous-autoregressive-wrapper.js';
 export {
+  NonAutoregressiveWrapper,
+  nonAutoregressiveWrapperDefaults,
+  NAR_SCHEDULES,
+  maskCounts,
+  linspace01,
+} from './generation/nonautoregressive-wrapper.js';
+export type {
+  NonAutoregressiveWrapperOptions,
+  NARForwardOptions,
+  NARTrainNoise,
+  NARLosses,
+  NARGenerateOptions,
+  ScheduleFn,
+  ScheduleName as NARScheduleName,
+} from './generation/nonautoregressive-wrapper.js';
+export {
   XValAutoregressiveWrapper,
   xvalAutoregressiveWrapperDefaults,
 } from './generation/xval-autoregressive-wrapper.js';
@@ -149,6 +177,8 @@ export type { AdamWOptions } from './train/optimizer.js';
 export { learningRateAt } from './train/schedule.js';
 export type { ScheduleName, ScheduleOptions } from './train/schedule.js';
 export { Trainer, trainerDefaults } from './train/trainer.js';
+export { DPO, dpoDefaults } from './train/dpo.js';
+export type { DPOOptions, DPOForwardOptions } from './train/dpo.js';
 export type {
   TrainerOptions,
   StepResult,

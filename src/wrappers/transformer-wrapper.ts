@@ -9,6 +9,7 @@ import { AttentionLayers, Decoder, type LayersCache } from '../layers/attention-
 import { checkTensor } from '../utils/errors.js';
 import { onGpu } from '../backend/index.js';
 import { getRng } from '../utils/random.js';
+import { attentionZLoss, dropInterspersedMemory, intersperseMemoryTokens } from './common.js';
 
 /** Options of `TransformerWrapper` (camelCase of the reference's keyword names). */
 export interface TransformerWrapperOwnOptions {
@@ -499,7 +500,7 @@ export class TransformerWrapper extends Module {
       }
       const memSeq = h.shape[1]!;
       const every = numMem > 0 ? o.memoryTokensInterspersedEvery : null;
-      if (every !== null) h = this.intersperseMemory(h, n, every);
+      if (every !== null) h = intersperseMemoryTokens(h, n, every, this.memoryTokens!);
       else if (numMem > 0) {
         h = tf.concat([tf.tile(tf.expandDims(this.memoryTokens!, 0), [b, 1, 1]), h], 1);
         if (mask) mask = padAt(mask, 1, numMem, 0, 1);
@@ -539,14 +540,10 @@ export class TransformerWrapper extends Module {
       cache = res.cache;
       let attnZLoss: tf.Tensor | undefined;
       if (opts.returnAttnZLoss)
-        attnZLoss = this.attnZLoss(res.attnIntermediates, opts.attnZLossWeight ?? o.attnZLossWeight);
+        attnZLoss = attentionZLoss(res.attnIntermediates, opts.attnZLossWeight ?? o.attnZLossWeight);
       let e = res.out;
       if (every !== null) {
-        // [b, chunks * (numMem + every), d] -> drop each chunk's memory tokens -> the first memSeq positions
-        const chunks = e.shape[1]! / (numMem + every);
-        e = tf.reshape(e, [b * chunks, numMem + every, this.dim]);
-        e = tf.slice(e, [0, numMem, 0], [-1, every, -1]);
-        e = tf.slice(tf.reshape(e, [b, chunks * every, this.dim]), [0, 0, 0], [-1, memSeq, -1]);
+        e = tf.slice(dropInterspersedMemory(e, numMem, every), [0, 0, 0], [-1, memSeq, -1]);
       } else if (numMem > 0) e = tf.slice(e, [0, numMem, 0], [-1, memSeq, -1]);
       if (o.averagePoolEmbed) {
         if (opts.mask) {
@@ -614,37 +611,6 @@ export class TransformerWrapper extends Module {
     if (this.toLogits) return [this.toLogits.forward(e)];
     const flat = tf.matMul(tf.reshape(e, [-1, this.dim]), this.tokenEmb.emb.weight, false, true);
     return [tf.reshape(flat, [...e.shape.slice(0, -1), this.numTokens])];
-  }
-
-  /**
-   * Memory tokens in front of every chunk of `every` positions: x [b, len, d] (len = n + positions put
-   * in front of the tokens), zero-padded so the n tokens fill whole chunks -> [b, chunks * (numMem + every), d].
-   */
-  private intersperseMemory(x: tf.Tensor, n: number, every: number): tf.Tensor {
-    const [b, len, d] = x.shape as [number, number, number];
-    const padded = len + Math.ceil(n / every) * every - n;
-    if (padded % every !== 0)
-      throw new Error(
-        `memoryTokensInterspersedEvery: expected the positions put in front of the tokens (${len - n}) to fill whole chunks of ${every}`,
-      );
-    const chunks = padded / every;
-    const numMem = this.numMemoryTokens;
-    const h = tf.reshape(padAt(x, 1, 0, padded - len, 0), [b * chunks, every, d]);
-    const mem = tf.tile(tf.expandDims(this.memoryTokens!, 0), [b * chunks, 1, 1]);
-    return tf.reshape(tf.concat([mem, h], 1), [b, chunks * (numMem + every), d]);
-  }
-
-  /** The attention z-loss of the layers' pre-softmax logits ([b, h, i, j] each), times `weight`. */
-  private attnZLoss(inters: { preSoftmaxAttn?: tf.Tensor }[], weight: number): tf.Tensor {
-    let lse: tf.Tensor | null = null;
-    for (const inter of inters) {
-      if (!inter.preSoftmaxAttn)
-        throw new Error('returnAttnZLoss: an attention layer did not form its logits (fused attention)');
-      const l = tf.logSumExp(inter.preSoftmaxAttn, -1);
-      lse = lse ? tf.add(lse, l) : l;
-    }
-    if (!lse) throw new Error('returnAttnZLoss: the attention layers have no attention layer');
-    return tf.mul(tf.mean(tf.sum(tf.square(lse), 1)), weight);
   }
 }
 
