@@ -193,6 +193,14 @@ export class AttentionLayers extends Module {
     for (const k of Object.keys(attn))
       if (!(k in attentionDefaults))
         throw new Error(`attn${k[0]!.toUpperCase()}${k.slice(1)}: unknown attention option`);
+    for (const [k, v] of [
+      ['attn', attn.qkvReceiveDiffResiduals],
+      ['crossAttn', cross.qkvReceiveDiffResiduals],
+    ] as const)
+      if (v !== undefined)
+        throw new Error(
+          `${k}QkvReceiveDiffResiduals: expected none (a stack option: set qkvReceiveDiffResiduals), got ${JSON.stringify(v)}`,
+        );
     for (const k of Object.keys(cross))
       if (!(k in attentionDefaults))
         throw new Error(`crossAttn${k[0]!.toUpperCase()}${k.slice(1)}: unknown attention option`);
@@ -276,12 +284,16 @@ export class AttentionLayers extends Module {
         }),
       );
     } else if (o.alibiPosBias) {
-      const alibiHeads = o.alibiNumHeads ?? o.heads;
+      // as the reference, custom slopes set the number of ALiBi heads
+      const slopes = o.relPosKwargs.slopes ?? null;
+      const alibiHeads = slopes ? slopes.length : (o.alibiNumHeads ?? o.heads);
       if (alibiHeads > o.heads)
-        throw new Error(`alibiNumHeads: expected at most heads ${o.heads}, got ${alibiHeads}`);
+        throw new Error(
+          `${slopes ? 'relPosKwargs.slopes: expected at most heads values' : 'alibiNumHeads: expected at most heads'} ${o.heads}, got ${alibiHeads}`,
+        );
       this.relPos = this.registerModule(
         'rel_pos',
-        new AlibiPositionalBias(alibiHeads, { totalHeads: o.heads }),
+        new AlibiPositionalBias(alibiHeads, { totalHeads: o.heads, slopes }),
       );
     }
 
@@ -424,6 +436,7 @@ export class AttentionLayers extends Module {
       if (type === 'a' || type === 'c') {
         const selfKw: Partial<AttentionOptions> = { heads: o.heads, causal: o.causal, ...attnKw };
         if (type === 'a') {
+          selfKw.qkvReceiveDiffResiduals = o.qkvReceiveDiffResiduals;
           selfKw.learnedValueResidualMix = learnedValueResidualMix && !isFirstSelfAttn;
           isFirstSelfAttn = false;
         }
@@ -450,7 +463,13 @@ export class AttentionLayers extends Module {
         block = new AdaptiveLayerScale(block, o.dim, dimCondition * condMult) as unknown as Block;
       const residual: ResidualFn =
         o.numResidualStreams > 1
-          ? new HyperConnection(o.dim, ind, o.numResidualStreams)
+          ? new HyperConnection(
+              o.dim,
+              ind,
+              o.numResidualStreams,
+              o.residualFnKwargs.tanh ?? true,
+              type === 'a' && o.qkvReceiveDiffResiduals ? 3 : 1,
+            )
           : o.gateResidual
             ? new GRUGating(o.dim, {
                 scaleResidual: o.scaleResidual,
@@ -838,6 +857,50 @@ function validate(o: AttentionLayersOwnOptions): void {
       throw new Error(`shiftTokens: expected non-negative integers, got ${s}`);
   if (!(o.crossAttnTokensDropout >= 0 && o.crossAttnTokensDropout < 1))
     throw new Error(`crossAttnTokensDropout: expected a number in [0, 1), got ${o.crossAttnTokensDropout}`);
+  validateKwargs(o);
+}
+
+/** qkvReceiveDiffResiduals, relPosKwargs and residualFnKwargs against the options they act on. */
+function validateKwargs(o: AttentionLayersOwnOptions): void {
+  if (typeof o.qkvReceiveDiffResiduals !== 'boolean')
+    throw new Error(
+      `qkvReceiveDiffResiduals: expected a boolean, got ${JSON.stringify(o.qkvReceiveDiffResiduals)}`,
+    );
+  if (o.qkvReceiveDiffResiduals && o.numResidualStreams === 1)
+    throw new Error(
+      'qkvReceiveDiffResiduals: expected numResidualStreams > 1 with it (the three inputs are mixed from the residual streams)',
+    );
+  const plain = (name: string, v: unknown): Record<string, unknown> => {
+    if (typeof v !== 'object' || v === null || Array.isArray(v))
+      throw new Error(`${name}: expected an object, got ${JSON.stringify(v)}`);
+    return v as Record<string, unknown>;
+  };
+  const rel = plain('relPosKwargs', o.relPosKwargs);
+  for (const [k, v] of Object.entries(rel)) {
+    if (k !== 'slopes')
+      throw new Error(
+        `relPosKwargs.${k}: unknown, expected only slopes (the stack sets the scheme's other arguments)`,
+      );
+    if (!o.alibiPosBias)
+      throw new Error('relPosKwargs.slopes: expected alibiPosBias true (slopes are ALiBi head slopes)');
+    if (!Array.isArray(v) || v.length === 0 || !v.every((x) => typeof x === 'number' && Number.isFinite(x)))
+      throw new Error(
+        `relPosKwargs.slopes: expected a non-empty list of finite numbers, got ${JSON.stringify(v)}`,
+      );
+  }
+  const res = plain('residualFnKwargs', o.residualFnKwargs);
+  for (const [k, v] of Object.entries(res)) {
+    if (k !== 'tanh')
+      throw new Error(
+        `residualFnKwargs.${k}: unknown, expected only tanh (the stack sets the residual's other arguments)`,
+      );
+    if (o.numResidualStreams === 1)
+      throw new Error(
+        'residualFnKwargs.tanh: expected numResidualStreams > 1 (it is an option of hyper-connections)',
+      );
+    if (typeof v !== 'boolean')
+      throw new Error(`residualFnKwargs.tanh: expected a boolean, got ${JSON.stringify(v)}`);
+  }
 }
 
 /**
