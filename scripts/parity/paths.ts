@@ -11,3 +11,6 @@ export const EXTRA_PARITY_CASES = path.resolve(here, '..', '..', 'test', 'fixtur
 
 /** Reference cases (test/fixtures/wrapper-options) of TransformerWrapper's output, embedding and recycling options. */
 export const WRAPPER_OPTION_CASES = path.resolve(here, '..', '..', 'test', 'fixtures', 'wrapper-options');
+
+/** Reference cases (test/fixtures/attention-options) of Attention's and AttentionLayers' remaining options. */
+export const ATTENTION_OPTION_CASES = path.resolve(here, '..', '..', 'test', 'fixtures', 'attention-options');
