@@ -282,6 +282,12 @@ function checkModule(m: unknown, expected: string, needClone: boolean): HybridMo
     m instanceof Module &&
     typeof (m as unknown as Partial<HybridModule>).forward === 'function' &&
     (!needClone || typeof (m as unknown as Partial<HybridModule>).clone === 'function');
-  if (!ok) throw new Error(`hybridModule: expected ${expected}, got ${String(m)}`);
+  if (!ok) {
+    const got =
+      m instanceof Module
+        ? `a ${m.constructor.name} without ${typeof (m as { forward?: unknown }).forward === 'function' ? 'clone()' : 'forward()'}`
+        : String(m);
+    throw new Error(`hybridModule: expected ${expected}, got ${got}`);
+  }
   return m as HybridModule;
 }
