@@ -374,7 +374,7 @@ describe('JSON configs', () => {
       `attnLayers.attnHybridModule: expected a module spec {type: 'gru', hiddenSize?, numLayers?, bias?, bidirectional?}, got {"type":"lstm"}`,
     );
     expect(errorOf(build({ attn_hybrid_module: { type: 'gru', num_layers: 1.5 } }))).toBe(
-      'attnLayers.hybridModule.numLayers: expected a positive integer, got 1.5',
+      'attnLayers.attnHybridModule.numLayers: expected a positive integer, got 1.5',
     );
     expect(errorOf(build({ attn_hybrid_fold_axial_dim: -1 }))).toBe(
       'attnLayers.attnHybridFoldAxialDim: expected a positive integer, got -1',
