@@ -3,7 +3,7 @@ import { Module, ModuleList } from '../nn/module.js';
 import { Linear } from '../nn/linear.js';
 import { fmtShape } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
-import { Attend } from './attend.js';
+import { Attend, type AttendModuleOptions } from './attend.js';
 import { CoPE } from './cope.js';
 import {
   DataDependentAlibi,
@@ -20,6 +20,7 @@ import {
   type AttentionIntermediates,
   type AttentionKv,
   type AttentionOptions,
+  type RotaryInput,
 } from './types.js';
 
 /**
@@ -103,9 +104,67 @@ function resolveOptions(options: Partial<AttentionOptions>): AttentionOptions {
   return merged as unknown as AttentionOptions;
 }
 
+/** Checks the options of an Attention of input size `dim`; returns its number of key/value heads. */
+function checkOptions(o: AttentionOptions, dim: number): number {
+  checkPositiveInt('dimHead', o.dimHead);
+  checkPositiveInt('heads', o.heads);
+  for (const key of [
+    'causal',
+    'flash',
+    'qkNorm',
+    'oneKvHead',
+    'gateValues',
+    'onAttn',
+    'headScale',
+    'hard',
+  ] as const)
+    checkBool(key, o[key]);
+  if (o.dimContext !== null) checkPositiveInt('dimContext', o.dimContext);
+  if (o.kvHeads !== null) checkPositiveInt('kvHeads', o.kvHeads);
+  if (o.valueDimHead !== null) checkPositiveInt('valueDimHead', o.valueDimHead);
+  if (o.dimOut !== null) checkPositiveInt('dimOut', o.dimOut);
+  if (!Number.isInteger(o.numMemKv) || o.numMemKv < 0)
+    throw new Error(`numMemKv: expected a non-negative integer, got ${o.numMemKv}`);
+  if (!(o.dropout >= 0 && o.dropout < 1))
+    throw new Error(`dropout: expected a number in [0, 1), got ${o.dropout}`);
+  if (o.maxAttendPast !== null && !(Number.isInteger(o.maxAttendPast) && o.maxAttendPast >= 0))
+    throw new Error(`maxAttendPast: expected a non-negative integer or null, got ${o.maxAttendPast}`);
+  if (o.kvHeads !== null && o.oneKvHead)
+    throw new Error(
+      `kvHeads: expected null when oneKvHead is true (oneKvHead means kvHeads = 1), got ${o.kvHeads}`,
+    );
+
+  const kvHeads = o.oneKvHead ? 1 : (o.kvHeads ?? o.heads);
+  if (o.heads % kvHeads !== 0)
+    throw new Error(`kvHeads: expected a divisor of heads (${o.heads}), got ${kvHeads}`);
+  checkLatentHybridOptions(o, dim, kvHeads);
+  if (o.rotateNumHeads !== null || o.latentRopeSubheads !== null) {
+    const name = o.latentRopeSubheads !== null ? 'latentRopeSubheads' : 'rotateNumHeads';
+    const r = o.latentRopeSubheads ?? o.rotateNumHeads ?? o.heads;
+    if (!Number.isInteger(r) || r <= 0 || r > o.heads)
+      throw new Error(`${name}: expected an integer in [1, heads (${o.heads})], got ${r}`);
+    if (r < o.heads && kvHeads < o.heads)
+      throw new Error(
+        `${name}: rotating only some heads is not compatible with grouped-query attention (kvHeads ${kvHeads})`,
+      );
+  }
+  if (o.laser && !(o.laserSoftclampValue > 0))
+    throw new Error(`laserSoftclampValue: expected a positive number, got ${o.laserSoftclampValue}`);
+  if (o.qkNorm) {
+    checkPositiveInt('qkNormGroups', o.qkNormGroups);
+    if (o.dimHead % o.qkNormGroups !== 0)
+      throw new Error(`qkNormGroups: expected a divisor of dimHead (${o.dimHead}), got ${o.qkNormGroups}`);
+    if (o.dimHead / o.qkNormGroups <= 2)
+      throw new Error(
+        `qkNormGroups: expected dimHead / qkNormGroups > 2, got ${o.dimHead} / ${o.qkNormGroups}`,
+      );
+  }
+  return kvHeads;
+}
+
 /**
  * Checks the options of multi-head latent attention, the hybrid module and qkv from different
- * residuals against each other (the rest is checked by the constructor).
+ * residuals against each other (checkOptions checks the others).
  */
 function checkLatentHybridOptions(o: AttentionOptions, dim: number, kvHeads: number): void {
   for (const key of ['qkvReceiveDiffResiduals', 'useLatentQ', 'useLatentKv'] as const) checkBool(key, o[key]);
@@ -161,6 +220,74 @@ function checkLatentHybridOptions(o: AttentionOptions, dim: number, kvHeads: num
     throw new Error(
       `valueDimHead: expected dimHead (${o.dimHead}) with hybridModule (both outputs are normed per head of dimHead), got ${o.valueDimHead}`,
     );
+}
+
+/** CoPE of `useCope` (causal attention without flash), or null. */
+function buildCope(o: AttentionOptions): CoPE | null {
+  if (!o.useCope) return null;
+  if (!o.causal) throw new Error('useCope: expected causal attention (CoPE was designed for it)');
+  if (o.flash) throw new Error('flash: CoPE (useCope) needs the attention matrix, which flash does not form');
+  return new CoPE(o.dimHead, {
+    heads: o.heads,
+    maxPos: o.copeMaxPos,
+    talkingHeads: o.copeTalkingHeads,
+    softOnehot: o.copeSoftOnehotPos,
+  });
+}
+
+/** The data-dependent ALiBi module of `dataDependentAlibi`, or null. */
+function buildDataDependentAlibi(
+  dim: number,
+  o: AttentionOptions,
+): DataDependentAlibi | PerRowDataDependentAlibi | null {
+  if (!o.dataDependentAlibi) return null;
+  const given = (o.dataDependentAlibiKwargs ?? {}) as Record<string, unknown>;
+  const ddaKwargs: DataDependentAlibiKwargs = {};
+  for (const [key, value] of Object.entries(given)) {
+    const name = key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
+    if (
+      (name !== 'biasInit' && name !== 'postLogScale') ||
+      typeof value !== 'number' ||
+      !Number.isFinite(value)
+    )
+      throw new Error(
+        `dataDependentAlibiKwargs: expected {biasInit?: number, postLogScale?: number}, got ${JSON.stringify(given)}`,
+      );
+    ddaKwargs[name] = value;
+  }
+  return o.dataDependentAlibiPerRow
+    ? new PerRowDataDependentAlibi(dim, o.heads, o.causal, o.dataDependentAlibiPerRowDimHead, ddaKwargs)
+    : new DataDependentAlibi(dim, o.heads, o.causal, ddaKwargs);
+}
+
+/** The options of the `Attend` of an Attention with options `o`, logit scale `scale` and CoPE. */
+function attendOptions(o: AttentionOptions, scale: number, cope: CoPE | null): AttendModuleOptions {
+  return {
+    heads: o.heads,
+    causal: o.causal,
+    preTalkingHeads: o.preTalkingHeads,
+    postTalkingHeads: o.postTalkingHeads,
+    preScalePostTalkingHeads: o.preScalePostTalkingHeads,
+    dropout: o.dropout,
+    sparseTopk: o.sparseTopk,
+    sparseTopkStraightThrough: o.sparseTopkStraightThrough,
+    hard: o.hard,
+    scale: o.qkNorm ? o.qkNormScale : scale,
+    l2Distance: o.l2Distance,
+    sigmoid: o.sigmoid,
+    customAttnFn: o.customAttnFn,
+    selective: o.selective,
+    flash: o.flash,
+    addZeroKv: o.addZeroKv,
+    softclampLogits: o.softclampLogits,
+    logitSoftclampValue: o.logitSoftclampValue,
+    cope,
+  };
+}
+
+/** Standard normal draws of the library generator: [a, b, c]. */
+function drawNormal(shape: [number, number, number]): tf.Tensor3D {
+  return tf.tensor3d(getRng().fillNormal(shape[0] * shape[1] * shape[2], 0, 1), shape);
 }
 
 /** sigmoid / silu gating helper of the reference's GLU: x: [..., 2d] -> a * sigmoid(g). */
@@ -241,34 +368,7 @@ export class Attention extends Module {
     const o = resolveOptions(options);
     this.options = o;
     this.dim = dim;
-    checkPositiveInt('dimHead', o.dimHead);
-    checkPositiveInt('heads', o.heads);
-    for (const key of [
-      'causal',
-      'flash',
-      'qkNorm',
-      'oneKvHead',
-      'gateValues',
-      'onAttn',
-      'headScale',
-      'hard',
-    ] as const)
-      checkBool(key, o[key]);
-    if (o.dimContext !== null) checkPositiveInt('dimContext', o.dimContext);
-    if (o.kvHeads !== null) checkPositiveInt('kvHeads', o.kvHeads);
-    if (o.valueDimHead !== null) checkPositiveInt('valueDimHead', o.valueDimHead);
-    if (o.dimOut !== null) checkPositiveInt('dimOut', o.dimOut);
-    if (!Number.isInteger(o.numMemKv) || o.numMemKv < 0)
-      throw new Error(`numMemKv: expected a non-negative integer, got ${o.numMemKv}`);
-    if (!(o.dropout >= 0 && o.dropout < 1))
-      throw new Error(`dropout: expected a number in [0, 1), got ${o.dropout}`);
-    if (o.maxAttendPast !== null && !(Number.isInteger(o.maxAttendPast) && o.maxAttendPast >= 0))
-      throw new Error(`maxAttendPast: expected a non-negative integer or null, got ${o.maxAttendPast}`);
-    if (o.kvHeads !== null && o.oneKvHead)
-      throw new Error(
-        `kvHeads: expected null when oneKvHead is true (oneKvHead means kvHeads = 1), got ${o.kvHeads}`,
-      );
-
+    const kvHeads = checkOptions(o, dim);
     this.heads = o.heads;
     this.causal = o.causal;
     this.dimHead = o.dimHead;
@@ -276,11 +376,7 @@ export class Attention extends Module {
     this.valueDimHead = o.valueDimHead ?? o.dimHead;
     this.dimContext = o.dimContext ?? dim;
     this.dimOut = o.dimOut ?? dim;
-    const kvHeads = o.oneKvHead ? 1 : (o.kvHeads ?? o.heads);
-    if (o.heads % kvHeads !== 0)
-      throw new Error(`kvHeads: expected a divisor of heads (${o.heads}), got ${kvHeads}`);
     this.kvHeads = kvHeads;
-    checkLatentHybridOptions(o, dim, kvHeads);
     // a hybrid module sees the whole sequence: a layer with one recomputes rather than caches
     this.canCacheKv = !o.selective && o.hybridModule === null;
     this.rotateNumHeads = o.latentRopeSubheads ?? o.rotateNumHeads ?? o.heads;
@@ -288,28 +384,6 @@ export class Attention extends Module {
       kvHeads === o.heads &&
       (o.rotateNumHeads === null || o.rotateNumHeads >= o.heads) &&
       (Object.keys(PLAIN_DECODE) as (keyof AttentionOptions)[]).every((key) => o[key] === PLAIN_DECODE[key]);
-    if (o.rotateNumHeads !== null || o.latentRopeSubheads !== null) {
-      const name = o.latentRopeSubheads !== null ? 'latentRopeSubheads' : 'rotateNumHeads';
-      const r = this.rotateNumHeads;
-      if (!Number.isInteger(r) || r <= 0 || r > o.heads)
-        throw new Error(`${name}: expected an integer in [1, heads (${o.heads})], got ${r}`);
-      if (r < o.heads && kvHeads < o.heads)
-        throw new Error(
-          `${name}: rotating only some heads is not compatible with grouped-query attention (kvHeads ${kvHeads})`,
-        );
-    }
-    if (o.laser && !(o.laserSoftclampValue > 0))
-      throw new Error(`laserSoftclampValue: expected a positive number, got ${o.laserSoftclampValue}`);
-    if (o.qkNorm) {
-      checkPositiveInt('qkNormGroups', o.qkNormGroups);
-      if (o.dimHead % o.qkNormGroups !== 0)
-        throw new Error(`qkNormGroups: expected a divisor of dimHead (${o.dimHead}), got ${o.qkNormGroups}`);
-      if (o.dimHead / o.qkNormGroups <= 2)
-        throw new Error(
-          `qkNormGroups: expected dimHead / qkNormGroups > 2, got ${o.dimHead} / ${o.qkNormGroups}`,
-        );
-    }
-
     const qDim = o.dimHead * o.heads;
     const kDim = o.dimHead * (kvHeads - (o.latentRopeSubheads ?? 0));
     const vDim = this.valueDimHead * kvHeads;
@@ -351,76 +425,19 @@ export class Attention extends Module {
       this.qkNormKScale = this.registerParameter('qk_norm_k_scale', tf.ones([kvHeads, 1, o.dimHead]));
     }
 
-    let cope: CoPE | null = null;
-    if (o.useCope) {
-      if (!o.causal) throw new Error('useCope: expected causal attention (CoPE was designed for it)');
-      if (o.flash)
-        throw new Error('flash: CoPE (useCope) needs the attention matrix, which flash does not form');
-      cope = new CoPE(o.dimHead, {
-        heads: o.heads,
-        maxPos: o.copeMaxPos,
-        talkingHeads: o.copeTalkingHeads,
-        softOnehot: o.copeSoftOnehotPos,
-      });
-    }
-    if (o.dataDependentAlibi) {
-      const given = (o.dataDependentAlibiKwargs ?? {}) as Record<string, unknown>;
-      const ddaKwargs: DataDependentAlibiKwargs = {};
-      for (const [key, value] of Object.entries(given)) {
-        const name = key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
-        if (
-          (name !== 'biasInit' && name !== 'postLogScale') ||
-          typeof value !== 'number' ||
-          !Number.isFinite(value)
-        )
-          throw new Error(
-            `dataDependentAlibiKwargs: expected {biasInit?: number, postLogScale?: number}, got ${JSON.stringify(given)}`,
-          );
-        ddaKwargs[name] = value;
-      }
-      const module = o.dataDependentAlibiPerRow
-        ? new PerRowDataDependentAlibi(dim, o.heads, o.causal, o.dataDependentAlibiPerRowDimHead, ddaKwargs)
-        : new DataDependentAlibi(dim, o.heads, o.causal, ddaKwargs);
-      this.dataDependentAlibi = this.registerModule('data_dependent_alibi', module);
-    }
+    const cope = buildCope(o);
+    const dda = buildDataDependentAlibi(dim, o);
+    if (dda) this.dataDependentAlibi = this.registerModule('data_dependent_alibi', dda);
 
-    this.attend = this.registerModule(
-      'attend',
-      new Attend({
-        heads: o.heads,
-        causal: o.causal,
-        preTalkingHeads: o.preTalkingHeads,
-        postTalkingHeads: o.postTalkingHeads,
-        preScalePostTalkingHeads: o.preScalePostTalkingHeads,
-        dropout: o.dropout,
-        sparseTopk: o.sparseTopk,
-        sparseTopkStraightThrough: o.sparseTopkStraightThrough,
-        hard: o.hard,
-        scale: o.qkNorm ? o.qkNormScale : this.scale,
-        l2Distance: o.l2Distance,
-        sigmoid: o.sigmoid,
-        customAttnFn: o.customAttnFn,
-        selective: o.selective,
-        flash: o.flash,
-        addZeroKv: o.addZeroKv,
-        softclampLogits: o.softclampLogits,
-        logitSoftclampValue: o.logitSoftclampValue,
-        cope,
-      }),
-    );
+    this.attend = this.registerModule('attend', new Attend(attendOptions(o, this.scale, cope)));
 
     if (o.headScale)
       this.headScaleParams = this.registerParameter('head_scale_params', tf.ones([1, o.heads, 1, 1]));
 
     if (o.numMemKv > 0) {
-      const rng = getRng();
-      const kShape: [number, number, number] = [kvHeads, o.numMemKv, o.dimHead];
+      this.memK = this.registerParameter('mem_k', drawNormal([kvHeads, o.numMemKv, o.dimHead]));
       // the reference sizes mem_v by dimHead too (so it cannot combine numMemKv with another valueDimHead)
-      const vShape: [number, number, number] = [kvHeads, o.numMemKv, this.valueDimHead];
-      const draw = (shape: [number, number, number]): tf.Tensor3D =>
-        tf.tensor3d(rng.fillNormal(shape[0] * shape[1] * shape[2], 0, 1), shape);
-      this.memK = this.registerParameter('mem_k', draw(kShape));
-      this.memV = this.registerParameter('mem_v', draw(vShape));
+      this.memV = this.registerParameter('mem_v', drawNormal([kvHeads, o.numMemKv, this.valueDimHead]));
     }
 
     if (o.learnedValueResidualMix)
@@ -430,11 +447,12 @@ export class Attention extends Module {
       ).linear;
 
     if (o.hybridModule !== null) {
-      const fn = buildHybridModule(o.hybridModule, dim, outDim);
-      this.hybrid = this.registerModule(
-        'hybrid_module',
-        new FoldAxially(o.hybridFoldAxialDim!, fn, o.causal ? null : o.hybridMaskKwarg),
+      const fold = new FoldAxially(
+        o.hybridFoldAxialDim!,
+        buildHybridModule(o.hybridModule, dim, outDim),
+        o.causal ? null : o.hybridMaskKwarg,
       );
+      this.hybrid = this.registerModule('hybrid_module', fold);
       const norms = this.registerModule('hybrid_norms', new ModuleList<MultiheadRMSNorm>());
       this.hybridNorms = [
         norms.push(new MultiheadRMSNorm(o.dimHead, o.heads)),
@@ -711,6 +729,87 @@ export class Attention extends Module {
     return tf.mul(tf.add(outNorm.forward(out), hybrid), 0.5);
   }
 
+  /**
+   * Rotary (and xpos) on q [b, h, i, d] and k [b, kvHeads, j, d], only on the last rotateNumHeads
+   * heads; keys of a context turn by `contextRotary`.
+   */
+  private applyRotary(
+    q: tf.Tensor,
+    k: tf.Tensor,
+    rotary: RotaryInput,
+    contextRotary: RotaryInput | undefined,
+    hasContext: boolean,
+  ): [tf.Tensor, tf.Tensor] {
+    const { freqs, xposScale } = rotary;
+    const qScale = xposScale ?? 1;
+    let kScale: tf.Tensor | number = xposScale ? tf.pow(xposScale, -1) : 1;
+    const r = this.rotateNumHeads;
+    const tables = rotary.tables;
+    const rotate = (t: tf.Tensor, f: tf.Tensor, sc: tf.Tensor | number, name: string): tf.Tensor => {
+      const th = t.shape[1]!;
+      if (r >= th) {
+        // shared cos / sin tables (prepareRotary): same numbers, fewer ops
+        const fast = tables && f === freqs && sc === 1 ? applyRotaryTables(t, tables) : null;
+        return fast ?? applyRotaryPosEmb(t, f, sc, name);
+      }
+      const [rest, rot] = tf.split(t, [th - r, r], 1) as [tf.Tensor, tf.Tensor];
+      return tf.concat([rest, applyRotaryPosEmb(rot, f, sc, name)], 1);
+    };
+    q = rotate(q, freqs, qScale, 'rotary');
+    let kFreqs = freqs;
+    if (hasContext) {
+      if (!contextRotary)
+        throw new Error('contextRotary: expected it with rotary and context (cross-attention)');
+      kFreqs = contextRotary.freqs;
+      const cx = contextRotary.xposScale;
+      kScale = cx ? tf.pow(cx, -1) : 1;
+    }
+    k = rotate(k, kFreqs, kScale, hasContext ? 'contextRotary' : 'rotary');
+    return [q, k];
+  }
+
+  /**
+   * The additive attention bias of a call: opts.attnBias, the relative position scheme's or the
+   * data-dependent ALiBi's, padded for memory key/values. i, j: query and key counts (without them).
+   */
+  private attentionBias(
+    x: tf.Tensor,
+    opts: AttentionForwardOptions,
+    i: number,
+    j: number,
+    numMemKv: number,
+  ): tf.Tensor | null {
+    let attnBias: tf.Tensor | null = opts.attnBias ?? null;
+    const hasContext = opts.context != null;
+    const mem = opts.mem ?? null;
+    if (opts.relPos) {
+      if (opts.pos) {
+        if (!opts.relPos.biasFromPositions)
+          throw new Error('pos: custom positions need a relPos with biasFromPositions (ALiBi)');
+        attnBias = opts.relPos.biasFromPositions(opts.pos);
+      } else {
+        attnBias = opts.relPos.bias(i, j);
+      }
+      attnBias = padAxis(attnBias, -1, numMemKv, 0, 0);
+    }
+    if (this.dataDependentAlibi) {
+      if (hasContext || mem)
+        throw new Error(
+          'dataDependentAlibi: expected plain self-attention (no context or mem), its bias comes from x alone',
+        );
+      if (!opts.cache) {
+        attnBias = padAxis(this.dataDependentAlibi.forward(x), -1, numMemKv, 0, 0);
+      } else if (x.shape[1] !== 1 || numMemKv > 0) {
+        // the reference takes the bias of the new tokens alone, which only fits the keys for one token
+        throw new Error(
+          `dataDependentAlibi: with a cache, expected one new token and no memory key/values, got ${x.shape[1]} tokens and numMemKv ${numMemKv}`,
+        );
+      }
+      // one new token with a cache: as the reference, its bias (the token's gates against themselves) is 0
+    }
+    return attnBias;
+  }
+
   private forwardImpl(
     x: tf.Tensor,
     opts: AttentionForwardOptions,
@@ -726,33 +825,7 @@ export class Attention extends Module {
     let { q, k, v } = p;
     const [b, n] = p.qStream.shape as [number, number, number];
 
-    if (opts.rotary) {
-      const { freqs, xposScale } = opts.rotary;
-      const qScale = xposScale ?? 1;
-      let kScale: tf.Tensor | number = xposScale ? tf.pow(xposScale, -1) : 1;
-      const r = this.rotateNumHeads;
-      const tables = opts.rotary.tables;
-      const rotate = (t: tf.Tensor, f: tf.Tensor, sc: tf.Tensor | number, name: string): tf.Tensor => {
-        const th = t.shape[1]!;
-        if (r >= th) {
-          // shared cos / sin tables (prepareRotary): same numbers, fewer ops
-          const fast = tables && f === freqs && sc === 1 ? applyRotaryTables(t, tables) : null;
-          return fast ?? applyRotaryPosEmb(t, f, sc, name);
-        }
-        const [rest, rot] = tf.split(t, [th - r, r], 1) as [tf.Tensor, tf.Tensor];
-        return tf.concat([rest, applyRotaryPosEmb(rot, f, sc, name)], 1);
-      };
-      q = rotate(q, freqs, qScale, 'rotary');
-      let kFreqs = freqs;
-      if (hasContext) {
-        if (!opts.contextRotary)
-          throw new Error('contextRotary: expected it with rotary and context (cross-attention)');
-        kFreqs = opts.contextRotary.freqs;
-        const cx = opts.contextRotary.xposScale;
-        kScale = cx ? tf.pow(cx, -1) : 1;
-      }
-      k = rotate(k, kFreqs, kScale, hasContext ? 'contextRotary' : 'rotary');
-    }
+    if (opts.rotary) [q, k] = this.applyRotary(q, k, opts.rotary, opts.contextRotary, hasContext);
 
     // the key mask, before memory key/values
     let inputMask: tf.Tensor | null = opts.contextMask ?? null;
@@ -815,32 +888,7 @@ export class Attention extends Module {
       and(tf.reshape(within, [1, 1, i, j + numMemKv]));
     }
 
-    let attnBias: tf.Tensor | null = opts.attnBias ?? null;
-    if (opts.relPos) {
-      if (opts.pos) {
-        if (!opts.relPos.biasFromPositions)
-          throw new Error('pos: custom positions need a relPos with biasFromPositions (ALiBi)');
-        attnBias = opts.relPos.biasFromPositions(opts.pos);
-      } else {
-        attnBias = opts.relPos.bias(i, j);
-      }
-      attnBias = padAxis(attnBias, -1, numMemKv, 0, 0);
-    }
-    if (this.dataDependentAlibi) {
-      if (hasContext || mem)
-        throw new Error(
-          'dataDependentAlibi: expected plain self-attention (no context or mem), its bias comes from x alone',
-        );
-      if (!opts.cache) {
-        attnBias = padAxis(this.dataDependentAlibi.forward(x), -1, numMemKv, 0, 0);
-      } else if (x.shape[1] !== 1 || numMemKv > 0) {
-        // the reference takes the bias of the new tokens alone, which only fits the keys for one token
-        throw new Error(
-          `dataDependentAlibi: with a cache, expected one new token and no memory key/values, got ${x.shape[1]} tokens and numMemKv ${numMemKv}`,
-        );
-      }
-      // one new token with a cache: as the reference, its bias (the token's gates against themselves) is 0
-    }
+    const attnBias = this.attentionBias(x, opts, i, j, numMemKv);
 
     if (o.laser) {
       const c = o.laserSoftclampValue;

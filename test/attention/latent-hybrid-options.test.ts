@@ -359,6 +359,25 @@ describe('JSON configs', () => {
     again.dispose();
   });
 
+  it('a hybrid module given as code has no JSON form: toConfig says so', () => {
+    const model = new TransformerWrapper({
+      numTokens: 24,
+      maxSeqLen: 16,
+      attnLayers: new Decoder({
+        dim: 8,
+        depth: 1,
+        heads: 2,
+        attnDimHead: 4,
+        attnHybridFoldAxialDim: 1,
+        attnHybridModule: (dim: number) => new GRU({ inputSize: dim, hiddenSize: 8 }),
+      }),
+    });
+    expect(errorOf(() => toConfig(model))).toBe(
+      "toConfig: attnHybridModule is code (a function or module), which has no JSON form (a spec {type: 'gru', ...} has)",
+    );
+    model.dispose();
+  });
+
   it('names the key path of a bad value', () => {
     const build = (extra: object) => () =>
       fromConfig({
