@@ -81,7 +81,12 @@ export type {
   PrefixDecoderForwardOptions,
 } from './layers/attention-layers.js';
 export { attentionLayersDefaults } from './layers/options.js';
-export type { AttentionLayersOptions, AttentionLayersOwnOptions } from './layers/options.js';
+export type {
+  AttentionLayersOptions,
+  AttentionLayersOwnOptions,
+  RelPosKwargs,
+  ResidualFnKwargs,
+} from './layers/options.js';
 export { TransformerWrapper, transformerWrapperDefaults } from './wrappers/transformer-wrapper.js';
 export type {
   TransformerWrapperOptions,

@@ -14,3 +14,6 @@ export const WRAPPER_OPTION_CASES = path.resolve(here, '..', '..', 'test', 'fixt
 
 /** Reference cases (test/fixtures/reference-modules) of NeoMLP, MultiInputTransformerWrapper, DPO and NonAutoregressiveWrapper. */
 export const REFERENCE_MODULE_CASES = path.resolve(here, '..', '..', 'test', 'fixtures', 'reference-modules');
+
+/** Reference cases (test/fixtures/attention-options) of Attention's and AttentionLayers' remaining options. */
+export const ATTENTION_OPTION_CASES = path.resolve(here, '..', '..', 'test', 'fixtures', 'attention-options');

@@ -45,6 +45,11 @@ export const RULES = {
       !Array.isArray(v) &&
       Object.values(v).every((x) => isInt(x) && x > 0),
   },
+  hybridModuleSpec: {
+    expected: "a module spec {type: 'gru', hiddenSize?, numLayers?, bias?, bidirectional?}",
+    test: (v: unknown) =>
+      typeof v === 'object' && v !== null && !Array.isArray(v) && (v as { type?: unknown }).type === 'gru',
+  },
   indexList: {
     expected: 'a non-empty list of non-negative integers',
     test: (v: unknown) => Array.isArray(v) && v.length > 0 && v.every((x) => isInt(x) && x >= 0),
@@ -116,6 +121,12 @@ const BY_NAME: Record<string, Rule> = {
   kvHeads: RULES.posInt,
   valueDimHead: RULES.posInt,
   logitSoftclampValue: RULES.posNumber,
+  dimLatentQ: RULES.posInt,
+  dimLatentKv: RULES.posInt,
+  latentRopeSubheads: RULES.posInt,
+  hybridModule: RULES.hybridModuleSpec,
+  hybridMaskKwarg: RULES.string,
+  hybridFoldAxialDim: RULES.posInt,
   // feedforward
   mult: RULES.posNumber,
 };

@@ -548,6 +548,15 @@ function layersOptions(l: AttentionLayers, type: LayersType): Record<string, Jso
     delete ff.zeroInitOutput;
   }
   const ad = attentionDefaults as unknown as Record<string, unknown>;
+  for (const [prefix, o] of [
+    ['attn', attn],
+    ['crossAttn', l.crossAttnOptions as Record<string, unknown>],
+  ] as const)
+    for (const key of ['customAttnFn', 'hybridModule'])
+      if (o[key] != null && !isPlainObject(o[key]))
+        throw new Error(
+          `toConfig: ${prefix}${key[0]!.toUpperCase()}${key.slice(1)} is code (a function or module), which has no JSON form${key === 'hybridModule' ? " (a spec {type: 'gru', ...} has)" : ''}`,
+        );
   return {
     ...nonDefault(own, attentionLayersDefaults as unknown as Record<string, unknown>, ['dim']),
     ...nonDefault(prefixKeys('attn', attn), prefixKeys('attn', ad)),

@@ -456,56 +456,122 @@ export class TransformerWrapper extends Module {
     }
   }
 
+  /**
+   * The embedded input of the layers: tokens, positions, extra embeddings, prepended embeddings, CLS
+   * and memory tokens. x: [b, n] -> h: [b, memory + memSeq, dim], with the masks widened to match;
+   * memSeq: the positions before memory tokens; every: the interspersing period, or null.
+   */
+  private embed(
+    x: tf.Tensor,
+    opts: TransformerForwardOptions,
+  ): { h: tf.Tensor; mask?: tf.Tensor; kvMask?: tf.Tensor; memSeq: number; every: number | null } {
+    const o = this.options;
+    const [b, n] = x.shape as [number, number];
+    const numMem = this.numMemoryTokens;
+    let pos: tf.Tensor | number = 0;
+    const po = opts.posOverride;
+    if (po && po.dtype === 'float32') pos = po;
+    else if (this.posEmb) pos = this.posEmb.forward(n, { pos: po, seqStartPos: opts.seqStartPos });
+    let h: tf.Tensor = this.tokenEmb.forward(x);
+    if (pos !== 0) h = tf.add(h, pos);
+    for (const [name, ids] of Object.entries(opts.embedIds ?? {}))
+      h = tf.add(h, this.embeds.get(name)!.forward(ids));
+    if (opts.sumEmbeds) h = tf.add(h, opts.sumEmbeds);
+    if (this.postEmbNorm) h = this.postEmbNorm.forward(h);
+    let mask = opts.mask;
+    // a self-attention key mask covers the tokens; extra positions put in front are visible
+    let kvMask = opts.selfAttnKvMask;
+    if (opts.prependEmbeds) {
+      const p = opts.prependEmbeds.shape[1]!;
+      h = tf.concat([opts.prependEmbeds, h], 1);
+      if (kvMask) kvMask = padAt(kvMask, 1, p, 0, 1);
+      if (opts.prependMask || mask) {
+        const m = mask ?? tf.ones([b, n], 'bool');
+        const pm = opts.prependMask ?? tf.ones([b, p], 'bool');
+        mask = tf.concat([tf.cast(pm, 'bool'), tf.cast(m, 'bool')], 1);
+      }
+    }
+    if (o.embFracGradient < 1) {
+      h = tf.add(tf.mul(h, o.embFracGradient), tf.mul(detach(h), 1 - o.embFracGradient));
+    }
+    h = dropout(h, o.embDropout, this.training);
+    if (this.projectEmb) h = this.projectEmb.forward(h);
+    if (this.clsToken) {
+      h = tf.concat([tf.tile(tf.expandDims(this.clsToken, 0), [b, 1, 1]), h], 1);
+      if (mask) mask = padAt(mask, 1, o.numClsTokens, 0, 1);
+      if (kvMask) kvMask = padAt(kvMask, 1, o.numClsTokens, 0, 1);
+    }
+    const memSeq = h.shape[1]!;
+    const every = numMem > 0 ? o.memoryTokensInterspersedEvery : null;
+    if (every !== null) h = intersperseMemoryTokens(h, n, every, this.memoryTokens!);
+    else if (numMem > 0) {
+      h = tf.concat([tf.tile(tf.expandDims(this.memoryTokens!, 0), [b, 1, 1]), h], 1);
+      if (mask) mask = padAt(mask, 1, numMem, 0, 1);
+      if (kvMask) kvMask = padAt(kvMask, 1, numMem, 0, 1);
+    }
+    return { h, mask, kvMask, memSeq, every };
+  }
+
+  /**
+   * The layers' output read out: memory tokens dropped, pooled or CLS embeddings, and the logits of
+   * every output head (with the mixture of softmaxes). out: [b, memory + memSeq, dim].
+   */
+  private readout(
+    out: tf.Tensor,
+    b: number,
+    memSeq: number,
+    every: number | null,
+    opts: TransformerForwardOptions,
+    wantLogits: boolean,
+  ): { e: tf.Tensor; headLogits: tf.Tensor[] | null } {
+    const o = this.options;
+    const numMem = this.numMemoryTokens;
+    let e = out;
+    if (every !== null) {
+      e = tf.slice(dropInterspersedMemory(e, numMem, every), [0, 0, 0], [-1, memSeq, -1]);
+    } else if (numMem > 0) e = tf.slice(e, [0, numMem, 0], [-1, memSeq, -1]);
+    if (o.averagePoolEmbed) {
+      if (opts.mask) {
+        const m = tf.expandDims(tf.cast(opts.mask, 'float32'), -1);
+        e = tf.div(tf.sum(tf.mul(e, m), 1), tf.maximum(tf.sum(m, 1), 1));
+      } else e = tf.mean(e, 1);
+    }
+    if (this.clsToken) {
+      e = tf.slice(e, [0, 0, 0], [-1, o.numClsTokens, -1]);
+      if (o.numClsTokens === 1) e = tf.squeeze(e, [1]);
+    }
+    // mixture of softmaxes: k weights per position, and the embedding expanded to [..., k, dim]
+    let mixWeights: tf.Tensor | null = null;
+    if (this.toMixture) {
+      const k = o.mixtureOfSoftmaxK;
+      mixWeights = tf.softmax(this.combineMixture!.forward(e), -1);
+      e = tf.reshape(this.toMixture.at(0).forward(e), [...e.shape.slice(0, -1), k, this.dim]);
+    }
+    let headLogits: tf.Tensor[] | null = null;
+    if (wantLogits && !o.returnOnlyEmbed) {
+      headLogits = this.projectToLogits(e).map((raw) => {
+        let l = raw;
+        if (o.sigsoftmaxLogits) l = tf.add(l, tf.log(tf.sigmoid(l)));
+        if (mixWeights) {
+          // log of the mixture of the k softmaxes: [..., k, v] x [..., k] -> [..., v]
+          const mos = tf.sum(tf.mul(tf.softmax(l, -1), tf.expandDims(mixWeights, -1)), -2);
+          l = tf.log(tf.maximum(mos, 1e-20));
+        }
+        if (o.squeezeOutLastDim && l.shape[l.rank - 1] === 1) l = tf.squeeze(l, [-1]);
+        return l;
+      });
+    }
+    return { e, headLogits };
+  }
+
   private run(x: tf.Tensor, opts: TransformerForwardOptions, wantLogits: boolean): TransformerState {
     this.validate(x, opts);
     const o = this.options;
-    const [b, n] = x.shape as [number, number];
-    const training = this.training;
-    const numMem = this.numMemoryTokens;
+    const b = x.shape[0]!;
     const wantMems = !!opts.returnMems;
     let cache: LayersCache | undefined;
     const out = tidyObj(() => {
-      let pos: tf.Tensor | number = 0;
-      const po = opts.posOverride;
-      if (po && po.dtype === 'float32') pos = po;
-      else if (this.posEmb) pos = this.posEmb.forward(n, { pos: po, seqStartPos: opts.seqStartPos });
-      let h: tf.Tensor = this.tokenEmb.forward(x);
-      if (pos !== 0) h = tf.add(h, pos);
-      for (const [name, ids] of Object.entries(opts.embedIds ?? {}))
-        h = tf.add(h, this.embeds.get(name)!.forward(ids));
-      if (opts.sumEmbeds) h = tf.add(h, opts.sumEmbeds);
-      if (this.postEmbNorm) h = this.postEmbNorm.forward(h);
-      let mask = opts.mask;
-      // a self-attention key mask covers the tokens; extra positions put in front are visible
-      let kvMask = opts.selfAttnKvMask;
-      if (opts.prependEmbeds) {
-        const p = opts.prependEmbeds.shape[1]!;
-        h = tf.concat([opts.prependEmbeds, h], 1);
-        if (kvMask) kvMask = padAt(kvMask, 1, p, 0, 1);
-        if (opts.prependMask || mask) {
-          const m = mask ?? tf.ones([b, n], 'bool');
-          const pm = opts.prependMask ?? tf.ones([b, p], 'bool');
-          mask = tf.concat([tf.cast(pm, 'bool'), tf.cast(m, 'bool')], 1);
-        }
-      }
-      if (o.embFracGradient < 1) {
-        h = tf.add(tf.mul(h, o.embFracGradient), tf.mul(detach(h), 1 - o.embFracGradient));
-      }
-      h = dropout(h, o.embDropout, training);
-      if (this.projectEmb) h = this.projectEmb.forward(h);
-      if (this.clsToken) {
-        h = tf.concat([tf.tile(tf.expandDims(this.clsToken, 0), [b, 1, 1]), h], 1);
-        if (mask) mask = padAt(mask, 1, o.numClsTokens, 0, 1);
-        if (kvMask) kvMask = padAt(kvMask, 1, o.numClsTokens, 0, 1);
-      }
-      const memSeq = h.shape[1]!;
-      const every = numMem > 0 ? o.memoryTokensInterspersedEvery : null;
-      if (every !== null) h = intersperseMemoryTokens(h, n, every, this.memoryTokens!);
-      else if (numMem > 0) {
-        h = tf.concat([tf.tile(tf.expandDims(this.memoryTokens!, 0), [b, 1, 1]), h], 1);
-        if (mask) mask = padAt(mask, 1, numMem, 0, 1);
-        if (kvMask) kvMask = padAt(kvMask, 1, numMem, 0, 1);
-      }
+      const { h, mask, kvMask, memSeq, every } = this.embed(x, opts);
       let mems = opts.mems;
       if (o.shiftMemDown && mems && mems.length) {
         const k = o.shiftMemDown;
@@ -541,41 +607,7 @@ export class TransformerWrapper extends Module {
       let attnZLoss: tf.Tensor | undefined;
       if (opts.returnAttnZLoss)
         attnZLoss = attentionZLoss(res.attnIntermediates, opts.attnZLossWeight ?? o.attnZLossWeight);
-      let e = res.out;
-      if (every !== null) {
-        e = tf.slice(dropInterspersedMemory(e, numMem, every), [0, 0, 0], [-1, memSeq, -1]);
-      } else if (numMem > 0) e = tf.slice(e, [0, numMem, 0], [-1, memSeq, -1]);
-      if (o.averagePoolEmbed) {
-        if (opts.mask) {
-          const m = tf.expandDims(tf.cast(opts.mask, 'float32'), -1);
-          e = tf.div(tf.sum(tf.mul(e, m), 1), tf.maximum(tf.sum(m, 1), 1));
-        } else e = tf.mean(e, 1);
-      }
-      if (this.clsToken) {
-        e = tf.slice(e, [0, 0, 0], [-1, o.numClsTokens, -1]);
-        if (o.numClsTokens === 1) e = tf.squeeze(e, [1]);
-      }
-      // mixture of softmaxes: k weights per position, and the embedding expanded to [..., k, dim]
-      let mixWeights: tf.Tensor | null = null;
-      if (this.toMixture) {
-        const k = o.mixtureOfSoftmaxK;
-        mixWeights = tf.softmax(this.combineMixture!.forward(e), -1);
-        e = tf.reshape(this.toMixture.at(0).forward(e), [...e.shape.slice(0, -1), k, this.dim]);
-      }
-      let headLogits: tf.Tensor[] | null = null;
-      if (wantLogits && !o.returnOnlyEmbed) {
-        headLogits = this.projectToLogits(e).map((raw) => {
-          let l = raw;
-          if (o.sigsoftmaxLogits) l = tf.add(l, tf.log(tf.sigmoid(l)));
-          if (mixWeights) {
-            // log of the mixture of the k softmaxes: [..., k, v] x [..., k] -> [..., v]
-            const mos = tf.sum(tf.mul(tf.softmax(l, -1), tf.expandDims(mixWeights, -1)), -2);
-            l = tf.log(tf.maximum(mos, 1e-20));
-          }
-          if (o.squeezeOutLastDim && l.shape[l.rank - 1] === 1) l = tf.squeeze(l, [-1]);
-          return l;
-        });
-      }
+      const { e, headLogits } = this.readout(res.out, b, memSeq, every, opts, wantLogits);
       const logits = headLogits ? headLogits[0]! : null;
       let newMems: tf.Tensor[] | undefined;
       if (wantMems) {
