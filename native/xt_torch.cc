@@ -2038,6 +2038,9 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
     env.AddCleanupHook([]() {
       g_owner = nullptr;
       g_meta = nullptr;
+      // released while the environment lives: the static's destructor at exit would otherwise
+      // delete a reference of an environment that is gone
+      g_metaRef.Reset();
     });
   }
 #define X(n, f) exports.Set(n, Napi::Function::New(env, f, n))
