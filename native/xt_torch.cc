@@ -59,6 +59,60 @@ bool g_bf16 = false;
 inline bool lowp(const at::Tensor& t) { return g_bf16 && t.scalar_type() == at::kFloat; }
 inline at::Tensor toBf16(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.to(at::kBFloat16) : t; }
 
+// bfloat16 copies of the weights that decoding multiplies by, token after token: converting a
+// weight costs more than a product of a few rows with it. A copy is keyed by its source's storage
+// and view, and dropped when the source's storage dies or is updated in place (AdamW).
+struct Bf16Copy {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  int64_t offset;
+  std::vector<int64_t> sizes, strides;
+  at::Tensor copy;
+};
+std::unordered_map<const void*, std::vector<Bf16Copy>> g_bf16Copies;
+size_t g_bf16CopyCount = 0;
+
+at::Tensor cachedBf16(const at::Tensor& w) {
+  if (!w.has_storage() || !w.storage().data()) return toBf16(w);
+  const void* key = w.storage().data();
+  auto& list = g_bf16Copies[key];
+  const c10::StorageImpl* impl = w.storage().unsafeGetStorageImpl();
+  for (auto it = list.begin(); it != list.end();) {
+    if (it->storage.lock().get() != impl) {  // died, or another storage at the same address
+      it = list.erase(it);
+      g_bf16CopyCount--;
+      continue;
+    }
+    if (it->offset == w.storage_offset() && it->sizes == w.sizes().vec() && it->strides == w.strides().vec())
+      return it->copy;
+    ++it;
+  }
+  // dead sources' copies go every 256 new copies (and whenever there are many)
+  static size_t inserts = 0;
+  if (++inserts % 256 == 0 || g_bf16CopyCount >= 4096) {
+    for (auto e = g_bf16Copies.begin(); e != g_bf16Copies.end();) {
+      auto& l = e->second;
+      size_t before = l.size();
+      l.erase(std::remove_if(l.begin(), l.end(), [](const Bf16Copy& c) { return c.storage.expired(); }), l.end());
+      g_bf16CopyCount -= before - l.size();
+      e = l.empty() && e->first != key ? g_bf16Copies.erase(e) : std::next(e);
+    }
+    if (g_bf16CopyCount >= 4096) return toBf16(w);
+  }
+  at::Tensor copy = w.to(at::kBFloat16);
+  g_bf16Copies[key].push_back({w.storage().getWeakStorageImpl(), w.storage_offset(), w.sizes().vec(), w.strides().vec(), copy});
+  g_bf16CopyCount++;
+  return copy;
+}
+
+// an in-place update of a storage makes its copies stale
+void dropBf16Copies(const at::Tensor& t) {
+  if (!t.has_storage()) return;
+  auto it = g_bf16Copies.find(t.storage().data());
+  if (it == g_bf16Copies.end()) return;
+  g_bf16CopyCount -= it->second.size();
+  g_bf16Copies.erase(it);
+}
+
 at::ScalarType toScalar(int code) {
   switch (code) {
     case 0:
@@ -345,7 +399,11 @@ void gemvN(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64
 
 // a: [..., m, k] @ b: [..., k, n] with batch dims broadcast, as at::matmul (rank >= 2 each).
 at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
-  if (lowp(a0) && lowp(b0)) return at::matmul(toBf16(a0), toBf16(b0)).to(at::kFloat);
+  if (lowp(a0) && lowp(b0)) {
+    // a weight times a few rows (decoding): its bfloat16 copy is kept
+    bool weight = b0.dim() == 2 && a0.dim() >= 2 && a0.size(-2) <= kSmallRows && b0.numel() >= 4096;
+    return at::matmul(toBf16(a0), weight ? cachedBf16(b0) : toBf16(b0)).to(at::kFloat);
+  }
   if (!g_sgemm || a0.scalar_type() != at::kFloat || b0.scalar_type() != at::kFloat || !a0.device().is_cpu() ||
       !b0.device().is_cpu() || a0.dim() < 2 || b0.dim() < 2)
     return at::matmul(a0, b0);
@@ -1804,6 +1862,7 @@ XT_FN(AdamW) {
       for (size_t i : idx) {
         done[i] = true;
         g_rhsCache.erase(ps[i].unsafeGetTensorImpl());
+        dropBf16Copies(ps[i]);
         for (uint32_t k = 0; k < 3; k++) result.Set(static_cast<uint32_t>(3 * i + k), Napi::Number::New(env, -1));
       }
     }
@@ -1839,6 +1898,7 @@ XT_FN(AdamW) {
       v2 = at::empty_like(vc);
     } else {
       g_rhsCache.erase(p.unsafeGetTensorImpl());  // a dense copy of the old weights is stale now
+      dropBf16Copies(p);
     }
     const float *pp = pc.data_ptr<float>(), *pg = gc.data_ptr<float>(), *pm = mc.data_ptr<float>(),
                 *pv = vc.data_ptr<float>();

@@ -9,6 +9,7 @@ import type { TorchBackend } from '../../src/backend/torch/backend.js';
 import { attend } from '../../src/attention/attend.js';
 import { AutoregressiveWrapper } from '../../src/generation/autoregressive-wrapper.js';
 import { Decoder } from '../../src/layers/attention-layers.js';
+import { AdamW } from '../../src/train/optimizer.js';
 import { Trainer } from '../../src/train/trainer.js';
 import { Rng, manualSeed } from '../../src/utils/random.js';
 import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
@@ -78,6 +79,46 @@ describe('bf16 precision on the torch backend', () => {
     // the float32 product is not what bf16 gives
     expect(differs).toBeGreaterThan((m * n) / 2);
     tf.dispose([ta, tb, low, full]);
+  });
+
+  it("decoding's kept bfloat16 copy of a weight follows the weight's in-place updates", () => {
+    const rng = new Rng(21);
+    const [n, k] = [64, 96];
+    const init = tf.tensor2d(randomMatrix(n, k, rng), [n, k]);
+    const w = tf.variable(init);
+    // the variable alone holds its data: AdamW updates it in place, as it does model parameters
+    init.dispose();
+    const xv = randomMatrix(1, k, rng);
+    const x = tf.tensor2d(xv, [1, k]);
+    // one row times a weight's transpose, as a decoding step's projection
+    const product = (): number[] => {
+      const y = withPrecision('bf16', () => tf.matMul(x, w, false, true));
+      const out = Array.from(y.dataSync());
+      y.dispose();
+      return out;
+    };
+    const expected = (wv: Float32Array): number[] =>
+      Array.from({ length: n }, (_, j) => {
+        let e = 0;
+        for (let p = 0; p < k; p++) e += bf16(xv[p]!) * bf16(wv[j * k + p]!);
+        return e;
+      });
+    const near = (got: number[], want: number[]): boolean =>
+      got.every((g, j) => Math.abs(g - want[j]!) <= Math.abs(want[j]!) * 2 ** -8 + k * 4 * 2 ** -24 * 4);
+    const opt = new AdamW([['w', w]], { learningRate: 0.5, weightDecay: 0 });
+    const g = tf.tensor2d(randomMatrix(n, k, rng), [n, k]);
+    // the first step makes the optimizer's moments; the later ones update in place
+    opt.apply({ w: g });
+    const id = (tf.backend() as TorchBackend).id(w);
+    const before = product();
+    expect(near(product(), expected(w.dataSync() as Float32Array))).toBe(true);
+    opt.apply({ w: g });
+    expect((tf.backend() as TorchBackend).id(w)).toBe(id);
+    const after = product();
+    expect(after).not.toEqual(before);
+    expect(near(after, expected(w.dataSync() as Float32Array))).toBe(true);
+    tf.dispose([w, x, g]);
+    opt.dispose();
   });
 
   it('restores the previous precision after the call, also when it throws', () => {
