@@ -2,7 +2,7 @@
  * Benchmark: training and generation throughput of the library on one or more backends.
  *
  *   npm run bench -- [--config small|small-32k|gpt2|base] [--backend torch[,cpu,...]] [--threads N]
- *                    [--best] [--json] [--baseline] [--build-only]
+ *                    [--best] [--json] [--baseline] [--build-only] [--precision fp32|bf16]
  *
  * The configs are the workloads of ../shared/bench/torch_reference.py: `small` is vocab 256, dim 256,
  * depth 4, heads 4, rotary, seq 256, batch 4, Adam lr 3e-4; `small-32k` the same with vocab 32,000;
@@ -17,6 +17,9 @@
  * PyTorch with each of (1 intra-op thread, all-core BLAS), (all, all) and (all, 1 BLAS thread),
  * keeping the setting that trains fastest.
  * `--build-only` only builds the model (parameter initialisation) and reports how long it took.
+ * `--precision bf16` trains and generates with bfloat16 matrix products and attention (the PyTorch
+ * baseline then runs under torch.autocast(bfloat16) with scaled_dot_product_attention: `--bf16`).
+ * XT_DEVICE=cuda runs ours on the GPU (the baseline follows with `--device cuda`).
  * `--baseline` also runs the PyTorch script (same vocabulary, same threads) and prints ratios.
  * `--json` prints one line per run: {"backend","config","threads","train_tok_s","gen_tok_s_cache",
  * "gen_tok_s_nocache","peak_rss_mb","build_ms"} (a "pytorch" line with --baseline, then the ratios).
@@ -72,6 +75,8 @@ interface Result {
   peak_rss_mb: number;
   /** building the model (parameter initialisation), ms; ours only */
   build_ms?: number;
+  precision?: string;
+  device?: string;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -94,6 +99,11 @@ const threads = Number(opt('--threads', process.env.XT_NUM_THREADS ?? '1'));
 if (!Number.isInteger(threads) || threads < 1)
   throw new Error(`--threads: expected a positive integer, got "${opt('--threads')}"`);
 const json = argv.includes('--json');
+const precisionArg = opt('--precision', 'fp32')!;
+if (precisionArg !== 'fp32' && precisionArg !== 'bf16')
+  throw new Error(`--precision: expected fp32 or bf16, got "${precisionArg}"`);
+const precision: 'fp32' | 'bf16' = precisionArg;
+const cudaRun = (process.env.XT_DEVICE ?? '').trim().toLowerCase() === 'cuda';
 
 function progress(msg: string): void {
   process.stderr.write(`bench: ${msg}\n`);
@@ -114,6 +124,8 @@ async function child(backendName: string): Promise<void> {
   const { AdamW } = await import('../src/train/optimizer.js');
   const { variableGradsLean } = await import('../src/train/backprop.js');
   const { manualSeed, Rng } = await import('../src/utils/random.js');
+  const { withPrecision } = await import('../src/backend/precision.js');
+  const { backendInfo } = await import('../src/backend/index.js');
   manualSeed(0);
   const c = config;
   const built = performance.now();
@@ -149,7 +161,9 @@ async function child(backendName: string): Promise<void> {
 
   const step = (): void => {
     // the Trainer's backward pass: each gradient is freed as soon as it has been used
-    const { value, grads } = variableGradsLean(() => model.forward(x) as TF.Scalar, vars);
+    const { value, grads } = withPrecision(precision, () =>
+      variableGradsLean(() => model.forward(x) as TF.Scalar, vars),
+    );
     value.dataSync();
     const named: Record<string, TF.Tensor> = {};
     for (const [k, g] of Object.entries(grads)) named[names.get(k) ?? k] = g;
@@ -171,7 +185,7 @@ async function child(backendName: string): Promise<void> {
   for (let k = 0; k < c.prompt; k++) prompt[k] = rng.int(0, c.vocab);
   const gen = async (cacheKv: boolean): Promise<number> => {
     const start = performance.now();
-    const out = await model.generate([prompt], c.newTokens, { temperature: 0, cacheKv });
+    const out = await model.generate([prompt], c.newTokens, { temperature: 0, cacheKv, precision });
     out.dispose();
     return c.newTokens / ((performance.now() - start) / 1000);
   };
@@ -193,6 +207,8 @@ async function child(backendName: string): Promise<void> {
     gen_tok_s_nocache: Math.round(genNoCache),
     peak_rss_mb: Math.round(peak),
     build_ms: Math.round(buildMs),
+    precision,
+    device: backendInfo()?.device ?? 'cpu',
   };
   process.stdout.write(`XTBENCH ${JSON.stringify(r)}\n`);
 }
@@ -237,7 +253,17 @@ async function ours(
   if (waitPolicy) env.OMP_WAIT_POLICY = waitPolicy;
   const out = await runChild(
     process.execPath,
-    [...runner, '--child', backend, '--config', configName, '--threads', String(intra)],
+    [
+      ...runner,
+      '--child',
+      backend,
+      '--config',
+      configName,
+      '--threads',
+      String(intra),
+      '--precision',
+      precision,
+    ],
     env,
   );
   const line = out.split('\n').find((l) => l.startsWith('XTBENCH '));
@@ -253,6 +279,8 @@ async function pytorch(intra: number, blas: number): Promise<Result & { torch: s
   if (!existsSync(path.join(root, script))) throw new Error(`--baseline: ${script} not found`);
   const py = existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3';
   const args = ['--threads', String(intra), '--config', configName, '--vocab', String(config.vocab)];
+  if (cudaRun) args.push('--device', 'cuda');
+  if (precision === 'bf16') args.push('--bf16');
   const wrapper = [
     'import resource, runpy, sys, json',
     `sys.argv = [${JSON.stringify(script)}, ${args.map((a) => JSON.stringify(a)).join(', ')}]`,
@@ -279,6 +307,8 @@ async function pytorch(intra: number, blas: number): Promise<Result & { torch: s
     gen_tok_s_nocache: r.gen_tok_s_nocache,
     peak_rss_mb: rss ? Math.round(Number(rss.split(/\s+/)[1]) / 1024) : NaN,
     torch: r.torch,
+    precision,
+    device: cudaRun ? 'cuda' : 'cpu',
   };
 }
 

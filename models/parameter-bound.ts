@@ -8,7 +8,7 @@ export interface ParameterBound {
   total: number;
   /** Token embedding: numTokens x (embDim ?? dim). */
   embedding: number;
-  /** Query projections: attention layers x dim x heads x attnDimHead. */
+  /** Query projections: attention layers x dim x heads x attnDimHead (less with latent queries). */
   attention: number;
   /** Feedforward projections: feedforward layers x 2 x dim x floor(dim x ffMult). */
   feedforward: number;
@@ -56,7 +56,15 @@ export function parameterLowerBound(config: Record<string, unknown>): ParameterB
     nFf = depth;
   }
   const embedding = numTokens * embDim;
-  const attention = nAttn * dim * heads * dimHead;
+  // latent queries (attnUseLatentQ) replace dim x (heads x dimHead) by dimLatentQ x (dim + heads x dimHead)
+  let perAttn = dim * heads * dimHead;
+  for (const p of ['attn', 'crossAttn'])
+    if (layers[`${p}UseLatentQ`] === true) {
+      const latent = layers[`${p}DimLatentQ`];
+      const d = positive(latent) ? Math.floor(latent) : 0;
+      perAttn = Math.min(perAttn, d * (dim + heads * dimHead));
+    }
+  const attention = nAttn * perAttn;
   const feedforward = inner >= 1 && Number.isSafeInteger(inner) ? nFf * 2 * dim * inner : 0;
   return { total: embedding + attention + feedforward, embedding, attention, feedforward };
 }

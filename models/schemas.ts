@@ -100,6 +100,11 @@ export const TRAIN_DEFAULTS = {
   maxDefaultSeqLen: 256,
 } as const;
 
+export const Precision = Type.Union([Type.Literal('fp32'), Type.Literal('bf16')], {
+  description:
+    'bf16: matrix products and attention in bfloat16, parameters, optimizer state and loss in float32 (needs the torch backend on the worker); default fp32',
+});
+
 export const TrainBody = Type.Object(
   {
     datasetId: Type.String({ minLength: 1 }),
@@ -132,6 +137,7 @@ export const TrainBody = Type.Object(
       }),
     ),
     seed: Type.Optional(Type.Integer()),
+    precision: Type.Optional(Precision),
   },
   { additionalProperties: false },
 );
@@ -178,6 +184,7 @@ export const GenerateBody = Type.Object(
       Type.Boolean({ description: 'Key/value cache (default: on while prompt + maxTokens fits maxSeqLen)' }),
     ),
     stream: Type.Optional(Type.Boolean()),
+    precision: Type.Optional(Precision),
   },
   { additionalProperties: false },
 );
@@ -197,12 +204,36 @@ export const IdParams = Type.Object({ id: Type.String() });
 export type IdParams = Static<typeof IdParams>;
 
 export const Health = Type.Object({ status: Type.String() });
+export const CudaDevice = Type.Object(
+  {
+    name: Type.Optional(Type.String()),
+    memoryUsedBytes: Type.Optional(Type.Number({ description: 'In use on the device, by every process' })),
+    memoryTotalBytes: Type.Optional(Type.Number()),
+  },
+  { description: 'The CUDA device a tensor engine computes on' },
+);
+
+export const WorkerPresence = Type.Object({
+  id: Type.String({ description: 'host:pid' }),
+  host: Type.String(),
+  pid: Type.Integer(),
+  backend: Type.Union([Type.String(), Type.Null()]),
+  device: Type.Union([Type.String(), Type.Null()]),
+  queues: Type.Array(Type.String()),
+  cuda: Type.Optional(CudaDevice),
+  updatedAt: Type.String({ format: 'date-time' }),
+});
+
 export const Ready = Type.Object({
   status: Type.Union([Type.Literal('ok'), Type.Literal('unavailable')]),
   backend: Type.Union([Type.String(), Type.Null()]),
   device: Type.Union([Type.String(), Type.Null()]),
+  cuda: Type.Optional(CudaDevice),
   redis: Type.Union([Type.Literal('ok'), Type.Literal('down')]),
   engine: Type.Optional(Type.String()),
+  workers: Type.Optional(
+    Type.Array(WorkerPresence, { description: 'Worker processes seen in Redis in the last 30 s' }),
+  ),
 });
 
 /** Standard error responses for a route's schema. */

@@ -37,6 +37,11 @@
 #if __has_include(<ATen/ops/scaled_dot_product_attention.h>)
 #define XT_HAS_SDPA 1
 #endif
+// fused attention (flash / memory-efficient kernels on CUDA) with an explicit scale: LibTorch 2.1+
+#if defined(XT_HAS_SDPA) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1))
+#define XT_SDPA 1
+#include <torch/csrc/autograd/autograd.h>
+#endif
 
 namespace {
 
@@ -46,6 +51,67 @@ int64_t g_live = 0;
 int32_t* g_meta = nullptr;
 Napi::Reference<Napi::Int32Array> g_metaRef;
 at::Device g_device(at::kCPU);
+// Mixed precision (setPrecision): while on, matrix products and attention read bfloat16 copies of
+// their float32 operands and return float32 results (the products accumulate in float32); every
+// other op, the parameters and the optimizer state stay float32.
+bool g_bf16 = false;
+
+inline bool lowp(const at::Tensor& t) { return g_bf16 && t.scalar_type() == at::kFloat; }
+inline at::Tensor toBf16(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.to(at::kBFloat16) : t; }
+
+// bfloat16 copies of the weights that decoding multiplies by, token after token: converting a
+// weight costs more than a product of a few rows with it. A copy is keyed by its source's storage
+// and view, and dropped when the source's storage dies or is updated in place (AdamW).
+struct Bf16Copy {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  int64_t offset;
+  std::vector<int64_t> sizes, strides;
+  at::Tensor copy;
+};
+std::unordered_map<const void*, std::vector<Bf16Copy>> g_bf16Copies;
+size_t g_bf16CopyCount = 0;
+
+at::Tensor cachedBf16(const at::Tensor& w) {
+  if (!w.has_storage() || !w.storage().data()) return toBf16(w);
+  const void* key = w.storage().data();
+  auto& list = g_bf16Copies[key];
+  const c10::StorageImpl* impl = w.storage().unsafeGetStorageImpl();
+  for (auto it = list.begin(); it != list.end();) {
+    if (it->storage.lock().get() != impl) {  // died, or another storage at the same address
+      it = list.erase(it);
+      g_bf16CopyCount--;
+      continue;
+    }
+    if (it->offset == w.storage_offset() && it->sizes == w.sizes().vec() && it->strides == w.strides().vec())
+      return it->copy;
+    ++it;
+  }
+  // dead sources' copies go every 256 new copies (and whenever there are many)
+  static size_t inserts = 0;
+  if (++inserts % 256 == 0 || g_bf16CopyCount >= 4096) {
+    for (auto e = g_bf16Copies.begin(); e != g_bf16Copies.end();) {
+      auto& l = e->second;
+      size_t before = l.size();
+      l.erase(std::remove_if(l.begin(), l.end(), [](const Bf16Copy& c) { return c.storage.expired(); }), l.end());
+      g_bf16CopyCount -= before - l.size();
+      e = l.empty() && e->first != key ? g_bf16Copies.erase(e) : std::next(e);
+    }
+    if (g_bf16CopyCount >= 4096) return toBf16(w);
+  }
+  at::Tensor copy = w.to(at::kBFloat16);
+  g_bf16Copies[key].push_back({w.storage().getWeakStorageImpl(), w.storage_offset(), w.sizes().vec(), w.strides().vec(), copy});
+  g_bf16CopyCount++;
+  return copy;
+}
+
+// an in-place update of a storage makes its copies stale
+void dropBf16Copies(const at::Tensor& t) {
+  if (!t.has_storage()) return;
+  auto it = g_bf16Copies.find(t.storage().data());
+  if (it == g_bf16Copies.end()) return;
+  g_bf16CopyCount -= it->second.size();
+  g_bf16Copies.erase(it);
+}
 
 at::ScalarType toScalar(int code) {
   switch (code) {
@@ -76,6 +142,30 @@ at::Tensor normalize(const at::Tensor& t) {
 }
 
 at::TensorOptions opts(at::ScalarType s) { return at::TensorOptions().dtype(s).device(g_device); }
+
+// A CPU tensor on the device in use. To a GPU it goes through page-locked memory without waiting:
+// a copy from ordinary (pageable) memory first waits for every kernel queued before it, which
+// would stall the device on every small upload (a scalar, an index list). LibTorch keeps the
+// page-locked block until the copy is done.
+at::Tensor onDevice(const at::Tensor& cpu) {
+  if (g_device.is_cpu() || !cpu.device().is_cpu()) return cpu;
+  return cpu.pin_memory().to(g_device, cpu.scalar_type(), /*non_blocking=*/true, /*copy=*/false);
+}
+
+// On a GPU, gather indices are checked on the device and the result of the check is read with
+// the next read of any result (reading it at once would wait for the device on every gather);
+// out-of-range indices are clamped meanwhile, so that no kernel reads outside its input.
+at::Tensor g_indexFault;
+int64_t g_indexFaultSize = 0;
+
+void raiseIndexFault() {
+  if (!g_indexFault.defined()) return;
+  bool fault = g_indexFault.item<bool>();
+  g_indexFault = at::Tensor();
+  if (fault)
+    throw std::runtime_error("GatherV2: an index value is not in [0, " + std::to_string(g_indexFaultSize - 1) +
+                             "] (found on the GPU after the op; the results computed since are not valid)");
+}
 
 int32_t store(at::Tensor t) {
   t = normalize(t);
@@ -316,6 +406,11 @@ bool smallGemvFor(int64_t m) { return g_avx2 && g_smallGemv && m <= g_smallRowsL
 
 // a: [..., m, k] @ b: [..., k, n] with batch dims broadcast, as at::matmul (rank >= 2 each).
 at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
+  if (lowp(a0) && lowp(b0)) {
+    // a weight times a few rows (decoding): its bfloat16 copy is kept
+    bool weight = b0.dim() == 2 && a0.dim() >= 2 && a0.size(-2) <= kSmallRows && b0.numel() >= 4096;
+    return at::matmul(toBf16(a0), weight ? cachedBf16(b0) : toBf16(b0)).to(at::kFloat);
+  }
   if (!g_sgemm || a0.scalar_type() != at::kFloat || b0.scalar_type() != at::kFloat || !a0.device().is_cpu() ||
       !b0.device().is_cpu() || a0.dim() < 2 || b0.dim() < 2)
     return at::matmul(a0, b0);
@@ -570,6 +665,13 @@ XT_FN(Init) {
 #endif
   installCpuAllocator();
   std::string gemm = initGemm(info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "");
+  if (dev == "auto") {
+#ifdef XT_HAS_CUDA
+    dev = at::hasCUDA() ? "cuda" : "cpu";
+#else
+    dev = "cpu";
+#endif
+  }
   if (dev == "cuda") {
 #ifdef XT_HAS_CUDA
     if (!at::hasCUDA()) throw std::runtime_error("XT_DEVICE=cuda but LibTorch sees no CUDA device");
@@ -578,7 +680,7 @@ XT_FN(Init) {
     throw std::runtime_error("XT_DEVICE=cuda but this LibTorch build has no CUDA");
 #endif
   } else if (dev != "cpu") {
-    throw std::runtime_error("XT_DEVICE: expected cpu or cuda, got " + dev);
+    throw std::runtime_error("XT_DEVICE: expected cpu, cuda or auto, got " + dev);
   }
   auto out = Napi::Object::New(info.Env());
   out.Set("threads", at::get_num_threads());
@@ -599,7 +701,8 @@ XT_FN(FromData) {
   auto ta = info[0].As<Napi::TypedArray>();
   int64_t n = 1;
   for (auto d : shape) n *= d;
-  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(st));
+  // staged in page-locked memory when it goes to a GPU (see onDevice)
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(st).pinned_memory(!g_device.is_cpu()));
   size_t esz = t.element_size();
   size_t bytes = ta.ByteLength();
   if (bytes != static_cast<size_t>(n) * esz)
@@ -609,12 +712,13 @@ XT_FN(FromData) {
     auto* src = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
     std::memcpy(t.data_ptr(), src, bytes);
   }
-  if (!g_device.is_cpu()) t = t.to(g_device);
+  if (!g_device.is_cpu()) t = t.to(g_device, st, /*non_blocking=*/true, /*copy=*/false);
   return idv(info, t);
 }
 
 XT_FN(ToData) {
   at::Tensor t = get(info[0]);
+  raiseIndexFault();
   if (!t.device().is_cpu()) t = t.to(at::kCPU);
   t = t.contiguous();
   size_t n = t.numel();
@@ -916,7 +1020,8 @@ XT_FN(MirrorPad) {
       else if (j >= n) k = symmetric ? 2 * n - 1 - j : 2 * n - 2 - j;
       idx.push_back(k);
     }
-    auto it = at::tensor(idx, at::TensorOptions().dtype(at::kLong)).to(x.device());
+    auto it = x.device().is_cpu() ? at::tensor(idx, at::TensorOptions().dtype(at::kLong))
+                                  : onDevice(at::tensor(idx, at::TensorOptions().dtype(at::kLong)));
     x = x.index_select(d, it);
   }
   return idv(info, x);
@@ -933,7 +1038,13 @@ XT_FN(Gather) {
   const at::Tensor& idx = get(info[1]);
   int64_t axis = num(info, 2);
   auto flat = idx.reshape({-1}).to(at::kLong);
-  if (flat.numel() > 0) {
+  if (flat.numel() > 0 && !x.device().is_cpu() && x.size(axis) > 0) {
+    int64_t n = x.size(axis);
+    auto bad = flat.lt(0).logical_or_(flat.ge(n)).any();
+    g_indexFault = g_indexFault.defined() ? g_indexFault.logical_or(bad) : bad;
+    g_indexFaultSize = n;
+    flat = flat.clamp(0, n - 1);
+  } else if (flat.numel() > 0) {
     auto mm = at::aminmax(flat);
     int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
     int64_t n = x.size(axis);
@@ -962,7 +1073,8 @@ at::Tensor flatIndex(const at::Tensor& idx, at::IntArrayRef shape) {
     strides[d] = s;
     s *= shape[d];
   }
-  auto st = at::tensor(strides, at::TensorOptions().dtype(at::kLong)).to(idx.device());
+  auto st = at::tensor(strides, at::TensorOptions().dtype(at::kLong));
+  if (!idx.device().is_cpu()) st = onDevice(st);
   return (idx.to(at::kLong) * st).sum(-1).reshape({-1});
 }
 
@@ -1011,7 +1123,13 @@ XT_FN(SegmentSum) {
   auto src = x.reshape(rows);
   // ids outside [0, n) are dropped, as in TF.js
   auto keep = at::logical_and(at::ge(ids, 0), at::lt(ids, n));
-  if (!keep.all().item<bool>()) {
+  if (!x.device().is_cpu() && n > 0) {
+    // without reading `keep` back (a wait for the device): dropped rows add zeros to segment 0
+    std::vector<int64_t> kshape = {-1};
+    for (int64_t d = 1; d < src.dim(); d++) kshape.push_back(1);
+    src = at::where(keep.reshape(kshape), src, at::zeros({}, src.options()));
+    ids = at::where(keep, ids, at::zeros({}, ids.options()));
+  } else if (!keep.all().item<bool>()) {
     auto sel = at::nonzero(keep).reshape({-1});
     ids = ids.index_select(0, sel);
     src = src.index_select(0, sel);
@@ -1167,7 +1285,7 @@ XT_FN(MatMul) {
   if (flag(info, 2)) a = a.transpose(-2, -1);
   if (flag(info, 3)) b = b.transpose(-2, -1);
   at::Tensor y;
-  if (g_sgemm) {
+  if (g_sgemm || (lowp(a) && lowp(b))) {
     y = xtMatmul(a, b);  // reads transposed operands in place
   } else {
     at::Tensor rhs;
@@ -1205,7 +1323,12 @@ XT_FN(Softmax) {
 
 XT_FN(Einsum) {
   std::string eq = info[0].As<Napi::String>().Utf8Value();
-  return idv(info, at::einsum(eq, tensorList(info[1])));
+  auto ts = tensorList(info[1]);
+  if (g_bf16 && std::all_of(ts.begin(), ts.end(), [](const at::Tensor& t) { return lowp(t); })) {
+    for (auto& t : ts) t = toBf16(t);
+    return idv(info, at::einsum(eq, ts).to(at::kFloat));
+  }
+  return idv(info, at::einsum(eq, ts));
 }
 
 // x: [n, h, w, c] (NHWC), f: [fh, fw, cin, cout]; pads [top, bottom, left, right].
@@ -1305,12 +1428,49 @@ AttnArgs attnArgs(const Napi::CallbackInfo& info, size_t at) {
   return {get(info[at]), get(info[at + 1]), get(info[at + 2]), mask, dbl(info, at + 4), flag(info, at + 5)};
 }
 
+// Where LibTorch's fused attention (at::scaled_dot_product_attention: flash or memory-efficient
+// kernels on CUDA) computes what the composite does: no mask, float q, k, v of one rank-4 batch
+// shape, and causal only for square scores (the composite's causal mask of a longer key sequence
+// is offset, SDPA's is not). One query row attends every key either way.
+bool useSdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask, bool causal) {
+#ifdef XT_SDPA
+  return !mask && (!causal || q.size(-2) == k.size(-2) || q.size(-2) == 1) && q.dim() == 4 && k.dim() == 4 &&
+         v.dim() == 4 && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+         v.scalar_type() == at::kFloat && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
+         k.sizes().slice(0, 3) == v.sizes().slice(0, 3);
+#else
+  return false;
+#endif
+}
+
+#ifdef XT_SDPA
+at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal) {
+  bool square = causal && q.size(-2) == k.size(-2) && q.size(-2) > 1;
+  if (g_bf16) return at::scaled_dot_product_attention(toBf16(q), toBf16(k), toBf16(v), {}, 0.0, square, scale).to(at::kFloat);
+  return at::scaled_dot_product_attention(q, k, v, {}, 0.0, square, scale);
+}
+
+// The gradients of sdpa through LibTorch's autograd (the fused kernels' own backward): the forward
+// is recomputed on copies that record the graph, outside the inference mode the kernels run in.
+std::vector<at::Tensor> sdpaBackward(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, double scale, bool causal) {
+  c10::InferenceMode recording(false);
+  auto leaf = [](const at::Tensor& t) { return (g_bf16 ? toBf16(t) : t.clone()).detach().requires_grad_(true); };
+  at::Tensor ql = leaf(q), kl = leaf(k), vl = leaf(v);
+  bool square = causal && q.size(-2) == k.size(-2) && q.size(-2) > 1;
+  at::Tensor out = at::scaled_dot_product_attention(ql, kl, vl, {}, 0.0, square, scale);
+  at::Tensor g = g_bf16 ? toBf16(dy) : dy.clone();
+  auto grads = torch::autograd::grad({out}, {ql, kl, vl}, {g});
+  std::vector<at::Tensor> res;
+  for (auto& t : grads) res.push_back(t.to(at::kFloat));
+  return res;
+}
+#endif
+
 at::Tensor attentionForward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
                             double scale, bool causal) {
-#if defined(XT_HAS_SDPA) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1))
-  // same numbers where the semantics coincide: no mask, and causal only for square scores
-  if (!mask && (!causal || q.size(-2) == k.size(-2)))
-    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, causal, scale);
+#ifdef XT_SDPA
+  if (useSdpa(q, k, v, mask, causal)) return sdpa(q, k, v, scale, causal);
 #endif
   if (causalBlocked(q, k, v, mask, causal)) return causalBlockedForward(q, k, v, scale);
   auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
@@ -1328,6 +1488,9 @@ XT_FN(Attention) {
 XT_FN(AttentionGrad) {
   const at::Tensor& dyIn = get(info[0]);
   auto [q, k, v, mask, scale, causal] = attnArgs(info, 1);
+#ifdef XT_SDPA
+  if (useSdpa(q, k, v, mask, causal)) return idList(info, sdpaBackward(dyIn, q, k, v, scale, causal));
+#endif
   if (causalBlocked(q, k, v, mask, causal)) return idList(info, causalBlockedBackward(dyIn, q, k, v, scale));
   auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
   at::Tensor dy = dyIn;
@@ -1555,10 +1718,20 @@ XT_FN(CrossEntropy) {
   at::Tensor valid = t.ne(ignore);
   at::Tensor safe = at::where(valid, t, at::zeros({}, t.options()));
   int64_t c = logits.size(1);
-  if (safe.numel() > 0 && (safe.min().item<int64_t>() < 0 || safe.max().item<int64_t>() >= c))
-    throw std::runtime_error("crossEntropy: target ids must be in [0, " + std::to_string(c) + ") or ignoreIndex");
-  at::Tensor picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1);
-  at::Tensor losses = at::where(valid, picked.neg(), at::zeros({}, picked.options()));
+  at::Tensor losses;
+  if (logits.device().is_cpu()) {
+    if (safe.numel() > 0 && (safe.min().item<int64_t>() < 0 || safe.max().item<int64_t>() >= c))
+      throw std::runtime_error("crossEntropy: target ids must be in [0, " + std::to_string(c) + ") or ignoreIndex");
+    at::Tensor picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1);
+    losses = at::where(valid, picked.neg(), at::zeros({}, picked.options()));
+  } else {
+    // on a GPU the range check would wait for the device every step: an id out of range gives a
+    // NaN loss for its row instead (and a gather index that cannot fault)
+    at::Tensor inRange = safe.ge(0).logical_and_(safe.lt(c));
+    at::Tensor picked = logp.gather(1, safe.clamp(0, c - 1).unsqueeze(1)).squeeze(1);
+    losses = at::where(valid, at::where(inRange, picked.neg(), at::full({}, NAN, picked.options())),
+                       at::zeros({}, picked.options()));
+  }
   return idList(info, {losses, logp});
 }
 
@@ -1575,6 +1748,7 @@ XT_FN(CrossEntropyGrad) {
   at::Tensor safe = at::where(valid, t, at::zeros({}, t.options())).unsqueeze(1);
   at::Tensor g = at::exp(logp);
   g.mul_(scale);
+  if (!g.device().is_cpu()) safe = safe.clamp(0, g.size(1) - 1);
   g.scatter_add_(1, safe, scale.neg());
   return idv(info, g);
 }
@@ -1660,7 +1834,57 @@ XT_FN(AdamW) {
   auto owned = [](const at::Tensor& t) {
     return t.is_contiguous() && t.storage().use_count() == 1 && t.storage_offset() == 0;
   };
+  auto separate = [](const at::Tensor& p, const at::Tensor& m, const at::Tensor& v) {
+    return p.storage().data() != m.storage().data() && p.storage().data() != v.storage().data() &&
+           m.storage().data() != v.storage().data();
+  };
+  // Parameters on a GPU that may be updated in place: a few multi-tensor (foreach) ops update
+  // all of them, a handful of kernel launches instead of eight per parameter.
+  // XT_ADAMW_FOREACH=1 takes this path on the CPU too.
+  static const bool foreachOnCpu = [] {
+    const char* e = std::getenv("XT_ADAMW_FOREACH");
+    return e && std::string(e) == "1";
+  }();
+  std::vector<bool> done(n, false);
+  {
+    std::vector<at::Tensor> fp, fg, fm, fv, fpDecay;
+    std::vector<size_t> idx;
+    for (size_t i = 0; i < n; i++) {
+      const at::Tensor &p = ps[i], &g = gs[i], &m = ms[i], &v = vs[i];
+      bool onDevice = !p.device().is_cpu() || foreachOnCpu;
+      if (!onDevice || !exclusive[i] || p.scalar_type() != at::kFloat || g.scalar_type() != at::kFloat ||
+          m.scalar_type() != at::kFloat || v.scalar_type() != at::kFloat || g.device() != p.device() ||
+          m.device() != p.device() || v.device() != p.device() || !p.sizes().equals(g.sizes()) ||
+          !p.sizes().equals(m.sizes()) || !p.sizes().equals(v.sizes()) || !owned(p) || !owned(m) || !owned(v) ||
+          !separate(p, m, v))
+        continue;
+      fp.push_back(p);
+      fg.push_back(g.contiguous());
+      fm.push_back(m);
+      fv.push_back(v);
+      if (decay[i]) fpDecay.push_back(p);
+      idx.push_back(i);
+    }
+    if (!fp.empty()) {
+      at::_foreach_mul_(fm, b1);
+      at::_foreach_add_(fm, fg, omb1);
+      at::_foreach_mul_(fv, b2);
+      at::_foreach_addcmul_(fv, fg, fg, omb2);
+      auto denom = at::_foreach_sqrt(fv);
+      at::_foreach_div_(denom, sbc2);
+      at::_foreach_add_(denom, eps);
+      if (!fpDecay.empty()) at::_foreach_mul_(fpDecay, dfac);
+      at::_foreach_addcdiv_(fp, fm, denom, -step);
+      for (size_t i : idx) {
+        done[i] = true;
+        g_rhsCache.erase(ps[i].unsafeGetTensorImpl());
+        dropBf16Copies(ps[i]);
+        for (uint32_t k = 0; k < 3; k++) result.Set(static_cast<uint32_t>(3 * i + k), Napi::Number::New(env, -1));
+      }
+    }
+  }
   for (size_t i = 0; i < n; i++) {
+    if (done[i]) continue;
     const at::Tensor &p = ps[i], &g = gs[i], &m = ms[i], &v = vs[i];
     if (!p.sizes().equals(g.sizes()) || !p.sizes().equals(m.sizes()) || !p.sizes().equals(v.sizes()))
       throw std::runtime_error("adamW: parameter " + std::to_string(i) + " has mismatched shapes");
@@ -1690,6 +1914,7 @@ XT_FN(AdamW) {
       v2 = at::empty_like(vc);
     } else {
       g_rhsCache.erase(p.unsafeGetTensorImpl());  // a dense copy of the old weights is stale now
+      dropBf16Copies(p);
     }
     const float *pp = pc.data_ptr<float>(), *pg = gc.data_ptr<float>(), *pm = mc.data_ptr<float>(),
                 *pv = vc.data_ptr<float>();
@@ -1767,7 +1992,7 @@ XT_FN(RandomFill) {
   sd[3] = s3;
   sd[4] = hasSpare ? 1 : 0;
   sd[5] = hasSpare ? spare : 0;
-  if (!g_device.is_cpu()) t = t.to(g_device);
+  if (!g_device.is_cpu()) t = onDevice(t);
   return idv(info, t);
 }
 
@@ -1775,13 +2000,34 @@ XT_FN(RandomFill) {
 // library's JavaScript sampler does. probs: [b, v] float32 (rows need not sum to 1; entries <= 0
 // or NaN carry no mass), draws: b uniform numbers in [0, 1) -> int32 [b], the first index whose
 // running mass exceeds draw * total (-1 for a row with no mass).
+// The same walk as tensor ops on the device that holds probs, so that only the picked ids ever
+// leave it: the positive mass summed in double by cumsum; the pick is the first position whose
+// running sum exceeds u (its mass is positive: the sum only grows there), else the last positive
+// position, else -1. A parallel cumsum may round differently from the sequential walk by an ulp.
+at::Tensor sampleRowsOnDevice(const at::Tensor& probs, const double* draws) {
+  int64_t b = probs.size(0), v = probs.size(1);
+  at::Tensor p = probs.to(at::kDouble);
+  at::Tensor positive = p.gt(0);
+  at::Tensor mass = at::where(positive, p, at::zeros({}, p.options()));
+  at::Tensor running = mass.cumsum(1);
+  at::Tensor d = at::from_blob(const_cast<double*>(draws), {b, 1}, at::TensorOptions().dtype(at::kDouble)).clone();
+  if (!p.device().is_cpu()) d = onDevice(d);
+  at::Tensor u = d * running.narrow(1, v - 1, 1);
+  at::Tensor first = at::searchsorted(running, u, /*out_int32=*/false, /*right=*/true).squeeze(1);
+  at::Tensor pos = at::arange(v, at::TensorOptions().dtype(at::kLong).device(p.device()));
+  at::Tensor last = at::where(positive, pos.unsqueeze(0), at::full({}, -1, pos.options())).amax(1);
+  return at::where(first.lt(v), first, last).to(at::kInt);
+}
+
 XT_FN(SampleRows) {
   at::Tensor p = get(info[0]);
   if (p.dim() != 2) throw std::runtime_error("sampleRows: expected probs [b, v]");
-  p = p.to(at::kCPU).to(at::kFloat).contiguous();
   auto draws = info[1].As<Napi::Float64Array>();
   int64_t b = p.size(0), v = p.size(1);
   if (static_cast<int64_t>(draws.ElementLength()) != b) throw std::runtime_error("sampleRows: expected one draw per row");
+  bool tensorWalk = info.Length() > 2 && flag(info, 2);
+  if ((!p.device().is_cpu() || tensorWalk) && v > 0) return idv(info, sampleRowsOnDevice(p, draws.Data()));
+  p = p.to(at::kCPU).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({b}, at::TensorOptions().dtype(at::kInt));
   const float* pp = p.data_ptr<float>();
   int32_t* po = out.data_ptr<int32_t>();
@@ -1805,8 +2051,48 @@ XT_FN(SampleRows) {
   return idv(info, out);
 }
 
+// setPrecision("fp32" | "bf16") -> the previous setting
+XT_FN(SetPrecision) {
+  std::string p = info[0].As<Napi::String>().Utf8Value();
+  std::string before = g_bf16 ? "bf16" : "fp32";
+  if (p == "bf16") g_bf16 = true;
+  else if (p == "fp32") g_bf16 = false;
+  else throw std::runtime_error("setPrecision: expected fp32 or bf16, got " + p);
+  return Napi::String::New(info.Env(), before);
+}
+
+// The CUDA device in use, through the driver library (libcuda.so.1, present wherever a CUDA
+// LibTorch runs; no CUDA headers are needed): {name, memoryUsedBytes, memoryTotalBytes}, or null on
+// the CPU. memoryUsedBytes is the device's, every process included.
+XT_FN(DeviceInfo) {
+  Napi::Env env = info.Env();
+  if (!g_device.is_cuda()) return env.Null();
+  auto out = Napi::Object::New(env);
+  out.Set("index", static_cast<double>(g_device.index() < 0 ? 0 : g_device.index()));
+  void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+  if (!lib) lib = dlopen("libcuda.so.1", RTLD_LAZY);
+  if (!lib) return out;
+  using GetFn = int (*)(int*, int);
+  using NameFn = int (*)(char*, int, int);
+  using TotalFn = int (*)(size_t*, int);
+  using MemFn = int (*)(size_t*, size_t*);
+  auto deviceGet = reinterpret_cast<GetFn>(dlsym(lib, "cuDeviceGet"));
+  auto getName = reinterpret_cast<NameFn>(dlsym(lib, "cuDeviceGetName"));
+  auto totalMem = reinterpret_cast<TotalFn>(dlsym(lib, "cuDeviceTotalMem_v2"));
+  auto memInfo = reinterpret_cast<MemFn>(dlsym(lib, "cuMemGetInfo_v2"));
+  int dev = 0;
+  if (!deviceGet || deviceGet(&dev, g_device.index() < 0 ? 0 : g_device.index()) != 0) return out;
+  char name[256] = {0};
+  if (getName && getName(name, sizeof(name) - 1, dev) == 0) out.Set("name", std::string(name));
+  size_t total = 0, free = 0, total2 = 0;
+  if (totalMem && totalMem(&total, dev) == 0) out.Set("memoryTotalBytes", static_cast<double>(total));
+  // needs the device's context current on this thread, which LibTorch's first CUDA call made
+  if (memInfo && memInfo(&free, &total2) == 0) out.Set("memoryUsedBytes", static_cast<double>(total2 - free));
+  return out;
+}
+
 XT_FN(HasSdpa) {
-#ifdef XT_HAS_SDPA
+#ifdef XT_SDPA
   return Napi::Boolean::New(info.Env(), true);
 #else
   return Napi::Boolean::New(info.Env(), false);
@@ -1828,6 +2114,9 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
     env.AddCleanupHook([]() {
       g_owner = nullptr;
       g_meta = nullptr;
+      // released while the environment lives: the static's destructor at exit would otherwise
+      // delete a reference of an environment that is gone
+      g_metaRef.Reset();
     });
   }
 #define X(n, f) exports.Set(n, Napi::Function::New(env, f, n))
@@ -1884,6 +2173,8 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("attention", Attention);
   X("attentionGrad", AttentionGrad);
   X("hasSdpa", HasSdpa);
+  X("setPrecision", SetPrecision);
+  X("deviceInfo", DeviceInfo);
   X("crossEntropy", CrossEntropy);
   X("crossEntropyGrad", CrossEntropyGrad);
   X("adamW", AdamW);

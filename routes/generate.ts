@@ -64,6 +64,7 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
         stop: b.stop,
         seed: b.seed,
         cacheKv: b.cacheKv,
+        precision: b.precision,
       });
       const gone = clientGone(reply);
       gone.signal.addEventListener('abort', () => {

@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { Health, Ready } from '../models/schemas.js';
 import { engineStatus } from '../workers/engine.js';
+import { listWorkers, localCuda, type WorkerPresence } from '../workers/presence.js';
 
 /** Liveness, readiness (Redis and engine) and Prometheus metrics. */
 export default async function healthRoutes(app: FastifyInstance): Promise<void> {
@@ -15,7 +16,8 @@ export default async function healthRoutes(app: FastifyInstance): Promise<void> 
     {
       schema: {
         tags: ['health'],
-        summary: 'Readiness: Redis answers and the tensor engine is loaded (503 otherwise)',
+        summary:
+          'Readiness: Redis answers and the tensor engine is loaded (503 otherwise); lists the live workers with their device',
         response: { 200: Ready, 503: Ready },
       },
     },
@@ -28,12 +30,23 @@ export default async function healthRoutes(app: FastifyInstance): Promise<void> 
       }
       const eng = engineStatus();
       const ok = redis === 'ok' && eng.ready;
+      let workers: WorkerPresence[] | undefined;
+      if (redis === 'ok') {
+        try {
+          workers = await withTimeout(listWorkers(app.svc.redis, app.svc.registry.prefix), 1000);
+        } catch {
+          workers = undefined;
+        }
+      }
+      const cuda = localCuda();
       return reply.status(ok ? 200 : 503).send({
         status: ok ? 'ok' : 'unavailable',
         backend: eng.backend,
         device: eng.device,
+        ...(cuda ? { cuda } : {}),
         redis,
         ...(eng.reason ? { engine: eng.reason } : {}),
+        ...(workers ? { workers } : {}),
       });
     },
   );
@@ -43,6 +56,11 @@ export default async function healthRoutes(app: FastifyInstance): Promise<void> 
     { schema: { tags: ['health'], summary: 'Prometheus metrics (text exposition format)' } },
     async (_req, reply) => {
       const { metrics, trainQueue, generateQueue } = app.svc;
+      try {
+        metrics.setWorkers(await withTimeout(listWorkers(app.svc.redis, app.svc.registry.prefix), 1000));
+      } catch {
+        // Redis down: serve the rest
+      }
       for (const q of [trainQueue, generateQueue]) {
         try {
           const counts = await q.getJobCounts('waiting', 'active', 'delayed', 'completed', 'failed');

@@ -1,19 +1,34 @@
 /**
  * Parity runner: `npm run parity -- [DIR|FILE ...]` runs every `*.safetensors` case (sorted) against
  * the reference outputs it holds, prints one line per case and ends with `parity: N passed, M failed`.
- * Without arguments it runs the repository's reference cases (test/fixtures/parity and
- * test/fixtures/extra-parity, test/fixtures/wrapper-options). Exits non-zero when a case failed or no case was found. The backend
- * follows XT_BACKEND.
+ * Without arguments it runs the repository's reference cases (test/fixtures/parity,
+ * test/fixtures/extra-parity, test/fixtures/wrapper-options, test/fixtures/attention-options and
+ * test/fixtures/reference-modules). Exits non-zero when a case failed or no case was found. The
+ * backend follows XT_BACKEND.
  */
 import { statSync } from 'node:fs';
 import { initBackend } from '../src/backend/index.js';
 import { ensureGradients } from '../src/train/gradients.js';
 import { formatResult, listCases, runCase } from './parity/run.js';
-import { EXTRA_PARITY_CASES, PARITY_CASES, WRAPPER_OPTION_CASES } from './parity/paths.js';
+import {
+  ATTENTION_OPTION_CASES,
+  EXTRA_PARITY_CASES,
+  PARITY_CASES,
+  REFERENCE_MODULE_CASES,
+  WRAPPER_OPTION_CASES,
+} from './parity/paths.js';
 
 async function main(): Promise<number> {
   const given = process.argv.slice(2).filter((a) => a !== '--');
-  const args = given.length ? given : [PARITY_CASES, EXTRA_PARITY_CASES, WRAPPER_OPTION_CASES];
+  const args = given.length
+    ? given
+    : [
+        PARITY_CASES,
+        EXTRA_PARITY_CASES,
+        WRAPPER_OPTION_CASES,
+        ATTENTION_OPTION_CASES,
+        REFERENCE_MODULE_CASES,
+      ];
   await initBackend(process.env.XT_BACKEND);
   // gradients (loss_grads) and the modules that import them need TF.js's gradient registry
   await ensureGradients();

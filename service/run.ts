@@ -60,6 +60,9 @@ export async function run(role: Role): Promise<void> {
   const { engineStatus } = await import('../workers/engine.js');
   const { startWorkers } = await import('../workers/index.js');
   const { createMetrics } = await import('../workers/metrics.js');
+  // a worker computes on the GPU when its LibTorch has CUDA and sees a device (XT_DEVICE=auto);
+  // the API process, which only validates and builds models, stays on the CPU unless told
+  if (role === 'worker' && !process.env.XT_DEVICE?.trim()) process.env.XT_DEVICE = 'auto';
   try {
     const info = await initBackend(config.backend, (m) => log.info(m));
     log.info({ backend: info.backend, device: info.device }, 'tensor backend ready');

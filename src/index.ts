@@ -3,6 +3,8 @@
  */
 export { initBackend, backendInfo, BACKENDS, rowStableProducts } from './backend/index.js';
 export type { BackendName, BackendInfo } from './backend/index.js';
+export { PRECISIONS, checkPrecision, withPrecision } from './backend/precision.js';
+export type { Precision } from './backend/precision.js';
 export { Module, ModuleDict, ModuleList } from './nn/module.js';
 export type { LoadStateDictOptions, LoadStateDictResult } from './nn/module.js';
 export { Rng, manualSeed, getRng } from './utils/random.js';
@@ -16,6 +18,18 @@ export type { ContinuousTransformerWrapperOptions, ContinuousForwardOptions } fr
 export { XValTransformerWrapper, xValTransformerWrapperDefaults } from './wrappers/xval.js';
 export type { XValTransformerWrapperOptions, XValForwardOptions, XValOutput } from './wrappers/xval.js';
 export { XTransformer, xTransformerDefaults } from './wrappers/xtransformer.js';
+export { NeoMLP, neoMLPDefaults } from './wrappers/neo-mlp.js';
+export type { NeoMLPOptions, NeoMLPEncoderOptions, NeoMLPOutput } from './wrappers/neo-mlp.js';
+export {
+  MultiInputTransformerWrapper,
+  multiInputTransformerWrapperDefaults,
+} from './wrappers/multi-input.js';
+export type {
+  MultiInputTransformerWrapperOptions,
+  MultiInputTransformerWrapperOwnOptions,
+  MultiInputForwardOptions,
+  MultiInputState,
+} from './wrappers/multi-input.js';
 export type { XTransformerOptions, XTransformerForwardOptions } from './wrappers/xtransformer.js';
 export { fromConfig, toConfig, camelKey, snakeKey, WRAPPERS, LAYERS_TYPES } from './io/config.js';
 export type {
@@ -67,7 +81,12 @@ export type {
   PrefixDecoderForwardOptions,
 } from './layers/attention-layers.js';
 export { attentionLayersDefaults } from './layers/options.js';
-export type { AttentionLayersOptions, AttentionLayersOwnOptions } from './layers/options.js';
+export type {
+  AttentionLayersOptions,
+  AttentionLayersOwnOptions,
+  RelPosKwargs,
+  ResidualFnKwargs,
+} from './layers/options.js';
 export { TransformerWrapper, transformerWrapperDefaults } from './wrappers/transformer-wrapper.js';
 export type {
   TransformerWrapperOptions,
@@ -132,6 +151,22 @@ export {
 } from './generation/continuous-autoregressive-wrapper.js';
 export type { ContinuousAutoregressiveWrapperOptions } from './generation/continuous-autoregressive-wrapper.js';
 export {
+  NonAutoregressiveWrapper,
+  nonAutoregressiveWrapperDefaults,
+  NAR_SCHEDULES,
+  maskCounts,
+  linspace01,
+} from './generation/nonautoregressive-wrapper.js';
+export type {
+  NonAutoregressiveWrapperOptions,
+  NARForwardOptions,
+  NARTrainNoise,
+  NARLosses,
+  NARGenerateOptions,
+  ScheduleFn,
+  ScheduleName as NARScheduleName,
+} from './generation/nonautoregressive-wrapper.js';
+export {
   XValAutoregressiveWrapper,
   xvalAutoregressiveWrapperDefaults,
 } from './generation/xval-autoregressive-wrapper.js';
@@ -149,6 +184,8 @@ export type { AdamWOptions } from './train/optimizer.js';
 export { learningRateAt } from './train/schedule.js';
 export type { ScheduleName, ScheduleOptions } from './train/schedule.js';
 export { Trainer, trainerDefaults } from './train/trainer.js';
+export { DPO, dpoDefaults } from './train/dpo.js';
+export type { DPOOptions, DPOForwardOptions } from './train/dpo.js';
 export type {
   TrainerOptions,
   StepResult,

@@ -124,7 +124,9 @@ async function sample(
     d.cacheKv ??
     (d.promptTokens.length + d.maxTokens <= built.maxSeqLen || built.model.canCacheKvOutsideMaxSeqLen);
   const sampling = { temperature: d.temperature ?? 1, seed: d.seed, ...filterOptions(d, built.numTokens) };
-  const batcher = cacheKv ? batcherFor(ctx.batchers, loaded, ctx.maxBatch) : null;
+  // a batch runs at float32: other precisions decode alone
+  const batchable = cacheKv && (d.precision ?? 'fp32') === 'fp32';
+  const batcher = batchable ? batcherFor(ctx.batchers, loaded, ctx.maxBatch) : null;
   if (batcher) {
     try {
       await batcher.run({
@@ -140,7 +142,7 @@ async function sample(
   }
   const prompt = tf.tensor2d([d.promptTokens], [1, d.promptTokens.length], 'int32');
   try {
-    const opts: GenerateOptions = { ...sampling, cacheKv, signal };
+    const opts: GenerateOptions = { ...sampling, cacheKv, precision: d.precision, signal };
     for await (const step of ar.generateStream(prompt, d.maxTokens, opts)) {
       const end = sink.push(step.tokens[0]!);
       await sink.flush();

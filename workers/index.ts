@@ -9,6 +9,7 @@ import { TokenCache } from './token-cache.js';
 import { GenerationPriority } from './priority.js';
 import { processGenerate } from './generate.js';
 import { processTrain } from './train.js';
+import { startPresence } from './presence.js';
 import {
   closeRedis,
   createRedis,
@@ -122,6 +123,9 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
     w.on('error', (err) => ctx.log.error({ err: err.message }, 'worker error'));
     await w.waitUntilReady();
   }
+  // listed by the API's /readyz and /metrics (backend, device, GPU memory)
+  const presence = startPresence(redis, prefix, which);
+  await presence.refresh().catch(() => undefined);
   let closing: Promise<void> | null = null;
   return {
     ctx,
@@ -131,6 +135,7 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
       ctx.draining = true;
       closing = (async () => {
         await Promise.all(workers.map((w) => w.close()));
+        await presence.stop();
         await Promise.all(conns.map((c) => closeRedis(c)));
         await closeRedis(sub);
         await closeRedis(redis);

@@ -1,4 +1,5 @@
 import client from 'prom-client';
+import { localCuda, type WorkerPresence } from './presence.js';
 
 /** The service's Prometheus metrics, on one registry (served at GET /metrics). */
 export interface ServiceMetrics {
@@ -9,13 +10,64 @@ export interface ServiceMetrics {
   trainSteps: client.Counter<string>;
   generatedTokens: client.Counter<string>;
   generateTokensPerSecond: client.Histogram<string>;
+  /** Sets the worker gauges from the workers' presence in Redis (the API's /metrics). */
+  setWorkers(workers: WorkerPresence[]): void;
 }
 
 /** Creates the metrics on a fresh registry (one per process, or per app in tests). */
 export function createMetrics(defaultMetrics = false): ServiceMetrics {
   const registry = new client.Registry();
   if (defaultMetrics) client.collectDefaultMetrics({ register: registry, prefix: 'xt_' });
+  const workers = new client.Gauge({
+    name: 'xt_workers',
+    help: 'Live worker processes, by tensor backend and device',
+    labelNames: ['backend', 'device'],
+    registers: [registry],
+  });
+  const workerGpuUsed = new client.Gauge({
+    name: 'xt_worker_cuda_memory_used_bytes',
+    help: "Memory in use on a worker's CUDA device (every process on it)",
+    labelNames: ['worker', 'device_name'],
+    registers: [registry],
+  });
+  const workerGpuTotal = new client.Gauge({
+    name: 'xt_worker_cuda_memory_total_bytes',
+    help: "Memory of a worker's CUDA device",
+    labelNames: ['worker', 'device_name'],
+    registers: [registry],
+  });
+  // this process's own device, read when scraped
+  new client.Gauge({
+    name: 'xt_cuda_memory_used_bytes',
+    help: "Memory in use on this process's CUDA device (every process on it)",
+    labelNames: ['device_name'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      const cuda = localCuda();
+      if (cuda?.memoryUsedBytes !== undefined)
+        this.set({ device_name: cuda.name ?? 'cuda' }, cuda.memoryUsedBytes);
+    },
+  });
   return {
+    setWorkers(list: WorkerPresence[]) {
+      workers.reset();
+      workerGpuUsed.reset();
+      workerGpuTotal.reset();
+      const counts = new Map<string, { backend: string; device: string; n: number }>();
+      for (const w of list) {
+        const backend = w.backend ?? 'none';
+        const device = w.device ?? 'none';
+        const k = `${backend}\u0000${device}`;
+        const c = counts.get(k) ?? { backend, device, n: 0 };
+        c.n++;
+        counts.set(k, c);
+        const labels = { worker: w.id, device_name: w.cuda?.name ?? 'cuda' };
+        if (w.cuda?.memoryUsedBytes !== undefined) workerGpuUsed.set(labels, w.cuda.memoryUsedBytes);
+        if (w.cuda?.memoryTotalBytes !== undefined) workerGpuTotal.set(labels, w.cuda.memoryTotalBytes);
+      }
+      for (const c of counts.values()) workers.set({ backend: c.backend, device: c.device }, c.n);
+    },
     registry,
     httpDuration: new client.Histogram({
       name: 'xt_http_request_duration_seconds',

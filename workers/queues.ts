@@ -20,6 +20,7 @@ export interface TrainJobData {
   evalEvery?: number;
   checkpointEvery?: number;
   seed?: number;
+  precision?: 'fp32' | 'bf16';
 }
 
 /** What a `generate` job carries. */
@@ -36,6 +37,7 @@ export interface GenerateJobData {
   stop?: string[];
   seed?: number;
   cacheKv?: boolean;
+  precision?: 'fp32' | 'bf16';
 }
 
 /** An ioredis connection as BullMQ wants it (commands wait for reconnection instead of failing). */

@@ -107,6 +107,7 @@ export async function processTrain(
       gradAccumulation: d.gradAccumulation,
       evalEvery: d.evalEvery,
       seed: d.seed,
+      precision: d.precision,
     };
     const last = await registry.latestCheckpoint(d.modelId, d.jobId);
     let resumedFromStep: number | null = null;

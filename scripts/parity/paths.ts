@@ -11,3 +11,9 @@ export const EXTRA_PARITY_CASES = path.resolve(here, '..', '..', 'test', 'fixtur
 
 /** Reference cases (test/fixtures/wrapper-options) of TransformerWrapper's output, embedding and recycling options. */
 export const WRAPPER_OPTION_CASES = path.resolve(here, '..', '..', 'test', 'fixtures', 'wrapper-options');
+
+/** Reference cases (test/fixtures/reference-modules) of NeoMLP, MultiInputTransformerWrapper, DPO and NonAutoregressiveWrapper. */
+export const REFERENCE_MODULE_CASES = path.resolve(here, '..', '..', 'test', 'fixtures', 'reference-modules');
+
+/** Reference cases (test/fixtures/attention-options) of Attention's and AttentionLayers' remaining options. */
+export const ATTENTION_OPTION_CASES = path.resolve(here, '..', '..', 'test', 'fixtures', 'attention-options');

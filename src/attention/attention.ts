@@ -1,9 +1,9 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { Module } from '../nn/module.js';
+import { Module, ModuleList } from '../nn/module.js';
 import { Linear } from '../nn/linear.js';
 import { fmtShape } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
-import { Attend } from './attend.js';
+import { Attend, type AttendModuleOptions } from './attend.js';
 import { CoPE } from './cope.js';
 import {
   DataDependentAlibi,
@@ -13,12 +13,14 @@ import {
 import { fillVariable, l2normGroups, padAxis } from './ops.js';
 import { applyRotaryPosEmb, applyRotaryTables } from './rotary.js';
 import { backendHasKernel } from '../nn/fused.js';
+import { FoldAxially, MultiheadRMSNorm, buildHybridModule } from './hybrid.js';
 import {
   attentionDefaults,
   type AttentionForwardOptions,
   type AttentionIntermediates,
   type AttentionKv,
   type AttentionOptions,
+  type RotaryInput,
 } from './types.js';
 
 /**
@@ -59,6 +61,11 @@ const PLAIN_DECODE: Partial<AttentionOptions> = {
   addZeroKv: false,
   softclampLogits: false,
   customAttnFn: null,
+  qkvReceiveDiffResiduals: false,
+  useLatentQ: false,
+  useLatentKv: false,
+  latentRopeSubheads: null,
+  hybridModule: null,
 };
 
 function checkPositiveInt(name: string, v: unknown): void {
@@ -81,6 +88,11 @@ function resolveOptions(options: Partial<AttentionOptions>): AttentionOptions {
     if (key === 'customAttnFn') {
       if (value !== null && typeof value !== 'function')
         throw new Error(`customAttnFn: expected a function or null, got ${JSON.stringify(value)}`);
+    } else if (key === 'hybridModule') {
+      // a spec, factory or module: buildHybridModule checks it
+    } else if (key === 'hybridMaskKwarg') {
+      if (value !== null && (typeof value !== 'string' || value === ''))
+        throw new Error(`hybridMaskKwarg: expected a non-empty string or null, got ${JSON.stringify(value)}`);
     } else if (def === null) {
       if (value !== null && typeof value !== 'number')
         throw new Error(`${key}: expected a number or null, got ${JSON.stringify(value)}`);
@@ -90,6 +102,192 @@ function resolveOptions(options: Partial<AttentionOptions>): AttentionOptions {
     merged[key] = value;
   }
   return merged as unknown as AttentionOptions;
+}
+
+/** Checks the options of an Attention of input size `dim`; returns its number of key/value heads. */
+function checkOptions(o: AttentionOptions, dim: number): number {
+  checkPositiveInt('dimHead', o.dimHead);
+  checkPositiveInt('heads', o.heads);
+  for (const key of [
+    'causal',
+    'flash',
+    'qkNorm',
+    'oneKvHead',
+    'gateValues',
+    'onAttn',
+    'headScale',
+    'hard',
+  ] as const)
+    checkBool(key, o[key]);
+  if (o.dimContext !== null) checkPositiveInt('dimContext', o.dimContext);
+  if (o.kvHeads !== null) checkPositiveInt('kvHeads', o.kvHeads);
+  if (o.valueDimHead !== null) checkPositiveInt('valueDimHead', o.valueDimHead);
+  if (o.dimOut !== null) checkPositiveInt('dimOut', o.dimOut);
+  if (!Number.isInteger(o.numMemKv) || o.numMemKv < 0)
+    throw new Error(`numMemKv: expected a non-negative integer, got ${o.numMemKv}`);
+  if (!(o.dropout >= 0 && o.dropout < 1))
+    throw new Error(`dropout: expected a number in [0, 1), got ${o.dropout}`);
+  if (o.maxAttendPast !== null && !(Number.isInteger(o.maxAttendPast) && o.maxAttendPast >= 0))
+    throw new Error(`maxAttendPast: expected a non-negative integer or null, got ${o.maxAttendPast}`);
+  if (o.kvHeads !== null && o.oneKvHead)
+    throw new Error(
+      `kvHeads: expected null when oneKvHead is true (oneKvHead means kvHeads = 1), got ${o.kvHeads}`,
+    );
+
+  const kvHeads = o.oneKvHead ? 1 : (o.kvHeads ?? o.heads);
+  if (o.heads % kvHeads !== 0)
+    throw new Error(`kvHeads: expected a divisor of heads (${o.heads}), got ${kvHeads}`);
+  checkLatentHybridOptions(o, dim, kvHeads);
+  if (o.rotateNumHeads !== null || o.latentRopeSubheads !== null) {
+    const name = o.latentRopeSubheads !== null ? 'latentRopeSubheads' : 'rotateNumHeads';
+    const r = o.latentRopeSubheads ?? o.rotateNumHeads ?? o.heads;
+    if (!Number.isInteger(r) || r <= 0 || r > o.heads)
+      throw new Error(`${name}: expected an integer in [1, heads (${o.heads})], got ${r}`);
+    if (r < o.heads && kvHeads < o.heads)
+      throw new Error(
+        `${name}: rotating only some heads is not compatible with grouped-query attention (kvHeads ${kvHeads})`,
+      );
+  }
+  if (o.laser && !(o.laserSoftclampValue > 0))
+    throw new Error(`laserSoftclampValue: expected a positive number, got ${o.laserSoftclampValue}`);
+  if (o.qkNorm) {
+    checkPositiveInt('qkNormGroups', o.qkNormGroups);
+    if (o.dimHead % o.qkNormGroups !== 0)
+      throw new Error(`qkNormGroups: expected a divisor of dimHead (${o.dimHead}), got ${o.qkNormGroups}`);
+    if (o.dimHead / o.qkNormGroups <= 2)
+      throw new Error(
+        `qkNormGroups: expected dimHead / qkNormGroups > 2, got ${o.dimHead} / ${o.qkNormGroups}`,
+      );
+  }
+  return kvHeads;
+}
+
+/**
+ * Checks the options of multi-head latent attention, the hybrid module and qkv from different
+ * residuals against each other (checkOptions checks the others).
+ */
+function checkLatentHybridOptions(o: AttentionOptions, dim: number, kvHeads: number): void {
+  for (const key of ['qkvReceiveDiffResiduals', 'useLatentQ', 'useLatentKv'] as const) checkBool(key, o[key]);
+  if (o.dimLatentQ !== null) checkPositiveInt('dimLatentQ', o.dimLatentQ);
+  if (o.dimLatentKv !== null) checkPositiveInt('dimLatentKv', o.dimLatentKv);
+  if (o.useLatentQ && o.dimLatentQ === null)
+    throw new Error('dimLatentQ: expected a positive integer with useLatentQ, got null');
+  if (o.useLatentKv && o.dimLatentKv === null)
+    throw new Error('dimLatentKv: expected a positive integer with useLatentKv, got null');
+  if (o.latentRopeSubheads !== null) {
+    checkPositiveInt('latentRopeSubheads', o.latentRopeSubheads);
+    if (!o.useLatentKv)
+      throw new Error(`latentRopeSubheads: expected useLatentKv true with it, got ${o.latentRopeSubheads}`);
+    if (o.rotateNumHeads !== null)
+      throw new Error(
+        `rotateNumHeads: expected null with latentRopeSubheads (which sets the rotated heads), got ${o.rotateNumHeads}`,
+      );
+    if (o.latentRopeSubheads > kvHeads)
+      throw new Error(
+        `latentRopeSubheads: expected at most the key/value heads (${kvHeads}), got ${o.latentRopeSubheads}`,
+      );
+  }
+  if (o.learnedValueResidualMix && o.useLatentQ && o.dimLatentQ !== dim)
+    throw new Error(
+      `dimLatentQ: expected ${dim} (dim) with learnedValueResidualMix, which mixes from the latent queries, got ${o.dimLatentQ}`,
+    );
+  if (o.qkvReceiveDiffResiduals) {
+    if (o.dimContext !== null && o.dimContext !== dim)
+      throw new Error(
+        `dimContext: expected none with qkvReceiveDiffResiduals (self-attention), got ${o.dimContext}`,
+      );
+    const fromX = (['useLatentKv', 'gateValues', 'gateValueHeads', 'dataDependentAlibi'] as const).find(
+      (key) => o[key],
+    );
+    if (fromX || o.hybridModule !== null)
+      throw new Error(
+        `qkvReceiveDiffResiduals: expected no ${fromX ?? 'hybridModule'} with it (that option reads one input x, here there are three)`,
+      );
+  }
+  if (o.hybridModule === null) {
+    if (o.hybridFoldAxialDim !== null || o.hybridMaskKwarg !== null)
+      throw new Error(
+        `${o.hybridFoldAxialDim !== null ? 'hybridFoldAxialDim' : 'hybridMaskKwarg'}: expected a hybridModule with it, got none`,
+      );
+    return;
+  }
+  if (o.hybridFoldAxialDim === null)
+    throw new Error(
+      'hybridFoldAxialDim: expected a positive integer with hybridModule (1: no folding), got null',
+    );
+  checkPositiveInt('hybridFoldAxialDim', o.hybridFoldAxialDim);
+  if (o.valueDimHead !== null && o.valueDimHead !== o.dimHead)
+    throw new Error(
+      `valueDimHead: expected dimHead (${o.dimHead}) with hybridModule (both outputs are normed per head of dimHead), got ${o.valueDimHead}`,
+    );
+}
+
+/** CoPE of `useCope` (causal attention without flash), or null. */
+function buildCope(o: AttentionOptions): CoPE | null {
+  if (!o.useCope) return null;
+  if (!o.causal) throw new Error('useCope: expected causal attention (CoPE was designed for it)');
+  if (o.flash) throw new Error('flash: CoPE (useCope) needs the attention matrix, which flash does not form');
+  return new CoPE(o.dimHead, {
+    heads: o.heads,
+    maxPos: o.copeMaxPos,
+    talkingHeads: o.copeTalkingHeads,
+    softOnehot: o.copeSoftOnehotPos,
+  });
+}
+
+/** The data-dependent ALiBi module of `dataDependentAlibi`, or null. */
+function buildDataDependentAlibi(
+  dim: number,
+  o: AttentionOptions,
+): DataDependentAlibi | PerRowDataDependentAlibi | null {
+  if (!o.dataDependentAlibi) return null;
+  const given = (o.dataDependentAlibiKwargs ?? {}) as Record<string, unknown>;
+  const ddaKwargs: DataDependentAlibiKwargs = {};
+  for (const [key, value] of Object.entries(given)) {
+    const name = key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
+    if (
+      (name !== 'biasInit' && name !== 'postLogScale') ||
+      typeof value !== 'number' ||
+      !Number.isFinite(value)
+    )
+      throw new Error(
+        `dataDependentAlibiKwargs: expected {biasInit?: number, postLogScale?: number}, got ${JSON.stringify(given)}`,
+      );
+    ddaKwargs[name] = value;
+  }
+  return o.dataDependentAlibiPerRow
+    ? new PerRowDataDependentAlibi(dim, o.heads, o.causal, o.dataDependentAlibiPerRowDimHead, ddaKwargs)
+    : new DataDependentAlibi(dim, o.heads, o.causal, ddaKwargs);
+}
+
+/** The options of the `Attend` of an Attention with options `o`, logit scale `scale` and CoPE. */
+function attendOptions(o: AttentionOptions, scale: number, cope: CoPE | null): AttendModuleOptions {
+  return {
+    heads: o.heads,
+    causal: o.causal,
+    preTalkingHeads: o.preTalkingHeads,
+    postTalkingHeads: o.postTalkingHeads,
+    preScalePostTalkingHeads: o.preScalePostTalkingHeads,
+    dropout: o.dropout,
+    sparseTopk: o.sparseTopk,
+    sparseTopkStraightThrough: o.sparseTopkStraightThrough,
+    hard: o.hard,
+    scale: o.qkNorm ? o.qkNormScale : scale,
+    l2Distance: o.l2Distance,
+    sigmoid: o.sigmoid,
+    customAttnFn: o.customAttnFn,
+    selective: o.selective,
+    flash: o.flash,
+    addZeroKv: o.addZeroKv,
+    softclampLogits: o.softclampLogits,
+    logitSoftclampValue: o.logitSoftclampValue,
+    cope,
+  };
+}
+
+/** Standard normal draws of the library generator: [a, b, c]. */
+function drawNormal(shape: [number, number, number]): tf.Tensor3D {
+  return tf.tensor3d(getRng().fillNormal(shape[0] * shape[1] * shape[2], 0, 1), shape);
 }
 
 /** sigmoid / silu gating helper of the reference's GLU: x: [..., 2d] -> a * sigmoid(g). */
@@ -137,6 +335,16 @@ export class Attention extends Module {
   readonly toQ: Linear;
   readonly toK: Linear;
   readonly toV: Linear;
+  /** Multi-head latent attention: `to_latent_q`, `to_latent_kv`, `to_rotateable_k` (decoupled rope). */
+  readonly toLatentQ: Linear | null = null;
+  readonly toLatentKv: Linear | null = null;
+  readonly toRotateableK: Linear | null = null;
+  /** The hybrid module (inside `FoldAxially`) with its two per-head norms and `hybrid_mix`. */
+  readonly hybrid: FoldAxially | null = null;
+  readonly hybridNorms: [MultiheadRMSNorm, MultiheadRMSNorm] | null = null;
+  readonly hybridMix: Linear | null = null;
+  /** Heads that rotary turns (the last ones): rotateNumHeads, latentRopeSubheads, or all. */
+  readonly rotateNumHeads: number;
   readonly toVGate: Linear | null = null;
   readonly toVHeadGate: Linear | null = null;
   readonly qkNormQScale: tf.Variable | null = null;
@@ -160,34 +368,7 @@ export class Attention extends Module {
     const o = resolveOptions(options);
     this.options = o;
     this.dim = dim;
-    checkPositiveInt('dimHead', o.dimHead);
-    checkPositiveInt('heads', o.heads);
-    for (const key of [
-      'causal',
-      'flash',
-      'qkNorm',
-      'oneKvHead',
-      'gateValues',
-      'onAttn',
-      'headScale',
-      'hard',
-    ] as const)
-      checkBool(key, o[key]);
-    if (o.dimContext !== null) checkPositiveInt('dimContext', o.dimContext);
-    if (o.kvHeads !== null) checkPositiveInt('kvHeads', o.kvHeads);
-    if (o.valueDimHead !== null) checkPositiveInt('valueDimHead', o.valueDimHead);
-    if (o.dimOut !== null) checkPositiveInt('dimOut', o.dimOut);
-    if (!Number.isInteger(o.numMemKv) || o.numMemKv < 0)
-      throw new Error(`numMemKv: expected a non-negative integer, got ${o.numMemKv}`);
-    if (!(o.dropout >= 0 && o.dropout < 1))
-      throw new Error(`dropout: expected a number in [0, 1), got ${o.dropout}`);
-    if (o.maxAttendPast !== null && !(Number.isInteger(o.maxAttendPast) && o.maxAttendPast >= 0))
-      throw new Error(`maxAttendPast: expected a non-negative integer or null, got ${o.maxAttendPast}`);
-    if (o.kvHeads !== null && o.oneKvHead)
-      throw new Error(
-        `kvHeads: expected null when oneKvHead is true (oneKvHead means kvHeads = 1), got ${o.kvHeads}`,
-      );
-
+    const kvHeads = checkOptions(o, dim);
     this.heads = o.heads;
     this.causal = o.causal;
     this.dimHead = o.dimHead;
@@ -195,45 +376,37 @@ export class Attention extends Module {
     this.valueDimHead = o.valueDimHead ?? o.dimHead;
     this.dimContext = o.dimContext ?? dim;
     this.dimOut = o.dimOut ?? dim;
-    const kvHeads = o.oneKvHead ? 1 : (o.kvHeads ?? o.heads);
-    if (o.heads % kvHeads !== 0)
-      throw new Error(`kvHeads: expected a divisor of heads (${o.heads}), got ${kvHeads}`);
     this.kvHeads = kvHeads;
-    this.canCacheKv = !o.selective;
+    // a hybrid module sees the whole sequence: a layer with one recomputes rather than caches
+    this.canCacheKv = !o.selective && o.hybridModule === null;
+    this.rotateNumHeads = o.latentRopeSubheads ?? o.rotateNumHeads ?? o.heads;
     this.plainDecode =
       kvHeads === o.heads &&
       (o.rotateNumHeads === null || o.rotateNumHeads >= o.heads) &&
       (Object.keys(PLAIN_DECODE) as (keyof AttentionOptions)[]).every((key) => o[key] === PLAIN_DECODE[key]);
-    if (o.rotateNumHeads !== null) {
-      if (!Number.isInteger(o.rotateNumHeads) || o.rotateNumHeads <= 0 || o.rotateNumHeads > o.heads)
-        throw new Error(
-          `rotateNumHeads: expected an integer in [1, heads (${o.heads})], got ${o.rotateNumHeads}`,
-        );
-      if (o.rotateNumHeads < o.heads && kvHeads < o.heads)
-        throw new Error(
-          `rotateNumHeads: rotating only some heads is not compatible with grouped-query attention (kvHeads ${kvHeads})`,
-        );
-    }
-    if (o.laser && !(o.laserSoftclampValue > 0))
-      throw new Error(`laserSoftclampValue: expected a positive number, got ${o.laserSoftclampValue}`);
-    if (o.qkNorm) {
-      checkPositiveInt('qkNormGroups', o.qkNormGroups);
-      if (o.dimHead % o.qkNormGroups !== 0)
-        throw new Error(`qkNormGroups: expected a divisor of dimHead (${o.dimHead}), got ${o.qkNormGroups}`);
-      if (o.dimHead / o.qkNormGroups <= 2)
-        throw new Error(
-          `qkNormGroups: expected dimHead / qkNormGroups > 2, got ${o.dimHead} / ${o.qkNormGroups}`,
-        );
-    }
-
     const qDim = o.dimHead * o.heads;
-    const kDim = o.dimHead * kvHeads;
+    const kDim = o.dimHead * (kvHeads - (o.latentRopeSubheads ?? 0));
     const vDim = this.valueDimHead * kvHeads;
     const outDim = this.valueDimHead * o.heads;
 
-    this.toQ = this.registerModule('to_q', new Linear(dim, qDim, { bias: false }));
-    this.toK = this.registerModule('to_k', new Linear(this.dimContext, kDim, { bias: false }));
-    this.toV = this.registerModule('to_v', new Linear(this.dimContext, vDim, { bias: false }));
+    const noBias = { bias: false };
+    if (o.useLatentQ)
+      this.toLatentQ = this.registerModule('to_latent_q', new Linear(dim, o.dimLatentQ!, noBias));
+    if (o.useLatentKv)
+      this.toLatentKv = this.registerModule(
+        'to_latent_kv',
+        new Linear(this.dimContext, o.dimLatentKv!, noBias),
+      );
+    if (o.latentRopeSubheads !== null)
+      this.toRotateableK = this.registerModule(
+        'to_rotateable_k',
+        new Linear(this.dimContext, o.dimHead * o.latentRopeSubheads, noBias),
+      );
+    const qIn = o.useLatentQ ? o.dimLatentQ! : dim;
+    const kvIn = o.useLatentKv ? o.dimLatentKv! : this.dimContext;
+    this.toQ = this.registerModule('to_q', new Linear(qIn, qDim, noBias));
+    this.toK = this.registerModule('to_k', new Linear(kvIn, kDim, noBias));
+    this.toV = this.registerModule('to_v', new Linear(kvIn, vDim, noBias));
 
     if (o.gateValues) {
       const gate = this.registerModule('to_v_gate', new Linear(dim, outDim));
@@ -252,76 +425,19 @@ export class Attention extends Module {
       this.qkNormKScale = this.registerParameter('qk_norm_k_scale', tf.ones([kvHeads, 1, o.dimHead]));
     }
 
-    let cope: CoPE | null = null;
-    if (o.useCope) {
-      if (!o.causal) throw new Error('useCope: expected causal attention (CoPE was designed for it)');
-      if (o.flash)
-        throw new Error('flash: CoPE (useCope) needs the attention matrix, which flash does not form');
-      cope = new CoPE(o.dimHead, {
-        heads: o.heads,
-        maxPos: o.copeMaxPos,
-        talkingHeads: o.copeTalkingHeads,
-        softOnehot: o.copeSoftOnehotPos,
-      });
-    }
-    if (o.dataDependentAlibi) {
-      const given = (o.dataDependentAlibiKwargs ?? {}) as Record<string, unknown>;
-      const ddaKwargs: DataDependentAlibiKwargs = {};
-      for (const [key, value] of Object.entries(given)) {
-        const name = key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
-        if (
-          (name !== 'biasInit' && name !== 'postLogScale') ||
-          typeof value !== 'number' ||
-          !Number.isFinite(value)
-        )
-          throw new Error(
-            `dataDependentAlibiKwargs: expected {biasInit?: number, postLogScale?: number}, got ${JSON.stringify(given)}`,
-          );
-        ddaKwargs[name] = value;
-      }
-      const module = o.dataDependentAlibiPerRow
-        ? new PerRowDataDependentAlibi(dim, o.heads, o.causal, o.dataDependentAlibiPerRowDimHead, ddaKwargs)
-        : new DataDependentAlibi(dim, o.heads, o.causal, ddaKwargs);
-      this.dataDependentAlibi = this.registerModule('data_dependent_alibi', module);
-    }
+    const cope = buildCope(o);
+    const dda = buildDataDependentAlibi(dim, o);
+    if (dda) this.dataDependentAlibi = this.registerModule('data_dependent_alibi', dda);
 
-    this.attend = this.registerModule(
-      'attend',
-      new Attend({
-        heads: o.heads,
-        causal: o.causal,
-        preTalkingHeads: o.preTalkingHeads,
-        postTalkingHeads: o.postTalkingHeads,
-        preScalePostTalkingHeads: o.preScalePostTalkingHeads,
-        dropout: o.dropout,
-        sparseTopk: o.sparseTopk,
-        sparseTopkStraightThrough: o.sparseTopkStraightThrough,
-        hard: o.hard,
-        scale: o.qkNorm ? o.qkNormScale : this.scale,
-        l2Distance: o.l2Distance,
-        sigmoid: o.sigmoid,
-        customAttnFn: o.customAttnFn,
-        selective: o.selective,
-        flash: o.flash,
-        addZeroKv: o.addZeroKv,
-        softclampLogits: o.softclampLogits,
-        logitSoftclampValue: o.logitSoftclampValue,
-        cope,
-      }),
-    );
+    this.attend = this.registerModule('attend', new Attend(attendOptions(o, this.scale, cope)));
 
     if (o.headScale)
       this.headScaleParams = this.registerParameter('head_scale_params', tf.ones([1, o.heads, 1, 1]));
 
     if (o.numMemKv > 0) {
-      const rng = getRng();
-      const kShape: [number, number, number] = [kvHeads, o.numMemKv, o.dimHead];
+      this.memK = this.registerParameter('mem_k', drawNormal([kvHeads, o.numMemKv, o.dimHead]));
       // the reference sizes mem_v by dimHead too (so it cannot combine numMemKv with another valueDimHead)
-      const vShape: [number, number, number] = [kvHeads, o.numMemKv, this.valueDimHead];
-      const draw = (shape: [number, number, number]): tf.Tensor3D =>
-        tf.tensor3d(rng.fillNormal(shape[0] * shape[1] * shape[2], 0, 1), shape);
-      this.memK = this.registerParameter('mem_k', draw(kShape));
-      this.memV = this.registerParameter('mem_v', draw(vShape));
+      this.memV = this.registerParameter('mem_v', drawNormal([kvHeads, o.numMemKv, this.valueDimHead]));
     }
 
     if (o.learnedValueResidualMix)
@@ -329,6 +445,22 @@ export class Attention extends Module {
         'to_value_residual_mix',
         new Sequential0(dim, o.heads),
       ).linear;
+
+    if (o.hybridModule !== null) {
+      const fold = new FoldAxially(
+        o.hybridFoldAxialDim!,
+        buildHybridModule(o.hybridModule, dim, outDim),
+        o.causal ? null : o.hybridMaskKwarg,
+      );
+      this.hybrid = this.registerModule('hybrid_module', fold);
+      const norms = this.registerModule('hybrid_norms', new ModuleList<MultiheadRMSNorm>());
+      this.hybridNorms = [
+        norms.push(new MultiheadRMSNorm(o.dimHead, o.heads)),
+        norms.push(new MultiheadRMSNorm(o.dimHead, o.heads)),
+      ];
+      // as the reference 2.0.1: created, but its forward does not use it (no gradient reaches it)
+      this.hybridMix = this.registerModule('hybrid_mix', new Linear(dim, o.heads, noBias));
+    }
 
     if (o.onAttn) {
       const seq = this.registerModule('to_out', new ToOutGlu(outDim, this.dimOut));
@@ -353,9 +485,16 @@ export class Attention extends Module {
   }
 
   private checkInputs(x: tf.Tensor, opts: AttentionForwardOptions): void {
-    if (x.rank !== 3 || x.shape[2] !== this.dim)
+    if (this.options.qkvReceiveDiffResiduals) {
+      if (x.rank !== 4 || x.shape[0] !== 3 || x.shape[3] !== this.dim)
+        throw new Error(
+          `x: expected [3, batch, seq, ${this.dim}] (query, key and value inputs: qkvReceiveDiffResiduals), got ${fmtShape(x.shape)}`,
+        );
+      if (opts.context)
+        throw new Error('context: expected none with qkvReceiveDiffResiduals (self-attention only)');
+    } else if (x.rank !== 3 || x.shape[2] !== this.dim)
       throw new Error(`x: expected [batch, seq, ${this.dim}], got ${fmtShape(x.shape)}`);
-    const [b, n] = x.shape as [number, number, number];
+    const [b, n] = x.shape.slice(x.rank - 3) as [number, number, number];
     const boolMask = (name: string, t: tf.Tensor | undefined, len: number | null): void => {
       if (!t) return;
       if (t.dtype !== 'bool') throw new Error(`${name}: expected dtype bool, got ${t.dtype}`);
@@ -383,10 +522,29 @@ export class Attention extends Module {
       if (a.rank < 2 || a.rank > 4)
         throw new Error(`attnMask: expected rank 2 to 4, got ${fmtShape(a.shape)}`);
     }
-    if (opts.cache) {
-      if (!this.canCacheKv)
-        throw new Error('cache: selective attention cannot decode with a key/value cache');
-      const { k, v } = opts.cache;
+    if (opts.cache) this.checkCache(opts.cache, b);
+    if (opts.relPos && opts.attnBias)
+      throw new Error('attnBias: expected either relPos or attnBias, got both');
+  }
+
+  private checkCache(cache: AttentionKv, b: number): void {
+    if (!this.canCacheKv)
+      throw new Error(
+        'cache: this layer cannot decode with a key/value cache (selective attention or a hybrid module)',
+      );
+    const { k, v } = cache;
+    const o = this.options;
+    if (o.useLatentKv) {
+      const t = k.shape[2];
+      const [vh, vd] =
+        o.latentRopeSubheads !== null ? [o.latentRopeSubheads, o.dimHead] : [1, o.dimLatentKv!];
+      if (k.rank !== 4 || k.shape[0] !== b || k.shape[1] !== 1 || k.shape[3] !== o.dimLatentKv)
+        throw new Error(`cache.k: expected latents [${b}, 1, t, ${o.dimLatentKv}], got ${fmtShape(k.shape)}`);
+      if (v.rank !== 4 || v.shape[0] !== b || v.shape[1] !== vh || v.shape[2] !== t || v.shape[3] !== vd)
+        throw new Error(`cache.v: expected [${b}, ${vh}, ${t}, ${vd}], got ${fmtShape(v.shape)}`);
+      return;
+    }
+    {
       if (k.rank !== 4 || k.shape[0] !== b || k.shape[1] !== this.kvHeads || k.shape[3] !== this.dimHead)
         throw new Error(
           `cache.k: expected [${b}, ${this.kvHeads}, t, ${this.dimHead}], got ${fmtShape(k.shape)}`,
@@ -402,8 +560,6 @@ export class Attention extends Module {
           `cache.v: expected [${b}, ${this.kvHeads}, ${k.shape[2]}, ${this.valueDimHead}], got ${fmtShape(v.shape)}`,
         );
     }
-    if (opts.relPos && opts.attnBias)
-      throw new Error('attnBias: expected either relPos or attnBias, got both');
   }
 
   /**
@@ -470,38 +626,78 @@ export class Attention extends Module {
     return { out: out!, intermediates };
   }
 
-  private forwardImpl(
+  /**
+   * Queries, keys and values of a call, heads split: q [b, h, i, d], k [b, kvHeads, j, d],
+   * v [b, kvHeads, j, dv], with memories, latents, value residual, qk-norm and the cache applied;
+   * cachedKv (with returnIntermediates) is the cache to pass next time; values this call's values
+   * before the value residual mix; qStream the query input [b, n, dim].
+   */
+  private project(
     x: tf.Tensor,
     opts: AttentionForwardOptions,
-  ): { out: tf.Tensor; intermediates: AttentionIntermediates } {
-    const step = this.decodeStep(x, opts);
-    if (step) return step;
+  ): {
+    q: tf.Tensor;
+    k: tf.Tensor;
+    v: tf.Tensor;
+    values?: tf.Tensor;
+    cachedKv?: AttentionKv;
+    qStream: tf.Tensor;
+  } {
     const o = this.options;
-    const [b, n] = x.shape as [number, number, number];
-    const h = this.heads;
-    const hasContext = opts.context != null;
-    const kvInput0 = opts.context ?? x;
+    const [qStream, kStream, vStream] = o.qkvReceiveDiffResiduals
+      ? (tf.unstack(x) as [tf.Tensor, tf.Tensor, tf.Tensor])
+      : [x, opts.context ?? x, opts.context ?? x];
     const mem = opts.mem ?? null;
     const memLen = mem ? mem.shape[1]! : 0;
-    const kvInput = mem ? tf.concat([mem, kvInput0], 1) : kvInput0;
+    const withMem = (t: tf.Tensor): tf.Tensor => (mem ? tf.concat([mem, t], 1) : t);
+    const kIn0 = withMem(kStream);
+    let vIn = kStream === vStream ? kIn0 : withMem(vStream);
+    let kIn = kIn0;
+    const qIn = this.toLatentQ ? this.toLatentQ.forward(qStream) : qStream;
 
-    let q = splitHeads(this.toQ.forward(x), h);
-    let k = splitHeads(this.toK.forward(kvInput), this.kvHeads);
-    let v = splitHeads(this.toV.forward(kvInput), this.kvHeads);
+    // cached positions go after the memories and before this call's positions (time axis 2)
+    const withCache = (t: tf.Tensor, cached: tf.Tensor | undefined): tf.Tensor => {
+      if (!cached) return t;
+      if (!memLen) return tf.concat([cached, t], 2);
+      const [m, rest] = tf.split(t, [memLen, t.shape[2]! - memLen], 2) as [tf.Tensor, tf.Tensor];
+      return tf.concat([m, cached, rest], 2);
+    };
+    // without memories or a cache, the cache returned would be a tensor used below: copy it
+    const pastMem = (t: tf.Tensor): tf.Tensor =>
+      memLen ? tf.slice(t, [0, 0, memLen, 0], [-1, -1, -1, -1]) : opts.cache ? t : tf.clone(t);
 
-    let values: tf.Tensor | undefined;
+    let cachedKv: AttentionKv | undefined;
+    let kSub: tf.Tensor | null = null;
+    if (this.toLatentKv) {
+      // multi-head latent attention: the cache holds the latents (and rotary key sub-heads)
+      const latents = withCache(tf.expandDims(this.toLatentKv.forward(kIn), 1), opts.cache?.k);
+      if (this.toRotateableK)
+        kSub = withCache(splitHeads(this.toRotateableK.forward(kIn), o.latentRopeSubheads!), opts.cache?.v);
+      if (opts.returnIntermediates) {
+        const kept = pastMem(latents);
+        cachedKv = { k: kept, v: kSub ? pastMem(kSub) : kept };
+      }
+      kIn = vIn = tf.squeeze(latents, [1]);
+    }
+
+    const q0 = splitHeads(this.toQ.forward(qIn), this.heads);
+    let k = splitHeads(this.toK.forward(kIn), this.kvHeads - (o.latentRopeSubheads ?? 0));
+    let v = splitHeads(this.toV.forward(vIn), this.kvHeads);
+    if (kSub) k = tf.concat([k, kSub], 1);
+
     // v itself: it is never returned elsewhere (cachedKv holds a copy or the concatenation)
-    if (opts.returnIntermediates) values = v;
+    const values = opts.returnIntermediates ? v : undefined;
     if (opts.valueResidual) {
       const vr = opts.valueResidual;
       if (vr.rank !== 4 || !vr.shape.every((d, ax) => d === v.shape[ax]))
         throw new Error(`valueResidual: expected ${fmtShape(v.shape)}, got ${fmtShape(vr.shape)}`);
       const mix: tf.Tensor | number = this.toValueResidualMix
-        ? tf.expandDims(tf.transpose(tf.sigmoid(this.toValueResidualMix.forward(x)), [0, 2, 1]), -1)
+        ? tf.expandDims(tf.transpose(tf.sigmoid(this.toValueResidualMix.forward(qIn)), [0, 2, 1]), -1)
         : 0.5;
       v = tf.add(vr, tf.mul(tf.sub(v, vr), mix));
     }
 
+    let q = q0;
     if (o.qkNorm) {
       q = l2normGroups(q, o.qkNormGroups);
       k = l2normGroups(k, o.qkNormGroups);
@@ -509,55 +705,127 @@ export class Attention extends Module {
       if (this.qkNormKScale) k = tf.mul(k, this.qkNormKScale);
     }
 
-    if (opts.cache) {
-      const { k: ck, v: cv } = opts.cache;
-      if (mem) {
-        const [mk, kr] = tf.split(k, [memLen, k.shape[2]! - memLen], 2) as [tf.Tensor, tf.Tensor];
-        const [mv, vr] = tf.split(v, [memLen, v.shape[2]! - memLen], 2) as [tf.Tensor, tf.Tensor];
-        k = tf.concat([mk, ck, kr], 2);
-        v = tf.concat([mv, cv, vr], 2);
-      } else {
-        k = tf.concat([ck, k], 2);
-        v = tf.concat([cv, v], 2);
-      }
+    if (!this.toLatentKv) {
+      k = withCache(k, opts.cache?.k);
+      v = withCache(v, opts.cache?.v);
+      if (opts.returnIntermediates) cachedKv = { k: pastMem(k), v: pastMem(v) };
     }
-    let cachedKv: AttentionKv | undefined;
-    if (opts.returnIntermediates) {
-      // with a cache, k and v are this call's concatenations, returned nowhere else: no copy needed
-      const own = (t: tf.Tensor): tf.Tensor => (opts.cache ? t : tf.clone(t));
-      cachedKv = {
-        k: memLen ? tf.slice(k, [0, 0, memLen, 0], [-1, -1, -1, -1]) : own(k),
-        v: memLen ? tf.slice(v, [0, 0, memLen, 0], [-1, -1, -1, -1]) : own(v),
-      };
-    }
+    return { q, k, v, values, cachedKv, qStream };
+  }
 
-    if (opts.rotary) {
-      const { freqs, xposScale } = opts.rotary;
-      const qScale = xposScale ?? 1;
-      let kScale: tf.Tensor | number = xposScale ? tf.pow(xposScale, -1) : 1;
-      const r = o.rotateNumHeads ?? h;
-      const tables = opts.rotary.tables;
-      const rotate = (t: tf.Tensor, f: tf.Tensor, sc: tf.Tensor | number, name: string): tf.Tensor => {
-        const th = t.shape[1]!;
-        if (r >= th) {
-          // shared cos / sin tables (prepareRotary): same numbers, fewer ops
-          const fast = tables && f === freqs && sc === 1 ? applyRotaryTables(t, tables) : null;
-          return fast ?? applyRotaryPosEmb(t, f, sc, name);
-        }
-        const [rest, rot] = tf.split(t, [th - r, r], 1) as [tf.Tensor, tf.Tensor];
-        return tf.concat([rest, applyRotaryPosEmb(rot, f, sc, name)], 1);
-      };
-      q = rotate(q, freqs, qScale, 'rotary');
-      let kFreqs = freqs;
-      if (hasContext) {
-        if (!opts.contextRotary)
-          throw new Error('contextRotary: expected it with rotary and context (cross-attention)');
-        kFreqs = opts.contextRotary.freqs;
-        const cx = opts.contextRotary.xposScale;
-        kScale = cx ? tf.pow(cx, -1) : 1;
+  /**
+   * The hybrid module beside attention: out [b, h, n, d] and the module's output on x (heads split)
+   * are each normed per head and averaged. mask: [b, n] bool, given to the module (non-causal).
+   */
+  private mixHybrid(out: tf.Tensor, x: tf.Tensor, mask: tf.Tensor | undefined): tf.Tensor {
+    const hOut = this.hybrid!.forward(x, mask);
+    const expected = this.heads * this.dimHead;
+    if (hOut.shape[2] !== expected)
+      throw new Error(
+        `hybridModule: expected ${expected} output features (heads * dimHead), got ${hOut.shape[2]}`,
+      );
+    const [outNorm, hybridNorm] = this.hybridNorms!;
+    const hybrid = hybridNorm.forward(splitHeads(hOut, this.heads));
+    return tf.mul(tf.add(outNorm.forward(out), hybrid), 0.5);
+  }
+
+  /**
+   * Rotary (and xpos) on q [b, h, i, d] and k [b, kvHeads, j, d], only on the last rotateNumHeads
+   * heads; keys of a context turn by `contextRotary`.
+   */
+  private applyRotary(
+    q: tf.Tensor,
+    k: tf.Tensor,
+    rotary: RotaryInput,
+    contextRotary: RotaryInput | undefined,
+    hasContext: boolean,
+  ): [tf.Tensor, tf.Tensor] {
+    const { freqs, xposScale } = rotary;
+    const qScale = xposScale ?? 1;
+    let kScale: tf.Tensor | number = xposScale ? tf.pow(xposScale, -1) : 1;
+    const r = this.rotateNumHeads;
+    const tables = rotary.tables;
+    const rotate = (t: tf.Tensor, f: tf.Tensor, sc: tf.Tensor | number, name: string): tf.Tensor => {
+      const th = t.shape[1]!;
+      if (r >= th) {
+        // shared cos / sin tables (prepareRotary): same numbers, fewer ops
+        const fast = tables && f === freqs && sc === 1 ? applyRotaryTables(t, tables) : null;
+        return fast ?? applyRotaryPosEmb(t, f, sc, name);
       }
-      k = rotate(k, kFreqs, kScale, hasContext ? 'contextRotary' : 'rotary');
+      const [rest, rot] = tf.split(t, [th - r, r], 1) as [tf.Tensor, tf.Tensor];
+      return tf.concat([rest, applyRotaryPosEmb(rot, f, sc, name)], 1);
+    };
+    q = rotate(q, freqs, qScale, 'rotary');
+    let kFreqs = freqs;
+    if (hasContext) {
+      if (!contextRotary)
+        throw new Error('contextRotary: expected it with rotary and context (cross-attention)');
+      kFreqs = contextRotary.freqs;
+      const cx = contextRotary.xposScale;
+      kScale = cx ? tf.pow(cx, -1) : 1;
     }
+    k = rotate(k, kFreqs, kScale, hasContext ? 'contextRotary' : 'rotary');
+    return [q, k];
+  }
+
+  /**
+   * The additive attention bias of a call: opts.attnBias, the relative position scheme's or the
+   * data-dependent ALiBi's, padded for memory key/values. i, j: query and key counts (without them).
+   */
+  private attentionBias(
+    x: tf.Tensor,
+    opts: AttentionForwardOptions,
+    i: number,
+    j: number,
+    numMemKv: number,
+  ): tf.Tensor | null {
+    let attnBias: tf.Tensor | null = opts.attnBias ?? null;
+    const hasContext = opts.context != null;
+    const mem = opts.mem ?? null;
+    if (opts.relPos) {
+      if (opts.pos) {
+        if (!opts.relPos.biasFromPositions)
+          throw new Error('pos: custom positions need a relPos with biasFromPositions (ALiBi)');
+        attnBias = opts.relPos.biasFromPositions(opts.pos);
+      } else {
+        attnBias = opts.relPos.bias(i, j);
+      }
+      attnBias = padAxis(attnBias, -1, numMemKv, 0, 0);
+    }
+    if (this.dataDependentAlibi) {
+      if (hasContext || mem)
+        throw new Error(
+          'dataDependentAlibi: expected plain self-attention (no context or mem), its bias comes from x alone',
+        );
+      if (!opts.cache) {
+        attnBias = padAxis(this.dataDependentAlibi.forward(x), -1, numMemKv, 0, 0);
+      } else if (x.shape[1] !== 1 || numMemKv > 0) {
+        // the reference takes the bias of the new tokens alone, which only fits the keys for one token
+        throw new Error(
+          `dataDependentAlibi: with a cache, expected one new token and no memory key/values, got ${x.shape[1]} tokens and numMemKv ${numMemKv}`,
+        );
+      }
+      // one new token with a cache: as the reference, its bias (the token's gates against themselves) is 0
+    }
+    return attnBias;
+  }
+
+  private forwardImpl(
+    x: tf.Tensor,
+    opts: AttentionForwardOptions,
+  ): { out: tf.Tensor; intermediates: AttentionIntermediates } {
+    const step = this.decodeStep(x, opts);
+    if (step) return step;
+    const o = this.options;
+    const h = this.heads;
+    const hasContext = opts.context != null;
+    const mem = opts.mem ?? null;
+    const memLen = mem ? mem.shape[1]! : 0;
+    const p = this.project(x, opts);
+    let { q, k, v } = p;
+    const [b, n] = p.qStream.shape as [number, number, number];
+
+    if (opts.rotary) [q, k] = this.applyRotary(q, k, opts.rotary, opts.contextRotary, hasContext);
 
     // the key mask, before memory key/values
     let inputMask: tf.Tensor | null = opts.contextMask ?? null;
@@ -620,32 +888,7 @@ export class Attention extends Module {
       and(tf.reshape(within, [1, 1, i, j + numMemKv]));
     }
 
-    let attnBias: tf.Tensor | null = opts.attnBias ?? null;
-    if (opts.relPos) {
-      if (opts.pos) {
-        if (!opts.relPos.biasFromPositions)
-          throw new Error('pos: custom positions need a relPos with biasFromPositions (ALiBi)');
-        attnBias = opts.relPos.biasFromPositions(opts.pos);
-      } else {
-        attnBias = opts.relPos.bias(i, j);
-      }
-      attnBias = padAxis(attnBias, -1, numMemKv, 0, 0);
-    }
-    if (this.dataDependentAlibi) {
-      if (hasContext || mem)
-        throw new Error(
-          'dataDependentAlibi: expected plain self-attention (no context or mem), its bias comes from x alone',
-        );
-      if (!opts.cache) {
-        attnBias = padAxis(this.dataDependentAlibi.forward(x), -1, numMemKv, 0, 0);
-      } else if (x.shape[1] !== 1 || numMemKv > 0) {
-        // the reference takes the bias of the new tokens alone, which only fits the keys for one token
-        throw new Error(
-          `dataDependentAlibi: with a cache, expected one new token and no memory key/values, got ${x.shape[1]} tokens and numMemKv ${numMemKv}`,
-        );
-      }
-      // one new token with a cache: as the reference, its bias (the token's gates against themselves) is 0
-    }
+    const attnBias = this.attentionBias(x, opts, i, j, numMemKv);
 
     if (o.laser) {
       const c = o.laserSoftclampValue;
@@ -660,6 +903,7 @@ export class Attention extends Module {
       const gate = tf.sigmoid(this.toVHeadGate.forward(x)); // [b, n, h]
       out = tf.mul(out, tf.expandDims(tf.transpose(gate, [0, 2, 1]), -1));
     }
+    if (this.hybrid) out = this.mixHybrid(out, x, opts.mask);
     out = mergeHeads(out);
     if (this.toVGate) {
       const gates = this.toVGate.forward(x);
@@ -674,8 +918,8 @@ export class Attention extends Module {
       if (res.preSoftmaxAttn) intermediates.preSoftmaxAttn = res.preSoftmaxAttn;
       if (res.postSoftmaxAttn) intermediates.postSoftmaxAttn = res.postSoftmaxAttn;
       if (res.qkSimilarities) intermediates.qkSimilarities = res.qkSimilarities;
-      if (cachedKv) intermediates.cachedKv = cachedKv;
-      if (values) intermediates.values = values;
+      if (p.cachedKv) intermediates.cachedKv = p.cachedKv;
+      if (p.values) intermediates.values = p.values;
     }
     return { out, intermediates };
   }

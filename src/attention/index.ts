@@ -1,4 +1,6 @@
 export { Attention } from './attention.js';
+export { GRU, FoldAxially, MultiheadRMSNorm } from './hybrid.js';
+export type { HybridModule, HybridModuleOption, GruSpec, GruOptions } from './hybrid.js';
 export {
   Attend,
   HeadMix,

@@ -42,8 +42,10 @@ export function straightThrough(hard: tf.Tensor, soft: tf.Tensor): tf.Tensor {
 
 /** F.normalize along the last axis: x / max(||x||, eps). x: [..., d]. */
 export function normalizeLast(x: tf.Tensor, eps = 1e-12): tf.Tensor {
-  const norm = tf.sqrt(tf.sum(tf.square(x), -1, true));
-  return tf.div(x, tf.maximum(norm, eps));
+  // max(sqrt(s), eps) as sqrt(max(s, eps^2)): the same value, and a zero vector gets a zero gradient
+  // (as torch's) instead of 0 * inf = NaN from sqrt's derivative at 0
+  const norm = tf.sqrt(tf.maximum(tf.sum(tf.square(x), -1, true), eps * eps));
+  return tf.div(x, norm);
 }
 
 /** L2-normalises `groups` equal chunks of the last axis. x: [..., g * d] -> same shape. */

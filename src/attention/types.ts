@@ -1,5 +1,6 @@
 import type * as tf from '@tensorflow/tfjs-core';
 import type { DataDependentAlibiKwargs } from './data-dependent-alibi.js';
+import type { HybridModuleOption } from './hybrid.js';
 
 /**
  * Options of `Attention`: the reference Attention's keyword arguments in camelCase
@@ -92,6 +93,35 @@ export interface AttentionOptions {
   customAttnFn: ((logits: tf.Tensor) => tf.Tensor) | null;
   /** Accepted for compatibility with the reference; has no effect here. */
   onnxable: boolean;
+  /**
+   * Queries, keys and values from three different inputs (hyper-connections' views): the forward's
+   * x is then [3, b, n, dim] (self-attention only; set by AttentionLayers' qkvReceiveDiffResiduals).
+   */
+  qkvReceiveDiffResiduals: boolean;
+  /** Multi-head latent attention: queries from a latent `to_latent_q` [dimLatentQ, dim]. */
+  useLatentQ: boolean;
+  dimLatentQ: number | null;
+  /**
+   * Multi-head latent attention: keys and values from one latent `to_latent_kv` [dimLatentKv, dim];
+   * the key/value cache holds the latents (see `AttentionKv`).
+   */
+  useLatentKv: boolean;
+  dimLatentKv: number | null;
+  /**
+   * Decoupled rotary of multi-head latent attention: this many key heads come straight from the
+   * input (`to_rotateable_k`), the others from the latents, and rotary turns only these heads.
+   */
+  latentRopeSubheads: number | null;
+  /**
+   * A module run on x beside attention (Hymba): its output [b, n, heads * dimHead] and the attention's
+   * are each normalised per head (`hybrid_norms`) and averaged. Needs `hybridFoldAxialDim`. A spec
+   * (`{type: 'gru', ...}`, JSON), a factory or a module (see `HybridModule` in hybrid.ts).
+   */
+  hybridModule: HybridModuleOption | null;
+  /** The name under which the hybrid module's forward receives the mask (non-causal attention). */
+  hybridMaskKwarg: string | null;
+  /** Fold the sequence by this factor before the hybrid module (1: no folding). */
+  hybridFoldAxialDim: number | null;
 }
 
 /** The reference's defaults. */
@@ -144,9 +174,23 @@ export const attentionDefaults: AttentionOptions = {
   logitSoftclampValue: 50,
   customAttnFn: null,
   onnxable: false,
+  qkvReceiveDiffResiduals: false,
+  useLatentQ: false,
+  dimLatentQ: null,
+  useLatentKv: false,
+  dimLatentKv: null,
+  latentRopeSubheads: null,
+  hybridModule: null,
+  hybridMaskKwarg: null,
+  hybridFoldAxialDim: null,
 };
 
-/** Cached keys and values of one attention layer. k: [b, kvHeads, t, dimHead], v: [b, kvHeads, t, valueDimHead]. */
+/**
+ * Cached keys and values of one attention layer. k: [b, kvHeads, t, dimHead], v: [b, kvHeads, t,
+ * valueDimHead]. With latent key/values (`useLatentKv`) the cache holds what the reference caches,
+ * the latents: k: [b, 1, t, dimLatentKv], and v: the rotary key sub-heads [b, latentRopeSubheads, t,
+ * dimHead] (or the same latents without sub-heads). Either way batch is axis 0 and time axis 2.
+ */
 export interface AttentionKv {
   /** Keys as the reference caches them: projected (and qk-normalised), before rotary. */
   k: tf.Tensor;

@@ -111,6 +111,14 @@ export function initBackend(
   return attempt;
 }
 
+/**
+ * Whether the active backend computes on a GPU, where reading a result back waits for every queued
+ * kernel: checks that would read inputs back (token ids in range) are left to the device there.
+ */
+export function onGpu(): boolean {
+  return current !== null && current.device !== 'cpu' && tf.getBackend() === current.backend;
+}
+
 /** The backend chosen by `initBackend`, or null before it ran. */
 export function backendInfo(): BackendInfo | null {
   return current;

@@ -5,6 +5,7 @@
  * against amateur models. `decodeStream` yields each step's tokens as soon as they are sampled.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { checkPrecision, withPrecision, type Precision } from '../backend/precision.js';
 import { Rng } from '../utils/random.js';
 import { checkTemperature, sampleNext } from './sampling.js';
 import {
@@ -81,6 +82,8 @@ export interface GenerateOptions {
   /** cross-attention context: [b, m, dimContext] and its mask [b, m] */
   context?: tf.Tensor;
   contextMask?: tf.Tensor;
+  /** `bf16`: each step's matrix products and attention in bfloat16 (torch backend); default `fp32` */
+  precision?: Precision;
 }
 
 /** One decoding step: `tokens[i]` is row i's new token (padValue once the row has ended). */
@@ -145,6 +148,7 @@ function checkOptions(seqLen: number, o: GenerateOptions): void {
   }
   if (o.seed !== undefined && !Number.isFinite(o.seed))
     throw new Error(`seed: expected a finite number, got ${o.seed}`);
+  checkPrecision(o.precision);
 }
 
 /**
@@ -313,6 +317,10 @@ class Decoder {
   /** Samples one token per row and appends it; returns the step's tokens (padValue for ended rows). */
   step(): number[] {
     if (this.disposed) throw new Error('generate: decoder used after dispose');
+    return withPrecision(this.o.precision, () => this.stepAtPrecision());
+  }
+
+  private stepAtPrecision(): number[] {
     let logits = this.logitsOf(this.net, this.cache, (c) => (this.cache = c));
     try {
       for (let i = 0; i < this.amateurs.length; i++) {

@@ -116,17 +116,8 @@ export class XLAutoregressiveWrapper extends Module {
     });
   }
 
-  /**
-   * Samples up to `seqLen` tokens after `startTokens` ([b, t] int32, or [t]): the leading full
-   * segments of the prompt only build memories, then decoding runs segment by segment with the
-   * memories carried. Returns the new tokens, [b, steps] (or [steps]); after a row's eosToken the
-   * positions hold padValue, and decoding stops once every row has one.
-   */
-  async generate(
-    startTokens: tf.Tensor,
-    seqLen: number,
-    options: XLGenerateOptions = {},
-  ): Promise<tf.Tensor> {
+  /** The prompt rows and sampling settings of a generate call, checked. */
+  private checkGenerateInputs(startTokens: tf.Tensor, seqLen: number, options: XLGenerateOptions) {
     checkTensor('startTokens', startTokens, { dtype: 'int32', desc: 'token ids [batch, seq]' });
     if (startTokens.rank !== 1 && startTokens.rank !== 2) {
       throw new Error(`startTokens: expected shape [batch, seq] or [seq], got [${startTokens.shape}]`);
@@ -137,8 +128,7 @@ export class XLAutoregressiveWrapper extends Module {
     const filter = resolveFilter(options.filterLogitsFn ?? topK);
     const rank1 = startTokens.rank === 1;
     const rows = (rank1 ? [startTokens.arraySync()] : startTokens.arraySync()) as number[][];
-    const t = rows[0]!.length;
-    if (t < 1) throw new Error('startTokens: expected at least one token');
+    if (rows[0]!.length < 1) throw new Error('startTokens: expected at least one token');
     const V = this.net.numTokens;
     for (const r of rows) {
       for (const id of r) {
@@ -151,6 +141,22 @@ export class XLAutoregressiveWrapper extends Module {
     if (eos !== undefined && (!Number.isInteger(eos) || eos < 0 || eos >= V)) {
       throw new Error(`eosToken: expected a token id in [0, ${V}), got ${eos}`);
     }
+    return { rows, rank1, eos, temperature, filter };
+  }
+
+  /**
+   * Samples up to `seqLen` tokens after `startTokens` ([b, t] int32, or [t]): the leading full
+   * segments of the prompt only build memories, then decoding runs segment by segment with the
+   * memories carried. Returns the new tokens, [b, steps] (or [steps]); after a row's eosToken the
+   * positions hold padValue, and decoding stops once every row has one.
+   */
+  async generate(
+    startTokens: tf.Tensor,
+    seqLen: number,
+    options: XLGenerateOptions = {},
+  ): Promise<tf.Tensor> {
+    const { rows, rank1, eos, temperature, filter } = this.checkGenerateInputs(startTokens, seqLen, options);
+    const t = rows[0]!.length;
     const L = this.maxSeqLen;
     const rng = new Rng(options.seed ?? 0);
     const wasTraining = this.training;

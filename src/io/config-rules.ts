@@ -19,6 +19,7 @@ export const RULES = {
   number: { expected: 'a finite number', test: isNum },
   posNumber: { expected: 'a positive number', test: (v: unknown) => isNum(v) && v > 0 },
   prob: { expected: 'a number in [0, 1)', test: (v: unknown) => isNum(v) && v >= 0 && v < 1 },
+  probability: { expected: 'a number in [0, 1]', test: (v: unknown) => isNum(v) && v >= 0 && v <= 1 },
   unitInterval: { expected: 'a number in (0, 1]', test: (v: unknown) => isNum(v) && v > 0 && v <= 1 },
   bool: { expected: 'a boolean', test: (v: unknown) => typeof v === 'boolean' },
   string: { expected: 'a string', test: (v: unknown) => typeof v === 'string' },
@@ -43,6 +44,11 @@ export const RULES = {
       v !== null &&
       !Array.isArray(v) &&
       Object.values(v).every((x) => isInt(x) && x > 0),
+  },
+  hybridModuleSpec: {
+    expected: "a module spec {type: 'gru', hiddenSize?, numLayers?, bias?, bidirectional?}",
+    test: (v: unknown) =>
+      typeof v === 'object' && v !== null && !Array.isArray(v) && (v as { type?: unknown }).type === 'gru',
   },
   indexList: {
     expected: 'a non-empty list of non-negative integers',
@@ -77,6 +83,14 @@ const BY_NAME: Record<string, Rule> = {
   numRegisterTokens: RULES.nonNegInt,
   dimIn: RULES.posInt,
   dimOut: RULES.posInt,
+  dimHidden: RULES.posInt,
+  // non-autoregressive training
+  maskId: RULES.nonNegInt,
+  steps: RULES.posInt,
+  selfCondTrainProb: RULES.probability,
+  noReplaceProb: RULES.probability,
+  randomTokenProb: RULES.probability,
+  dimModel: RULES.posInt,
   numericalTokenId: RULES.nonNegInt,
   ignoreIndex: RULES.int,
   padValue: RULES.int,
@@ -107,6 +121,12 @@ const BY_NAME: Record<string, Rule> = {
   kvHeads: RULES.posInt,
   valueDimHead: RULES.posInt,
   logitSoftclampValue: RULES.posNumber,
+  dimLatentQ: RULES.posInt,
+  dimLatentKv: RULES.posInt,
+  latentRopeSubheads: RULES.posInt,
+  hybridModule: RULES.hybridModuleSpec,
+  hybridMaskKwarg: RULES.string,
+  hybridFoldAxialDim: RULES.posInt,
   // feedforward
   mult: RULES.posNumber,
 };

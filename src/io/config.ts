@@ -31,7 +31,18 @@ import {
   xTransformerDefaults,
   type XTransformerOptions,
 } from '../wrappers/xtransformer.js';
-import { ruleFor } from './config-rules.js';
+import { NeoMLP, neoMLPDefaults, type NeoMLPOptions } from '../wrappers/neo-mlp.js';
+import {
+  MultiInputTransformerWrapper,
+  multiInputTransformerWrapperDefaults,
+  type MultiInputTransformerWrapperOptions,
+} from '../wrappers/multi-input.js';
+import {
+  NonAutoregressiveWrapper,
+  nonAutoregressiveWrapperDefaults,
+  type NonAutoregressiveWrapperOptions,
+} from '../generation/nonautoregressive-wrapper.js';
+import { RULES, ruleFor } from './config-rules.js';
 
 /** A JSON value. */
 export type JsonValue = string | number | boolean | null | JsonValue[] | { [key: string]: JsonValue };
@@ -64,6 +75,9 @@ export const WRAPPERS = [
   'ContinuousTransformerWrapper',
   'XValTransformerWrapper',
   'XTransformer',
+  'MultiInputTransformerWrapper',
+  'NeoMLP',
+  'NonAutoregressiveWrapper',
   ...LAYERS_TYPES,
 ] as const;
 export type WrapperName = (typeof WRAPPERS)[number];
@@ -75,6 +89,9 @@ export type BuiltModel =
   | ContinuousTransformerWrapper
   | XValTransformerWrapper
   | XTransformer
+  | NeoMLP
+  | MultiInputTransformerWrapper
+  | NonAutoregressiveWrapper
   | AttentionLayers;
 
 /** `attn_dim_head` -> `attnDimHead`; camelCase keys are unchanged. */
@@ -300,6 +317,9 @@ export function fromConfig(json: unknown): BuiltModel {
     return buildLayers('', o, w);
   }
   if (w === 'XTransformer') return buildXTransformer(o);
+  if (w === 'NeoMLP') return buildNeoMLP(o);
+  if (w === 'MultiInputTransformerWrapper') return buildMultiInput(o);
+  if (w === 'NonAutoregressiveWrapper') return buildNonAutoregressive(o);
 
   const { attnLayers: rawLayers, ...rest } = o;
   const defaults: Record<string, Record<string, unknown>> = {
@@ -385,6 +405,91 @@ function buildXTransformer(o: Record<string, unknown>): XTransformer {
   return new XTransformer(dropNulls(o) as XTransformerOptions);
 }
 
+/** MultiInputTransformerWrapper: `numTokens` is an object of vocabulary sizes by input name. */
+function buildMultiInput(o: Record<string, unknown>): MultiInputTransformerWrapper {
+  const { attnLayers: rawLayers, numTokens, ...rest } = o;
+  if (!RULES.countsByName.test(numTokens) || Object.keys(numTokens as object).length === 0)
+    throw new Error(
+      `numTokens: expected an object of positive integers by input name (at least one), got ${fmtValue(numTokens)}`,
+    );
+  const defaults = multiInputTransformerWrapperDefaults as unknown as Record<string, unknown>;
+  const opts = wrapperOptions(rest, defaults, ['maxSeqLen'], 'MultiInputTransformerWrapper');
+  if (rawLayers === undefined)
+    throw new Error(`attnLayers: expected an object {type, dim, depth, ...}, got undefined`);
+  const attnLayers = buildLayers('attnLayers', rawLayers);
+  try {
+    return new MultiInputTransformerWrapper({
+      ...(opts as { maxSeqLen: number }),
+      numTokens: numTokens as Record<string, number>,
+      attnLayers,
+    } as MultiInputTransformerWrapperOptions);
+  } catch (e) {
+    attnLayers.dispose();
+    throw e;
+  }
+}
+
+/** A TransformerWrapper given as a nested config (`net`, `tokenCritic`), errors prefixed with its key. */
+function buildNested(key: string, raw: unknown): TransformerWrapper {
+  if (!isPlainObject(raw))
+    throw new Error(
+      `${key}: expected a TransformerWrapper config {wrapper, numTokens, ...}, got ${fmtValue(raw)}`,
+    );
+  const m = withPath(key, () => fromConfig(raw));
+  if (!(m instanceof TransformerWrapper)) {
+    m.dispose();
+    throw new Error(`${key}.wrapper: expected TransformerWrapper, got ${fmtValue(raw.wrapper)}`);
+  }
+  return m;
+}
+
+/**
+ * NonAutoregressiveWrapper: its own options, `net` (a TransformerWrapper config) and optionally
+ * `tokenCritic` (another, with logitsDim 1).
+ */
+function buildNonAutoregressive(o: Record<string, unknown>): NonAutoregressiveWrapper {
+  const { net: rawNet, tokenCritic: rawCritic, ...rest } = o;
+  const { tokenCritic: _none, ...defaults } = nonAutoregressiveWrapperDefaults;
+  const opts = wrapperOptions(
+    rest,
+    defaults as Record<string, unknown>,
+    ['maskId'],
+    'NonAutoregressiveWrapper',
+  );
+  const net = buildNested('net', rawNet);
+  let critic: TransformerWrapper | null = null;
+  try {
+    if (rawCritic !== undefined && rawCritic !== null) critic = buildNested('tokenCritic', rawCritic);
+    return new NonAutoregressiveWrapper(net, {
+      ...(opts as Partial<NonAutoregressiveWrapperOptions> & { maskId: number }),
+      tokenCritic: critic,
+    });
+  } catch (e) {
+    net.dispose();
+    critic?.dispose();
+    throw e;
+  }
+}
+
+/** NeoMLP: its own options, and `encoderKwargs` as the options of an Encoder (without dim and depth). */
+function buildNeoMLP(o: Record<string, unknown>): NeoMLP {
+  const defaults = neoMLPDefaults as unknown as Record<string, unknown>;
+  const opts = wrapperOptions(o, defaults, ['dimIn', 'dimHidden', 'dimOut', 'dimModel', 'depth'], 'NeoMLP');
+  if (opts.encoderKwargs !== undefined) {
+    if (!isPlainObject(opts.encoderKwargs))
+      throw new Error(
+        `encoderKwargs: expected an object of Encoder options, got ${fmtValue(opts.encoderKwargs)}`,
+      );
+    const kw = camelObject(opts.encoderKwargs as Record<string, unknown>, 'encoderKwargs');
+    for (const k of ['dim', 'depth'])
+      if (k in kw) throw new Error(`encoderKwargs.${k}: set by NeoMLP (dimModel, depth)`);
+    checkLayersOptions('encoderKwargs', kw, 'Encoder');
+    checkFeedForwardSize('encoderKwargs', 'ffMult', opts.dimModel, kw.ffMult ?? feedForwardDefaults.mult);
+    opts.encoderKwargs = dropNulls(kw);
+  }
+  return new NeoMLP(opts as unknown as NeoMLPOptions);
+}
+
 function sameValue(a: unknown, b: unknown): boolean {
   if (Array.isArray(a) || Array.isArray(b)) {
     return (
@@ -443,6 +548,15 @@ function layersOptions(l: AttentionLayers, type: LayersType): Record<string, Jso
     delete ff.zeroInitOutput;
   }
   const ad = attentionDefaults as unknown as Record<string, unknown>;
+  for (const [prefix, o] of [
+    ['attn', attn],
+    ['crossAttn', l.crossAttnOptions as Record<string, unknown>],
+  ] as const)
+    for (const key of ['customAttnFn', 'hybridModule'])
+      if (o[key] != null && !isPlainObject(o[key]))
+        throw new Error(
+          `toConfig: ${prefix}${key[0]!.toUpperCase()}${key.slice(1)} is code (a function or module), which has no JSON form${key === 'hybridModule' ? " (a spec {type: 'gru', ...} has)" : ''}`,
+        );
   return {
     ...nonDefault(own, attentionLayersDefaults as unknown as Record<string, unknown>, ['dim']),
     ...nonDefault(prefixKeys('attn', attn), prefixKeys('attn', ad)),
@@ -509,6 +623,39 @@ export function toConfig(model: BuiltModel): ModelConfig {
         'numericalTokenId',
       ]),
       attnLayers: layers(model.attnLayers),
+    };
+  }
+  if (model instanceof MultiInputTransformerWrapper) {
+    return {
+      wrapper: 'MultiInputTransformerWrapper',
+      ...nonDefault(
+        model.options as unknown as Record<string, unknown>,
+        multiInputTransformerWrapperDefaults as unknown as Record<string, unknown>,
+        ['numTokens', 'maxSeqLen'],
+      ),
+      attnLayers: layers(model.attnLayers),
+    };
+  }
+  if (model instanceof NonAutoregressiveWrapper) {
+    const { tokenCritic, schedule, ...own } = model.options;
+    if (typeof schedule === 'function')
+      throw new Error('schedule: a schedule function has no JSON config (use linear or cosine)');
+    const { tokenCritic: _none, ...defaults } = nonAutoregressiveWrapperDefaults;
+    return {
+      wrapper: 'NonAutoregressiveWrapper',
+      ...nonDefault({ ...own, schedule }, defaults as Record<string, unknown>, ['maskId']),
+      net: toConfig(model.net) as unknown as JsonValue,
+      ...(tokenCritic ? { tokenCritic: toConfig(tokenCritic) as unknown as JsonValue } : {}),
+    };
+  }
+  if (model instanceof NeoMLP) {
+    return {
+      wrapper: 'NeoMLP',
+      ...nonDefault(
+        model.options as unknown as Record<string, unknown>,
+        neoMLPDefaults as unknown as Record<string, unknown>,
+        ['dimIn', 'dimHidden', 'dimOut', 'dimModel', 'depth'],
+      ),
     };
   }
   if (model instanceof XTransformer) {

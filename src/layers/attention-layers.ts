@@ -1,19 +1,9 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module, ModuleList } from '../nn/module.js';
-import { FeedForward, Indexed, type FeedForwardOptions } from '../nn/feedforward.js';
+import { Indexed, type FeedForwardOptions } from '../nn/feedforward.js';
 import { makeNorm, type Norm, type NormKind } from '../nn/norms.js';
-import { GRUGating, HyperConnection, Residual, type ResidualFn } from '../nn/residual.js';
-import {
-  AdaptiveLayerScale,
-  LayerScale,
-  Scale,
-  ShiftTokens,
-  type BranchOut,
-  type Callable,
-} from '../nn/branch.js';
 import { padAt, tidyObj } from '../nn/functional.js';
 import { Linear } from '../nn/linear.js';
-import { Attention } from '../attention/attention.js';
 import { RotaryEmbedding, prepareRotary } from '../attention/rotary.js';
 import { RelativePositionBias } from '../attention/relative-position-bias.js';
 import { DynamicPositionBias } from '../attention/dynamic-position-bias.js';
@@ -31,6 +21,8 @@ import { feedForwardDefaults } from '../nn/feedforward.js';
 import { checkTensor } from '../utils/errors.js';
 import { getRng, type Rng } from '../utils/random.js';
 import { LayersCache, SharedRotaryTables } from './cache.js';
+import { buildLayer, type LayerBuildContext, type LayerEntry } from './build.js';
+import { planLayers, type LayerType } from './plan.js';
 import {
   attentionLayersDefaults,
   type AttentionLayersOptions,
@@ -99,38 +91,6 @@ export interface LayersOutput {
   rowCaches?: LayersCache[];
 }
 
-type LayerType = 'a' | 'c' | 'f';
-type BlockOpts = AttentionForwardOptions;
-type Block = Module & Callable<BlockOpts, BranchOut>;
-
-/** The three norm slots of a layer (pre-branch, post-branch, post-main), indexed 0..2 as the reference. */
-class NormSlots extends Module {
-  constructor(
-    readonly pre: Norm | null,
-    readonly postBranch: Norm | null,
-    readonly postMain: Norm | null,
-  ) {
-    super();
-    if (pre) this.registerModule('0', pre);
-    if (postBranch) this.registerModule('1', postBranch);
-    if (postMain) this.registerModule('2', postMain);
-  }
-}
-
-/** One layer: `0` norms, `1` the branch, `2` the residual. */
-class LayerEntry extends Module {
-  constructor(
-    readonly norms: NormSlots,
-    readonly block: Block,
-    readonly residual: ResidualFn,
-  ) {
-    super();
-    this.registerModule('0', norms);
-    this.registerModule('1', block);
-    this.registerModule('2', residual);
-  }
-}
-
 function isCamelKey(k: string, prefix: string): boolean {
   return k.startsWith(prefix) && k.length > prefix.length && /[A-Z]/.test(k[prefix.length]!);
 }
@@ -140,11 +100,126 @@ function trimPrefix(k: string, prefix: string): string {
   return rest[0]!.toLowerCase() + rest.slice(1);
 }
 
+/** A stack's options by where they go: its own, attention (`attn*`), cross-attention (`crossAttn*`), feedforward (`ff*`). */
+function routeOptions(options: AttentionLayersOptions): {
+  own: Partial<AttentionLayersOwnOptions>;
+  attn: Partial<AttentionOptions>;
+  cross: Partial<AttentionOptions>;
+  ff: Partial<FeedForwardOptions>;
+} {
+  const own: Record<string, unknown> = {};
+  const attn: Record<string, unknown> = {};
+  const cross: Record<string, unknown> = {};
+  const ff: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(options)) {
+    if (v === undefined) continue;
+    if (k in attentionLayersDefaults) own[k] = v;
+    else if (isCamelKey(k, 'ff')) ff[trimPrefix(k, 'ff')] = v;
+    else if (isCamelKey(k, 'attn')) attn[trimPrefix(k, 'attn')] = v;
+    else if (isCamelKey(k, 'crossAttn')) cross[trimPrefix(k, 'crossAttn')] = v;
+    else throw new Error(`${k}: unknown AttentionLayers option, got ${JSON.stringify(v)}`);
+  }
+  const named = (prefix: string, k: string): string => `${prefix}${k[0]!.toUpperCase()}${k.slice(1)}`;
+  for (const k of Object.keys(attn))
+    if (!(k in attentionDefaults)) throw new Error(`${named('attn', k)}: unknown attention option`);
+  for (const k of Object.keys(cross))
+    if (!(k in attentionDefaults)) throw new Error(`${named('crossAttn', k)}: unknown attention option`);
+  for (const k of Object.keys(ff))
+    if (!(k in feedForwardDefaults)) throw new Error(`${named('ff', k)}: unknown feedforward option`);
+  for (const [k, v] of [
+    ['attn', attn.qkvReceiveDiffResiduals],
+    ['crossAttn', cross.qkvReceiveDiffResiduals],
+  ] as const)
+    if (v !== undefined)
+      throw new Error(
+        `${k}QkvReceiveDiffResiduals: expected none (a stack option: set qkvReceiveDiffResiduals), got ${JSON.stringify(v)}`,
+      );
+  return {
+    own: own as Partial<AttentionLayersOwnOptions>,
+    attn: attn as Partial<AttentionOptions>,
+    cross: cross as Partial<AttentionOptions>,
+    ff: ff as Partial<FeedForwardOptions>,
+  };
+}
+
+/** The stack's norm (one kind for every slot) and whether it, or the layerscale, needs a condition. */
+function normSetup(o: AttentionLayersOwnOptions): {
+  normFn: () => Norm;
+  needCondition: boolean;
+  dimCondition: number;
+  condMult: number;
+} {
+  const normKind: NormKind = o.useAdaptiveLayernorm
+    ? 'adaptive_layernorm'
+    : o.useAdaptiveRmsnorm
+      ? 'adaptive_rmsnorm'
+      : o.useScalenorm
+        ? 'scalenorm'
+        : o.useRmsnorm
+          ? 'rmsnorm'
+          : o.useSimpleRmsnorm
+            ? 'simple_rmsnorm'
+            : 'layernorm';
+  const normNeedsCondition = o.useAdaptiveLayernorm || o.useAdaptiveRmsnorm;
+  const dimCondition = o.dimCondition ?? o.dim;
+  const condMult = o.adaptiveConditionMlp ? o.adaptiveConditionMlpExpansion : 1;
+  const normFn = (): Norm =>
+    makeNorm(normKind, o.dim, {
+      unitOffset: !normNeedsCondition && o.normAddUnitOffset,
+      dimCondition: dimCondition * condMult,
+    });
+  return { normFn, needCondition: normNeedsCondition || o.useAdaptiveLayerscale, dimCondition, condMult };
+}
+
+/** The state of one forward pass, carried from layer to layer. */
+interface RunState {
+  order: number[];
+  /** the stream: [b, n, dim], or [(b * streams), n, dim] with hyper-connections */
+  x: tf.Tensor;
+  cond?: tf.Tensor;
+  rotary?: RotaryInput;
+  selfKvMask?: tf.Tensor;
+  context?: tf.Tensor;
+  contextMask?: tf.Tensor;
+  mems: tf.Tensor[];
+  memMasks: tf.Tensor[];
+  cacheIter: AttentionKv[];
+  wantCache: boolean;
+  /** batch of the stream before hyper-connections widen it */
+  bStream: number;
+  /** ResiDual's second stream */
+  outer: tf.Tensor | null;
+  /** the input reinjected before every layer */
+  inject: tf.Tensor | null;
+  skipHiddens: tf.Tensor[];
+  hiddens: tf.Tensor[];
+  layerHiddens: tf.Tensor[];
+  attnInters: (AttentionIntermediates & { layerType: 'a' | 'c' })[];
+  newKvs: AttentionKv[];
+  newKinds: boolean[];
+  prevAttn?: tf.Tensor;
+  prevCrossAttn?: tf.Tensor;
+  /** value residual: the values of the first self- and cross-attention layer run */
+  firstSelfValues?: tf.Tensor;
+  firstCrossValues?: tf.Tensor;
+  /** rows decoded together (rowCaches) */
+  rows?: RowsState;
+}
+
+/** Rows of different lengths decoded together: each row's cache entries, new keys/values and rotary input. */
+interface RowsState {
+  iters: AttentionKv[][];
+  kvs: AttentionKv[][];
+  rotary: { rotary?: RotaryInput; tables: SharedRotaryTables | null }[];
+}
+
 /**
  * The stack of attention / feedforward layers of the reference's AttentionLayers: every option of
  * x-transformers 2.0.1's README (norm placement, residual variants, positional schemes, memories,
  * custom layer orders...). Parameter names follow the reference's state_dict
  * (`layers.{i}.{0 norms|1 branch|2 residual}`, `final_norm`, `rotary_pos_emb`, `rel_pos`).
+ * Built in three steps: `planLayers` decides the layers from the options, `buildLayer` makes each
+ * one, and the forward runs them in the planned order.
  */
 export class AttentionLayers extends Module {
   readonly options: AttentionLayersOwnOptions;
@@ -187,55 +262,87 @@ export class AttentionLayers extends Module {
 
   constructor(options: AttentionLayersOptions) {
     super();
-    const own: Record<string, unknown> = {};
-    const attn: Record<string, unknown> = {};
-    const cross: Record<string, unknown> = {};
-    const ff: Record<string, unknown> = {};
-    for (const [k, v] of Object.entries(options)) {
-      if (v === undefined) continue;
-      if (k in attentionLayersDefaults) own[k] = v;
-      else if (isCamelKey(k, 'ff')) ff[trimPrefix(k, 'ff')] = v;
-      else if (isCamelKey(k, 'attn')) attn[trimPrefix(k, 'attn')] = v;
-      else if (isCamelKey(k, 'crossAttn')) cross[trimPrefix(k, 'crossAttn')] = v;
-      else throw new Error(`${k}: unknown AttentionLayers option, got ${JSON.stringify(v)}`);
-    }
-    for (const k of Object.keys(attn))
-      if (!(k in attentionDefaults))
-        throw new Error(`attn${k[0]!.toUpperCase()}${k.slice(1)}: unknown attention option`);
-    for (const k of Object.keys(cross))
-      if (!(k in attentionDefaults))
-        throw new Error(`crossAttn${k[0]!.toUpperCase()}${k.slice(1)}: unknown attention option`);
-    for (const k of Object.keys(ff))
-      if (!(k in feedForwardDefaults))
-        throw new Error(`ff${k[0]!.toUpperCase()}${k.slice(1)}: unknown feedforward option`);
-
-    const o: AttentionLayersOwnOptions = {
-      ...attentionLayersDefaults,
-      ...(own as Partial<AttentionLayersOwnOptions>),
-    };
+    const { own, attn, cross, ff } = routeOptions(options);
+    const o: AttentionLayersOwnOptions = { ...attentionLayersDefaults, ...own };
     validate(o);
     this.options = o;
     this.dim = o.dim;
     this.causal = o.causal;
     this.crossAttend = o.crossAttend;
-    const rotary = o.rotaryPosEmb || o.rotaryXpos;
-    let attnKw = attn as Partial<AttentionOptions>;
-    let ffKw = ff as Partial<FeedForwardOptions>;
-    if (o.zeroInitBranchOutput) {
-      attnKw = { ...attnKw, zeroInitOutput: true };
-      ffKw = { ...ffKw, zeroInitOutput: true };
+    this.attnOptions = o.zeroInitBranchOutput ? { ...attn, zeroInitOutput: true } : attn;
+    this.crossAttnOptions = cross;
+    this.ffOptions = o.zeroInitBranchOutput ? { ...ff, zeroInitOutput: true } : ff;
+    this.dimHead = this.attnOptions.dimHead ?? attentionDefaults.dimHead;
+    const flash = this.attnOptions.flash ?? false;
+    this.disableAbsPosEmb = o.disableAbsPosEmb ?? (o.relPosBias || o.rotaryPosEmb || o.rotaryXpos);
+    this.buildPositions(o, flash);
+    if (flash && (o.residualAttn || o.crossResidualAttn))
+      throw new Error('attnFlash: flash attention is not compatible with residualAttn / crossResidualAttn');
+
+    const { normFn, needCondition, dimCondition, condMult } = normSetup(o);
+    this.dimCondition = dimCondition;
+    this.needCondition = needCondition;
+    if (needCondition && o.adaptiveConditionMlp) {
+      const mlp = this.registerModule('adaptive_mlp', new Indexed());
+      this.adaptiveMlp = mlp.add(0, new Linear(dimCondition, dimCondition * condMult, { bias: false }));
     }
-    this.attnOptions = attnKw;
-    this.crossAttnOptions = cross as Partial<AttentionOptions>;
-    this.ffOptions = ffKw;
-    const dimHead = attnKw.dimHead ?? attentionDefaults.dimHead;
-    this.dimHead = dimHead;
-    const flash = attnKw.flash ?? false;
 
-    this.disableAbsPosEmb = o.disableAbsPosEmb ?? (o.relPosBias || rotary);
+    const plan = planLayers(o);
+    this.layerTypes = plan.layerTypes;
+    this.layersExecuteOrder = plan.executeOrder;
+    this.numAttnLayers = plan.numAttnLayers;
+    this.depth = plan.depth;
+    this.skipFrom = plan.skipFrom;
+    this.layerDropouts = plan.layerDropouts;
+    const skipCombines = this.registerModule('skip_combines', new Indexed());
+    this.skipCombines = skipCombines;
+    this.combines = this.skipFrom.map((from, ind) =>
+      from === null ? null : skipCombines.add(ind, new ConcatCombine(o.dim, from)),
+    );
+    if (o.reinjectInput) {
+      this.reinjectInputProj = this.registerModule(
+        'reinject_input_proj',
+        new Linear(o.dim, o.dim, { bias: false }),
+      );
+      if (o.learnedReinjectInputGate)
+        this.learnedReinjectInputGate = this.registerModule(
+          'learned_reinject_input_gate',
+          new Linear(o.dim, 1, { bias: false }),
+        );
+    } else if (o.learnedReinjectInputGate)
+      throw new Error('learnedReinjectInputGate: expected reinjectInput true with it');
 
-    // positions
-    if (rotary) {
+    // as in the reference 2.0.1, preNormHasFinalNorm is accepted but a pre-norm stack always has a final norm
+    const preNorm = o.preNorm && !o.resiDual;
+    if (preNorm || o.resiDual) this.finalNorm = this.registerModule('final_norm', normFn());
+    if (o.numResidualStreams > 1)
+      this.streamEmb = this.registerParameter('stream_emb', tf.zeros([o.numResidualStreams, o.dim]));
+
+    this.layers = this.registerModule('layers', new ModuleList<LayerEntry>());
+    const ctx: LayerBuildContext = {
+      o,
+      attn: this.attnOptions,
+      cross,
+      ff: this.ffOptions,
+      normFn,
+      preNorm,
+      dimCondition: dimCondition * condMult,
+    };
+    // as the reference: only self-attention layers after the first learn their value residual mix
+    const learnedMix = o.learnedValueResidualMix && o.addValueResidual;
+    const firstSelf = plan.layerTypes.indexOf('a');
+    plan.layerTypes.forEach((type, ind) =>
+      this.layers.push(buildLayer(ctx, type, ind, plan.shifts[ind]!, learnedMix && ind !== firstSelf)),
+    );
+    this.canCacheKv =
+      plan.shifts.every((s) => s === 0) &&
+      this.layers.items.every((l) => !(l.attention && !l.attention.canCacheKv));
+  }
+
+  /** The rotary embedding and the relative position scheme (`rotary_pos_emb`, `rel_pos`). */
+  private buildPositions(o: AttentionLayersOwnOptions, flash: boolean): void {
+    const dimHead = this.dimHead;
+    if (o.rotaryPosEmb || o.rotaryXpos) {
       const rotDim = o.rotaryEmbDim ?? Math.floor(dimHead / 2);
       if (rotDim > dimHead)
         throw new Error(`rotaryEmbDim: expected at most the head dimension ${dimHead}, got ${rotDim}`);
@@ -259,224 +366,38 @@ export class AttentionLayers extends Module {
       throw new Error(
         `relPosNumBuckets: expected at most relPosMaxDistance ${o.relPosMaxDistance}, got ${o.relPosNumBuckets}`,
       );
+    if ((o.relPosBias || o.dynamicPosBias) && flash)
+      throw new Error(
+        o.relPosBias
+          ? 'attnFlash: flash attention is not compatible with relPosBias (T5 relative positional bias)'
+          : 'attnFlash: flash attention is not compatible with dynamicPosBias',
+      );
+    let relPos: (Module & PositionBias) | null = null;
     if (o.relPosBias) {
-      if (flash)
-        throw new Error(
-          'attnFlash: flash attention is not compatible with relPosBias (T5 relative positional bias)',
-        );
-      this.relPos = this.registerModule(
-        'rel_pos',
-        new RelativePositionBias(dimHead ** 0.5, {
-          causal: o.causal,
-          heads: o.heads,
-          numBuckets: o.relPosNumBuckets,
-          maxDistance: o.relPosMaxDistance,
-        }),
-      );
+      relPos = new RelativePositionBias(dimHead ** 0.5, {
+        causal: o.causal,
+        heads: o.heads,
+        numBuckets: o.relPosNumBuckets,
+        maxDistance: o.relPosMaxDistance,
+      });
     } else if (o.dynamicPosBias) {
-      if (flash) throw new Error('attnFlash: flash attention is not compatible with dynamicPosBias');
-      this.relPos = this.registerModule(
-        'rel_pos',
-        new DynamicPositionBias(Math.floor(o.dim / 4), {
-          heads: o.heads,
-          logDistance: o.dynamicPosBiasLogDistance,
-          depth: o.dynamicPosBiasMlpDepth,
-          norm: o.dynamicPosBiasNorm,
-        }),
-      );
+      relPos = new DynamicPositionBias(Math.floor(o.dim / 4), {
+        heads: o.heads,
+        logDistance: o.dynamicPosBiasLogDistance,
+        depth: o.dynamicPosBiasMlpDepth,
+        norm: o.dynamicPosBiasNorm,
+      });
     } else if (o.alibiPosBias) {
-      const alibiHeads = o.alibiNumHeads ?? o.heads;
+      // as the reference, custom slopes set the number of ALiBi heads
+      const slopes = o.relPosKwargs.slopes ?? null;
+      const alibiHeads = slopes ? slopes.length : (o.alibiNumHeads ?? o.heads);
       if (alibiHeads > o.heads)
-        throw new Error(`alibiNumHeads: expected at most heads ${o.heads}, got ${alibiHeads}`);
-      this.relPos = this.registerModule(
-        'rel_pos',
-        new AlibiPositionalBias(alibiHeads, { totalHeads: o.heads }),
-      );
-    }
-
-    if (flash && (o.residualAttn || o.crossResidualAttn))
-      throw new Error('attnFlash: flash attention is not compatible with residualAttn / crossResidualAttn');
-
-    // norms
-    const normKind: NormKind = o.useAdaptiveLayernorm
-      ? 'adaptive_layernorm'
-      : o.useAdaptiveRmsnorm
-        ? 'adaptive_rmsnorm'
-        : o.useScalenorm
-          ? 'scalenorm'
-          : o.useRmsnorm
-            ? 'rmsnorm'
-            : o.useSimpleRmsnorm
-              ? 'simple_rmsnorm'
-              : 'layernorm';
-    const normNeedsCondition = o.useAdaptiveLayernorm || o.useAdaptiveRmsnorm;
-    const dimCondition = o.dimCondition ?? o.dim;
-    const condMult = o.adaptiveConditionMlp ? o.adaptiveConditionMlpExpansion : 1;
-    this.dimCondition = dimCondition;
-    this.needCondition = normNeedsCondition || o.useAdaptiveLayerscale;
-    const normFn = (): Norm =>
-      makeNorm(normKind, o.dim, {
-        unitOffset: !normNeedsCondition && o.normAddUnitOffset,
-        dimCondition: dimCondition * condMult,
-      });
-    if (this.needCondition && o.adaptiveConditionMlp) {
-      const mlp = this.registerModule('adaptive_mlp', new Indexed());
-      this.adaptiveMlp = mlp.add(0, new Linear(dimCondition, dimCondition * condMult, { bias: false }));
-    }
-    const preNorm = o.preNorm && !o.resiDual;
-
-    // block order
-    let defaultBlock: LayerType[] =
-      o.crossAttend && !o.onlyCross ? ['a', 'c', 'f'] : o.crossAttend ? ['c', 'f'] : ['a', 'f'];
-    if (o.macaron) defaultBlock = ['f', ...defaultBlock];
-
-    let depth = o.depth;
-    let executeOrder = o.layersExecuteOrder;
-    if (o.weightTieLayers) {
-      if (depth === null)
-        throw new Error('depth: expected a positive integer with weightTieLayers, got null');
-      if (executeOrder) throw new Error('layersExecuteOrder: expected none with weightTieLayers');
-      executeOrder = [];
-      for (let d = 0; d < depth; d++) for (let i = 0; i < defaultBlock.length; i++) executeOrder.push(i);
-      depth = 1;
-    }
-
-    let layerTypes: LayerType[];
-    let lenDefaultBlock = 1;
-    if (o.customLayers) {
-      layerTypes = o.customLayers.map((t, i) => {
-        if (t !== 'a' && t !== 'c' && t !== 'f')
-          throw new Error(`customLayers: expected 'a', 'c' or 'f' at index ${i}, got ${JSON.stringify(t)}`);
-        return t;
-      });
-    } else if (o.parRatio !== null) {
-      const parDepth = depth! * defaultBlock.length;
-      if (!(o.parRatio > 1 && o.parRatio <= parDepth))
-        throw new Error(`parRatio: expected a number in (1, ${parDepth}], got ${o.parRatio}`);
-      const blk = defaultBlock.filter((t) => t !== 'f');
-      const parAttn = Math.floor(parDepth / o.parRatio);
-      const depthCut = Math.floor((parDepth * 2) / 3);
-      const parWidth = Math.floor((depthCut + Math.floor(depthCut / parAttn)) / parAttn);
-      if (blk.length > parWidth) throw new Error('parRatio: default block is too large for parRatio');
-      const parBlock = [...blk, ...Array<LayerType>(parWidth - blk.length).fill('f')];
-      const head: LayerType[] = [];
-      for (let i = 0; i < parAttn; i++) head.push(...parBlock);
-      layerTypes = [...head, ...Array<LayerType>(parDepth - head.length).fill('f')];
-    } else if (o.sandwichCoef !== null) {
-      if (!(o.sandwichCoef > 0 && o.sandwichCoef <= depth!))
-        throw new Error(`sandwichCoef: expected an integer in [1, depth ${depth}], got ${o.sandwichCoef}`);
-      layerTypes = Array<LayerType>(o.sandwichCoef).fill('a');
-      for (let i = 0; i < depth! - o.sandwichCoef; i++) layerTypes.push(...defaultBlock);
-      layerTypes.push(...Array<LayerType>(o.sandwichCoef).fill('f'));
-    } else {
-      if (depth === null)
-        throw new Error('depth: expected a positive integer for Decoder or Encoder, got null');
-      layerTypes = [];
-      for (let i = 0; i < depth; i++) layerTypes.push(...defaultBlock);
-      lenDefaultBlock = defaultBlock.length;
-    }
-    this.layerTypes = layerTypes;
-    this.layersExecuteOrder = executeOrder ?? layerTypes.map((_, i) => i);
-    for (const i of this.layersExecuteOrder) {
-      if (!Number.isInteger(i) || i < 0 || i >= layerTypes.length)
-        throw new Error(`layersExecuteOrder: expected indices in [0, ${layerTypes.length}), got ${i}`);
-    }
-    this.numAttnLayers = layerTypes.filter((t) => t === 'a').length;
-    this.depth = depth ?? this.layersExecuteOrder.length;
-
-    // U-Net skips: the latter half's blocks take the input of a mirrored earlier block
-    const numSkips = Math.floor(this.depth / lenDefaultBlock);
-    if (o.unetSkips && numSkips === 0)
-      throw new Error('unetSkips: expected a depth of at least 2 for U-Net skip connections');
-    const skipIndices = Array.from({ length: numSkips }, (_, i) => i * lenDefaultBlock);
-    this.skipFrom = layerTypes.map((_, ind) => {
-      const latter = ind % lenDefaultBlock === 0 && Math.floor(ind / lenDefaultBlock) >= this.depth / 2;
-      if (!o.unetSkips || !latter) return null;
-      const from = skipIndices.pop();
-      if (from === undefined) throw new Error('unetSkips: more latter-half blocks than skip sources');
-      return from;
-    });
-    const skipCombines = this.registerModule('skip_combines', new Indexed());
-    this.skipCombines = skipCombines;
-    this.combines = this.skipFrom.map((from, ind) =>
-      from === null ? null : skipCombines.add(ind, new ConcatCombine(o.dim, from)),
-    );
-    if (o.reinjectInput) {
-      this.reinjectInputProj = this.registerModule(
-        'reinject_input_proj',
-        new Linear(o.dim, o.dim, { bias: false }),
-      );
-      if (o.learnedReinjectInputGate)
-        this.learnedReinjectInputGate = this.registerModule(
-          'learned_reinject_input_gate',
-          new Linear(o.dim, 1, { bias: false }),
+        throw new Error(
+          `${slopes ? 'relPosKwargs.slopes: expected at most heads values' : 'alibiNumHeads: expected at most heads'} ${o.heads}, got ${alibiHeads}`,
         );
-    } else if (o.learnedReinjectInputGate)
-      throw new Error('learnedReinjectInputGate: expected reinjectInput true with it');
-
-    this.layerDropouts = castList(o.layerDropout, layerTypes.length, 'layerDropout');
-    const shifts = castList(o.shiftTokens, layerTypes.length, 'shiftTokens');
-
-    // as in the reference 2.0.1, preNormHasFinalNorm is accepted but a pre-norm stack always has a final norm
-    if (preNorm) this.finalNorm = this.registerModule('final_norm', normFn());
-    else if (o.resiDual) this.finalNorm = this.registerModule('final_norm', normFn());
-
-    if (o.numResidualStreams > 1)
-      this.streamEmb = this.registerParameter('stream_emb', tf.zeros([o.numResidualStreams, o.dim]));
-    let allCache = shifts.every((v) => v === 0);
-    this.layers = this.registerModule('layers', new ModuleList<LayerEntry>());
-    // as the reference: only self-attention layers after the first learn their value residual mix
-    const learnedValueResidualMix = o.learnedValueResidualMix && o.addValueResidual;
-    let isFirstSelfAttn = true;
-    layerTypes.forEach((type, ind) => {
-      let block: Block;
-      if (type === 'a' || type === 'c') {
-        const selfKw: Partial<AttentionOptions> = { heads: o.heads, causal: o.causal, ...attnKw };
-        if (type === 'a') {
-          selfKw.learnedValueResidualMix = learnedValueResidualMix && !isFirstSelfAttn;
-          isFirstSelfAttn = false;
-        }
-        const a =
-          type === 'a'
-            ? buildAttention(o.dim, selfKw, {})
-            : buildAttention(o.dim, { heads: o.heads, ...attnKw }, this.crossAttnOptions);
-        allCache &&= a.canCacheKv;
-        block = a as unknown as Block;
-      } else {
-        const f = new FeedForward(o.dim, ffKw) as unknown as Block;
-        block = o.macaron ? (new Scale(0.5, f) as Block) : f;
-      }
-      const s = shifts[ind]!;
-      if (s > 0) {
-        const lower = o.causal ? 0 : -s;
-        const range: number[] = [];
-        for (let i = lower; i <= s; i++) range.push(i);
-        block = new ShiftTokens(range, block) as unknown as Block;
-      }
-      if (o.useLayerscale)
-        block = new LayerScale(block, o.dim, o.layerscaleInitValue, o.normAddUnitOffset) as unknown as Block;
-      else if (o.useAdaptiveLayerscale)
-        block = new AdaptiveLayerScale(block, o.dim, dimCondition * condMult) as unknown as Block;
-      const residual: ResidualFn =
-        o.numResidualStreams > 1
-          ? new HyperConnection(o.dim, ind, o.numResidualStreams)
-          : o.gateResidual
-            ? new GRUGating(o.dim, {
-                scaleResidual: o.scaleResidual,
-                scaleResidualConstant: o.scaleResidualConstant,
-              })
-            : new Residual(o.dim, {
-                scaleResidual: o.scaleResidual,
-                scaleResidualConstant: o.scaleResidualConstant,
-              });
-      const norms = new NormSlots(
-        preNorm ? normFn() : null,
-        o.sandwichNorm ? normFn() : null,
-        preNorm ? null : normFn(),
-      );
-      this.layers.push(new LayerEntry(norms, block, residual));
-    });
-    this.canCacheKv = allCache;
+      relPos = new AlibiPositionalBias(alibiHeads, { totalHeads: o.heads, slopes });
+    }
+    if (relPos) this.relPos = this.registerModule('rel_pos', relPos);
   }
 
   /** Which attention layers (self or cross) a cache lists, in execution order: true = self-attention. */
@@ -538,6 +459,90 @@ export class AttentionLayers extends Module {
    * See `LayersForwardOptions` for the optional inputs.
    */
   forward(x: tf.Tensor, opts: LayersForwardOptions = {}): LayersOutput {
+    this.checkInputs(x, opts);
+    if (opts.rowCaches) return this.forwardRows(x, opts);
+    const n = x.shape[1]!;
+    let rotaryTables: SharedRotaryTables | null = null;
+    let result;
+    try {
+      result = tidyObj(() => {
+        const s = this.startRun(x, opts, (t) => (rotaryTables = t));
+        this.runLayers(s, opts);
+        return this.finishRun(s, x, opts);
+      });
+    } catch (e) {
+      (rotaryTables as SharedRotaryTables | null)?.release();
+      throw e;
+    }
+
+    // (assigned inside the scope above)
+    const tables = rotaryTables as SharedRotaryTables | null;
+    let cache: LayersCache | undefined;
+    if (opts.returnCache || opts.cache) {
+      const selfIdx = result.kinds.indexOf(true);
+      const seqLen = selfIdx >= 0 ? result.kvs[selfIdx]!.k.shape[2]! : n;
+      cache = new LayersCache(result.kvs, seqLen, result.kinds, tables);
+    }
+    // this call's reference: a new cache holds the tables now (or nothing does, and they are freed)
+    tables?.release();
+    if (!cache) {
+      for (const kv of result.kvs) {
+        kv.k.dispose();
+        kv.v.dispose();
+      }
+    }
+    return {
+      out: result.out,
+      hiddens: result.hiddens,
+      layerHiddens: result.layerHiddens,
+      attnIntermediates: result.attnIntermediates,
+      cache,
+    };
+  }
+
+  /** `forward` with rowCaches: each row attends over its own cache; returns each row's new cache. */
+  private forwardRows(x: tf.Tensor, opts: LayersForwardOptions): LayersOutput {
+    const caches = opts.rowCaches!;
+    const rows: RowsState = { iters: caches.map((c) => [...c.kvs]), kvs: caches.map(() => []), rotary: [] };
+    const release = () => {
+      for (const r of rows.rotary) r.tables?.release();
+    };
+    let result;
+    try {
+      result = tidyObj(() => {
+        for (const c of caches) rows.rotary.push(this.rowRotary(c));
+        const s = this.startRun(x, opts, () => undefined);
+        s.rows = rows;
+        this.runLayers(s, opts);
+        return { ...this.finishRun(s, x, opts), rowKvs: rows.kvs };
+      });
+    } catch (e) {
+      release();
+      throw e;
+    }
+    const kinds = this.cachedLayerKinds(opts.layersExecuteOrder ?? this.layersExecuteOrder);
+    const rowCaches = caches.map(
+      (c, r) => new LayersCache(result.rowKvs[r]!, c.seqLen + 1, kinds, rows.rotary[r]!.tables),
+    );
+    // each new cache holds its row's tables now
+    release();
+    return { out: result.out, hiddens: [], layerHiddens: [], attnIntermediates: [], rowCaches };
+  }
+
+  /** Runs the layers in order on the stream `s.x` (U-Net skips, layer dropout in training). */
+  private runLayers(s: RunState, opts: LayersForwardOptions): void {
+    const rng = opts.rng ?? getRng();
+    for (const li of s.order) {
+      s.skipHiddens.push(s.x);
+      const combine = this.combines[li];
+      if (combine) s.x = combine.forward(s.x, s.skipHiddens[combine.prevLayerInd]!);
+      const p = this.layerDropouts[li]!;
+      if (this.training && p > 0 && rng.random() < p) continue;
+      this.runLayer(li, s, opts, rng);
+    }
+  }
+
+  private checkInputs(x: tf.Tensor, opts: LayersForwardOptions): void {
     checkTensor('x', x, { rank: 3, dtype: 'float32' });
     if (x.shape[2] !== this.dim) throw new Error(`x: expected last dimension ${this.dim}, got ${x.shape[2]}`);
     const [b, n] = x.shape as [number, number, number];
@@ -581,255 +586,215 @@ export class AttentionLayers extends Module {
           `condition: expected shape [${b}, ${this.dimCondition}] or [${b}, n, ${this.dimCondition}], got [${c.shape.join(', ')}]`,
         );
     }
+  }
+
+  /**
+   * Everything the layers share in one pass: the condition, key masks, rotary tables (`onTables`
+   * receives shared ones, which outlive the pass), the positions a cache leaves to compute, the
+   * widened stream of hyper-connections and the reinjected input.
+   */
+  private startRun(
+    x0: tf.Tensor,
+    opts: LayersForwardOptions,
+    onTables: (t: SharedRotaryTables) => void,
+  ): RunState {
     const o = this.options;
-    const training = this.training;
-    const rng = opts.rng ?? getRng();
-
-    const input = x;
-    let rotaryTables: SharedRotaryTables | null = null;
-    let rowRotary: { rotary?: RotaryInput; tables: SharedRotaryTables | null }[] = [];
-    const releaseRowTables = () => {
-      for (const r of rowRotary) r.tables?.release();
-    };
-    const run = () =>
-      tidyObj(() => {
-        const order = opts.layersExecuteOrder ?? this.layersExecuteOrder;
-        let cond: tf.Tensor | undefined;
-        if (opts.condition) {
-          cond = opts.condition.rank === 2 ? tf.expandDims(opts.condition, 1) : opts.condition;
-          if (this.adaptiveMlp) {
-            const hcond = this.adaptiveMlp.forward(cond);
-            cond = tf.mul(hcond, tf.sigmoid(hcond));
-          }
-        }
-        const callBlock = (block: Block, inp: tf.Tensor, bo?: BlockOpts): BranchOut =>
-          block instanceof AdaptiveLayerScale
-            ? block.forwardWithCondition(inp, cond!, bo)
-            : block.forward(inp, bo);
-        const hiddens: tf.Tensor[] = [];
-        const layerHiddens: tf.Tensor[] = [];
-        const attnInters: (AttentionIntermediates & { layerType: 'a' | 'c' })[] = [];
-        const mems = opts.mems && opts.mems.length ? [...opts.mems] : [];
-        const memMasks = opts.memMasks ? [...opts.memMasks] : [];
-        let context = opts.context;
-        let contextMask = opts.contextMask;
-
-        let selfKvMask = opts.selfAttnKvMask;
-        if (opts.seqStartPos) {
-          const leftPad = tf.greaterEqual(
-            tf.expandDims(tf.range(0, n, 1, 'int32'), 0),
-            tf.expandDims(tf.cast(opts.seqStartPos, 'int32'), -1),
-          );
-          selfKvMask = selfKvMask ? tf.logicalAnd(selfKvMask, leftPad) : leftPad;
-        }
-
-        let rotaryIn = opts.rotaryPosEmb;
-        // positions 0 .. n - 1 of a decoding run: sliced from tables shared along the run
-        const memLen = mems[0] ? mems[0].shape[1]! : 0;
-        const rows = opts.rowCaches;
-        const rangeRotary =
-          this.rotaryPosEmb && !rotaryIn && !opts.pos && !memLen && wantRotaryTables(this.rotaryPosEmb, opts);
-        if (rows) rowRotary = rows.map((c) => this.rowRotary(c));
-        else if (this.rotaryPosEmb && !rotaryIn && !rangeRotary) {
-          const pos =
-            opts.pos ??
-            (memLen ? tf.sub(tf.range(0, n + memLen, 1, 'int32'), memLen) : tf.range(0, n, 1, 'int32'));
-          rotaryIn = this.rotaryPosEmb.forward(pos);
-        }
-
-        const cacheIter = opts.cache ? [...opts.cache.kvs] : [];
-        const rowIters = rows ? rows.map((c) => [...c.kvs]) : null;
-        const rowKvs: AttentionKv[][] = rows ? rows.map(() => []) : [];
-        if (opts.cache) {
-          if (context) context = tf.slice(context, [0, 0, 0], [-1, 0, -1]);
-          const age = opts.cacheAge ?? 1;
-          if (age > 0 && age < n) x = tf.slice(x, [0, n - age, 0], [-1, age, -1]);
-        }
-        // cos / sin computed once for every layer
-        if (rows) {
-          // each row's rotary input was prepared above
-        } else if (rangeRotary) {
-          rotaryTables = sharedRotaryTables(this.rotaryPosEmb!, n, this.dimHead, opts.cache?.rotary ?? null);
-          rotaryIn = rotaryTables.slice(n, x.shape[1]!);
-        } else if (rotaryIn) rotaryIn = prepareRotary(rotaryIn, x.shape[1]!, this.dimHead);
-
-        const wantCache = opts.returnCache || !!opts.cache;
-        const newKvs: AttentionKv[] = [];
-        const newKinds: boolean[] = [];
-
-        let prevAttn: tf.Tensor | undefined;
-        let prevCrossAttn: tf.Tensor | undefined;
-        // value residual: the values of the first self- and cross-attention layer run
-        let firstSelfValues: tf.Tensor | undefined;
-        let firstCrossValues: tf.Tensor | undefined;
-        const streams = o.numResidualStreams;
-        const bStream = x.shape[0]!;
-        if (this.streamEmb) {
-          const [, nx, dx] = x.shape as [number, number, number];
-          x = tf.reshape(tf.add(tf.expandDims(x, 1), tf.expandDims(tf.expandDims(this.streamEmb, 0), 2)), [
-            bStream * streams,
-            nx,
-            dx,
-          ]);
-        }
-        let outer: tf.Tensor | null = o.resiDual ? tf.mul(x, o.resiDualScale) : null;
-
-        let inject: tf.Tensor | null = null;
-        if (this.reinjectInputProj) {
-          inject = this.reinjectInputProj.forward(x);
-          if (this.learnedReinjectInputGate)
-            inject = tf.mul(inject, tf.sigmoid(this.learnedReinjectInputGate.forward(x)));
-        }
-        const skipHiddens: tf.Tensor[] = [];
-
-        for (const li of order) {
-          const type = this.layerTypes[li]!;
-          const entry = this.layers.at(li);
-          skipHiddens.push(x);
-          const combine = this.combines[li];
-          if (combine) x = combine.forward(x, skipHiddens[combine.prevLayerInd]!);
-          const p = this.layerDropouts[li]!;
-          if (training && p > 0 && rng.random() < p) continue;
-
-          let layerMem: tf.Tensor | undefined;
-          let layerMemMask: tf.Tensor | undefined;
-          if (type === 'a') {
-            if (opts.returnHiddens) hiddens.push(x.clone());
-            layerMem = mems.shift();
-            layerMemMask = memMasks.shift();
-          }
-          if (type === 'c' && training && o.crossAttnTokensDropout > 0) {
-            [context, contextMask] = dropoutSeq(context!, contextMask, o.crossAttnTokensDropout, rng);
-          }
-          const prep = entry.residual.prepare ? entry.residual.prepare(x) : null;
-          const residual = prep ? prep.residual : x;
-          const branchIn = prep ? prep.branchInput : x;
-          if (opts.returnHiddens) layerHiddens.push(branchIn.clone());
-          const { pre, postBranch, postMain } = entry.norms;
-          let h = inject ? tf.add(branchIn, inject) : branchIn;
-          if (pre) {
-            h = pre.forward(h, cond);
-            if (type === 'a' && layerMem) layerMem = pre.forward(layerMem, cond);
-          }
-          let out: tf.Tensor;
-          let inter: AttentionIntermediates | undefined;
-          const needInter =
-            wantCache || opts.returnHiddens || o.residualAttn || o.crossResidualAttn || o.addValueResidual;
-          if (type === 'a' && rowIters) {
-            out = attendRows(h, rowIters, rowKvs, (r, hr, cache) =>
-              callBlock(entry.block, hr, {
-                relPos: this.relPos ?? undefined,
-                rotary: rowRotary[r]!.rotary,
-                cache,
-                returnIntermediates: true,
-              }),
-            );
-          } else if (type === 'a') {
-            const r = callBlock(entry.block, h, {
-              mask: opts.mask,
-              contextMask: selfKvMask,
-              attnMask: opts.attnMask,
-              relPos: this.relPos ?? undefined,
-              pos: opts.pos,
-              rotary: rotaryIn,
-              prevAttn,
-              cache: cacheIter.shift(),
-              mem: layerMem,
-              memMask: layerMemMask,
-              valueResidual: o.addValueResidual ? firstSelfValues : undefined,
-              returnIntermediates: needInter,
-            }) as { out: tf.Tensor; intermediates: AttentionIntermediates };
-            out = r.out;
-            inter = r.intermediates;
-          } else if (type === 'c') {
-            const r = callBlock(entry.block, h, {
-              context,
-              mask: opts.mask,
-              contextMask,
-              prevAttn: prevCrossAttn,
-              cache: cacheIter.shift(),
-              valueResidual: o.addValueResidual ? firstCrossValues : undefined,
-              returnIntermediates: needInter,
-            }) as { out: tf.Tensor; intermediates: AttentionIntermediates };
-            out = r.out;
-            inter = r.intermediates;
-          } else {
-            out = callBlock(entry.block, h) as tf.Tensor;
-          }
-          if (postBranch) out = postBranch.forward(out, cond);
-          x = entry.residual.forward(out, residual, prep?.beta);
-          if (outer) outer = tf.add(outer, tf.mul(out, o.resiDualScale));
-          if (inter) {
-            if (wantCache && inter.cachedKv) {
-              newKvs.push(inter.cachedKv);
-              newKinds.push(type === 'a');
-            }
-            if (opts.returnHiddens)
-              attnInters.push({ ...inter, cachedKv: undefined, layerType: type as 'a' | 'c' });
-            if (type === 'a' && !firstSelfValues) firstSelfValues = inter.values;
-            if (type === 'c' && !firstCrossValues) firstCrossValues = inter.values;
-            if (type === 'a' && o.residualAttn) prevAttn = inter.preSoftmaxAttn;
-            if (type === 'c' && o.crossResidualAttn) prevCrossAttn = inter.preSoftmaxAttn;
-          }
-          if (postMain) x = postMain.forward(x, cond);
-        }
-        if (opts.returnHiddens) layerHiddens.push(x.clone());
-        if (o.softclampOutput) x = tf.mul(tf.tanh(tf.div(x, o.softclampOutputValue)), o.softclampOutputValue);
-        if (this.streamEmb) {
-          const [, nx, dx] = x.shape as [number, number, number];
-          x = tf.sum(tf.reshape(x, [bStream, streams, nx, dx]), 1);
-        }
-        if (outer) x = tf.add(x, this.finalNorm!.forward(outer, cond));
-        else if (this.finalNorm) x = this.finalNorm.forward(x, cond);
-        return {
-          out: x === input ? x.clone() : x,
-          hiddens,
-          layerHiddens,
-          attnIntermediates: attnInters,
-          kvs: newKvs,
-          kinds: newKinds,
-          rowKvs,
-        };
-      });
-    let result: ReturnType<typeof run>;
-    try {
-      result = run();
-    } catch (e) {
-      (rotaryTables as SharedRotaryTables | null)?.release();
-      releaseRowTables();
-      throw e;
-    }
-    if (opts.rowCaches) {
-      const kinds = this.cachedLayerKinds(opts.layersExecuteOrder ?? this.layersExecuteOrder);
-      const rowCaches = opts.rowCaches.map(
-        (c, r) => new LayersCache(result.rowKvs[r]!, c.seqLen + 1, kinds, rowRotary[r]!.tables),
-      );
-      releaseRowTables();
-      return { out: result.out, hiddens: [], layerHiddens: [], attnIntermediates: [], rowCaches };
-    }
-
-    // (assigned inside the scope above)
-    const tables = rotaryTables as SharedRotaryTables | null;
-    let cache: LayersCache | undefined;
-    if (opts.returnCache || opts.cache) {
-      const selfIdx = result.kinds.indexOf(true);
-      const seqLen = selfIdx >= 0 ? result.kvs[selfIdx]!.k.shape[2]! : n;
-      cache = new LayersCache(result.kvs, seqLen, result.kinds, tables);
-    }
-    // this call's reference: a new cache holds the tables now (or nothing does, and they are freed)
-    tables?.release();
-    if (!cache) {
-      for (const kv of result.kvs) {
-        kv.k.dispose();
-        kv.v.dispose();
+    const n = x0.shape[1]!;
+    let x = x0;
+    let cond: tf.Tensor | undefined;
+    if (opts.condition) {
+      cond = opts.condition.rank === 2 ? tf.expandDims(opts.condition, 1) : opts.condition;
+      if (this.adaptiveMlp) {
+        const hcond = this.adaptiveMlp.forward(cond);
+        cond = tf.mul(hcond, tf.sigmoid(hcond));
       }
     }
+    let selfKvMask = opts.selfAttnKvMask;
+    if (opts.seqStartPos) {
+      const leftPad = tf.greaterEqual(
+        tf.expandDims(tf.range(0, n, 1, 'int32'), 0),
+        tf.expandDims(tf.cast(opts.seqStartPos, 'int32'), -1),
+      );
+      selfKvMask = selfKvMask ? tf.logicalAnd(selfKvMask, leftPad) : leftPad;
+    }
+    const mems = opts.mems && opts.mems.length ? [...opts.mems] : [];
+    let rotary = opts.rotaryPosEmb;
+    // positions 0 .. n - 1 of a decoding run: sliced from tables shared along the run
+    const memLen = mems[0] ? mems[0].shape[1]! : 0;
+    const rangeRotary =
+      this.rotaryPosEmb && !rotary && !opts.pos && !memLen && wantRotaryTables(this.rotaryPosEmb, opts);
+    if (this.rotaryPosEmb && !rotary && !rangeRotary && !opts.rowCaches) {
+      const pos =
+        opts.pos ??
+        (memLen ? tf.sub(tf.range(0, n + memLen, 1, 'int32'), memLen) : tf.range(0, n, 1, 'int32'));
+      rotary = this.rotaryPosEmb.forward(pos);
+    }
+    let context = opts.context;
+    if (opts.cache) {
+      if (context) context = tf.slice(context, [0, 0, 0], [-1, 0, -1]);
+      const age = opts.cacheAge ?? 1;
+      if (age > 0 && age < n) x = tf.slice(x, [0, n - age, 0], [-1, age, -1]);
+    }
+    // cos / sin computed once for every layer
+    if (rangeRotary) {
+      const tables = sharedRotaryTables(this.rotaryPosEmb!, n, this.dimHead, opts.cache?.rotary ?? null);
+      onTables(tables);
+      rotary = tables.slice(n, x.shape[1]!);
+    } else if (rotary) rotary = prepareRotary(rotary, x.shape[1]!, this.dimHead);
+
+    const bStream = x.shape[0]!;
+    if (this.streamEmb) {
+      const [, nx, dx] = x.shape as [number, number, number];
+      const widened = tf.add(tf.expandDims(x, 1), tf.expandDims(tf.expandDims(this.streamEmb, 0), 2));
+      x = tf.reshape(widened, [bStream * o.numResidualStreams, nx, dx]);
+    }
+    let inject: tf.Tensor | null = null;
+    if (this.reinjectInputProj) {
+      inject = this.reinjectInputProj.forward(x);
+      if (this.learnedReinjectInputGate)
+        inject = tf.mul(inject, tf.sigmoid(this.learnedReinjectInputGate.forward(x)));
+    }
     return {
-      out: result.out,
-      hiddens: result.hiddens,
-      layerHiddens: result.layerHiddens,
-      attnIntermediates: result.attnIntermediates,
-      cache,
+      order: opts.layersExecuteOrder ?? this.layersExecuteOrder,
+      x,
+      cond,
+      rotary,
+      selfKvMask,
+      context,
+      contextMask: opts.contextMask,
+      mems,
+      memMasks: opts.memMasks ? [...opts.memMasks] : [],
+      cacheIter: opts.cache ? [...opts.cache.kvs] : [],
+      wantCache: opts.returnCache || !!opts.cache,
+      bStream,
+      outer: o.resiDual ? tf.mul(x, o.resiDualScale) : null,
+      inject,
+      skipHiddens: [],
+      hiddens: [],
+      layerHiddens: [],
+      attnInters: [],
+      newKvs: [],
+      newKinds: [],
+    };
+  }
+
+  /** Runs layer `li` on the stream `s.x`: norms, branch, residual, and what later layers take from it. */
+  private runLayer(li: number, s: RunState, opts: LayersForwardOptions, rng: Rng): void {
+    const o = this.options;
+    const type = this.layerTypes[li]!;
+    const entry = this.layers.at(li);
+    let layerMem: tf.Tensor | undefined;
+    let layerMemMask: tf.Tensor | undefined;
+    if (type === 'a') {
+      if (opts.returnHiddens) s.hiddens.push(s.x.clone());
+      layerMem = s.mems.shift();
+      layerMemMask = s.memMasks.shift();
+    }
+    if (type === 'c' && this.training && o.crossAttnTokensDropout > 0)
+      [s.context, s.contextMask] = dropoutSeq(s.context!, s.contextMask, o.crossAttnTokensDropout, rng);
+    const prep = entry.residual.prepare ? entry.residual.prepare(s.x) : null;
+    const residual = prep ? prep.residual : s.x;
+    const branchIn = prep ? prep.branchInput : s.x;
+    if (opts.returnHiddens) s.layerHiddens.push(branchIn.clone());
+    const { pre, postBranch, postMain } = entry.norms;
+    let h = s.inject ? tf.add(branchIn, s.inject) : branchIn;
+    if (pre) {
+      h = pre.forward(h, s.cond);
+      if (type === 'a' && layerMem) layerMem = pre.forward(layerMem, s.cond);
+    }
+    const needInter =
+      s.wantCache || opts.returnHiddens || o.residualAttn || o.crossResidualAttn || o.addValueResidual;
+    let blockOpts: AttentionForwardOptions | undefined;
+    if (type === 'a')
+      blockOpts = {
+        mask: opts.mask,
+        contextMask: s.selfKvMask,
+        attnMask: opts.attnMask,
+        relPos: this.relPos ?? undefined,
+        pos: opts.pos,
+        rotary: s.rotary,
+        prevAttn: s.prevAttn,
+        cache: s.cacheIter.shift(),
+        mem: layerMem,
+        memMask: layerMemMask,
+        valueResidual: o.addValueResidual ? s.firstSelfValues : undefined,
+        returnIntermediates: needInter,
+      };
+    else if (type === 'c')
+      blockOpts = {
+        context: s.context,
+        mask: opts.mask,
+        contextMask: s.contextMask,
+        prevAttn: s.prevCrossAttn,
+        cache: s.cacheIter.shift(),
+        valueResidual: o.addValueResidual ? s.firstCrossValues : undefined,
+        returnIntermediates: needInter,
+      };
+    const rows = s.rows;
+    const r =
+      type === 'a' && rows
+        ? {
+            out: attendRows(h, rows, (i, hr, cache) =>
+              entry.block.forward(
+                hr,
+                {
+                  relPos: this.relPos ?? undefined,
+                  rotary: rows.rotary[i]!.rotary,
+                  cache,
+                  returnIntermediates: true,
+                },
+                s.cond,
+              ),
+            ),
+          }
+        : entry.block.forward(h, blockOpts, s.cond);
+    let out = r instanceof tf.Tensor ? r : r.out;
+    if (postBranch) out = postBranch.forward(out, s.cond);
+    s.x = entry.residual.forward(out, residual, prep?.beta);
+    if (s.outer) s.outer = tf.add(s.outer, tf.mul(out, o.resiDualScale));
+    if (!(r instanceof tf.Tensor) && 'intermediates' in r)
+      this.keepIntermediates(type as 'a' | 'c', r.intermediates as AttentionIntermediates, s, opts);
+    if (postMain) s.x = postMain.forward(s.x, s.cond);
+  }
+
+  /** What an attention layer leaves to the cache, the hiddens and the later layers. */
+  private keepIntermediates(
+    type: 'a' | 'c',
+    inter: AttentionIntermediates,
+    s: RunState,
+    opts: LayersForwardOptions,
+  ): void {
+    const o = this.options;
+    if (s.wantCache && inter.cachedKv) {
+      s.newKvs.push(inter.cachedKv);
+      s.newKinds.push(type === 'a');
+    }
+    if (opts.returnHiddens) s.attnInters.push({ ...inter, cachedKv: undefined, layerType: type });
+    if (type === 'a' && !s.firstSelfValues) s.firstSelfValues = inter.values;
+    if (type === 'c' && !s.firstCrossValues) s.firstCrossValues = inter.values;
+    if (type === 'a' && o.residualAttn) s.prevAttn = inter.preSoftmaxAttn;
+    if (type === 'c' && o.crossResidualAttn) s.prevCrossAttn = inter.preSoftmaxAttn;
+  }
+
+  /** The output after the last layer: soft-clamp, the streams summed, the final norm. */
+  private finishRun(s: RunState, input: tf.Tensor, opts: LayersForwardOptions) {
+    const o = this.options;
+    let x = s.x;
+    if (opts.returnHiddens) s.layerHiddens.push(x.clone());
+    if (o.softclampOutput) x = tf.mul(tf.tanh(tf.div(x, o.softclampOutputValue)), o.softclampOutputValue);
+    if (this.streamEmb) {
+      const [, nx, dx] = x.shape as [number, number, number];
+      x = tf.sum(tf.reshape(x, [s.bStream, o.numResidualStreams, nx, dx]), 1);
+    }
+    if (s.outer) x = tf.add(x, this.finalNorm!.forward(s.outer, s.cond));
+    else if (this.finalNorm) x = this.finalNorm.forward(x, s.cond);
+    return {
+      out: x === input ? x.clone() : x,
+      hiddens: s.hiddens,
+      layerHiddens: s.layerHiddens,
+      attnIntermediates: s.attnInters,
+      kvs: s.newKvs,
+      kinds: s.newKinds,
     };
   }
 }
@@ -849,39 +814,6 @@ class ConcatCombine extends Module {
   forward(x: tf.Tensor, skip: tf.Tensor): tf.Tensor {
     return tf.tidy(() => this.combine.forward(tf.concat([skip, x], -1)));
   }
-}
-
-/**
- * Builds an Attention, renaming the option an error names to the prefixed name the caller used
- * (`flash: ...` -> `attnFlash: ...`, or `crossAttn...` for a cross-attention override).
- */
-function buildAttention(
-  dim: number,
-  base: Partial<AttentionOptions>,
-  cross: Partial<AttentionOptions>,
-): Attention {
-  try {
-    return new Attention(dim, { ...base, ...cross });
-  } catch (e) {
-    const msg = (e as Error).message;
-    const m = /^([a-zA-Z]+):/.exec(msg);
-    if (m && m[1]! in attentionDefaults && m[1] !== 'heads' && m[1] !== 'causal') {
-      const key = m[1]!;
-      const prefix = key in cross ? 'crossAttn' : 'attn';
-      throw new Error(`${prefix}${key[0]!.toUpperCase()}${key.slice(1)}${msg.slice(key.length)}`, {
-        cause: e,
-      });
-    }
-    throw e;
-  }
-}
-
-function castList(v: number | number[], len: number, name: string): number[] {
-  if (Array.isArray(v)) {
-    if (v.length !== len) throw new Error(`${name}: expected ${len} values (one per layer), got ${v.length}`);
-    return v;
-  }
-  return Array<number>(len).fill(v);
 }
 
 function validate(o: AttentionLayersOwnOptions): void {
@@ -926,6 +858,50 @@ function validate(o: AttentionLayersOwnOptions): void {
       throw new Error(`shiftTokens: expected non-negative integers, got ${s}`);
   if (!(o.crossAttnTokensDropout >= 0 && o.crossAttnTokensDropout < 1))
     throw new Error(`crossAttnTokensDropout: expected a number in [0, 1), got ${o.crossAttnTokensDropout}`);
+  validateKwargs(o);
+}
+
+/** qkvReceiveDiffResiduals, relPosKwargs and residualFnKwargs against the options they act on. */
+function validateKwargs(o: AttentionLayersOwnOptions): void {
+  if (typeof o.qkvReceiveDiffResiduals !== 'boolean')
+    throw new Error(
+      `qkvReceiveDiffResiduals: expected a boolean, got ${JSON.stringify(o.qkvReceiveDiffResiduals)}`,
+    );
+  if (o.qkvReceiveDiffResiduals && o.numResidualStreams === 1)
+    throw new Error(
+      'qkvReceiveDiffResiduals: expected numResidualStreams > 1 with it (the three inputs are mixed from the residual streams)',
+    );
+  const plain = (name: string, v: unknown): Record<string, unknown> => {
+    if (typeof v !== 'object' || v === null || Array.isArray(v))
+      throw new Error(`${name}: expected an object, got ${JSON.stringify(v)}`);
+    return v as Record<string, unknown>;
+  };
+  const rel = plain('relPosKwargs', o.relPosKwargs);
+  for (const [k, v] of Object.entries(rel)) {
+    if (k !== 'slopes')
+      throw new Error(
+        `relPosKwargs.${k}: unknown, expected only slopes (the stack sets the scheme's other arguments)`,
+      );
+    if (!o.alibiPosBias)
+      throw new Error('relPosKwargs.slopes: expected alibiPosBias true (slopes are ALiBi head slopes)');
+    if (!Array.isArray(v) || v.length === 0 || !v.every((x) => typeof x === 'number' && Number.isFinite(x)))
+      throw new Error(
+        `relPosKwargs.slopes: expected a non-empty list of finite numbers, got ${JSON.stringify(v)}`,
+      );
+  }
+  const res = plain('residualFnKwargs', o.residualFnKwargs);
+  for (const [k, v] of Object.entries(res)) {
+    if (k !== 'tanh')
+      throw new Error(
+        `residualFnKwargs.${k}: unknown, expected only tanh (the stack sets the residual's other arguments)`,
+      );
+    if (o.numResidualStreams === 1)
+      throw new Error(
+        'residualFnKwargs.tanh: expected numResidualStreams > 1 (it is an option of hyper-connections)',
+      );
+    if (typeof v !== 'boolean')
+      throw new Error(`residualFnKwargs.tanh: expected a boolean, got ${JSON.stringify(v)}`);
+  }
 }
 
 /**
@@ -1034,6 +1010,28 @@ export class PrefixDecoder extends AttentionLayers {
   }
 }
 
+/**
+ * Self-attention of rows decoded together: row r of h ([b, 1, dim]) attends over its own cache
+ * (the next entry of rows.iters[r]), exactly as it would alone; each row's new keys/values go to
+ * rows.kvs[r]. Returns the rows' outputs, [b, 1, dim].
+ */
+function attendRows(
+  h: tf.Tensor,
+  rows: RowsState,
+  call: (r: number, hr: tf.Tensor, cache: AttentionKv | undefined) => unknown,
+): tf.Tensor {
+  const parts = rows.iters.length === 1 ? [h] : tf.split(h, rows.iters.length, 0);
+  const outs = parts.map((hr, r) => {
+    const res = call(r, hr, rows.iters[r]!.shift()) as {
+      out: tf.Tensor;
+      intermediates: AttentionIntermediates;
+    };
+    rows.kvs[r]!.push(res.intermediates.cachedKv!);
+    return res.out;
+  });
+  return outs.length === 1 ? outs[0]! : tf.concat(outs, 0);
+}
+
 /** Whether a forward call decodes (a cache in or out) with position-only rotary (no xpos). */
 function wantRotaryTables(rope: RotaryEmbedding, opts: { cache?: unknown; returnCache?: boolean }): boolean {
   return !rope.options.useXpos && (opts.cache != null || opts.returnCache === true);
@@ -1054,27 +1052,4 @@ function sharedRotaryTables(
   while (capacity < n) capacity *= 2;
   const full = tidyObj(() => prepareRotary(rope.forwardFromSeqLen(capacity), capacity, width));
   return new SharedRotaryTables(capacity, width, full);
-}
-
-/**
- * Self-attention of rows decoded together: row r of h ([b, 1, dim]) attends over its own cache
- * (the next entry of rowIters[r]), exactly as it would alone; each row's new keys/values go to
- * rowKvs[r]. Returns the rows' outputs, [b, 1, dim].
- */
-function attendRows(
-  h: tf.Tensor,
-  rowIters: AttentionKv[][],
-  rowKvs: AttentionKv[][],
-  call: (r: number, hr: tf.Tensor, cache: AttentionKv | undefined) => BranchOut,
-): tf.Tensor {
-  const parts = rowIters.length === 1 ? [h] : tf.split(h, rowIters.length, 0);
-  const outs = parts.map((hr, r) => {
-    const res = call(r, hr, rowIters[r]!.shift()) as {
-      out: tf.Tensor;
-      intermediates: AttentionIntermediates;
-    };
-    rowKvs[r]!.push(res.intermediates.cachedKv!);
-    return res.out;
-  });
-  return outs.length === 1 ? outs[0]! : tf.concat(outs, 0);
 }

@@ -90,6 +90,25 @@ export interface AttentionLayersOwnOptions {
   /** Passes the condition through Linear + SiLU (`adaptive_mlp`) first. */
   adaptiveConditionMlp: boolean;
   adaptiveConditionMlpExpansion: number;
+  /**
+   * With hyper-connections (numResidualStreams > 1): each self-attention layer mixes three inputs
+   * from the streams, one each for its queries, keys and values.
+   */
+  qkvReceiveDiffResiduals: boolean;
+  /** Extra arguments of the relative position scheme: `slopes` (one per ALiBi head) for alibiPosBias. */
+  relPosKwargs: RelPosKwargs;
+  /** Extra arguments of every layer's residual: `tanh` (default true) of the hyper-connections. */
+  residualFnKwargs: ResidualFnKwargs;
+}
+
+/** The reference's `rel_pos_kwargs`: ALiBi's custom slopes (the only argument the stack leaves free). */
+export interface RelPosKwargs {
+  slopes?: number[];
+}
+
+/** The reference's `residual_fn_kwargs`: whether hyper-connections squash their dynamic weights with tanh. */
+export interface ResidualFnKwargs {
+  tanh?: boolean;
 }
 
 type Prefixed<P extends string, T> = { [K in keyof T as `${P}${Capitalize<string & K>}`]?: T[K] };
@@ -164,4 +183,7 @@ export const attentionLayersDefaults: AttentionLayersOwnOptions = {
   dimCondition: null,
   adaptiveConditionMlp: false,
   adaptiveConditionMlpExpansion: 4,
+  qkvReceiveDiffResiduals: false,
+  relPosKwargs: {},
+  residualFnKwargs: {},
 };

@@ -6,9 +6,13 @@ import { Linear } from './linear.js';
 /** What a branch (attention or feedforward) returns: a tensor, or an object holding `out`. */
 export type BranchOut = tf.Tensor | { out: tf.Tensor };
 
-/** A module called as `forward(x, opts)`. */
+/**
+ * A branch module called as `forward(x, opts, condition)`: `opts` are the branch's own inputs,
+ * `condition` ([b, dimCondition] or [b, n, dimCondition]) the stack's, for adaptive layerscale.
+ * Attention and FeedForward take what they need of these; the wrappers below pass them through.
+ */
 export interface Callable<O, R extends BranchOut> {
-  forward(x: tf.Tensor, opts?: O): R;
+  forward(x: tf.Tensor, opts?: O, condition?: tf.Tensor): R;
 }
 
 function mapOut<R extends BranchOut>(r: R, f: (t: tf.Tensor) => tf.Tensor): R {
@@ -28,8 +32,8 @@ export class Scale<O, R extends BranchOut> extends Module implements Callable<O,
   }
 
   /** x: [b, n, dim]. */
-  forward(x: tf.Tensor, opts?: O): R {
-    const r = this.fn.forward(x, opts);
+  forward(x: tf.Tensor, opts?: O, condition?: tf.Tensor): R {
+    const r = this.fn.forward(x, opts, condition);
     return mapOut(r, (t) => {
       const y = tf.mul(t, this.value);
       t.dispose();
@@ -54,8 +58,8 @@ export class LayerScale<O, R extends BranchOut> extends Module implements Callab
   }
 
   /** x: [b, n, dim]. */
-  forward(x: tf.Tensor, opts?: O): R {
-    const r = this.fn.forward(x, opts);
+  forward(x: tf.Tensor, opts?: O, condition?: tf.Tensor): R {
+    const r = this.fn.forward(x, opts, condition);
     return mapOut(r, (t) => {
       const y = tf.tidy(() => tf.mul(t, this.unitOffset ? tf.add(this.gamma, 1) : this.gamma));
       t.dispose();
@@ -83,10 +87,10 @@ export class ShiftTokens<O extends { mask?: tf.Tensor }, R extends BranchOut>
   }
 
   /** x: [b, n, dim]; opts.mask?: [b, n] bool. */
-  forward(x: tf.Tensor, opts?: O): R {
+  forward(x: tf.Tensor, opts?: O, condition?: tf.Tensor): R {
     const shifted = shiftTokens(x, this.shifts, opts?.mask);
     try {
-      return this.fn.forward(shifted, opts);
+      return this.fn.forward(shifted, opts, condition);
     } finally {
       if (shifted !== x) shifted.dispose();
     }
@@ -126,7 +130,7 @@ export function shiftTokens(x: tf.Tensor, shifts: number[], mask?: tf.Tensor): t
  * DiT's ada-LN-zero gate: multiplies a branch's output by sigmoid(to_gamma(condition)), with
  * `to_gamma` Linear(dimCondition, dim) initialised to weight 0, bias `initBiasValue` (-2).
  */
-export class AdaptiveLayerScale<O, R extends BranchOut> extends Module {
+export class AdaptiveLayerScale<O, R extends BranchOut> extends Module implements Callable<O, R> {
   fn: Module & Callable<O, R>;
   toGamma: Linear;
   constructor(fn: Module & Callable<O, R>, dim: number, dimCondition = dim, initBiasValue = -2) {
@@ -139,9 +143,11 @@ export class AdaptiveLayerScale<O, R extends BranchOut> extends Module {
     });
   }
 
-  /** x: [b, n, dim], condition: [b, dimCondition] or [b, n, dimCondition]. */
-  forwardWithCondition(x: tf.Tensor, condition: tf.Tensor, opts?: O): R {
-    const r = this.fn.forward(x, opts);
+  /** x: [b, n, dim], condition: [b, dimCondition] or [b, n, dimCondition] (required). */
+  forward(x: tf.Tensor, opts?: O, condition?: tf.Tensor): R {
+    if (!condition)
+      throw new Error('condition: expected a tensor for the adaptive layerscale, got undefined');
+    const r = this.fn.forward(x, opts, condition);
     return mapOut(r, (t) => {
       const y = tf.tidy(() => {
         const c = condition.rank === 2 ? tf.expandDims(condition, 1) : condition;

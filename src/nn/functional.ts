@@ -70,8 +70,10 @@ export function silu(x: tf.Tensor): tf.Tensor {
 
 /** F.normalize(x, dim=-1): x / max(||x||_2, eps) along the last axis. x: [..., d]. */
 export function normalize(x: tf.Tensor, eps = 1e-12): tf.Tensor {
-  const norm = tf.sqrt(tf.sum(tf.square(x), -1, true));
-  return tf.div(x, tf.maximum(norm, eps));
+  // max(sqrt(s), eps) as sqrt(max(s, eps^2)): the same value, and a zero vector gets a zero gradient
+  // (as torch's) instead of 0 * inf = NaN from sqrt's derivative at 0
+  const norm = tf.sqrt(tf.maximum(tf.sum(tf.square(x), -1, true), eps * eps));
+  return tf.div(x, norm);
 }
 
 /** L2-normalises groups of the last axis. x: [..., g * d] -> same shape. */

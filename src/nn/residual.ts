@@ -115,9 +115,10 @@ export class GRUCell extends Module {
 
 /**
  * Dynamic hyper-connections (arXiv 2409.19606, Algorithm 2) over `streams` residual streams, as the
- * reference's HyperConnection with one input view. The stream is [(b * streams), n, dim] (batch-major).
- * Parameters: `norm.weight` [dim] (bias-less LayerNorm), `static_beta` [S], `static_alpha` [S, 1 + S],
- * `dynamic_alpha_fn` [dim, S + 1], `dynamic_alpha_scale` [], `dynamic_beta_fn` [dim], `dynamic_beta_scale` [].
+ * reference's HyperConnection with V input views (1, or 3 with qkvReceiveDiffResiduals). The stream
+ * is [(b * streams), n, dim] (batch-major). Parameters: `norm.weight` [dim] (bias-less LayerNorm),
+ * `static_beta` [S], `static_alpha` [S, V + S], `dynamic_alpha_fn` [dim, S + V],
+ * `dynamic_alpha_scale` [], `dynamic_beta_fn` [dim], `dynamic_beta_scale` [].
  */
 export class HyperConnection extends Module implements ResidualFn {
   norm: BiasLessLayerNorm;
@@ -133,23 +134,31 @@ export class HyperConnection extends Module implements ResidualFn {
     readonly layerIndex: number,
     readonly streams: number,
     readonly tanh = true,
+    /** Branch inputs mixed from the streams (3: queries, keys and values of their own). */
+    readonly views = 1,
   ) {
     super();
+    if (typeof tanh !== 'boolean') throw new Error(`tanh: expected a boolean, got ${String(tanh)}`);
     this.norm = this.registerModule('norm', new BiasLessLayerNorm(dim));
     this.staticBeta = this.registerParameter('static_beta', tf.ones([streams]));
-    const alpha = new Float32Array(streams * (streams + 1));
-    alpha[(layerIndex % streams) * (streams + 1)] = 1;
-    for (let i = 0; i < streams; i++) alpha[i * (streams + 1) + 1 + i] = 1;
-    this.staticAlpha = this.registerParameter('static_alpha', tf.tensor2d(alpha, [streams, streams + 1]));
-    this.dynamicAlphaFn = this.registerParameter('dynamic_alpha_fn', tf.zeros([dim, streams + 1]));
+    const cols = streams + views;
+    const alpha = new Float32Array(streams * cols);
+    for (let v = 0; v < views; v++) alpha[(layerIndex % streams) * cols + v] = 1;
+    for (let i = 0; i < streams; i++) alpha[i * cols + views + i] = 1;
+    this.staticAlpha = this.registerParameter('static_alpha', tf.tensor2d(alpha, [streams, cols]));
+    this.dynamicAlphaFn = this.registerParameter('dynamic_alpha_fn', tf.zeros([dim, cols]));
     this.dynamicAlphaScale = this.registerParameter('dynamic_alpha_scale', tf.scalar(1e-2));
     this.dynamicBetaFn = this.registerParameter('dynamic_beta_fn', tf.zeros([dim]));
     this.dynamicBetaScale = this.registerParameter('dynamic_beta_scale', tf.scalar(1e-2));
   }
 
-  /** x: [(b * S), n, dim] -> branch input [b, n, dim], residual [b, n, S, dim], beta [b, n, S]. */
+  /**
+   * x: [(b * S), n, dim] -> branch input [b, n, dim] (with several views [views, b, n, dim]),
+   * residual [b, n, S, dim], beta [b, n, S].
+   */
   prepare(x: tf.Tensor): PreparedResidual {
     const S = this.streams;
+    const V = this.views;
     const [bs, n, d] = x.shape as [number, number, number];
     const b = bs / S;
     const act = (t: tf.Tensor) => (this.tanh ? tf.tanh(t) : t);
@@ -157,14 +166,15 @@ export class HyperConnection extends Module implements ResidualFn {
       const r = tf.transpose(tf.reshape(x, [b, S, n, d]), [0, 2, 1, 3]); // [b, n, S, d]
       const normed = this.norm.forward(r);
       const wc = act(
-        tf.reshape(tf.matMul(tf.reshape(normed, [-1, d]), this.dynamicAlphaFn), [b, n, S, S + 1]),
+        tf.reshape(tf.matMul(tf.reshape(normed, [-1, d]), this.dynamicAlphaFn), [b, n, S, S + V]),
       );
-      const alpha = tf.add(tf.mul(wc, this.dynamicAlphaScale), this.staticAlpha); // [b, n, S, 1 + S]
+      const alpha = tf.add(tf.mul(wc, this.dynamicAlphaScale), this.staticAlpha); // [b, n, S, V + S]
       const dc = act(tf.sum(tf.mul(normed, this.dynamicBetaFn), -1)); // [b, n, S]
       const beta = tf.add(tf.mul(dc, this.dynamicBetaScale), this.staticBeta);
-      const mix = tf.matMul(tf.transpose(alpha, [0, 1, 3, 2]), r); // [b, n, 1 + S, d]
-      const branchInput = tf.squeeze(tf.slice(mix, [0, 0, 0, 0], [-1, -1, 1, -1]), [2]);
-      const residual = tf.slice(mix, [0, 0, 1, 0], [-1, -1, S, -1]);
+      const mix = tf.matMul(tf.transpose(alpha, [0, 1, 3, 2]), r); // [b, n, V + S, d]
+      const views = tf.slice(mix, [0, 0, 0, 0], [-1, -1, V, -1]);
+      const branchInput = V === 1 ? tf.squeeze(views, [2]) : tf.transpose(views, [2, 0, 1, 3]);
+      const residual = tf.slice(mix, [0, 0, V, 0], [-1, -1, S, -1]);
       return [branchInput, residual, beta];
     });
     return { branchInput: out[0]!, residual: out[1]!, beta: out[2]! };

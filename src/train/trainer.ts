@@ -5,6 +5,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { variableGradsLean } from './backprop.js';
+import { checkPrecision, withPrecision, type Precision } from '../backend/precision.js';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { Module } from '../nn/module.js';
@@ -43,6 +44,11 @@ export interface TrainerOptions {
   /** validation batches per evaluation */
   evalBatches?: number;
   seed?: number;
+  /**
+   * `bf16`: forward and backward passes run their matrix products and attention in bfloat16
+   * (torch backend); parameters, optimizer state and the loss stay float32. Default `fp32`.
+   */
+  precision?: Precision;
 }
 
 export const trainerDefaults = {
@@ -58,6 +64,7 @@ export const trainerDefaults = {
   evalEvery: 0,
   evalBatches: 8,
   seed: 0,
+  precision: 'fp32' as Precision,
 };
 
 type ResolvedOptions = Required<TrainerOptions>;
@@ -120,6 +127,7 @@ function resolveOptions(o: TrainerOptions): ResolvedOptions {
   if (!(merged.gradClip >= 0))
     throw new Error(`gradClip: expected a non-negative number, got ${merged.gradClip}`);
   if (!Number.isFinite(merged.seed)) throw new Error(`seed: expected a finite number, got ${merged.seed}`);
+  merged.precision = checkPrecision(merged.precision);
   checkScheduleOptions(merged);
   return merged;
 }
@@ -199,12 +207,14 @@ export class Trainer {
       let value: tf.Scalar;
       let grads: tf.NamedTensorMap;
       try {
-        ({ value, grads } = variableGradsLean(() => {
-          const loss = this.model.forward(batch);
-          if (loss.rank !== 0)
-            throw new Error(`model.forward: expected a scalar loss, got shape [${loss.shape}]`);
-          return loss as tf.Scalar;
-        }, vars));
+        ({ value, grads } = withPrecision(o.precision, () =>
+          variableGradsLean(() => {
+            const loss = this.model.forward(batch);
+            if (loss.rank !== 0)
+              throw new Error(`model.forward: expected a scalar loss, got shape [${loss.shape}]`);
+            return loss as tf.Scalar;
+          }, vars),
+        ));
       } finally {
         batch.dispose();
       }
@@ -263,7 +273,7 @@ export class Trainer {
     try {
       for (const batch of sequentialBatches(tokens, o.batchSize, o.seqLen, o.evalBatches)) {
         try {
-          const l = tf.tidy(() => this.model.forward(batch));
+          const l = withPrecision(o.precision, () => tf.tidy(() => this.model.forward(batch)));
           total += l.dataSync()[0]! * batch.shape[0];
           l.dispose();
           rows += batch.shape[0];

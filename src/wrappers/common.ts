@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { Module } from '../nn/module.js';
+import { padAt } from '../nn/functional.js';
 
 /**
  * What the wrappers need of an attention stack (`AttentionLayers`, `Encoder`, `Decoder`, ...):
@@ -150,4 +151,62 @@ export function repeatBatch(t: tf.Tensor, b: number): tf.Tensor {
 /** A copy of `o` without its undefined entries (so they fall back to defaults). */
 export function stripUndefined<T extends object>(o: T): Partial<T> {
   return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
+}
+
+/**
+ * Memory tokens in front of every chunk of `every` positions: x [b, len, d] (len = n tokens plus
+ * the positions put in front of them), zero-padded so that the n tokens fill whole chunks, and
+ * memoryTokens [m, d] -> [b, chunks * (m + every), d].
+ */
+export function intersperseMemoryTokens(
+  x: tf.Tensor,
+  n: number,
+  every: number,
+  memoryTokens: tf.Tensor,
+): tf.Tensor {
+  const [b, len, d] = x.shape as [number, number, number];
+  const padded = len + Math.ceil(n / every) * every - n;
+  if (padded % every !== 0)
+    throw new Error(
+      `memoryTokensInterspersedEvery: expected the positions put in front of the tokens (${len - n}) to fill whole chunks of ${every}`,
+    );
+  const chunks = padded / every;
+  const numMem = memoryTokens.shape[0]!;
+  return tf.tidy(() => {
+    const h = tf.reshape(padAt(x, 1, 0, padded - len, 0), [b * chunks, every, d]);
+    const mem = tf.tile(tf.expandDims(memoryTokens, 0), [b * chunks, 1, 1]);
+    return tf.reshape(tf.concat([mem, h], 1), [b, chunks * (numMem + every), d]);
+  });
+}
+
+/** The inverse of intersperseMemoryTokens: [b, chunks * (numMem + every), d] -> [b, chunks * every, d]. */
+export function dropInterspersedMemory(e: tf.Tensor, numMem: number, every: number): tf.Tensor {
+  const [b, len, d] = e.shape as [number, number, number];
+  const chunks = len / (numMem + every);
+  return tf.tidy(() => {
+    const perChunk = tf.slice(
+      tf.reshape(e, [b * chunks, numMem + every, d]),
+      [0, numMem, 0],
+      [-1, every, -1],
+    );
+    return tf.reshape(perChunk, [b, chunks * every, d]);
+  });
+}
+
+/**
+ * The attention z-loss of the layers' pre-softmax logits ([b, h, i, j] each), times `weight`: the
+ * mean over batch and queries of the sum over heads of (the sum over layers of logsumexp)^2.
+ */
+export function attentionZLoss(inters: { preSoftmaxAttn?: tf.Tensor }[], weight: number): tf.Tensor {
+  return tf.tidy(() => {
+    let lse: tf.Tensor | null = null;
+    for (const inter of inters) {
+      if (!inter.preSoftmaxAttn)
+        throw new Error('returnAttnZLoss: an attention layer did not form its logits (fused attention)');
+      const l = tf.logSumExp(inter.preSoftmaxAttn, -1);
+      lse = lse ? tf.add(lse, l) : l;
+    }
+    if (!lse) throw new Error('returnAttnZLoss: the attention layers have no attention layer');
+    return tf.mul(tf.mean(tf.sum(tf.square(lse), 1)), weight);
+  });
 }

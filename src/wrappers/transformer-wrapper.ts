@@ -8,7 +8,9 @@ import { AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding, TokenEmbedding 
 import { dropout, padAt, tidyObj } from '../nn/functional.js';
 import { AttentionLayers, Decoder, type LayersCache } from '../layers/attention-layers.js';
 import { checkTensor } from '../utils/errors.js';
+import { onGpu } from '../backend/index.js';
 import { getRng } from '../utils/random.js';
+import { attentionZLoss, dropInterspersedMemory, intersperseMemoryTokens } from './common.js';
 
 /** Options of `TransformerWrapper` (camelCase of the reference's keyword names). */
 export interface TransformerWrapperOwnOptions {
@@ -378,7 +380,9 @@ export class TransformerWrapper extends Module {
   private validate(x: tf.Tensor, opts: TransformerForwardOptions): void {
     checkTensor('x', x, { rank: 2, dtype: 'int32', desc: 'token ids [batch, seq]' });
     const [b, n] = x.shape as [number, number];
-    if (x.size > 0) {
+    // on a GPU the read would stall the device every forward: the embedding's gather checks the
+    // ids there instead (an id out of range is reported at the next read of a result)
+    if (x.size > 0 && !onGpu()) {
       // one read of the ids (no min / max kernels, one sync instead of two)
       const ids = x.dataSync();
       let mn = ids[0]!;
@@ -492,7 +496,7 @@ export class TransformerWrapper extends Module {
       const ids = embedIds![name]!;
       checkTensor(`embedIds.${name}`, ids, { shape: [b, n], dtype: 'int32' });
       const size = this.embeds.get(name)!.numEmbeddings;
-      if (ids.size === 0) continue;
+      if (ids.size === 0 || onGpu()) continue;
       const v = ids.dataSync();
       let mn = v[0]!;
       let mx = mn;
@@ -505,65 +509,131 @@ export class TransformerWrapper extends Module {
     }
   }
 
+  /**
+   * The embedded input of the layers: tokens, positions, extra embeddings, prepended embeddings, CLS
+   * and memory tokens. x: [b, n] -> h: [b, memory + memSeq, dim], with the masks widened to match;
+   * memSeq: the positions before memory tokens; every: the interspersing period, or null.
+   */
+  private embed(
+    x: tf.Tensor,
+    opts: TransformerForwardOptions,
+  ): { h: tf.Tensor; mask?: tf.Tensor; kvMask?: tf.Tensor; memSeq: number; every: number | null } {
+    const o = this.options;
+    const [b, n] = x.shape as [number, number];
+    const numMem = this.numMemoryTokens;
+    let pos: tf.Tensor | number = 0;
+    const po = opts.posOverride;
+    if (po && po.dtype === 'float32') pos = po;
+    else if (this.posEmb && opts.rowCaches) {
+      // each row's next position: the length of its cache
+      const rowPos = tf.tensor2d(
+        opts.rowCaches.map((c) => c.seqLen),
+        [b, 1],
+        'int32',
+      );
+      pos = this.posEmb.forward(1, { pos: rowPos });
+    } else if (this.posEmb) pos = this.posEmb.forward(n, { pos: po, seqStartPos: opts.seqStartPos });
+    let h: tf.Tensor = this.tokenEmb.forward(x);
+    if (pos !== 0) h = tf.add(h, pos);
+    for (const [name, ids] of Object.entries(opts.embedIds ?? {}))
+      h = tf.add(h, this.embeds.get(name)!.forward(ids));
+    if (opts.sumEmbeds) h = tf.add(h, opts.sumEmbeds);
+    if (this.postEmbNorm) h = this.postEmbNorm.forward(h);
+    let mask = opts.mask;
+    // a self-attention key mask covers the tokens; extra positions put in front are visible
+    let kvMask = opts.selfAttnKvMask;
+    if (opts.prependEmbeds) {
+      const p = opts.prependEmbeds.shape[1]!;
+      h = tf.concat([opts.prependEmbeds, h], 1);
+      if (kvMask) kvMask = padAt(kvMask, 1, p, 0, 1);
+      if (opts.prependMask || mask) {
+        const m = mask ?? tf.ones([b, n], 'bool');
+        const pm = opts.prependMask ?? tf.ones([b, p], 'bool');
+        mask = tf.concat([tf.cast(pm, 'bool'), tf.cast(m, 'bool')], 1);
+      }
+    }
+    if (o.embFracGradient < 1) {
+      h = tf.add(tf.mul(h, o.embFracGradient), tf.mul(detach(h), 1 - o.embFracGradient));
+    }
+    h = dropout(h, o.embDropout, this.training);
+    if (this.projectEmb) h = this.projectEmb.forward(h);
+    if (this.clsToken) {
+      h = tf.concat([tf.tile(tf.expandDims(this.clsToken, 0), [b, 1, 1]), h], 1);
+      if (mask) mask = padAt(mask, 1, o.numClsTokens, 0, 1);
+      if (kvMask) kvMask = padAt(kvMask, 1, o.numClsTokens, 0, 1);
+    }
+    const memSeq = h.shape[1]!;
+    const every = numMem > 0 ? o.memoryTokensInterspersedEvery : null;
+    if (every !== null) h = intersperseMemoryTokens(h, n, every, this.memoryTokens!);
+    else if (numMem > 0) {
+      h = tf.concat([tf.tile(tf.expandDims(this.memoryTokens!, 0), [b, 1, 1]), h], 1);
+      if (mask) mask = padAt(mask, 1, numMem, 0, 1);
+      if (kvMask) kvMask = padAt(kvMask, 1, numMem, 0, 1);
+    }
+    return { h, mask, kvMask, memSeq, every };
+  }
+
+  /**
+   * The layers' output read out: memory tokens dropped, pooled or CLS embeddings, and the logits of
+   * every output head (with the mixture of softmaxes). out: [b, memory + memSeq, dim].
+   */
+  private readout(
+    out: tf.Tensor,
+    b: number,
+    memSeq: number,
+    every: number | null,
+    opts: TransformerForwardOptions,
+    wantLogits: boolean,
+  ): { e: tf.Tensor; headLogits: tf.Tensor[] | null } {
+    const o = this.options;
+    const numMem = this.numMemoryTokens;
+    let e = out;
+    if (every !== null) {
+      e = tf.slice(dropInterspersedMemory(e, numMem, every), [0, 0, 0], [-1, memSeq, -1]);
+    } else if (numMem > 0) e = tf.slice(e, [0, numMem, 0], [-1, memSeq, -1]);
+    if (o.averagePoolEmbed) {
+      if (opts.mask) {
+        const m = tf.expandDims(tf.cast(opts.mask, 'float32'), -1);
+        e = tf.div(tf.sum(tf.mul(e, m), 1), tf.maximum(tf.sum(m, 1), 1));
+      } else e = tf.mean(e, 1);
+    }
+    if (this.clsToken) {
+      e = tf.slice(e, [0, 0, 0], [-1, o.numClsTokens, -1]);
+      if (o.numClsTokens === 1) e = tf.squeeze(e, [1]);
+    }
+    // mixture of softmaxes: k weights per position, and the embedding expanded to [..., k, dim]
+    let mixWeights: tf.Tensor | null = null;
+    if (this.toMixture) {
+      const k = o.mixtureOfSoftmaxK;
+      mixWeights = tf.softmax(this.combineMixture!.forward(e), -1);
+      e = tf.reshape(this.toMixture.at(0).forward(e), [...e.shape.slice(0, -1), k, this.dim]);
+    }
+    let headLogits: tf.Tensor[] | null = null;
+    if (wantLogits && !o.returnOnlyEmbed) {
+      headLogits = this.projectToLogits(e).map((raw) => {
+        let l = raw;
+        if (o.sigsoftmaxLogits) l = tf.add(l, tf.log(tf.sigmoid(l)));
+        if (mixWeights) {
+          // log of the mixture of the k softmaxes: [..., k, v] x [..., k] -> [..., v]
+          const mos = tf.sum(tf.mul(tf.softmax(l, -1), tf.expandDims(mixWeights, -1)), -2);
+          l = tf.log(tf.maximum(mos, 1e-20));
+        }
+        if (o.squeezeOutLastDim && l.shape[l.rank - 1] === 1) l = tf.squeeze(l, [-1]);
+        return l;
+      });
+    }
+    return { e, headLogits };
+  }
+
   private run(x: tf.Tensor, opts: TransformerForwardOptions, wantLogits: boolean): TransformerState {
     this.validate(x, opts);
     const o = this.options;
-    const [b, n] = x.shape as [number, number];
-    const training = this.training;
-    const numMem = this.numMemoryTokens;
+    const b = x.shape[0]!;
     const wantMems = !!opts.returnMems;
     let cache: LayersCache | undefined;
     let rowCaches: LayersCache[] | undefined;
     const out = tidyObj(() => {
-      let pos: tf.Tensor | number = 0;
-      const po = opts.posOverride;
-      if (po && po.dtype === 'float32') pos = po;
-      else if (this.posEmb && opts.rowCaches) {
-        // each row's next position: the length of its cache
-        const rowPos = tf.tensor2d(
-          opts.rowCaches.map((c) => c.seqLen),
-          [b, 1],
-          'int32',
-        );
-        pos = this.posEmb.forward(1, { pos: rowPos });
-      } else if (this.posEmb) pos = this.posEmb.forward(n, { pos: po, seqStartPos: opts.seqStartPos });
-      let h: tf.Tensor = this.tokenEmb.forward(x);
-      if (pos !== 0) h = tf.add(h, pos);
-      for (const [name, ids] of Object.entries(opts.embedIds ?? {}))
-        h = tf.add(h, this.embeds.get(name)!.forward(ids));
-      if (opts.sumEmbeds) h = tf.add(h, opts.sumEmbeds);
-      if (this.postEmbNorm) h = this.postEmbNorm.forward(h);
-      let mask = opts.mask;
-      // a self-attention key mask covers the tokens; extra positions put in front are visible
-      let kvMask = opts.selfAttnKvMask;
-      if (opts.prependEmbeds) {
-        const p = opts.prependEmbeds.shape[1]!;
-        h = tf.concat([opts.prependEmbeds, h], 1);
-        if (kvMask) kvMask = padAt(kvMask, 1, p, 0, 1);
-        if (opts.prependMask || mask) {
-          const m = mask ?? tf.ones([b, n], 'bool');
-          const pm = opts.prependMask ?? tf.ones([b, p], 'bool');
-          mask = tf.concat([tf.cast(pm, 'bool'), tf.cast(m, 'bool')], 1);
-        }
-      }
-      if (o.embFracGradient < 1) {
-        h = tf.add(tf.mul(h, o.embFracGradient), tf.mul(detach(h), 1 - o.embFracGradient));
-      }
-      h = dropout(h, o.embDropout, training);
-      if (this.projectEmb) h = this.projectEmb.forward(h);
-      if (this.clsToken) {
-        h = tf.concat([tf.tile(tf.expandDims(this.clsToken, 0), [b, 1, 1]), h], 1);
-        if (mask) mask = padAt(mask, 1, o.numClsTokens, 0, 1);
-        if (kvMask) kvMask = padAt(kvMask, 1, o.numClsTokens, 0, 1);
-      }
-      const memSeq = h.shape[1]!;
-      const every = numMem > 0 ? o.memoryTokensInterspersedEvery : null;
-      if (every !== null) h = this.intersperseMemory(h, n, every);
-      else if (numMem > 0) {
-        h = tf.concat([tf.tile(tf.expandDims(this.memoryTokens!, 0), [b, 1, 1]), h], 1);
-        if (mask) mask = padAt(mask, 1, numMem, 0, 1);
-        if (kvMask) kvMask = padAt(kvMask, 1, numMem, 0, 1);
-      }
+      const { h, mask, kvMask, memSeq, every } = this.embed(x, opts);
       let mems = opts.mems;
       if (o.shiftMemDown && mems && mems.length) {
         const k = o.shiftMemDown;
@@ -600,46 +670,8 @@ export class TransformerWrapper extends Module {
       rowCaches = res.rowCaches;
       let attnZLoss: tf.Tensor | undefined;
       if (opts.returnAttnZLoss)
-        attnZLoss = this.attnZLoss(res.attnIntermediates, opts.attnZLossWeight ?? o.attnZLossWeight);
-      let e = res.out;
-      if (every !== null) {
-        // [b, chunks * (numMem + every), d] -> drop each chunk's memory tokens -> the first memSeq positions
-        const chunks = e.shape[1]! / (numMem + every);
-        e = tf.reshape(e, [b * chunks, numMem + every, this.dim]);
-        e = tf.slice(e, [0, numMem, 0], [-1, every, -1]);
-        e = tf.slice(tf.reshape(e, [b, chunks * every, this.dim]), [0, 0, 0], [-1, memSeq, -1]);
-      } else if (numMem > 0) e = tf.slice(e, [0, numMem, 0], [-1, memSeq, -1]);
-      if (o.averagePoolEmbed) {
-        if (opts.mask) {
-          const m = tf.expandDims(tf.cast(opts.mask, 'float32'), -1);
-          e = tf.div(tf.sum(tf.mul(e, m), 1), tf.maximum(tf.sum(m, 1), 1));
-        } else e = tf.mean(e, 1);
-      }
-      if (this.clsToken) {
-        e = tf.slice(e, [0, 0, 0], [-1, o.numClsTokens, -1]);
-        if (o.numClsTokens === 1) e = tf.squeeze(e, [1]);
-      }
-      // mixture of softmaxes: k weights per position, and the embedding expanded to [..., k, dim]
-      let mixWeights: tf.Tensor | null = null;
-      if (this.toMixture) {
-        const k = o.mixtureOfSoftmaxK;
-        mixWeights = tf.softmax(this.combineMixture!.forward(e), -1);
-        e = tf.reshape(this.toMixture.at(0).forward(e), [...e.shape.slice(0, -1), k, this.dim]);
-      }
-      let headLogits: tf.Tensor[] | null = null;
-      if (wantLogits && !o.returnOnlyEmbed) {
-        headLogits = this.projectToLogits(e).map((raw) => {
-          let l = raw;
-          if (o.sigsoftmaxLogits) l = tf.add(l, tf.log(tf.sigmoid(l)));
-          if (mixWeights) {
-            // log of the mixture of the k softmaxes: [..., k, v] x [..., k] -> [..., v]
-            const mos = tf.sum(tf.mul(tf.softmax(l, -1), tf.expandDims(mixWeights, -1)), -2);
-            l = tf.log(tf.maximum(mos, 1e-20));
-          }
-          if (o.squeezeOutLastDim && l.shape[l.rank - 1] === 1) l = tf.squeeze(l, [-1]);
-          return l;
-        });
-      }
+        attnZLoss = attentionZLoss(res.attnIntermediates, opts.attnZLossWeight ?? o.attnZLossWeight);
+      const { e, headLogits } = this.readout(res.out, b, memSeq, every, opts, wantLogits);
       const logits = headLogits ? headLogits[0]! : null;
       let newMems: tf.Tensor[] | undefined;
       if (wantMems) {
@@ -676,37 +708,6 @@ export class TransformerWrapper extends Module {
     if (this.toLogits) return [this.toLogits.forward(e)];
     const flat = tf.matMul(tf.reshape(e, [-1, this.dim]), this.tokenEmb.emb.weight, false, true);
     return [tf.reshape(flat, [...e.shape.slice(0, -1), this.numTokens])];
-  }
-
-  /**
-   * Memory tokens in front of every chunk of `every` positions: x [b, len, d] (len = n + positions put
-   * in front of the tokens), zero-padded so the n tokens fill whole chunks -> [b, chunks * (numMem + every), d].
-   */
-  private intersperseMemory(x: tf.Tensor, n: number, every: number): tf.Tensor {
-    const [b, len, d] = x.shape as [number, number, number];
-    const padded = len + Math.ceil(n / every) * every - n;
-    if (padded % every !== 0)
-      throw new Error(
-        `memoryTokensInterspersedEvery: expected the positions put in front of the tokens (${len - n}) to fill whole chunks of ${every}`,
-      );
-    const chunks = padded / every;
-    const numMem = this.numMemoryTokens;
-    const h = tf.reshape(padAt(x, 1, 0, padded - len, 0), [b * chunks, every, d]);
-    const mem = tf.tile(tf.expandDims(this.memoryTokens!, 0), [b * chunks, 1, 1]);
-    return tf.reshape(tf.concat([mem, h], 1), [b, chunks * (numMem + every), d]);
-  }
-
-  /** The attention z-loss of the layers' pre-softmax logits ([b, h, i, j] each), times `weight`. */
-  private attnZLoss(inters: { preSoftmaxAttn?: tf.Tensor }[], weight: number): tf.Tensor {
-    let lse: tf.Tensor | null = null;
-    for (const inter of inters) {
-      if (!inter.preSoftmaxAttn)
-        throw new Error('returnAttnZLoss: an attention layer did not form its logits (fused attention)');
-      const l = tf.logSumExp(inter.preSoftmaxAttn, -1);
-      lse = lse ? tf.add(lse, l) : l;
-    }
-    if (!lse) throw new Error('returnAttnZLoss: the attention layers have no attention layer');
-    return tf.mul(tf.mean(tf.sum(tf.square(lse), 1)), weight);
   }
 }
 

@@ -26,6 +26,21 @@ const configs: Record<string, object> = {
   'flash + alibi': { attnFlash: true, alibiPosBias: true },
   'qk norm + rotary': { attnQkNorm: true, rotaryPosEmb: true },
   'talking heads + T5': { attnPreTalkingHeads: true, attnPostTalkingHeads: true, relPosBias: true },
+  'latent attention (cache of latents), rotary sub-heads, qk norm, memory kv': {
+    attnUseLatentQ: true,
+    attnDimLatentQ: 12,
+    attnUseLatentKv: true,
+    attnDimLatentKv: 10,
+    attnLatentRopeSubheads: 2,
+    attnQkNorm: true,
+    attnNumMemKv: 2,
+    rotaryPosEmb: true,
+  },
+  'queries, keys and values from three hyper-connection views + rotary': {
+    numResidualStreams: 3,
+    qkvReceiveDiffResiduals: true,
+    rotaryPosEmb: true,
+  },
 };
 
 describe('decoder cached decoding equals the uncached pass', () => {

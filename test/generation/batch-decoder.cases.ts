@@ -97,6 +97,11 @@ export function batchDecoderCases(backend: string): void {
       ['rotary xpos', { rotaryPosEmb: true, rotaryXpos: true }, {}],
       ['alibi, RMSNorm, SwiGLU', { alibiPosBias: true, useRmsnorm: true, ffSwish: true, ffGlu: true }, {}],
       ['T5 relative position bias, tied embedding', { relPosBias: true }, { tieEmbedding: true }],
+      [
+        'latent attention (cached latents), decoupled rotary',
+        { rotaryPosEmb: true, attnUseLatentKv: true, attnDimLatentKv: 16, attnLatentRopeSubheads: 2 },
+        {},
+      ],
     ];
     for (const [name, layers, wrapper] of models) {
       it(`greedy: ${name}`, () => {

@@ -97,6 +97,8 @@ describe('the parameter bound the API checks before building, fuzzed', () => {
       ffGlu: fc.boolean(),
       crossAttend: fc.boolean(),
       attnKvHeads: fc.option(fc.constant(1), { nil: undefined }),
+      attn_use_latent_q: fc.option(fc.constant(true), { nil: undefined }),
+      attn_dim_latent_q: fc.integer({ min: 1, max: 24 }),
       customLayers: fc.option(fc.array(fc.constantFrom('a', 'f'), { minLength: 1, maxLength: 4 }), {
         nil: undefined,
       }),

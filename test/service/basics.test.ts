@@ -37,6 +37,31 @@ describe('service basics (real Redis)', () => {
     expect(devices[body.backend as string]).toContain(body.device);
   });
 
+  it('GET /readyz and /metrics list the live workers with their backend and device; a stopped one leaves', async () => {
+    const listed = async (): Promise<Record<string, unknown>[]> =>
+      ((await env.app.inject({ method: 'GET', url: '/readyz' })).json().workers ?? []) as Record<
+        string,
+        unknown
+      >[];
+    expect(await listed()).toEqual([]);
+    const w = await env.startWorkers({ queues: ['generate'] });
+    const [seen] = await listed();
+    expect(seen).toMatchObject({
+      pid: process.pid,
+      backend: tf.getBackend(),
+      device: process.env.XT_DEVICE ?? 'cpu',
+      queues: ['generate'],
+    });
+    // a CPU engine reports no CUDA device
+    expect(seen!.cuda).toBeUndefined();
+    const metrics = (await env.app.inject({ method: 'GET', url: '/metrics' })).body;
+    expect(metrics).toContain(`xt_workers{backend="${tf.getBackend()}",device="${seen!.device}"} 1`);
+    await w.close();
+    expect(await listed()).toEqual([]);
+    const after = (await env.app.inject({ method: 'GET', url: '/metrics' })).body;
+    expect(after).not.toMatch(/^xt_workers\{/m);
+  });
+
   it('GET /readyz is 503 with redis "down" when Redis is unreachable', async () => {
     const app = await buildApp({ redisUrl: 'redis://127.0.0.1:1', dataDir: env.dataDir });
     try {

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs-core';
-import { loadSafetensors, saveSafetensors } from '../../src/index.js';
+import { backendInfo, loadSafetensors, saveSafetensors } from '../../src/index.js';
 import { makeEnv, readSse, tinyDecoder, waitFor, type SseEvent, type TestEnv } from './helpers.js';
 
 const TEXT = 'abcdefgh '.repeat(400);
@@ -193,6 +193,41 @@ describe('end to end: define, upload, train, stream, cancel (real Redis, in-proc
     expect(queued!.data).toMatchObject({ batchSize: 8, seqLen: 48, learningRate: 3e-4, steps: 2 });
     const events = await readSse(`${base}/v1/jobs/${jobId}/events`, {}, () => false);
     expect(events.at(-1)!.event).toBe('completed');
+  });
+
+  it('training and generation take a precision: bf16 on a torch worker, fp32 anywhere; others are refused', async () => {
+    for (const [url, payload] of [
+      [`/v1/models/${modelId}/train`, { datasetId, steps: 2, precision: 'fp16' }],
+      [`/v1/models/${modelId}/generate`, { prompt: 'ab', maxTokens: 2, precision: 'half' }],
+    ] as const) {
+      const r = await env.app.inject({ method: 'POST', url, payload });
+      expect(r.statusCode, url).toBe(400);
+      expect(r.json().message).toContain('precision');
+    }
+    const t = await env.app.inject({
+      method: 'POST',
+      url: `/v1/models/${modelId}/train`,
+      payload: { datasetId, steps: 2, batchSize: 2, seqLen: 16, precision: 'bf16' },
+    });
+    expect(t.statusCode).toBe(202);
+    const events = await readSse(`${base}/v1/jobs/${t.json().jobId}/events`, {}, () => false);
+    const g = await env.app.inject({
+      method: 'POST',
+      url: `/v1/models/${modelId}/generate`,
+      payload: { prompt: 'abcd', maxTokens: 6, temperature: 0, precision: 'bf16' },
+    });
+    if (backendInfo()!.backend === 'torch') {
+      expect(events.at(-1)!.event).toBe('completed');
+      expect(events.filter((e) => e.event === 'progress').every((e) => Number.isFinite(e.data.loss))).toBe(
+        true,
+      );
+      expect(g.statusCode).toBe(200);
+      expect(g.json().tokens).toHaveLength(6);
+    } else {
+      expect(events.at(-1)!.event).toBe('failed');
+      expect(events.at(-1)!.data.error).toContain('bf16 needs the torch backend');
+      expect(g.statusCode).toBeGreaterThanOrEqual(400);
+    }
   });
 
   it('a client that reconnects with Last-Event-ID gets exactly the events it missed', async () => {

@@ -67,6 +67,16 @@ export class TorchBackend extends tf.KernelBackend {
     return this.N.setSmallGemvRows(rows);
   }
 
+  /** Mixed precision of matrix products and attention (see src/backend/precision.ts). */
+  setPrecision(p: 'fp32' | 'bf16'): 'fp32' | 'bf16' {
+    return this.N.setPrecision(p) as 'fp32' | 'bf16';
+  }
+
+  /** The CUDA device in use, or null on the CPU. */
+  deviceInfo(): ReturnType<TorchAddon['deviceInfo']> {
+    return this.N.deviceInfo();
+  }
+
   /** TensorInfo for the addon id just returned (shape and dtype from `meta`). */
   out(id: number): TensorInfo {
     const m = this.meta;

@@ -12,6 +12,7 @@ type Ids = number[];
 type Ints = number[] | Int32Array;
 
 export interface TorchAddon {
+  /** device: cpu, cuda, or auto (cuda when this LibTorch has CUDA and sees a device) */
   init(
     meta: Int32Array,
     threads: number,
@@ -124,8 +125,15 @@ export interface TorchAddon {
     scale: number,
     heads: number,
   ): Ids;
-  /** one categorical draw per row of probs [b, v], walking the mass in double -> int32 [b] */
-  sampleRows(probs: number, draws: Float64Array): number;
+  /**
+   * one categorical draw per row of probs [b, v], walking the mass in double -> int32 [b]; on a GPU
+   * (or with tensorWalk) the walk runs as tensor ops where probs live
+   */
+  sampleRows(probs: number, draws: Float64Array, tensorWalk?: boolean): number;
+  /** 'fp32' | 'bf16' for matrix products and attention -> the previous setting */
+  setPrecision(precision: string): string;
+  /** the CUDA device in use (null on the CPU); memoryUsedBytes counts every process on it */
+  deviceInfo(): { index: number; name?: string; memoryUsedBytes?: number; memoryTotalBytes?: number } | null;
 }
 
 /** Where the addon is built: build/Release/xt_torch.node at the package root. */

@@ -1,7 +1,8 @@
 /**
  * Registers the LibTorch-backed TF.js backend (`torch`) when the native addon is built.
- * XT_NUM_THREADS (default: all cores) sets LibTorch's intra-op threads; XT_DEVICE=cpu|cuda picks
- * the device (cuda only when LibTorch has it). XT_GEMM=auto|dnnl|aten picks what runs CPU float32
+ * XT_NUM_THREADS (default: all cores) sets LibTorch's intra-op threads; XT_DEVICE=cpu|cuda|auto picks
+ * the device (cuda only when LibTorch has it; auto: cuda when LibTorch has CUDA and sees a device,
+ * else cpu; default cpu). XT_GEMM=auto|dnnl|aten picks what runs CPU float32
  * matrix products: oneDNN's sgemm when the process has libdnnl (auto, the default; dnnl requires
  * it), or ATen's matmul over LibTorch's own BLAS. XT_CPU_CACHE_MB (default 64) bounds the freed
  * CPU blocks the addon keeps for reuse.
@@ -39,8 +40,8 @@ export function registerTorchBackend(): RegisterResult {
     return { ok: false, reason: `torch backend unavailable: ${(e as Error).message}` };
   }
   const device = (process.env.XT_DEVICE ?? 'cpu').trim().toLowerCase() || 'cpu';
-  if (device !== 'cpu' && device !== 'cuda')
-    return { ok: false, reason: `XT_DEVICE: expected cpu or cuda, got "${process.env.XT_DEVICE}"` };
+  if (device !== 'cpu' && device !== 'cuda' && device !== 'auto')
+    return { ok: false, reason: `XT_DEVICE: expected cpu, cuda or auto, got "${process.env.XT_DEVICE}"` };
   const threads = threadsFromEnv();
   const gemm = (process.env.XT_GEMM ?? 'auto').trim().toLowerCase() || 'auto';
   if (!['auto', 'dnnl', 'aten'].includes(gemm))

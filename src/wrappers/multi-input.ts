@@ -1,0 +1,380 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { Module, ModuleDict } from '../nn/module.js';
+import { Linear } from '../nn/linear.js';
+import { Embedding, AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding } from '../nn/embedding.js';
+import { LayerNorm } from '../nn/norms.js';
+import { dropout, padAt, tidyObj } from '../nn/functional.js';
+import { AttentionLayers, Decoder } from '../layers/attention-layers.js';
+import { checkTensor } from '../utils/errors.js';
+import { getRng } from '../utils/random.js';
+import {
+  attentionZLoss,
+  dropInterspersedMemory,
+  intersperseMemoryTokens,
+  checkKnownKeys,
+  checkNonNegInt,
+  checkPositiveInt,
+  checkProb,
+  fmt,
+  stripUndefined,
+} from './common.js';
+
+/** Options of `MultiInputTransformerWrapper` (camelCase of the reference's keyword names). */
+export interface MultiInputTransformerWrapperOwnOptions {
+  /** The inputs by name, with their number of ids: `{note: 128, velocity: 32}` (one embedding and one output head each). */
+  numTokens: Record<string, number>;
+  maxSeqLen: number;
+  embDim: number | null;
+  maxMemLen: number;
+  shiftMemDown: number;
+  embDropout: number;
+  postEmbNorm: boolean;
+  numMemoryTokens: number | null;
+  /** Memory tokens put before every chunk of this many tokens instead of once in front (Decoder only). */
+  memoryTokensInterspersedEvery: number | null;
+  returnOnlyEmbed: boolean;
+  useAbsPosEmb: boolean;
+  scaledSinuPosEmb: boolean;
+  embFracGradient: number;
+  /** Default weight of the attention z-loss (`returnAttnZLoss`). */
+  attnZLossWeight: number;
+}
+
+export interface MultiInputTransformerWrapperOptions extends Partial<MultiInputTransformerWrapperOwnOptions> {
+  numTokens: Record<string, number>;
+  maxSeqLen: number;
+  attnLayers: AttentionLayers;
+}
+
+export const multiInputTransformerWrapperDefaults: MultiInputTransformerWrapperOwnOptions = {
+  numTokens: {},
+  maxSeqLen: 0,
+  embDim: null,
+  maxMemLen: 0,
+  shiftMemDown: 0,
+  embDropout: 0,
+  postEmbNorm: false,
+  numMemoryTokens: null,
+  memoryTokensInterspersedEvery: null,
+  returnOnlyEmbed: false,
+  useAbsPosEmb: true,
+  scaledSinuPosEmb: false,
+  embFracGradient: 1,
+  attnZLossWeight: 1e-4,
+};
+
+/** Per-call options of `MultiInputTransformerWrapper.forward` / `forwardWithState`. */
+export interface MultiInputForwardOptions {
+  /** mask: [b, n] bool, true = keep. */
+  mask?: tf.Tensor;
+  /** mems: one [b, m, dim] per self-attention layer (XL recurrence); memMasks: one [b, m] bool each. */
+  mems?: tf.Tensor[];
+  memMasks?: tf.Tensor[];
+  /** Return the next mems (forwardWithState). */
+  returnMems?: boolean;
+  /** posOverride: [n] (or [b, n]) int32 positions, or [b, n, embDim] float embeddings (the reference's `pos`). */
+  posOverride?: tf.Tensor;
+  /** prependEmbeds: [b, p, embDim] put before the tokens; prependMask: [b, p] bool. */
+  prependEmbeds?: tf.Tensor;
+  prependMask?: tf.Tensor;
+  /** sumEmbeds: [b, n, embDim] added to the embeddings (self-conditioning). */
+  sumEmbeds?: tf.Tensor;
+  /** seqStartPos: [b] int32 first real position of left-padded rows. */
+  seqStartPos?: tf.Tensor;
+  /** Passed to the attention layers. */
+  context?: tf.Tensor;
+  contextMask?: tf.Tensor;
+  attnMask?: tf.Tensor;
+  selfAttnKvMask?: tf.Tensor;
+  condition?: tf.Tensor;
+  /** Return the attention z-loss (forwardWithState): needs the attention logits, so not with attnFlash. */
+  returnAttnZLoss?: boolean;
+  /** Weight of the attention z-loss (default: the model's attnZLossWeight). */
+  attnZLossWeight?: number;
+}
+
+/** What `forwardWithState` returns; the caller owns every tensor. */
+export interface MultiInputState {
+  /** logits by input name, [b, n, numTokens[name]] each (empty with returnOnlyEmbed). */
+  logits: Record<string, tf.Tensor>;
+  /** embeddings: [b, n, dim] after the attention layers. */
+  embeddings: tf.Tensor;
+  mems?: tf.Tensor[];
+  /** With returnAttnZLoss, a scalar (see TransformerState.attnZLoss). */
+  attnZLoss?: tf.Tensor;
+}
+
+/** Identity whose gradient is zero (torch's detach). */
+const detach = tf.customGrad(((x: tf.Tensor) => ({
+  value: x.clone(),
+  gradFunc: (dy: tf.Tensor) => tf.zerosLike(dy),
+})) as unknown as Parameters<typeof tf.customGrad>[0]) as unknown as (x: tf.Tensor) => tf.Tensor;
+
+/**
+ * Several token inputs at each position (the reference's `multi_input.MultiInputTransformerWrapper`):
+ * the embeddings of every input are summed (with the absolute position), run through the attention
+ * layers, and projected to logits once per input. x: `{name: [b, n] int32}` -> `{name: [b, n, numTokens[name]]}`.
+ * Parameters: `embeds.<name>_embed.weight`, `pos_emb.emb.weight` (or `pos_emb.scale`),
+ * `post_emb_norm.gamma`, `project_emb.*`, `attn_layers.*`, `to_logits.<name>.weight`, `memory_tokens`.
+ */
+export class MultiInputTransformerWrapper extends Module {
+  readonly options: MultiInputTransformerWrapperOwnOptions;
+  readonly names: string[];
+  readonly maxSeqLen: number;
+  readonly dim: number;
+  readonly embDim: number;
+  readonly numMemoryTokens: number;
+  embeds: ModuleDict<Embedding>;
+  posEmb: AbsolutePositionalEmbedding | ScaledSinusoidalEmbedding | null = null;
+  postEmbNorm: LayerNorm | null = null;
+  projectEmb: Linear | null = null;
+  attnLayers: AttentionLayers;
+  toLogits: ModuleDict<Linear> | null = null;
+  memoryTokens: tf.Variable | null = null;
+
+  constructor(options: MultiInputTransformerWrapperOptions) {
+    super();
+    const { attnLayers, ...rest } = options;
+    checkKnownKeys('MultiInputTransformerWrapper', rest, Object.keys(multiInputTransformerWrapperDefaults));
+    const o: MultiInputTransformerWrapperOwnOptions = {
+      ...multiInputTransformerWrapperDefaults,
+      ...stripUndefined(rest),
+    };
+    if (!(attnLayers instanceof AttentionLayers))
+      throw new Error(
+        `attnLayers: expected an AttentionLayers (Encoder, Decoder...), got ${fmt(attnLayers)}`,
+      );
+    this.names = checkNumTokens(o.numTokens);
+    checkNonNegInt('maxSeqLen', o.maxSeqLen);
+    checkNonNegInt('maxMemLen', o.maxMemLen);
+    checkNonNegInt('shiftMemDown', o.shiftMemDown);
+    checkProb('embDropout', o.embDropout);
+    if (o.embDim !== null) checkPositiveInt('embDim', o.embDim);
+    if (!(o.embFracGradient > 0 && o.embFracGradient <= 1))
+      throw new Error(`embFracGradient: expected a number in (0, 1], got ${fmt(o.embFracGradient)}`);
+    const nm = o.numMemoryTokens === null ? 0 : checkNonNegInt('numMemoryTokens', o.numMemoryTokens);
+    if (o.memoryTokensInterspersedEvery !== null) {
+      checkPositiveInt('memoryTokensInterspersedEvery', o.memoryTokensInterspersedEvery);
+      if (nm > 0 && !(attnLayers instanceof Decoder))
+        throw new Error(
+          `memoryTokensInterspersedEvery: expected a Decoder (causal attention layers), got ${attnLayers.constructor.name}`,
+        );
+    }
+    if (typeof o.attnZLossWeight !== 'number' || !Number.isFinite(o.attnZLossWeight))
+      throw new Error(`attnZLossWeight: expected a finite number, got ${fmt(o.attnZLossWeight)}`);
+    this.options = { ...o, numTokens: { ...o.numTokens } };
+    this.maxSeqLen = o.maxSeqLen;
+    const dim = attnLayers.dim;
+    const embDim = o.embDim ?? dim;
+    this.dim = dim;
+    this.embDim = embDim;
+    this.numMemoryTokens = nm;
+    const rng = getRng();
+    const noAbs = o.maxSeqLen === 0 || !(o.useAbsPosEmb && !attnLayers.disableAbsPosEmb);
+    if (!noAbs)
+      this.posEmb = this.registerModule(
+        'pos_emb',
+        o.scaledSinuPosEmb
+          ? new ScaledSinusoidalEmbedding(embDim)
+          : new AbsolutePositionalEmbedding(embDim, o.maxSeqLen, { rng }),
+      );
+    this.embeds = this.registerModule('embeds', new ModuleDict<Embedding>());
+    for (const name of this.names)
+      this.embeds.set(`${name}_embed`, new Embedding(o.numTokens[name]!, embDim, { rng }));
+    if (o.postEmbNorm) this.postEmbNorm = this.registerModule('post_emb_norm', new LayerNorm(embDim));
+    if (embDim !== dim)
+      this.projectEmb = this.registerModule('project_emb', new Linear(embDim, dim, { rng }));
+    this.attnLayers = this.registerModule('attn_layers', attnLayers);
+    if (!o.returnOnlyEmbed) {
+      this.toLogits = this.registerModule('to_logits', new ModuleDict<Linear>());
+      for (const name of this.names)
+        this.toLogits.set(name, new Linear(dim, o.numTokens[name]!, { bias: false, rng }));
+    }
+    if (nm > 0)
+      this.memoryTokens = this.registerParameter(
+        'memory_tokens',
+        tf.tensor2d(rng.fillNormal(nm * dim, 0, 1), [nm, dim]),
+      );
+  }
+
+  /**
+   * x: `{name: [b, n] int32}` (every input) -> logits by name, `{name: [b, n, numTokens[name]]}`.
+   * With returnOnlyEmbed, use `forwardEmbeddings`.
+   */
+  forward(x: Record<string, tf.Tensor>, opts: MultiInputForwardOptions = {}): Record<string, tf.Tensor> {
+    if (!this.toLogits)
+      throw new Error('forward: the model has no output heads (returnOnlyEmbed); use forwardEmbeddings');
+    const st = this.run(x, { ...opts, returnMems: false, returnAttnZLoss: false }, true);
+    st.embeddings.dispose();
+    return st.logits;
+  }
+
+  /** x: `{name: [b, n] int32}` -> the embeddings after the attention layers, [b, n, dim]. */
+  forwardEmbeddings(x: Record<string, tf.Tensor>, opts: MultiInputForwardOptions = {}): tf.Tensor {
+    return this.run(x, { ...opts, returnMems: false, returnAttnZLoss: false }, false).embeddings;
+  }
+
+  /** Logits by name, the embeddings, with returnMems the next mems and with returnAttnZLoss the z-loss. */
+  forwardWithState(x: Record<string, tf.Tensor>, opts: MultiInputForwardOptions = {}): MultiInputState {
+    return this.run(x, opts, true);
+  }
+
+  /** Checks the inputs (every name, one shape, ids in range) and the call's tensors; returns [b, n]. */
+  private validate(x: Record<string, tf.Tensor>, opts: MultiInputForwardOptions): [number, number] {
+    if (typeof x !== 'object' || x === null || x instanceof tf.Tensor)
+      throw new Error(
+        `x: expected an object of [batch, seq] int32 ids by input name (${this.names.join(', ')}), got ${fmt(x)}`,
+      );
+    const given = Object.keys(x);
+    if (given.length !== this.names.length || !this.names.every((k) => given.includes(k)))
+      throw new Error(
+        `x: expected ids for exactly the inputs (${this.names.join(', ')}), got (${given.join(', ')})`,
+      );
+    const first = x[this.names[0]!]!;
+    checkTensor(`x.${this.names[0]}`, first, { rank: 2, dtype: 'int32', desc: 'token ids [batch, seq]' });
+    const [b, n] = first.shape as [number, number];
+    for (const name of this.names) {
+      const ids = x[name]!;
+      checkTensor(`x.${name}`, ids, { shape: [b, n], dtype: 'int32' });
+      const size = this.options.numTokens[name]!;
+      const v = ids.dataSync();
+      for (let i = 0; i < v.length; i++)
+        if (v[i]! < 0 || v[i]! >= size)
+          throw new Error(`x.${name}: expected ids in [0, ${size}), got ${v[i]}`);
+    }
+    const external = opts.posOverride?.dtype === 'float32';
+    if (
+      this.posEmb instanceof AbsolutePositionalEmbedding &&
+      !external &&
+      !opts.posOverride &&
+      n > this.maxSeqLen
+    )
+      throw new Error(`x: expected a sequence length of at most maxSeqLen ${this.maxSeqLen}, got ${n}`);
+    if (external) checkTensor('posOverride', opts.posOverride, { shape: [b, n, this.embDim] });
+    if (opts.mask) checkTensor('mask', opts.mask, { shape: [b, n], dtype: 'bool' });
+    if (opts.sumEmbeds)
+      checkTensor('sumEmbeds', opts.sumEmbeds, { shape: [b, n, this.embDim], dtype: 'float32' });
+    if (opts.seqStartPos) checkTensor('seqStartPos', opts.seqStartPos, { shape: [b], dtype: 'int32' });
+    if (opts.prependEmbeds) {
+      checkTensor('prependEmbeds', opts.prependEmbeds, { shape: [b, null, this.embDim], dtype: 'float32' });
+      if (opts.prependMask)
+        checkTensor('prependMask', opts.prependMask, {
+          shape: [b, opts.prependEmbeds.shape[1]!],
+          dtype: 'bool',
+        });
+    } else if (opts.prependMask) throw new Error('prependMask: given without prependEmbeds');
+    if (this.options.memoryTokensInterspersedEvery !== null && this.numMemoryTokens > 0) {
+      for (const k of ['mask', 'selfAttnKvMask', 'prependMask'] as const)
+        if (opts[k]) throw new Error(`${k}: not supported with memoryTokensInterspersedEvery`);
+    }
+    if (opts.returnAttnZLoss) {
+      const w = opts.attnZLossWeight;
+      if (w !== undefined && (typeof w !== 'number' || !Number.isFinite(w)))
+        throw new Error(`attnZLossWeight: expected a finite number, got ${fmt(w)}`);
+      if (this.attnLayers.attnOptions.flash || this.attnLayers.crossAttnOptions.flash)
+        throw new Error(
+          'returnAttnZLoss: needs the attention logits before softmax, which attnFlash does not form',
+        );
+    }
+    return [b, n];
+  }
+
+  private run(
+    x: Record<string, tf.Tensor>,
+    opts: MultiInputForwardOptions,
+    wantLogits: boolean,
+  ): MultiInputState {
+    const [b, n] = this.validate(x, opts);
+    const o = this.options;
+    const numMem = this.numMemoryTokens;
+    const training = this.training;
+    return tidyObj(() => {
+      let h: tf.Tensor = tf.addN(
+        this.names.map((name) => this.embeds.get(`${name}_embed`)!.forward(x[name]!)),
+      );
+      const po = opts.posOverride;
+      if (po && po.dtype === 'float32') h = tf.add(h, po);
+      else if (this.posEmb) h = tf.add(h, this.posEmb.forward(n, { pos: po, seqStartPos: opts.seqStartPos }));
+      if (opts.sumEmbeds) h = tf.add(h, opts.sumEmbeds);
+      if (this.postEmbNorm) h = this.postEmbNorm.forward(h);
+      let mask = opts.mask;
+      let kvMask = opts.selfAttnKvMask;
+      if (opts.prependEmbeds) {
+        const p = opts.prependEmbeds.shape[1]!;
+        h = tf.concat([opts.prependEmbeds, h], 1);
+        if (kvMask) kvMask = padAt(kvMask, 1, p, 0, 1);
+        if (opts.prependMask || mask)
+          mask = tf.concat([opts.prependMask ?? tf.ones([b, p], 'bool'), mask ?? tf.ones([b, n], 'bool')], 1);
+      }
+      if (o.embFracGradient < 1)
+        h = tf.add(tf.mul(h, o.embFracGradient), tf.mul(detach(h), 1 - o.embFracGradient));
+      h = dropout(h, o.embDropout, training);
+      if (this.projectEmb) h = this.projectEmb.forward(h);
+      const seq = h.shape[1]!;
+      const every = numMem > 0 ? o.memoryTokensInterspersedEvery : null;
+      if (every !== null) h = intersperseMemoryTokens(h, n, every, this.memoryTokens!);
+      else if (numMem > 0) {
+        h = tf.concat([tf.tile(tf.expandDims(this.memoryTokens!, 0), [b, 1, 1]), h], 1);
+        if (mask) mask = padAt(mask, 1, numMem, 0, 1);
+        if (kvMask) kvMask = padAt(kvMask, 1, numMem, 0, 1);
+      }
+      let mems = opts.mems;
+      if (o.shiftMemDown && mems && mems.length)
+        mems = [...mems.slice(o.shiftMemDown), ...mems.slice(0, o.shiftMemDown)];
+      const res = this.attnLayers.forward(h, {
+        mask,
+        mems,
+        memMasks: opts.memMasks,
+        returnHiddens: !!opts.returnMems || !!opts.returnAttnZLoss,
+        seqStartPos: opts.seqStartPos,
+        context: opts.context,
+        contextMask: opts.contextMask,
+        attnMask: opts.attnMask,
+        selfAttnKvMask: kvMask,
+        condition: opts.condition,
+      });
+      res.cache?.dispose();
+      // with memory tokens, the reference keeps the first n positions after them (prepended ones included)
+      let e = res.out;
+      if (every !== null) e = tf.slice(dropInterspersedMemory(e, numMem, every), [0, 0, 0], [-1, n, -1]);
+      else if (numMem > 0) e = tf.slice(e, [0, numMem, 0], [-1, Math.min(n, seq), -1]);
+      const attnZLoss = opts.returnAttnZLoss
+        ? attentionZLoss(res.attnIntermediates, opts.attnZLossWeight ?? o.attnZLossWeight)
+        : undefined;
+      const logits: Record<string, tf.Tensor> = {};
+      if (wantLogits && this.toLogits)
+        for (const name of this.names) logits[name] = this.toLogits.get(name)!.forward(e);
+      let newMems: tf.Tensor[] | undefined;
+      if (opts.returnMems) {
+        const pairs =
+          mems && mems.length ? res.hiddens.map((hd, i) => tf.concat([mems![i]!, hd], 1)) : res.hiddens;
+        newMems = pairs.map((t) => {
+          const len = t.shape[1]!;
+          const k = o.maxMemLen > 0 ? Math.min(o.maxMemLen, len) : len;
+          return detach(tf.slice(t, [0, len - k, 0], [-1, k, -1]));
+        });
+      }
+      return {
+        logits,
+        embeddings: e,
+        ...(newMems ? { mems: newMems } : {}),
+        ...(attnZLoss ? { attnZLoss } : {}),
+      };
+    });
+  }
+}
+
+/** Checks `numTokens` ({name: number of ids}, at least one); returns its names. */
+function checkNumTokens(v: unknown): string[] {
+  if (typeof v !== 'object' || v === null || Array.isArray(v) || Object.keys(v).length === 0)
+    throw new Error(
+      `numTokens: expected an object of positive integers by input name (at least one), got ${fmt(v)}`,
+    );
+  for (const [name, size] of Object.entries(v)) {
+    if (!/^[A-Za-z0-9_]+$/.test(name))
+      throw new Error(`numTokens.${name}: expected a name of letters, digits and underscores`);
+    if (typeof size !== 'number' || !Number.isInteger(size) || size <= 0)
+      throw new Error(`numTokens.${name}: expected a positive integer, got ${fmt(size)}`);
+  }
+  return Object.keys(v);
+}
