@@ -50,7 +50,10 @@ export class GenerationBatcher {
 
   /** Runs one generation to its end; resolves with how it ended. Throws when the batcher is full. */
   run(req: BatchRequest): Promise<BatchEnd> {
-    if (req.signal?.aborted) return Promise.resolve('aborted');
+    if (req.signal?.aborted) {
+      if (this.decoder.size === 0 && !this.running) this.onIdle();
+      return Promise.resolve('aborted');
+    }
     const id = this.decoder.add(req.prompt, req.options);
     return new Promise<BatchEnd>((resolve, reject) => {
       const onAbort = () => this.finish(id, 'aborted');
@@ -132,6 +135,12 @@ export function batcherFor(
   maxBatch: number,
 ): GenerationBatcher | null {
   let b = batchers.get(model.key);
+  // a batcher left over from an earlier load of the same weights (evicted and loaded again)
+  if (b && b.model !== model && b.size === 0) {
+    batchers.delete(model.key);
+    b.dispose();
+    b = undefined;
+  }
   if (!b) {
     if (GenerationBatcher.unsupported(model)) return null;
     const created: GenerationBatcher = new GenerationBatcher(model, maxBatch, () => {
@@ -141,5 +150,5 @@ export function batcherFor(
     batchers.set(model.key, created);
     b = created;
   }
-  return b.size < b.maxBatch ? b : null;
+  return b.model === model && b.size < b.maxBatch ? b : null;
 }
