@@ -17,9 +17,9 @@ import {
   padMaskLeft,
   repeatBatch,
   runLayers,
-  stripUndefined,
   type LayersLike,
 } from './common.js';
+import { stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `ContinuousTransformerWrapper` (the reference's keyword arguments in camelCase). */
 export interface ContinuousTransformerWrapperOptions {

@@ -16,8 +16,8 @@ import {
   checkPositiveInt,
   checkProb,
   fmt,
-  stripUndefined,
 } from './common.js';
+import { stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `MultiInputTransformerWrapper` (camelCase of the reference's keyword names). */
 export interface MultiInputTransformerWrapperOwnOptions {

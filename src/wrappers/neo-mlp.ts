@@ -4,7 +4,7 @@ import { Linear } from '../nn/linear.js';
 import { normalTensor } from '../nn/init.js';
 import { Encoder } from '../layers/attention-layers.js';
 import type { AttentionLayersOptions } from '../layers/options.js';
-import { checkTensor } from '../utils/errors.js';
+import { OptionError, checkTensor, renamingOptions } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
 import { checkKnownKeys, checkPositiveInt, fmt, runLayers } from './common.js';
 
@@ -97,10 +97,14 @@ export class NeoMLP extends Module {
     for (const k of ['dimIn', 'dimHidden', 'dimOut', 'dimModel', 'depth'] as const) checkPositiveInt(k, o[k]);
     const kw = o.encoderKwargs;
     if (typeof kw !== 'object' || kw === null || Array.isArray(kw))
-      throw new Error(`encoderKwargs: expected an object of Encoder options, got ${fmt(kw)}`);
+      throw OptionError.of('encoderKwargs', 'an object of Encoder options', kw);
     for (const k of ['dim', 'depth', 'causal'])
       if (k in kw)
-        throw new Error(`encoderKwargs.${k}: set by NeoMLP (dimModel, depth; an Encoder is not causal)`);
+        throw OptionError.of(
+          `encoderKwargs.${k}`,
+          'none (NeoMLP sets it: dimModel, depth; an Encoder is not causal)',
+          (kw as Record<string, unknown>)[k],
+        );
     this.options = { ...o, encoderKwargs: { ...kw } };
     const rng = getRng();
     const { dimIn, dimHidden, dimOut, dimModel } = o;
@@ -167,14 +171,7 @@ export class NeoMLP extends Module {
   }
 }
 
-/** Runs `fn`, prefixing an `option: message` error with `prefix.`. */
+/** Runs `fn`, re-throwing an option error under `prefix.` (`encoderKwargs.heads`). */
 function withPrefix<T>(prefix: string, fn: () => T): T {
-  try {
-    return fn();
-  } catch (e) {
-    const err = e as Error;
-    if (/^[a-zA-Z][A-Za-z0-9]*(\.[A-Za-z0-9]+)*:/.test(err.message))
-      throw new Error(`${prefix}.${err.message}`, { cause: e });
-    throw e;
-  }
+  return renamingOptions((e) => e.in(prefix), fn);
 }

@@ -12,10 +12,10 @@ import {
   checkProb,
   fmt,
   repeatBatch,
-  stripUndefined,
   runLayers,
   type LayersLike,
 } from './common.js';
+import { stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `ViTransformerWrapper` (the reference's keyword arguments in camelCase). */
 export interface ViTransformerWrapperOptions {

@@ -15,9 +15,9 @@ import {
   padMaskLeft,
   repeatBatch,
   runLayers,
-  stripUndefined,
   type LayersLike,
 } from './common.js';
+import { stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `XValTransformerWrapper` (the reference's keyword arguments in camelCase). */
 export interface XValTransformerWrapperOptions {

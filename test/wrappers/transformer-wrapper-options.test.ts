@@ -145,7 +145,7 @@ describe('TransformerWrapper output, embedding and recycling options in JSON', (
       ),
     ).toBe('memoryTokensInterspersedEvery: expected a Decoder (causal attention layers), got Encoder');
     expect(fails(build({ embedNumTokens: { 'a.b': 2 } }))).toBe(
-      'embedNumTokens.a.b: expected a name of letters, digits and underscores',
+      'embedNumTokens.a.b: expected a name of letters, digits and underscores, got "a.b"',
     );
   });
 });
