@@ -6,7 +6,8 @@ import { Encoder } from '../layers/attention-layers.js';
 import type { AttentionLayersOptions } from '../layers/options.js';
 import { OptionError, checkTensor, renamingOptions } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
-import { checkKnownKeys, checkPositiveInt, fmt, runLayers } from './common.js';
+import { fmt, runLayers } from './common.js';
+import { checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
 
 /** Options of the encoder inside `NeoMLP`: an `Encoder`'s options without `dim` and `depth`. */
 export type NeoMLPEncoderOptions = Omit<AttentionLayersOptions, 'dim' | 'depth' | 'causal'>;
@@ -92,9 +93,9 @@ export class NeoMLP extends Module {
       throw new Error(
         `options: expected an object {dimIn, dimHidden, dimOut, dimModel, depth}, got ${fmt(options)}`,
       );
-    checkKnownKeys('NeoMLP', options, Object.keys(neoMLPDefaults));
-    const o: NeoMLPOptions = { ...neoMLPDefaults, ...options };
-    for (const k of ['dimIn', 'dimHidden', 'dimOut', 'dimModel', 'depth'] as const) checkPositiveInt(k, o[k]);
+    checkOptionValues(options, neoMLPDefaults, 'NeoMLP');
+    for (const k of ['dimIn', 'dimHidden', 'dimOut', 'dimModel', 'depth']) requireOption(options, k);
+    const o: NeoMLPOptions = { ...neoMLPDefaults, ...stripUndefined(options) };
     const kw = o.encoderKwargs;
     if (typeof kw !== 'object' || kw === null || Array.isArray(kw))
       throw OptionError.of('encoderKwargs', 'an object of Encoder options', kw);
