@@ -121,7 +121,10 @@ export class NeoMLP extends Module {
     );
     this.transformer = this.registerModule(
       'transformer',
-      withPrefix('encoderKwargs', () => new Encoder({ ...kw, dim: dimModel, depth: o.depth })),
+      renamingOptions(
+        (e) => e.in('encoderKwargs'),
+        () => new Encoder({ ...kw, dim: dimModel, depth: o.depth }),
+      ),
     );
     this.toOutputWeights = this.registerParameter(
       'to_output_weights',
@@ -170,9 +173,4 @@ export class NeoMLP extends Module {
       return { output, inputEmbed, hiddenEmbed, outputEmbed };
     }) as unknown as NeoMLPOutput;
   }
-}
-
-/** Runs `fn`, re-throwing an option error under `prefix.` (`encoderKwargs.heads`). */
-function withPrefix<T>(prefix: string, fn: () => T): T {
-  return renamingOptions((e) => e.in(prefix), fn);
 }
