@@ -196,19 +196,8 @@ export function fromConfig(json: unknown): BuiltModel {
   if (w === 'NonAutoregressiveWrapper') return buildNonAutoregressive(o);
 
   const { attnLayers: rawLayers, ...rest } = o;
-  const defaults: Record<string, Record<string, unknown>> = {
-    TransformerWrapper: transformerWrapperDefaults as unknown as Record<string, unknown>,
-    ViTransformerWrapper: viTransformerWrapperDefaults,
-    ContinuousTransformerWrapper: continuousTransformerWrapperDefaults,
-    XValTransformerWrapper: xValTransformerWrapperDefaults,
-  };
-  const requiredKeys: Record<string, string[]> = {
-    TransformerWrapper: ['numTokens', 'maxSeqLen'],
-    ViTransformerWrapper: ['imageSize', 'patchSize'],
-    ContinuousTransformerWrapper: ['maxSeqLen'],
-    XValTransformerWrapper: ['numTokens', 'maxSeqLen', 'numericalTokenId'],
-  };
-  const opts = wrapperOptions(rest, defaults[w]!, requiredKeys[w]!, w);
+  // the wrapper's constructor checks its own options
+  const opts = rest;
   if (rawLayers === undefined)
     throw OptionError.of('attnLayers', 'an object {type, dim, depth, ...}', undefined);
   const attnLayers = buildLayers('attnLayers', rawLayers);
