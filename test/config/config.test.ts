@@ -10,6 +10,17 @@ import { CrossAttender, Decoder, Encoder } from '../../src/layers/attention-laye
 
 const layers = { type: 'Decoder', dim: 8, depth: 1, heads: 2, attnDimHead: 4 };
 const lm = { wrapper: 'TransformerWrapper', numTokens: 10, maxSeqLen: 8, attnLayers: layers };
+/** A flat XTransformer config in the reference's snake_case. */
+const xt = {
+  wrapper: 'XTransformer',
+  dim: 8,
+  enc_num_tokens: 10,
+  enc_max_seq_len: 8,
+  enc_depth: 1,
+  dec_num_tokens: 10,
+  dec_max_seq_len: 8,
+  dec_depth: 1,
+};
 
 const shapes = (m: BuiltModel): [string, number[]][] => m.namedParameters().map(([n, v]) => [n, v.shape]);
 const maxDiff = (a: tf.Tensor, b: tf.Tensor): number =>
@@ -105,15 +116,7 @@ describe('fromConfig errors name the key path', () => {
     }
     // the largest and smallest factors that still give a size: a size of 1 builds
     expect(fails({ ...lm, attnLayers: { ...layers, ffMult: 1 / layers.dim } })).toBe('no error');
-    const x = {
-      wrapper: 'XTransformer',
-      dim: 8,
-      enc_num_tokens: 10,
-      enc_max_seq_len: 8,
-      enc_depth: 1,
-      dec_depth: 1,
-    };
-    expect(fails({ ...x, dec_num_tokens: 10, dec_max_seq_len: 8, dec_ff_mult: 2 ** 53 })).toMatch(
+    expect(fails({ ...xt, dec_ff_mult: 2 ** 53 })).toMatch(
       /^decFfMult: expected a factor that makes the feedforward size floor\(dim \* mult\)/,
     );
   });
@@ -123,16 +126,7 @@ describe('fromConfig errors name the key path', () => {
     );
   });
   it('names flat XTransformer options', () => {
-    const x = {
-      wrapper: 'XTransformer',
-      dim: 8,
-      enc_num_tokens: 10,
-      enc_max_seq_len: 8,
-      enc_depth: 1,
-      dec_num_tokens: 10,
-      dec_max_seq_len: 8,
-      dec_depth: 1,
-    };
+    const x = xt;
     expect(fails({ ...x, enc_depth: -1 })).toBe('encDepth: expected a positive integer, got -1');
     expect(fails({ ...x, dec_attn_bogus: 1 })).toBe(
       'decAttnBogus: expected an option of Attention, got an unknown option',
