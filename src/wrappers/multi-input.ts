@@ -5,19 +5,10 @@ import { Embedding, AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding } fro
 import { LayerNorm } from '../nn/norms.js';
 import { dropout, padAt, tidyObj } from '../nn/functional.js';
 import { AttentionLayers, Decoder } from '../layers/attention-layers.js';
-import { checkTensor } from '../utils/errors.js';
+import { OptionError, checkTensor } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
-import {
-  attentionZLoss,
-  dropInterspersedMemory,
-  intersperseMemoryTokens,
-  checkKnownKeys,
-  checkNonNegInt,
-  checkPositiveInt,
-  checkProb,
-  fmt,
-} from './common.js';
-import { stripUndefined } from '../utils/option-rules.js';
+import { attentionZLoss, dropInterspersedMemory, intersperseMemoryTokens, fmt } from './common.js';
+import { checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `MultiInputTransformerWrapper` (camelCase of the reference's keyword names). */
 export interface MultiInputTransformerWrapperOwnOptions {
@@ -135,33 +126,24 @@ export class MultiInputTransformerWrapper extends Module {
   constructor(options: MultiInputTransformerWrapperOptions) {
     super();
     const { attnLayers, ...rest } = options;
-    checkKnownKeys('MultiInputTransformerWrapper', rest, Object.keys(multiInputTransformerWrapperDefaults));
+    // numTokens is an object of vocabulary sizes here: checkNumTokens checks it
+    const { numTokens: _numTokens, ...scalars } = rest;
+    checkOptionValues(scalars, multiInputTransformerWrapperDefaults, 'MultiInputTransformerWrapper');
+    requireOption(rest, 'maxSeqLen');
     const o: MultiInputTransformerWrapperOwnOptions = {
       ...multiInputTransformerWrapperDefaults,
       ...stripUndefined(rest),
     };
     if (!(attnLayers instanceof AttentionLayers))
-      throw new Error(
-        `attnLayers: expected an AttentionLayers (Encoder, Decoder...), got ${fmt(attnLayers)}`,
-      );
+      throw OptionError.of('attnLayers', 'an AttentionLayers (Encoder, Decoder...)', attnLayers);
     this.names = checkNumTokens(o.numTokens);
-    checkNonNegInt('maxSeqLen', o.maxSeqLen);
-    checkNonNegInt('maxMemLen', o.maxMemLen);
-    checkNonNegInt('shiftMemDown', o.shiftMemDown);
-    checkProb('embDropout', o.embDropout);
-    if (o.embDim !== null) checkPositiveInt('embDim', o.embDim);
-    if (!(o.embFracGradient > 0 && o.embFracGradient <= 1))
-      throw new Error(`embFracGradient: expected a number in (0, 1], got ${fmt(o.embFracGradient)}`);
-    const nm = o.numMemoryTokens === null ? 0 : checkNonNegInt('numMemoryTokens', o.numMemoryTokens);
-    if (o.memoryTokensInterspersedEvery !== null) {
-      checkPositiveInt('memoryTokensInterspersedEvery', o.memoryTokensInterspersedEvery);
-      if (nm > 0 && !(attnLayers instanceof Decoder))
-        throw new Error(
-          `memoryTokensInterspersedEvery: expected a Decoder (causal attention layers), got ${attnLayers.constructor.name}`,
-        );
-    }
-    if (typeof o.attnZLossWeight !== 'number' || !Number.isFinite(o.attnZLossWeight))
-      throw new Error(`attnZLossWeight: expected a finite number, got ${fmt(o.attnZLossWeight)}`);
+    const nm = o.numMemoryTokens ?? 0;
+    if (o.memoryTokensInterspersedEvery !== null && nm > 0 && !(attnLayers instanceof Decoder))
+      throw new OptionError(
+        'memoryTokensInterspersedEvery',
+        'a Decoder (causal attention layers)',
+        attnLayers.constructor.name,
+      );
     this.options = { ...o, numTokens: { ...o.numTokens } };
     this.maxSeqLen = o.maxSeqLen;
     const dim = attnLayers.dim;

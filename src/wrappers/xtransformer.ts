@@ -6,9 +6,9 @@ import { TransformerWrapper, type TransformerWrapperOptions } from './transforme
 import { AutoregressiveWrapper } from '../generation/autoregressive-wrapper.js';
 import { decode, type GenerateOptions } from '../generation/generate.js';
 import { getRng, type Rng } from '../utils/random.js';
-import { checkBool, checkMask, checkPositiveInt, checkProb, fmt, padMaskLeft } from './common.js';
+import { checkMask, fmt, padMaskLeft } from './common.js';
 import { OptionError, renamingOptions } from '../utils/errors.js';
-import { stripUndefined } from '../utils/option-rules.js';
+import { checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `XTransformer` that are not prefixed by `enc` / `dec`. */
 export interface XTransformerOwnOptions {
@@ -127,11 +127,9 @@ export class XTransformer extends Module {
       ...xTransformerDefaults,
       ...stripUndefined(own),
     } as XTransformerOwnOptions;
-    const dim = checkPositiveInt('dim', o.dim);
-    checkBool('tieTokenEmb', o.tieTokenEmb);
-    if (!Number.isInteger(o.ignoreIndex)) throw OptionError.of('ignoreIndex', 'an integer', o.ignoreIndex);
-    if (!Number.isInteger(o.padValue)) throw OptionError.of('padValue', 'an integer', o.padValue);
-    checkProb('crossAttnTokensDropout', o.crossAttnTokensDropout);
+    checkOptionValues(own, xTransformerDefaults, 'XTransformer');
+    requireOption(own, 'dim');
+    const dim = o.dim;
     for (const [side, given] of [
       ['encDim', encGiven],
       ['decDim', decGiven],
