@@ -38,7 +38,6 @@ import {
 } from '../generation/nonautoregressive-wrapper.js';
 import {
   MAX_DIMENSION,
-  RULES,
   camelKey,
   checkOptionValues,
   requireOption,
@@ -238,24 +237,13 @@ function buildXTransformer(o: Record<string, unknown>): XTransformer {
 
 /** MultiInputTransformerWrapper: `numTokens` is an object of vocabulary sizes by input name. */
 function buildMultiInput(o: Record<string, unknown>): MultiInputTransformerWrapper {
-  const { attnLayers: rawLayers, numTokens, ...rest } = o;
-  if (!RULES.countsByName.test(numTokens) || Object.keys(numTokens as object).length === 0)
-    throw OptionError.of(
-      'numTokens',
-      'an object of positive integers by input name (at least one)',
-      numTokens,
-    );
-  const defaults = multiInputTransformerWrapperDefaults as unknown as Record<string, unknown>;
-  const opts = wrapperOptions(rest, defaults, ['maxSeqLen'], 'MultiInputTransformerWrapper');
+  const { attnLayers: rawLayers, ...opts } = o;
   if (rawLayers === undefined)
     throw OptionError.of('attnLayers', 'an object {type, dim, depth, ...}', undefined);
   const attnLayers = buildLayers('attnLayers', rawLayers);
   try {
-    return new MultiInputTransformerWrapper({
-      ...(opts as { maxSeqLen: number }),
-      numTokens: numTokens as Record<string, number>,
-      attnLayers,
-    } as MultiInputTransformerWrapperOptions);
+    // the wrapper's constructor checks its own options
+    return new MultiInputTransformerWrapper({ ...opts, attnLayers } as MultiInputTransformerWrapperOptions);
   } catch (e) {
     attnLayers.dispose();
     throw e;

@@ -8,7 +8,7 @@ import { AttentionLayers, Decoder } from '../layers/attention-layers.js';
 import { OptionError, checkTensor } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
 import { attentionZLoss, dropInterspersedMemory, intersperseMemoryTokens, fmt } from './common.js';
-import { checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
+import { RULES, checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `MultiInputTransformerWrapper` (camelCase of the reference's keyword names). */
 export interface MultiInputTransformerWrapperOwnOptions {
@@ -349,14 +349,11 @@ export class MultiInputTransformerWrapper extends Module {
 /** Checks `numTokens` ({name: number of ids}, at least one); returns its names. */
 function checkNumTokens(v: unknown): string[] {
   if (typeof v !== 'object' || v === null || Array.isArray(v) || Object.keys(v).length === 0)
-    throw new Error(
-      `numTokens: expected an object of positive integers by input name (at least one), got ${fmt(v)}`,
-    );
+    throw OptionError.of('numTokens', 'an object of positive integers by input name (at least one)', v);
   for (const [name, size] of Object.entries(v)) {
     if (!/^[A-Za-z0-9_]+$/.test(name))
-      throw new Error(`numTokens.${name}: expected a name of letters, digits and underscores`);
-    if (typeof size !== 'number' || !Number.isInteger(size) || size <= 0)
-      throw new Error(`numTokens.${name}: expected a positive integer, got ${fmt(size)}`);
+      throw OptionError.of(`numTokens.${name}`, 'a name of letters, digits and underscores', name);
+    if (!RULES.posInt.test(size)) throw OptionError.of(`numTokens.${name}`, RULES.posInt.expected, size);
   }
   return Object.keys(v);
 }
