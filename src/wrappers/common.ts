@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { Module } from '../nn/module.js';
 import { padAt } from '../nn/functional.js';
 import { OptionError } from '../utils/errors.js';
+import { RULES, type Rule } from '../utils/option-rules.js';
 
 /**
  * What the wrappers need of an attention stack (`AttentionLayers`, `Encoder`, `Decoder`, ...):
@@ -69,35 +70,23 @@ export function disposeExcept(value: unknown, keep: Set<tf.Tensor>): void {
   }
 }
 
-/** Throws `name: expected a positive integer, got v` unless v is one. */
-export function checkPositiveInt(name: string, v: unknown): number {
-  if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0) {
-    throw OptionError.of(name, 'a positive integer', v);
-  }
-  return v;
+/** Throws an OptionError naming `name` unless `v` passes `rule` (one of the table's RULES). */
+function checkRule<T>(name: string, rule: Rule, v: unknown): T {
+  if (!rule.test(v)) throw OptionError.of(name, rule.expected, v);
+  return v as T;
 }
+
+/** Throws `name: expected a positive integer, got v` unless v is one. */
+export const checkPositiveInt = (name: string, v: unknown): number => checkRule(name, RULES.posInt, v);
 
 /** Throws unless v is a non-negative integer. */
-export function checkNonNegInt(name: string, v: unknown): number {
-  if (typeof v !== 'number' || !Number.isInteger(v) || v < 0) {
-    throw OptionError.of(name, 'a non-negative integer', v);
-  }
-  return v;
-}
+export const checkNonNegInt = (name: string, v: unknown): number => checkRule(name, RULES.nonNegInt, v);
 
 /** Throws unless v is a probability in [0, 1). */
-export function checkProb(name: string, v: unknown): number {
-  if (typeof v !== 'number' || !(v >= 0 && v < 1)) {
-    throw OptionError.of(name, 'a number in [0, 1)', v);
-  }
-  return v;
-}
+export const checkProb = (name: string, v: unknown): number => checkRule(name, RULES.prob, v);
 
 /** Throws unless v is a boolean. */
-export function checkBool(name: string, v: unknown): boolean {
-  if (typeof v !== 'boolean') throw OptionError.of(name, 'a boolean', v);
-  return v;
-}
+export const checkBool = (name: string, v: unknown): boolean => checkRule(name, RULES.bool, v);
 
 /** Throws unless every key of `options` is one of `allowed`. */
 export function checkKnownKeys(owner: string, options: object, allowed: readonly string[]): void {
