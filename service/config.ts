@@ -59,45 +59,6 @@ export const defaultLimits: ServiceLimits = {
   maxUploadBytes: 256 * 1024 * 1024,
 };
 
-interface Spec {
-  env: string;
-  describe: string;
-}
-
-/** The environment variables the service reads, for the docs and for error messages. */
-export const ENV_VARS: Spec[] = [
-  { env: 'PORT', describe: 'HTTP port (default 3000)' },
-  { env: 'HOST', describe: 'interface to listen on (default 0.0.0.0)' },
-  { env: 'REDIS_URL', describe: 'redis://host:port; unset: `npm start` runs a private redis-server' },
-  { env: 'REDIS_SERVER_BIN', describe: 'redis-server binary for the private Redis (default: on PATH)' },
-  { env: 'DATA_DIR', describe: 'datasets, weights, checkpoints (default ./data)' },
-  { env: 'XT_BACKEND', describe: 'torch | tensorflow | wasm | cpu (default: first that loads)' },
-  { env: 'WORKER_CONCURRENCY', describe: 'training jobs a worker runs at once (default 1)' },
-  {
-    env: 'MAX_BATCH',
-    describe: 'generations a worker decodes together per model, one forward pass per step (default 32)',
-  },
-  { env: 'API_KEYS', describe: 'comma-separated bearer keys; unset: no auth' },
-  { env: 'REDIS_PREFIX', describe: 'key prefix in Redis (default xt)' },
-  { env: 'MODEL_CACHE_SIZE', describe: 'models a worker keeps loaded (default 4)' },
-  {
-    env: 'TRAIN_MAX_PAUSE_MS',
-    describe: 'longest a training step waits for running generations (default 2000)',
-  },
-  { env: 'LOCK_DURATION_MS', describe: 'job lock; a dead worker’s job resumes after this (default 30000)' },
-  { env: 'STALLED_INTERVAL_MS', describe: 'stalled-job check period (default 15000)' },
-  { env: 'LOG_LEVEL', describe: 'pino level (default info)' },
-  { env: 'LOG_FORMAT', describe: 'pretty | json (default: pretty on a terminal, json otherwise)' },
-  { env: 'METRICS_PORT', describe: '`npm run worker` only: serve /metrics on this port' },
-  { env: 'MAX_PARAMETERS', describe: 'largest model, parameters (default 50000000)' },
-  { env: 'MAX_SEQ_LEN', describe: 'largest training seqLen (default 4096)' },
-  { env: 'MAX_BATCH_SIZE', describe: 'largest training batch (default 256)' },
-  { env: 'MAX_STEPS', describe: 'most training steps per job (default 1000000)' },
-  { env: 'MAX_TOKENS', describe: 'most tokens per generation (default 4096)' },
-  { env: 'MAX_BODY_BYTES', describe: 'largest JSON body (default 1 MiB)' },
-  { env: 'MAX_UPLOAD_BYTES', describe: 'largest dataset/weights upload (default 256 MiB)' },
-];
-
 const BACKEND_NAMES = ['torch', 'tensorflow', 'wasm', 'cpu'];
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 

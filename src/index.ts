@@ -32,6 +32,7 @@ export type {
 } from './wrappers/multi-input.js';
 export type { XTransformerOptions, XTransformerForwardOptions } from './wrappers/xtransformer.js';
 export { fromConfig, toConfig, camelKey, snakeKey, WRAPPERS, LAYERS_TYPES } from './io/config.js';
+export { OptionError } from './utils/errors.js';
 export type {
   ModelConfig,
   LayersConfig,

@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module } from '../nn/module.js';
 import type { CoPE } from './cope.js';
-import { fmtShape } from '../utils/errors.js';
+import { OptionError, fmtShape } from '../utils/errors.js';
 import {
   MASK_VALUE,
   causalKeep,
@@ -347,30 +347,36 @@ export class Attend extends Module {
     this.options = options;
     const o = options;
     const sparse = o.sparseTopk != null;
-    if (o.flash && o.sigmoid) throw new Error('flash: sigmoid attention is not available with flash');
-    if (o.flash && o.hard) throw new Error('flash: hard attention is not available with flash');
-    if (o.flash && sparse) throw new Error('flash: sparseTopk attention is not available with flash');
+    const notWithFlash = (what: string): OptionError =>
+      new OptionError(
+        'flash',
+        `false with ${what} (it needs the attention matrix, which flash does not form)`,
+        'true',
+      );
+    if (o.flash && o.sigmoid) throw notWithFlash('sigmoid attention');
+    if (o.flash && o.hard) throw notWithFlash('hard attention');
+    if (o.flash && sparse) throw notWithFlash('sparseTopk attention');
     if ([o.sigmoid, o.hard, o.l2Distance, sparse].filter(Boolean).length > 1)
-      throw new Error(
-        `sigmoid: expected at most one of sigmoid, hard, l2Distance, sparseTopk, got ${JSON.stringify({
-          sigmoid: o.sigmoid,
-          hard: o.hard,
-          l2Distance: o.l2Distance,
-          sparseTopk: o.sparseTopk,
-        })}`,
-      );
+      throw OptionError.of('sigmoid', 'at most one of sigmoid, hard, l2Distance, sparseTopk', {
+        sigmoid: o.sigmoid,
+        hard: o.hard,
+        l2Distance: o.l2Distance,
+        sparseTopk: o.sparseTopk,
+      });
     if (o.flash && (o.preTalkingHeads || o.postTalkingHeads || o.preScalePostTalkingHeads))
-      throw new Error(
-        'flash: talking heads (preTalkingHeads, postTalkingHeads, preScalePostTalkingHeads) need the attention matrix, which flash does not form',
-      );
-    if (o.flash && o.selective) throw new Error('flash: selective attention needs the attention matrix');
+      throw notWithFlash('talking heads (preTalkingHeads, postTalkingHeads, preScalePostTalkingHeads)');
+    if (o.flash && o.selective) throw notWithFlash('selective attention');
     if (o.selective && !o.causal)
-      throw new Error('selective: expected causal attention (selective is for autoregression)');
-    if (o.softclampLogits && o.flash) throw new Error('flash: softclampLogits is not available with flash');
+      throw new OptionError(
+        'selective',
+        'causal attention (selective is for autoregression)',
+        'causal false',
+      );
+    if (o.softclampLogits && o.flash) throw notWithFlash('softclampLogits');
     if (o.softclampLogits && !(o.logitSoftclampValue > 0))
-      throw new Error(`logitSoftclampValue: expected a positive number, got ${o.logitSoftclampValue}`);
+      throw OptionError.of('logitSoftclampValue', 'a positive number', o.logitSoftclampValue);
     if (sparse && !(Number.isInteger(o.sparseTopk) && o.sparseTopk! > 0))
-      throw new Error(`sparseTopk: expected a positive integer, got ${o.sparseTopk}`);
+      throw OptionError.of('sparseTopk', 'a positive integer', o.sparseTopk);
     if (o.preTalkingHeads)
       this.preSoftmaxTalkingHeads = this.registerModule('pre_softmax_talking_heads', new HeadMix(o.heads));
     if (o.postTalkingHeads)
@@ -381,8 +387,7 @@ export class Attend extends Module {
         new HeadMix(o.heads),
       );
     if (o.cope) {
-      if (o.flash)
-        throw new Error('flash: CoPE (useCope) needs the attention matrix, which flash does not form');
+      if (o.flash) throw notWithFlash('CoPE (useCope)');
       this.cope = this.registerModule('cope', o.cope);
     }
   }

@@ -1,7 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module, ModuleList } from '../nn/module.js';
 import { Linear } from '../nn/linear.js';
-import { fmtShape } from '../utils/errors.js';
+import { OptionError, fmtShape } from '../utils/errors.js';
+import { RULES, camelKey, checkOptionValues } from '../utils/option-rules.js';
 import { getRng } from '../utils/random.js';
 import { Attend, type AttendModuleOptions } from './attend.js';
 import { CoPE } from './cope.js';
@@ -68,96 +69,45 @@ const PLAIN_DECODE: Partial<AttentionOptions> = {
   hybridModule: null,
 };
 
-function checkPositiveInt(name: string, v: unknown): void {
-  if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0)
-    throw new Error(`${name}: expected a positive integer, got ${String(v)}`);
-}
-
-function checkBool(name: string, v: unknown): void {
-  if (typeof v !== 'boolean') throw new Error(`${name}: expected a boolean, got ${String(v)}`);
-}
-
-/** Validates the option names and value types against `attentionDefaults`. */
+/** The options merged with the defaults, each checked against the rule table. */
 function resolveOptions(options: Partial<AttentionOptions>): AttentionOptions {
+  checkOptionValues(options, attentionDefaults, 'Attention');
   const merged: Record<string, unknown> = { ...attentionDefaults };
-  for (const [key, value] of Object.entries(options)) {
-    if (!(key in attentionDefaults))
-      throw new Error(`${key}: expected one of the Attention options, got an unknown option`);
-    if (value === undefined) continue;
-    const def = (attentionDefaults as unknown as Record<string, unknown>)[key];
-    if (key === 'customAttnFn') {
-      if (value !== null && typeof value !== 'function')
-        throw new Error(`customAttnFn: expected a function or null, got ${JSON.stringify(value)}`);
-    } else if (key === 'hybridModule') {
-      // a spec, factory or module: buildHybridModule checks it
-    } else if (key === 'hybridMaskKwarg') {
-      if (value !== null && (typeof value !== 'string' || value === ''))
-        throw new Error(`hybridMaskKwarg: expected a non-empty string or null, got ${JSON.stringify(value)}`);
-    } else if (def === null) {
-      if (value !== null && typeof value !== 'number')
-        throw new Error(`${key}: expected a number or null, got ${JSON.stringify(value)}`);
-    } else if (typeof def !== typeof value) {
-      throw new Error(`${key}: expected a ${typeof def}, got ${JSON.stringify(value)}`);
-    }
-    merged[key] = value;
-  }
+  for (const [key, value] of Object.entries(options)) if (value !== undefined) merged[key] = value;
   return merged as unknown as AttentionOptions;
 }
 
-/** Checks the options of an Attention of input size `dim`; returns its number of key/value heads. */
+/**
+ * Checks the options of an Attention of input size `dim` against each other (the rule table has
+ * checked each one); returns its number of key/value heads.
+ */
 function checkOptions(o: AttentionOptions, dim: number): number {
-  checkPositiveInt('dimHead', o.dimHead);
-  checkPositiveInt('heads', o.heads);
-  for (const key of [
-    'causal',
-    'flash',
-    'qkNorm',
-    'oneKvHead',
-    'gateValues',
-    'onAttn',
-    'headScale',
-    'hard',
-  ] as const)
-    checkBool(key, o[key]);
-  if (o.dimContext !== null) checkPositiveInt('dimContext', o.dimContext);
-  if (o.kvHeads !== null) checkPositiveInt('kvHeads', o.kvHeads);
-  if (o.valueDimHead !== null) checkPositiveInt('valueDimHead', o.valueDimHead);
-  if (o.dimOut !== null) checkPositiveInt('dimOut', o.dimOut);
-  if (!Number.isInteger(o.numMemKv) || o.numMemKv < 0)
-    throw new Error(`numMemKv: expected a non-negative integer, got ${o.numMemKv}`);
-  if (!(o.dropout >= 0 && o.dropout < 1))
-    throw new Error(`dropout: expected a number in [0, 1), got ${o.dropout}`);
-  if (o.maxAttendPast !== null && !(Number.isInteger(o.maxAttendPast) && o.maxAttendPast >= 0))
-    throw new Error(`maxAttendPast: expected a non-negative integer or null, got ${o.maxAttendPast}`);
   if (o.kvHeads !== null && o.oneKvHead)
-    throw new Error(
-      `kvHeads: expected null when oneKvHead is true (oneKvHead means kvHeads = 1), got ${o.kvHeads}`,
+    throw new OptionError(
+      'kvHeads',
+      'null when oneKvHead is true (oneKvHead means kvHeads = 1)',
+      String(o.kvHeads),
     );
-
   const kvHeads = o.oneKvHead ? 1 : (o.kvHeads ?? o.heads);
   if (o.heads % kvHeads !== 0)
-    throw new Error(`kvHeads: expected a divisor of heads (${o.heads}), got ${kvHeads}`);
+    throw new OptionError('kvHeads', `a divisor of heads (${o.heads})`, String(kvHeads));
   checkLatentHybridOptions(o, dim, kvHeads);
   if (o.rotateNumHeads !== null || o.latentRopeSubheads !== null) {
     const name = o.latentRopeSubheads !== null ? 'latentRopeSubheads' : 'rotateNumHeads';
     const r = o.latentRopeSubheads ?? o.rotateNumHeads ?? o.heads;
-    if (!Number.isInteger(r) || r <= 0 || r > o.heads)
-      throw new Error(`${name}: expected an integer in [1, heads (${o.heads})], got ${r}`);
+    if (r > o.heads) throw new OptionError(name, `an integer in [1, heads (${o.heads})]`, String(r));
     if (r < o.heads && kvHeads < o.heads)
-      throw new Error(
-        `${name}: rotating only some heads is not compatible with grouped-query attention (kvHeads ${kvHeads})`,
+      throw new OptionError(
+        name,
+        `all heads with grouped-query attention (kvHeads ${kvHeads}): rotating only some is not compatible`,
+        String(r),
       );
   }
-  if (o.laser && !(o.laserSoftclampValue > 0))
-    throw new Error(`laserSoftclampValue: expected a positive number, got ${o.laserSoftclampValue}`);
   if (o.qkNorm) {
-    checkPositiveInt('qkNormGroups', o.qkNormGroups);
     if (o.dimHead % o.qkNormGroups !== 0)
-      throw new Error(`qkNormGroups: expected a divisor of dimHead (${o.dimHead}), got ${o.qkNormGroups}`);
+      throw new OptionError('qkNormGroups', `a divisor of dimHead (${o.dimHead})`, String(o.qkNormGroups));
     if (o.dimHead / o.qkNormGroups <= 2)
-      throw new Error(
-        `qkNormGroups: expected dimHead / qkNormGroups > 2, got ${o.dimHead} / ${o.qkNormGroups}`,
-      );
+      throw new OptionError('qkNormGroups', 'dimHead / qkNormGroups > 2', `${o.dimHead} / ${o.qkNormGroups}`);
   }
   return kvHeads;
 }
@@ -167,66 +117,83 @@ function checkOptions(o: AttentionOptions, dim: number): number {
  * residuals against each other (checkOptions checks the others).
  */
 function checkLatentHybridOptions(o: AttentionOptions, dim: number, kvHeads: number): void {
-  for (const key of ['qkvReceiveDiffResiduals', 'useLatentQ', 'useLatentKv'] as const) checkBool(key, o[key]);
-  if (o.dimLatentQ !== null) checkPositiveInt('dimLatentQ', o.dimLatentQ);
-  if (o.dimLatentKv !== null) checkPositiveInt('dimLatentKv', o.dimLatentKv);
   if (o.useLatentQ && o.dimLatentQ === null)
-    throw new Error('dimLatentQ: expected a positive integer with useLatentQ, got null');
+    throw new OptionError('dimLatentQ', 'a positive integer with useLatentQ', 'null');
   if (o.useLatentKv && o.dimLatentKv === null)
-    throw new Error('dimLatentKv: expected a positive integer with useLatentKv, got null');
+    throw new OptionError('dimLatentKv', 'a positive integer with useLatentKv', 'null');
   if (o.latentRopeSubheads !== null) {
-    checkPositiveInt('latentRopeSubheads', o.latentRopeSubheads);
     if (!o.useLatentKv)
-      throw new Error(`latentRopeSubheads: expected useLatentKv true with it, got ${o.latentRopeSubheads}`);
+      throw new OptionError('latentRopeSubheads', 'useLatentKv true with it', String(o.latentRopeSubheads));
     if (o.rotateNumHeads !== null)
-      throw new Error(
-        `rotateNumHeads: expected null with latentRopeSubheads (which sets the rotated heads), got ${o.rotateNumHeads}`,
+      throw new OptionError(
+        'rotateNumHeads',
+        'null with latentRopeSubheads (which sets the rotated heads)',
+        String(o.rotateNumHeads),
       );
     if (o.latentRopeSubheads > kvHeads)
-      throw new Error(
-        `latentRopeSubheads: expected at most the key/value heads (${kvHeads}), got ${o.latentRopeSubheads}`,
+      throw new OptionError(
+        'latentRopeSubheads',
+        `at most the key/value heads (${kvHeads})`,
+        String(o.latentRopeSubheads),
       );
   }
   if (o.learnedValueResidualMix && o.useLatentQ && o.dimLatentQ !== dim)
-    throw new Error(
-      `dimLatentQ: expected ${dim} (dim) with learnedValueResidualMix, which mixes from the latent queries, got ${o.dimLatentQ}`,
+    throw new OptionError(
+      'dimLatentQ',
+      `${dim} (dim) with learnedValueResidualMix, which mixes from the latent queries`,
+      String(o.dimLatentQ),
     );
   if (o.qkvReceiveDiffResiduals) {
     if (o.dimContext !== null && o.dimContext !== dim)
-      throw new Error(
-        `dimContext: expected none with qkvReceiveDiffResiduals (self-attention), got ${o.dimContext}`,
+      throw new OptionError(
+        'dimContext',
+        'none with qkvReceiveDiffResiduals (self-attention)',
+        String(o.dimContext),
       );
     const fromX = (['useLatentKv', 'gateValues', 'gateValueHeads', 'dataDependentAlibi'] as const).find(
       (key) => o[key],
     );
     if (fromX || o.hybridModule !== null)
-      throw new Error(
-        `qkvReceiveDiffResiduals: expected no ${fromX ?? 'hybridModule'} with it (that option reads one input x, here there are three)`,
+      throw new OptionError(
+        'qkvReceiveDiffResiduals',
+        `no ${fromX ?? 'hybridModule'} with it (that option reads one input x, here there are three)`,
+        null,
       );
   }
   if (o.hybridModule === null) {
     if (o.hybridFoldAxialDim !== null || o.hybridMaskKwarg !== null)
-      throw new Error(
-        `${o.hybridFoldAxialDim !== null ? 'hybridFoldAxialDim' : 'hybridMaskKwarg'}: expected a hybridModule with it, got none`,
+      throw new OptionError(
+        o.hybridFoldAxialDim !== null ? 'hybridFoldAxialDim' : 'hybridMaskKwarg',
+        'a hybridModule with it',
+        'none',
       );
     return;
   }
   if (o.hybridFoldAxialDim === null)
-    throw new Error(
-      'hybridFoldAxialDim: expected a positive integer with hybridModule (1: no folding), got null',
+    throw new OptionError(
+      'hybridFoldAxialDim',
+      'a positive integer with hybridModule (1: no folding)',
+      'null',
     );
-  checkPositiveInt('hybridFoldAxialDim', o.hybridFoldAxialDim);
   if (o.valueDimHead !== null && o.valueDimHead !== o.dimHead)
-    throw new Error(
-      `valueDimHead: expected dimHead (${o.dimHead}) with hybridModule (both outputs are normed per head of dimHead), got ${o.valueDimHead}`,
+    throw new OptionError(
+      'valueDimHead',
+      `dimHead (${o.dimHead}) with hybridModule (both outputs are normed per head of dimHead)`,
+      String(o.valueDimHead),
     );
 }
 
 /** CoPE of `useCope` (causal attention without flash), or null. */
 function buildCope(o: AttentionOptions): CoPE | null {
   if (!o.useCope) return null;
-  if (!o.causal) throw new Error('useCope: expected causal attention (CoPE was designed for it)');
-  if (o.flash) throw new Error('flash: CoPE (useCope) needs the attention matrix, which flash does not form');
+  if (!o.causal)
+    throw new OptionError('useCope', 'causal attention with it (CoPE was designed for it)', 'causal false');
+  if (o.flash)
+    throw new OptionError(
+      'flash',
+      'false with CoPE (useCope) (it needs the attention matrix, which flash does not form)',
+      'true',
+    );
   return new CoPE(o.dimHead, {
     heads: o.heads,
     maxPos: o.copeMaxPos,
@@ -241,18 +208,16 @@ function buildDataDependentAlibi(
   o: AttentionOptions,
 ): DataDependentAlibi | PerRowDataDependentAlibi | null {
   if (!o.dataDependentAlibi) return null;
-  const given = (o.dataDependentAlibiKwargs ?? {}) as Record<string, unknown>;
+  const given = o.dataDependentAlibiKwargs as Record<string, unknown>;
   const ddaKwargs: DataDependentAlibiKwargs = {};
   for (const [key, value] of Object.entries(given)) {
-    const name = key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
+    const name = camelKey(key);
     if (
       (name !== 'biasInit' && name !== 'postLogScale') ||
       typeof value !== 'number' ||
       !Number.isFinite(value)
     )
-      throw new Error(
-        `dataDependentAlibiKwargs: expected {biasInit?: number, postLogScale?: number}, got ${JSON.stringify(given)}`,
-      );
+      throw OptionError.of('dataDependentAlibiKwargs', '{biasInit?: number, postLogScale?: number}', given);
     ddaKwargs[name] = value;
   }
   return o.dataDependentAlibiPerRow
@@ -364,7 +329,7 @@ export class Attention extends Module {
   /** dim: feature size of x. */
   constructor(dim: number, options: Partial<AttentionOptions> = {}) {
     super();
-    checkPositiveInt('dim', dim);
+    if (!RULES.posInt.test(dim)) throw OptionError.of('dim', RULES.posInt.expected, dim);
     const o = resolveOptions(options);
     this.options = o;
     this.dim = dim;

@@ -1,7 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module } from '../nn/module.js';
 import { normalize } from '../nn/functional.js';
-import { fmtShape } from '../utils/errors.js';
+import { OptionError, fmtShape, renamingOptions } from '../utils/errors.js';
+import { RULES } from '../utils/option-rules.js';
 import { getRng } from '../utils/random.js';
 import { padAxis } from './ops.js';
 
@@ -63,10 +64,10 @@ export class GRU extends Module implements HybridModule {
     for (const key of ['inputSize', 'hiddenSize', 'numLayers'] as const) {
       const v = o[key];
       if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0)
-        throw new Error(`${key}: expected a positive integer, got ${String(v)}`);
+        throw OptionError.of(key, RULES.posInt.expected, v);
     }
     for (const key of ['bias', 'bidirectional'] as const)
-      if (typeof o[key] !== 'boolean') throw new Error(`${key}: expected a boolean, got ${String(o[key])}`);
+      if (typeof o[key] !== 'boolean') throw OptionError.of(key, RULES.bool.expected, o[key]);
     this.options = o;
     const H = o.hiddenSize;
     const dirs = o.bidirectional ? 2 : 1;
@@ -244,37 +245,35 @@ const GRU_SPEC_KEYS: Record<string, string> = {
  * the given module. dim: the attention's input size; outDim: heads * dimHead.
  */
 export function buildHybridModule(option: unknown, dim: number, outDim: number): HybridModule {
-  const expected =
-    "a spec {type: 'gru', hiddenSize?, numLayers?, bias?, bidirectional?}, a factory (dim) => module, or a module with forward and clone";
+  const expected = RULES.hybridModule.expected;
   if (typeof option === 'function')
     return checkModule((option as (d: number) => unknown)(dim), expected, false);
   if (option instanceof Module)
     return checkModule(checkModule(option, expected, true).clone!(), expected, false);
   if (typeof option !== 'object' || option === null || Array.isArray(option))
-    throw new Error(`hybridModule: expected ${expected}, got ${JSON.stringify(option)}`);
+    throw OptionError.of('hybridModule', expected, option);
   const spec: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(option)) {
     const name = GRU_SPEC_KEYS[k];
-    if (!name) throw new Error(`hybridModule.${k}: unknown option of a GRU spec, expected ${expected}`);
+    if (!name) throw new OptionError(`hybridModule.${k}`, 'an option of a GRU spec', 'an unknown option');
     spec[name] = v;
   }
-  if (spec.type !== 'gru')
-    throw new Error(`hybridModule.type: expected 'gru', got ${JSON.stringify(spec.type)}`);
+  if (spec.type !== 'gru') throw OptionError.of('hybridModule.type', "'gru'", spec.type);
   const bidirectional = spec.bidirectional ?? false;
   const dirs = bidirectional === true ? 2 : 1;
   if (spec.hiddenSize === undefined && outDim % dirs !== 0)
-    throw new Error(`hybridModule.hiddenSize: expected a value (heads * dimHead ${outDim} is odd), got none`);
-  try {
-    return new GRU({
-      inputSize: dim,
-      hiddenSize: (spec.hiddenSize ?? outDim / dirs) as number,
-      numLayers: (spec.numLayers ?? 1) as number,
-      bias: (spec.bias ?? true) as boolean,
-      bidirectional: bidirectional as boolean,
-    });
-  } catch (e) {
-    throw new Error(`hybridModule.${(e as Error).message}`, { cause: e });
-  }
+    throw new OptionError('hybridModule.hiddenSize', `a value (heads * dimHead ${outDim} is odd)`, 'none');
+  return renamingOptions(
+    (e) => e.in('hybridModule'),
+    () =>
+      new GRU({
+        inputSize: dim,
+        hiddenSize: (spec.hiddenSize ?? outDim / dirs) as number,
+        numLayers: (spec.numLayers ?? 1) as number,
+        bias: (spec.bias ?? true) as boolean,
+        bidirectional: bidirectional as boolean,
+      }),
+  );
 }
 
 function checkModule(m: unknown, expected: string, needClone: boolean): HybridModule {
@@ -287,7 +286,7 @@ function checkModule(m: unknown, expected: string, needClone: boolean): HybridMo
       m instanceof Module
         ? `a ${m.constructor.name} without ${typeof (m as { forward?: unknown }).forward === 'function' ? 'clone()' : 'forward()'}`
         : String(m);
-    throw new Error(`hybridModule: expected ${expected}, got ${got}`);
+    throw new OptionError('hybridModule', expected, got);
   }
   return m as HybridModule;
 }

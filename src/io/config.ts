@@ -1,9 +1,10 @@
 /**
  * Models as JSON: `fromConfig(json)` builds any wrapper (or a bare attention stack) from
  * `{wrapper, ...options, attnLayers: {type, ...options}}`, accepting the reference's snake_case keys
- * as well as camelCase; `toConfig(model)` gives back the JSON that rebuilds it. Every key is checked
- * against the classes' defaults objects, and every error names the key path
- * (`attnLayers.depth: expected a positive integer, got -1`).
+ * as well as camelCase; `toConfig(model)` gives back the JSON that rebuilds it. The classes'
+ * constructors check every option against the one rule table (src/utils/option-rules.ts); this
+ * loader adds what only JSON has (snake_case keys, a key given twice, nested configs) and puts the
+ * key path in front of their errors (`attnLayers.depth: expected a positive integer, got -1`).
  */
 import { attentionDefaults } from '../attention/types.js';
 import { feedForwardDefaults } from '../nn/feedforward.js';
@@ -23,14 +24,7 @@ import {
   continuousTransformerWrapperDefaults,
 } from '../wrappers/continuous.js';
 import { XValTransformerWrapper, xValTransformerWrapperDefaults } from '../wrappers/xval.js';
-import {
-  DECODER_WRAPPER_KEYS,
-  ENCODER_WRAPPER_KEYS,
-  XTransformer,
-  splitEncDec,
-  xTransformerDefaults,
-  type XTransformerOptions,
-} from '../wrappers/xtransformer.js';
+import { XTransformer, xTransformerDefaults, type XTransformerOptions } from '../wrappers/xtransformer.js';
 import { NeoMLP, neoMLPDefaults, type NeoMLPOptions } from '../wrappers/neo-mlp.js';
 import {
   MultiInputTransformerWrapper,
@@ -42,7 +36,16 @@ import {
   nonAutoregressiveWrapperDefaults,
   type NonAutoregressiveWrapperOptions,
 } from '../generation/nonautoregressive-wrapper.js';
-import { RULES, ruleFor } from './config-rules.js';
+import {
+  MAX_DIMENSION,
+  camelKey,
+  checkOptionValues,
+  requireOption,
+  snakeKey,
+} from '../utils/option-rules.js';
+import { OptionError, fmtValue, renamingOptions } from '../utils/errors.js';
+
+export { MAX_DIMENSION, camelKey, snakeKey };
 
 /** A JSON value. */
 export type JsonValue = string | number | boolean | null | JsonValue[] | { [key: string]: JsonValue };
@@ -94,25 +97,6 @@ export type BuiltModel =
   | NonAutoregressiveWrapper
   | AttentionLayers;
 
-/** `attn_dim_head` -> `attnDimHead`; camelCase keys are unchanged. */
-export function camelKey(key: string): string {
-  return key.replace(/_+([a-zA-Z0-9])/g, (_m, c: string) => c.toUpperCase());
-}
-
-/** camelCase -> the reference's snake_case (`attnDimHead` -> `attn_dim_head`). */
-export function snakeKey(key: string): string {
-  return key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
-}
-
-function fmtValue(v: unknown): string {
-  if (v === undefined) return 'undefined';
-  try {
-    return JSON.stringify(v);
-  } catch {
-    return String(v);
-  }
-}
-
 function join(path: string, key: string): string {
   return path ? `${path}.${key}` : key;
 }
@@ -127,47 +111,11 @@ function camelObject(o: Record<string, unknown>, path: string): Record<string, u
   const from: Record<string, string> = {};
   for (const [k, v] of Object.entries(o)) {
     const c = camelKey(k);
-    if (c in out) throw new Error(`${join(path, c)}: given twice (as ${from[c]} and ${k})`);
+    if (c in out) throw new OptionError(join(path, c), 'one spelling of the key', `both ${from[c]} and ${k}`);
     out[c] = v;
     from[c] = k;
   }
   return out;
-}
-
-/**
- * Checks one option against the defaults object that defines it: unknown keys, wrong types and
- * out-of-range values throw with the key path. Null means "the default" where the default is null.
- */
-function checkOption(
-  path: string,
-  key: string,
-  value: unknown,
-  defaults: Record<string, unknown>,
-  ruleName = key,
-): void {
-  if (!(key in defaults)) throw new Error(`${join(path, key)}: unknown option`);
-  const def = defaults[key];
-  if (value === null) {
-    if (def === null) return;
-    const rule = ruleFor(ruleName, def);
-    throw new Error(`${join(path, key)}: expected ${rule ? rule.expected : 'a value'}, got null`);
-  }
-  const rule = ruleFor(ruleName, def);
-  if (rule && !rule.test(value))
-    throw new Error(`${join(path, key)}: expected ${rule.expected}, got ${fmtValue(value)}`);
-  // an object is accepted only where the default is one (e.g. dataDependentAlibiKwargs); its class checks it
-  if (!rule && typeof value === 'object' && !Array.isArray(value) && !isPlainObject(def)) {
-    throw new Error(`${join(path, key)}: expected a number, boolean, string or list, got ${fmtValue(value)}`);
-  }
-}
-
-function required(path: string, key: string, o: Record<string, unknown>): void {
-  if (o[key] === undefined || o[key] === null) {
-    const rule = ruleFor(key, undefined);
-    throw new Error(
-      `${join(path, key)}: expected ${rule ? rule.expected : 'a value'}, got ${fmtValue(o[key])}`,
-    );
-  }
 }
 
 /** Drops null entries (null means "the default"). */
@@ -175,93 +123,22 @@ function dropNulls(o: Record<string, unknown>): Record<string, unknown> {
   return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== null && v !== undefined));
 }
 
-const PREFIXES: [string, Record<string, unknown>][] = [
-  ['crossAttn', attentionDefaults as unknown as Record<string, unknown>],
-  ['attn', attentionDefaults as unknown as Record<string, unknown>],
-  ['ff', feedForwardDefaults as unknown as Record<string, unknown>],
-];
-
-/** Checks the options of an attention stack (own, `attn*`, `crossAttn*`, `ff*`); `path` prefixes errors. */
-function checkLayersOptions(
-  path: string,
-  o: Record<string, unknown>,
-  type: LayersType,
-  keyPrefix = '',
-): void {
-  const name = (k: string): string => (keyPrefix ? keyPrefix + k[0]!.toUpperCase() + k.slice(1) : k);
-  const own = attentionLayersDefaults as unknown as Record<string, unknown>;
-  for (const [k, v] of Object.entries(o)) {
-    if ((type === 'Encoder' || type === 'Decoder' || type === 'PrefixDecoder') && k === 'causal') {
-      throw new Error(
-        `${join(path, name(k))}: cannot set causality on ${type === 'Encoder' ? 'an' : 'a'} ${type}`,
-      );
-    }
-    if (type === 'CrossAttender' && (k === 'crossAttend' || k === 'onlyCross')) {
-      throw new Error(`${join(path, name(k))}: always true on a CrossAttender`);
-    }
-    if (k in own) {
-      checkOption(path, name(k), v, { [name(k)]: own[k] }, k);
-      continue;
-    }
-    const prefixed = PREFIXES.find(([p]) => new RegExp(`^${p}[A-Z]`).test(k));
-    if (!prefixed) throw new Error(`${join(path, name(k))}: unknown option of ${type}`);
-    const [p, defaults] = prefixed;
-    const inner = k[p.length]!.toLowerCase() + k.slice(p.length + 1);
-    if (!(inner in defaults)) {
-      const what = p === 'ff' ? 'feedforward' : 'attention';
-      throw new Error(`${join(path, name(k))}: unknown ${what} option ${inner}`);
-    }
-    checkOption(path, name(k), v, { [name(k)]: defaults[inner] }, inner);
-  }
-}
-
-/** Largest size of one tensor dimension that a definition may ask for (TF.js shapes are int32). */
-export const MAX_DIMENSION = 2 ** 31 - 1;
-
-/**
- * The feedforward's hidden size is floor(dim * mult): a float factor can make it zero or too large
- * to allocate, which no single-option rule sees. `key` is the option's name in the definition.
- */
-function checkFeedForwardSize(path: string, key: string, dim: unknown, mult: unknown): void {
-  if (typeof dim !== 'number' || typeof mult !== 'number') return;
-  const inner = Math.floor(dim * mult);
-  if (!(inner >= 1 && inner <= MAX_DIMENSION)) {
-    throw new Error(
-      `${join(path, key)}: expected a factor that makes the feedforward size floor(dim * ${key}) an integer in [1, ${MAX_DIMENSION}] (dim is ${dim}), got ${fmtValue(mult)}`,
-    );
-  }
-}
-
-/** Prefixes a constructor's `option: message` error with the key path. */
-function withPath<T>(path: string, fn: () => T): T {
-  try {
-    return fn();
-  } catch (e) {
-    const err = e as Error;
-    if (path && /^[a-zA-Z][A-Za-z0-9]*(\.[A-Za-z0-9]+)*:/.test(err.message)) {
-      throw new Error(`${path}.${err.message}`, { cause: e });
-    }
-    throw e;
-  }
+/** Runs a constructor, putting the key path `path` in front of the option errors it throws. */
+function atPath<T>(path: string, fn: () => T): T {
+  return renamingOptions((e) => e.in(path), fn);
 }
 
 function buildLayers(path: string, raw: unknown, typeOverride?: string): AttentionLayers {
-  if (!isPlainObject(raw))
-    throw new Error(`${path}: expected an object {type, dim, depth, ...}, got ${fmtValue(raw)}`);
+  if (!isPlainObject(raw)) throw OptionError.of(path, 'an object {type, dim, depth, ...}', raw);
   const o = camelObject(raw, path);
   const type = typeOverride ?? o.type;
   delete o.type;
   if (typeof type !== 'string' || !(LAYERS_TYPES as readonly string[]).includes(type)) {
-    throw new Error(
-      `${join(path, 'type')}: expected one of ${LAYERS_TYPES.join(', ')}, got ${fmtValue(type)}`,
-    );
+    throw OptionError.of(join(path, 'type'), `one of ${LAYERS_TYPES.join(', ')}`, type);
   }
   const t = type as LayersType;
-  checkLayersOptions(path, o, t);
-  required(path, 'dim', o);
-  checkFeedForwardSize(path, 'ffMult', o.dim, o.ffMult ?? feedForwardDefaults.mult);
-  const opts = dropNulls(o) as AttentionLayersOptions;
-  return withPath(path, () => {
+  const opts = o as AttentionLayersOptions;
+  return atPath(path, () => {
     switch (t) {
       case 'Encoder':
         return new Encoder(opts);
@@ -284,11 +161,8 @@ function wrapperOptions(
   requiredKeys: string[],
   wrapper: string,
 ): Record<string, unknown> {
-  for (const [k, v] of Object.entries(o)) {
-    if (!(k in defaults)) throw new Error(`${k}: unknown option of ${wrapper}`);
-    checkOption('', k, v, defaults);
-  }
-  for (const k of requiredKeys) required('', k, o);
+  checkOptionValues(o, defaults, wrapper);
+  for (const k of requiredKeys) requireOption(o, k);
   return dropNulls(o);
 }
 
@@ -306,14 +180,13 @@ export function fromConfig(json: unknown): BuiltModel {
   const wrapper = o.wrapper;
   delete o.wrapper;
   if (typeof wrapper !== 'string' || !(WRAPPERS as readonly string[]).includes(wrapper)) {
-    throw new Error(`wrapper: expected one of ${WRAPPERS.join(', ')}, got ${fmtValue(wrapper)}`);
+    throw OptionError.of('wrapper', `one of ${WRAPPERS.join(', ')}`, wrapper);
   }
   const w = wrapper as WrapperName;
   if ((LAYERS_TYPES as readonly string[]).includes(w)) {
     if ('attnLayers' in o)
-      throw new Error(`attnLayers: unknown option of ${w} (its options go at the top level)`);
-    if ('type' in o && o.type !== w)
-      throw new Error(`type: expected ${w} (the wrapper) or nothing, got ${fmtValue(o.type)}`);
+      throw new OptionError('attnLayers', `none: ${w} takes its options at the top level`, 'an object');
+    if ('type' in o && o.type !== w) throw OptionError.of('type', `${w} (the wrapper) or nothing`, o.type);
     return buildLayers('', o, w);
   }
   if (w === 'XTransformer') return buildXTransformer(o);
@@ -322,21 +195,10 @@ export function fromConfig(json: unknown): BuiltModel {
   if (w === 'NonAutoregressiveWrapper') return buildNonAutoregressive(o);
 
   const { attnLayers: rawLayers, ...rest } = o;
-  const defaults: Record<string, Record<string, unknown>> = {
-    TransformerWrapper: transformerWrapperDefaults as unknown as Record<string, unknown>,
-    ViTransformerWrapper: viTransformerWrapperDefaults,
-    ContinuousTransformerWrapper: continuousTransformerWrapperDefaults,
-    XValTransformerWrapper: xValTransformerWrapperDefaults,
-  };
-  const requiredKeys: Record<string, string[]> = {
-    TransformerWrapper: ['numTokens', 'maxSeqLen'],
-    ViTransformerWrapper: ['imageSize', 'patchSize'],
-    ContinuousTransformerWrapper: ['maxSeqLen'],
-    XValTransformerWrapper: ['numTokens', 'maxSeqLen', 'numericalTokenId'],
-  };
-  const opts = wrapperOptions(rest, defaults[w]!, requiredKeys[w]!, w);
+  // the wrapper's constructor checks its own options
+  const opts = rest;
   if (rawLayers === undefined)
-    throw new Error(`attnLayers: expected an object {type, dim, depth, ...}, got undefined`);
+    throw OptionError.of('attnLayers', 'an object {type, dim, depth, ...}', undefined);
   const attnLayers = buildLayers('attnLayers', rawLayers);
   try {
     switch (w) {
@@ -370,59 +232,18 @@ function parseJson(s: string): unknown {
 }
 
 function buildXTransformer(o: Record<string, unknown>): XTransformer {
-  const [enc, dec, own] = splitEncDec(o);
-  const ownDefaults = xTransformerDefaults as unknown as Record<string, unknown>;
-  for (const [k, v] of Object.entries(own)) {
-    if (!(k in ownDefaults))
-      throw new Error(
-        `${k}: unknown option of XTransformer (encoder / decoder options take an enc / dec prefix)`,
-      );
-    checkOption('', k, v, ownDefaults);
-  }
-  required('', 'dim', own);
-  const wrapDefaults = transformerWrapperDefaults as unknown as Record<string, unknown>;
-  const sides: [string, Record<string, unknown>, readonly string[]][] = [
-    ['enc', enc, ENCODER_WRAPPER_KEYS],
-    ['dec', dec, DECODER_WRAPPER_KEYS],
-  ];
-  for (const [prefix, side, wrapKeys] of sides) {
-    const layerOpts: Record<string, unknown> = {};
-    for (const [k, v] of Object.entries(side)) {
-      const full = prefix + k[0]!.toUpperCase() + k.slice(1);
-      if (k === 'dim') throw new Error(`${full}: the dimension of both stacks is set with dim`);
-      if (wrapKeys.includes(k)) checkOption('', full, v, { [full]: wrapDefaults[k] }, k);
-      else layerOpts[k] = v;
-    }
-    checkLayersOptions('', layerOpts, prefix === 'enc' ? 'Encoder' : 'Decoder', prefix);
-    checkFeedForwardSize('', `${prefix}FfMult`, own.dim, layerOpts.ffMult ?? feedForwardDefaults.mult);
-    if (prefix === 'dec' && 'crossAttend' in layerOpts)
-      throw new Error('decCrossAttend: always true on the decoder');
-    for (const k of ['numTokens', 'maxSeqLen']) {
-      if (side[k] === undefined || side[k] === null)
-        required('', prefix + k[0]!.toUpperCase() + k.slice(1), {});
-    }
-  }
-  return new XTransformer(dropNulls(o) as XTransformerOptions);
+  return new XTransformer(o as unknown as XTransformerOptions);
 }
 
 /** MultiInputTransformerWrapper: `numTokens` is an object of vocabulary sizes by input name. */
 function buildMultiInput(o: Record<string, unknown>): MultiInputTransformerWrapper {
-  const { attnLayers: rawLayers, numTokens, ...rest } = o;
-  if (!RULES.countsByName.test(numTokens) || Object.keys(numTokens as object).length === 0)
-    throw new Error(
-      `numTokens: expected an object of positive integers by input name (at least one), got ${fmtValue(numTokens)}`,
-    );
-  const defaults = multiInputTransformerWrapperDefaults as unknown as Record<string, unknown>;
-  const opts = wrapperOptions(rest, defaults, ['maxSeqLen'], 'MultiInputTransformerWrapper');
+  const { attnLayers: rawLayers, ...opts } = o;
   if (rawLayers === undefined)
-    throw new Error(`attnLayers: expected an object {type, dim, depth, ...}, got undefined`);
+    throw OptionError.of('attnLayers', 'an object {type, dim, depth, ...}', undefined);
   const attnLayers = buildLayers('attnLayers', rawLayers);
   try {
-    return new MultiInputTransformerWrapper({
-      ...(opts as { maxSeqLen: number }),
-      numTokens: numTokens as Record<string, number>,
-      attnLayers,
-    } as MultiInputTransformerWrapperOptions);
+    // the wrapper's constructor checks its own options
+    return new MultiInputTransformerWrapper({ ...opts, attnLayers } as MultiInputTransformerWrapperOptions);
   } catch (e) {
     attnLayers.dispose();
     throw e;
@@ -432,13 +253,11 @@ function buildMultiInput(o: Record<string, unknown>): MultiInputTransformerWrapp
 /** A TransformerWrapper given as a nested config (`net`, `tokenCritic`), errors prefixed with its key. */
 function buildNested(key: string, raw: unknown): TransformerWrapper {
   if (!isPlainObject(raw))
-    throw new Error(
-      `${key}: expected a TransformerWrapper config {wrapper, numTokens, ...}, got ${fmtValue(raw)}`,
-    );
-  const m = withPath(key, () => fromConfig(raw));
+    throw OptionError.of(key, 'a TransformerWrapper config {wrapper, numTokens, ...}', raw);
+  const m = atPath(key, () => fromConfig(raw));
   if (!(m instanceof TransformerWrapper)) {
     m.dispose();
-    throw new Error(`${key}.wrapper: expected TransformerWrapper, got ${fmtValue(raw.wrapper)}`);
+    throw OptionError.of(`${key}.wrapper`, 'TransformerWrapper', raw.wrapper);
   }
   return m;
 }
@@ -473,21 +292,9 @@ function buildNonAutoregressive(o: Record<string, unknown>): NonAutoregressiveWr
 
 /** NeoMLP: its own options, and `encoderKwargs` as the options of an Encoder (without dim and depth). */
 function buildNeoMLP(o: Record<string, unknown>): NeoMLP {
-  const defaults = neoMLPDefaults as unknown as Record<string, unknown>;
-  const opts = wrapperOptions(o, defaults, ['dimIn', 'dimHidden', 'dimOut', 'dimModel', 'depth'], 'NeoMLP');
-  if (opts.encoderKwargs !== undefined) {
-    if (!isPlainObject(opts.encoderKwargs))
-      throw new Error(
-        `encoderKwargs: expected an object of Encoder options, got ${fmtValue(opts.encoderKwargs)}`,
-      );
-    const kw = camelObject(opts.encoderKwargs as Record<string, unknown>, 'encoderKwargs');
-    for (const k of ['dim', 'depth'])
-      if (k in kw) throw new Error(`encoderKwargs.${k}: set by NeoMLP (dimModel, depth)`);
-    checkLayersOptions('encoderKwargs', kw, 'Encoder');
-    checkFeedForwardSize('encoderKwargs', 'ffMult', opts.dimModel, kw.ffMult ?? feedForwardDefaults.mult);
-    opts.encoderKwargs = dropNulls(kw);
-  }
-  return new NeoMLP(opts as unknown as NeoMLPOptions);
+  const kw = o.encoderKwargs;
+  if (isPlainObject(kw)) o.encoderKwargs = camelObject(kw, 'encoderKwargs');
+  return new NeoMLP(o as unknown as NeoMLPOptions);
 }
 
 function sameValue(a: unknown, b: unknown): boolean {

@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { Module, ModuleList } from '../nn/module.js';
 import { Indexed, type FeedForwardOptions } from '../nn/feedforward.js';
 import { makeNorm, type Norm, type NormKind } from '../nn/norms.js';
-import { padAt, tidyObj } from '../nn/functional.js';
+import { tidyObj } from '../nn/functional.js';
 import { Linear } from '../nn/linear.js';
 import { RotaryEmbedding, prepareRotary } from '../attention/rotary.js';
 import { RelativePositionBias } from '../attention/relative-position-bias.js';
@@ -17,8 +17,9 @@ import {
   type PositionBias,
   type RotaryInput,
 } from '../attention/types.js';
-import { feedForwardDefaults } from '../nn/feedforward.js';
-import { checkTensor } from '../utils/errors.js';
+import { feedForwardDefaults, feedForwardInnerDim } from '../nn/feedforward.js';
+import { OptionError, checkTensor, renamingOptions } from '../utils/errors.js';
+import { checkOptionValues, requireOption } from '../utils/option-rules.js';
 import { getRng, type Rng } from '../utils/random.js';
 import { LayersCache, SharedRotaryTables } from './cache.js';
 import { buildLayer, type LayerBuildContext, type LayerEntry } from './build.js';
@@ -91,55 +92,68 @@ export interface LayersOutput {
   rowCaches?: LayersCache[];
 }
 
-function isCamelKey(k: string, prefix: string): boolean {
-  return k.startsWith(prefix) && k.length > prefix.length && /[A-Z]/.test(k[prefix.length]!);
-}
+const PREFIXES = [
+  ['crossAttn', 'cross'],
+  ['attn', 'attn'],
+  ['ff', 'ff'],
+] as const;
 
-function trimPrefix(k: string, prefix: string): string {
-  const rest = k.slice(prefix.length);
-  return rest[0]!.toLowerCase() + rest.slice(1);
-}
-
-/** A stack's options by where they go: its own, attention (`attn*`), cross-attention (`crossAttn*`), feedforward (`ff*`). */
-function routeOptions(options: AttentionLayersOptions): {
+/**
+ * A stack's options by where they go: its own, attention (`attn*`), cross-attention (`crossAttn*`),
+ * feedforward (`ff*`), each checked against the rule table under the name the caller used.
+ */
+function routeOptions(
+  options: AttentionLayersOptions,
+  owner: string,
+): {
   own: Partial<AttentionLayersOwnOptions>;
   attn: Partial<AttentionOptions>;
   cross: Partial<AttentionOptions>;
   ff: Partial<FeedForwardOptions>;
 } {
-  const own: Record<string, unknown> = {};
-  const attn: Record<string, unknown> = {};
-  const cross: Record<string, unknown> = {};
-  const ff: Record<string, unknown> = {};
+  const routed = { own: {}, attn: {}, cross: {}, ff: {} } as Record<
+    'own' | 'attn' | 'cross' | 'ff',
+    Record<string, unknown>
+  >;
   for (const [k, v] of Object.entries(options)) {
     if (v === undefined) continue;
-    if (k in attentionLayersDefaults) own[k] = v;
-    else if (isCamelKey(k, 'ff')) ff[trimPrefix(k, 'ff')] = v;
-    else if (isCamelKey(k, 'attn')) attn[trimPrefix(k, 'attn')] = v;
-    else if (isCamelKey(k, 'crossAttn')) cross[trimPrefix(k, 'crossAttn')] = v;
-    else throw new Error(`${k}: unknown AttentionLayers option, got ${JSON.stringify(v)}`);
+    const prefix = k in attentionLayersDefaults ? undefined : PREFIXES.find(([p]) => isPrefixed(k, p));
+    if (!prefix) routed.own[k] = v;
+    else routed[prefix[1]][k[prefix[0].length]!.toLowerCase() + k.slice(prefix[0].length + 1)] = v;
   }
-  const named = (prefix: string, k: string): string => `${prefix}${k[0]!.toUpperCase()}${k.slice(1)}`;
-  for (const k of Object.keys(attn))
-    if (!(k in attentionDefaults)) throw new Error(`${named('attn', k)}: unknown attention option`);
-  for (const k of Object.keys(cross))
-    if (!(k in attentionDefaults)) throw new Error(`${named('crossAttn', k)}: unknown attention option`);
-  for (const k of Object.keys(ff))
-    if (!(k in feedForwardDefaults)) throw new Error(`${named('ff', k)}: unknown feedforward option`);
+  checkOptionValues(routed.own, attentionLayersDefaults, owner);
+  renamingOptions(
+    (e) => e.prefixed('attn'),
+    () => checkOptionValues(routed.attn, attentionDefaults, 'Attention'),
+  );
+  renamingOptions(
+    (e) => e.prefixed('crossAttn'),
+    () => checkOptionValues(routed.cross, attentionDefaults, 'Attention'),
+  );
+  renamingOptions(
+    (e) => e.prefixed('ff'),
+    () => checkOptionValues(routed.ff, feedForwardDefaults, 'FeedForward'),
+  );
   for (const [k, v] of [
-    ['attn', attn.qkvReceiveDiffResiduals],
-    ['crossAttn', cross.qkvReceiveDiffResiduals],
+    ['attn', routed.attn.qkvReceiveDiffResiduals],
+    ['crossAttn', routed.cross.qkvReceiveDiffResiduals],
   ] as const)
     if (v !== undefined)
-      throw new Error(
-        `${k}QkvReceiveDiffResiduals: expected none (a stack option: set qkvReceiveDiffResiduals), got ${JSON.stringify(v)}`,
+      throw OptionError.of(
+        `${k}QkvReceiveDiffResiduals`,
+        'none (a stack option: set qkvReceiveDiffResiduals)',
+        v,
       );
   return {
-    own: own as Partial<AttentionLayersOwnOptions>,
-    attn: attn as Partial<AttentionOptions>,
-    cross: cross as Partial<AttentionOptions>,
-    ff: ff as Partial<FeedForwardOptions>,
+    own: routed.own as Partial<AttentionLayersOwnOptions>,
+    attn: routed.attn as Partial<AttentionOptions>,
+    cross: routed.cross as Partial<AttentionOptions>,
+    ff: routed.ff as Partial<FeedForwardOptions>,
   };
+}
+
+function isPrefixed(k: string, prefix: string): boolean {
+  return k.startsWith(prefix) && k.length > prefix.length && /[A-Z]/.test(k[prefix.length]!);
 }
 
 /** The stack's norm (one kind for every slot) and whether it, or the layerscale, needs a condition. */
@@ -262,9 +276,14 @@ export class AttentionLayers extends Module {
 
   constructor(options: AttentionLayersOptions) {
     super();
-    const { own, attn, cross, ff } = routeOptions(options);
+    const { own, attn, cross, ff } = routeOptions(options, new.target.name);
+    requireOption(own, 'dim');
     const o: AttentionLayersOwnOptions = { ...attentionLayersDefaults, ...own };
     validate(o);
+    renamingOptions(
+      (e) => e.prefixed('ff'),
+      () => feedForwardInnerDim(o.dim, ff.mult ?? feedForwardDefaults.mult),
+    );
     this.options = o;
     this.dim = o.dim;
     this.causal = o.causal;
@@ -277,7 +296,7 @@ export class AttentionLayers extends Module {
     this.disableAbsPosEmb = o.disableAbsPosEmb ?? (o.relPosBias || o.rotaryPosEmb || o.rotaryXpos);
     this.buildPositions(o, flash);
     if (flash && (o.residualAttn || o.crossResidualAttn))
-      throw new Error('attnFlash: flash attention is not compatible with residualAttn / crossResidualAttn');
+      throw new OptionError('attnFlash', 'false with residualAttn / crossResidualAttn', 'true');
 
     const { normFn, needCondition, dimCondition, condMult } = normSetup(o);
     this.dimCondition = dimCondition;
@@ -310,7 +329,7 @@ export class AttentionLayers extends Module {
           new Linear(o.dim, 1, { bias: false }),
         );
     } else if (o.learnedReinjectInputGate)
-      throw new Error('learnedReinjectInputGate: expected reinjectInput true with it');
+      throw new OptionError('learnedReinjectInputGate', 'reinjectInput true with it', 'reinjectInput false');
 
     // as in the reference 2.0.1, preNormHasFinalNorm is accepted but a pre-norm stack always has a final norm
     const preNorm = o.preNorm && !o.resiDual;
@@ -345,10 +364,12 @@ export class AttentionLayers extends Module {
     if (o.rotaryPosEmb || o.rotaryXpos) {
       const rotDim = o.rotaryEmbDim ?? Math.floor(dimHead / 2);
       if (rotDim > dimHead)
-        throw new Error(`rotaryEmbDim: expected at most the head dimension ${dimHead}, got ${rotDim}`);
+        throw new OptionError('rotaryEmbDim', `at most the head dimension ${dimHead}`, String(rotDim));
       if (o.rotaryXpos && !o.causal)
-        throw new Error(
-          'rotaryXpos: expected a causal (Decoder) stack, xpos is not compatible with bidirectional attention',
+        throw new OptionError(
+          'rotaryXpos',
+          'a causal (Decoder) stack with it: xpos is not compatible with bidirectional attention',
+          'a bidirectional stack',
         );
       this.rotaryPosEmb = this.registerModule(
         'rotary_pos_emb',
@@ -361,16 +382,18 @@ export class AttentionLayers extends Module {
       );
     }
     if ([o.alibiPosBias, o.relPosBias, o.dynamicPosBias].filter(Boolean).length > 1)
-      throw new Error('relPosBias: expected at most one of relPosBias, dynamicPosBias, alibiPosBias');
+      throw new OptionError('relPosBias', 'at most one of relPosBias, dynamicPosBias, alibiPosBias', 'more');
     if (o.relPosNumBuckets > o.relPosMaxDistance)
-      throw new Error(
-        `relPosNumBuckets: expected at most relPosMaxDistance ${o.relPosMaxDistance}, got ${o.relPosNumBuckets}`,
+      throw new OptionError(
+        'relPosNumBuckets',
+        `at most relPosMaxDistance ${o.relPosMaxDistance}`,
+        String(o.relPosNumBuckets),
       );
     if ((o.relPosBias || o.dynamicPosBias) && flash)
-      throw new Error(
-        o.relPosBias
-          ? 'attnFlash: flash attention is not compatible with relPosBias (T5 relative positional bias)'
-          : 'attnFlash: flash attention is not compatible with dynamicPosBias',
+      throw new OptionError(
+        'attnFlash',
+        `false with ${o.relPosBias ? 'relPosBias (T5 relative positional bias)' : 'dynamicPosBias'}`,
+        'true',
       );
     let relPos: (Module & PositionBias) | null = null;
     if (o.relPosBias) {
@@ -392,8 +415,10 @@ export class AttentionLayers extends Module {
       const slopes = o.relPosKwargs.slopes ?? null;
       const alibiHeads = slopes ? slopes.length : (o.alibiNumHeads ?? o.heads);
       if (alibiHeads > o.heads)
-        throw new Error(
-          `${slopes ? 'relPosKwargs.slopes: expected at most heads values' : 'alibiNumHeads: expected at most heads'} ${o.heads}, got ${alibiHeads}`,
+        throw new OptionError(
+          slopes ? 'relPosKwargs.slopes' : 'alibiNumHeads',
+          `at most heads ${slopes ? 'values ' : ''}${o.heads}`,
+          String(alibiHeads),
         );
       relPos = new AlibiPositionalBias(alibiHeads, { totalHeads: o.heads, slopes });
     }
@@ -816,91 +841,83 @@ class ConcatCombine extends Module {
   }
 }
 
+/** Checks the stack's own options against each other (the rule table has checked each one). */
 function validate(o: AttentionLayersOwnOptions): void {
-  if (!Number.isInteger(o.dim) || o.dim <= 0)
-    throw new Error(`dim: expected a positive integer, got ${o.dim}`);
-  if (o.depth !== null && (!Number.isInteger(o.depth) || o.depth <= 0))
-    throw new Error(`depth: expected a positive integer, got ${o.depth}`);
-  if (!Number.isInteger(o.heads) || o.heads <= 0)
-    throw new Error(`heads: expected a positive integer, got ${o.heads}`);
-  if (
-    [o.useScalenorm, o.useRmsnorm, o.useSimpleRmsnorm, o.useAdaptiveLayernorm, o.useAdaptiveRmsnorm].filter(
-      Boolean,
-    ).length > 1
-  )
-    throw new Error(
-      'useScalenorm: expected at most one of useScalenorm, useRmsnorm, useSimpleRmsnorm, useAdaptiveLayernorm, useAdaptiveRmsnorm',
+  const norms = [
+    o.useScalenorm,
+    o.useRmsnorm,
+    o.useSimpleRmsnorm,
+    o.useAdaptiveLayernorm,
+    o.useAdaptiveRmsnorm,
+  ].filter(Boolean).length;
+  if (norms > 1)
+    throw new OptionError(
+      'useScalenorm',
+      'at most one of useScalenorm, useRmsnorm, useSimpleRmsnorm, useAdaptiveLayernorm, useAdaptiveRmsnorm',
+      `${norms}`,
     );
   if (o.useLayerscale && o.useAdaptiveLayerscale)
-    throw new Error('useAdaptiveLayerscale: expected at most one of useLayerscale and useAdaptiveLayerscale');
+    throw new OptionError('useAdaptiveLayerscale', 'false with useLayerscale (at most one of them)', 'true');
   if (!o.preNorm && o.sandwichNorm)
-    throw new Error('sandwichNorm: expected preNorm true, sandwich norm cannot be used with post-norm');
-  if (o.resiDual && o.sandwichNorm) throw new Error('sandwichNorm: expected false with resiDual');
-  if (!Number.isInteger(o.numResidualStreams) || o.numResidualStreams < 1)
-    throw new Error(`numResidualStreams: expected a positive integer, got ${o.numResidualStreams}`);
+    throw new OptionError('sandwichNorm', 'false with post-norm (preNorm false)', 'true');
+  if (o.resiDual && o.sandwichNorm) throw new OptionError('sandwichNorm', 'false with resiDual', 'true');
   if (o.numResidualStreams > 1 && o.gateResidual)
-    throw new Error(
-      'numResidualStreams: expected 1 with gateResidual (hyper-connections replace the residual)',
+    throw new OptionError(
+      'numResidualStreams',
+      '1 with gateResidual (hyper-connections replace the residual)',
+      String(o.numResidualStreams),
     );
-  if (o.numResidualStreams > 1 && o.resiDual) throw new Error('numResidualStreams: expected 1 with resiDual');
-  if (!(o.resiDualScale > 0 && o.resiDualScale <= 1))
-    throw new Error(`resiDualScale: expected a number in (0, 1], got ${o.resiDualScale}`);
+  if (o.numResidualStreams > 1 && o.resiDual)
+    throw new OptionError('numResidualStreams', '1 with resiDual', String(o.numResidualStreams));
   if (o.layersExecuteOrder && o.customLayers && o.depth !== null)
-    throw new Error('depth: expected none when customLayers and layersExecuteOrder are given');
+    throw new OptionError(
+      'depth',
+      'none when customLayers and layersExecuteOrder are given',
+      String(o.depth),
+    );
   if (o.weightTieLayers && (o.customLayers || o.parRatio !== null || o.sandwichCoef !== null))
-    throw new Error('weightTieLayers: expected no customLayers, parRatio or sandwichCoef with it');
-  const drops = Array.isArray(o.layerDropout) ? o.layerDropout : [o.layerDropout];
-  for (const p of drops)
-    if (!(p >= 0 && p < 1)) throw new Error(`layerDropout: expected numbers in [0, 1), got ${p}`);
-  const shifts = Array.isArray(o.shiftTokens) ? o.shiftTokens : [o.shiftTokens];
-  for (const s of shifts)
-    if (!Number.isInteger(s) || s < 0)
-      throw new Error(`shiftTokens: expected non-negative integers, got ${s}`);
-  if (!(o.crossAttnTokensDropout >= 0 && o.crossAttnTokensDropout < 1))
-    throw new Error(`crossAttnTokensDropout: expected a number in [0, 1), got ${o.crossAttnTokensDropout}`);
+    throw new OptionError('weightTieLayers', 'no customLayers, parRatio or sandwichCoef with it', 'true');
   validateKwargs(o);
 }
 
 /** qkvReceiveDiffResiduals, relPosKwargs and residualFnKwargs against the options they act on. */
 function validateKwargs(o: AttentionLayersOwnOptions): void {
-  if (typeof o.qkvReceiveDiffResiduals !== 'boolean')
-    throw new Error(
-      `qkvReceiveDiffResiduals: expected a boolean, got ${JSON.stringify(o.qkvReceiveDiffResiduals)}`,
-    );
   if (o.qkvReceiveDiffResiduals && o.numResidualStreams === 1)
-    throw new Error(
-      'qkvReceiveDiffResiduals: expected numResidualStreams > 1 with it (the three inputs are mixed from the residual streams)',
+    throw new OptionError(
+      'qkvReceiveDiffResiduals',
+      'numResidualStreams > 1 with it (the three inputs are mixed from the residual streams)',
+      'numResidualStreams 1',
     );
-  const plain = (name: string, v: unknown): Record<string, unknown> => {
-    if (typeof v !== 'object' || v === null || Array.isArray(v))
-      throw new Error(`${name}: expected an object, got ${JSON.stringify(v)}`);
-    return v as Record<string, unknown>;
-  };
-  const rel = plain('relPosKwargs', o.relPosKwargs);
-  for (const [k, v] of Object.entries(rel)) {
+  for (const [k, v] of Object.entries(o.relPosKwargs)) {
     if (k !== 'slopes')
-      throw new Error(
-        `relPosKwargs.${k}: unknown, expected only slopes (the stack sets the scheme's other arguments)`,
+      throw new OptionError(
+        `relPosKwargs.${k}`,
+        "only slopes (the stack sets the scheme's other arguments)",
+        'an unknown key',
       );
     if (!o.alibiPosBias)
-      throw new Error('relPosKwargs.slopes: expected alibiPosBias true (slopes are ALiBi head slopes)');
-    if (!Array.isArray(v) || v.length === 0 || !v.every((x) => typeof x === 'number' && Number.isFinite(x)))
-      throw new Error(
-        `relPosKwargs.slopes: expected a non-empty list of finite numbers, got ${JSON.stringify(v)}`,
+      throw new OptionError(
+        'relPosKwargs.slopes',
+        'alibiPosBias true (slopes are ALiBi head slopes)',
+        'alibiPosBias false',
       );
+    if (!Array.isArray(v) || v.length === 0 || !v.every((x) => typeof x === 'number' && Number.isFinite(x)))
+      throw OptionError.of('relPosKwargs.slopes', 'a non-empty list of finite numbers', v);
   }
-  const res = plain('residualFnKwargs', o.residualFnKwargs);
-  for (const [k, v] of Object.entries(res)) {
+  for (const [k, v] of Object.entries(o.residualFnKwargs)) {
     if (k !== 'tanh')
-      throw new Error(
-        `residualFnKwargs.${k}: unknown, expected only tanh (the stack sets the residual's other arguments)`,
+      throw new OptionError(
+        `residualFnKwargs.${k}`,
+        "only tanh (the stack sets the residual's other arguments)",
+        'an unknown key',
       );
     if (o.numResidualStreams === 1)
-      throw new Error(
-        'residualFnKwargs.tanh: expected numResidualStreams > 1 (it is an option of hyper-connections)',
+      throw new OptionError(
+        'residualFnKwargs.tanh',
+        'numResidualStreams > 1 (it is an option of hyper-connections)',
+        'numResidualStreams 1',
       );
-    if (typeof v !== 'boolean')
-      throw new Error(`residualFnKwargs.tanh: expected a boolean, got ${JSON.stringify(v)}`);
+    if (typeof v !== 'boolean') throw OptionError.of('residualFnKwargs.tanh', 'a boolean', v);
   }
 }
 
@@ -935,31 +952,43 @@ export function dropoutSeq(
   return [out, newMask];
 }
 
-/** Pads a [b, n] bool mask on the left by `k` true entries. */
-export function padMaskLeft(mask: tf.Tensor, k: number): tf.Tensor {
-  return padAt(mask, 1, k, 0, 1);
+/**
+ * The options of a stack class that fixes some of them (an Encoder is not causal, ...): `fixed`
+ * merged in, a given value of a fixed option refused. `what`: the class, for the message.
+ */
+function withFixed(
+  options: AttentionLayersOptions,
+  fixed: Partial<AttentionLayersOwnOptions>,
+  what: string,
+): AttentionLayersOptions {
+  for (const [k, v] of Object.entries(fixed))
+    if (k in options)
+      throw OptionError.of(
+        k,
+        `none (${what} sets ${k} ${String(v)})`,
+        (options as Record<string, unknown>)[k],
+      );
+  return { ...options, ...fixed };
 }
 
 /** A bidirectional stack (`causal` false). */
 export class Encoder extends AttentionLayers {
   constructor(options: Omit<AttentionLayersOptions, 'causal'>) {
-    if ('causal' in options) throw new Error('causal: cannot set causality on an Encoder');
-    super({ ...options, causal: false });
+    super(withFixed(options, { causal: false }, 'an Encoder'));
   }
 }
 
 /** A causal stack. */
 export class Decoder extends AttentionLayers {
   constructor(options: Omit<AttentionLayersOptions, 'causal'>) {
-    if ('causal' in options) throw new Error('causal: cannot set causality on a Decoder');
-    super({ ...options, causal: true });
+    super(withFixed(options, { causal: true }, 'a Decoder'));
   }
 }
 
 /** A stack of cross-attention and feedforward layers only. */
 export class CrossAttender extends AttentionLayers {
   constructor(options: Omit<AttentionLayersOptions, 'crossAttend' | 'onlyCross'>) {
-    super({ ...options, crossAttend: true, onlyCross: true });
+    super(withFixed(options, { crossAttend: true, onlyCross: true }, 'a CrossAttender'));
   }
 }
 
@@ -972,8 +1001,7 @@ export interface PrefixDecoderForwardOptions extends LayersForwardOptions {
 /** A decoder whose first `prefixAttnLen` positions attend bidirectionally (causal elsewhere). */
 export class PrefixDecoder extends AttentionLayers {
   constructor(options: Omit<AttentionLayersOptions, 'causal'>) {
-    if ('causal' in options) throw new Error('causal: cannot set causality on a PrefixDecoder');
-    super({ ...options, causal: false });
+    super(withFixed(options, { causal: false }, 'a PrefixDecoder'));
   }
 
   /** x: [b, n, dim]. */

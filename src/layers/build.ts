@@ -16,6 +16,7 @@ import {
   type AttentionForwardOptions,
   type AttentionOptions,
 } from '../attention/types.js';
+import { renamingOptions } from '../utils/errors.js';
 import type { AttentionLayersOwnOptions } from './options.js';
 import type { LayerType } from './plan.js';
 
@@ -142,27 +143,22 @@ function buildResidual(o: AttentionLayersOwnOptions, type: LayerType, ind: numbe
 }
 
 /**
- * Builds an Attention, renaming the option an error names to the prefixed name the caller used
- * (`flash: ...` -> `attnFlash: ...`, or `crossAttn...` for a cross-attention override).
+ * Builds an Attention; an option error is re-thrown under the name the caller used (`flash` ->
+ * `attnFlash`, or `crossAttn...` for a cross-attention override). Options the stack sets itself
+ * (heads, causal, qkvReceiveDiffResiduals) keep their names.
  */
 function buildAttention(
   dim: number,
   base: Partial<AttentionOptions>,
   cross: Partial<AttentionOptions>,
 ): Attention {
-  try {
-    return new Attention(dim, { ...base, ...cross });
-  } catch (e) {
-    const msg = (e as Error).message;
-    const m = /^([a-zA-Z]+)[:.]/.exec(msg);
-    const stackSet = ['heads', 'causal', 'qkvReceiveDiffResiduals'];
-    if (m && m[1]! in attentionDefaults && !stackSet.includes(m[1]!)) {
-      const key = m[1]!;
-      const prefix = key in cross ? 'crossAttn' : 'attn';
-      throw new Error(`${prefix}${key[0]!.toUpperCase()}${key.slice(1)}${msg.slice(key.length)}`, {
-        cause: e,
-      });
-    }
-    throw e;
-  }
+  const stackSet = ['heads', 'causal', 'qkvReceiveDiffResiduals'];
+  return renamingOptions(
+    (e) => {
+      const key = e.path.split('.')[0]!;
+      if (!(key in attentionDefaults) || stackSet.includes(key)) return e;
+      return e.prefixed(key in cross ? 'crossAttn' : 'attn');
+    },
+    () => new Attention(dim, { ...base, ...cross }),
+  );
 }

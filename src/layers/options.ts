@@ -111,7 +111,8 @@ export interface ResidualFnKwargs {
   tanh?: boolean;
 }
 
-type Prefixed<P extends string, T> = { [K in keyof T as `${P}${Capitalize<string & K>}`]?: T[K] };
+/** The options of `T` under a camelCase prefix (`attn` + `dimHead` -> `attnDimHead`), all optional. */
+export type Prefixed<P extends string, T> = { [K in keyof T as `${P}${Capitalize<string & K>}`]?: T[K] };
 
 /** Everything `AttentionLayers` accepts. */
 export type AttentionLayersOptions = Partial<AttentionLayersOwnOptions> &

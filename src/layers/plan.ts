@@ -1,3 +1,4 @@
+import { OptionError } from '../utils/errors.js';
 import type { AttentionLayersOwnOptions } from './options.js';
 
 /** A layer of the stack: self-attention, cross-attention or feedforward. */
@@ -35,8 +36,8 @@ export function planLayers(o: AttentionLayersOwnOptions): LayersPlan {
   let depth = o.depth;
   let executeOrder = o.layersExecuteOrder;
   if (o.weightTieLayers) {
-    if (depth === null) throw new Error('depth: expected a positive integer with weightTieLayers, got null');
-    if (executeOrder) throw new Error('layersExecuteOrder: expected none with weightTieLayers');
+    if (depth === null) throw new OptionError('depth', 'a positive integer with weightTieLayers', 'null');
+    if (executeOrder) throw OptionError.of('layersExecuteOrder', 'none with weightTieLayers', executeOrder);
     executeOrder = [];
     for (let d = 0; d < depth; d++) for (let i = 0; i < defaultBlock.length; i++) executeOrder.push(i);
     depth = 1;
@@ -46,7 +47,7 @@ export function planLayers(o: AttentionLayersOwnOptions): LayersPlan {
   const order = executeOrder ?? layerTypes.map((_, i) => i);
   for (const i of order) {
     if (!Number.isInteger(i) || i < 0 || i >= layerTypes.length)
-      throw new Error(`layersExecuteOrder: expected indices in [0, ${layerTypes.length}), got ${i}`);
+      throw new OptionError('layersExecuteOrder', `indices in [0, ${layerTypes.length})`, String(i));
   }
   const blocks = depth ?? order.length;
   return {
@@ -69,7 +70,7 @@ function planTypes(
   if (o.customLayers) {
     const layerTypes = o.customLayers.map((t, i) => {
       if (t !== 'a' && t !== 'c' && t !== 'f')
-        throw new Error(`customLayers: expected 'a', 'c' or 'f' at index ${i}, got ${JSON.stringify(t)}`);
+        throw OptionError.of('customLayers', `'a', 'c' or 'f' at index ${i}`, t);
       return t;
     });
     return { layerTypes, lenDefaultBlock: 1 };
@@ -77,12 +78,17 @@ function planTypes(
   if (o.parRatio !== null) {
     const parDepth = depth! * defaultBlock.length;
     if (!(o.parRatio > 1 && o.parRatio <= parDepth))
-      throw new Error(`parRatio: expected a number in (1, ${parDepth}], got ${o.parRatio}`);
+      throw new OptionError('parRatio', `a number in (1, ${parDepth}]`, String(o.parRatio));
     const blk = defaultBlock.filter((t) => t !== 'f');
     const parAttn = Math.floor(parDepth / o.parRatio);
     const depthCut = Math.floor((parDepth * 2) / 3);
     const parWidth = Math.floor((depthCut + Math.floor(depthCut / parAttn)) / parAttn);
-    if (blk.length > parWidth) throw new Error('parRatio: default block is too large for parRatio');
+    if (blk.length > parWidth)
+      throw new OptionError(
+        'parRatio',
+        `a ratio that leaves room for the default block (${blk.length} layers)`,
+        String(o.parRatio),
+      );
     const parBlock = [...blk, ...Array<LayerType>(parWidth - blk.length).fill('f')];
     const head: LayerType[] = [];
     for (let i = 0; i < parAttn; i++) head.push(...parBlock);
@@ -93,13 +99,14 @@ function planTypes(
   }
   if (o.sandwichCoef !== null) {
     if (!(o.sandwichCoef > 0 && o.sandwichCoef <= depth!))
-      throw new Error(`sandwichCoef: expected an integer in [1, depth ${depth}], got ${o.sandwichCoef}`);
+      throw new OptionError('sandwichCoef', `an integer in [1, depth ${depth}]`, String(o.sandwichCoef));
     const layerTypes = Array<LayerType>(o.sandwichCoef).fill('a');
     for (let i = 0; i < depth! - o.sandwichCoef; i++) layerTypes.push(...defaultBlock);
     layerTypes.push(...Array<LayerType>(o.sandwichCoef).fill('f'));
     return { layerTypes, lenDefaultBlock: 1 };
   }
-  if (depth === null) throw new Error('depth: expected a positive integer for Decoder or Encoder, got null');
+  if (depth === null)
+    throw new OptionError('depth', 'a positive integer (or customLayers, parRatio or sandwichCoef)', 'null');
   const layerTypes: LayerType[] = [];
   for (let i = 0; i < depth; i++) layerTypes.push(...defaultBlock);
   return { layerTypes, lenDefaultBlock: defaultBlock.length };
@@ -114,7 +121,7 @@ function planSkips(
 ): (number | null)[] {
   const numSkips = Math.floor(depth / lenDefaultBlock);
   if (unetSkips && numSkips === 0)
-    throw new Error('unetSkips: expected a depth of at least 2 for U-Net skip connections');
+    throw new OptionError('unetSkips', 'a depth of at least 2 for U-Net skip connections', `depth ${depth}`);
   const skipIndices = Array.from({ length: numSkips }, (_, i) => i * lenDefaultBlock);
   return Array.from({ length: numLayers }, (_, ind) => {
     const latter = ind % lenDefaultBlock === 0 && Math.floor(ind / lenDefaultBlock) >= depth / 2;
@@ -127,7 +134,7 @@ function planSkips(
 
 function castList(v: number | number[], len: number, name: string): number[] {
   if (Array.isArray(v)) {
-    if (v.length !== len) throw new Error(`${name}: expected ${len} values (one per layer), got ${v.length}`);
+    if (v.length !== len) throw new OptionError(name, `${len} values (one per layer)`, String(v.length));
     return v;
   }
   return Array<number>(len).fill(v);

@@ -4,6 +4,8 @@ import { Linear } from './linear.js';
 import { LayerNorm } from './norms.js';
 import { dropout, gelu, reluSquared, silu } from './functional.js';
 import { getRng, type Rng } from '../utils/random.js';
+import { OptionError } from '../utils/errors.js';
+import { MAX_DIMENSION, checkOptionValues, stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `FeedForward` (camelCase of the reference's keyword names). */
 export interface FeedForwardOptions {
@@ -33,6 +35,21 @@ export const feedForwardDefaults: FeedForwardOptions = {
 };
 
 type Activation = (x: tf.Tensor) => tf.Tensor;
+
+/**
+ * The hidden size floor(dim * mult): a float factor can make it zero or too large to allocate,
+ * which the rule of `mult` alone does not see. Throws an OptionError naming `mult`.
+ */
+export function feedForwardInnerDim(dim: number, mult: number): number {
+  const inner = Math.floor(dim * mult);
+  if (!(inner >= 1 && inner <= MAX_DIMENSION))
+    throw OptionError.of(
+      'mult',
+      `a factor that makes the feedforward size floor(dim * mult) an integer in [1, ${MAX_DIMENSION}] (dim is ${dim})`,
+      mult,
+    );
+  return inner;
+}
 
 /** A module holding children under explicit index names ('0', '2', ...), as a filtered nn.Sequential. */
 export class Indexed extends Module {
@@ -85,15 +102,10 @@ export class FeedForward extends Module {
     options: Partial<FeedForwardOptions> = {},
   ) {
     super();
-    const o = { ...feedForwardDefaults, ...options };
-    for (const k of Object.keys(options)) {
-      if (!(k in feedForwardDefaults)) throw new Error(`${k}: unknown FeedForward option, got ${String(k)}`);
-    }
-    if (!(o.mult > 0)) throw new Error(`mult: expected a positive number, got ${o.mult}`);
-    if (!(o.dropout >= 0 && o.dropout < 1))
-      throw new Error(`dropout: expected a number in [0, 1), got ${o.dropout}`);
+    checkOptionValues(options, feedForwardDefaults, 'FeedForward');
+    const o = { ...feedForwardDefaults, ...stripUndefined(options) };
     this.options = o;
-    const inner = Math.floor(dim * o.mult);
+    const inner = feedForwardInnerDim(dim, o.mult);
     const dimOut = o.dimOut ?? dim;
     this.act = o.reluSquared ? reluSquared : o.swish ? silu : gelu;
     const rng = getRng();

@@ -1,6 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { Module } from '../nn/module.js';
 import { padAt } from '../nn/functional.js';
+import { OptionError } from '../utils/errors.js';
+import { RULES, type Rule } from '../utils/option-rules.js';
 
 /**
  * What the wrappers need of an attention stack (`AttentionLayers`, `Encoder`, `Decoder`, ...):
@@ -68,53 +70,33 @@ export function disposeExcept(value: unknown, keep: Set<tf.Tensor>): void {
   }
 }
 
-/** Throws `name: expected a positive integer, got v` unless v is one. */
-export function checkPositiveInt(name: string, v: unknown): number {
-  if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0) {
-    throw new Error(`${name}: expected a positive integer, got ${fmt(v)}`);
-  }
-  return v;
+/** Throws an OptionError naming `name` unless `v` passes `rule` (one of the table's RULES). */
+function checkRule<T>(name: string, rule: Rule, v: unknown): T {
+  if (!rule.test(v)) throw OptionError.of(name, rule.expected, v);
+  return v as T;
 }
+
+/** Throws `name: expected a positive integer, got v` unless v is one. */
+export const checkPositiveInt = (name: string, v: unknown): number => checkRule(name, RULES.posInt, v);
 
 /** Throws unless v is a non-negative integer. */
-export function checkNonNegInt(name: string, v: unknown): number {
-  if (typeof v !== 'number' || !Number.isInteger(v) || v < 0) {
-    throw new Error(`${name}: expected a non-negative integer, got ${fmt(v)}`);
-  }
-  return v;
-}
+export const checkNonNegInt = (name: string, v: unknown): number => checkRule(name, RULES.nonNegInt, v);
 
 /** Throws unless v is a probability in [0, 1). */
-export function checkProb(name: string, v: unknown): number {
-  if (typeof v !== 'number' || !(v >= 0 && v < 1)) {
-    throw new Error(`${name}: expected a number in [0, 1), got ${fmt(v)}`);
-  }
-  return v;
-}
+export const checkProb = (name: string, v: unknown): number => checkRule(name, RULES.prob, v);
 
 /** Throws unless v is a boolean. */
-export function checkBool(name: string, v: unknown): boolean {
-  if (typeof v !== 'boolean') throw new Error(`${name}: expected a boolean, got ${fmt(v)}`);
-  return v;
-}
+export const checkBool = (name: string, v: unknown): boolean => checkRule(name, RULES.bool, v);
 
 /** Throws unless every key of `options` is one of `allowed`. */
 export function checkKnownKeys(owner: string, options: object, allowed: readonly string[]): void {
   for (const k of Object.keys(options)) {
-    if (!allowed.includes(k)) throw new Error(`${k}: unknown option of ${owner}`);
+    if (!allowed.includes(k)) throw new OptionError(k, `an option of ${owner}`, 'an unknown option');
   }
 }
 
-/** Formats a value for an error message. */
-export function fmt(v: unknown): string {
-  if (typeof v === 'string') return JSON.stringify(v);
-  if (typeof v === 'number' || typeof v === 'boolean' || v === null || v === undefined) return String(v);
-  try {
-    return JSON.stringify(v);
-  } catch {
-    return String(v);
-  }
-}
+/** Formats a value for an error message (the library's one formatter, under its short name). */
+export { fmtValue as fmt } from '../utils/errors.js';
 
 /** Checks that `mask` is a [b, n] bool tensor. */
 export function checkMask(name: string, mask: tf.Tensor, b: number, n: number): void {
@@ -146,11 +128,6 @@ export function maskedMean(x: tf.Tensor, mask?: tf.Tensor): tf.Tensor {
 /** Repeats a learned [m, d] table over the batch: -> [b, m, d]. */
 export function repeatBatch(t: tf.Tensor, b: number): tf.Tensor {
   return tf.tidy(() => tf.tile(tf.expandDims(t, 0), [b, 1, 1]));
-}
-
-/** A copy of `o` without its undefined entries (so they fall back to defaults). */
-export function stripUndefined<T extends object>(o: T): Partial<T> {
-  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
 }
 
 /**

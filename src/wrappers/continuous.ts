@@ -6,20 +6,16 @@ import { dropout } from '../nn/functional.js';
 import { AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding } from '../nn/embedding.js';
 import { getRng } from '../utils/random.js';
 import {
-  checkBool,
-  checkKnownKeys,
   checkMask,
-  checkNonNegInt,
-  checkPositiveInt,
-  checkProb,
   fmt,
   maskedMean,
   padMaskLeft,
   repeatBatch,
   runLayers,
-  stripUndefined,
   type LayersLike,
 } from './common.js';
+import { checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
+import { OptionError } from '../utils/errors.js';
 
 /** Options of `ContinuousTransformerWrapper` (the reference's keyword arguments in camelCase). */
 export interface ContinuousTransformerWrapperOptions {
@@ -101,25 +97,12 @@ export class ContinuousTransformerWrapper extends Module {
 
   constructor(options: ContinuousTransformerWrapperOptions) {
     super();
-    checkKnownKeys('ContinuousTransformerWrapper', options, [
-      ...Object.keys(continuousTransformerWrapperDefaults),
-      'attnLayers',
-    ]);
+    const { attnLayers: _given, ...given } = options;
+    checkOptionValues(given, continuousTransformerWrapperDefaults, 'ContinuousTransformerWrapper');
+    requireOption(given, 'maxSeqLen');
     const o = { ...continuousTransformerWrapperDefaults, ...stripUndefined(options) };
-    checkNonNegInt('maxSeqLen', o.maxSeqLen);
-    if (o.dimIn !== null) checkPositiveInt('dimIn', o.dimIn);
-    if (o.dimOut !== null) checkPositiveInt('dimOut', o.dimOut);
-    if (o.embDim !== null) checkPositiveInt('embDim', o.embDim);
-    checkNonNegInt('maxMemLen', o.maxMemLen);
-    if (o.numMemoryTokens !== null) checkNonNegInt('numMemoryTokens', o.numMemoryTokens);
-    checkBool('postEmbNorm', o.postEmbNorm);
-    checkProb('embDropout', o.embDropout);
-    checkBool('useAbsPosEmb', o.useAbsPosEmb);
-    checkBool('scaledSinuPosEmb', o.scaledSinuPosEmb);
-    checkBool('averagePoolEmbed', o.averagePoolEmbed);
-    if (!(options.attnLayers instanceof Module)) {
-      throw new Error(`attnLayers: expected an AttentionLayers module, got ${fmt(options.attnLayers)}`);
-    }
+    if (!(options.attnLayers instanceof Module))
+      throw OptionError.of('attnLayers', 'an AttentionLayers module', options.attnLayers);
     const { attnLayers: _layers, ...rest } = o;
     this.options = rest;
     const attnLayers = options.attnLayers;

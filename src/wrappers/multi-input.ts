@@ -5,19 +5,10 @@ import { Embedding, AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding } fro
 import { LayerNorm } from '../nn/norms.js';
 import { dropout, padAt, tidyObj } from '../nn/functional.js';
 import { AttentionLayers, Decoder } from '../layers/attention-layers.js';
-import { checkTensor } from '../utils/errors.js';
+import { OptionError, checkTensor } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
-import {
-  attentionZLoss,
-  dropInterspersedMemory,
-  intersperseMemoryTokens,
-  checkKnownKeys,
-  checkNonNegInt,
-  checkPositiveInt,
-  checkProb,
-  fmt,
-  stripUndefined,
-} from './common.js';
+import { attentionZLoss, dropInterspersedMemory, intersperseMemoryTokens, fmt } from './common.js';
+import { RULES, checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `MultiInputTransformerWrapper` (camelCase of the reference's keyword names). */
 export interface MultiInputTransformerWrapperOwnOptions {
@@ -135,33 +126,24 @@ export class MultiInputTransformerWrapper extends Module {
   constructor(options: MultiInputTransformerWrapperOptions) {
     super();
     const { attnLayers, ...rest } = options;
-    checkKnownKeys('MultiInputTransformerWrapper', rest, Object.keys(multiInputTransformerWrapperDefaults));
+    // numTokens is an object of vocabulary sizes here: checkNumTokens checks it
+    const { numTokens: _numTokens, ...scalars } = rest;
+    checkOptionValues(scalars, multiInputTransformerWrapperDefaults, 'MultiInputTransformerWrapper');
+    requireOption(rest, 'maxSeqLen');
     const o: MultiInputTransformerWrapperOwnOptions = {
       ...multiInputTransformerWrapperDefaults,
       ...stripUndefined(rest),
     };
     if (!(attnLayers instanceof AttentionLayers))
-      throw new Error(
-        `attnLayers: expected an AttentionLayers (Encoder, Decoder...), got ${fmt(attnLayers)}`,
-      );
+      throw OptionError.of('attnLayers', 'an AttentionLayers (Encoder, Decoder...)', attnLayers);
     this.names = checkNumTokens(o.numTokens);
-    checkNonNegInt('maxSeqLen', o.maxSeqLen);
-    checkNonNegInt('maxMemLen', o.maxMemLen);
-    checkNonNegInt('shiftMemDown', o.shiftMemDown);
-    checkProb('embDropout', o.embDropout);
-    if (o.embDim !== null) checkPositiveInt('embDim', o.embDim);
-    if (!(o.embFracGradient > 0 && o.embFracGradient <= 1))
-      throw new Error(`embFracGradient: expected a number in (0, 1], got ${fmt(o.embFracGradient)}`);
-    const nm = o.numMemoryTokens === null ? 0 : checkNonNegInt('numMemoryTokens', o.numMemoryTokens);
-    if (o.memoryTokensInterspersedEvery !== null) {
-      checkPositiveInt('memoryTokensInterspersedEvery', o.memoryTokensInterspersedEvery);
-      if (nm > 0 && !(attnLayers instanceof Decoder))
-        throw new Error(
-          `memoryTokensInterspersedEvery: expected a Decoder (causal attention layers), got ${attnLayers.constructor.name}`,
-        );
-    }
-    if (typeof o.attnZLossWeight !== 'number' || !Number.isFinite(o.attnZLossWeight))
-      throw new Error(`attnZLossWeight: expected a finite number, got ${fmt(o.attnZLossWeight)}`);
+    const nm = o.numMemoryTokens ?? 0;
+    if (o.memoryTokensInterspersedEvery !== null && nm > 0 && !(attnLayers instanceof Decoder))
+      throw new OptionError(
+        'memoryTokensInterspersedEvery',
+        'a Decoder (causal attention layers)',
+        attnLayers.constructor.name,
+      );
     this.options = { ...o, numTokens: { ...o.numTokens } };
     this.maxSeqLen = o.maxSeqLen;
     const dim = attnLayers.dim;
@@ -367,14 +349,11 @@ export class MultiInputTransformerWrapper extends Module {
 /** Checks `numTokens` ({name: number of ids}, at least one); returns its names. */
 function checkNumTokens(v: unknown): string[] {
   if (typeof v !== 'object' || v === null || Array.isArray(v) || Object.keys(v).length === 0)
-    throw new Error(
-      `numTokens: expected an object of positive integers by input name (at least one), got ${fmt(v)}`,
-    );
+    throw OptionError.of('numTokens', 'an object of positive integers by input name (at least one)', v);
   for (const [name, size] of Object.entries(v)) {
     if (!/^[A-Za-z0-9_]+$/.test(name))
-      throw new Error(`numTokens.${name}: expected a name of letters, digits and underscores`);
-    if (typeof size !== 'number' || !Number.isInteger(size) || size <= 0)
-      throw new Error(`numTokens.${name}: expected a positive integer, got ${fmt(size)}`);
+      throw OptionError.of(`numTokens.${name}`, 'a name of letters, digits and underscores', name);
+    if (!RULES.posInt.test(size)) throw OptionError.of(`numTokens.${name}`, RULES.posInt.expected, size);
   }
   return Object.keys(v);
 }

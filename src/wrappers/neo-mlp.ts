@@ -4,9 +4,10 @@ import { Linear } from '../nn/linear.js';
 import { normalTensor } from '../nn/init.js';
 import { Encoder } from '../layers/attention-layers.js';
 import type { AttentionLayersOptions } from '../layers/options.js';
-import { checkTensor } from '../utils/errors.js';
+import { OptionError, checkTensor, renamingOptions } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
-import { checkKnownKeys, checkPositiveInt, fmt, runLayers } from './common.js';
+import { fmt, runLayers } from './common.js';
+import { checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
 
 /** Options of the encoder inside `NeoMLP`: an `Encoder`'s options without `dim` and `depth`. */
 export type NeoMLPEncoderOptions = Omit<AttentionLayersOptions, 'dim' | 'depth' | 'causal'>;
@@ -92,15 +93,19 @@ export class NeoMLP extends Module {
       throw new Error(
         `options: expected an object {dimIn, dimHidden, dimOut, dimModel, depth}, got ${fmt(options)}`,
       );
-    checkKnownKeys('NeoMLP', options, Object.keys(neoMLPDefaults));
-    const o: NeoMLPOptions = { ...neoMLPDefaults, ...options };
-    for (const k of ['dimIn', 'dimHidden', 'dimOut', 'dimModel', 'depth'] as const) checkPositiveInt(k, o[k]);
+    checkOptionValues(options, neoMLPDefaults, 'NeoMLP');
+    for (const k of ['dimIn', 'dimHidden', 'dimOut', 'dimModel', 'depth']) requireOption(options, k);
+    const o: NeoMLPOptions = { ...neoMLPDefaults, ...stripUndefined(options) };
     const kw = o.encoderKwargs;
     if (typeof kw !== 'object' || kw === null || Array.isArray(kw))
-      throw new Error(`encoderKwargs: expected an object of Encoder options, got ${fmt(kw)}`);
+      throw OptionError.of('encoderKwargs', 'an object of Encoder options', kw);
     for (const k of ['dim', 'depth', 'causal'])
       if (k in kw)
-        throw new Error(`encoderKwargs.${k}: set by NeoMLP (dimModel, depth; an Encoder is not causal)`);
+        throw OptionError.of(
+          `encoderKwargs.${k}`,
+          'none (NeoMLP sets it: dimModel, depth; an Encoder is not causal)',
+          (kw as Record<string, unknown>)[k],
+        );
     this.options = { ...o, encoderKwargs: { ...kw } };
     const rng = getRng();
     const { dimIn, dimHidden, dimOut, dimModel } = o;
@@ -116,7 +121,10 @@ export class NeoMLP extends Module {
     );
     this.transformer = this.registerModule(
       'transformer',
-      withPrefix('encoderKwargs', () => new Encoder({ ...kw, dim: dimModel, depth: o.depth })),
+      renamingOptions(
+        (e) => e.in('encoderKwargs'),
+        () => new Encoder({ ...kw, dim: dimModel, depth: o.depth }),
+      ),
     );
     this.toOutputWeights = this.registerParameter(
       'to_output_weights',
@@ -164,17 +172,5 @@ export class NeoMLP extends Module {
       if (noBatch) output = tf.reshape(output, [dimOut]);
       return { output, inputEmbed, hiddenEmbed, outputEmbed };
     }) as unknown as NeoMLPOutput;
-  }
-}
-
-/** Runs `fn`, prefixing an `option: message` error with `prefix.`. */
-function withPrefix<T>(prefix: string, fn: () => T): T {
-  try {
-    return fn();
-  } catch (e) {
-    const err = e as Error;
-    if (/^[a-zA-Z][A-Za-z0-9]*(\.[A-Za-z0-9]+)*:/.test(err.message))
-      throw new Error(`${prefix}.${err.message}`, { cause: e });
-    throw e;
   }
 }

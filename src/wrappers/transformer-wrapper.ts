@@ -7,10 +7,11 @@ import { LayerNorm } from '../nn/norms.js';
 import { AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding, TokenEmbedding } from '../nn/embedding.js';
 import { dropout, padAt, tidyObj } from '../nn/functional.js';
 import { AttentionLayers, Decoder, type LayersCache } from '../layers/attention-layers.js';
-import { checkTensor } from '../utils/errors.js';
+import { OptionError, checkTensor } from '../utils/errors.js';
 import { onGpu } from '../backend/index.js';
 import { getRng } from '../utils/random.js';
 import { attentionZLoss, dropInterspersedMemory, intersperseMemoryTokens } from './common.js';
+import { checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `TransformerWrapper` (camelCase of the reference's keyword names). */
 export interface TransformerWrapperOwnOptions {
@@ -197,40 +198,22 @@ export class TransformerWrapper extends Module {
   constructor(options: TransformerWrapperOptions) {
     super();
     const { attnLayers, ...rest } = options;
-    for (const k of Object.keys(rest))
-      if (!(k in transformerWrapperDefaults)) throw new Error(`${k}: unknown TransformerWrapper option`);
+    checkOptionValues(rest, transformerWrapperDefaults, 'TransformerWrapper');
+    requireOption(rest, 'numTokens');
+    requireOption(rest, 'maxSeqLen');
     const o: TransformerWrapperOwnOptions = { ...transformerWrapperDefaults, ...stripUndefined(rest) };
     if (!(attnLayers instanceof AttentionLayers))
-      throw new Error(
-        `attnLayers: expected an AttentionLayers (Encoder, Decoder...), got ${String(attnLayers)}`,
-      );
-    if (!Number.isInteger(o.numTokens) || o.numTokens <= 0)
-      throw new Error(`numTokens: expected a positive integer, got ${o.numTokens}`);
-    if (!Number.isInteger(o.maxSeqLen) || o.maxSeqLen < 0)
-      throw new Error(`maxSeqLen: expected a non-negative integer, got ${o.maxSeqLen}`);
-    if (!(o.embDropout >= 0 && o.embDropout < 1))
-      throw new Error(`embDropout: expected a number in [0, 1), got ${o.embDropout}`);
-    if (!(o.embFracGradient > 0 && o.embFracGradient <= 1))
-      throw new Error(`embFracGradient: expected a number in (0, 1], got ${o.embFracGradient}`);
+      throw OptionError.of('attnLayers', 'an AttentionLayers (Encoder, Decoder...)', attnLayers);
     if (o.averagePoolEmbed && o.useClsToken)
-      throw new Error('averagePoolEmbed: expected at most one of averagePoolEmbed and useClsToken');
+      throw new OptionError('averagePoolEmbed', 'false with useClsToken (at most one of them)', 'true');
     const nm = o.numMemoryTokens ?? 0;
-    if (!Number.isInteger(nm) || nm < 0)
-      throw new Error(`numMemoryTokens: expected a non-negative integer, got ${o.numMemoryTokens}`);
     checkOutputOptions(o);
-    const every = o.memoryTokensInterspersedEvery;
-    if (every !== null) {
-      if (!Number.isInteger(every) || every <= 0)
-        throw new Error(`memoryTokensInterspersedEvery: expected a positive integer or null, got ${every}`);
-      if (nm > 0 && !(attnLayers instanceof Decoder))
-        throw new Error(
-          `memoryTokensInterspersedEvery: expected a Decoder (causal attention layers), got ${attnLayers.constructor.name}`,
-        );
-    }
-    if (!Number.isInteger(o.trainMaxRecycleSteps) || o.trainMaxRecycleSteps <= 0)
-      throw new Error(`trainMaxRecycleSteps: expected a positive integer, got ${o.trainMaxRecycleSteps}`);
-    if (typeof o.attnZLossWeight !== 'number' || !Number.isFinite(o.attnZLossWeight))
-      throw new Error(`attnZLossWeight: expected a finite number, got ${o.attnZLossWeight}`);
+    if (o.memoryTokensInterspersedEvery !== null && nm > 0 && !(attnLayers instanceof Decoder))
+      throw new OptionError(
+        'memoryTokensInterspersedEvery',
+        'a Decoder (causal attention layers)',
+        attnLayers.constructor.name,
+      );
     const embedNames = checkEmbedNumTokens(o.embedNumTokens);
     this.options = o;
     this.numTokens = o.numTokens;
@@ -714,35 +697,18 @@ export class TransformerWrapper extends Module {
 /** Checks the output options that exclude each other (as the reference's asserts and failures do). */
 function checkOutputOptions(o: TransformerWrapperOwnOptions): void {
   const heads = o.numOutputHeads;
-  if (!Number.isInteger(heads) || heads <= 0)
-    throw new Error(`numOutputHeads: expected a positive integer, got ${heads}`);
   if (heads > 1 && !o.returnOnlyEmbed) {
-    if (o.tieEmbedding) throw new Error(`numOutputHeads: expected 1 with tieEmbedding, got ${heads}`);
-    if (o.sigsoftmaxLogits) throw new Error(`numOutputHeads: expected 1 with sigsoftmaxLogits, got ${heads}`);
+    if (o.tieEmbedding) throw new OptionError('numOutputHeads', '1 with tieEmbedding', String(heads));
+    if (o.sigsoftmaxLogits) throw new OptionError('numOutputHeads', '1 with sigsoftmaxLogits', String(heads));
   }
   if (o.mixtureOfSoftmax && heads !== 1)
-    throw new Error(`mixtureOfSoftmax: expected numOutputHeads 1, got ${heads}`);
-  if (!Number.isInteger(o.mixtureOfSoftmaxK) || o.mixtureOfSoftmaxK <= 0)
-    throw new Error(`mixtureOfSoftmaxK: expected a positive integer, got ${o.mixtureOfSoftmaxK}`);
+    throw new OptionError('mixtureOfSoftmax', 'numOutputHeads 1 with it', String(heads));
 }
 
 /** Checks `embedNumTokens` ({name: number of ids}); returns its names. */
-function checkEmbedNumTokens(e: unknown): string[] {
-  if (typeof e !== 'object' || e === null || Array.isArray(e))
-    throw new Error(
-      `embedNumTokens: expected an object of positive integers by name, got ${JSON.stringify(e)}`,
-    );
-  for (const [name, size] of Object.entries(e)) {
+function checkEmbedNumTokens(e: Record<string, number>): string[] {
+  for (const name of Object.keys(e))
     if (!/^[A-Za-z0-9_]+$/.test(name))
-      throw new Error(`embedNumTokens.${name}: expected a name of letters, digits and underscores`);
-    if (typeof size !== 'number' || !Number.isInteger(size) || size <= 0)
-      throw new Error(`embedNumTokens.${name}: expected a positive integer, got ${JSON.stringify(size)}`);
-  }
+      throw OptionError.of(`embedNumTokens.${name}`, 'a name of letters, digits and underscores', name);
   return Object.keys(e);
-}
-
-function stripUndefined<T extends object>(o: T): Partial<T> {
-  const out: Partial<T> = {};
-  for (const [k, v] of Object.entries(o)) if (v !== undefined) (out as Record<string, unknown>)[k] = v;
-  return out;
 }

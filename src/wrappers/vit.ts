@@ -4,18 +4,9 @@ import { Linear } from '../nn/linear.js';
 import { LayerNorm } from '../nn/norms.js';
 import { dropout } from '../nn/functional.js';
 import { getRng } from '../utils/random.js';
-import {
-  checkBool,
-  checkKnownKeys,
-  checkNonNegInt,
-  checkPositiveInt,
-  checkProb,
-  fmt,
-  repeatBatch,
-  stripUndefined,
-  runLayers,
-  type LayersLike,
-} from './common.js';
+import { fmt, repeatBatch, runLayers, type LayersLike } from './common.js';
+import { checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
+import { OptionError } from '../utils/errors.js';
 
 /** Options of `ViTransformerWrapper` (the reference's keyword arguments in camelCase). */
 export interface ViTransformerWrapperOptions {
@@ -74,24 +65,16 @@ export class ViTransformerWrapper extends Module {
 
   constructor(options: ViTransformerWrapperOptions) {
     super();
-    checkKnownKeys('ViTransformerWrapper', options, [
-      ...Object.keys(viTransformerWrapperDefaults),
-      'attnLayers',
-    ]);
+    const { attnLayers: _given, ...given } = options;
+    checkOptionValues(given, viTransformerWrapperDefaults, 'ViTransformerWrapper');
+    requireOption(given, 'imageSize');
+    requireOption(given, 'patchSize');
     const o = { ...viTransformerWrapperDefaults, ...stripUndefined(options) };
-    const imageSize = checkPositiveInt('imageSize', o.imageSize);
-    const patchSize = checkPositiveInt('patchSize', o.patchSize);
-    if (imageSize % patchSize !== 0) {
-      throw new Error(`imageSize: expected a multiple of patchSize ${patchSize}, got ${imageSize}`);
-    }
-    const channels = checkPositiveInt('channels', o.channels);
-    if (o.numClasses !== null) checkPositiveInt('numClasses', o.numClasses);
-    checkBool('postEmbNorm', o.postEmbNorm);
-    checkNonNegInt('numRegisterTokens', o.numRegisterTokens);
-    checkProb('embDropout', o.embDropout);
-    if (!(options.attnLayers instanceof Module)) {
-      throw new Error(`attnLayers: expected an AttentionLayers module, got ${fmt(options.attnLayers)}`);
-    }
+    const { imageSize, patchSize, channels } = o;
+    if (imageSize % patchSize !== 0)
+      throw new OptionError('imageSize', `a multiple of patchSize ${patchSize}`, String(imageSize));
+    if (!(options.attnLayers instanceof Module))
+      throw OptionError.of('attnLayers', 'an AttentionLayers module', options.attnLayers);
     this.options = {
       imageSize,
       patchSize,

@@ -1,12 +1,14 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { Module } from '../nn/module.js';
 import { Decoder, Encoder, dropoutSeq } from '../layers/attention-layers.js';
-import type { AttentionLayersOptions } from '../layers/options.js';
+import type { AttentionLayersOptions, Prefixed } from '../layers/options.js';
 import { TransformerWrapper, type TransformerWrapperOptions } from './transformer-wrapper.js';
 import { AutoregressiveWrapper } from '../generation/autoregressive-wrapper.js';
 import { decode, type GenerateOptions } from '../generation/generate.js';
 import { getRng, type Rng } from '../utils/random.js';
-import { checkBool, checkMask, checkPositiveInt, checkProb, fmt, padMaskLeft } from './common.js';
+import { checkMask, fmt, padMaskLeft } from './common.js';
+import { OptionError, renamingOptions } from '../utils/errors.js';
+import { checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `XTransformer` that are not prefixed by `enc` / `dec`. */
 export interface XTransformerOwnOptions {
@@ -49,7 +51,6 @@ export const DECODER_WRAPPER_KEYS = [
 
 type SideOptions = Partial<Omit<TransformerWrapperOptions, 'attnLayers'>> &
   Omit<AttentionLayersOptions, 'dim'>;
-type Prefixed<P extends string, T> = { [K in keyof T as `${P}${Capitalize<string & K>}`]?: T[K] };
 
 /**
  * Options of `XTransformer`: `dim`, the own options, and every encoder / decoder option prefixed by
@@ -74,10 +75,6 @@ export interface XTransformerForwardOptions {
   rng?: Rng;
 }
 
-function cap(s: string): string {
-  return s[0]!.toUpperCase() + s.slice(1);
-}
-
 function uncap(s: string): string {
   return s[0]!.toLowerCase() + s.slice(1);
 }
@@ -97,16 +94,9 @@ export function splitEncDec(
   return [enc, dec, rest];
 }
 
-/** Re-throws a side's constructor error with the option renamed to its prefixed form (`depth` -> `encDepth`). */
+/** Runs `fn`, re-throwing an option error of a side under its prefixed name (`depth` -> `encDepth`). */
 function withPrefix<T>(prefix: 'enc' | 'dec', fn: () => T): T {
-  try {
-    return fn();
-  } catch (e) {
-    const err = e as Error;
-    const m = /^([a-z][A-Za-z0-9]*)(:.*)$/s.exec(err.message);
-    if (m) throw new Error(`${prefix}${cap(m[1]!)}${m[2]}`, { cause: e });
-    throw e;
-  }
+  return renamingOptions((e) => e.prefixed(prefix), fn);
 }
 
 /**
@@ -127,26 +117,30 @@ export class XTransformer extends Module {
     const [encGiven, decGiven, own] = splitEncDec(options as Record<string, unknown>);
     for (const k of Object.keys(own)) {
       if (!(k in xTransformerDefaults))
-        throw new Error(
-          `${k}: unknown XTransformer option (encoder / decoder options take an enc / dec prefix)`,
+        throw new OptionError(
+          k,
+          'an option of XTransformer (encoder / decoder options take an enc / dec prefix)',
+          'an unknown option',
         );
     }
     const o: XTransformerOwnOptions = {
       ...xTransformerDefaults,
-      ...stripUndef(own),
+      ...stripUndefined(own),
     } as XTransformerOwnOptions;
-    const dim = checkPositiveInt('dim', o.dim);
-    checkBool('tieTokenEmb', o.tieTokenEmb);
-    if (!Number.isInteger(o.ignoreIndex))
-      throw new Error(`ignoreIndex: expected an integer, got ${fmt(o.ignoreIndex)}`);
-    if (!Number.isInteger(o.padValue))
-      throw new Error(`padValue: expected an integer, got ${fmt(o.padValue)}`);
-    checkProb('crossAttnTokensDropout', o.crossAttnTokensDropout);
-    if ('dim' in encGiven) throw new Error('encDim: the dimension of both stacks is set with dim');
-    if ('dim' in decGiven) throw new Error('decDim: the dimension of both stacks is set with dim');
+    checkOptionValues(own, xTransformerDefaults, 'XTransformer');
+    requireOption(own, 'dim');
+    const dim = o.dim;
+    for (const [side, given] of [
+      ['encDim', encGiven],
+      ['decDim', decGiven],
+    ] as const)
+      if ('dim' in given)
+        throw OptionError.of(side, 'none (dim sets the dimension of both stacks)', given.dim);
+    if ('crossAttend' in decGiven)
+      throw OptionError.of('decCrossAttend', 'none (the decoder always cross-attends)', decGiven.crossAttend);
     this.options = o;
-    const enc = stripUndef(encGiven);
-    const dec = stripUndef(decGiven);
+    const enc = stripUndefined(encGiven);
+    const dec = stripUndefined(decGiven);
     this.encOptions = { ...enc };
     this.decOptions = { ...dec };
 
@@ -274,10 +268,6 @@ export class XTransformer extends Module {
       this.train(wasTraining);
     }
   }
-}
-
-function stripUndef(o: Record<string, unknown>): Record<string, unknown> {
-  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined));
 }
 
 function pick(

@@ -4,20 +4,9 @@ import { Linear } from '../nn/linear.js';
 import { dropout } from '../nn/functional.js';
 import { AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding, TokenEmbedding } from '../nn/embedding.js';
 import { getRng } from '../utils/random.js';
-import {
-  checkBool,
-  checkKnownKeys,
-  checkMask,
-  checkNonNegInt,
-  checkPositiveInt,
-  checkProb,
-  fmt,
-  padMaskLeft,
-  repeatBatch,
-  runLayers,
-  stripUndefined,
-  type LayersLike,
-} from './common.js';
+import { checkMask, fmt, padMaskLeft, repeatBatch, runLayers, type LayersLike } from './common.js';
+import { checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
+import { OptionError } from '../utils/errors.js';
 
 /** Options of `XValTransformerWrapper` (the reference's keyword arguments in camelCase). */
 export interface XValTransformerWrapperOptions {
@@ -99,30 +88,20 @@ export class XValTransformerWrapper extends Module {
 
   constructor(options: XValTransformerWrapperOptions) {
     super();
-    checkKnownKeys('XValTransformerWrapper', options, [
-      ...Object.keys(xValTransformerWrapperDefaults),
-      'attnLayers',
-    ]);
     const { attnLayers, ...given } = options;
+    checkOptionValues(given, xValTransformerWrapperDefaults, 'XValTransformerWrapper');
+    for (const k of ['numTokens', 'maxSeqLen', 'numericalTokenId']) requireOption(given, k);
     const o = { ...xValTransformerWrapperDefaults, ...stripUndefined(given) };
-    checkPositiveInt('numTokens', o.numTokens);
-    checkPositiveInt('maxSeqLen', o.maxSeqLen);
-    checkNonNegInt('numericalTokenId', o.numericalTokenId);
-    if (o.numericalTokenId >= o.numTokens) {
-      throw new Error(
-        `numericalTokenId: expected a token id below numTokens ${o.numTokens}, got ${o.numericalTokenId}`,
+    if (o.maxSeqLen === 0)
+      throw new OptionError('maxSeqLen', 'a positive integer (the size of the position tables)', '0');
+    if (o.numericalTokenId >= o.numTokens)
+      throw new OptionError(
+        'numericalTokenId',
+        `a token id below numTokens ${o.numTokens}`,
+        String(o.numericalTokenId),
       );
-    }
-    if (o.logitsDim !== null) checkPositiveInt('logitsDim', o.logitsDim);
-    checkBool('tieEmbedding', o.tieEmbedding);
-    checkNonNegInt('maxMemLen', o.maxMemLen);
-    if (o.numMemoryTokens !== null) checkNonNegInt('numMemoryTokens', o.numMemoryTokens);
-    checkProb('embDropout', o.embDropout);
-    checkBool('useAbsPosEmb', o.useAbsPosEmb);
-    checkBool('scaledSinuPosEmb', o.scaledSinuPosEmb);
-    if (!(attnLayers instanceof Module)) {
-      throw new Error(`attnLayers: expected an AttentionLayers module, got ${fmt(attnLayers)}`);
-    }
+    if (!(attnLayers instanceof Module))
+      throw OptionError.of('attnLayers', 'an AttentionLayers module', attnLayers);
     const dim = attnLayers.dim;
     if (o.embDim !== null && o.embDim !== dim) {
       throw new Error(

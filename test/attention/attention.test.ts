@@ -127,17 +127,20 @@ describe('Attention option and input errors', () => {
     [{ kvHeads: 2, oneKvHead: true }, /^kvHeads: /],
     [{ qkNorm: true, dimHead: 8, qkNormGroups: 3 }, /^qkNormGroups: expected a divisor/],
     [{ qkNorm: true, dimHead: 8, qkNormGroups: 4 }, /^qkNormGroups: expected dimHead \/ qkNormGroups > 2/],
-    [{ flash: true, preTalkingHeads: true }, /^flash: talking heads/],
-    [{ flash: true, postTalkingHeads: true }, /^flash: talking heads/],
-    [{ flash: true, sparseTopk: 2 }, /^flash: sparseTopk/],
-    [{ flash: true, hard: true }, /^flash: hard/],
-    [{ flash: true, sigmoid: true }, /^flash: sigmoid/],
+    [{ flash: true, preTalkingHeads: true }, /^flash: expected false with talking heads .*, got true$/],
+    [{ flash: true, postTalkingHeads: true }, /^flash: expected false with talking heads .*, got true$/],
+    [{ flash: true, sparseTopk: 2 }, /^flash: expected false with sparseTopk attention/],
+    [{ flash: true, hard: true }, /^flash: expected false with hard attention/],
+    [{ flash: true, sigmoid: true }, /^flash: expected false with sigmoid attention/],
     [{ hard: true, sparseTopk: 2 }, /at most one of sigmoid, hard, l2Distance, sparseTopk/],
     [{ sparseTopk: 0 }, /^sparseTopk: expected a positive integer, got 0/],
     [{ dropout: 1.5 }, /^dropout: expected a number in \[0, 1\), got 1.5/],
     [{ numMemKv: -1 }, /^numMemKv: expected a non-negative integer, got -1/],
     [{ causal: 'yes' as unknown as boolean }, /^causal: expected a boolean, got "yes"/],
-    [{ foo: 1 } as unknown as Partial<AttentionOptions>, /^foo: expected one of the Attention options/],
+    [
+      { foo: 1 } as unknown as Partial<AttentionOptions>,
+      /^foo: expected an option of Attention, got an unknown option$/,
+    ],
   ];
   for (const [opts, re] of bad) {
     it(`rejects ${JSON.stringify(opts)}`, () => {

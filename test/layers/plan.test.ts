@@ -69,19 +69,19 @@ describe('planLayers', () => {
 
   it('names the option of a plan that cannot be made', () => {
     expect(errorOf(() => plan({ depth: null }))).toBe(
-      'depth: expected a positive integer for Decoder or Encoder, got null',
+      'depth: expected a positive integer (or customLayers, parRatio or sandwichCoef), got null',
     );
     expect(errorOf(() => plan({ layersExecuteOrder: [0, 4] }))).toBe(
       'layersExecuteOrder: expected indices in [0, 4), got 4',
     );
     expect(errorOf(() => plan({ weightTieLayers: true, layersExecuteOrder: [0] }))).toBe(
-      'layersExecuteOrder: expected none with weightTieLayers',
+      'layersExecuteOrder: expected none with weightTieLayers, got [0]',
     );
     expect(errorOf(() => plan({ shiftTokens: [1, 0] }))).toBe(
       'shiftTokens: expected 4 values (one per layer), got 2',
     );
     expect(errorOf(() => plan({ depth: 1, unetSkips: true, macaron: true }))).toBe(
-      'unetSkips: expected a depth of at least 2 for U-Net skip connections',
+      'unetSkips: expected a depth of at least 2 for U-Net skip connections, got depth 1',
     );
     expect(errorOf(() => plan({ customLayers: ['a', 'x'] }))).toBe(
       `customLayers: expected 'a', 'c' or 'f' at index 1, got "x"`,

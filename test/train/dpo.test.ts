@@ -77,7 +77,9 @@ describe('DPO', () => {
     const m = net();
     expect(() => new DPO(m, { beta: Number.NaN })).toThrow('beta: expected a finite number, got NaN');
     expect(() => new DPO(m, { padId: 1.5 })).toThrow('padId: expected an integer or null, got 1.5');
-    expect(() => new DPO(m, { gamma: 1 } as never)).toThrow('gamma: unknown option of DPO');
+    expect(() => new DPO(m, { gamma: 1 } as never)).toThrow(
+      'gamma: expected an option of DPO, got an unknown option',
+    );
     expect(() => new DPO(m, {}, m)).toThrow(
       'refModel: expected a TransformerWrapper other than the policy model',
     );

@@ -47,12 +47,14 @@ describe('NeoMLP', () => {
       'dimHidden: expected a positive integer, got 0',
     );
     expect(() => new NeoMLP({ ...base, encoderKwargs: { dim: 4 } as never })).toThrow(
-      /encoderKwargs\.dim: set by NeoMLP/,
+      /^encoderKwargs\.dim: expected none \(NeoMLP sets it: dimModel, depth; an Encoder is not causal\), got 4$/,
     );
     expect(() => new NeoMLP({ ...base, encoderKwargs: { heads: 0 } })).toThrow(
       /^encoderKwargs\.heads: expected a positive integer/,
     );
-    expect(() => new NeoMLP({ ...base, width: 3 } as never)).toThrow('width: unknown option of NeoMLP');
+    expect(() => new NeoMLP({ ...base, width: 3 } as never)).toThrow(
+      'width: expected an option of NeoMLP, got an unknown option',
+    );
     const m = new NeoMLP(base);
     const x = tf.zeros([2, 4]);
     expect(() => m.forward(x)).toThrow('x: expected 3 features (dimIn) in the last dimension, got [2, 4]');

@@ -134,7 +134,7 @@ describe('TransformerWrapper output, embedding and recycling options in JSON', (
       () =>
         new TransformerWrapper({ numTokens: 10, maxSeqLen: 8, attnLayers, ...o });
     expect(fails(build({ mixtureOfSoftmax: true, numOutputHeads: 2 }))).toBe(
-      'mixtureOfSoftmax: expected numOutputHeads 1, got 2',
+      'mixtureOfSoftmax: expected numOutputHeads 1 with it, got 2',
     );
     expect(fails(build({ tieEmbedding: true, numOutputHeads: 2 }))).toBe(
       'numOutputHeads: expected 1 with tieEmbedding, got 2',
@@ -145,7 +145,7 @@ describe('TransformerWrapper output, embedding and recycling options in JSON', (
       ),
     ).toBe('memoryTokensInterspersedEvery: expected a Decoder (causal attention layers), got Encoder');
     expect(fails(build({ embedNumTokens: { 'a.b': 2 } }))).toBe(
-      'embedNumTokens.a.b: expected a name of letters, digits and underscores',
+      'embedNumTokens.a.b: expected a name of letters, digits and underscores, got "a.b"',
     );
   });
 });

@@ -104,7 +104,7 @@ describe('XTransformer', () => {
     );
     expect(() => new XTransformer({ ...base, encDim: 4 } as never)).toThrow(/^encDim: /);
     expect(() => new XTransformer({ ...base, depth: 2 } as never)).toThrow(
-      /^depth: unknown XTransformer option/,
+      /^depth: expected an option of XTransformer \(encoder \/ decoder options take an enc \/ dec prefix\), got an unknown option$/,
     );
     expect(() => new XTransformer({ ...base, decNumTokens: 11, tieTokenEmb: true })).toThrow(
       /^tieTokenEmb: /,

@@ -1,9 +1,11 @@
 /**
- * Value rules for model config options: what a JSON value must be for an option, by option name.
- * Defaults objects give the set of valid keys and, for boolean / string defaults, the type; these
- * rules add ranges (positive integers, probabilities, lists) and the type of options whose default
- * is null.
+ * The one table of option rules, used by the library's constructors (Attention, FeedForward,
+ * AttentionLayers, the wrappers) and so by the JSON config loader, which builds through them:
+ * what a value must be for an option, by option name. Defaults objects give the set of valid keys
+ * and, for boolean / string defaults, the type; these rules add ranges (positive integers,
+ * probabilities, lists) and the type of options whose default is null.
  */
+import { OptionError, fmtValue } from './errors.js';
 
 /** A check: `test(v)` is true when `v` is acceptable; `expected` says what is ("a positive integer"). */
 export type Rule = { expected: string; test: (v: unknown) => boolean };
@@ -45,10 +47,23 @@ export const RULES = {
       !Array.isArray(v) &&
       Object.values(v).every((x) => isInt(x) && x > 0),
   },
-  hybridModuleSpec: {
-    expected: "a module spec {type: 'gru', hiddenSize?, numLayers?, bias?, bidirectional?}",
+  hybridModule: {
+    expected:
+      "a spec {type: 'gru', hiddenSize?, numLayers?, bias?, bidirectional?}, a factory (dim) => module, or a module with forward and clone",
     test: (v: unknown) =>
-      typeof v === 'object' && v !== null && !Array.isArray(v) && (v as { type?: unknown }).type === 'gru',
+      typeof v === 'function' || (typeof v === 'object' && v !== null && !Array.isArray(v)),
+  },
+  functionOrNull: {
+    expected: 'a function or null',
+    test: (v: unknown) => v === null || typeof v === 'function',
+  },
+  nonEmptyString: {
+    expected: 'a non-empty string',
+    test: (v: unknown) => typeof v === 'string' && v.length > 0,
+  },
+  object: {
+    expected: 'an object',
+    test: (v: unknown) => typeof v === 'object' && v !== null && !Array.isArray(v),
   },
   indexList: {
     expected: 'a non-empty list of non-negative integers',
@@ -111,11 +126,23 @@ const BY_NAME: Record<string, Rule> = {
   layerDropout: RULES.probOrList,
   resiDualScale: RULES.unitInterval,
   disableAbsPosEmb: RULES.bool,
+  numResidualStreams: RULES.posInt,
+  dimCondition: RULES.posInt,
+  adaptiveConditionMlpExpansion: RULES.posInt,
+  softclampOutputValue: RULES.posNumber,
+  relPosKwargs: RULES.object,
+  residualFnKwargs: RULES.object,
   // attention
   dimContext: RULES.posInt,
   sparseTopk: RULES.posInt,
   numMemKv: RULES.nonNegInt,
-  maxAttendPast: RULES.posInt,
+  maxAttendPast: RULES.nonNegInt,
+  rotateNumHeads: RULES.posInt,
+  customAttnFn: RULES.functionOrNull,
+  dataDependentAlibiKwargs: RULES.object,
+  dataDependentAlibiPerRowDimHead: RULES.posInt,
+  copeMaxPos: RULES.posInt,
+  laserSoftclampValue: RULES.posNumber,
   qkNormGroups: RULES.posInt,
   qkNormScale: RULES.number,
   kvHeads: RULES.posInt,
@@ -124,8 +151,8 @@ const BY_NAME: Record<string, Rule> = {
   dimLatentQ: RULES.posInt,
   dimLatentKv: RULES.posInt,
   latentRopeSubheads: RULES.posInt,
-  hybridModule: RULES.hybridModuleSpec,
-  hybridMaskKwarg: RULES.string,
+  hybridModule: RULES.hybridModule,
+  hybridMaskKwarg: RULES.nonEmptyString,
   hybridFoldAxialDim: RULES.posInt,
   // feedforward
   mult: RULES.posNumber,
@@ -144,4 +171,55 @@ export function ruleFor(name: string, def: unknown): Rule | null {
   if (/dropout$/i.test(name)) return RULES.prob;
   if (typeof def === 'number') return RULES.number;
   return null;
+}
+
+/** `attn_dim_head` -> `attnDimHead`; camelCase keys are unchanged. */
+export function camelKey(key: string): string {
+  return key.replace(/_+([a-zA-Z0-9])/g, (_m, c: string) => c.toUpperCase());
+}
+
+/** camelCase -> the reference's snake_case (`attnDimHead` -> `attn_dim_head`). */
+export function snakeKey(key: string): string {
+  return key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+}
+
+/**
+ * Checks the options `given` of `owner` against its defaults object and the rules: an unknown key,
+ * a wrong type or an out-of-range value throws an OptionError naming the key. Undefined means "not
+ * given"; null is accepted where the default is null (no value).
+ */
+export function checkOptionValues(given: object, defaults: object, owner: string): void {
+  const defs = defaults as Record<string, unknown>;
+  for (const [key, value] of Object.entries(given)) {
+    if (value === undefined) continue;
+    if (!(key in defs)) throw new OptionError(key, `an option of ${owner}`, 'an unknown option');
+    const def = defs[key];
+    if (value === null && def === null) continue;
+    const rule = ruleFor(key, def);
+    if (rule) {
+      if (!rule.test(value)) throw OptionError.of(key, rule.expected, value);
+    } else if (value === null || (typeof value === 'object' && !Array.isArray(value) && !isObject(def))) {
+      // no rule: the default's kind (a list, an object) is what the constructor reads
+      throw OptionError.of(key, 'a number, boolean, string or list', value);
+    }
+  }
+}
+
+/** Throws an OptionError unless option `key` of `given` has a value (not undefined or null). */
+export function requireOption(given: object, key: string): void {
+  const value = (given as Record<string, unknown>)[key];
+  if (value === undefined || value === null)
+    throw new OptionError(key, ruleFor(key, undefined)?.expected ?? 'a value', fmtValue(value));
+}
+
+function isObject(v: unknown): boolean {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+/** Largest size of one tensor dimension that options may ask for (TF.js shapes are int32). */
+export const MAX_DIMENSION = 2 ** 31 - 1;
+
+/** A copy of `o` without its undefined entries (so they fall back to defaults). */
+export function stripUndefined<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
 }
