@@ -109,11 +109,6 @@ export class Registry {
     return m;
   }
 
-  /** Marks `jobId` as using the model (DELETE answers 409 meanwhile). */
-  async addModelJob(modelId: string, jobId: string): Promise<void> {
-    await this.redis.sadd(this.key('model', modelId, 'jobs'), jobId);
-  }
-
   async removeModelJob(modelId: string, jobId: string): Promise<void> {
     await this.redis.srem(this.key('model', modelId, 'jobs'), jobId);
   }

@@ -101,13 +101,6 @@ export class ModelCache {
     }
   }
 
-  /** Drops every entry of a model (e.g. after it was deleted). */
-  drop(modelId: string): void {
-    for (const [k, e] of this.entries) {
-      if (e.modelId === modelId && e.refs === 0) this.remove(k, e);
-    }
-  }
-
   private evict(): void {
     for (const [k, e] of this.entries) {
       if (this.entries.size <= this.capacity) break;

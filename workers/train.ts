@@ -2,6 +2,7 @@ import { WaitingError, UnrecoverableError, type Job } from 'bullmq';
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import type { CheckpointRecord, TokenizerName } from '../models/schemas.js';
+import { splitTokens } from '../src/index.js';
 import { autoregressive, buildModel, loadWeights, Trainer } from './engine.js';
 import { JobRun, yieldToLoop, type WorkerContext } from './context.js';
 import type { TrainJobData } from './queues.js';
@@ -16,16 +17,19 @@ export interface TrainResult {
   [k: string]: unknown;
 }
 
-/** Splits tokens into train and validation parts (10% for validation when evaluation is asked). */
-function splitTokens(
+/**
+ * The training and validation parts of a dataset's tokens: the library's split (10% for validation)
+ * when evaluation is asked and both parts hold a window, else every token for training.
+ */
+function trainValParts(
   all: Int32Array,
   wantVal: boolean,
   seqLen: number,
 ): { train: Int32Array; val?: Int32Array } {
   if (!wantVal) return { train: all };
-  const nVal = Math.floor(all.length * 0.1);
-  if (nVal < seqLen + 2 || all.length - nVal < seqLen + 2) return { train: all };
-  return { train: all.subarray(0, all.length - nVal), val: all.subarray(all.length - nVal) };
+  const { train, val } = splitTokens(all, 0.1);
+  if (val.length < seqLen + 2 || train.length < seqLen + 2) return { train: all };
+  return { train, val };
 }
 
 /**
@@ -90,7 +94,11 @@ export async function processTrain(
     loadWeights(built.model, await storage.read(model.weightsFile), model.weightsFile);
     built.model.train();
     const ar = autoregressive(built.model);
-    const data = splitTokens(await datasetTokens(ctx, d, model.tokenizer), (d.evalEvery ?? 0) > 0, d.seqLen);
+    const data = trainValParts(
+      await datasetTokens(ctx, d, model.tokenizer),
+      (d.evalEvery ?? 0) > 0,
+      d.seqLen,
+    );
     if (data.train.length < d.seqLen + 2) {
       throw new UnrecoverableError(
         `dataset ${d.datasetId}: ${data.train.length} tokens is too few for seqLen ${d.seqLen} (needs at least ${d.seqLen + 2})`,

@@ -154,7 +154,7 @@ function checkOptions(seqLen: number, o: GenerateOptions): void {
 /**
  * Step-by-step decoder state. Owns its caches; `dispose()` frees them (safe to call twice).
  */
-class Decoder {
+class StepDecoder {
   readonly rows: number[][];
   readonly promptLen: number;
   readonly rank1: boolean;
@@ -385,7 +385,7 @@ export function decode(
   options: GenerateOptions = {},
   padValue = 0,
 ): tf.Tensor {
-  const d = new Decoder(net, prompts, seqLen, options, padValue);
+  const d = new StepDecoder(net, prompts, seqLen, options, padValue);
   try {
     while (d.steps < seqLen && !options.signal?.aborted) {
       d.step();
@@ -417,7 +417,7 @@ export function decodeStream(
   padValue = 0,
 ): AsyncGenerator<GenerateStep, void, undefined> {
   // validate now, so bad arguments throw at the call rather than at the first step
-  new Decoder(net, prompts, seqLen, options, padValue).dispose();
+  new StepDecoder(net, prompts, seqLen, options, padValue).dispose();
   // read tensors now: the caller may dispose them before iterating
   const ids = prompts instanceof tf.Tensor ? (prompts.arraySync() as number[] | number[][]) : prompts;
   const lens =
@@ -434,7 +434,7 @@ async function* streamSteps(
   options: GenerateOptions,
   padValue: number,
 ): AsyncGenerator<GenerateStep, void, undefined> {
-  const d = new Decoder(net, prompts, seqLen, options, padValue);
+  const d = new StepDecoder(net, prompts, seqLen, options, padValue);
   try {
     while (d.steps < seqLen && !options.signal?.aborted) {
       const tokens = d.step();
