@@ -1,4 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
+import { stopGradient } from '../attention/ops.js';
 import { Module } from '../nn/module.js';
 import { Linear } from '../nn/linear.js';
 import { uniformTensor } from '../nn/init.js';
@@ -146,12 +147,6 @@ class SelfCritic extends Module {
   }
 }
 
-/** Identity whose gradient is zero (torch's detach). */
-const detach = tf.customGrad(((x: tf.Tensor) => ({
-  value: x.clone(),
-  gradFunc: (dy: tf.Tensor) => tf.zerosLike(dy),
-})) as unknown as Parameters<typeof tf.customGrad>[0]) as unknown as (x: tf.Tensor) => tf.Tensor;
-
 /** Gumbel noise -log(-log(u + 1e-10) + 1e-10) of uniform draws u. */
 function gumbelOf(u: tf.Tensor): tf.Tensor {
   return tf.tidy(() => tf.neg(tf.log(tf.add(tf.neg(tf.log(tf.add(u, 1e-10))), 1e-10))));
@@ -269,7 +264,7 @@ export class NonAutoregressiveWrapper extends Module {
       let sumEmbeds: tf.Tensor | undefined;
       if (this.nullEmbed) {
         const cond = noise.selfCondition
-          ? detach(this.net.forward(masked, { returnEmbeddings: true }))
+          ? stopGradient(this.net.forward(masked, { returnEmbeddings: true }))
           : tf.tile(tf.reshape(this.nullEmbed, [1, 1, -1]), [b, n, 1]);
         sumEmbeds = this.toSelfCond!.forward(cond);
       }

@@ -396,52 +396,38 @@ export function toConfig(model: BuiltModel): ModelConfig {
     const type = layersType(l);
     return { type, ...layersOptions(l, type) };
   };
-  if (model instanceof TransformerWrapper) {
+  // wrappers of one attention stack: their options that differ from the defaults (and the ones
+  // they cannot do without), and the stack
+  const single: [unknown, string, object, readonly string[]][] = [
+    [TransformerWrapper, 'TransformerWrapper', transformerWrapperDefaults, ['numTokens', 'maxSeqLen']],
+    [ViTransformerWrapper, 'ViTransformerWrapper', viTransformerWrapperDefaults, ['imageSize', 'patchSize']],
+    [
+      ContinuousTransformerWrapper,
+      'ContinuousTransformerWrapper',
+      continuousTransformerWrapperDefaults,
+      ['maxSeqLen'],
+    ],
+    [
+      XValTransformerWrapper,
+      'XValTransformerWrapper',
+      xValTransformerWrapperDefaults,
+      ['numTokens', 'maxSeqLen', 'numericalTokenId'],
+    ],
+    [
+      MultiInputTransformerWrapper,
+      'MultiInputTransformerWrapper',
+      multiInputTransformerWrapperDefaults,
+      ['numTokens', 'maxSeqLen'],
+    ],
+  ];
+  for (const [cls, wrapper, defaults, keep] of single) {
+    if (!(model instanceof (cls as new (...args: never[]) => unknown))) continue;
+    const m = model as unknown as { options: object; attnLayers: unknown };
     return {
-      wrapper: 'TransformerWrapper',
-      ...nonDefault(
-        model.options as unknown as Record<string, unknown>,
-        transformerWrapperDefaults as unknown as Record<string, unknown>,
-        ['numTokens', 'maxSeqLen'],
-      ),
-      attnLayers: layers(model.attnLayers),
-    };
-  }
-  if (model instanceof ViTransformerWrapper) {
-    return {
-      wrapper: 'ViTransformerWrapper',
-      ...nonDefault(model.options, viTransformerWrapperDefaults, ['imageSize', 'patchSize']),
-      attnLayers: layers(model.attnLayers),
-    };
-  }
-  if (model instanceof ContinuousTransformerWrapper) {
-    return {
-      wrapper: 'ContinuousTransformerWrapper',
-      ...nonDefault(model.options, continuousTransformerWrapperDefaults, ['maxSeqLen']),
-      attnLayers: layers(model.attnLayers),
-    };
-  }
-  if (model instanceof XValTransformerWrapper) {
-    return {
-      wrapper: 'XValTransformerWrapper',
-      ...nonDefault(model.options, xValTransformerWrapperDefaults, [
-        'numTokens',
-        'maxSeqLen',
-        'numericalTokenId',
-      ]),
-      attnLayers: layers(model.attnLayers),
-    };
-  }
-  if (model instanceof MultiInputTransformerWrapper) {
-    return {
-      wrapper: 'MultiInputTransformerWrapper',
-      ...nonDefault(
-        model.options as unknown as Record<string, unknown>,
-        multiInputTransformerWrapperDefaults as unknown as Record<string, unknown>,
-        ['numTokens', 'maxSeqLen'],
-      ),
-      attnLayers: layers(model.attnLayers),
-    };
+      wrapper,
+      ...nonDefault(m.options as Record<string, unknown>, defaults as Record<string, unknown>, keep),
+      attnLayers: layers(m.attnLayers),
+    } as ModelConfig;
   }
   if (model instanceof NonAutoregressiveWrapper) {
     const { tokenCritic, schedule, ...own } = model.options;

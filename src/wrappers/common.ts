@@ -1,4 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
+import { stopGradient } from '../attention/ops.js';
+import { checkTensor } from '../utils/errors.js';
 import type { Module } from '../nn/module.js';
 import { padAt } from '../nn/functional.js';
 import { OptionError } from '../utils/errors.js';
@@ -186,4 +188,84 @@ export function attentionZLoss(inters: { preSoftmaxAttn?: tf.Tensor }[], weight:
     if (!lse) throw new Error('returnAttnZLoss: the attention layers have no attention layer');
     return tf.mul(tf.mean(tf.sum(tf.square(lse), 1)), weight);
   });
+}
+
+/**
+ * The memories the next segment reads (Transformer-XL): each layer's hidden states after its
+ * memories (`mems`, when given), the last `maxMemLen` positions (all when 0), off the gradient tape.
+ */
+export function nextMems(
+  hiddens: tf.Tensor[],
+  mems: tf.Tensor[] | undefined,
+  maxMemLen: number,
+): tf.Tensor[] {
+  const pairs = mems && mems.length ? hiddens.map((hd, i) => tf.concat([mems[i]!, hd], 1)) : hiddens;
+  return pairs.map((t) => {
+    const len = t.shape[1]!;
+    const keep = maxMemLen > 0 ? Math.min(maxMemLen, len) : len;
+    return stopGradient(tf.slice(t, [0, len - keep, 0], [-1, keep, -1]));
+  });
+}
+
+/** Forward inputs that TransformerWrapper and MultiInputTransformerWrapper take alike. */
+export interface SharedForwardInputs {
+  mask?: tf.Tensor;
+  prependEmbeds?: tf.Tensor;
+  prependMask?: tf.Tensor;
+  sumEmbeds?: tf.Tensor;
+  seqStartPos?: tf.Tensor;
+}
+
+/** Checks the shapes and dtypes of the shared forward inputs for tokens [b, n] and width embDim. */
+export function checkSharedInputs(o: SharedForwardInputs, b: number, n: number, embDim: number): void {
+  if (o.mask) checkTensor('mask', o.mask, { shape: [b, n], dtype: 'bool' });
+  if (o.prependEmbeds) {
+    checkTensor('prependEmbeds', o.prependEmbeds, { shape: [b, null, embDim], dtype: 'float32' });
+    if (o.prependMask)
+      checkTensor('prependMask', o.prependMask, { shape: [b, o.prependEmbeds.shape[1]!], dtype: 'bool' });
+  } else if (o.prependMask) throw new Error('prependMask: given without prependEmbeds');
+  if (o.sumEmbeds) checkTensor('sumEmbeds', o.sumEmbeds, { shape: [b, n, embDim], dtype: 'float32' });
+  if (o.seqStartPos) checkTensor('seqStartPos', o.seqStartPos, { shape: [b], dtype: 'int32' });
+}
+
+/** Embeddings with the masks that cover them: the self-attention mask and the key mask. */
+export interface MaskedEmbeds {
+  h: tf.Tensor;
+  mask?: tf.Tensor;
+  kvMask?: tf.Tensor;
+}
+
+/**
+ * `front` ([b, p, d]) put before the embeddings; the mask grows by `frontMask` (visible where not
+ * given, as is the whole mask when only `frontMask` is given), the key mask by visible positions.
+ */
+export function putInFront(e: MaskedEmbeds, front: tf.Tensor, frontMask?: tf.Tensor): MaskedEmbeds {
+  const [b, n] = e.h.shape as [number, number];
+  const p = front.shape[1]!;
+  const h = tf.concat([front, e.h], 1);
+  const kvMask = e.kvMask ? padAt(e.kvMask, 1, p, 0, 1) : undefined;
+  let mask = e.mask;
+  if (frontMask || mask) {
+    const m = mask ?? tf.ones([b, n], 'bool');
+    const pm = frontMask ?? tf.ones([b, p], 'bool');
+    mask = tf.concat([tf.cast(pm, 'bool'), tf.cast(m, 'bool')], 1);
+  }
+  return { h, mask, kvMask };
+}
+
+/** Learned tokens ([k, d]) put before every row's embeddings, visible in both masks. */
+export function putTokensInFront(e: MaskedEmbeds, tokens: tf.Tensor): MaskedEmbeds {
+  const [b] = e.h.shape as [number];
+  const k = tokens.shape[0]!;
+  return {
+    h: tf.concat([tf.tile(tf.expandDims(tokens, 0), [b, 1, 1]), e.h], 1),
+    mask: e.mask ? padAt(e.mask, 1, k, 0, 1) : undefined,
+    kvMask: e.kvMask ? padAt(e.kvMask, 1, k, 0, 1) : undefined,
+  };
+}
+
+/** The embedding's gradient scaled by `fraction` (the reference's emb_frac_gradient), values unchanged. */
+export function scaleEmbGradient(h: tf.Tensor, fraction: number): tf.Tensor {
+  if (fraction >= 1) return h;
+  return tf.add(tf.mul(h, fraction), tf.mul(stopGradient(h), 1 - fraction));
 }

@@ -3,11 +3,22 @@ import { Module, ModuleDict } from '../nn/module.js';
 import { Linear } from '../nn/linear.js';
 import { Embedding, AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding } from '../nn/embedding.js';
 import { LayerNorm } from '../nn/norms.js';
-import { dropout, padAt, tidyObj } from '../nn/functional.js';
+import { dropout, tidyObj } from '../nn/functional.js';
 import { AttentionLayers, Decoder } from '../layers/attention-layers.js';
 import { OptionError, checkTensor } from '../utils/errors.js';
 import { getRng } from '../utils/random.js';
-import { attentionZLoss, dropInterspersedMemory, intersperseMemoryTokens, fmt } from './common.js';
+import {
+  attentionZLoss,
+  dropInterspersedMemory,
+  intersperseMemoryTokens,
+  fmt,
+  nextMems,
+  checkSharedInputs,
+  putInFront,
+  putTokensInFront,
+  scaleEmbGradient,
+  type MaskedEmbeds,
+} from './common.js';
 import { RULES, checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `MultiInputTransformerWrapper` (camelCase of the reference's keyword names). */
@@ -94,12 +105,6 @@ export interface MultiInputState {
   /** With returnAttnZLoss, a scalar (see TransformerState.attnZLoss). */
   attnZLoss?: tf.Tensor;
 }
-
-/** Identity whose gradient is zero (torch's detach). */
-const detach = tf.customGrad(((x: tf.Tensor) => ({
-  value: x.clone(),
-  gradFunc: (dy: tf.Tensor) => tf.zerosLike(dy),
-})) as unknown as Parameters<typeof tf.customGrad>[0]) as unknown as (x: tf.Tensor) => tf.Tensor;
 
 /**
  * Several token inputs at each position (the reference's `multi_input.MultiInputTransformerWrapper`):
@@ -233,18 +238,7 @@ export class MultiInputTransformerWrapper extends Module {
     )
       throw new Error(`x: expected a sequence length of at most maxSeqLen ${this.maxSeqLen}, got ${n}`);
     if (external) checkTensor('posOverride', opts.posOverride, { shape: [b, n, this.embDim] });
-    if (opts.mask) checkTensor('mask', opts.mask, { shape: [b, n], dtype: 'bool' });
-    if (opts.sumEmbeds)
-      checkTensor('sumEmbeds', opts.sumEmbeds, { shape: [b, n, this.embDim], dtype: 'float32' });
-    if (opts.seqStartPos) checkTensor('seqStartPos', opts.seqStartPos, { shape: [b], dtype: 'int32' });
-    if (opts.prependEmbeds) {
-      checkTensor('prependEmbeds', opts.prependEmbeds, { shape: [b, null, this.embDim], dtype: 'float32' });
-      if (opts.prependMask)
-        checkTensor('prependMask', opts.prependMask, {
-          shape: [b, opts.prependEmbeds.shape[1]!],
-          dtype: 'bool',
-        });
-    } else if (opts.prependMask) throw new Error('prependMask: given without prependEmbeds');
+    checkSharedInputs(opts, b, n, this.embDim);
     if (this.options.memoryTokensInterspersedEvery !== null && this.numMemoryTokens > 0) {
       for (const k of ['mask', 'selfAttnKvMask', 'prependMask'] as const)
         if (opts[k]) throw new Error(`${k}: not supported with memoryTokensInterspersedEvery`);
@@ -266,7 +260,7 @@ export class MultiInputTransformerWrapper extends Module {
     opts: MultiInputForwardOptions,
     wantLogits: boolean,
   ): MultiInputState {
-    const [b, n] = this.validate(x, opts);
+    const [, n] = this.validate(x, opts);
     const o = this.options;
     const numMem = this.numMemoryTokens;
     const training = this.training;
@@ -279,27 +273,17 @@ export class MultiInputTransformerWrapper extends Module {
       else if (this.posEmb) h = tf.add(h, this.posEmb.forward(n, { pos: po, seqStartPos: opts.seqStartPos }));
       if (opts.sumEmbeds) h = tf.add(h, opts.sumEmbeds);
       if (this.postEmbNorm) h = this.postEmbNorm.forward(h);
-      let mask = opts.mask;
-      let kvMask = opts.selfAttnKvMask;
-      if (opts.prependEmbeds) {
-        const p = opts.prependEmbeds.shape[1]!;
-        h = tf.concat([opts.prependEmbeds, h], 1);
-        if (kvMask) kvMask = padAt(kvMask, 1, p, 0, 1);
-        if (opts.prependMask || mask)
-          mask = tf.concat([opts.prependMask ?? tf.ones([b, p], 'bool'), mask ?? tf.ones([b, n], 'bool')], 1);
-      }
-      if (o.embFracGradient < 1)
-        h = tf.add(tf.mul(h, o.embFracGradient), tf.mul(detach(h), 1 - o.embFracGradient));
-      h = dropout(h, o.embDropout, training);
+      let m: MaskedEmbeds = { h, mask: opts.mask, kvMask: opts.selfAttnKvMask };
+      if (opts.prependEmbeds) m = putInFront(m, opts.prependEmbeds, opts.prependMask);
+      h = dropout(scaleEmbGradient(m.h, o.embFracGradient), o.embDropout, training);
       if (this.projectEmb) h = this.projectEmb.forward(h);
       const seq = h.shape[1]!;
       const every = numMem > 0 ? o.memoryTokensInterspersedEvery : null;
-      if (every !== null) h = intersperseMemoryTokens(h, n, every, this.memoryTokens!);
-      else if (numMem > 0) {
-        h = tf.concat([tf.tile(tf.expandDims(this.memoryTokens!, 0), [b, 1, 1]), h], 1);
-        if (mask) mask = padAt(mask, 1, numMem, 0, 1);
-        if (kvMask) kvMask = padAt(kvMask, 1, numMem, 0, 1);
-      }
+      m = { ...m, h };
+      if (every !== null) m.h = intersperseMemoryTokens(h, n, every, this.memoryTokens!);
+      else if (numMem > 0) m = putTokensInFront(m, this.memoryTokens!);
+      h = m.h;
+      const { mask, kvMask } = m;
       let mems = opts.mems;
       if (o.shiftMemDown && mems && mems.length)
         mems = [...mems.slice(o.shiftMemDown), ...mems.slice(0, o.shiftMemDown)];
@@ -327,15 +311,7 @@ export class MultiInputTransformerWrapper extends Module {
       if (wantLogits && this.toLogits)
         for (const name of this.names) logits[name] = this.toLogits.get(name)!.forward(e);
       let newMems: tf.Tensor[] | undefined;
-      if (opts.returnMems) {
-        const pairs =
-          mems && mems.length ? res.hiddens.map((hd, i) => tf.concat([mems![i]!, hd], 1)) : res.hiddens;
-        newMems = pairs.map((t) => {
-          const len = t.shape[1]!;
-          const k = o.maxMemLen > 0 ? Math.min(o.maxMemLen, len) : len;
-          return detach(tf.slice(t, [0, len - k, 0], [-1, k, -1]));
-        });
-      }
+      if (opts.returnMems) newMems = nextMems(res.hiddens, mems, o.maxMemLen);
       return {
         logits,
         embeddings: e,

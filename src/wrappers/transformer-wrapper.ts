@@ -1,16 +1,27 @@
 import * as tf from '@tensorflow/tfjs-core';
+import { stopGradient } from '../attention/ops.js';
 import { Module, ModuleDict, ModuleList } from '../nn/module.js';
 import { rowStableProducts } from '../backend/index.js';
 import { Linear } from '../nn/linear.js';
 import { Embedding } from '../nn/embedding.js';
 import { LayerNorm } from '../nn/norms.js';
 import { AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding, TokenEmbedding } from '../nn/embedding.js';
-import { dropout, padAt, tidyObj } from '../nn/functional.js';
+import { dropout, tidyObj } from '../nn/functional.js';
 import { AttentionLayers, Decoder, type LayersCache } from '../layers/attention-layers.js';
 import { OptionError, checkTensor } from '../utils/errors.js';
 import { onGpu } from '../backend/index.js';
 import { getRng } from '../utils/random.js';
-import { attentionZLoss, dropInterspersedMemory, intersperseMemoryTokens } from './common.js';
+import {
+  attentionZLoss,
+  dropInterspersedMemory,
+  intersperseMemoryTokens,
+  nextMems,
+  checkSharedInputs,
+  putInFront,
+  putTokensInFront,
+  scaleEmbGradient,
+  type MaskedEmbeds,
+} from './common.js';
 import { checkOptionValues, requireOption, stripUndefined } from '../utils/option-rules.js';
 
 /** Options of `TransformerWrapper` (camelCase of the reference's keyword names). */
@@ -158,12 +169,6 @@ export interface TransformerState {
    */
   attnZLoss?: tf.Tensor;
 }
-
-/** Identity whose gradient is zero (torch's detach). */
-const detach = tf.customGrad(((x: tf.Tensor) => ({
-  value: x.clone(),
-  gradFunc: (dy: tf.Tensor) => tf.zerosLike(dy),
-})) as unknown as Parameters<typeof tf.customGrad>[0]) as unknown as (x: tf.Tensor) => tf.Tensor;
 
 /**
  * Token ids in, logits out: token (+ absolute position) embedding, attention layers, projection to
@@ -388,18 +393,7 @@ export class TransformerWrapper extends Module {
       throw new Error(
         `x: expected a sequence length of at most maxSeqLen ${this.maxSeqLen} (absolute positional embedding), got ${n}`,
       );
-    if (opts.mask) checkTensor('mask', opts.mask, { shape: [b, n], dtype: 'bool' });
-    if (opts.prependEmbeds) {
-      checkTensor('prependEmbeds', opts.prependEmbeds, { shape: [b, null, this.embDim], dtype: 'float32' });
-      if (opts.prependMask)
-        checkTensor('prependMask', opts.prependMask, {
-          shape: [b, opts.prependEmbeds.shape[1]!],
-          dtype: 'bool',
-        });
-    } else if (opts.prependMask) throw new Error('prependMask: given without prependEmbeds');
-    if (opts.sumEmbeds)
-      checkTensor('sumEmbeds', opts.sumEmbeds, { shape: [b, n, this.embDim], dtype: 'float32' });
-    if (opts.seqStartPos) checkTensor('seqStartPos', opts.seqStartPos, { shape: [b], dtype: 'int32' });
+    checkSharedInputs(opts, b, n, this.embDim);
     if (opts.rowCaches) this.validateRows(b, n, opts);
     if (opts.cache && !this.canCacheKv)
       throw new Error(
@@ -522,37 +516,19 @@ export class TransformerWrapper extends Module {
       h = tf.add(h, this.embeds.get(name)!.forward(ids));
     if (opts.sumEmbeds) h = tf.add(h, opts.sumEmbeds);
     if (this.postEmbNorm) h = this.postEmbNorm.forward(h);
-    let mask = opts.mask;
     // a self-attention key mask covers the tokens; extra positions put in front are visible
-    let kvMask = opts.selfAttnKvMask;
-    if (opts.prependEmbeds) {
-      const p = opts.prependEmbeds.shape[1]!;
-      h = tf.concat([opts.prependEmbeds, h], 1);
-      if (kvMask) kvMask = padAt(kvMask, 1, p, 0, 1);
-      if (opts.prependMask || mask) {
-        const m = mask ?? tf.ones([b, n], 'bool');
-        const pm = opts.prependMask ?? tf.ones([b, p], 'bool');
-        mask = tf.concat([tf.cast(pm, 'bool'), tf.cast(m, 'bool')], 1);
-      }
-    }
-    if (o.embFracGradient < 1) {
-      h = tf.add(tf.mul(h, o.embFracGradient), tf.mul(detach(h), 1 - o.embFracGradient));
-    }
-    h = dropout(h, o.embDropout, this.training);
+    let m: MaskedEmbeds = { h, mask: opts.mask, kvMask: opts.selfAttnKvMask };
+    if (opts.prependEmbeds) m = putInFront(m, opts.prependEmbeds, opts.prependMask);
+    h = dropout(scaleEmbGradient(m.h, o.embFracGradient), o.embDropout, this.training);
     if (this.projectEmb) h = this.projectEmb.forward(h);
-    if (this.clsToken) {
-      h = tf.concat([tf.tile(tf.expandDims(this.clsToken, 0), [b, 1, 1]), h], 1);
-      if (mask) mask = padAt(mask, 1, o.numClsTokens, 0, 1);
-      if (kvMask) kvMask = padAt(kvMask, 1, o.numClsTokens, 0, 1);
-    }
-    const memSeq = h.shape[1]!;
+    m = { ...m, h };
+    if (this.clsToken) m = putTokensInFront(m, this.clsToken);
+    const memSeq = m.h.shape[1]!;
     const every = numMem > 0 ? o.memoryTokensInterspersedEvery : null;
-    if (every !== null) h = intersperseMemoryTokens(h, n, every, this.memoryTokens!);
-    else if (numMem > 0) {
-      h = tf.concat([tf.tile(tf.expandDims(this.memoryTokens!, 0), [b, 1, 1]), h], 1);
-      if (mask) mask = padAt(mask, 1, numMem, 0, 1);
-      if (kvMask) kvMask = padAt(kvMask, 1, numMem, 0, 1);
-    }
+    if (every !== null) m.h = intersperseMemoryTokens(m.h, n, every, this.memoryTokens!);
+    else if (numMem > 0) m = putTokensInFront(m, this.memoryTokens!);
+    h = m.h;
+    const { mask, kvMask } = m;
     return { h, mask, kvMask, memSeq, every };
   }
 
@@ -642,7 +618,7 @@ export class TransformerWrapper extends Module {
       const steps = !o.recycling ? 1 : (opts.recycleSteps ?? getRng().int(0, o.trainMaxRecycleSteps) + 1);
       let res = this.attnLayers.forward(h, steps > 1 ? { ...layersOpts, returnCache: false } : layersOpts);
       for (let i = 1; i < steps; i++) {
-        const recycled = this.recycledProj!.forward(detach(res.out));
+        const recycled = this.recycledProj!.forward(stopGradient(res.out));
         const last = i === steps - 1;
         res = this.attnLayers.forward(
           tf.add(h, recycled),
@@ -657,15 +633,7 @@ export class TransformerWrapper extends Module {
       const { e, headLogits } = this.readout(res.out, b, memSeq, every, opts, wantLogits);
       const logits = headLogits ? headLogits[0]! : null;
       let newMems: tf.Tensor[] | undefined;
-      if (wantMems) {
-        const hiddens = res.hiddens;
-        const pairs = mems && mems.length ? hiddens.map((hd, i) => tf.concat([mems![i]!, hd], 1)) : hiddens;
-        newMems = pairs.map((t) => {
-          const len = t.shape[1]!;
-          const keep = o.maxMemLen > 0 ? Math.min(o.maxMemLen, len) : len;
-          return detach(tf.slice(t, [0, len - keep, 0], [-1, keep, -1]));
-        });
-      }
+      if (wantMems) newMems = nextMems(res.hiddens, mems, o.maxMemLen);
       return {
         logits,
         embeddings: e,
