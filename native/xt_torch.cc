@@ -12,6 +12,8 @@
 #include <torch/version.h>
 
 #include <dlfcn.h>
+
+#include <cstring>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -194,12 +196,13 @@ int32_t store(at::Tensor t) {
   return id;
 }
 
-const at::Tensor& get(const Napi::Value& v) {
-  int32_t id = v.As<Napi::Number>().Int32Value();
+const at::Tensor& getId(int32_t id) {
   if (id < 0 || id >= static_cast<int32_t>(g_tensors.size()) || !g_tensors[id].defined())
     throw std::runtime_error("invalid tensor id " + std::to_string(id));
   return g_tensors[id];
 }
+
+const at::Tensor& get(const Napi::Value& v) { return getId(v.As<Napi::Number>().Int32Value()); }
 
 std::vector<int64_t> ints(const Napi::Value& v) {
   std::vector<int64_t> out;
@@ -1149,11 +1152,51 @@ XT_FN(OneHot) {
   return idv(info, at::where(eq, at::full({}, on, opts(st)), at::full({}, off, opts(st))));
 }
 
+// The k largest of each row of a CPU float32 or int32 tensor, by a partial sort of indices: the
+// order of a stable descending sort (NaN first, ties by lower index), without sorting whole rows.
+template <typename T>
+void topkRows(const at::Tensor& x, int64_t k, at::Tensor& values, at::Tensor& indices) {
+  int64_t n = x.size(-1), rows = n > 0 ? x.numel() / n : 0;
+  const T* px = x.data_ptr<T>();
+  T* pv = values.data_ptr<T>();
+  int32_t* pi = indices.data_ptr<int32_t>();
+  int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<int32_t> idx(n);
+    for (int64_t r = r0; r < r1; r++) {
+      const T* row = px + r * n;
+      auto before = [row](int32_t a, int32_t b) {
+        T va = row[a], vb = row[b];
+        bool na = va != va, nb = vb != vb;
+        if (na || nb) return na && nb ? a < b : na;
+        return va != vb ? va > vb : a < b;
+      };
+      for (int64_t j = 0; j < n; j++) idx[j] = static_cast<int32_t>(j);
+      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), before);
+      for (int64_t j = 0; j < k; j++) {
+        pv[r * k + j] = row[idx[j]];
+        pi[r * k + j] = idx[j];
+      }
+    }
+  });
+}
+
 XT_FN(TopK) {
   const at::Tensor& x = get(info[0]);
   int64_t k = num(info, 1);
   bool sorted = flag(info, 2);
   (void)sorted;  // always sorted; ties keep the lower index first, as in TF.js
+  if (x.device().is_cpu() && x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kInt) &&
+      k >= 0 && k <= x.size(-1) && x.size(-1) < (int64_t(1) << 31)) {
+    auto xc = x.contiguous();
+    auto shape = xc.sizes().vec();
+    shape.back() = k;
+    auto values = at::empty(shape, xc.options());
+    auto indices = at::empty(shape, xc.options().dtype(at::kInt));
+    if (xc.scalar_type() == at::kFloat) topkRows<float>(xc, k, values, indices);
+    else topkRows<int32_t>(xc, k, values, indices);
+    return idList(info, {values, indices});
+  }
   auto r = at::sort(x, true, -1, true);
   return idList(info, {std::get<0>(r).narrow(-1, 0, k), std::get<1>(r).narrow(-1, 0, k)});
 }
@@ -1548,6 +1591,21 @@ XT_FN(GeluGrad) { return idv(info, at::gelu_backward(get(info[0]), get(info[1]))
 // Rotary embedding with pair tables: x [b, h, n, w]; cos, sin broadcastable to x with the last axis
 // whole (sin holds the sign of the pair rotation). forward: y = x * cos + swap(x) * sin, where swap
 // exchanges features 2i and 2i+1; transpose (its gradient): y = x * cos + swap(x * sin).
+// One vector of w features (w even): y = x * c + swap(x) * s, or (transpose) x * c + swap(x * s).
+inline void rotatePairs(const float* xr, const float* cr, const float* sr, float* yr, int64_t w, bool transpose) {
+  if (!transpose) {
+    for (int64_t j = 0; j < w; j += 2) {
+      yr[j] = xr[j] * cr[j] + xr[j + 1] * sr[j];
+      yr[j + 1] = xr[j + 1] * cr[j + 1] + xr[j] * sr[j + 1];
+    }
+  } else {
+    for (int64_t j = 0; j < w; j += 2) {
+      yr[j] = xr[j] * cr[j] + xr[j + 1] * sr[j + 1];
+      yr[j + 1] = xr[j + 1] * cr[j + 1] + xr[j] * sr[j];
+    }
+  }
+}
+
 at::Tensor rotaryApply(const at::Tensor& x, const at::Tensor& c0, const at::Tensor& s0, bool transpose) {
   int64_t w = x.size(-1);
   bool fast = x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat && c0.scalar_type() == at::kFloat &&
@@ -1580,17 +1638,7 @@ at::Tensor rotaryApply(const at::Tensor& x, const at::Tensor& c0, const at::Tens
         float* yr = py + ((bi * H + hi) * N + ni) * w;
         const float* cr = pc + bi * c.stride(0) + hi * c.stride(1) + ni * c.stride(2);
         const float* sr = ps + bi * s.stride(0) + hi * s.stride(1) + ni * s.stride(2);
-        if (!transpose) {
-          for (int64_t j = 0; j < w; j += 2) {
-            yr[j] = xr[j] * cr[j] + xr[j + 1] * sr[j];
-            yr[j + 1] = xr[j + 1] * cr[j + 1] + xr[j] * sr[j + 1];
-          }
-        } else {
-          for (int64_t j = 0; j < w; j += 2) {
-            yr[j] = xr[j] * cr[j] + xr[j + 1] * sr[j + 1];
-            yr[j + 1] = xr[j + 1] * cr[j + 1] + xr[j] * sr[j];
-          }
-        }
+        rotatePairs(xr, cr, sr, yr, w, transpose);
       }
   return y;
 }
@@ -1621,7 +1669,17 @@ at::Tensor appendPosition(const at::Tensor& cache, const at::Tensor& x) {
     if (it != g_appendBuffers.end() && cap > t && cache.stride(1) == cap * d && cache.stride(0) == h * cap * d &&
         it->second.used == t && it->second.storage.lock().get() == cache.storage().unsafeGetStorageImpl()) {
       auto full = cache.as_strided({b, h, t + 1, d}, cache.strides(), 0);
-      full.narrow(2, t, 1).copy_(x);
+      if (x.device().is_cpu() && x.scalar_type() == at::kFloat && (x.stride(3) == 1 || d == 1)) {
+        // the new position, row by row, without a tensor op
+        float* dst = full.data_ptr<float>();
+        const float* src = x.data_ptr<float>();
+        for (int64_t bi = 0; bi < b; bi++)
+          for (int64_t hi = 0; hi < h; hi++)
+            std::memcpy(dst + bi * full.stride(0) + hi * full.stride(1) + t * d,
+                        src + bi * x.stride(0) + hi * x.stride(1), sizeof(float) * d);
+      } else {
+        full.narrow(2, t, 1).copy_(x);
+      }
       it->second.used = t + 1;
       return full;
     }
@@ -1653,8 +1711,31 @@ at::Tensor rotatedKeys(const at::Tensor& kAll, const at::Tensor& cos, const at::
   if (tracked && it->second.rotated.defined() && it->second.rotatedUsed == t1 - 1 && cos.size(2) == t1 &&
       sin.size(2) == t1) {
     auto& r = it->second.rotated;
-    r.narrow(2, t1 - 1, 1).copy_(rotaryApply(kAll.narrow(2, t1 - 1, 1), cos.narrow(2, t1 - 1, 1),
-                                             sin.narrow(2, t1 - 1, 1), false));
+    int64_t w = kAll.size(3);
+    bool raw = kAll.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
+               sin.scalar_type() == at::kFloat && cos.device().is_cpu() && sin.device().is_cpu() && w % 2 == 0 &&
+               cos.dim() == 4 && sin.dim() == 4 && cos.size(3) == w && sin.size(3) == w &&
+               (cos.stride(3) == 1 || w == 1) && (sin.stride(3) == 1 || w == 1) && r.is_contiguous();
+    if (raw) {
+      // the new key of each row and head, rotated straight into the buffer (as rotaryApply does)
+      int64_t b = kAll.size(0), h = kAll.size(1), cap = r.size(2);
+      const float* pk = kAll.data_ptr<float>();
+      const float* pc = cos.data_ptr<float>();
+      const float* ps = sin.data_ptr<float>();
+      float* pr = r.data_ptr<float>();
+      auto at4 = [&](const at::Tensor& t, const float* base, int64_t bi, int64_t hi) {
+        return base + (t.size(0) == 1 ? 0 : bi * t.stride(0)) + (t.size(1) == 1 ? 0 : hi * t.stride(1)) +
+               (t1 - 1) * t.stride(2);
+      };
+      for (int64_t bi = 0; bi < b; bi++)
+        for (int64_t hi = 0; hi < h; hi++)
+          rotatePairs(pk + bi * kAll.stride(0) + hi * kAll.stride(1) + (t1 - 1) * kAll.stride(2),
+                      at4(cos, pc, bi, hi), at4(sin, ps, bi, hi), pr + ((bi * h + hi) * cap + t1 - 1) * w, w,
+                      false);
+    } else {
+      r.narrow(2, t1 - 1, 1).copy_(rotaryApply(kAll.narrow(2, t1 - 1, 1), cos.narrow(2, t1 - 1, 1),
+                                               sin.narrow(2, t1 - 1, 1), false));
+    }
     it->second.rotatedUsed = t1;
     return r.narrow(2, 0, t1);
   }
@@ -1677,6 +1758,71 @@ at::Tensor rotatedKeys(const at::Tensor& kAll, const at::Tensor& cos, const at::
 // args: x [b, 1, dim], wq, wk, wv, wo, kCache [b, h, t, d], vCache [b, h, t, dv], cos, sin, cosQ,
 // sinQ (ids or -1), scale, heads -> [out [b, 1, dimOut], k [b, h, t + 1, d], v [b, h, t + 1, dv],
 // this step's v [b, h, 1, dv]].
+// softmax(q k^T * scale) v of one query per row and head, heads merged: q [b, h, 1, d], k [b, h, t, d],
+// v [b, h, t, dv] -> [b, 1, h * dv], written into `into` (rows [row0, row0 + b)) when given. On CPU
+// float32 with the small-row product kernels this runs them directly, in the order attentionForward's
+// composite runs them for one query row (scores, times scale, softmax, times values), so the numbers
+// are the same without a tensor op per head; anything else runs that composite.
+at::Tensor attendOneQuery(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                          at::Tensor* into = nullptr, int64_t row0 = 0) {
+  int64_t b = q.size(0), h = q.size(1), d = q.size(3), t = k.size(2), dv = v.size(3);
+  bool raw = g_sgemm && smallGemvFor(1) && !lowp(q) && q.device().is_cpu() && k.device().is_cpu() &&
+             v.device().is_cpu() && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+             v.scalar_type() == at::kFloat && q.size(2) == 1 && k.size(1) == h && v.size(1) == h &&
+             v.size(2) == t && k.size(3) == d && t > 0 && (q.stride(3) == 1 || d == 1) &&
+             (k.stride(3) == 1 || d == 1) && k.stride(2) >= d && (v.stride(3) == 1 || dv == 1) && v.stride(2) >= dv;
+  at::Tensor merged;
+  if (!raw) {
+    auto o = attentionForward(q, k, v, nullptr, scale, true);
+    merged = o.permute({0, 2, 1, 3}).reshape({b, 1, h * dv});
+    if (!into) return merged;
+    into->narrow(0, row0, b).copy_(merged);
+    return *into;
+  }
+  auto s = at::empty({b, h, 1, t}, q.options());
+  float* ps = s.data_ptr<float>();
+  const float* pq = q.data_ptr<float>();
+  const float* pk = k.data_ptr<float>();
+  const float* pv = v.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  for (int64_t bi = 0; bi < b; bi++)
+    for (int64_t hi = 0; hi < h; hi++) {
+      float* sr = ps + (bi * h + hi) * t;
+      gemvT(1, t, d, pq + bi * q.stride(0) + hi * q.stride(1), d, pk + bi * k.stride(0) + hi * k.stride(1),
+            k.stride(2), sr, t);
+      for (int64_t j = 0; j < t; j++) sr[j] *= sc;
+    }
+  auto p = at::softmax(s, -1);
+  const float* pp = p.data_ptr<float>();
+  at::Tensor out = into ? *into : at::empty({b, 1, h * dv}, q.options());
+  float* po = out.data_ptr<float>() + (into ? row0 * h * dv : 0);
+  for (int64_t bi = 0; bi < b; bi++)
+    for (int64_t hi = 0; hi < h; hi++)
+      gemvN(1, dv, t, pp + (bi * h + hi) * t, t, pv + bi * v.stride(0) + hi * v.stride(1), v.stride(2),
+            po + (bi * h + hi) * dv, dv);
+  return out;
+}
+
+// The attention of one decoding step after the projections: q, k, v [b, h, 1, *] (this step's),
+// k and v appended to the caches, q and the keys rotated with (cosQ, sinQ) and (cos, sin) when
+// given. Returns the heads merged [b, 1, h * dv] (or writes them into `into`) and the new caches.
+struct StepAttention {
+  at::Tensor merged, kAll, vAll;
+};
+
+StepAttention attendStep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kc,
+                         const at::Tensor& vc, const at::Tensor* cos, const at::Tensor* sin, const at::Tensor* cosQ,
+                         const at::Tensor* sinQ, double scale, at::Tensor* into = nullptr, int64_t row0 = 0) {
+  auto kAll = appendPosition(kc, k);
+  auto vAll = appendPosition(vc, v);
+  at::Tensor qr = q, kr = kAll;
+  if (cos) {
+    qr = rotaryApply(q, *cosQ, *sinQ, false);
+    kr = rotatedKeys(kAll, *cos, *sin);
+  }
+  return {attendOneQuery(qr, kr, vAll, scale, into, row0), kAll, vAll};
+}
+
 XT_FN(CachedAttention) {
   const at::Tensor& x = get(info[0]);
   const at::Tensor &wq = get(info[1]), &wk = get(info[2]), &wv = get(info[3]), &wo = get(info[4]);
@@ -1689,17 +1835,67 @@ XT_FN(CachedAttention) {
   auto q = heads(xtMatmul(x, wq.transpose(0, 1)));
   auto k = heads(xtMatmul(x, wk.transpose(0, 1)));
   auto v = heads(xtMatmul(x, wv.transpose(0, 1)));
-  auto kAll = appendPosition(kc, k);
-  auto vAll = appendPosition(vc, v);
-  at::Tensor qr = q, kr = kAll;
+  StepAttention st;
   if (rotary) {
-    qr = rotaryApply(q, get(info[9]), get(info[10]), false);
-    kr = rotatedKeys(kAll, get(info[7]), get(info[8]));
+    const at::Tensor &cos = get(info[7]), &sin = get(info[8]), &cosQ = get(info[9]), &sinQ = get(info[10]);
+    st = attendStep(q, k, v, kc, vc, &cos, &sin, &cosQ, &sinQ, scale);
+  } else {
+    st = attendStep(q, k, v, kc, vc, nullptr, nullptr, nullptr, nullptr, scale);
   }
-  auto o = attentionForward(qr, kr, vAll, nullptr, scale, true);
-  auto merged = o.permute({0, 2, 1, 3}).reshape({b, 1, o.size(1) * o.size(3)});
-  auto out = xtMatmul(merged, wo.transpose(0, 1));
-  return idList(info, {out, kAll, vAll, v});
+  auto out = xtMatmul(st.merged, wo.transpose(0, 1));
+  return idList(info, {out, st.kAll, st.vAll, v});
+}
+
+// One decoding step of plain self-attention for rows that each continue their own cache (rows of
+// different lengths decoded together): row r of x [b, 1, dim] appends to kCaches[r], vCaches[r]
+// ([1, h, t_r, d], [1, h, t_r, dv]) and is rotated, when cos[r] >= 0, with the tables cos[r], sin[r]
+// ([1, 1, >= t_r + 1, d], positions from 0) at position t_r. The projections run on all rows at
+// once, the attention row by row; each row's numbers are those of XtCachedAttention on that row
+// alone while the products keep rows apart (setSmallGemvRows >= b).
+// -> [out [b, 1, dimOut], k_0, v_0, k_1, v_1, ...] (each row's caches with this step).
+XT_FN(CachedAttentionRows) {
+  const at::Tensor& x = get(info[0]);
+  const at::Tensor &wq = get(info[1]), &wk = get(info[2]), &wv = get(info[3]), &wo = get(info[4]);
+  auto kcs = tensorList(info[5]);
+  auto vcs = tensorList(info[6]);
+  auto cosIds = ints(info[7]);
+  auto sinIds = ints(info[8]);
+  double scale = dbl(info, 9);
+  int64_t h = num(info, 10);
+  int64_t b = x.size(0);
+  if (x.dim() != 3 || x.size(1) != 1 || static_cast<int64_t>(kcs.size()) != b ||
+      static_cast<int64_t>(vcs.size()) != b || static_cast<int64_t>(cosIds.size()) != b ||
+      static_cast<int64_t>(sinIds.size()) != b)
+    throw std::runtime_error("cachedAttentionRows: expected x [b, 1, dim] and b caches and tables");
+  auto heads = [&](const at::Tensor& t) { return t.view({b, 1, h, t.size(-1) / h}).permute({0, 2, 1, 3}); };
+  auto q = heads(xtMatmul(x, wq.transpose(0, 1)));
+  auto k = heads(xtMatmul(x, wk.transpose(0, 1)));
+  auto v = heads(xtMatmul(x, wv.transpose(0, 1)));
+  int64_t dv = v.size(3);
+  auto merged = at::empty({b, 1, h * dv}, q.options());
+  std::vector<at::Tensor> outs(1 + 2 * b);
+  for (int64_t r = 0; r < b; r++) {
+    const at::Tensor &kc = kcs[r], &vc = vcs[r];
+    if (kc.dim() != 4 || kc.size(0) != 1 || vc.dim() != 4 || vc.size(0) != 1)
+      throw std::runtime_error("cachedAttentionRows: expected the caches of one row each");
+    auto qr = q.narrow(0, r, 1), kr = k.narrow(0, r, 1), vr = v.narrow(0, r, 1);
+    StepAttention st;
+    if (cosIds[r] >= 0) {
+      int64_t t = kc.size(2);
+      const at::Tensor &cosT = getId(static_cast<int32_t>(cosIds[r])), &sinT = getId(static_cast<int32_t>(sinIds[r]));
+      if (cosT.dim() != 4 || cosT.size(2) < t + 1 || sinT.sizes() != cosT.sizes())
+        throw std::runtime_error("cachedAttentionRows: rotary tables shorter than a row's next position");
+      auto cos = cosT.narrow(2, 0, t + 1), sin = sinT.narrow(2, 0, t + 1);
+      auto cosQ = cosT.narrow(2, t, 1), sinQ = sinT.narrow(2, t, 1);
+      st = attendStep(qr, kr, vr, kc, vc, &cos, &sin, &cosQ, &sinQ, scale, &merged, r);
+    } else {
+      st = attendStep(qr, kr, vr, kc, vc, nullptr, nullptr, nullptr, nullptr, scale, &merged, r);
+    }
+    outs[1 + 2 * r] = st.kAll;
+    outs[2 + 2 * r] = st.vAll;
+  }
+  outs[0] = xtMatmul(merged, wo.transpose(0, 1));
+  return idList(info, outs);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2181,6 +2377,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("randomFill", RandomFill);
   X("sampleRows", SampleRows);
   X("cachedAttention", CachedAttention);
+  X("cachedAttentionRows", CachedAttentionRows);
 #undef X
   return exports;
 }

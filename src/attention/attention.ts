@@ -38,6 +38,25 @@ import {
  */
 export const XT_CACHED_ATTENTION = 'XtCachedAttention';
 
+/**
+ * A kernel a backend may register to run one decoding step of plain self-attention for rows that
+ * each continue their own cache (sequences of different lengths decoded together):
+ *   XtCachedAttentionRows  inputs {x: [b, 1, dim], wq, wk, wv, wo, and per row r: k{r}: [1, h, t_r, d],
+ *                          v{r}: [1, h, t_r, dv], cos{r}?, sin{r}? ([1, 1, >= t_r + 1, d], the
+ *                          tables of positions from 0, of which the row uses 0 .. t_r)}
+ *                          attrs {scale, heads, rows: b}
+ *                          outputs [out: [b, 1, dimOut], then per row k: [1, h, t_r + 1, d], v: [1, h, t_r + 1, dv]]
+ *   Row r's numbers must be those XtCachedAttention gives for that row alone (while matrix products
+ *   keep rows apart: `rowStableProducts`).
+ */
+export const XT_CACHED_ATTENTION_ROWS = 'XtCachedAttentionRows';
+
+/** The full rotary tables of one row decoded with `decodeRows` (positions from 0). */
+export interface RowRotaryTables {
+  cos: tf.Tensor;
+  sin: tf.Tensor;
+}
+
 /** Options that must keep these values for the one-kernel decoding step (none changes its math). */
 const PLAIN_DECODE: Partial<AttentionOptions> = {
   preTalkingHeads: false,
@@ -589,6 +608,54 @@ export class Attention extends Module {
       intermediates.values = values!;
     }
     return { out: out!, intermediates };
+  }
+
+  /**
+   * One decoding step of rows that each continue their own cache, as one XtCachedAttentionRows
+   * kernel: row r of x ([b, 1, dim]) appends to caches[r] (one row's) and, with `rotary`, is turned
+   * by tables[r] at its next position. Returns the rows' outputs [b, 1, dimOut] and each row's new
+   * cache; null where the kernel does not apply (the rows then run one by one through `forward`).
+   */
+  decodeRows(
+    x: tf.Tensor,
+    caches: AttentionKv[],
+    rotary: { tables: RowRotaryTables | null }[] | null,
+  ): { out: tf.Tensor; kvs: AttentionKv[] } | null {
+    const b = caches.length;
+    if (
+      !this.plainDecode ||
+      (this.training && this.options.dropout > 0) ||
+      x.rank !== 3 ||
+      x.shape[0] !== b ||
+      x.shape[1] !== 1 ||
+      !backendHasKernel(XT_CACHED_ATTENTION_ROWS)
+    )
+      return null;
+    const inputs: tf.NamedTensorMap = {
+      x,
+      wq: this.toQ.weight,
+      wk: this.toK.weight,
+      wv: this.toV.weight,
+      wo: this.toOut.weight,
+    };
+    for (let r = 0; r < b; r++) {
+      const { k, v } = caches[r]!;
+      this.checkCache(caches[r]!, 1);
+      inputs[`k${r}`] = k;
+      inputs[`v${r}`] = v;
+      if (!rotary) continue;
+      const t = rotary[r]!.tables;
+      if (!t || t.cos.rank !== 4 || t.cos.shape[3] !== this.dimHead || t.cos.shape[2]! <= k.shape[2]!)
+        return null;
+      inputs[`cos${r}`] = t.cos;
+      inputs[`sin${r}`] = t.sin;
+    }
+    const [out, ...kvs] = tf.engine().runKernel(XT_CACHED_ATTENTION_ROWS, inputs, {
+      scale: this.scale,
+      heads: this.heads,
+      rows: b,
+    }) as tf.Tensor[];
+    return { out: out!, kvs: caches.map((_, r) => ({ k: kvs[2 * r]!, v: kvs[2 * r + 1]! })) };
   }
 
   /**

@@ -4,6 +4,7 @@ import { Indexed, type FeedForwardOptions } from '../nn/feedforward.js';
 import { makeNorm, type Norm, type NormKind } from '../nn/norms.js';
 import { tidyObj } from '../nn/functional.js';
 import { Linear } from '../nn/linear.js';
+import { Attention } from '../attention/attention.js';
 import { RotaryEmbedding, prepareRotary } from '../attention/rotary.js';
 import { RelativePositionBias } from '../attention/relative-position-bias.js';
 import { DynamicPositionBias } from '../attention/dynamic-position-bias.js';
@@ -224,7 +225,14 @@ interface RunState {
 interface RowsState {
   iters: AttentionKv[][];
   kvs: AttentionKv[][];
-  rotary: { rotary?: RotaryInput; tables: SharedRotaryTables | null }[];
+  rotary: RowRotary[];
+}
+
+/** A row's rotary for its next position: the shared tables it holds, and its input for a layer run alone. */
+interface RowRotary {
+  tables: SharedRotaryTables | null;
+  /** the RotaryInput of the row's positions (made on first use) */
+  input(): RotaryInput | undefined;
 }
 
 /**
@@ -467,16 +475,18 @@ export class AttentionLayers extends Module {
     if (extra.length) throw new Error(`rowCaches: expected no ${extra.join(', ')} with it`);
   }
 
-  /** The rotary input of one row's next position (and the tables it holds), as its own decoding step has. */
-  private rowRotary(c: LayersCache): { rotary?: RotaryInput; tables: SharedRotaryTables | null } {
+  /** The rotary of one row's next position (and the tables it holds), as its own decoding step has. */
+  private rowRotary(c: LayersCache): RowRotary {
     const rope = this.rotaryPosEmb;
-    if (!rope) return { tables: null };
+    if (!rope) return { tables: null, input: () => undefined };
     const n = c.seqLen + 1;
     if (wantRotaryTables(rope, { cache: c })) {
       const tables = sharedRotaryTables(rope, n, this.dimHead, c.rotary);
-      return { rotary: tables.slice(n, 1), tables };
+      let sliced: RotaryInput | undefined;
+      return { tables, input: () => (sliced ??= tables.slice(n, 1)) };
     }
-    return { rotary: prepareRotary(rope.forward(tf.range(0, n, 1, 'int32')), 1, this.dimHead), tables: null };
+    const rotary = prepareRotary(rope.forward(tf.range(0, n, 1, 'int32')), 1, this.dimHead);
+    return { tables: null, input: () => rotary };
   }
 
   /**
@@ -759,18 +769,20 @@ export class AttentionLayers extends Module {
     const r =
       type === 'a' && rows
         ? {
-            out: attendRows(h, rows, (i, hr, cache) =>
-              entry.block.forward(
-                hr,
-                {
-                  relPos: this.relPos ?? undefined,
-                  rotary: rows.rotary[i]!.rotary,
-                  cache,
-                  returnIntermediates: true,
-                },
-                s.cond,
+            out:
+              this.attendRowsAtOnce(entry.block, h, rows) ??
+              attendRows(h, rows, (i, hr, cache) =>
+                entry.block.forward(
+                  hr,
+                  {
+                    relPos: this.relPos ?? undefined,
+                    rotary: rows.rotary[i]!.input(),
+                    cache,
+                    returnIntermediates: true,
+                  },
+                  s.cond,
+                ),
               ),
-            ),
           }
         : entry.block.forward(h, blockOpts, s.cond);
     let out = r instanceof tf.Tensor ? r : r.out;
@@ -780,6 +792,28 @@ export class AttentionLayers extends Module {
     if (!(r instanceof tf.Tensor) && 'intermediates' in r)
       this.keepIntermediates(type as 'a' | 'c', r.intermediates as AttentionIntermediates, s, opts);
     if (postMain) s.x = postMain.forward(s.x, s.cond);
+  }
+
+  /**
+   * Self-attention of rows decoded together as one kernel call (`Attention.decodeRows`): each row's
+   * next cache goes to rows.kvs. Null where that does not apply (the rows then run one by one).
+   */
+  private attendRowsAtOnce(block: unknown, h: tf.Tensor, rows: RowsState): tf.Tensor | null {
+    if (!(block instanceof Attention) || this.relPos) return null;
+    const rotary = this.rotaryPosEmb
+      ? rows.rotary.map((r) => ({ tables: r.tables?.fullTables() ?? null }))
+      : null;
+    const res = block.decodeRows(
+      h,
+      rows.iters.map((it) => it[0]!),
+      rotary,
+    );
+    if (!res) return null;
+    res.kvs.forEach((kv, r) => {
+      rows.iters[r]!.shift();
+      rows.kvs[r]!.push(kv);
+    });
+    return res.out;
   }
 
   /** What an attention layer leaves to the cache, the hiddens and the later layers. */

@@ -15,10 +15,10 @@ export class SharedRotaryTables {
     readonly capacity: number,
     readonly width: number,
     /** forward(0 .. capacity - 1) with its tables (queryLen = capacity) */
-    private readonly full: RotaryInput,
+    private readonly whole: RotaryInput,
   ) {
-    const t = full.tables;
-    tf.keep(full.freqs);
+    const t = whole.tables;
+    tf.keep(whole.freqs);
     if (t) for (const x of [t.cos, t.sin, t.cosQ, t.sinQ, t.swap]) tf.keep(x);
   }
 
@@ -28,7 +28,7 @@ export class SharedRotaryTables {
       throw new Error(
         `rotary tables: expected n <= ${this.capacity} and queryLen <= n, got ${n} and ${queryLen}`,
       );
-    const { freqs, tables } = this.full;
+    const { freqs, tables } = this.whole;
     const first = (x: tf.Tensor, axis: number, start: number, len: number): tf.Tensor => {
       const begin = x.shape.map(() => 0);
       const size = x.shape.map(() => -1);
@@ -54,6 +54,12 @@ export class SharedRotaryTables {
     };
   }
 
+  /** The cos and sin tables of all its positions ([1, 1, capacity, width]), or null without tables. */
+  fullTables(): { cos: tf.Tensor; sin: tf.Tensor } | null {
+    const t = this.whole.tables;
+    return t ? { cos: t.cos, sin: t.sin } : null;
+  }
+
   hold(): this {
     this.holders++;
     return this;
@@ -61,8 +67,8 @@ export class SharedRotaryTables {
 
   release(): void {
     if (--this.holders > 0) return;
-    const t = this.full.tables;
-    this.full.freqs.dispose();
+    const t = this.whole.tables;
+    this.whole.freqs.dispose();
     if (t) for (const x of [t.cos, t.sin, t.cosQ, t.sinQ, t.swap]) x.dispose();
   }
 }

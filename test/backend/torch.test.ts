@@ -124,6 +124,46 @@ describe('torch backend matches cpu', () => {
     });
   });
 
+  it('topk: ties by lower index, int32, k of 0 and of the whole row, long rows', async () => {
+    await same(
+      () => {
+        const ties = tf.tensor2d([
+          [3, 1, 3, 2, 3, 1],
+          [0, -0, 5, 5, -1, 5],
+        ]);
+        const ints = tf.tensor2d(
+          [
+            [4, 4, -2, 7, 7, 0],
+            [1, 2, 3, 4, 5, 6],
+          ],
+          [2, 6],
+          'int32',
+        );
+        // 3 rows of 1000 values with repeats (rounded), as a vocabulary's logits
+        const long = tf.round(tf.mul(rnd([3, 1000], 4), 8));
+        return [
+          ...Object.values(tf.topk(ties, 4)),
+          ...Object.values(tf.topk(ints, 3)),
+          ...Object.values(tf.topk(ints, 6)),
+          ...Object.values(tf.topk(ties, 0)),
+          ...Object.values(tf.topk(long, 50)),
+          ...Object.values(tf.topk(tf.reshape(long, [3, 10, 100]), 7)),
+        ];
+      },
+      0,
+      0,
+    );
+  });
+
+  it('topk puts NaN first (lower index first among them)', async () => {
+    await tf.setBackend('torch');
+    const { values, indices } = tf.topk(tf.tensor1d([1, NaN, 3, NaN, 2]), 3);
+    expect(Array.from(indices.dataSync())).toEqual([1, 3, 2]);
+    const v = Array.from(values.dataSync());
+    expect(Number.isNaN(v[0]) && Number.isNaN(v[1]) && v[2] === 3).toBe(true);
+    tf.dispose([values, indices]);
+  });
+
   it('reductions over axes, with and without keepDims', async () => {
     await same(() => {
       const x = rnd([3, 4, 5], 9);

@@ -5,6 +5,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
 import { BatchDecoder, type BatchSequenceOptions } from '../../src/generation/batch-decoder.js';
+import { XT_CACHED_ATTENTION, XT_CACHED_ATTENTION_ROWS } from '../../src/attention/attention.js';
 import { decode } from '../../src/generation/generate.js';
 import { Decoder } from '../../src/layers/attention-layers.js';
 import type { LayersCache } from '../../src/layers/cache.js';
@@ -94,6 +95,7 @@ export function batchDecoderCases(backend: string): void {
         { rotaryPosEmb: true, attnKvHeads: 2, attnNumMemKv: 2 },
         {},
       ],
+      ['rotary over whole heads', { rotaryPosEmb: true, attnDimHead: 32 }, {}],
       ['rotary xpos', { rotaryPosEmb: true, rotaryXpos: true }, {}],
       ['alibi, RMSNorm, SwiGLU', { alibiPosBias: true, useRmsnorm: true, ffSwish: true, ffGlu: true }, {}],
       ['T5 relative position bias, tied embedding', { relPosBias: true }, { tieEmbedding: true }],
@@ -188,6 +190,43 @@ export function batchDecoderCases(backend: string): void {
       expect(seen).toEqual(want[0]!.slice(0, stop));
       expect(done).toBe('eos');
       d.dispose();
+      net.dispose();
+    });
+
+    it('a step runs each self-attention layer as one XtCachedAttentionRows kernel where it applies', async () => {
+      const registered = tf.getKernel(XT_CACHED_ATTENTION_ROWS, tf.getBackend()) !== undefined;
+      expect(registered).toBe(tf.getBackend() === 'torch');
+      const cases: [AttentionLayersOptions, boolean][] = [
+        [{ rotaryPosEmb: true }, true],
+        [{}, true],
+        // position biases and grouped-query attention run row by row
+        [{ alibiPosBias: true }, false],
+        [{ attnKvHeads: 2 }, false],
+      ];
+      for (const [layers, applies] of cases) {
+        const net = makeNet(layers);
+        const d = new BatchDecoder(net);
+        PROMPTS.slice(0, 3).forEach((p) => d.add(p, { maxTokens: 5, temperature: 0 }));
+        d.step(); // the prefills
+        const info = await tf.profile(() => {
+          d.step();
+        });
+        const count = (name: string) => info.kernels.filter((k) => k.name === name).length;
+        // depth 2: one kernel per layer for all rows, or one per layer and row
+        expect(count(XT_CACHED_ATTENTION_ROWS)).toBe(registered && applies ? 2 : 0);
+        if (applies) expect(count(XT_CACHED_ATTENTION)).toBe(0);
+        d.dispose();
+        net.dispose();
+      }
+    });
+
+    it('rotary: rows whose position tables grow at different steps', () => {
+      const net = makeNet({ rotaryPosEmb: true }, { maxSeqLen: 160 });
+      // the first row passes 64 positions (its tables are made again, for 128) while the others do not
+      const prompts = [Array.from({ length: 58 }, (_, i) => (i * 5) % V), PROMPTS[1]!, PROMPTS[3]!];
+      const opts = prompts.map(() => ({ maxTokens: 12, temperature: 0 }));
+      const want = prompts.map((p, i) => alone(net, p, opts[i]!));
+      expect(together(net, prompts, opts, [0, 3, 1])).toEqual(want);
       net.dispose();
     });
 

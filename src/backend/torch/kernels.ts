@@ -458,6 +458,37 @@ const IMPLS: Record<string, Impl> = {
       b.outAs(ids[3]!, [bb, h, 1, dv], 'float32'),
     ];
   },
+  XtCachedAttentionRows: (b, i, a) => {
+    const named = i as Record<string, TensorInfo | null | undefined>;
+    const rows = a.rows as number;
+    const ids = (prefix: string) => Array.from({ length: rows }, (_, r) => b.id(inp(i, `${prefix}${r}`)));
+    const optIds = (prefix: string) =>
+      Int32Array.from({ length: rows }, (_, r) => {
+        const t = named[`${prefix}${r}`];
+        return t ? b.id(t) : -1;
+      });
+    const out = b.N.cachedAttentionRows(
+      b.id(inp(i, 'x')),
+      b.id(inp(i, 'wq')),
+      b.id(inp(i, 'wk')),
+      b.id(inp(i, 'wv')),
+      b.id(inp(i, 'wo')),
+      ids('k'),
+      ids('v'),
+      optIds('cos'),
+      optIds('sin'),
+      a.scale as number,
+      a.heads as number,
+    );
+    const infos = [b.outAs(out[0]!, [rows, 1, inp(i, 'wo').shape[0]!], 'float32')];
+    for (let r = 0; r < rows; r++) {
+      const [, h, t, d] = inp(i, `k${r}`).shape as [number, number, number, number];
+      const dv = inp(i, `v${r}`).shape[3]!;
+      infos.push(b.outAs(out[1 + 2 * r]!, [1, h, t + 1, d], 'float32'));
+      infos.push(b.outAs(out[2 + 2 * r]!, [1, h, t + 1, dv], 'float32'));
+    }
+    return infos;
+  },
   XtLinear: (b, i) =>
     b.out(b.N.matmul(b.id(inp(i, 'x')), b.id(inp(i, 'w')), false, true, b.id(inp(i, 'bias')), 0)),
   XtLayerNorm: (b, i, a) =>

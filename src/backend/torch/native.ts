@@ -126,6 +126,23 @@ export interface TorchAddon {
     heads: number,
   ): Ids;
   /**
+   * one decoding step of plain self-attention for rows that each continue their own cache
+   * (kCaches[r], vCaches[r] of one row; rotary tables cos[r], sin[r] or -1) -> [out, k0, v0, k1, v1, ...]
+   */
+  cachedAttentionRows(
+    x: number,
+    wq: number,
+    wk: number,
+    wv: number,
+    wo: number,
+    kCaches: Ids,
+    vCaches: Ids,
+    cos: Ints,
+    sin: Ints,
+    scale: number,
+    heads: number,
+  ): Ids;
+  /**
    * one categorical draw per row of probs [b, v], walking the mass in double -> int32 [b]; on a GPU
    * (or with tensorWalk) the walk runs as tensor ops where probs live
    */
