@@ -47,6 +47,31 @@ if s == 'completed' or s == 'failed' or s == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1`;
 
+// Appends one event to each of several streams in one round trip. KEYS: the streams; ARGV: the
+// stream length bound, the TTL of an ended stream, then per key its event name, its data and 1 when
+// the event ends the stream (which then expires after the TTL). Returns the entry ids.
+const APPEND_EVENTS = `
+local ids = {}
+for i, key in ipairs(KEYS) do
+  local at = 3 * i
+  ids[i] = redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[at], 'data', ARGV[at + 1])
+  if ARGV[at + 2] == '1' then redis.call('EXPIRE', key, ARGV[2]) end
+end
+return ids`;
+
+/** Most entries a job's event stream keeps (about: trimmed by whole nodes). */
+const EVENTS_MAXLEN = 100_000;
+
+/** Events that end a job's stream (it expires after JOB_TTL_S). */
+const END_EVENTS = new Set(['completed', 'failed', 'cancelled', 'done']);
+
+/** An event to append to a job's stream (`Registry.appendEvents`). */
+export interface NewJobEvent {
+  jobId: string;
+  event: string;
+  data: Record<string, unknown>;
+}
+
 /** How long a finished job's record and event stream are kept (seconds). */
 export const JOB_TTL_S = 7 * 24 * 3600;
 
@@ -297,17 +322,37 @@ export class Registry {
       key,
       'MAXLEN',
       '~',
-      '100000',
+      String(EVENTS_MAXLEN),
       '*',
       'event',
       event,
       'data',
       JSON.stringify(data),
     ))!;
-    if (event === 'completed' || event === 'failed' || event === 'cancelled' || event === 'done') {
-      await this.redis.expire(key, JOB_TTL_S);
-    }
+    if (END_EVENTS.has(event)) await this.redis.expire(key, JOB_TTL_S);
     return id;
+  }
+
+  /**
+   * Appends events, in order, to their jobs' streams in one round trip (a job may appear several
+   * times); returns their ids. What `appendEvent` does for each, in one script.
+   */
+  async appendEvents(events: NewJobEvent[]): Promise<string[]> {
+    if (!events.length) return [];
+    const keys = events.map((e) => this.eventsKey(e.jobId));
+    const args = events.flatMap((e) => [
+      e.event,
+      JSON.stringify(e.data),
+      END_EVENTS.has(e.event) ? '1' : '0',
+    ]);
+    return (await this.redis.eval(
+      APPEND_EVENTS,
+      keys.length,
+      ...keys,
+      String(EVENTS_MAXLEN),
+      String(JOB_TTL_S),
+      ...args,
+    )) as string[];
   }
 
   /**

@@ -323,28 +323,86 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// output columns [j0, j1) of gemvT, in blocks of 8
-__attribute__((target("avx2,fma"))) void gemvTCols(int64_t m, int64_t j0, int64_t j1, int64_t k, const float* a,
-                                                    int64_t lda, const float* w, int64_t ldw, float* y, int64_t ldy) {
-  for (int64_t jb = j0; jb < j1; jb += 8) {
-    int64_t nj = std::min<int64_t>(8, j1 - jb);
-    for (int64_t r = 0; r < m; r++) {
-      const float* x = a + r * lda;
-      __m256 acc[8];
-      for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_ps();
-      int64_t i = 0;
-      for (; i + 8 <= k; i += 8) {
-        __m256 xv = _mm256_loadu_ps(x + i);
-        for (int q = 0; q < nj; q++) acc[q] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (jb + q) * ldw + i), xv, acc[q]);
-      }
-      for (int q = 0; q < nj; q++) {
-        float t = hsum256(acc[q]);
-        const float* wr = w + (jb + q) * ldw;
-        for (int64_t ii = i; ii < k; ii++) t += x[ii] * wr[ii];
-        y[r * ldy + jb + q] = t;
-      }
+// R rows times C columns of gemvT: y[r][j0 + c] = sum_i x[r][i] * w[(j0 + c) * ldw + i]. Every
+// output is computed the same way whatever R and C: eight lanes of fused products over the multiples
+// of 8, hsum256, then the remaining products one by one; so a row's numbers do not depend on the
+// rows computed beside it. Blocks of several rows share the weight loads.
+template <int R, int C>
+__attribute__((target("avx2,fma"))) inline void gemvTBlock(int64_t k, const float* const* x, const float* w,
+                                                           int64_t ldw, int64_t j0, float* const* y,
+                                                           const float* prefetch = nullptr) {
+  __m256 acc[R][C];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    __m256 xv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) xv[r] = _mm256_loadu_ps(x[r] + i);
+    // the weights of the next block of columns, a cache line per column every other step
+    if (prefetch && (i & 15) == 0) {
+#pragma GCC unroll 8
+      for (int c = 0; c < C; c++) _mm_prefetch(reinterpret_cast<const char*>(prefetch + c * ldw + i), _MM_HINT_T0);
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < C; c++) {
+      __m256 wv = _mm256_loadu_ps(w + (j0 + c) * ldw + i);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; r++) acc[r][c] = _mm256_fmadd_ps(wv, xv[r], acc[r][c]);
     }
   }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; c++) {
+      float t = hsum256(acc[r][c]);
+      const float* wr = w + (j0 + c) * ldw;
+      for (int64_t ii = i; ii < k; ii++) t = std::fma(x[r][ii], wr[ii], t);
+      y[r][j0 + c] = t;
+    }
+}
+
+// output columns [j0, j1) of gemvT: one row in blocks of 8 columns; several by blocks of 4 columns,
+// each block for every row (3 at a time) while its weights are in the first-level cache, so the
+// weight is read from memory once for all the rows
+__attribute__((target("avx2,fma"))) void gemvTCols(int64_t m, int64_t j0, int64_t j1, int64_t k, const float* a,
+                                                    int64_t lda, const float* w, int64_t ldw, float* y, int64_t ldy) {
+  if (m == 1) {
+    const float* xs[1] = {a};
+    float* ys[1] = {y};
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) gemvTBlock<1, 8>(k, xs, w, ldw, j, ys, j + 16 <= j1 ? w + (j + 8) * ldw : nullptr);
+    for (; j < j1; j++) gemvTBlock<1, 1>(k, xs, w, ldw, j, ys);
+    return;
+  }
+  // the first rows of a block fetch the next block's weights ahead
+  auto columns = [&](auto block, int64_t j, const float* next) {
+    for (int64_t r = 0; r < m; r += 3) {
+      int64_t r1 = std::min(r + 1, m - 1), r2 = std::min(r + 2, m - 1);
+      const float* xs[3] = {a + r * lda, a + r1 * lda, a + r2 * lda};
+      float* ys[3] = {y + r * ldy, y + r1 * ldy, y + r2 * ldy};
+      block(m - r, xs, ys, j, r == 0 ? next : nullptr);
+    }
+  };
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4)
+    columns(
+        [&](int64_t rows, const float* const* xs, float* const* ys, int64_t jb, const float* pf) {
+          if (rows >= 3) gemvTBlock<3, 4>(k, xs, w, ldw, jb, ys, pf);
+          else if (rows == 2) gemvTBlock<2, 4>(k, xs, w, ldw, jb, ys, pf);
+          else gemvTBlock<1, 4>(k, xs, w, ldw, jb, ys, pf);
+        },
+        j, j + 8 <= j1 ? w + (j + 4) * ldw : nullptr);
+  for (; j < j1; j++)
+    columns(
+        [&](int64_t rows, const float* const* xs, float* const* ys, int64_t jb, const float*) {
+          if (rows >= 3) gemvTBlock<3, 1>(k, xs, w, ldw, jb, ys);
+          else if (rows == 2) gemvTBlock<2, 1>(k, xs, w, ldw, jb, ys);
+          else gemvTBlock<1, 1>(k, xs, w, ldw, jb, ys);
+        },
+        j, nullptr);
 }
 
 // output columns [j0, j1) of gemvN, in blocks of 32
@@ -1700,38 +1758,44 @@ at::Tensor appendPosition(const at::Tensor& cache, const at::Tensor& x) {
   return full;
 }
 
-// The rotated keys of an appended key cache (kAll, from appendPosition): rotating a key depends on
-// its position alone, so the rotations of earlier steps are kept beside the buffer and only the new
-// position is rotated; anything else rotates every key.
+// Rotary tables that the raw CPU loops can read: float32, [1|b, 1|h, positions, w] with unit
+// feature stride.
+bool rawTables(const at::Tensor& cos, const at::Tensor& sin, int64_t w) {
+  return cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.device().is_cpu() &&
+         sin.device().is_cpu() && w % 2 == 0 && cos.dim() == 4 && sin.dim() == 4 && cos.size(3) == w &&
+         sin.size(3) == w && (cos.stride(3) == 1 || w == 1) && (sin.stride(3) == 1 || w == 1);
+}
+
+// The table row of (row bi, head hi) at position pos.
+inline const float* tableRow(const at::Tensor& t, int64_t bi, int64_t hi, int64_t pos) {
+  return t.data_ptr<float>() + (t.size(0) == 1 ? 0 : bi * t.stride(0)) + (t.size(1) == 1 ? 0 : hi * t.stride(1)) +
+         pos * t.stride(2);
+}
+
+// The rotated keys of an appended key cache (kAll, from appendPosition), with tables (cos, sin) of
+// at least its positions: rotating a key depends on its position alone, so the rotations of earlier
+// steps are kept beside the buffer and only the new position is rotated; anything else rotates
+// every key.
 at::Tensor rotatedKeys(const at::Tensor& kAll, const at::Tensor& cos, const at::Tensor& sin) {
   int64_t t1 = kAll.size(2);
+  if (cos.size(2) < t1 || sin.size(2) < t1)
+    throw std::runtime_error("cachedAttention: rotary tables shorter than the keys");
   auto it = kAll.device().is_cpu() ? g_appendBuffers.find(kAll.storage().data()) : g_appendBuffers.end();
   bool tracked = it != g_appendBuffers.end() && it->second.used == t1 &&
                  it->second.storage.lock().get() == kAll.storage().unsafeGetStorageImpl();
-  if (tracked && it->second.rotated.defined() && it->second.rotatedUsed == t1 - 1 && cos.size(2) == t1 &&
-      sin.size(2) == t1) {
+  if (tracked && it->second.rotated.defined() && it->second.rotatedUsed == t1 - 1) {
     auto& r = it->second.rotated;
     int64_t w = kAll.size(3);
-    bool raw = kAll.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
-               sin.scalar_type() == at::kFloat && cos.device().is_cpu() && sin.device().is_cpu() && w % 2 == 0 &&
-               cos.dim() == 4 && sin.dim() == 4 && cos.size(3) == w && sin.size(3) == w &&
-               (cos.stride(3) == 1 || w == 1) && (sin.stride(3) == 1 || w == 1) && r.is_contiguous();
-    if (raw) {
+    if (kAll.scalar_type() == at::kFloat && rawTables(cos, sin, w) && r.is_contiguous()) {
       // the new key of each row and head, rotated straight into the buffer (as rotaryApply does)
       int64_t b = kAll.size(0), h = kAll.size(1), cap = r.size(2);
       const float* pk = kAll.data_ptr<float>();
-      const float* pc = cos.data_ptr<float>();
-      const float* ps = sin.data_ptr<float>();
       float* pr = r.data_ptr<float>();
-      auto at4 = [&](const at::Tensor& t, const float* base, int64_t bi, int64_t hi) {
-        return base + (t.size(0) == 1 ? 0 : bi * t.stride(0)) + (t.size(1) == 1 ? 0 : hi * t.stride(1)) +
-               (t1 - 1) * t.stride(2);
-      };
       for (int64_t bi = 0; bi < b; bi++)
         for (int64_t hi = 0; hi < h; hi++)
           rotatePairs(pk + bi * kAll.stride(0) + hi * kAll.stride(1) + (t1 - 1) * kAll.stride(2),
-                      at4(cos, pc, bi, hi), at4(sin, ps, bi, hi), pr + ((bi * h + hi) * cap + t1 - 1) * w, w,
-                      false);
+                      tableRow(cos, bi, hi, t1 - 1), tableRow(sin, bi, hi, t1 - 1),
+                      pr + ((bi * h + hi) * cap + t1 - 1) * w, w, false);
     } else {
       r.narrow(2, t1 - 1, 1).copy_(rotaryApply(kAll.narrow(2, t1 - 1, 1), cos.narrow(2, t1 - 1, 1),
                                                sin.narrow(2, t1 - 1, 1), false));
@@ -1739,7 +1803,7 @@ at::Tensor rotatedKeys(const at::Tensor& kAll, const at::Tensor& cos, const at::
     it->second.rotatedUsed = t1;
     return r.narrow(2, 0, t1);
   }
-  auto all = rotaryApply(kAll, cos, sin, false);
+  auto all = rotaryApply(kAll, cos.narrow(2, 0, t1), sin.narrow(2, 0, t1), false);
   if (tracked) {
     int64_t cap = kAll.stride(1) / kAll.size(3);
     auto r = at::empty({kAll.size(0), kAll.size(1), cap, kAll.size(3)}, all.options());
@@ -1748,6 +1812,22 @@ at::Tensor rotatedKeys(const at::Tensor& kAll, const at::Tensor& cos, const at::
     it->second.rotatedUsed = t1;
   }
   return all;
+}
+
+// q [b, h, 1, d] turned by the tables' position pos (as rotaryApply does), contiguous.
+at::Tensor rotatedQuery(const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin, int64_t pos) {
+  int64_t b = q.size(0), h = q.size(1), w = q.size(3);
+  if (!(q.scalar_type() == at::kFloat && q.device().is_cpu() && (q.stride(3) == 1 || w == 1) &&
+        rawTables(cos, sin, w)))
+    return rotaryApply(q, cos.narrow(2, pos, 1), sin.narrow(2, pos, 1), false);
+  auto y = at::empty({b, h, 1, w}, q.options());
+  const float* pq = q.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  for (int64_t bi = 0; bi < b; bi++)
+    for (int64_t hi = 0; hi < h; hi++)
+      rotatePairs(pq + bi * q.stride(0) + hi * q.stride(1), tableRow(cos, bi, hi, pos), tableRow(sin, bi, hi, pos),
+                  py + (bi * h + hi) * w, w, false);
+  return y;
 }
 
 // One decoding step of plain self-attention with a key/value cache, as the library's ops would run
@@ -1811,13 +1891,14 @@ struct StepAttention {
 };
 
 StepAttention attendStep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kc,
-                         const at::Tensor& vc, const at::Tensor* cos, const at::Tensor* sin, const at::Tensor* cosQ,
-                         const at::Tensor* sinQ, double scale, at::Tensor* into = nullptr, int64_t row0 = 0) {
+                         const at::Tensor& vc, const at::Tensor* cos, const at::Tensor* sin, double scale,
+                         at::Tensor* into = nullptr, int64_t row0 = 0) {
   auto kAll = appendPosition(kc, k);
   auto vAll = appendPosition(vc, v);
   at::Tensor qr = q, kr = kAll;
   if (cos) {
-    qr = rotaryApply(q, *cosQ, *sinQ, false);
+    // the new position is the last key's
+    qr = rotatedQuery(q, *cos, *sin, kAll.size(2) - 1);
     kr = rotatedKeys(kAll, *cos, *sin);
   }
   return {attendOneQuery(qr, kr, vAll, scale, into, row0), kAll, vAll};
@@ -1835,12 +1916,13 @@ XT_FN(CachedAttention) {
   auto q = heads(xtMatmul(x, wq.transpose(0, 1)));
   auto k = heads(xtMatmul(x, wk.transpose(0, 1)));
   auto v = heads(xtMatmul(x, wv.transpose(0, 1)));
+  // (cosQ, sinQ, info[9] and info[10], are the tables' last position: the query's)
   StepAttention st;
   if (rotary) {
-    const at::Tensor &cos = get(info[7]), &sin = get(info[8]), &cosQ = get(info[9]), &sinQ = get(info[10]);
-    st = attendStep(q, k, v, kc, vc, &cos, &sin, &cosQ, &sinQ, scale);
+    const at::Tensor &cos = get(info[7]), &sin = get(info[8]);
+    st = attendStep(q, k, v, kc, vc, &cos, &sin, scale);
   } else {
-    st = attendStep(q, k, v, kc, vc, nullptr, nullptr, nullptr, nullptr, scale);
+    st = attendStep(q, k, v, kc, vc, nullptr, nullptr, scale);
   }
   auto out = xtMatmul(st.merged, wo.transpose(0, 1));
   return idList(info, {out, st.kAll, st.vAll, v});
@@ -1881,15 +1963,12 @@ XT_FN(CachedAttentionRows) {
     auto qr = q.narrow(0, r, 1), kr = k.narrow(0, r, 1), vr = v.narrow(0, r, 1);
     StepAttention st;
     if (cosIds[r] >= 0) {
-      int64_t t = kc.size(2);
-      const at::Tensor &cosT = getId(static_cast<int32_t>(cosIds[r])), &sinT = getId(static_cast<int32_t>(sinIds[r]));
-      if (cosT.dim() != 4 || cosT.size(2) < t + 1 || sinT.sizes() != cosT.sizes())
+      const at::Tensor &cos = getId(static_cast<int32_t>(cosIds[r])), &sin = getId(static_cast<int32_t>(sinIds[r]));
+      if (cos.dim() != 4 || cos.size(2) < kc.size(2) + 1 || sin.sizes() != cos.sizes())
         throw std::runtime_error("cachedAttentionRows: rotary tables shorter than a row's next position");
-      auto cos = cosT.narrow(2, 0, t + 1), sin = sinT.narrow(2, 0, t + 1);
-      auto cosQ = cosT.narrow(2, t, 1), sinQ = sinT.narrow(2, t, 1);
-      st = attendStep(qr, kr, vr, kc, vc, &cos, &sin, &cosQ, &sinQ, scale, &merged, r);
+      st = attendStep(qr, kr, vr, kc, vc, &cos, &sin, scale, &merged, r);
     } else {
-      st = attendStep(qr, kr, vr, kc, vc, nullptr, nullptr, nullptr, nullptr, scale, &merged, r);
+      st = attendStep(qr, kr, vr, kc, vc, nullptr, nullptr, scale, &merged, r);
     }
     outs[1 + 2 * r] = st.kAll;
     outs[2 + 2 * r] = st.vAll;

@@ -1,5 +1,6 @@
 import { UnrecoverableError } from 'bullmq';
 import type { Registry } from '../models/registry.js';
+import type { EventWriter } from './event-writer.js';
 import type { Storage } from '../models/storage.js';
 import type { ServiceMetrics } from './metrics.js';
 import type { ModelCache } from './model-cache.js';
@@ -17,6 +18,8 @@ export interface Logger {
 /** What the processors share inside one worker process. */
 export interface WorkerContext {
   registry: Registry;
+  /** Job events written a turn of the event loop at a time (the tokens of a decoding step). */
+  events: EventWriter;
   storage: Storage;
   cache: ModelCache;
   /** Datasets' tokens per tokenizer, tokenized once and kept in DATA_DIR. */

@@ -88,7 +88,8 @@ class TokenSink {
       }
     }
     const event = { index: this.tokens.length - 1, tokenId, text: piece };
-    this.appends = this.appends.then(() => this.ctx.registry.appendEvent(d.jobId, 'token', event));
+    // the tokens of one decoding step, of every generation in it, go out in one write
+    this.appends = Promise.all([this.appends, this.ctx.events.append(d.jobId, 'token', event)]);
     if (stopHit) this.finishReason = 'stop';
     return stopHit || this.tokens.length >= d.maxTokens;
   }
@@ -169,14 +170,21 @@ export async function processGenerate(
   let loaded: LoadedModel | null = null;
   const endPriority = ctx.priority.begin();
   try {
-    if (await run.cancelRequested()) return await run.cancelled({ tokens: 0 });
-    const model = await ctx.registry.getModel(d.modelId);
+    // a generation joins its batch in as few round trips as it can: each waits for a decoding step
+    const [cancel, model] = await Promise.all([run.cancelRequested(), ctx.registry.getModel(d.modelId)]);
+    if (cancel) return await run.cancelled({ tokens: 0 });
     if (!model) throw new UnrecoverableError(`model ${d.modelId} no longer exists`);
-    await run.begin();
+    // marked active while it samples (written before anything it writes later, on the same connection)
+    const begun = run.begin().then(
+      () => null,
+      (e: unknown) => e,
+    );
     loaded = await ctx.cache.acquire(model);
     const sink = new TokenSink(ctx, d, loaded.tokenizer);
     const t0 = Date.now();
     await sample(ctx, d, loaded, sink, run.signal);
+    const notBegun = await begun;
+    if (notBegun) throw notBegun;
     const tokens = sink.tokens;
     const progress = { tokens: tokens.length };
     if (await run.cancelRequested()) return await run.cancelled(progress, progress);

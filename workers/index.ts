@@ -1,5 +1,6 @@
 import { Worker, type Job } from 'bullmq';
 import type { Redis } from 'ioredis';
+import { EventWriter } from './event-writer.js';
 import { Registry } from '../models/registry.js';
 import { Storage } from '../models/storage.js';
 import type { Logger, WorkerContext } from './context.js';
@@ -67,6 +68,7 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
   const storage = new Storage(options.dataDir);
   const ctx: WorkerContext = {
     registry,
+    events: new EventWriter(registry),
     storage,
     cache: new ModelCache(storage, options.modelCacheSize ?? 4),
     tokens: new TokenCache(storage, options.tokenizePieceChars),

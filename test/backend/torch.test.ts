@@ -4,6 +4,7 @@ import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { registerTorchBackend } from '../../src/backend/torch/register.js';
 import { loadAddon } from '../../src/backend/torch/native.js';
+import { rowStableProducts } from '../../src/backend/index.js';
 import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 
@@ -267,6 +268,39 @@ describe('torch matrix products', () => {
     if (!r.ok) throw new Error(r.reason);
     const maps = readFileSync('/proc/self/maps', 'utf8');
     expect(r.gemm).toBe(/libdnnl\.so/.test(maps) && r.device === 'cpu' ? 'dnnl' : 'aten');
+  });
+
+  it('with rowStableProducts, each row of a product equals that row alone, bit for bit', async () => {
+    await tf.setBackend('torch');
+    // odd inner sizes (a tail after the multiples of 8), column counts that are not multiples of 4
+    // or 8, weights of a linear layer ([out, in], transposed) and row-major, 2 to 11 rows
+    const shapes: [number, number, number][] = [
+      [2, 13, 7],
+      [3, 64, 256],
+      [5, 257, 61],
+      [8, 100, 1030],
+      [11, 33, 9],
+    ];
+    for (const [m, k, n] of shapes) {
+      const x = rnd([m, k], m + k);
+      const wT = rnd([n, k], n);
+      const w = rnd([k, n], n + 1);
+      for (const [b, transposeB] of [
+        [wT, true],
+        [w, false],
+      ] as const) {
+        const together = rowStableProducts(m, () => tf.matMul(x, b, false, transposeB));
+        const got = together.arraySync() as number[][];
+        for (let r = 0; r < m; r++) {
+          const row = tf.slice(x, [r, 0], [1, k]);
+          const alone = tf.matMul(row, b, false, transposeB);
+          expect(got[r]).toEqual((alone.arraySync() as number[][])[0]);
+          tf.dispose([row, alone]);
+        }
+        together.dispose();
+      }
+      tf.dispose([x, wT, w]);
+    }
   });
 
   it('strided, broadcast, one-row, empty and large products match cpu', async () => {

@@ -6,6 +6,7 @@ import { buildApp } from '../../routes/app.js';
 import { generateOpenApi } from '../../service/openapi-doc.js';
 import { ConfigError, loadConfig } from '../../service/config.js';
 import { makeEnv, parseSse, type TestEnv } from './helpers.js';
+import { EventWriter } from '../../workers/event-writer.js';
 
 describe('service basics (real Redis)', () => {
   let env: TestEnv;
@@ -211,6 +212,46 @@ describe('service basics (real Redis)', () => {
     );
     expect(rest.map((e) => e.id)).toEqual(ids.slice(2));
     expect(rest[0]!.data).toMatchObject({ step: 3 });
+  });
+
+  it('an EventWriter sends the events of one turn in one round trip, in order, to each job stream', async () => {
+    const { registry } = env.app.svc;
+    const jobs = [randomUUID(), randomUUID()];
+    for (const id of jobs) await registry.createJob({ id, type: 'generate', modelId: randomUUID() });
+    const writer = new EventWriter(registry);
+    const calls: number[] = [];
+    const appendEvents = registry.appendEvents.bind(registry);
+    registry.appendEvents = (events) => {
+      calls.push(events.length);
+      return appendEvents(events);
+    };
+    try {
+      // one turn: interleaved tokens of two jobs, then the second job's end
+      const pending = [0, 1, 2].flatMap((index) =>
+        jobs.map((id) => writer.append(id, 'token', { index, tokenId: index + 40 })),
+      );
+      pending.push(writer.append(jobs[1]!, 'done', { tokens: 3 }));
+      const ids = await Promise.all(pending);
+      expect(calls).toEqual([7]);
+      // the next turn is a round trip of its own
+      await writer.append(jobs[0]!, 'done', { tokens: 3 });
+      expect(calls).toEqual([7, 1]);
+      for (const [j, id] of jobs.entries()) {
+        const events = await registry.readEvents(id, '0');
+        expect(events.map((e) => [e.event, e.data.index ?? null])).toEqual([
+          ['token', 0],
+          ['token', 1],
+          ['token', 2],
+          ['done', null],
+        ]);
+        // the ids each append resolved with are the entries' ids
+        expect(events.slice(0, 3).map((e) => e.id)).toEqual([0, 1, 2].map((i) => ids[i * 2 + j]));
+        // an ended stream expires
+        expect(await registry.redis.ttl(registry.eventsKey(id))).toBeGreaterThan(0);
+      }
+    } finally {
+      registry.appendEvents = appendEvents;
+    }
   });
 
   it('GET /metrics exposes HTTP latency and queue depth', async () => {
