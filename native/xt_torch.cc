@@ -261,6 +261,28 @@ Napi::Value idList(const Napi::CallbackInfo& info, const std::vector<at::Tensor>
 // registry, data in and out
 
 // ---------------------------------------------------------------------------------------------
+// Decoding steps run many ops on a few rows each. ATen splits some of them over its OpenMP threads
+// however small (LayerNorm splits by rows), and waking the other threads costs far more than such
+// an op (about 100 us each where a core is busy with something else). While small-op mode is on
+// (setSmallOps), ATen sees one thread; the products below still use every thread for weights
+// large enough to pay for them. OpenMP's own functions, where this LibTorch has OpenMP (weak: a
+// build without it leaves them null and the mode changes nothing).
+extern "C" void omp_set_num_threads(int) __attribute__((weak));
+bool g_smallOps = false;
+int g_threads = 1;  // the thread count set at init (at::get_num_threads outside small-op mode)
+
+// Gives ATen `n` threads for the calls in its scope (small-op mode: back to one after them).
+struct OmpThreads {
+  bool active;
+  explicit OmpThreads(bool want) : active(want && g_smallOps && omp_set_num_threads && g_threads > 1) {
+    if (active) omp_set_num_threads(g_threads);
+  }
+  ~OmpThreads() {
+    if (active) omp_set_num_threads(1);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // float32 matrix products. LibTorch hands CPU products to whatever BLAS it was built with; Debian's
 // build uses the generic reference BLAS (about 6 GFLOP/s on one core). The oneDNN library that the
 // same LibTorch links (libdnnl) exports a JIT-compiled sgemm that runs an order of magnitude faster,
@@ -441,6 +463,7 @@ void gemvT(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const f
            int64_t ldy) {
   // threads only pay for themselves on large weights: at least 1M weights per thread
   int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / (8 * std::max<int64_t>(k, 1)));
+  OmpThreads threads((n + 7) / 8 > grain);
   at::parallel_for(0, (n + 7) / 8, grain, [&](int64_t b0, int64_t b1) {
     gemvTCols(m, b0 * 8, std::min(n, b1 * 8), k, a, lda, w, ldw, y, ldy);
   });
@@ -449,6 +472,7 @@ void gemvT(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const f
 void gemvN(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* w, int64_t ldw, float* y,
            int64_t ldy) {
   int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / (32 * std::max<int64_t>(k, 1)));
+  OmpThreads threads((n + 31) / 32 > grain);
   at::parallel_for(0, (n + 31) / 32, grain, [&](int64_t b0, int64_t b1) {
     gemvNCols(m, b0 * 32, std::min(n, b1 * 32), k, a, lda, w, ldw, y, ldy);
   });
@@ -703,6 +727,15 @@ XT_FN(SetSmallGemvRows) {
   return Napi::Number::New(info.Env(), static_cast<double>(prev));
 }
 
+// on: whether ATen runs on one thread (small-op mode, for decoding steps); returns the previous mode.
+XT_FN(SetSmallOps) {
+  bool on = flag(info, 0);
+  bool prev = g_smallOps;
+  if (on != prev && omp_set_num_threads) omp_set_num_threads(on ? 1 : g_threads);
+  g_smallOps = on;
+  return Napi::Boolean::New(info.Env(), prev);
+}
+
 XT_FN(CpuCache) {
   auto out = Napi::Object::New(info.Env());
   out.Set("cachedBytes", static_cast<double>(g_cpuAlloc ? g_cpuAlloc->cachedBytes() : 0));
@@ -717,6 +750,7 @@ XT_FN(Init) {
   int threads = num(info, 1);
   std::string dev = info[2].As<Napi::String>().Utf8Value();
   if (threads > 0) at::set_num_threads(threads);
+  g_threads = at::get_num_threads();
   // other large buffers (the copies that reads hand to JavaScript): glibc serves blocks above a
   // threshold that grows with every large free (up to 32 MiB) from its heap, where they fragment
   // it; a fixed threshold sends every block of 256 KiB or more back to the system when it is freed
@@ -1237,6 +1271,31 @@ void topkRows(const at::Tensor& x, int64_t k, at::Tensor& values, at::Tensor& in
       }
     }
   });
+}
+
+// The top-k sampling filter: each row's k largest entries (chosen as TopK chooses them) kept, the
+// others -inf. logits: [b, v] float32 -> [b, v].
+XT_FN(TopKFilter) {
+  const at::Tensor& x = get(info[0]);
+  int64_t k = num(info, 1);
+  if (x.dim() != 2 || k < 0 || k > x.size(1)) throw std::runtime_error("topKFilter: expected [b, v] logits and k <= v");
+  const float neg = -std::numeric_limits<float>::infinity();
+  if (!(x.device().is_cpu() && x.scalar_type() == at::kFloat)) {
+    auto idx = std::get<1>(at::sort(x, true, -1, true)).narrow(-1, 0, k);
+    return idv(info, at::full_like(x, neg).scatter_(-1, idx, x.gather(-1, idx)));
+  }
+  auto xc = x.contiguous();
+  int64_t b = xc.size(0), v = xc.size(1);
+  auto values = at::empty({b, k}, xc.options());
+  auto indices = at::empty({b, k}, xc.options().dtype(at::kInt));
+  topkRows<float>(xc, k, values, indices);
+  auto out = at::full({b, v}, neg, xc.options());
+  float* po = out.data_ptr<float>();
+  const float* pv = values.data_ptr<float>();
+  const int32_t* pi = indices.data_ptr<int32_t>();
+  for (int64_t r = 0; r < b; r++)
+    for (int64_t j = 0; j < k; j++) po[r * v + pi[r * k + j]] = pv[r * k + j];
+  return idv(info, out);
 }
 
 XT_FN(TopK) {
@@ -2438,6 +2497,8 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("matmul", MatMul);
   X("cpuCache", CpuCache);
   X("setSmallGemvRows", SetSmallGemvRows);
+  X("setSmallOps", SetSmallOps);
+  X("topKFilter", TopKFilter);
   X("layerNorm", LayerNorm);
   X("layerNormGrad", LayerNormGrad);
   X("geluGrad", GeluGrad);

@@ -5,7 +5,9 @@
  * all, and p50/p99 request latency. Options: --tokens N (per request, default 32), --rounds N
  * (requests per client, default 2), --concurrency 1,8,32, --json, --while-training (a training job of
  * a larger model runs in the same worker throughout, started before the first request and cancelled
- * after the last). WORKER_CONCURRENCY, MAX_BATCH and XT_BACKEND pass through to the service.
+ * after the last), --dim N and --depth N (the model streamed from: a byte-level decoder with rotary
+ * positions, default dim 256, depth 4). WORKER_CONCURRENCY, MAX_BATCH and XT_BACKEND pass through to
+ * the service.
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -29,6 +31,8 @@ function positiveInt(name: string, value: string): number {
 
 const tokens = positiveInt('tokens', option('tokens', '32'));
 const rounds = positiveInt('rounds', option('rounds', '2'));
+const dim = positiveInt('dim', option('dim', '256'));
+const depth = positiveInt('depth', option('depth', '4'));
 const levels = option('concurrency', '1,8,32')
   .split(',')
   .map((v) => positiveInt('concurrency', v));
@@ -184,7 +188,7 @@ async function main() {
           wrapper: 'TransformerWrapper',
           numTokens: 256,
           maxSeqLen: 128,
-          attnLayers: { type: 'Decoder', dim: 64, depth: 2, heads: 4, rotaryPosEmb: true },
+          attnLayers: { type: 'Decoder', dim, depth, heads: 4, rotaryPosEmb: true },
         },
       }),
     });
@@ -231,11 +235,17 @@ async function main() {
     }
     const trainedSteps = training ? await training.stop() : null;
     if (process.argv.includes('--json')) {
-      console.log(JSON.stringify({ backend: ready.backend, tokens, rounds, trainedSteps, rows }, null, 2));
+      console.log(
+        JSON.stringify(
+          { backend: ready.backend, model: { dim, depth }, tokens, rounds, trainedSteps, rows },
+          null,
+          2,
+        ),
+      );
       return;
     }
     console.log(
-      `backend ${ready.backend}, ${tokens} tokens per request, ${rounds} requests per client, ` +
+      `backend ${ready.backend}, decoder dim ${dim} depth ${depth}, ${tokens} tokens per request, ${rounds} requests per client, ` +
         `WORKER_CONCURRENCY=${process.env.WORKER_CONCURRENCY ?? 1}, MAX_BATCH=${process.env.MAX_BATCH ?? 32}` +
         (training ? `, a training job ran throughout (${trainedSteps} steps)` : '') +
         '\n',
@@ -245,11 +255,15 @@ async function main() {
     );
     console.log('| ---: | ---: | ---: | ---: | ---: | ---: |');
     const f = (x: number) => x.toFixed(x < 100 ? 1 : 0);
-    for (const r of rows)
+    // tokens/s in all against one stream's, when one stream was measured
+    const one = rows.find((r) => r.concurrency === 1)?.totalTokensPerSecond;
+    for (const r of rows) {
+      const ratio = one && r.concurrency > 1 ? ` (${(r.totalTokensPerSecond / one).toFixed(1)}x)` : '';
       console.log(
         `| ${r.concurrency} | ${r.requests} | ${f(r.ttftP50Ms)} / ${f(r.ttftP99Ms)} | ${f(r.streamTokensPerSecond)} | ` +
-          `${f(r.totalTokensPerSecond)} | ${f(r.latencyP50Ms)} / ${f(r.latencyP99Ms)} |`,
+          `${f(r.totalTokensPerSecond)}${ratio} | ${f(r.latencyP50Ms)} / ${f(r.latencyP99Ms)} |`,
       );
+    }
   } finally {
     const exited = new Promise((r) => child.once('exit', r));
     child.kill('SIGTERM');

@@ -1,7 +1,7 @@
 /**
  * x-transformers for TypeScript: the library's public API.
  */
-export { initBackend, backendInfo, BACKENDS, rowStableProducts } from './backend/index.js';
+export { initBackend, backendInfo, BACKENDS, rowStableProducts, smallOps } from './backend/index.js';
 export type { BackendName, BackendInfo } from './backend/index.js';
 export { PRECISIONS, checkPrecision, withPrecision } from './backend/precision.js';
 export type { Precision } from './backend/precision.js';

@@ -17,16 +17,19 @@ export interface GenerateJobResult {
 
 /**
  * Text decoded so far, emitted in pieces: a piece is held back while it ends in an incomplete
- * multi-byte character (decoded as U+FFFD), so the concatenated pieces equal the final text.
+ * multi-byte character (decoded as U+FFFD), so the concatenated pieces equal the final text. Only
+ * the tokens after the last emitted piece are decoded (that piece ended on a character boundary).
  */
-class IncrementalText {
+export class IncrementalText {
   private emitted = '';
+  /** how many tokens the emitted text covers */
+  private covered = 0;
   constructor(private readonly decode: (ids: number[]) => string) {}
   push(ids: number[]): string {
-    const full = this.decode(ids);
-    if (full.endsWith('\uFFFD') || !full.startsWith(this.emitted)) return '';
-    const piece = full.slice(this.emitted.length);
-    this.emitted = full;
+    const piece = this.decode(ids.slice(this.covered));
+    if (piece.endsWith('\uFFFD')) return '';
+    this.emitted += piece;
+    this.covered = ids.length;
     return piece;
   }
   get text(): string {

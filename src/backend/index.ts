@@ -125,6 +125,23 @@ export function backendInfo(): BackendInfo | null {
 }
 
 /**
+ * Runs `fn` (a decoding step: many ops on a few rows each) with the torch backend's elementwise,
+ * norm and softmax ops on one thread: waking other threads for them costs more than they do. Matrix
+ * products with weights large enough to pay for threads still use them. Other backends run `fn`
+ * as it is.
+ */
+export function smallOps<T>(fn: () => T): T {
+  const backend = tf.backend() as { setSmallOps?: (on: boolean) => boolean };
+  if (typeof backend.setSmallOps !== 'function') return fn();
+  const prev = backend.setSmallOps(true);
+  try {
+    return fn();
+  } finally {
+    backend.setSmallOps(prev);
+  }
+}
+
+/**
  * Runs `fn` with matrix products of up to `rows` rows computed so that each row's result does not
  * depend on the other rows (batched decoding: a row's numbers equal those it has alone). The torch
  * backend computes products of up to 4 rows row by row on its in-place kernels (where oneDNN's

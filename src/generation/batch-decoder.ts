@@ -14,6 +14,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { LayersCache } from '../layers/cache.js';
 import type { TransformerWrapper } from '../wrappers/transformer-wrapper.js';
 import { Rng } from '../utils/random.js';
+import { smallOps } from '../backend/index.js';
 import { argmaxRows, checkTemperature, multinomialRows } from './sampling.js';
 import {
   FILTER_LOGITS_FN,
@@ -208,7 +209,7 @@ export class BatchDecoder {
       const running = all.filter((s) => s.cache);
       const queued = all.filter((s) => !s.cache);
       const out: BatchToken[] = [];
-      if (running.length) out.push(...this.advance(running));
+      if (running.length) out.push(...smallOps(() => this.advance(running)));
       for (const s of queued) out.push(...this.advance([s]));
       return out;
     } finally {

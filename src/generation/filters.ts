@@ -5,6 +5,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { checkTensor } from '../utils/errors.js';
+import { backendHasKernel } from '../nn/fused.js';
 
 /** Options of `topK`: keep the `k` largest (default `ceil(fracNumTokens * vocab)`). */
 export interface TopKOptions {
@@ -79,6 +80,13 @@ function keepIndices(logits: tf.Tensor, indices: tf.Tensor): tf.Tensor {
   });
 }
 
+/**
+ * A kernel a backend may register for the top-k filter in one op:
+ *   XtTopKFilter  inputs {logits: float32 [b, v]}, attrs {k} -> [b, v]: per row, the k entries that
+ *                 `tf.topk` returns keep their logits, the others are -Infinity.
+ */
+export const XT_TOPK_FILTER = 'XtTopKFilter';
+
 /** Top-k filter. logits: [b, v] -> [b, v]. */
 export function topK(logits: tf.Tensor, options: TopKOptions = {}): tf.Tensor {
   checkLogits('logits', logits);
@@ -89,6 +97,8 @@ export function topK(logits: tf.Tensor, options: TopKOptions = {}): tf.Tensor {
   let k = options.k ?? Math.ceil(frac * v);
   if (!Number.isInteger(k) || k < 1) throw new Error(`k: expected a positive integer, got ${k}`);
   k = Math.min(k, v);
+  if (backendHasKernel(XT_TOPK_FILTER))
+    return tf.engine().runKernel(XT_TOPK_FILTER, { logits }, { k }) as tf.Tensor;
   return tf.tidy(() => keepIndices(logits, tf.topk(logits, k, true).indices));
 }
 

@@ -6,6 +6,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { checkPrecision, withPrecision, type Precision } from '../backend/precision.js';
+import { smallOps } from '../backend/index.js';
 import { Rng } from '../utils/random.js';
 import { checkTemperature, sampleNext } from './sampling.js';
 import {
@@ -289,13 +290,16 @@ class StepDecoder {
     const x = tf.tensor2d(window, [window.length, window[0]!.length], 'int32');
     let res;
     try {
-      res = net.forwardWithState(x, {
-        cache,
-        returnCache: cacheKv,
-        seqStartPos: this.seqStartPos,
-        context: o.context,
-        contextMask: o.contextMask,
-      });
+      const run = () =>
+        net.forwardWithState(x, {
+          cache,
+          returnCache: cacheKv,
+          seqStartPos: this.seqStartPos,
+          context: o.context,
+          contextMask: o.contextMask,
+        });
+      // a step after the prompt's: a few rows through every op
+      res = cache ? smallOps(run) : run();
     } finally {
       x.dispose();
     }

@@ -18,6 +18,8 @@ export interface Tokenizer {
   readonly eosTokenId?: number;
 }
 
+const utf8 = new TextDecoder('utf-8');
+
 /** UTF-8 bytes as tokens. Decoding replaces invalid byte sequences with U+FFFD. */
 export class ByteTokenizer implements Tokenizer {
   readonly name = 'byte' as const;
@@ -37,7 +39,7 @@ export class ByteTokenizer implements Tokenizer {
       }
       bytes[i] = id;
     });
-    return new TextDecoder('utf-8').decode(bytes);
+    return utf8.decode(bytes);
   }
 }
 

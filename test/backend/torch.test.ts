@@ -4,7 +4,8 @@ import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { registerTorchBackend } from '../../src/backend/torch/register.js';
 import { loadAddon } from '../../src/backend/torch/native.js';
-import { rowStableProducts } from '../../src/backend/index.js';
+import { rowStableProducts, smallOps } from '../../src/backend/index.js';
+import { LayerNorm } from '../../src/nn/norms.js';
 import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 
@@ -471,6 +472,40 @@ describe('fused XtAttention kernel', () => {
       };
       await same(run, 2e-5, 1e-4);
     }
+  });
+});
+
+describe('torch small-op mode (decoding steps)', () => {
+  it('smallOps turns the mode on for its call only, also when the call throws', async () => {
+    await tf.setBackend('torch');
+    const be = tf.backend() as unknown as { setSmallOps(on: boolean): boolean };
+    expect(smallOps(() => be.setSmallOps(true))).toBe(true);
+    expect(be.setSmallOps(false)).toBe(false);
+    expect(() =>
+      smallOps(() => {
+        throw new Error('inside');
+      }),
+    ).toThrow('inside');
+    expect(be.setSmallOps(false)).toBe(false);
+  });
+
+  it('gives the same numbers as the ops on every thread', async () => {
+    await tf.setBackend('torch');
+    // rows through layer norm, GELU, softmax and products with weights large enough for threads
+    const norm = new LayerNorm(512);
+    const f = () =>
+      tf.tidy(() => {
+        const x = rnd([8, 1, 512], 21);
+        const w = rnd([4608, 512], 22);
+        const h = tf.reshape(norm.forward(x), [8, 512]);
+        const y = tf.matMul(h, w, false, true);
+        return tf.softmax(tf.mul(y, tf.sigmoid(y)), -1);
+      });
+    const one = rowStableProducts(8, () => smallOps(f));
+    const all = rowStableProducts(8, f);
+    expect(Array.from(one.dataSync())).toEqual(Array.from(all.dataSync()));
+    tf.dispose([one, all]);
+    norm.dispose();
   });
 });
 

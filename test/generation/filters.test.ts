@@ -8,7 +8,9 @@ import {
   topA,
   topK,
   topP,
+  XT_TOPK_FILTER,
 } from '../../src/generation/filters.js';
+import { setFusedKernels } from '../../src/nn/fused.js';
 
 const NEG = -Infinity;
 
@@ -38,6 +40,31 @@ describe('sampling filters', () => {
     const big = run(() => topK(logits, { k: 100 }));
     expect(big[0]).toEqual(rows[0]!.map(Math.fround));
     logits.dispose();
+  });
+
+  it('topK: the fused kernel, where the backend has one, keeps exactly what the composite keeps', () => {
+    const registered = tf.getKernel(XT_TOPK_FILTER, tf.getBackend()) !== undefined;
+    expect(registered).toBe(tf.getBackend() === 'torch');
+    // ties across the k-th place, NaN, infinities, and a vocabulary of 1000 with repeated values
+    const small = tf.tensor2d([
+      [2, 7, 7, 1, 7, 0, 7, 3],
+      [NaN, 1, Infinity, -Infinity, 1, 1, NaN, 0],
+    ]);
+    const large = tf.round(tf.mul(tf.randomNormal([3, 1000], 0, 1, 'float32', 5), 6));
+    for (const [logits, k] of [
+      [small, 1],
+      [small, 3],
+      [small, 8],
+      [large, 100],
+      [large, 1],
+    ] as const) {
+      const fused = run(() => topK(logits, { k }));
+      const prev = setFusedKernels(false);
+      const composite = run(() => topK(logits, { k }));
+      setFusedKernels(prev);
+      expect(fused).toEqual(composite);
+    }
+    tf.dispose([small, large]);
   });
 
   it('topP keeps the nucleus, always the top token', () => {

@@ -67,6 +67,11 @@ export class TorchBackend extends tf.KernelBackend {
     return this.N.setSmallGemvRows(rows);
   }
 
+  /** Small-op mode: ATen's ops run on one thread, large products still on all. See smallOps. */
+  setSmallOps(on: boolean): boolean {
+    return this.N.setSmallOps(on);
+  }
+
   /** Mixed precision of matrix products and attention (see src/backend/precision.ts). */
   setPrecision(p: 'fp32' | 'bf16'): 'fp32' | 'bf16' {
     return this.N.setPrecision(p) as 'fp32' | 'bf16';

@@ -561,6 +561,7 @@ const IMPLS: Record<string, Impl> = {
       return { dataId: src.dataId, shape: src.shape.slice(), dtype: src.dtype };
     });
   },
+  XtTopKFilter: (b, i, a) => b.out(b.N.topKFilter(b.id(inp(i, 'logits')), a.k as number)),
   XtSampleRows: (b, i, a) => {
     const probs = inp(i, 'probs');
     return b.outAs(

@@ -27,6 +27,10 @@ export interface TorchAddon {
   cpuCache(): { cachedBytes: number; limitBytes: number };
   /** most rows a float32 product computes row by row (at least 4); returns the previous bound */
   setSmallGemvRows(rows: number): number;
+  /** the top-k sampling filter: each row's k largest logits kept (as topk picks them), others -inf */
+  topKFilter(logits: number, k: number): number;
+  /** small-op mode (ATen on one thread, for decoding steps); returns the previous mode */
+  setSmallOps(on: boolean): boolean;
   bytes(): number;
   storageUseCount(id: number): number;
   storages(): Array<[number, string]>;
