@@ -544,6 +544,8 @@ at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
   float* py = y.data_ptr<float>();
   // a few rows of a row-major left operand: read the right one in place
   const bool small = smallGemvFor(m) && la.trans == 'N';
+  // in small-op mode, sgemm (on OpenMP threads) still gets them for products worth it (a prompt)
+  OmpThreads threads(!small && count * m * n * k >= (int64_t(1) << 21));
   std::vector<int64_t> idx(nb, 0);
   for (int64_t i = 0; i < count; i++) {
     int64_t oa = 0, ob = 0;

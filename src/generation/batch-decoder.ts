@@ -209,8 +209,11 @@ export class BatchDecoder {
       const running = all.filter((s) => s.cache);
       const queued = all.filter((s) => !s.cache);
       const out: BatchToken[] = [];
-      if (running.length) out.push(...smallOps(() => this.advance(running)));
-      for (const s of queued) out.push(...this.advance([s]));
+      // (large products, a long prompt's, still use every thread)
+      smallOps(() => {
+        if (running.length) out.push(...this.advance(running));
+        for (const s of queued) out.push(...this.advance([s]));
+      });
       return out;
     } finally {
       if (wasTraining) net.train(true);

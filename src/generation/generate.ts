@@ -298,8 +298,8 @@ class StepDecoder {
           context: o.context,
           contextMask: o.contextMask,
         });
-      // a step after the prompt's: a few rows through every op
-      res = cache ? smallOps(run) : run();
+      // a few rows through every op (a long prompt's large products still use every thread)
+      res = smallOps(run);
     } finally {
       x.dispose();
     }
