@@ -1899,48 +1899,78 @@ at::Tensor rotatedQuery(const at::Tensor& q, const at::Tensor& cos, const at::Te
 // args: x [b, 1, dim], wq, wk, wv, wo, kCache [b, h, t, d], vCache [b, h, t, dv], cos, sin, cosQ,
 // sinQ (ids or -1), scale, heads -> [out [b, 1, dimOut], k [b, h, t + 1, d], v [b, h, t + 1, dv],
 // this step's v [b, h, 1, dv]].
-// softmax(q k^T * scale) v of one query per row and head, heads merged: q [b, h, 1, d], k [b, h, t, d],
-// v [b, h, t, dv] -> [b, 1, h * dv], written into `into` (rows [row0, row0 + b)) when given. On CPU
-// float32 with the small-row product kernels this runs them directly, in the order attentionForward's
-// composite runs them for one query row (scores, times scale, softmax, times values), so the numbers
-// are the same without a tensor op per head; anything else runs that composite.
+// Scratch memory of the decoding kernels (one JavaScript thread calls them).
+std::vector<float> g_scratch;
+float* scratch(size_t n) {
+  if (g_scratch.size() < n) g_scratch.resize(n);
+  return g_scratch.data();
+}
+
+// Where the raw loops of a decoding step apply: CPU float32 keys and values of one query position,
+// with unit feature strides, and the small-row product kernels.
+bool rawAttend(const at::Tensor& k, const at::Tensor& v) {
+  return g_sgemm && smallGemvFor(1) && !g_bf16 && k.device().is_cpu() && v.device().is_cpu() &&
+         k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.size(2) > 0 &&
+         (k.stride(3) == 1 || k.size(3) == 1) && k.stride(2) >= k.size(3) && (v.stride(3) == 1 || v.size(3) == 1) &&
+         v.stride(2) >= v.size(3);
+}
+
+// Scores this many or fewer (heads times keys, per row) take the softmax below; more take ATen's
+// vectorized one. Either way a row's numbers depend on its own length alone.
+constexpr int64_t kLoopSoftmax = 8192;
+
+// softmax(q k^T * scale) v of one query per row and head, heads merged: q points at b rows of h
+// heads of d features (strides qRow, qHead), k [b, h, t, d] (rotated), v [b, h, t, dv] -> out, b
+// rows of h * dv. Scores and weighted sums on the small-row kernels.
+void attendRaw(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_t h, const at::Tensor& k,
+               const at::Tensor& v, double scale, float* out) {
+  int64_t d = k.size(3), t = k.size(2), dv = v.size(3);
+  const float* pk = k.data_ptr<float>();
+  const float* pv = v.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  float* ps = scratch(b * h * t);
+  for (int64_t bi = 0; bi < b; bi++)
+    for (int64_t hi = 0; hi < h; hi++) {
+      float* sr = ps + (bi * h + hi) * t;
+      gemvT(1, t, d, q + bi * qRow + hi * qHead, d, pk + bi * k.stride(0) + hi * k.stride(1), k.stride(2), sr, t);
+      for (int64_t j = 0; j < t; j++) sr[j] *= sc;
+    }
+  if (h * t > kLoopSoftmax) {
+    auto s = at::from_blob(ps, {b * h, t}, at::TensorOptions().dtype(at::kFloat));
+    s.copy_(at::softmax(s, -1));
+  } else {
+    for (int64_t r = 0; r < b * h; r++) {
+      float* sr = ps + r * t;
+      float mx = sr[0];
+      for (int64_t j = 1; j < t; j++) mx = std::max(mx, sr[j]);
+      float sum = 0;
+      for (int64_t j = 0; j < t; j++) sum += (sr[j] = std::exp(sr[j] - mx));
+      for (int64_t j = 0; j < t; j++) sr[j] /= sum;
+    }
+  }
+  for (int64_t bi = 0; bi < b; bi++)
+    for (int64_t hi = 0; hi < h; hi++)
+      gemvN(1, dv, t, ps + (bi * h + hi) * t, t, pv + bi * v.stride(0) + hi * v.stride(1), v.stride(2),
+            out + (bi * h + hi) * dv, dv);
+}
+
+// The same for q [b, h, 1, d] as a tensor, merged into [b, 1, h * dv] (or into `into`, rows
+// [row0, row0 + b)); outside the raw loops' reach, attentionForward's composite.
 at::Tensor attendOneQuery(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                           at::Tensor* into = nullptr, int64_t row0 = 0) {
-  int64_t b = q.size(0), h = q.size(1), d = q.size(3), t = k.size(2), dv = v.size(3);
-  bool raw = g_sgemm && smallGemvFor(1) && !lowp(q) && q.device().is_cpu() && k.device().is_cpu() &&
-             v.device().is_cpu() && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-             v.scalar_type() == at::kFloat && q.size(2) == 1 && k.size(1) == h && v.size(1) == h &&
-             v.size(2) == t && k.size(3) == d && t > 0 && (q.stride(3) == 1 || d == 1) &&
-             (k.stride(3) == 1 || d == 1) && k.stride(2) >= d && (v.stride(3) == 1 || dv == 1) && v.stride(2) >= dv;
-  at::Tensor merged;
+  int64_t b = q.size(0), h = q.size(1), d = q.size(3), dv = v.size(3);
+  bool raw = rawAttend(k, v) && q.device().is_cpu() && q.scalar_type() == at::kFloat && q.size(2) == 1 &&
+             k.size(1) == h && v.size(1) == h && v.size(2) == k.size(2) && k.size(3) == d &&
+             (q.stride(3) == 1 || d == 1);
   if (!raw) {
-    auto o = attentionForward(q, k, v, nullptr, scale, true);
-    merged = o.permute({0, 2, 1, 3}).reshape({b, 1, h * dv});
+    auto merged = attentionForward(q, k, v, nullptr, scale, true).permute({0, 2, 1, 3}).reshape({b, 1, h * dv});
     if (!into) return merged;
     into->narrow(0, row0, b).copy_(merged);
     return *into;
   }
-  auto s = at::empty({b, h, 1, t}, q.options());
-  float* ps = s.data_ptr<float>();
-  const float* pq = q.data_ptr<float>();
-  const float* pk = k.data_ptr<float>();
-  const float* pv = v.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  for (int64_t bi = 0; bi < b; bi++)
-    for (int64_t hi = 0; hi < h; hi++) {
-      float* sr = ps + (bi * h + hi) * t;
-      gemvT(1, t, d, pq + bi * q.stride(0) + hi * q.stride(1), d, pk + bi * k.stride(0) + hi * k.stride(1),
-            k.stride(2), sr, t);
-      for (int64_t j = 0; j < t; j++) sr[j] *= sc;
-    }
-  auto p = at::softmax(s, -1);
-  const float* pp = p.data_ptr<float>();
-  at::Tensor out = into ? *into : at::empty({b, 1, h * dv}, q.options());
-  float* po = out.data_ptr<float>() + (into ? row0 * h * dv : 0);
-  for (int64_t bi = 0; bi < b; bi++)
-    for (int64_t hi = 0; hi < h; hi++)
-      gemvN(1, dv, t, pp + (bi * h + hi) * t, t, pv + bi * v.stride(0) + hi * v.stride(1), v.stride(2),
-            po + (bi * h + hi) * dv, dv);
+  at::Tensor out = into ? *into : at::empty({b, 1, h * dv}, k.options());
+  attendRaw(q.data_ptr<float>(), q.stride(0), q.stride(1), b, h, k, v, scale,
+            out.data_ptr<float>() + (into ? row0 * h * dv : 0));
   return out;
 }
 
@@ -1958,9 +1988,25 @@ StepAttention attendStep(const at::Tensor& q, const at::Tensor& k, const at::Ten
   auto vAll = appendPosition(vc, v);
   at::Tensor qr = q, kr = kAll;
   if (cos) {
-    // the new position is the last key's
-    qr = rotatedQuery(q, *cos, *sin, kAll.size(2) - 1);
     kr = rotatedKeys(kAll, *cos, *sin);
+    int64_t b = q.size(0), h = q.size(1), d = q.size(3), pos = kAll.size(2) - 1;
+    if (rawAttend(kr, vAll) && rawTables(*cos, *sin, d) && q.device().is_cpu() && q.scalar_type() == at::kFloat &&
+        (q.stride(3) == 1 || d == 1) && kr.size(1) == h && vAll.size(1) == h) {
+      // the query turned in scratch memory (as rotatedQuery turns it)
+      static std::vector<float> qbuf;
+      if (static_cast<int64_t>(qbuf.size()) < b * h * d) qbuf.resize(b * h * d);
+      const float* pq = q.data_ptr<float>();
+      for (int64_t bi = 0; bi < b; bi++)
+        for (int64_t hi = 0; hi < h; hi++)
+          rotatePairs(pq + bi * q.stride(0) + hi * q.stride(1), tableRow(*cos, bi, hi, pos), tableRow(*sin, bi, hi, pos),
+                      qbuf.data() + (bi * h + hi) * d, d, false);
+      int64_t dv = vAll.size(3);
+      at::Tensor out = into ? *into : at::empty({b, 1, h * dv}, vAll.options());
+      attendRaw(qbuf.data(), h * d, d, b, h, kr, vAll, scale, out.data_ptr<float>() + (into ? row0 * h * dv : 0));
+      return {out, kAll, vAll};
+    }
+    // the new position is the last key's
+    qr = rotatedQuery(q, *cos, *sin, pos);
   }
   return {attendOneQuery(qr, kr, vAll, scale, into, row0), kAll, vAll};
 }

@@ -51,6 +51,16 @@ export const XT_CACHED_ATTENTION = 'XtCachedAttention';
  */
 export const XT_CACHED_ATTENTION_ROWS = 'XtCachedAttentionRows';
 
+/** Input names of row r of XtCachedAttentionRows (made once per r). */
+const ROW_INPUT_NAMES: [string, string, string, string][] = [];
+function rowInputNames(r: number): [string, string, string, string] {
+  while (ROW_INPUT_NAMES.length <= r) {
+    const n = ROW_INPUT_NAMES.length;
+    ROW_INPUT_NAMES.push([`k${n}`, `v${n}`, `cos${n}`, `sin${n}`]);
+  }
+  return ROW_INPUT_NAMES[r]!;
+}
+
 /** The full rotary tables of one row decoded with `decodeRows` (positions from 0). */
 export interface RowRotaryTables {
   cos: tf.Tensor;
@@ -641,14 +651,15 @@ export class Attention extends Module {
     for (let r = 0; r < b; r++) {
       const { k, v } = caches[r]!;
       this.checkCache(caches[r]!, 1);
-      inputs[`k${r}`] = k;
-      inputs[`v${r}`] = v;
+      const [kName, vName, cosName, sinName] = rowInputNames(r);
+      inputs[kName] = k;
+      inputs[vName] = v;
       if (!rotary) continue;
       const t = rotary[r]!.tables;
       if (!t || t.cos.rank !== 4 || t.cos.shape[3] !== this.dimHead || t.cos.shape[2]! <= k.shape[2]!)
         return null;
-      inputs[`cos${r}`] = t.cos;
-      inputs[`sin${r}`] = t.sin;
+      inputs[cosName] = t.cos;
+      inputs[sinName] = t.sin;
     }
     const [out, ...kvs] = tf.engine().runKernel(XT_CACHED_ATTENTION_ROWS, inputs, {
       scale: this.scale,

@@ -105,6 +105,16 @@ function upcastFloat(dtype: DataType): DataType {
   return dtype === 'float32' ? 'float32' : dtype;
 }
 
+/** Input names of row r of XtCachedAttentionRows: k{r}, v{r}, cos{r}, sin{r} (made once per r). */
+const ROW_INPUT_NAMES: [string, string, string, string][] = [];
+function rowInputNames(r: number): [string, string, string, string] {
+  while (ROW_INPUT_NAMES.length <= r) {
+    const n = ROW_INPUT_NAMES.length;
+    ROW_INPUT_NAMES.push([`k${n}`, `v${n}`, `cos${n}`, `sin${n}`]);
+  }
+  return ROW_INPUT_NAMES[r]!;
+}
+
 const IMPLS: Record<string, Impl> = {
   Cast: (b, i, a) => {
     const x = inp(i, 'x');
@@ -461,31 +471,41 @@ const IMPLS: Record<string, Impl> = {
   XtCachedAttentionRows: (b, i, a) => {
     const named = i as Record<string, TensorInfo | null | undefined>;
     const rows = a.rows as number;
-    const ids = (prefix: string) => Array.from({ length: rows }, (_, r) => b.id(inp(i, `${prefix}${r}`)));
-    const optIds = (prefix: string) =>
-      Int32Array.from({ length: rows }, (_, r) => {
-        const t = named[`${prefix}${r}`];
-        return t ? b.id(t) : -1;
-      });
+    const ks: TensorInfo[] = [];
+    const vs: TensorInfo[] = [];
+    const kIds: number[] = [];
+    const vIds: number[] = [];
+    const cos = new Int32Array(rows);
+    const sin = new Int32Array(rows);
+    for (let r = 0; r < rows; r++) {
+      const [kName, vName, cosName, sinName] = rowInputNames(r);
+      ks.push(inp(i, kName));
+      vs.push(inp(i, vName));
+      kIds.push(b.id(ks[r]!));
+      vIds.push(b.id(vs[r]!));
+      const c = named[cosName];
+      const s = named[sinName];
+      cos[r] = c ? b.id(c) : -1;
+      sin[r] = s ? b.id(s) : -1;
+    }
     const out = b.N.cachedAttentionRows(
       b.id(inp(i, 'x')),
       b.id(inp(i, 'wq')),
       b.id(inp(i, 'wk')),
       b.id(inp(i, 'wv')),
       b.id(inp(i, 'wo')),
-      ids('k'),
-      ids('v'),
-      optIds('cos'),
-      optIds('sin'),
+      kIds,
+      vIds,
+      cos,
+      sin,
       a.scale as number,
       a.heads as number,
     );
     const infos = [b.outAs(out[0]!, [rows, 1, inp(i, 'wo').shape[0]!], 'float32')];
     for (let r = 0; r < rows; r++) {
-      const [, h, t, d] = inp(i, `k${r}`).shape as [number, number, number, number];
-      const dv = inp(i, `v${r}`).shape[3]!;
+      const [, h, t, d] = ks[r]!.shape as [number, number, number, number];
       infos.push(b.outAs(out[1 + 2 * r]!, [1, h, t + 1, d], 'float32'));
-      infos.push(b.outAs(out[2 + 2 * r]!, [1, h, t + 1, dv], 'float32'));
+      infos.push(b.outAs(out[2 + 2 * r]!, [1, h, t + 1, vs[r]!.shape[3]!], 'float32'));
     }
     return infos;
   },
