@@ -59,6 +59,8 @@ class TokenSink {
   firstAt = 0;
   private readonly text: IncrementalText;
   private appends: Promise<unknown> = Promise.resolve();
+  /** the write the last token event went out with */
+  private lastWrite: Promise<unknown> | null = null;
 
   constructor(
     private readonly ctx: WorkerContext,
@@ -92,7 +94,12 @@ class TokenSink {
     }
     const event = { index: this.tokens.length - 1, tokenId, text: piece };
     // the tokens of one decoding step, of every generation in it, go out in one write
-    this.appends = Promise.all([this.appends, this.ctx.events.append(d.jobId, 'token', event)]);
+    const { written } = this.ctx.events.append(d.jobId, 'token', event);
+    if (written !== this.lastWrite) {
+      this.lastWrite = written;
+      const before = this.appends;
+      this.appends = before.then(() => written);
+    }
     if (stopHit) this.finishReason = 'stop';
     return stopHit || this.tokens.length >= d.maxTokens;
   }

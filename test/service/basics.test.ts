@@ -231,10 +231,13 @@ describe('service basics (real Redis)', () => {
         jobs.map((id) => writer.append(id, 'token', { index, tokenId: index + 40 })),
       );
       pending.push(writer.append(jobs[1]!, 'done', { tokens: 3 }));
-      const ids = await Promise.all(pending);
+      expect(new Set(pending.map((p) => p.written)).size).toBe(1);
+      expect(pending.map((p) => p.at)).toEqual([0, 1, 2, 3, 4, 5, 6]);
+      const written = await pending[0]!.written;
+      const ids = pending.map((p) => written[p.at]);
       expect(calls).toEqual([7]);
       // the next turn is a round trip of its own
-      await writer.append(jobs[0]!, 'done', { tokens: 3 });
+      await writer.append(jobs[0]!, 'done', { tokens: 3 }).written;
       expect(calls).toEqual([7, 1]);
       for (const [j, id] of jobs.entries()) {
         const events = await registry.readEvents(id, '0');
