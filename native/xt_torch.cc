@@ -1286,17 +1286,36 @@ XT_FN(TopKFilter) {
     auto idx = std::get<1>(at::sort(x, true, -1, true)).narrow(-1, 0, k);
     return idv(info, at::full_like(x, neg).scatter_(-1, idx, x.gather(-1, idx)));
   }
+  // the kept set needs no order: the k-th largest value by selection, then every larger entry and
+  // as many entries equal to it as are left, lowest index first (NaN counts as the largest)
   auto xc = x.contiguous();
   int64_t b = xc.size(0), v = xc.size(1);
-  auto values = at::empty({b, k}, xc.options());
-  auto indices = at::empty({b, k}, xc.options().dtype(at::kInt));
-  topkRows<float>(xc, k, values, indices);
   auto out = at::full({b, v}, neg, xc.options());
+  if (k == 0) return idv(info, out);
+  const float* px = xc.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  const float* pv = values.data_ptr<float>();
-  const int32_t* pi = indices.data_ptr<int32_t>();
-  for (int64_t r = 0; r < b; r++)
-    for (int64_t j = 0; j < k; j++) po[r * v + pi[r * k + j]] = pv[r * k + j];
+  auto greater = [](float a, float c) {
+    bool na = a != a, nc = c != c;
+    return na ? !nc : (!nc && a > c);
+  };
+  std::vector<float> vals(v);
+  for (int64_t r = 0; r < b; r++) {
+    const float* row = px + r * v;
+    float* dst = po + r * v;
+    std::copy(row, row + v, vals.begin());
+    std::nth_element(vals.begin(), vals.begin() + (k - 1), vals.end(), greater);
+    const float kth = vals[k - 1];
+    int64_t above = 0;
+    for (int64_t j = 0; j < v; j++) above += greater(row[j], kth);
+    int64_t ties = k - above;
+    for (int64_t j = 0; j < v; j++) {
+      if (greater(row[j], kth)) dst[j] = row[j];
+      else if (ties > 0 && !greater(kth, row[j])) {
+        dst[j] = row[j];
+        ties--;
+      }
+    }
+  }
   return idv(info, out);
 }
 
