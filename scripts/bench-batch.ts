@@ -1,0 +1,64 @@
+/**
+ * Continuous batching in the library alone: time per `BatchDecoder` step with b sequences decoding
+ * together (the prefills not counted), and the tokens per second that makes.
+ *   npm run bench:batch -- [--dim 256] [--depth 4] [--batches 1,8,32] [--steps 100]
+ * The model is a byte-level decoder with rotary positions, heads 4, as `bench:service` streams from.
+ */
+import { initBackend } from '../src/backend/index.js';
+import { BatchDecoder } from '../src/generation/batch-decoder.js';
+import { Decoder } from '../src/layers/attention-layers.js';
+import { manualSeed } from '../src/utils/random.js';
+import { TransformerWrapper } from '../src/wrappers/transformer-wrapper.js';
+
+function flag(name: string, def: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 && process.argv[i + 1] ? process.argv[i + 1]! : def;
+}
+
+function positiveInt(name: string, value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`--${name}: expected a positive integer, got ${value}`);
+  return n;
+}
+
+const dim = positiveInt('dim', flag('dim', '256'));
+const depth = positiveInt('depth', flag('depth', '4'));
+const steps = positiveInt('steps', flag('steps', '100'));
+const batches = flag('batches', '1,8,32')
+  .split(',')
+  .map((v) => positiveInt('batches', v));
+
+const info = await initBackend(process.env.XT_BACKEND);
+manualSeed(0);
+const net = new TransformerWrapper({
+  numTokens: 256,
+  maxSeqLen: steps + 32,
+  attnLayers: new Decoder({ dim, depth, heads: 4, rotaryPosEmb: true }),
+});
+net.eval();
+console.log(
+  `backend ${info.backend} (${info.device}), decoder dim ${dim} depth ${depth}, ` +
+    `${net.numParameters().toLocaleString()} parameters, ${steps} steps per batch size\n`,
+);
+console.log('| sequences | ms per step | tokens/s | against one sequence |');
+console.log('| ---: | ---: | ---: | ---: |');
+let one = 0;
+for (const b of batches) {
+  // the first run compiles and allocates; the second is timed
+  let ms = 0;
+  for (let run = 0; run < 2; run++) {
+    const d = new BatchDecoder(net, { maxBatch: b });
+    for (let i = 0; i < b; i++)
+      d.add([1, 2, 3, 4, 5, 6, 7, 8], { maxTokens: steps + 1, temperature: 1, seed: i });
+    d.step(); // the prefills and each sequence's first token
+    const t0 = performance.now();
+    for (let s = 0; s < steps; s++) d.step();
+    ms = (performance.now() - t0) / steps;
+    d.dispose();
+  }
+  const tps = (b / ms) * 1000;
+  if (b === 1) one = tps;
+  const ratio = one && b > 1 ? `${(tps / one).toFixed(1)}x` : '';
+  console.log(`| ${b} | ${ms.toFixed(2)} | ${Math.round(tps).toLocaleString()} | ${ratio} |`);
+}
+net.dispose();
