@@ -14,6 +14,7 @@ import {
 import { fillVariable, l2normGroups, padAxis } from './ops.js';
 import { applyRotaryPosEmb, applyRotaryTables } from './rotary.js';
 import { backendHasKernel } from '../nn/fused.js';
+import { rowInputNames } from '../backend/kernel-inputs.js';
 import { FoldAxially, MultiheadRMSNorm, buildHybridModule } from './hybrid.js';
 import {
   attentionDefaults,
@@ -50,16 +51,6 @@ export const XT_CACHED_ATTENTION = 'XtCachedAttention';
  *   keep rows apart: `rowStableProducts`).
  */
 export const XT_CACHED_ATTENTION_ROWS = 'XtCachedAttentionRows';
-
-/** Input names of row r of XtCachedAttentionRows (made once per r). */
-const ROW_INPUT_NAMES: [string, string, string, string][] = [];
-function rowInputNames(r: number): [string, string, string, string] {
-  while (ROW_INPUT_NAMES.length <= r) {
-    const n = ROW_INPUT_NAMES.length;
-    ROW_INPUT_NAMES.push([`k${n}`, `v${n}`, `cos${n}`, `sin${n}`]);
-  }
-  return ROW_INPUT_NAMES[r]!;
-}
 
 /** The full rotary tables of one row decoded with `decodeRows` (positions from 0). */
 export interface RowRotaryTables {
@@ -556,6 +547,16 @@ export class Attention extends Module {
     }
   }
 
+  /** Whether a decoding step may run as the kernel `name`: plain options, no dropout, registered. */
+  private decodeKernel(name: string): boolean {
+    return this.plainDecode && !(this.training && this.options.dropout > 0) && backendHasKernel(name);
+  }
+
+  /** The inputs every decoding kernel takes: x and the projections' weights. */
+  private decodeInputs(x: tf.Tensor): tf.NamedTensorMap {
+    return { x, wq: this.toQ.weight, wk: this.toK.weight, wv: this.toV.weight, wo: this.toOut.weight };
+  }
+
   /**
    * One decoding step (one new token, a cache, plain options, no extra inputs) as one
    * XtCachedAttention kernel where the backend has it; null where it does not apply.
@@ -566,10 +567,9 @@ export class Attention extends Module {
   ): { out: tf.Tensor; intermediates: AttentionIntermediates } | null {
     const cache = opts.cache;
     if (
-      !this.plainDecode ||
+      !this.decodeKernel(XT_CACHED_ATTENTION) ||
       !cache ||
       x.shape[1] !== 1 ||
-      (this.training && this.options.dropout > 0) ||
       opts.context ||
       opts.mem ||
       opts.mask ||
@@ -579,19 +579,10 @@ export class Attention extends Module {
       opts.relPos ||
       opts.attnBias ||
       opts.prevAttn ||
-      opts.valueResidual ||
-      !backendHasKernel(XT_CACHED_ATTENTION)
+      opts.valueResidual
     )
       return null;
-    const inputs: tf.NamedTensorMap = {
-      x,
-      wq: this.toQ.weight,
-      wk: this.toK.weight,
-      wv: this.toV.weight,
-      wo: this.toOut.weight,
-      kCache: cache.k,
-      vCache: cache.v,
-    };
+    const inputs: tf.NamedTensorMap = { ...this.decodeInputs(x), kCache: cache.k, vCache: cache.v };
     if (opts.rotary) {
       const t = opts.rotary.tables;
       const nk = cache.k.shape[2]! + 1;
@@ -632,22 +623,9 @@ export class Attention extends Module {
     rotary: { tables: RowRotaryTables | null }[] | null,
   ): { out: tf.Tensor; kvs: AttentionKv[] } | null {
     const b = caches.length;
-    if (
-      !this.plainDecode ||
-      (this.training && this.options.dropout > 0) ||
-      x.rank !== 3 ||
-      x.shape[0] !== b ||
-      x.shape[1] !== 1 ||
-      !backendHasKernel(XT_CACHED_ATTENTION_ROWS)
-    )
+    if (!this.decodeKernel(XT_CACHED_ATTENTION_ROWS) || x.rank !== 3 || x.shape[0] !== b || x.shape[1] !== 1)
       return null;
-    const inputs: tf.NamedTensorMap = {
-      x,
-      wq: this.toQ.weight,
-      wk: this.toK.weight,
-      wv: this.toV.weight,
-      wo: this.toOut.weight,
-    };
+    const inputs = this.decodeInputs(x);
     for (let r = 0; r < b; r++) {
       const { k, v } = caches[r]!;
       this.checkCache(caches[r]!, 1);

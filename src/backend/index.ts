@@ -131,14 +131,7 @@ export function backendInfo(): BackendInfo | null {
  * as it is.
  */
 export function smallOps<T>(fn: () => T): T {
-  const backend = tf.backend() as { setSmallOps?: (on: boolean) => boolean };
-  if (typeof backend.setSmallOps !== 'function') return fn();
-  const prev = backend.setSmallOps(true);
-  try {
-    return fn();
-  } finally {
-    backend.setSmallOps(prev);
-  }
+  return withBackendSetting('setSmallOps', true, fn);
 }
 
 /**
@@ -149,12 +142,21 @@ export function smallOps<T>(fn: () => T): T {
  * `rows` for the call. The cpu backend's products are row-independent already.
  */
 export function rowStableProducts<T>(rows: number, fn: () => T): T {
-  const backend = tf.backend() as { setRowStableRows?: (n: number) => number };
-  if (typeof backend.setRowStableRows !== 'function') return fn();
-  const prev = backend.setRowStableRows(rows);
+  return withBackendSetting('setRowStableRows', rows, fn);
+}
+
+/**
+ * Runs `fn` with a setting of the active backend changed through its method `setter` (which
+ * returns the previous value), and restores it after; runs `fn` as it is on a backend without it.
+ */
+function withBackendSetting<V, T>(setter: string, value: V, fn: () => T): T {
+  const backend = tf.backend() as unknown as Record<string, ((v: V) => V) | undefined>;
+  const set = backend[setter];
+  if (typeof set !== 'function') return fn();
+  const prev = set.call(backend, value);
   try {
     return fn();
   } finally {
-    backend.setRowStableRows(prev);
+    set.call(backend, prev);
   }
 }

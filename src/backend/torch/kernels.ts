@@ -5,6 +5,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { DataType, KernelConfig, KernelFunc, NamedAttrMap, TensorInfo } from '@tensorflow/tfjs-core';
 import { backend_util, slice_util, util } from '@tensorflow/tfjs-core';
 import { TorchBackend, dtypeCode } from './backend.js';
+import { rowInputNames } from '../kernel-inputs.js';
 
 type Inputs = Record<string, TensorInfo | null | undefined> | TensorInfo[];
 type Impl = (b: TorchBackend, inputs: Inputs, attrs: NamedAttrMap) => TensorInfo | TensorInfo[];
@@ -105,14 +106,9 @@ function upcastFloat(dtype: DataType): DataType {
   return dtype === 'float32' ? 'float32' : dtype;
 }
 
-/** Input names of row r of XtCachedAttentionRows: k{r}, v{r}, cos{r}, sin{r} (made once per r). */
-const ROW_INPUT_NAMES: [string, string, string, string][] = [];
-function rowInputNames(r: number): [string, string, string, string] {
-  while (ROW_INPUT_NAMES.length <= r) {
-    const n = ROW_INPUT_NAMES.length;
-    ROW_INPUT_NAMES.push([`k${n}`, `v${n}`, `cos${n}`, `sin${n}`]);
-  }
-  return ROW_INPUT_NAMES[r]!;
+/** The ids of the inputs every decoding kernel takes: x, wq, wk, wv, wo. */
+function decodeIds(b: TorchBackend, i: Inputs): [number, number, number, number, number] {
+  return [b.id(inp(i, 'x')), b.id(inp(i, 'wq')), b.id(inp(i, 'wk')), b.id(inp(i, 'wv')), b.id(inp(i, 'wo'))];
 }
 
 const IMPLS: Record<string, Impl> = {
@@ -442,11 +438,7 @@ const IMPLS: Record<string, Impl> = {
     const named = i as Record<string, TensorInfo | null | undefined>;
     const opt = (k: string): number => (named[k] ? b.id(named[k]!) : -1);
     const ids = b.N.cachedAttention(
-      b.id(inp(i, 'x')),
-      b.id(inp(i, 'wq')),
-      b.id(inp(i, 'wk')),
-      b.id(inp(i, 'wv')),
-      b.id(inp(i, 'wo')),
+      ...decodeIds(b, i),
       b.id(inp(i, 'kCache')),
       b.id(inp(i, 'vCache')),
       opt('cos'),
@@ -489,11 +481,7 @@ const IMPLS: Record<string, Impl> = {
       sin[r] = s ? b.id(s) : -1;
     }
     const out = b.N.cachedAttentionRows(
-      b.id(inp(i, 'x')),
-      b.id(inp(i, 'wq')),
-      b.id(inp(i, 'wk')),
-      b.id(inp(i, 'wv')),
-      b.id(inp(i, 'wo')),
+      ...decodeIds(b, i),
       kIds,
       vIds,
       cos,
