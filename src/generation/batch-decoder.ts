@@ -209,7 +209,7 @@ export class BatchDecoder {
       const running = all.filter((s) => s.cache);
       const queued = all.filter((s) => !s.cache);
       const out: BatchToken[] = [];
-      // (large products, a long prompt's, still use every thread)
+      // every op of the step on one thread (smallOps); large products, a long prompt's, still use them all
       smallOps(() => {
         if (running.length) out.push(...this.advance(running));
         for (const s of queued) out.push(...this.advance([s]));
