@@ -27,6 +27,13 @@ export class GenerationBatcher {
     number,
     { req: BatchRequest; done: (end: BatchEnd) => void; fail: (e: unknown) => void }
   >();
+  /** generations waiting for a place in a full batch, in arrival order */
+  private readonly waiting: {
+    req: BatchRequest;
+    start: () => void;
+    abort: () => void;
+    fail: (e: unknown) => void;
+  }[] = [];
   private running = false;
 
   constructor(
@@ -38,9 +45,9 @@ export class GenerationBatcher {
     this.decoder = new BatchDecoder(model.ar, { maxBatch });
   }
 
-  /** Generations held now. */
+  /** Generations held now: in the batch, or waiting for a place in it. */
   get size(): number {
-    return this.decoder.size;
+    return this.decoder.size + this.waiting.length;
   }
 
   /** Whether a model can be decoded in batches; else the reason (it is then served one request at a time). */
@@ -48,12 +55,50 @@ export class GenerationBatcher {
     return BatchDecoder.unsupported(model.ar);
   }
 
-  /** Runs one generation to its end; resolves with how it ended. Throws when the batcher is full. */
+  /**
+   * Runs one generation to its end; resolves with how it ended. When the batch is full (maxBatch),
+   * the generation waits for the next place, in arrival order (an abort while it waits ends it).
+   */
   run(req: BatchRequest): Promise<BatchEnd> {
     if (req.signal?.aborted) {
-      if (this.decoder.size === 0 && !this.running) this.onIdle();
+      if (this.size === 0 && !this.running) this.onIdle();
       return Promise.resolve('aborted');
     }
+    if (this.decoder.size < this.decoder.maxBatch) return this.start(req);
+    return new Promise<BatchEnd>((resolve, reject) => {
+      const entry = {
+        req,
+        start: () => {
+          req.signal?.removeEventListener('abort', entry.abort);
+          try {
+            this.start(req).then(resolve, reject);
+          } catch (e) {
+            reject(e instanceof Error ? e : new Error(String(e)));
+          }
+        },
+        abort: () => {
+          const at = this.waiting.indexOf(entry);
+          if (at >= 0) this.waiting.splice(at, 1);
+          req.signal?.removeEventListener('abort', entry.abort);
+          resolve('aborted');
+        },
+        fail: (e: unknown) => {
+          req.signal?.removeEventListener('abort', entry.abort);
+          reject(e instanceof Error ? e : new Error(String(e)));
+        },
+      };
+      req.signal?.addEventListener('abort', entry.abort, { once: true });
+      this.waiting.push(entry);
+    });
+  }
+
+  /** Moves waiting generations into the batch while it has room. */
+  private admit(): void {
+    while (this.waiting.length && this.decoder.size < this.decoder.maxBatch) this.waiting.shift()!.start();
+  }
+
+  /** Adds a generation to the batch (which has room) and runs it to its end. */
+  private start(req: BatchRequest): Promise<BatchEnd> {
     const id = this.decoder.add(req.prompt, req.options);
     return new Promise<BatchEnd>((resolve, reject) => {
       const onAbort = () => this.finish(id, 'aborted');
@@ -80,6 +125,7 @@ export class GenerationBatcher {
     this.pending.delete(id);
     this.decoder.remove(id);
     p.done(end);
+    this.admit();
   }
 
   private async loop(): Promise<void> {
@@ -90,12 +136,13 @@ export class GenerationBatcher {
         try {
           tokens = this.decoder.step();
         } catch (e) {
-          // a failed step fails every generation in it
+          // a failed step fails every generation in it, and those waiting for a place
           for (const [id, p] of [...this.pending]) {
             this.pending.delete(id);
             this.decoder.remove(id);
             p.fail(e);
           }
+          for (const w of this.waiting.splice(0)) w.fail(e);
           break;
         }
         for (const t of tokens) {
@@ -114,12 +161,13 @@ export class GenerationBatcher {
       }
     } finally {
       this.running = false;
-      if (this.decoder.size === 0) this.onIdle();
+      if (this.size === 0) this.onIdle();
     }
   }
 
   /** Frees the decoder; generations still held end as aborted. */
   dispose(): void {
+    for (const w of this.waiting.splice(0)) w.abort();
     for (const id of [...this.pending.keys()]) this.finish(id, 'aborted');
     this.decoder.dispose();
   }
@@ -127,7 +175,8 @@ export class GenerationBatcher {
 
 /**
  * The batcher of a loaded model (created on first use, dropped when its last generation leaves), or
- * null when the model cannot be decoded in batches or its batcher is full.
+ * null when the model cannot be decoded in batches, or when a batcher of an earlier load of the same
+ * weights still runs. A full batcher is returned too: its new generations wait for a place.
  */
 export function batcherFor(
   batchers: Map<string, GenerationBatcher>,
@@ -150,5 +199,5 @@ export function batcherFor(
     batchers.set(model.key, created);
     b = created;
   }
-  return b.model === model && b.size < b.maxBatch ? b : null;
+  return b.model === model ? b : null;
 }

@@ -27,8 +27,8 @@ export interface WorkerOptions {
   /** Training jobs run at once (default 1). */
   concurrency?: number;
   /**
-   * Generations decoded together per loaded model, and generation jobs taken at once (default 32):
-   * the generate queue's concurrency feeds the batchers.
+   * Generations decoded together per loaded model (default 32). The generate queue takes twice as
+   * many jobs at once and feeds the batchers; those beyond a full batch wait for a place.
    */
   maxBatch?: number;
   /** Models kept loaded for generation (default 4). */
@@ -117,7 +117,9 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
         GENERATE_QUEUE,
         (job: Job<GenerateJobData>, _token?: string, signal?: AbortSignal) =>
           processGenerate(ctx, job, signal),
-        { ...common, concurrency: ctx.maxBatch, connection: connect() },
+        // twice MAX_BATCH: a generation is taken while others finish their bookkeeping; those
+        // beyond a full batch wait in it for a place
+        { ...common, concurrency: 2 * ctx.maxBatch, connection: connect() },
       ),
     );
   }

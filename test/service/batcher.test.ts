@@ -78,6 +78,44 @@ describe('GenerationBatcher', () => {
     again.built.model.dispose();
   });
 
+  it('a full batch keeps new generations waiting for a place, in order; an abort while waiting ends one', async () => {
+    const m = loaded('m@4');
+    const batchers = new Map<string, GenerationBatcher>();
+    const b = batcherFor(batchers, m, 2)!;
+    const order: number[] = [];
+    const ran = [0, 0, 0, 0];
+    const ac = new AbortController();
+    const gen = (i: number, maxTokens: number, signal?: AbortSignal) =>
+      b
+        .run({
+          prompt: [i + 1],
+          options: { maxTokens, temperature: 0 },
+          signal,
+          onToken: (t) => {
+            if (t.index === 0) order.push(i);
+            ran[i]!++;
+            return false;
+          },
+        })
+        .then((end) => [i, end] as const);
+    const runs = [gen(0, 3), gen(1, 6), gen(2, 4, ac.signal), gen(3, 2)];
+    // two in the batch, two waiting
+    expect(b.size).toBe(4);
+    ac.abort();
+    const ends = await Promise.all(runs);
+    expect(ends).toEqual([
+      [0, 'length'],
+      [1, 'length'],
+      [2, 'aborted'],
+      [3, 'length'],
+    ]);
+    // the aborted one never ran; the last one took the first free place
+    expect(ran).toEqual([3, 6, 0, 2]);
+    expect(order).toEqual([0, 1, 3]);
+    await waitFor(async () => batchers.size === 0, 5000, 'the batcher to leave the map');
+    m.built.model.dispose();
+  });
+
   it('a model the batched path cannot decode gets no batcher', () => {
     const m = loaded('m@3', { residualAttn: true });
     expect(GenerationBatcher.unsupported(m)).toMatch(/residualAttn/);
