@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { isId } from './ids.js';
 import type {
@@ -47,15 +48,35 @@ if s == 'completed' or s == 'failed' or s == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1`;
 
-// Appends one event to each of several streams in one round trip. KEYS: the streams; ARGV: the
-// stream length bound, the TTL of an ended stream, then per key its event name, its data and 1 when
-// the event ends the stream (which then expires after the TTL). Returns the entry ids.
+// Appends events to streams in one round trip, each at most once. KEYS: the streams; ARGV: the
+// stream length bound, the TTL of an ended stream, this writer's id, then per key its event name, its
+// data, 1 when the event ends the stream (which then expires after the TTL), and the event's number
+// among this writer's. An entry records its writer and number ('w' = "<writer>:<number>"): when a
+// stream's last entry is this writer's with a number as high, the event is already there (a command
+// sent again after a reply that Redis restarting lost), and it is not added twice. Returns the ids.
 const APPEND_EVENTS = `
 local ids = {}
 for i, key in ipairs(KEYS) do
-  local at = 3 * i
-  ids[i] = redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[at], 'data', ARGV[at + 1])
-  if ARGV[at + 2] == '1' then redis.call('EXPIRE', key, ARGV[2]) end
+  local at = 4 * i
+  local n = tonumber(ARGV[at + 3])
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
+  local seen = false
+  if last then
+    local f = last[2]
+    for j = 1, #f, 2 do
+      if f[j] == 'w' then
+        local writer, m = string.match(f[j + 1], '^(.*):(%d+)$')
+        seen = writer == ARGV[3] and tonumber(m) >= n
+      end
+    end
+  end
+  if seen then
+    ids[i] = last[1]
+  else
+    ids[i] = redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[at], 'data', ARGV[at + 1],
+      'w', ARGV[3] .. ':' .. ARGV[at + 3])
+    if ARGV[at + 2] == '1' then redis.call('EXPIRE', key, ARGV[2]) end
+  end
 end
 return ids`;
 
@@ -81,6 +102,10 @@ export const JOB_TTL_S = 7 * 24 * 3600;
  * Every key starts with `prefix:` so deployments (and test files) can share one Redis.
  */
 export class Registry {
+  /** This writer's id and the number of its last appended event (see appendEvents). */
+  private readonly writer = randomUUID();
+  private appended = 0;
+
   constructor(
     readonly redis: Redis,
     readonly prefix = 'xt',
@@ -317,20 +342,7 @@ export class Registry {
 
   /** Appends an event to the job's stream; returns its id (the SSE `id:`). */
   async appendEvent(jobId: string, event: string, data: Record<string, unknown>): Promise<string> {
-    const key = this.eventsKey(jobId);
-    const id = (await this.redis.xadd(
-      key,
-      'MAXLEN',
-      '~',
-      String(EVENTS_MAXLEN),
-      '*',
-      'event',
-      event,
-      'data',
-      JSON.stringify(data),
-    ))!;
-    if (END_EVENTS.has(event)) await this.redis.expire(key, JOB_TTL_S);
-    return id;
+    return (await this.appendEvents([{ jobId, event, data }]))[0]!;
   }
 
   /**
@@ -344,6 +356,7 @@ export class Registry {
       e.event,
       JSON.stringify(e.data),
       END_EVENTS.has(e.event) ? '1' : '0',
+      String(++this.appended),
     ]);
     return (await this.redis.eval(
       APPEND_EVENTS,
@@ -351,6 +364,7 @@ export class Registry {
       ...keys,
       String(EVENTS_MAXLEN),
       String(JOB_TTL_S),
+      this.writer,
       ...args,
     )) as string[];
   }

@@ -257,6 +257,38 @@ describe('service basics (real Redis)', () => {
     }
   });
 
+  it('an event sent again (its reply lost when Redis restarted) is in the stream once', async () => {
+    const { registry } = env.app.svc;
+    const job = randomUUID();
+    await registry.createJob({ id: job, type: 'train', modelId: randomUUID() });
+    // capture the commands as sent, then send them again as a client does after reconnecting
+    const sent: unknown[][] = [];
+    const redis = registry.redis as unknown as { eval: (...a: unknown[]) => Promise<unknown> };
+    const evalFn = redis.eval.bind(redis);
+    redis.eval = (...a: unknown[]) => {
+      sent.push(a);
+      return evalFn(...a);
+    };
+    let ids: string[];
+    try {
+      ids = await Promise.all([
+        registry.appendEvent(job, 'progress', { step: 1 }),
+        registry.appendEvent(job, 'progress', { step: 2 }),
+      ]);
+    } finally {
+      redis.eval = evalFn;
+    }
+    expect(sent).toHaveLength(2);
+    const again = await Promise.all(sent.map((a) => evalFn(...a) as Promise<string[]>));
+    // both already there: nothing added, each answered with the stream's last entry
+    expect(again.map((r) => r[0])).toEqual([ids[1], ids[1]]);
+    const events = await registry.readEvents(job, '0');
+    expect(events.map((e) => e.data.step)).toEqual([1, 2]);
+    // the next event is added as usual
+    await registry.appendEvent(job, 'progress', { step: 3 });
+    expect((await registry.readEvents(job, '0')).map((e) => e.data.step)).toEqual([1, 2, 3]);
+  });
+
   it('GET /metrics exposes HTTP latency and queue depth', async () => {
     await env.app.inject({ method: 'GET', url: '/healthz' });
     const r = await env.app.inject({ method: 'GET', url: '/metrics' });
