@@ -2014,24 +2014,8 @@ StepAttention attendStep(const at::Tensor& q, const at::Tensor& k, const at::Ten
   at::Tensor qr = q, kr = kAll;
   if (cos) {
     kr = rotatedKeys(kAll, *cos, *sin);
-    int64_t b = q.size(0), h = q.size(1), d = q.size(3), pos = kAll.size(2) - 1;
-    if (rawAttend(kr, vAll) && rawTables(*cos, *sin, d) && q.device().is_cpu() && q.scalar_type() == at::kFloat &&
-        (q.stride(3) == 1 || d == 1) && kr.size(1) == h && vAll.size(1) == h) {
-      // the query turned in scratch memory (as rotatedQuery turns it)
-      static std::vector<float> qbuf;
-      if (static_cast<int64_t>(qbuf.size()) < b * h * d) qbuf.resize(b * h * d);
-      const float* pq = q.data_ptr<float>();
-      for (int64_t bi = 0; bi < b; bi++)
-        for (int64_t hi = 0; hi < h; hi++)
-          rotatePairs(pq + bi * q.stride(0) + hi * q.stride(1), tableRow(*cos, bi, hi, pos), tableRow(*sin, bi, hi, pos),
-                      qbuf.data() + (bi * h + hi) * d, d, false);
-      int64_t dv = vAll.size(3);
-      at::Tensor out = into ? *into : at::empty({b, 1, h * dv}, vAll.options());
-      attendRaw(qbuf.data(), h * d, d, b, h, kr, vAll, scale, out.data_ptr<float>() + (into ? row0 * h * dv : 0));
-      return {out, kAll, vAll};
-    }
     // the new position is the last key's
-    qr = rotatedQuery(q, *cos, *sin, pos);
+    qr = rotatedQuery(q, *cos, *sin, kAll.size(2) - 1);
   }
   return {attendOneQuery(qr, kr, vAll, scale, into, row0), kAll, vAll};
 }
