@@ -614,13 +614,13 @@ export class Attention extends Module {
   /**
    * One decoding step of rows that each continue their own cache, as one XtCachedAttentionRows
    * kernel: row r of x ([b, 1, dim]) appends to caches[r] (one row's) and, with `rotary`, is turned
-   * by tables[r] at its next position. Returns the rows' outputs [b, 1, dimOut] and each row's new
+   * by rotary[r] (its full tables; null: none) at its next position. Returns the rows' outputs [b, 1, dimOut] and each row's new
    * cache; null where the kernel does not apply (the rows then run one by one through `forward`).
    */
   decodeRows(
     x: tf.Tensor,
     caches: AttentionKv[],
-    rotary: { tables: RowRotaryTables | null }[] | null,
+    rotary: (RowRotaryTables | null)[] | null,
   ): { out: tf.Tensor; kvs: AttentionKv[] } | null {
     const b = caches.length;
     if (!this.decodeKernel(XT_CACHED_ATTENTION_ROWS) || x.rank !== 3 || x.shape[0] !== b || x.shape[1] !== 1)
@@ -633,7 +633,7 @@ export class Attention extends Module {
       inputs[kName] = k;
       inputs[vName] = v;
       if (!rotary) continue;
-      const t = rotary[r]!.tables;
+      const t = rotary[r];
       if (!t || t.cos.rank !== 4 || t.cos.shape[3] !== this.dimHead || t.cos.shape[2]! <= k.shape[2]!)
         return null;
       inputs[cosName] = t.cos;

@@ -4,7 +4,7 @@ import { Indexed, type FeedForwardOptions } from '../nn/feedforward.js';
 import { makeNorm, type Norm, type NormKind } from '../nn/norms.js';
 import { tidyObj } from '../nn/functional.js';
 import { Linear } from '../nn/linear.js';
-import { Attention } from '../attention/attention.js';
+import { Attention, type RowRotaryTables } from '../attention/attention.js';
 import { RotaryEmbedding, prepareRotary } from '../attention/rotary.js';
 import { RelativePositionBias } from '../attention/relative-position-bias.js';
 import { DynamicPositionBias } from '../attention/dynamic-position-bias.js';
@@ -226,6 +226,8 @@ interface RowsState {
   iters: AttentionKv[][];
   kvs: AttentionKv[][];
   rotary: RowRotary[];
+  /** each row's full rotary tables for the one-call path (null without rotary) */
+  fullTables: (RowRotaryTables | null)[] | null;
 }
 
 /** A row's rotary for its next position: the shared tables it holds, and its input for a layer run alone. */
@@ -538,7 +540,12 @@ export class AttentionLayers extends Module {
   /** `forward` with rowCaches: each row attends over its own cache; returns each row's new cache. */
   private forwardRows(x: tf.Tensor, opts: LayersForwardOptions): LayersOutput {
     const caches = opts.rowCaches!;
-    const rows: RowsState = { iters: caches.map((c) => [...c.kvs]), kvs: caches.map(() => []), rotary: [] };
+    const rows: RowsState = {
+      iters: caches.map((c) => [...c.kvs]),
+      kvs: caches.map(() => []),
+      rotary: [],
+      fullTables: null,
+    };
     const release = () => {
       for (const r of rows.rotary) r.tables?.release();
     };
@@ -546,6 +553,7 @@ export class AttentionLayers extends Module {
     try {
       result = tidyObj(() => {
         for (const c of caches) rows.rotary.push(this.rowRotary(c));
+        if (this.rotaryPosEmb) rows.fullTables = rows.rotary.map((r) => r.tables?.fullTables() ?? null);
         const s = this.startRun(x, opts, () => undefined);
         s.rows = rows;
         this.runLayers(s, opts);
@@ -800,13 +808,10 @@ export class AttentionLayers extends Module {
    */
   private attendRowsAtOnce(block: unknown, h: tf.Tensor, rows: RowsState): tf.Tensor | null {
     if (!(block instanceof Attention) || this.relPos) return null;
-    const rotary = this.rotaryPosEmb
-      ? rows.rotary.map((r) => ({ tables: r.tables?.fullTables() ?? null }))
-      : null;
     const res = block.decodeRows(
       h,
       rows.iters.map((it) => it[0]!),
-      rotary,
+      rows.fullTables,
     );
     if (!res) return null;
     res.kvs.forEach((kv, r) => {
