@@ -614,8 +614,9 @@ export class Attention extends Module {
   /**
    * One decoding step of rows that each continue their own cache, as one XtCachedAttentionRows
    * kernel: row r of x ([b, 1, dim]) appends to caches[r] (one row's) and, with `rotary`, is turned
-   * by rotary[r] (its full tables; null: none) at its next position. Returns the rows' outputs [b, 1, dimOut] and each row's new
-   * cache; null where the kernel does not apply (the rows then run one by one through `forward`).
+   * by rotary[r] (its full tables) at its next position. Returns the rows' outputs [b, 1, dimOut]
+   * and each row's new cache; null where the kernel does not apply (the rows then run one by one
+   * through `forward`).
    */
   decodeRows(
     x: tf.Tensor,
