@@ -1252,6 +1252,13 @@ XT_FN(OneHot) {
   return idv(info, at::where(eq, at::full({}, on, opts(st)), at::full({}, off, opts(st))));
 }
 
+// The order of the top-k kernels: larger first, NaN above every number (NaNs equal to each other).
+template <typename T>
+inline bool aboveNanFirst(T a, T b) {
+  bool na = a != a, nb = b != b;
+  return na ? !nb : (!nb && a > b);
+}
+
 // The k largest of each row of a CPU float32 or int32 tensor, by a partial sort of indices: the
 // order of a stable descending sort (NaN first, ties by lower index), without sorting whole rows.
 template <typename T>
@@ -1266,10 +1273,8 @@ void topkRows(const at::Tensor& x, int64_t k, at::Tensor& values, at::Tensor& in
     for (int64_t r = r0; r < r1; r++) {
       const T* row = px + r * n;
       auto before = [row](int32_t a, int32_t b) {
-        T va = row[a], vb = row[b];
-        bool na = va != va, nb = vb != vb;
-        if (na || nb) return na && nb ? a < b : na;
-        return va != vb ? va > vb : a < b;
+        if (aboveNanFirst(row[a], row[b])) return true;
+        return !aboveNanFirst(row[b], row[a]) && a < b;
       };
       for (int64_t j = 0; j < n; j++) idx[j] = static_cast<int32_t>(j);
       std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), before);
@@ -1300,23 +1305,19 @@ XT_FN(TopKFilter) {
   if (k == 0) return idv(info, out);
   const float* px = xc.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  auto greater = [](float a, float c) {
-    bool na = a != a, nc = c != c;
-    return na ? !nc : (!nc && a > c);
-  };
   std::vector<float> vals(v);
   for (int64_t r = 0; r < b; r++) {
     const float* row = px + r * v;
     float* dst = po + r * v;
     std::copy(row, row + v, vals.begin());
-    std::nth_element(vals.begin(), vals.begin() + (k - 1), vals.end(), greater);
+    std::nth_element(vals.begin(), vals.begin() + (k - 1), vals.end(), aboveNanFirst<float>);
     const float kth = vals[k - 1];
     int64_t above = 0;
-    for (int64_t j = 0; j < v; j++) above += greater(row[j], kth);
+    for (int64_t j = 0; j < v; j++) above += aboveNanFirst(row[j], kth);
     int64_t ties = k - above;
     for (int64_t j = 0; j < v; j++) {
-      if (greater(row[j], kth)) dst[j] = row[j];
-      else if (ties > 0 && !greater(kth, row[j])) {
+      if (aboveNanFirst(row[j], kth)) dst[j] = row[j];
+      else if (ties > 0 && !aboveNanFirst(kth, row[j])) {
         dst[j] = row[j];
         ties--;
       }
