@@ -61,58 +61,69 @@ bool g_bf16 = false;
 inline bool lowp(const at::Tensor& t) { return g_bf16 && t.scalar_type() == at::kFloat; }
 inline at::Tensor toBf16(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.to(at::kBFloat16) : t; }
 
-// bfloat16 copies of the weights that decoding multiplies by, token after token: converting a
-// weight costs more than a product of a few rows with it. A copy is keyed by its source's storage
-// and view, and dropped when the source's storage dies or is updated in place (AdamW).
-struct Bf16Copy {
+// Copies of the weights that decoding multiplies by, token after token, in the form its products
+// read (a bfloat16 copy; float32 panels, see packPanels): converting a weight costs more than a
+// product of a few rows with it. A copy is keyed by its source's storage and view, and dropped when
+// the source's storage dies or is updated in place (AdamW).
+enum class CopyKind { Bf16, Panels };
+struct WeightCopy {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  CopyKind kind;
   int64_t offset;
   std::vector<int64_t> sizes, strides;
   at::Tensor copy;
 };
-std::unordered_map<const void*, std::vector<Bf16Copy>> g_bf16Copies;
-size_t g_bf16CopyCount = 0;
+std::unordered_map<const void*, std::vector<WeightCopy>> g_weightCopies;
+size_t g_weightCopyCount = 0;
 
-at::Tensor cachedBf16(const at::Tensor& w) {
-  if (!w.has_storage() || !w.storage().data()) return toBf16(w);
+// w's copy of this kind, made by make() when there is none (and not kept past 4096 copies)
+template <class Make>
+at::Tensor cachedCopy(const at::Tensor& w, CopyKind kind, Make make) {
+  if (!w.has_storage() || !w.storage().data()) return make();
   const void* key = w.storage().data();
-  auto& list = g_bf16Copies[key];
+  auto& list = g_weightCopies[key];
   const c10::StorageImpl* impl = w.storage().unsafeGetStorageImpl();
   for (auto it = list.begin(); it != list.end();) {
     if (it->storage.lock().get() != impl) {  // died, or another storage at the same address
       it = list.erase(it);
-      g_bf16CopyCount--;
+      g_weightCopyCount--;
       continue;
     }
-    if (it->offset == w.storage_offset() && it->sizes == w.sizes().vec() && it->strides == w.strides().vec())
+    if (it->kind == kind && it->offset == w.storage_offset() && it->sizes == w.sizes().vec() &&
+        it->strides == w.strides().vec())
       return it->copy;
     ++it;
   }
   // dead sources' copies go every 256 new copies (and whenever there are many)
   static size_t inserts = 0;
-  if (++inserts % 256 == 0 || g_bf16CopyCount >= 4096) {
-    for (auto e = g_bf16Copies.begin(); e != g_bf16Copies.end();) {
+  if (++inserts % 256 == 0 || g_weightCopyCount >= 4096) {
+    for (auto e = g_weightCopies.begin(); e != g_weightCopies.end();) {
       auto& l = e->second;
       size_t before = l.size();
-      l.erase(std::remove_if(l.begin(), l.end(), [](const Bf16Copy& c) { return c.storage.expired(); }), l.end());
-      g_bf16CopyCount -= before - l.size();
-      e = l.empty() && e->first != key ? g_bf16Copies.erase(e) : std::next(e);
+      l.erase(std::remove_if(l.begin(), l.end(), [](const WeightCopy& c) { return c.storage.expired(); }), l.end());
+      g_weightCopyCount -= before - l.size();
+      e = l.empty() && e->first != key ? g_weightCopies.erase(e) : std::next(e);
     }
-    if (g_bf16CopyCount >= 4096) return toBf16(w);
+    if (g_weightCopyCount >= 4096) return make();
   }
-  at::Tensor copy = w.to(at::kBFloat16);
-  g_bf16Copies[key].push_back({w.storage().getWeakStorageImpl(), w.storage_offset(), w.sizes().vec(), w.strides().vec(), copy});
-  g_bf16CopyCount++;
+  at::Tensor copy = make();
+  g_weightCopies[key].push_back(
+      {w.storage().getWeakStorageImpl(), kind, w.storage_offset(), w.sizes().vec(), w.strides().vec(), copy});
+  g_weightCopyCount++;
   return copy;
 }
 
+at::Tensor cachedBf16(const at::Tensor& w) {
+  return cachedCopy(w, CopyKind::Bf16, [&] { return toBf16(w); });
+}
+
 // an in-place update of a storage makes its copies stale
-void dropBf16Copies(const at::Tensor& t) {
+void dropWeightCopies(const at::Tensor& t) {
   if (!t.has_storage()) return;
-  auto it = g_bf16Copies.find(t.storage().data());
-  if (it == g_bf16Copies.end()) return;
-  g_bf16CopyCount -= it->second.size();
-  g_bf16Copies.erase(it);
+  auto it = g_weightCopies.find(t.storage().data());
+  if (it == g_weightCopies.end()) return;
+  g_weightCopyCount -= it->second.size();
+  g_weightCopies.erase(it);
 }
 
 at::ScalarType toScalar(int code) {
@@ -478,11 +489,166 @@ void gemvN(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const f
   });
 }
 
+// Products with a few rows by a weight packed in panels (packPanels): panel p holds the weight's
+// columns [16p, 16p + 16) as k rows of 16 contiguous floats, the last panel zero-padded. Each output
+// y[r, j] is a sum over i in chunks of kPanelChunk: within a chunk a chain of fused multiply-adds
+// from zero in the order of i, the chunks' sums then added in order. So an output's arithmetic
+// depends on its row of a and column of the weight alone, whatever the rows, columns and vector
+// width computed beside it (a batched decoding step gives each row its numbers alone), and the
+// block of rows needs no horizontal sums: a block of R rows by P panels keeps R * P * 16
+// accumulators in registers and reads each panel once for all its rows.
+constexpr int64_t kPanel = 16;
+constexpr int64_t kPanelChunk = 64;
+
+// the chunk's sums, acc (16 lanes as `lanes` floats), into y: stored on the first chunk, added after;
+// cols <= 16 of them exist
+__attribute__((target("avx512f"))) inline void panelStore512(float* y, __m512 acc, int64_t cols, bool first) {
+  __mmask16 mask = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  __m512 v = first ? acc : _mm512_add_ps(_mm512_maskz_loadu_ps(mask, y), acc);
+  _mm512_mask_storeu_ps(y, mask, v);
+}
+
+template <int R, int P>
+__attribute__((target("avx512f"))) void panelBlock512(int64_t k, const float* const* x, const float* panels,
+                                                      int64_t pstride, float* const* y, int64_t cols) {
+  for (int64_t c0 = 0; c0 < k; c0 += kPanelChunk) {
+    const int64_t c1 = std::min(k, c0 + kPanelChunk);
+    __m512 acc[R][P];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+      for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_ps();
+    for (int64_t i = c0; i < c1; i++) {
+      __m512 w[P];
+#pragma GCC unroll 8
+      for (int p = 0; p < P; p++) w[p] = _mm512_loadu_ps(panels + p * pstride + i * kPanel);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; r++) {
+        __m512 xb = _mm512_set1_ps(x[r][i]);
+#pragma GCC unroll 8
+        for (int p = 0; p < P; p++) acc[r][p] = _mm512_fmadd_ps(xb, w[p], acc[r][p]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+      for (int p = 0; p < P; p++)
+        if (cols > p * kPanel) panelStore512(y[r] + p * kPanel, acc[r][p], cols - p * kPanel, c0 == 0);
+  }
+}
+
+// the same on 256-bit vectors (two per panel): the same fused operations lane for lane, so the
+// same numbers
+__attribute__((target("avx2,fma"))) inline void panelStore256(float* y, __m256 acc, int64_t cols, bool first) {
+  if (cols >= 8) {
+    _mm256_storeu_ps(y, first ? acc : _mm256_add_ps(_mm256_loadu_ps(y), acc));
+    return;
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, acc);
+  for (int64_t c = 0; c < cols; c++) y[c] = first ? t[c] : y[c] + t[c];
+}
+
+template <int R, int P>
+__attribute__((target("avx2,fma"))) void panelBlock256(int64_t k, const float* const* x, const float* panels,
+                                                       int64_t pstride, float* const* y, int64_t cols) {
+  for (int64_t c0 = 0; c0 < k; c0 += kPanelChunk) {
+    const int64_t c1 = std::min(k, c0 + kPanelChunk);
+    __m256 acc[R][2 * P];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+      for (int q = 0; q < 2 * P; q++) acc[r][q] = _mm256_setzero_ps();
+    for (int64_t i = c0; i < c1; i++) {
+      __m256 w[2 * P];
+#pragma GCC unroll 8
+      for (int q = 0; q < 2 * P; q++) w[q] = _mm256_loadu_ps(panels + (q / 2) * pstride + i * kPanel + (q % 2) * 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; r++) {
+        __m256 xb = _mm256_broadcast_ss(x[r] + i);
+#pragma GCC unroll 8
+        for (int q = 0; q < 2 * P; q++) acc[r][q] = _mm256_fmadd_ps(xb, w[q], acc[r][q]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+      for (int q = 0; q < 2 * P; q++)
+        if (cols > q * 8) panelStore256(y[r] + q * 8, acc[r][q], cols - q * 8, c0 == 0);
+  }
+}
+
+bool g_avx512 = __builtin_cpu_supports("avx512f") && !std::getenv("XT_NO_AVX512");
+
+// rows [r0, r0 + R) times panels [p0, p1), P panels at a time
+template <int R, int P>
+void panelRows(int64_t r0, int64_t p0, int64_t p1, int64_t n, int64_t k, const float* a, int64_t lda,
+               const float* panels, float* y, int64_t ldy) {
+  const float* xs[R];
+  float* ys[R];
+  for (int r = 0; r < R; r++) xs[r] = a + (r0 + r) * lda;
+  const int64_t pstride = k * kPanel;
+  auto block = [&](auto one, int64_t p) {
+    for (int r = 0; r < R; r++) ys[r] = y + (r0 + r) * ldy + p * kPanel;
+    constexpr int Q = decltype(one)::value;
+    if (g_avx512) panelBlock512<R, Q>(k, xs, panels + p * pstride, pstride, ys, n - p * kPanel);
+    else panelBlock256<R, Q>(k, xs, panels + p * pstride, pstride, ys, n - p * kPanel);
+  };
+  int64_t p = p0;
+  for (; p + P <= p1; p += P) block(std::integral_constant<int, P>(), p);
+  for (; p < p1; p++) block(std::integral_constant<int, 1>(), p);
+}
+
+// y[r, j] for panels [p0, p1): groups of 8 panels (their weights stay in the second-level cache),
+// each for every block of rows
+void panelCols(int64_t m, int64_t p0, int64_t p1, int64_t n, int64_t k, const float* a, int64_t lda,
+               const float* panels, float* y, int64_t ldy) {
+  for (int64_t g0 = p0; g0 < p1; g0 += 8) {
+    const int64_t g1 = std::min(p1, g0 + 8);
+    int64_t r = 0;
+    if (g_avx512) {
+      for (; r + 8 <= m; r += 8) panelRows<8, 2>(r, g0, g1, n, k, a, lda, panels, y, ldy);
+      for (; r + 4 <= m; r += 4) panelRows<4, 4>(r, g0, g1, n, k, a, lda, panels, y, ldy);
+      for (; r + 2 <= m; r += 2) panelRows<2, 8>(r, g0, g1, n, k, a, lda, panels, y, ldy);
+      for (; r < m; r++) panelRows<1, 8>(r, g0, g1, n, k, a, lda, panels, y, ldy);
+    } else {
+      for (; r + 6 <= m; r += 6) panelRows<6, 1>(r, g0, g1, n, k, a, lda, panels, y, ldy);
+      for (; r + 2 <= m; r += 2) panelRows<2, 2>(r, g0, g1, n, k, a, lda, panels, y, ldy);
+      for (; r < m; r++) panelRows<1, 3>(r, g0, g1, n, k, a, lda, panels, y, ldy);
+    }
+  }
+}
+
+// w(i, j) = w[j * ldw + i] (i < k, j < n: a linear layer's [n, k] weight, transposed) as panels
+at::Tensor packPanels(const float* w, int64_t ldw, int64_t k, int64_t n) {
+  const int64_t np = (n + kPanel - 1) / kPanel;
+  auto out = at::zeros({np * k * kPanel}, at::TensorOptions().dtype(at::kFloat));
+  float* d = out.data_ptr<float>();
+  for (int64_t j = 0; j < n; j++) {
+    const float* src = w + j * ldw;
+    float* dst = d + (j / kPanel) * k * kPanel + j % kPanel;
+    for (int64_t i = 0; i < k; i++) dst[i * kPanel] = src[i];
+  }
+  return out;
+}
+
+// y = a w for m rows of a (row-major, lda) and the packed weight of n columns over k
+void panelGemv(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* panels, float* y,
+               int64_t ldy) {
+  const int64_t np = (n + kPanel - 1) / kPanel;
+  // threads only pay for themselves on large weights: at least 1M weights per thread
+  int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / (kPanel * std::max<int64_t>(k, 1)));
+  OmpThreads threads(np > grain);
+  at::parallel_for(0, np, grain, [&](int64_t b0, int64_t b1) { panelCols(m, b0, b1, n, k, a, lda, panels, y, ldy); });
+}
+
 const bool g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
 const bool g_avx2 = false;
 void gemvT(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
 void gemvN(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
+at::Tensor packPanels(const float*, int64_t, int64_t, int64_t) { return at::Tensor(); }
+void panelGemv(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t) {}
 #endif
 
 // Whether a product of m rows goes to the in-place kernels: then every row of the result is computed
@@ -550,6 +716,10 @@ at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
   float* py = y.data_ptr<float>();
   // a few rows of a row-major left operand: read the right one in place
   const bool small = smallGemvFor(m) && la.trans == 'N';
+  // a weight (a linear layer's, transposed) times a few rows: its packed panels, kept
+  at::Tensor panels;
+  if (small && lb.trans == 'T' && count == 1 && b.dim() == 2)
+    panels = cachedCopy(b, CopyKind::Panels, [&] { return packPanels(pb, lb.ld, k, n); });
   // in small-op mode, sgemm (on OpenMP threads) still gets them for products worth it (a prompt)
   OmpThreads threads(!small && count * m * n * k >= (int64_t(1) << 21));
   std::vector<int64_t> idx(nb, 0);
@@ -559,7 +729,9 @@ at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
       oa += idx[d] * sa[d];
       ob += idx[d] * sb[d];
     }
-    if (small) {
+    if (panels.defined()) {
+      panelGemv(m, n, k, pa + oa, la.ld, panels.data_ptr<float>(), py + i * m * n, n);
+    } else if (small) {
       if (lb.trans == 'T') gemvT(m, n, k, pa + oa, la.ld, pb + ob, lb.ld, py + i * m * n, n);
       else gemvN(m, n, k, pa + oa, la.ld, pb + ob, lb.ld, py + i * m * n, n);
     } else {
@@ -2270,7 +2442,7 @@ XT_FN(AdamW) {
       for (size_t i : idx) {
         done[i] = true;
         g_rhsCache.erase(ps[i].unsafeGetTensorImpl());
-        dropBf16Copies(ps[i]);
+        dropWeightCopies(ps[i]);
         for (uint32_t k = 0; k < 3; k++) result.Set(static_cast<uint32_t>(3 * i + k), Napi::Number::New(env, -1));
       }
     }
@@ -2306,7 +2478,7 @@ XT_FN(AdamW) {
       v2 = at::empty_like(vc);
     } else {
       g_rhsCache.erase(p.unsafeGetTensorImpl());  // a dense copy of the old weights is stale now
-      dropBf16Copies(p);
+      dropWeightCopies(p);
     }
     const float *pp = pc.data_ptr<float>(), *pg = gc.data_ptr<float>(), *pm = mc.data_ptr<float>(),
                 *pv = vc.data_ptr<float>();

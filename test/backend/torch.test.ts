@@ -281,6 +281,7 @@ describe('torch matrix products', () => {
       [5, 257, 61],
       [8, 100, 1030],
       [11, 33, 9],
+      [9, 300, 50],
     ];
     for (const [m, k, n] of shapes) {
       const x = rnd([m, k], m + k);
@@ -302,6 +303,40 @@ describe('torch matrix products', () => {
       }
       tf.dispose([x, wT, w]);
     }
+  });
+
+  it('products of a few rows give the same numbers on 256-bit vectors as on 512-bit ones', () => {
+    // a weight of a linear layer times 1 to 11 rows in small-op mode (the packed panels); inner
+    // sizes around the 64-long chunks, column counts off the 16-wide panels
+    const script = [
+      "const tf = await import('@tensorflow/tfjs-core');",
+      "const { registerTorchBackend } = await import('./src/backend/torch/register.ts');",
+      "const { smallOps } = await import('./src/backend/index.ts');",
+      'const r = registerTorchBackend();',
+      'if (!r.ok) { console.log(JSON.stringify({ reason: r.reason })); process.exit(0); }',
+      "await tf.setBackend('torch');",
+      'const out = [];',
+      'for (const [m, k, n] of [[1, 64, 16], [3, 65, 33], [8, 130, 40], [11, 257, 70]]) {',
+      '  const x = tf.randomNormal([m, k], 0, 1, "float32", m);',
+      '  const w = tf.randomNormal([n, k], 0, 1, "float32", k);',
+      '  const y = smallOps(() => tf.matMul(x, w, false, true));',
+      '  out.push(...Array.from(new Uint32Array(y.dataSync().slice().buffer)));',
+      '}',
+      'console.log(JSON.stringify({ bits: out }));',
+    ].join('\n');
+    const run = (env: Record<string, string>): { bits?: number[]; reason?: string } => {
+      const p = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+        env: { ...process.env, ...env },
+        encoding: 'utf8',
+      });
+      expect(p.status, p.stderr).toBe(0);
+      return JSON.parse(p.stdout.trim().split('\n').pop()!);
+    };
+    const wide = run({});
+    const narrow = run({ XT_NO_AVX512: '1' });
+    if (wide.reason) throw new Error(`torch backend unavailable: ${wide.reason}`);
+    expect(wide.bits!.length).toBe(1 * 16 + 3 * 33 + 8 * 40 + 11 * 70);
+    expect(narrow.bits).toEqual(wide.bits);
   });
 
   it('strided, broadcast, one-row, empty and large products match cpu', async () => {
