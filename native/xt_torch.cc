@@ -438,14 +438,28 @@ __attribute__((target("avx2,fma"))) void gemvTCols(int64_t m, int64_t j0, int64_
         j, nullptr);
 }
 
-// output columns [j0, j1) of gemvN, in blocks of 32
+// output columns [j0, j1) of gemvN, in blocks of 64 (eight independent chains of fused products,
+// one pass over w) and 32; every output a chain over i in order, whatever its block
 __attribute__((target("avx2,fma"))) void gemvNCols(int64_t m, int64_t j0, int64_t j1, int64_t k, const float* a,
                                                     int64_t lda, const float* w, int64_t ldw, float* y, int64_t ldy) {
   for (int64_t r = 0; r < m; r++) {
     const float* x = a + r * lda;
-    for (int64_t jb = j0; jb < j1; jb += 32) {
-      int64_t nj = std::min<int64_t>(32, j1 - jb);
+    for (int64_t jb = j0; jb < j1;) {
       float* yr = y + r * ldy + jb;
+      if (j1 - jb >= 64) {
+        __m256 c[8];
+        for (int q = 0; q < 8; q++) c[q] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < k; i++) {
+          __m256 xv = _mm256_broadcast_ss(x + i);
+          const float* wr = w + i * ldw + jb;
+#pragma GCC unroll 8
+          for (int q = 0; q < 8; q++) c[q] = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 8 * q), xv, c[q]);
+        }
+        for (int q = 0; q < 8; q++) _mm256_storeu_ps(yr + 8 * q, c[q]);
+        jb += 64;
+        continue;
+      }
+      int64_t nj = std::min<int64_t>(32, j1 - jb);
       if (nj == 32) {
         __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
         for (int64_t i = 0; i < k; i++) {
@@ -466,6 +480,7 @@ __attribute__((target("avx2,fma"))) void gemvNCols(int64_t m, int64_t j0, int64_
           for (int64_t q = 0; q < nj; q++) t[q] += x[i] * w[i * ldw + jb + q];
         for (int64_t q = 0; q < nj; q++) yr[q] = t[q];
       }
+      jb += nj;
     }
   }
 }
