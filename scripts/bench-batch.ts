@@ -9,24 +9,12 @@ import { BatchDecoder } from '../src/generation/batch-decoder.js';
 import { Decoder } from '../src/layers/attention-layers.js';
 import { manualSeed } from '../src/utils/random.js';
 import { TransformerWrapper } from '../src/wrappers/transformer-wrapper.js';
+import { option, positiveInt, positiveInts } from './args.js';
 
-function flag(name: string, def: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 && process.argv[i + 1] ? process.argv[i + 1]! : def;
-}
-
-function positiveInt(name: string, value: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 1) throw new Error(`--${name}: expected a positive integer, got ${value}`);
-  return n;
-}
-
-const dim = positiveInt('dim', flag('dim', '256'));
-const depth = positiveInt('depth', flag('depth', '4'));
-const steps = positiveInt('steps', flag('steps', '100'));
-const batches = flag('batches', '1,8,32')
-  .split(',')
-  .map((v) => positiveInt('batches', v));
+const dim = positiveInt('dim', option('dim', '256'));
+const depth = positiveInt('depth', option('depth', '4'));
+const steps = positiveInt('steps', option('steps', '100'));
+const batches = positiveInts('batches', '1,8,32');
 
 const info = await initBackend(process.env.XT_BACKEND);
 manualSeed(0);

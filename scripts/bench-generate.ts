@@ -10,18 +10,14 @@ import { decodeStream } from '../src/generation/generate.js';
 import { Decoder } from '../src/layers/attention-layers.js';
 import { manualSeed } from '../src/utils/random.js';
 import { TransformerWrapper } from '../src/wrappers/transformer-wrapper.js';
-
-function flag(name: string, def: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 && process.argv[i + 1] ? process.argv[i + 1]! : def;
-}
+import { option } from './args.js';
 
 async function main(): Promise<void> {
   const info = await initBackend(process.env.XT_BACKEND);
-  const contexts = flag('contexts', '64,1024').split(',').map(Number);
-  const tokens = Number(flag('tokens', '32'));
-  const dim = Number(flag('dim', '256'));
-  const depth = Number(flag('depth', '4'));
+  const contexts = option('contexts', '64,1024').split(',').map(Number);
+  const tokens = Number(option('tokens', '32'));
+  const dim = Number(option('dim', '256'));
+  const depth = Number(option('depth', '4'));
   manualSeed(0);
   const maxSeqLen = Math.max(...contexts) + tokens;
   const net = new TransformerWrapper({

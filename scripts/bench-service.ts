@@ -15,27 +15,15 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { freePort } from '../service/redis-server.js';
+import { option, positiveInt, positiveInts } from './args.js';
 
 const ROOT = fileURLToPath(new URL('../', import.meta.url));
-
-function option(name: string, fallback: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 && process.argv[i + 1] ? process.argv[i + 1]! : fallback;
-}
-
-function positiveInt(name: string, value: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 1) throw new Error(`--${name}: expected a positive integer, got ${value}`);
-  return n;
-}
 
 const tokens = positiveInt('tokens', option('tokens', '32'));
 const rounds = positiveInt('rounds', option('rounds', '2'));
 const dim = positiveInt('dim', option('dim', '256'));
 const depth = positiveInt('depth', option('depth', '4'));
-const levels = option('concurrency', '1,8,32')
-  .split(',')
-  .map((v) => positiveInt('concurrency', v));
+const levels = positiveInts('concurrency', '1,8,32');
 
 interface Sample {
   ttftMs: number;
