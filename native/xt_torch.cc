@@ -89,8 +89,8 @@ at::Tensor cachedCopy(const at::Tensor& w, CopyKind kind, Make make) {
       g_weightCopyCount--;
       continue;
     }
-    if (it->kind == kind && it->offset == w.storage_offset() && it->sizes == w.sizes().vec() &&
-        it->strides == w.strides().vec())
+    if (it->kind == kind && it->offset == w.storage_offset() && w.sizes().equals(it->sizes) &&
+        w.strides().equals(it->strides))
       return it->copy;
     ++it;
   }
