@@ -48,37 +48,83 @@ if s == 'completed' or s == 'failed' or s == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1`;
 
-// Appends events to streams in one round trip, each at most once. KEYS: the streams; ARGV: the
-// stream length bound, the TTL of an ended stream, this writer's id, then per key its event name, its
-// data, 1 when the event ends the stream (which then expires after the TTL), and the event's number
-// among this writer's. An entry records its writer and number ('w' = "<writer>:<number>"): when a
-// stream's last entry is this writer's with a number as high, the event is already there (a command
-// sent again after a reply that Redis restarting lost), and it is not added twice. Returns the ids.
+// Appends events to streams in one round trip, each at most once; an event may end its job. KEYS:
+// per event its stream, its job's hash and its job's cancel flag. ARGV: the stream length bound, the
+// TTL of an ended stream and job, this writer's id, the key prefix, then per event: its kind ('e' an
+// event, 'x' a job's end, 'c' a job's end that becomes a cancellation when one was requested), its
+// job id, its name, its data, 1 when it ends the stream (which then expires after the TTL), its number
+// among this writer's events, the count of job fields it sets, those fields and values; a 'c' event
+// then has the cancellation's name, data, field count and fields.
+// An entry records its writer and number ('w' = "<writer>:<number>"): when a stream's last entry is
+// this writer's with a number as high, the event is already there (a command sent again after a reply
+// that Redis restarting lost), and it is not added twice.
+// An end applies only to a job that exists and has not ended: its fields are set, the job's record
+// expires after the TTL and leaves its model's job set, and its event is appended; an end that does
+// not apply appends nothing.
+// Returns per event its entry id ('' for an end that did not apply) and its job's state after it.
 const APPEND_EVENTS = `
-local ids = {}
-for i, key in ipairs(KEYS) do
-  local at = 4 * i
-  local n = tonumber(ARGV[at + 3])
+local out = {}
+local at = 4
+local function terminal(s)
+  return s == 'completed' or s == 'failed' or s == 'cancelled'
+end
+local function already(key, n)
   local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
-  local seen = false
-  if last then
-    local f = last[2]
-    for j = 1, #f, 2 do
-      if f[j] == 'w' then
-        local writer, m = string.match(f[j + 1], '^(.*):(%d+)$')
-        seen = writer == ARGV[3] and tonumber(m) >= n
-      end
+  if not last then return nil end
+  local f = last[2]
+  for j = 1, #f, 2 do
+    if f[j] == 'w' then
+      local writer, m = string.match(f[j + 1], '^(.*):(%d+)$')
+      if writer == ARGV[3] and tonumber(m) >= n then return last[1] end
     end
   end
-  if seen then
-    ids[i] = last[1]
-  else
-    ids[i] = redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[at], 'data', ARGV[at + 1],
-      'w', ARGV[3] .. ':' .. ARGV[at + 3])
-    if ARGV[at + 2] == '1' then redis.call('EXPIRE', key, ARGV[2]) end
-  end
+  return nil
 end
-return ids`;
+local function take()
+  local name, data = ARGV[at + 1], ARGV[at + 2]
+  local nf = tonumber(ARGV[at + 3])
+  local fields = {}
+  for j = 1, 2 * nf do fields[j] = ARGV[at + 3 + j] end
+  at = at + 3 + 2 * nf
+  return name, data, fields
+end
+for i = 1, #KEYS, 3 do
+  local stream, job, cancel = KEYS[i], KEYS[i + 1], KEYS[i + 2]
+  local kind, jobId = ARGV[at + 1], ARGV[at + 2]
+  at = at + 2
+  local name, data, fields = take()
+  local ends, n = ARGV[at + 1], tonumber(ARGV[at + 2])
+  at = at + 2
+  local altName, altData, altFields
+  if kind == 'c' then altName, altData, altFields = take() end
+  local id = already(stream, n)
+  local append = true
+  if id then
+    append = false
+  elseif kind ~= 'e' then
+    local s = redis.call('HGET', job, 'state')
+    if not s or terminal(s) then
+      append = false
+      id = ''
+    else
+      if kind == 'c' and redis.call('EXISTS', cancel) == 1 then
+        name, data, fields = altName, altData, altFields
+      end
+      redis.call('HSET', job, unpack(fields))
+      redis.call('EXPIRE', job, ARGV[2])
+      local modelId = redis.call('HGET', job, 'modelId')
+      if modelId then redis.call('SREM', ARGV[4] .. ':model:' .. modelId .. ':jobs', jobId) end
+    end
+  end
+  if append then
+    id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', 'event', name, 'data', data,
+      'w', ARGV[3] .. ':' .. n)
+    if ends == '1' then redis.call('EXPIRE', stream, ARGV[2]) end
+  end
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', job, 'state') or ''
+end
+return out`;
 
 /** Most entries a job's event stream keeps (about: trimmed by whole nodes). */
 const EVENTS_MAXLEN = 100_000;
@@ -91,10 +137,65 @@ export interface NewJobEvent {
   jobId: string;
   event: string;
   data: Record<string, unknown>;
+  /** Set on a job's end event: the end it writes (the event is appended only when it ends the job). */
+  end?: EndWrite;
+}
+
+/** A job's end as one event: its final fields, and what it becomes when a cancel was requested. */
+export interface EndWrite {
+  fields: Record<string, string>;
+  /** When a cancel of the job was requested: it ends as cancelled, with this event and these fields. */
+  ifCancelled?: { event: string; data: Record<string, unknown>; fields: Record<string, string> };
+}
+
+/** What appending an event did: its entry id ('' for an end that did not apply) and its job's state then. */
+export interface AppendedEvent {
+  id: string;
+  state: JobState | null;
 }
 
 /** How long a finished job's record and event stream are kept (seconds). */
 export const JOB_TTL_S = 7 * 24 * 3600;
+
+/** The fields a job's final state sets. */
+function endFields(end: JobEnd): Record<string, string> {
+  const f: Record<string, string> = { state: end.state };
+  if (end.state !== 'failed' && end.progress) f.progress = JSON.stringify(end.progress);
+  if (end.state === 'completed') f.result = JSON.stringify(end.result);
+  if (end.state === 'failed') f.error = end.error;
+  return f;
+}
+
+/**
+ * A job's end as an event for `Registry.writeEvents`: `done` (a generation's result) or `completed`,
+ * `cancelled` with its data, `failed` {error}. With `ifCancelled`, a job whose cancel was requested
+ * ends as cancelled instead, with that as its event's data and its progress.
+ */
+export function endEvent(
+  jobId: string,
+  type: 'train' | 'generate',
+  end: JobEnd,
+  ifCancelled?: Record<string, unknown>,
+): NewJobEvent {
+  const event =
+    end.state === 'completed'
+      ? type === 'generate'
+        ? 'done'
+        : 'completed'
+      : end.state === 'failed'
+        ? 'failed'
+        : 'cancelled';
+  const data =
+    end.state === 'completed' ? end.result : end.state === 'failed' ? { error: end.error } : end.data;
+  const write: EndWrite = { fields: endFields(end) };
+  if (ifCancelled)
+    write.ifCancelled = {
+      event: 'cancelled',
+      data: ifCancelled,
+      fields: endFields({ state: 'cancelled', data: ifCancelled, progress: ifCancelled }),
+    };
+  return { jobId, event, data, end: write };
+}
 
 /**
  * The service's records in Redis: models, datasets, checkpoints, jobs, and the per-job event
@@ -290,31 +391,14 @@ export class Registry {
   }
 
   /**
-   * Ends a job, once: writes its final state (with its progress, result or error) and, only when
-   * that write applied (the job had not ended already), appends the end event that clients wait
-   * for: `done` (a generation's result) or `completed`, `cancelled` with `data`, `failed` {error}.
-   * Returns whether this call ended the job.
+   * Ends a job, once, in one round trip: writes its final state (with its progress, result or error)
+   * and, only when that write applied (the job had not ended already), appends the end event that
+   * clients wait for: `done` (a generation's result) or `completed`, `cancelled` with `data`,
+   * `failed` {error}. Returns whether this call ended the job.
    */
   async endJob(id: string, type: 'train' | 'generate', end: JobEnd): Promise<boolean> {
-    const update: JobUpdate = { state: end.state };
-    if (end.state !== 'failed' && end.progress) update.progress = end.progress;
-    let name: string;
-    let data: Record<string, unknown>;
-    if (end.state === 'completed') {
-      update.result = end.result;
-      name = type === 'generate' ? 'done' : 'completed';
-      data = end.result;
-    } else if (end.state === 'failed') {
-      update.error = end.error;
-      name = 'failed';
-      data = { error: end.error };
-    } else {
-      name = 'cancelled';
-      data = end.data;
-    }
-    const applied = await this.updateJob(id, update);
-    if (applied) await this.appendEvent(id, name, data);
-    return applied;
+    const [r] = await this.writeEvents([endEvent(id, type, end)]);
+    return r!.id !== '';
   }
 
   // ---- cancellation ----
@@ -350,23 +434,47 @@ export class Registry {
    * times); returns their ids. What `appendEvent` does for each, in one script.
    */
   async appendEvents(events: NewJobEvent[]): Promise<string[]> {
+    return (await this.writeEvents(events)).map((e) => e.id);
+  }
+
+  /**
+   * `appendEvents`, with job ends among the events (`endEvent`): each end applies only when its job
+   * had not ended. Returns per event its entry id ('' for an end that did not apply) and its job's state.
+   */
+  async writeEvents(events: NewJobEvent[]): Promise<AppendedEvent[]> {
     if (!events.length) return [];
-    const keys = events.map((e) => this.eventsKey(e.jobId));
-    const args = events.flatMap((e) => [
-      e.event,
-      JSON.stringify(e.data),
-      END_EVENTS.has(e.event) ? '1' : '0',
-      String(++this.appended),
+    const keys = events.flatMap((e) => [
+      this.eventsKey(e.jobId),
+      this.key('job', e.jobId),
+      this.key('cancel', e.jobId),
     ]);
-    return (await this.redis.eval(
+    const fieldArgs = (f: Record<string, string>) => [
+      String(Object.keys(f).length),
+      ...Object.entries(f).flat(),
+    ];
+    const args = events.flatMap((e) => {
+      const kind = !e.end ? 'e' : e.end.ifCancelled ? 'c' : 'x';
+      const head = [kind, e.jobId, e.event, JSON.stringify(e.data), ...fieldArgs(e.end?.fields ?? {})];
+      const tail = [END_EVENTS.has(e.event) ? '1' : '0', String(++this.appended)];
+      const alt = e.end?.ifCancelled;
+      return alt
+        ? [...head, ...tail, alt.event, JSON.stringify(alt.data), ...fieldArgs(alt.fields)]
+        : [...head, ...tail];
+    });
+    const flat = (await this.redis.eval(
       APPEND_EVENTS,
       keys.length,
       ...keys,
       String(EVENTS_MAXLEN),
       String(JOB_TTL_S),
       this.writer,
+      this.prefix,
       ...args,
     )) as string[];
+    const out: AppendedEvent[] = [];
+    for (let i = 0; i < flat.length; i += 2)
+      out.push({ id: flat[i]!, state: flat[i + 1] ? (flat[i + 1] as JobState) : null });
+    return out;
   }
 
   /**

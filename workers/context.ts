@@ -98,6 +98,23 @@ export class JobRun {
   }
 
   /**
+   * Ends the job with its result, in the same write as the events of this turn (a generation's last
+   * tokens), unless a cancel was requested by then: it then ends as cancelled, with `progress` as its
+   * event's data. Returns the result, or { cancelled: true }.
+   */
+  async completedUnlessCancelled<T extends Record<string, unknown>>(
+    result: T,
+    progress: Record<string, unknown>,
+  ): Promise<T | { cancelled: true }> {
+    const end = this.ac.signal.aborted
+      ? await this.ctx.events.end(this.jobId, this.type, { state: 'cancelled', data: progress, progress })
+      : await this.ctx.events.end(this.jobId, this.type, { state: 'completed', result, progress }, progress);
+    const cancelled = end.applied ? end.state === 'cancelled' : this.ac.signal.aborted;
+    this.observe(cancelled ? 'cancelled' : 'completed');
+    return cancelled ? { cancelled: true } : result;
+  }
+
+  /**
    * Ends a job that failed for good: logs it, marks it failed with a `failed` event (unless it
    * already ended), and returns the error BullMQ should see (never retried).
    */

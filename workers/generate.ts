@@ -139,16 +139,13 @@ async function sample(
   const batchable = cacheKv && (d.precision ?? 'fp32') === 'fp32';
   const batcher = batchable ? batcherFor(ctx.batchers, loaded, ctx.maxBatch) : null;
   if (batcher) {
-    try {
-      await batcher.run({
-        prompt: d.promptTokens,
-        options: { maxTokens: d.maxTokens, ...sampling },
-        onToken: (t) => sink.push(t.token),
-        signal,
-      });
-    } finally {
-      await sink.flush();
-    }
+    // the last tokens' write is not waited for here: the job's end goes out with it (or right after)
+    await batcher.run({
+      prompt: d.promptTokens,
+      options: { maxTokens: d.maxTokens, ...sampling },
+      onToken: (t) => sink.push(t.token),
+      signal,
+    });
     return;
   }
   const prompt = tf.tensor2d([d.promptTokens], [1, d.promptTokens.length], 'int32');
@@ -192,14 +189,19 @@ export async function processGenerate(
     loaded = await ctx.cache.acquire(model);
     const sink = new TokenSink(ctx, d, loaded.tokenizer);
     const t0 = Date.now();
-    await sample(ctx, d, loaded, sink, run.signal);
+    try {
+      await sample(ctx, d, loaded, sink, run.signal);
+    } catch (e) {
+      await sink.flush().catch(() => undefined);
+      throw e;
+    }
     const notBegun = await begun;
     if (notBegun) throw notBegun;
     const tokens = sink.tokens;
-    const progress = { tokens: tokens.length };
-    if (await run.cancelRequested()) return await run.cancelled(progress, progress);
     const seconds = Math.max(1e-6, (Date.now() - t0) / 1000);
-    return await run.completed<GenerateJobResult>(
+    // the end (completed, or cancelled when a cancel was requested meanwhile) is written with the
+    // last tokens, on the same connection after them: one round trip from the last token to the end
+    const ended = run.completedUnlessCancelled<GenerateJobResult>(
       {
         tokens,
         text: sink.finalText(),
@@ -207,8 +209,10 @@ export async function processGenerate(
         timeToFirstTokenMs: sink.firstAt ? sink.firstAt - t0 : 0,
         finishReason: sink.finishReason,
       },
-      progress,
+      { tokens: tokens.length },
     );
+    const [, result] = await Promise.all([sink.flush(), ended]);
+    return result;
   } catch (e) {
     throw await run.failed('generation', e);
   } finally {

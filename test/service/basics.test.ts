@@ -220,10 +220,10 @@ describe('service basics (real Redis)', () => {
     for (const id of jobs) await registry.createJob({ id, type: 'generate', modelId: randomUUID() });
     const writer = new EventWriter(registry);
     const calls: number[] = [];
-    const appendEvents = registry.appendEvents.bind(registry);
-    registry.appendEvents = (events) => {
+    const writeEvents = registry.writeEvents.bind(registry);
+    registry.writeEvents = (events) => {
       calls.push(events.length);
-      return appendEvents(events);
+      return writeEvents(events);
     };
     try {
       // one turn: interleaved tokens of two jobs, then the second job's end
@@ -253,7 +253,7 @@ describe('service basics (real Redis)', () => {
         expect(await registry.redis.ttl(registry.eventsKey(id))).toBeGreaterThan(0);
       }
     } finally {
-      registry.appendEvents = appendEvents;
+      registry.writeEvents = writeEvents;
     }
   });
 

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import Fastify from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SseWriter } from '../../routes/sse.js';
+import { EventWriter } from '../../workers/event-writer.js';
 import { makeEnv, parseSse, type TestEnv } from './helpers.js';
 
 describe('job lifecycle: a job ends once', () => {
@@ -30,6 +31,111 @@ describe('job lifecycle: a job ends once', () => {
     expect(await registry.endJob(t1, 'train', { state: 'completed', result: {} })).toBe(false);
     expect((await registry.getJob(t1))!.error).toBe('boom');
     expect((await registry.readEvents(t1, '0')).map((e) => e.event)).toEqual(['failed']);
+  });
+
+  it("an end leaves the model's job set, starts the record's TTL, and does nothing to an unknown job", async () => {
+    const { registry } = env.app.svc;
+    const model = randomUUID();
+    const [a, b] = [randomUUID(), randomUUID()];
+    for (const id of [a, b]) await registry.createJob({ id, type: 'generate', modelId: model });
+    expect((await registry.redis.smembers(registry.key('model', model, 'jobs'))).sort()).toEqual(
+      [a, b].sort(),
+    );
+    expect(await registry.redis.ttl(registry.key('job', a))).toBe(-1);
+    expect(await registry.endJob(a, 'generate', { state: 'cancelled', data: { tokens: 0 } })).toBe(true);
+    expect(await registry.redis.smembers(registry.key('model', model, 'jobs'))).toEqual([b]);
+    expect(await registry.redis.ttl(registry.key('job', a))).toBeGreaterThan(0);
+    expect(await registry.redis.ttl(registry.eventsKey(a))).toBeGreaterThan(0);
+    const unknown = randomUUID();
+    expect(await registry.endJob(unknown, 'generate', { state: 'completed', result: {} })).toBe(false);
+    expect(await registry.redis.exists(registry.eventsKey(unknown), registry.key('job', unknown))).toBe(0);
+  });
+
+  it("a generation's end goes out in the same write as its last tokens, cancelled when a cancel was requested", async () => {
+    const { registry } = env.app.svc;
+    const [done, stopped] = [randomUUID(), randomUUID()];
+    for (const id of [done, stopped])
+      await registry.createJob({ id, type: 'generate', modelId: randomUUID() });
+    await registry.requestCancel(stopped);
+    const writer = new EventWriter(registry);
+    const calls: string[][] = [];
+    const writeEvents = registry.writeEvents.bind(registry);
+    registry.writeEvents = (events) => {
+      calls.push(events.map((e) => e.event));
+      return writeEvents(events);
+    };
+    try {
+      // one turn: each job's last token, then both ends
+      writer.append(done, 'token', { index: 0, tokenId: 7 });
+      writer.append(stopped, 'token', { index: 0, tokenId: 8 });
+      const ends = await Promise.all([
+        writer.end(
+          done,
+          'generate',
+          { state: 'completed', result: { text: 'x' }, progress: { tokens: 1 } },
+          { tokens: 1 },
+        ),
+        writer.end(
+          stopped,
+          'generate',
+          { state: 'completed', result: { text: 'y' }, progress: { tokens: 1 } },
+          { tokens: 1 },
+        ),
+      ]);
+      expect(calls).toEqual([['token', 'token', 'done', 'done']]);
+      expect(ends).toEqual([
+        { applied: true, state: 'completed' },
+        { applied: true, state: 'cancelled' },
+      ]);
+      // ending again changes nothing
+      expect(await writer.end(done, 'generate', { state: 'failed', error: 'late' })).toEqual({
+        applied: false,
+        state: 'completed',
+      });
+    } finally {
+      registry.writeEvents = writeEvents;
+    }
+    expect((await registry.readEvents(done, '0')).map((e) => [e.event, e.data])).toEqual([
+      ['token', { index: 0, tokenId: 7 }],
+      ['done', { text: 'x' }],
+    ]);
+    expect((await registry.readEvents(stopped, '0')).map((e) => [e.event, e.data])).toEqual([
+      ['token', { index: 0, tokenId: 8 }],
+      ['cancelled', { tokens: 1 }],
+    ]);
+    expect(await registry.getJob(done)).toMatchObject({
+      state: 'completed',
+      result: { text: 'x' },
+      progress: { tokens: 1 },
+    });
+    const job = await registry.getJob(stopped);
+    expect(job).toMatchObject({ state: 'cancelled', progress: { tokens: 1 } });
+    expect(job!.result).toBeUndefined();
+  });
+
+  it('an end sent again (its reply lost when Redis restarted) is applied and appended once', async () => {
+    const { registry } = env.app.svc;
+    const job = randomUUID();
+    await registry.createJob({ id: job, type: 'generate', modelId: randomUUID() });
+    const sent: unknown[][] = [];
+    const redis = registry.redis as unknown as { eval: (...a: unknown[]) => Promise<unknown> };
+    const evalFn = redis.eval.bind(redis);
+    redis.eval = (...a: unknown[]) => {
+      sent.push(a);
+      return evalFn(...a);
+    };
+    try {
+      expect(await registry.endJob(job, 'generate', { state: 'completed', result: { tokens: [1] } })).toBe(
+        true,
+      );
+    } finally {
+      redis.eval = evalFn;
+    }
+    const first = await registry.readEvents(job, '0');
+    // the same command again: answered as applied, with the entry already there
+    const again = (await evalFn(...sent[0]!)) as string[];
+    expect(again).toEqual([first[0]!.id, 'completed']);
+    expect((await registry.readEvents(job, '0')).map((e) => e.event)).toEqual(['done']);
   });
 });
 
