@@ -514,6 +514,8 @@ void gemvN(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const f
 // accumulators in registers and reads each panel once for all its rows.
 constexpr int64_t kPanel = 16;
 constexpr int64_t kPanelChunk = 64;
+// how many panel rows (cache lines) ahead the panel kernels fetch
+constexpr int64_t kPanelAhead = 16;
 
 // the chunk's sums, acc (16 lanes as `lanes` floats), into y: stored on the first chunk, added after;
 // cols <= 16 of them exist
@@ -535,6 +537,11 @@ __attribute__((target("avx512f"))) void panelBlock512(int64_t k, const float* co
       for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_ps();
     for (int64_t i = c0; i < c1; i++) {
       __m512 w[P];
+      // a panel row is one cache line: fetch each panel's line kPanelAhead rows on (past a panel's
+      // end, that is the next panel's start, which the next block reads)
+#pragma GCC unroll 8
+      for (int p = 0; p < P; p++)
+        _mm_prefetch(reinterpret_cast<const char*>(panels + p * pstride + (i + kPanelAhead) * kPanel), _MM_HINT_T0);
 #pragma GCC unroll 8
       for (int p = 0; p < P; p++) w[p] = _mm512_loadu_ps(panels + p * pstride + i * kPanel);
 #pragma GCC unroll 8
@@ -576,6 +583,9 @@ __attribute__((target("avx2,fma"))) void panelBlock256(int64_t k, const float* c
       for (int q = 0; q < 2 * P; q++) acc[r][q] = _mm256_setzero_ps();
     for (int64_t i = c0; i < c1; i++) {
       __m256 w[2 * P];
+#pragma GCC unroll 8
+      for (int p = 0; p < P; p++)
+        _mm_prefetch(reinterpret_cast<const char*>(panels + p * pstride + (i + kPanelAhead) * kPanel), _MM_HINT_T0);
 #pragma GCC unroll 8
       for (int q = 0; q < 2 * P; q++) w[q] = _mm256_loadu_ps(panels + (q / 2) * pstride + i * kPanel + (q % 2) * 8);
 #pragma GCC unroll 8
@@ -657,8 +667,50 @@ void panelGemv(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
   at::parallel_for(0, np, grain, [&](int64_t b0, int64_t b1) { panelCols(m, b0, b1, n, k, a, lda, panels, y, ldy); });
 }
 
+// The softmax pieces of a decoding step's scores, eight lanes at a time: each element gets the
+// operation the scalar loop gives it (a product, a quotient), and the largest of the scores is exact;
+// with a NaN among them every weight is NaN either way.
+__attribute__((target("avx2,fma"))) void scaleRow(float* x, int64_t n, float s) {
+  const __m256 sv = _mm256_set1_ps(s);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), sv));
+  for (; j < n; j++) x[j] *= s;
+}
+
+__attribute__((target("avx2,fma"))) void divideRow(float* x, int64_t n, float s) {
+  const __m256 sv = _mm256_set1_ps(s);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, _mm256_div_ps(_mm256_loadu_ps(x + j), sv));
+  for (; j < n; j++) x[j] /= s;
+}
+
+__attribute__((target("avx2,fma"))) float maxRow(const float* x, int64_t n) {
+  float mx = x[0];
+  int64_t j = 1;
+  if (n >= 9) {
+    __m256 m = _mm256_loadu_ps(x + 1);
+    for (j = 9; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    for (float l : lanes) mx = std::max(mx, l);
+  }
+  for (; j < n; j++) mx = std::max(mx, x[j]);
+  return mx;
+}
+
 const bool g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
+void scaleRow(float* x, int64_t n, float s) {
+  for (int64_t j = 0; j < n; j++) x[j] *= s;
+}
+void divideRow(float* x, int64_t n, float s) {
+  for (int64_t j = 0; j < n; j++) x[j] /= s;
+}
+float maxRow(const float* x, int64_t n) {
+  float mx = x[0];
+  for (int64_t j = 1; j < n; j++) mx = std::max(mx, x[j]);
+  return mx;
+}
 const bool g_avx2 = false;
 void gemvT(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
 void gemvN(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
@@ -2146,7 +2198,7 @@ void attendRaw(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_t h
     for (int64_t hi = 0; hi < h; hi++) {
       float* sr = ps + (bi * h + hi) * t;
       gemvT(1, t, d, q + bi * qRow + hi * qHead, d, pk + bi * k.stride(0) + hi * k.stride(1), k.stride(2), sr, t);
-      for (int64_t j = 0; j < t; j++) sr[j] *= sc;
+      scaleRow(sr, t, sc);
     }
   if (h * t > kLoopSoftmax) {
     auto s = at::from_blob(ps, {b * h, t}, at::TensorOptions().dtype(at::kFloat));
@@ -2154,11 +2206,10 @@ void attendRaw(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_t h
   } else {
     for (int64_t r = 0; r < b * h; r++) {
       float* sr = ps + r * t;
-      float mx = sr[0];
-      for (int64_t j = 1; j < t; j++) mx = std::max(mx, sr[j]);
+      const float mx = maxRow(sr, t);
       float sum = 0;
       for (int64_t j = 0; j < t; j++) sum += (sr[j] = std::exp(sr[j] - mx));
-      for (int64_t j = 0; j < t; j++) sr[j] /= sum;
+      divideRow(sr, t, sum);
     }
   }
   for (int64_t bi = 0; bi < b; bi++)
