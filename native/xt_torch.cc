@@ -2187,17 +2187,15 @@ constexpr int64_t kLoopSoftmax = 8192;
 // softmax(q k^T * scale) v of one query per row and head, heads merged: q points at b rows of h
 // heads of d features (strides qRow, qHead), k [b, h, t, d] (rotated), v [b, h, t, dv] -> out, b
 // rows of h * dv. Scores and weighted sums on the small-row kernels.
-void attendRaw(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_t h, const at::Tensor& k,
-               const at::Tensor& v, double scale, float* out) {
-  int64_t d = k.size(3), t = k.size(2), dv = v.size(3);
-  const float* pk = k.data_ptr<float>();
-  const float* pv = v.data_ptr<float>();
+void attendRawPtr(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_t h, int64_t t, int64_t d,
+                  int64_t dv, const float* pk, int64_t kRow, int64_t kHead, int64_t kPos, const float* pv, int64_t vRow,
+                  int64_t vHead, int64_t vPos, double scale, float* out) {
   const float sc = static_cast<float>(scale);
   float* ps = scratch(b * h * t);
   for (int64_t bi = 0; bi < b; bi++)
     for (int64_t hi = 0; hi < h; hi++) {
       float* sr = ps + (bi * h + hi) * t;
-      gemvT(1, t, d, q + bi * qRow + hi * qHead, d, pk + bi * k.stride(0) + hi * k.stride(1), k.stride(2), sr, t);
+      gemvT(1, t, d, q + bi * qRow + hi * qHead, d, pk + bi * kRow + hi * kHead, kPos, sr, t);
       scaleRow(sr, t, sc);
     }
   if (h * t > kLoopSoftmax) {
@@ -2214,8 +2212,13 @@ void attendRaw(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_t h
   }
   for (int64_t bi = 0; bi < b; bi++)
     for (int64_t hi = 0; hi < h; hi++)
-      gemvN(1, dv, t, ps + (bi * h + hi) * t, t, pv + bi * v.stride(0) + hi * v.stride(1), v.stride(2),
-            out + (bi * h + hi) * dv, dv);
+      gemvN(1, dv, t, ps + (bi * h + hi) * t, t, pv + bi * vRow + hi * vHead, vPos, out + (bi * h + hi) * dv, dv);
+}
+
+void attendRaw(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_t h, const at::Tensor& k,
+               const at::Tensor& v, double scale, float* out) {
+  attendRawPtr(q, qRow, qHead, b, h, k.size(2), k.size(3), v.size(3), k.data_ptr<float>(), k.stride(0), k.stride(1),
+               k.stride(2), v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2), scale, out);
 }
 
 // The same for q [b, h, 1, d] as a tensor, merged into [b, 1, h * dv] (or into `into`, rows
@@ -2290,6 +2293,73 @@ XT_FN(CachedAttention) {
 // once, the attention row by row; each row's numbers are those of XtCachedAttention on that row
 // alone while the products keep rows apart (setSmallGemvRows >= b).
 // -> [out [b, 1, dimOut], k_0, v_0, k_1, v_1, ...] (each row's caches with this step).
+// One row's step of CachedAttentionRows on raw memory, where it applies: the row's key and value
+// caches are append buffers with room for the new position (appendPosition's), the keys' rotations
+// are tracked up to the last position (rotatedKeys') and everything is CPU float32 that the raw
+// loops read. The new key and value are written in place, the new key and the query rotated, and the
+// attention computed with the same loops as attendStep, so the same numbers, without a tensor op
+// per head. Returns false (nothing written) where it does not apply; then attendStep runs.
+// q, k, v: this row's projections (h heads of d, d, dv features, contiguous).
+bool attendRowInPlace(const float* q, const float* k, const float* v, const at::Tensor& kc, const at::Tensor& vc,
+                      const at::Tensor* cos, const at::Tensor* sin, double scale, int64_t h, float* out,
+                      at::Tensor& kAll, at::Tensor& vAll) {
+  if (!(g_sgemm && smallGemvFor(1) && !g_bf16)) return false;
+  auto appendable = [&](const at::Tensor& c, int64_t w) -> AppendBuffer* {
+    if (!(c.dim() == 4 && c.size(0) == 1 && c.size(1) == h && c.size(3) == w && w > 0 && c.device().is_cpu() &&
+          c.scalar_type() == at::kFloat && c.has_storage() && c.storage_offset() == 0 && c.stride(3) == 1 &&
+          c.stride(2) == w))
+      return nullptr;
+    int64_t t = c.size(2), cap = c.stride(1) / w;
+    if (cap <= t || c.stride(1) != cap * w || c.stride(0) != h * cap * w) return nullptr;
+    auto it = g_appendBuffers.find(c.storage().data());
+    if (it == g_appendBuffers.end() || it->second.used != t ||
+        it->second.storage.lock().get() != c.storage().unsafeGetStorageImpl())
+      return nullptr;
+    return &it->second;
+  };
+  const int64_t d = kc.size(3), dv = vc.size(3), t = kc.size(2);
+  if (t < 1 || vc.size(2) != t) return false;
+  AppendBuffer* kb = appendable(kc, d);
+  AppendBuffer* vb = kb ? appendable(vc, dv) : nullptr;
+  if (!vb || kb == vb) return false;
+  const int64_t kcap = kc.stride(1) / d, vcap = vc.stride(1) / dv;
+  if (cos) {
+    const auto& r = kb->rotated;
+    if (!(r.defined() && kb->rotatedUsed == t && r.is_contiguous() && r.dim() == 4 && r.size(2) == kcap &&
+          r.size(3) == d && rawTables(*cos, *sin, d) && cos->size(2) >= t + 1 && sin->size(2) >= t + 1))
+      return false;
+  }
+  float* pk = kc.data_ptr<float>();
+  float* pv = vc.data_ptr<float>();
+  for (int64_t hi = 0; hi < h; hi++) {
+    std::memcpy(pk + (hi * kcap + t) * d, k + hi * d, sizeof(float) * d);
+    std::memcpy(pv + (hi * vcap + t) * dv, v + hi * dv, sizeof(float) * dv);
+  }
+  kb->used = t + 1;
+  vb->used = t + 1;
+  const float* keys = pk;
+  const float* query = q;
+  if (cos) {
+    float* pr = kb->rotated.data_ptr<float>();
+    static std::vector<float> rotatedQ;
+    rotatedQ.resize(h * d);
+    float* qr = rotatedQ.data();
+    for (int64_t hi = 0; hi < h; hi++) {
+      rotatePairs(pk + (hi * kcap + t) * d, tableRow(*cos, 0, hi, t), tableRow(*sin, 0, hi, t),
+                  pr + (hi * kcap + t) * d, d, false);
+      rotatePairs(q + hi * d, tableRow(*cos, 0, hi, t), tableRow(*sin, 0, hi, t), qr + hi * d, d, false);
+    }
+    kb->rotatedUsed = t + 1;
+    keys = pr;
+    query = qr;
+  }
+  attendRawPtr(query, h * d, d, 1, h, t + 1, d, dv, keys, h * kcap * d, kcap * d, d, pv, h * vcap * dv, vcap * dv, dv,
+               scale, out);
+  kAll = kc.as_strided({1, h, t + 1, d}, kc.strides(), 0);
+  vAll = vc.as_strided({1, h, t + 1, dv}, vc.strides(), 0);
+  return true;
+}
+
 XT_FN(CachedAttentionRows) {
   const at::Tensor& x = get(info[0]);
   const at::Tensor &wq = get(info[1]), &wk = get(info[2]), &wv = get(info[3]), &wo = get(info[4]);
@@ -2311,20 +2381,29 @@ XT_FN(CachedAttentionRows) {
   int64_t dv = v.size(3);
   auto merged = at::empty({b, 1, h * dv}, q.options());
   std::vector<at::Tensor> outs(1 + 2 * b);
+  // the projections as raw rows, where the in-place path can read them
+  auto rawRows = [&](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.stride(3) == 1 && t.stride(1) == t.size(3) &&
+           t.stride(0) == h * t.size(3) && t.stride(2) == h * t.size(3);
+  };
+  const bool raw = rawRows(q) && rawRows(k) && rawRows(v) && merged.is_contiguous();
   for (int64_t r = 0; r < b; r++) {
     const at::Tensor &kc = kcs[r], &vc = vcs[r];
     if (kc.dim() != 4 || kc.size(0) != 1 || vc.dim() != 4 || vc.size(0) != 1)
       throw std::runtime_error("cachedAttentionRows: expected the caches of one row each");
-    auto qr = q.narrow(0, r, 1), kr = k.narrow(0, r, 1), vr = v.narrow(0, r, 1);
-    StepAttention st;
+    const at::Tensor *cos = nullptr, *sin = nullptr;
     if (cosIds[r] >= 0) {
-      const at::Tensor &cos = getId(static_cast<int32_t>(cosIds[r])), &sin = getId(static_cast<int32_t>(sinIds[r]));
-      if (cos.dim() != 4 || cos.size(2) < kc.size(2) + 1 || sin.sizes() != cos.sizes())
+      cos = &getId(static_cast<int32_t>(cosIds[r]));
+      sin = &getId(static_cast<int32_t>(sinIds[r]));
+      if (cos->dim() != 4 || cos->size(2) < kc.size(2) + 1 || sin->sizes() != cos->sizes())
         throw std::runtime_error("cachedAttentionRows: rotary tables shorter than a row's next position");
-      st = attendStep(qr, kr, vr, kc, vc, &cos, &sin, scale, &merged, r);
-    } else {
-      st = attendStep(qr, kr, vr, kc, vc, nullptr, nullptr, scale, &merged, r);
     }
+    if (raw && attendRowInPlace(q.data_ptr<float>() + r * q.stride(0), k.data_ptr<float>() + r * k.stride(0),
+                                v.data_ptr<float>() + r * v.stride(0), kc, vc, cos, sin, scale, h,
+                                merged.data_ptr<float>() + r * h * dv, outs[1 + 2 * r], outs[2 + 2 * r]))
+      continue;
+    auto qr = q.narrow(0, r, 1), kr = k.narrow(0, r, 1), vr = v.narrow(0, r, 1);
+    StepAttention st = attendStep(qr, kr, vr, kc, vc, cos, sin, scale, &merged, r);
     outs[1 + 2 * r] = st.kAll;
     outs[2 + 2 * r] = st.vAll;
   }
