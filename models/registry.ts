@@ -126,6 +126,9 @@ for i = 1, #KEYS, 3 do
 end
 return out`;
 
+/** Most idle connections a Registry keeps for blocking reads. */
+const MAX_IDLE_READERS = 64;
+
 /** Most entries a job's event stream keeps (about: trimmed by whole nodes). */
 const EVENTS_MAXLEN = 100_000;
 
@@ -206,6 +209,9 @@ export class Registry {
   /** This writer's id and the number of its last appended event (see appendEvents). */
   private readonly writer = randomUUID();
   private appended = 0;
+  /** Connections for blocking reads that no reader holds now (see readerConnection). */
+  private readonly idleReaders: Redis[] = [];
+  private readersClosed = false;
 
   constructor(
     readonly redis: Redis,
@@ -475,6 +481,38 @@ export class Registry {
     for (let i = 0; i < flat.length; i += 2)
       out.push({ id: flat[i]!, state: flat[i + 1] ? (flat[i + 1] as JobState) : null });
     return out;
+  }
+
+  /**
+   * A connection of its own for blocking reads (an event follower's), whose commands fail fast while
+   * Redis is away: an idle one when there is one, else a new one (a new connection costs round
+   * trips of its own before its first read). Hand it back with `releaseReader`.
+   */
+  readerConnection(): Redis {
+    while (this.idleReaders.length) {
+      const c = this.idleReaders.pop()!;
+      if (c.status === 'ready') return c;
+      c.disconnect();
+    }
+    const c = this.redis.duplicate({ maxRetriesPerRequest: 1 });
+    c.on('error', () => undefined); // reported through the failing reads
+    return c;
+  }
+
+  /**
+   * Takes back a reader connection: kept for the next reader when `reusable` (no command of it still
+   * waits for a reply) and connected, else closed. At most MAX_IDLE_READERS are kept.
+   */
+  releaseReader(c: Redis, reusable: boolean): void {
+    if (reusable && !this.readersClosed && c.status === 'ready' && this.idleReaders.length < MAX_IDLE_READERS)
+      this.idleReaders.push(c);
+    else c.disconnect();
+  }
+
+  /** Closes the idle reader connections, and from now on every one handed back. */
+  closeReaders(): void {
+    this.readersClosed = true;
+    for (const c of this.idleReaders.splice(0)) c.disconnect();
   }
 
   /**

@@ -92,6 +92,7 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     await within(ctx.trainQueue.close(), up ? 5000 : 100);
     await within(ctx.generateQueue.close(), up ? 5000 : 100);
     await ctx.builder.close();
+    ctx.registry.closeReaders();
     await closeRedis(queueConn);
     await closeRedis(redis);
   });

@@ -33,13 +33,14 @@ export async function* followEvents(
   signal: AbortSignal,
   outageMs = REDIS_OUTAGE_MS,
 ): AsyncGenerator<JobEvent> {
-  const conn = registry.redis.duplicate({ maxRetriesPerRequest: 1 });
-  conn.on('error', () => undefined); // reported through the failing reads below
+  const conn = registry.readerConnection();
   const reader = new Registry(conn, registry.prefix);
   const onAbort = () => conn.disconnect();
   signal.addEventListener('abort', onAbort);
   let last = fromId;
   let failingSince = 0;
+  // the connection goes back for another follower unless a read may still be waiting on it
+  let reusable = false;
   try {
     while (!signal.aborted) {
       let events: JobEvent[];
@@ -57,8 +58,14 @@ export async function* followEvents(
       }
       for (const ev of events) {
         last = ev.id;
+        // (a reader that stops here, once it has this event, leaves no read behind)
+        reusable = true;
         yield ev;
-        if (END_EVENTS.has(ev.event)) return;
+        reusable = false;
+        if (END_EVENTS.has(ev.event)) {
+          reusable = true;
+          return;
+        }
       }
       if (events.length) continue;
       if (!job) return;
@@ -84,7 +91,7 @@ export async function* followEvents(
     }
   } finally {
     signal.removeEventListener('abort', onAbort);
-    conn.disconnect();
+    registry.releaseReader(conn, reusable && !signal.aborted);
   }
 }
 

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import Fastify from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SseWriter } from '../../routes/sse.js';
+import { followEvents, SseWriter } from '../../routes/sse.js';
 import { EventWriter } from '../../workers/event-writer.js';
 import { makeEnv, parseSse, type TestEnv } from './helpers.js';
 
@@ -136,6 +136,50 @@ describe('job lifecycle: a job ends once', () => {
     const again = (await evalFn(...sent[0]!)) as string[];
     expect(again).toEqual([first[0]!.id, 'completed']);
     expect((await registry.readEvents(job, '0')).map((e) => e.event)).toEqual(['done']);
+  });
+});
+
+describe('event followers', () => {
+  let env: TestEnv;
+  beforeAll(async () => {
+    env = await makeEnv();
+  });
+  afterAll(async () => env?.close());
+
+  /** connections Redis has accepted so far */
+  const connections = async () => {
+    const info = await env.app.svc.redis.info('stats');
+    return Number(/total_connections_received:(\d+)/.exec(info)![1]);
+  };
+
+  it('followers one after another read on one connection; an aborted one closes its own', async () => {
+    const { registry } = env.app.svc;
+    const follow = async (jobId: string, signal = new AbortController().signal) => {
+      const seen: string[] = [];
+      for await (const ev of followEvents(registry, jobId, '0', signal)) seen.push(ev.event);
+      return seen;
+    };
+    const ended = randomUUID();
+    await registry.createJob({ id: ended, type: 'generate', modelId: randomUUID() });
+    await registry.appendEvent(ended, 'token', { index: 0 });
+    await registry.endJob(ended, 'generate', { state: 'completed', result: {} });
+    expect(await follow(ended)).toEqual(['token', 'done']);
+    const before = await connections();
+    for (let i = 0; i < 5; i++) expect(await follow(ended)).toEqual(['token', 'done']);
+    expect(await connections()).toBe(before);
+
+    // a follower aborted while its read waits: its connection is closed, not handed to the next
+    const waiting = randomUUID();
+    await registry.createJob({ id: waiting, type: 'generate', modelId: randomUUID() });
+    const ac = new AbortController();
+    const aborted = follow(waiting, ac.signal);
+    await new Promise((r) => setTimeout(r, 100));
+    ac.abort();
+    expect(await aborted).toEqual([]);
+    const next = follow(waiting);
+    await registry.appendEvent(waiting, 'token', { index: 0 });
+    await registry.endJob(waiting, 'generate', { state: 'completed', result: {} });
+    expect(await next).toEqual(['token', 'done']);
   });
 });
 
