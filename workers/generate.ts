@@ -3,7 +3,7 @@ import { UnrecoverableError, type Job } from 'bullmq';
 import type { GenerateOptions } from './engine.js';
 import { JobRun, type WorkerContext } from './context.js';
 import type { GenerateJobData } from './queues.js';
-import type { LoadedModel } from './model-cache.js';
+import { ModelCache, type LoadedModel } from './model-cache.js';
 import { batcherFor } from './batcher.js';
 
 export interface GenerateJobResult {
@@ -62,12 +62,39 @@ class TokenSink {
   /** the write the last token event went out with */
   private lastWrite: Promise<unknown> | null = null;
 
+  /** token events held back (see `held`), in order */
+  private heldEvents: Record<string, unknown>[] | null;
+
   constructor(
     private readonly ctx: WorkerContext,
     private readonly d: GenerateJobData,
     private readonly tokenizer: LoadedModel['tokenizer'],
+    /** hold the token events back until `release` (the job's checks have not answered yet) */
+    held = false,
   ) {
     this.text = new IncrementalText((ids) => tokenizer.decode(ids));
+    this.heldEvents = held ? [] : null;
+  }
+
+  /** Sends the events held back so far, in order, and every later one as it comes. */
+  release(): void {
+    const events = this.heldEvents;
+    this.heldEvents = null;
+    for (const e of events ?? []) this.emit(e);
+  }
+
+  private emit(event: Record<string, unknown>): void {
+    if (this.heldEvents) {
+      this.heldEvents.push(event);
+      return;
+    }
+    // the tokens of one decoding step, of every generation in it, go out in one write
+    const { written } = this.ctx.events.append(this.d.jobId, 'token', event);
+    if (written !== this.lastWrite) {
+      this.lastWrite = written;
+      const before = this.appends;
+      this.appends = before.then(() => written);
+    }
   }
 
   /** Takes the next token; returns true when the generation ends here (end of sequence, a stop string, maxTokens). */
@@ -92,14 +119,7 @@ class TokenSink {
         }
       }
     }
-    const event = { index: this.tokens.length - 1, tokenId, text: piece };
-    // the tokens of one decoding step, of every generation in it, go out in one write
-    const { written } = this.ctx.events.append(d.jobId, 'token', event);
-    if (written !== this.lastWrite) {
-      this.lastWrite = written;
-      const before = this.appends;
-      this.appends = before.then(() => written);
-    }
+    this.emit({ index: this.tokens.length - 1, tokenId, text: piece });
     if (stopHit) this.finishReason = 'stop';
     return stopHit || this.tokens.length >= d.maxTokens;
   }
@@ -176,42 +196,73 @@ export async function processGenerate(
   const run = new JobRun(ctx, 'generate', d.jobId, bullSignal);
   let loaded: LoadedModel | null = null;
   const endPriority = ctx.priority.begin();
-  try {
-    // a generation joins its batch in as few round trips as it can: each waits for a decoding step
-    const [cancel, model] = await Promise.all([run.cancelRequested(), ctx.registry.getModel(d.modelId)]);
-    if (cancel) return await run.cancelled({ tokens: 0 });
-    if (!model) throw new UnrecoverableError(`model ${d.modelId} no longer exists`);
-    // marked active while it samples (written before anything it writes later, on the same connection)
-    const begun = run.begin().then(
+  // marked active while it samples (written before any token event, on the same connection)
+  const beginRun = () =>
+    run.begin().then(
       () => null,
       (e: unknown) => e,
     );
-    loaded = await ctx.cache.acquire(model);
-    const sink = new TokenSink(ctx, d, loaded.tokenizer);
+  try {
+    // a generation joins its batch in as few round trips as it can (each waits for a decoding step):
+    // on a model loaded here it starts sampling at once, its tokens held back until the checks
+    // answer (no cancel requested, the model still there with the weights it samples from)
+    const checked = Promise.all([run.cancelRequested(), ctx.registry.getModel(d.modelId)]);
+    let begun: Promise<unknown> | null = null;
+    let sink: TokenSink | null = null;
+    let sampling: Promise<void> | null = null;
     const t0 = Date.now();
+    loaded = ctx.cache.acquireLatest(d.modelId);
+    if (loaded) {
+      begun = beginRun();
+      const early = new AbortController();
+      const held = new TokenSink(ctx, d, loaded.tokenizer, true);
+      const started = sample(ctx, d, loaded, held, AbortSignal.any([run.signal, early.signal]));
+      started.catch(() => undefined);
+      const [cancel, model] = await checked;
+      if (!cancel && model && ModelCache.keyOf(model) === loaded.key) {
+        held.release();
+        sink = held;
+        sampling = started;
+      } else {
+        // nothing was sent: stop it, and go on as a generation that had not started
+        early.abort();
+        await started.catch(() => undefined);
+        ctx.cache.release(loaded);
+        loaded = null;
+      }
+    }
+    if (!sampling) {
+      const [cancel, model] = await checked;
+      if (cancel) return await run.cancelled({ tokens: 0 });
+      if (!model) throw new UnrecoverableError(`model ${d.modelId} no longer exists`);
+      begun ??= beginRun();
+      loaded = await ctx.cache.acquire(model);
+      sink = new TokenSink(ctx, d, loaded.tokenizer);
+      sampling = sample(ctx, d, loaded, sink, run.signal);
+    }
     try {
-      await sample(ctx, d, loaded, sink, run.signal);
+      await sampling;
     } catch (e) {
-      await sink.flush().catch(() => undefined);
+      await sink!.flush().catch(() => undefined);
       throw e;
     }
     const notBegun = await begun;
     if (notBegun) throw notBegun;
-    const tokens = sink.tokens;
+    const tokens = sink!.tokens;
     const seconds = Math.max(1e-6, (Date.now() - t0) / 1000);
     // the end (completed, or cancelled when a cancel was requested meanwhile) is written with the
     // last tokens, on the same connection after them: one round trip from the last token to the end
     const ended = run.completedUnlessCancelled<GenerateJobResult>(
       {
         tokens,
-        text: sink.finalText(),
+        text: sink!.finalText(),
         tokensPerSecond: tokens.length / seconds,
-        timeToFirstTokenMs: sink.firstAt ? sink.firstAt - t0 : 0,
-        finishReason: sink.finishReason,
+        timeToFirstTokenMs: sink!.firstAt ? sink!.firstAt - t0 : 0,
+        finishReason: sink!.finishReason,
       },
       { tokens: tokens.length },
     );
-    const [, result] = await Promise.all([sink.flush(), ended]);
+    const [, result] = await Promise.all([sink!.flush(), ended]);
     return result;
   } catch (e) {
     throw await run.failed('generation', e);

@@ -50,8 +50,29 @@ export class ModelCache {
     return [...this.entries.values()].filter((e) => e.modelId === modelId).map((e) => e.weightsVersion);
   }
 
+  /** The cache key of a model's record: its id and weights. */
+  static keyOf(record: ModelRecord): string {
+    return `${record.id}@${record.weightsVersion}:${record.weightsFile}`;
+  }
+
+  /**
+   * The newest weights of model `modelId` loaded here, pinned as `acquire` pins (release it), or null
+   * when none is. Whether they are still the model's is for the caller to check (`keyOf`).
+   */
+  acquireLatest(modelId: string): LoadedModel | null {
+    let best: Entry | null = null;
+    for (const e of this.entries.values())
+      if (e.modelId === modelId && !e.stale && (!best || e.weightsVersion > best.weightsVersion)) best = e;
+    if (!best) return null;
+    const key = best.value.key;
+    this.entries.delete(key);
+    this.entries.set(key, best);
+    best.refs++;
+    return best.value;
+  }
+
   async acquire(record: ModelRecord): Promise<LoadedModel> {
-    const key = `${record.id}@${record.weightsVersion}:${record.weightsFile}`;
+    const key = ModelCache.keyOf(record);
     const hit = this.entries.get(key);
     if (hit) {
       this.entries.delete(key);

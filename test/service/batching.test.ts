@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { BatchDecoder } from '../../src/index.js';
 import { makeEnv, readSse, tinyDecoder, waitFor, type TestEnv } from './helpers.js';
@@ -76,6 +77,30 @@ describe('continuous batching in the worker (real Redis, in-process worker)', ()
     );
     // the decode loop ends with its last generation
     await waitFor(async () => env.workers!.ctx.batchers.size === 0, 30_000, 'batcher dropped');
+  });
+
+  it('a generation of a loaded model whose cancel came before a worker took it sends no token', async () => {
+    const { registry, generateQueue } = env.app.svc;
+    // the model is loaded in the worker (the generations above): the job starts on it at once, its
+    // tokens held back until its checks answer
+    expect(env.workers!.ctx.cache.versions(modelId)).toHaveLength(1);
+    const jobId = randomUUID();
+    await registry.createJob({ id: jobId, type: 'generate', modelId });
+    await registry.requestCancel(jobId);
+    await generateQueue.add('generate', {
+      jobId,
+      modelId,
+      tokenizer: 'byte',
+      promptTokens: [1, 2, 3],
+      maxTokens: 50,
+      temperature: 0,
+    });
+    await waitFor(async () => (await registry.getJob(jobId))?.state === 'cancelled', 30_000, 'cancelled');
+    expect((await registry.readEvents(jobId, '0')).map((e) => [e.event, e.data])).toEqual([
+      ['cancelled', { tokens: 0 }],
+    ]);
+    // and the next generation runs as usual
+    expect((await generate({ prompt: 'a', maxTokens: 5, temperature: 0 })).tokens).toHaveLength(5);
   });
 
   it('a model the batched path cannot decode is served one request at a time', async () => {
