@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { isId } from './ids.js';
 import type {
@@ -126,6 +126,14 @@ for i = 1, #KEYS, 3 do
 end
 return out`;
 
+const shas = new Map<string, string>();
+/** A Lua script's SHA-1 digest, as EVALSHA names it. */
+function scriptSha(body: string): string {
+  let sha = shas.get(body);
+  if (!sha) shas.set(body, (sha = createHash('sha1').update(body).digest('hex')));
+  return sha;
+}
+
 /** Most idle connections a Registry keeps for blocking reads. */
 const MAX_IDLE_READERS = 64;
 
@@ -217,6 +225,20 @@ export class Registry {
     readonly redis: Redis,
     readonly prefix = 'xt',
   ) {}
+
+  /**
+   * Runs a Lua script by its digest (EVALSHA), sending its text only when Redis does not have it
+   * (first use, or a restarted Redis): writes of every decoding step stay small.
+   */
+  private async script(body: string, numKeys: number, ...args: string[]): Promise<unknown> {
+    const sha = scriptSha(body);
+    try {
+      return await this.redis.evalsha(sha, numKeys, ...args);
+    } catch (e) {
+      if (!String((e as Error).message).startsWith('NOSCRIPT')) throw e;
+      return await this.redis.eval(body, numKeys, ...args);
+    }
+  }
 
   key(...parts: string[]): string {
     return [this.prefix, ...parts].join(':');
@@ -387,7 +409,7 @@ export class Registry {
     if (u.result) args.push('result', JSON.stringify(u.result));
     if (u.error !== undefined) args.push('error', u.error);
     if (!args.length) return true;
-    const r = (await this.redis.eval(UPDATE_JOB, 1, this.key('job', id), ...args)) as number;
+    const r = (await this.script(UPDATE_JOB, 1, this.key('job', id), ...args)) as number;
     if (r === 1 && u.state && isTerminal(u.state)) {
       const job = await this.getJob(id);
       if (job) await this.removeModelJob(job.modelId, id);
@@ -467,7 +489,7 @@ export class Registry {
         ? [...head, ...tail, alt.event, JSON.stringify(alt.data), ...fieldArgs(alt.fields)]
         : [...head, ...tail];
     });
-    const flat = (await this.redis.eval(
+    const flat = (await this.script(
       APPEND_EVENTS,
       keys.length,
       ...keys,

@@ -263,9 +263,10 @@ describe('service basics (real Redis)', () => {
     await registry.createJob({ id: job, type: 'train', modelId: randomUUID() });
     // capture the commands as sent, then send them again as a client does after reconnecting
     const sent: unknown[][] = [];
-    const redis = registry.redis as unknown as { eval: (...a: unknown[]) => Promise<unknown> };
-    const evalFn = redis.eval.bind(redis);
-    redis.eval = (...a: unknown[]) => {
+    // scripts go by their digest (EVALSHA) once Redis has them
+    const redis = registry.redis as unknown as { evalsha: (...a: unknown[]) => Promise<unknown> };
+    const evalFn = redis.evalsha.bind(redis);
+    redis.evalsha = (...a: unknown[]) => {
       sent.push(a);
       return evalFn(...a);
     };
@@ -276,7 +277,7 @@ describe('service basics (real Redis)', () => {
         registry.appendEvent(job, 'progress', { step: 2 }),
       ]);
     } finally {
-      redis.eval = evalFn;
+      redis.evalsha = evalFn;
     }
     expect(sent).toHaveLength(2);
     const again = await Promise.all(sent.map((a) => evalFn(...a) as Promise<string[]>));

@@ -46,6 +46,10 @@ describe('job lifecycle: a job ends once', () => {
     expect(await registry.redis.smembers(registry.key('model', model, 'jobs'))).toEqual([b]);
     expect(await registry.redis.ttl(registry.key('job', a))).toBeGreaterThan(0);
     expect(await registry.redis.ttl(registry.eventsKey(a))).toBeGreaterThan(0);
+    // scripts run by digest; a Redis that lost them (restarted) is sent their text again
+    await registry.redis.script('FLUSH');
+    expect(await registry.endJob(b, 'generate', { state: 'completed', result: {} })).toBe(true);
+    expect(await registry.redis.smembers(registry.key('model', model, 'jobs'))).toEqual([]);
     const unknown = randomUUID();
     expect(await registry.endJob(unknown, 'generate', { state: 'completed', result: {} })).toBe(false);
     expect(await registry.redis.exists(registry.eventsKey(unknown), registry.key('job', unknown))).toBe(0);
@@ -118,9 +122,10 @@ describe('job lifecycle: a job ends once', () => {
     const job = randomUUID();
     await registry.createJob({ id: job, type: 'generate', modelId: randomUUID() });
     const sent: unknown[][] = [];
-    const redis = registry.redis as unknown as { eval: (...a: unknown[]) => Promise<unknown> };
-    const evalFn = redis.eval.bind(redis);
-    redis.eval = (...a: unknown[]) => {
+    // scripts go by their digest (EVALSHA) once Redis has them
+    const redis = registry.redis as unknown as { evalsha: (...a: unknown[]) => Promise<unknown> };
+    const evalFn = redis.evalsha.bind(redis);
+    redis.evalsha = (...a: unknown[]) => {
       sent.push(a);
       return evalFn(...a);
     };
@@ -129,7 +134,7 @@ describe('job lifecycle: a job ends once', () => {
         true,
       );
     } finally {
-      redis.eval = evalFn;
+      redis.evalsha = evalFn;
     }
     const first = await registry.readEvents(job, '0');
     // the same command again: answered as applied, with the entry already there
