@@ -4,10 +4,12 @@
  * from /openai/v1/completions over SSE and reports time to first token, tokens/s per stream and in
  * all, and p50/p99 request latency. Each level starts with one untimed request per client.
  * Options: --tokens N (per request, default 32), --rounds N (requests per client, default 2),
- * --concurrency 1,8,32, --json, --while-training (a training job of a larger model runs in the same
- * worker throughout, started before the first request and cancelled after the last), --dim N and
- * --depth N (the model streamed from: a byte-level decoder with rotary positions, default dim 256,
- * depth 4). WORKER_CONCURRENCY, MAX_BATCH and XT_BACKEND pass through to the service.
+ * --concurrency 1,8,32, --repeat N (passes over the levels, which take turns; each level's figures
+ * are over all its passes; default 1), --json, --while-training (a training job of a larger model
+ * runs in the same worker throughout, started before the first request and cancelled after the
+ * last), --dim N and --depth N (the model streamed from: a byte-level decoder with rotary positions,
+ * default dim 256, depth 4). WORKER_CONCURRENCY, MAX_BATCH and XT_BACKEND pass through to the
+ * service.
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -21,6 +23,7 @@ const ROOT = fileURLToPath(new URL('../', import.meta.url));
 
 const tokens = positiveInt('tokens', option('tokens', '32'));
 const rounds = positiveInt('rounds', option('rounds', '2'));
+const repeat = positiveInt('repeat', option('repeat', '1'));
 const dim = positiveInt('dim', option('dim', '256'));
 const depth = positiveInt('depth', option('depth', '4'));
 const levels = positiveInts('concurrency', '1,8,32');
@@ -184,53 +187,52 @@ async function main() {
     await streamOnce(base, model, 'warm up '); // loads the model into the worker's cache
     const training = process.argv.includes('--while-training') ? await startTraining(base) : null;
 
-    const rows = [];
-    for (const c of levels) {
-      // one untimed request per client first: the decoding paths of this many rows get compiled and
-      // their buffers allocated before the clock starts
-      await Promise.all(
-        Array.from({ length: c }, (_, i) => streamOnce(base, model, `client ${i} warms up `)),
-      );
-      const samples: Sample[] = [];
-      const t0 = performance.now();
-      await Promise.all(
-        Array.from({ length: c }, async (_, i) => {
-          for (let r = 0; r < rounds; r++) samples.push(await streamOnce(base, model, `client ${i} says `));
-        }),
-      );
-      const wall = (performance.now() - t0) / 1000;
+    // each level's samples and wall time, summed over the passes: the levels take turns, so a slow
+    // stretch of the machine falls on all of them rather than on one
+    const acc = new Map(levels.map((c) => [c, { samples: [] as Sample[], wall: 0 }]));
+    for (let pass = 0; pass < repeat; pass++) {
+      for (const c of levels) {
+        // one untimed request per client first: the decoding paths of this many rows get compiled
+        // and their buffers allocated before the clock starts
+        if (pass === 0)
+          await Promise.all(
+            Array.from({ length: c }, (_, i) => streamOnce(base, model, `client ${i} warms up `)),
+          );
+        const level = acc.get(c)!;
+        const t0 = performance.now();
+        await Promise.all(
+          Array.from({ length: c }, async (_, i) => {
+            for (let r = 0; r < rounds; r++)
+              level.samples.push(await streamOnce(base, model, `client ${i} says `));
+          }),
+        );
+        level.wall += (performance.now() - t0) / 1000;
+      }
+    }
+    const rows = levels.map((c) => {
+      const { samples, wall } = acc.get(c)!;
       const total = samples.reduce((s, x) => s + x.tokens, 0);
-      rows.push({
+      const of = (k: keyof Sample, p: number) =>
+        pct(
+          samples.map((x) => x[k]),
+          p,
+        );
+      return {
         concurrency: c,
         requests: samples.length,
-        ttftP50Ms: pct(
-          samples.map((s) => s.ttftMs),
-          50,
-        ),
-        ttftP99Ms: pct(
-          samples.map((s) => s.ttftMs),
-          99,
-        ),
-        streamTokensPerSecond: pct(
-          samples.map((s) => s.streamTokensPerSecond),
-          50,
-        ),
+        ttftP50Ms: of('ttftMs', 50),
+        ttftP99Ms: of('ttftMs', 99),
+        streamTokensPerSecond: of('streamTokensPerSecond', 50),
         totalTokensPerSecond: total / wall,
-        latencyP50Ms: pct(
-          samples.map((s) => s.latencyMs),
-          50,
-        ),
-        latencyP99Ms: pct(
-          samples.map((s) => s.latencyMs),
-          99,
-        ),
-      });
-    }
+        latencyP50Ms: of('latencyMs', 50),
+        latencyP99Ms: of('latencyMs', 99),
+      };
+    });
     const trainedSteps = training ? await training.stop() : null;
     if (process.argv.includes('--json')) {
       console.log(
         JSON.stringify(
-          { backend: ready.backend, model: { dim, depth }, tokens, rounds, trainedSteps, rows },
+          { backend: ready.backend, model: { dim, depth }, tokens, rounds, repeat, trainedSteps, rows },
           null,
           2,
         ),
@@ -238,7 +240,9 @@ async function main() {
       return;
     }
     console.log(
-      `backend ${ready.backend}, decoder dim ${dim} depth ${depth}, ${tokens} tokens per request, ${rounds} requests per client, ` +
+      `backend ${ready.backend}, decoder dim ${dim} depth ${depth}, ${tokens} tokens per request, ${rounds} requests per client` +
+        (repeat > 1 ? ` in each of ${repeat} passes over the levels` : '') +
+        ', ' +
         `WORKER_CONCURRENCY=${process.env.WORKER_CONCURRENCY ?? 1}, MAX_BATCH=${process.env.MAX_BATCH ?? 32}` +
         (training ? `, a training job ran throughout (${trainedSteps} steps)` : '') +
         '\n',
