@@ -2300,9 +2300,9 @@ XT_FN(CachedAttention) {
 // attention computed with the same loops as attendStep, so the same numbers, without a tensor op
 // per head. Returns false (nothing written) where it does not apply; then attendStep runs.
 // q, k, v: this row's projections (h heads of d, d, dv features, contiguous).
-bool attendRowInPlace(const float* q, const float* k, const float* v, const at::Tensor& kc, const at::Tensor& vc,
-                      const at::Tensor* cos, const at::Tensor* sin, double scale, int64_t h, float* out,
-                      at::Tensor& kAll, at::Tensor& vAll) {
+bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk, int64_t dvIn, const at::Tensor& kc,
+                      const at::Tensor& vc, const at::Tensor* cos, const at::Tensor* sin, double scale, int64_t h,
+                      float* out, at::Tensor& kAll, at::Tensor& vAll) {
   if (!(g_sgemm && smallGemvFor(1) && !g_bf16)) return false;
   auto appendable = [&](const at::Tensor& c, int64_t w) -> AppendBuffer* {
     if (!(c.dim() == 4 && c.size(0) == 1 && c.size(1) == h && c.size(3) == w && w > 0 && c.device().is_cpu() &&
@@ -2318,7 +2318,7 @@ bool attendRowInPlace(const float* q, const float* k, const float* v, const at::
     return &it->second;
   };
   const int64_t d = kc.size(3), dv = vc.size(3), t = kc.size(2);
-  if (t < 1 || vc.size(2) != t) return false;
+  if (t < 1 || vc.size(2) != t || d != dk || dv != dvIn) return false;
   AppendBuffer* kb = appendable(kc, d);
   AppendBuffer* vb = kb ? appendable(vc, dv) : nullptr;
   if (!vb || kb == vb) return false;
@@ -2386,7 +2386,7 @@ XT_FN(CachedAttentionRows) {
     return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.stride(3) == 1 && t.stride(1) == t.size(3) &&
            t.stride(0) == h * t.size(3) && t.stride(2) == h * t.size(3);
   };
-  const bool raw = rawRows(q) && rawRows(k) && rawRows(v) && merged.is_contiguous();
+  const bool raw = rawRows(q) && rawRows(k) && rawRows(v) && q.size(3) == k.size(3) && merged.is_contiguous();
   for (int64_t r = 0; r < b; r++) {
     const at::Tensor &kc = kcs[r], &vc = vcs[r];
     if (kc.dim() != 4 || kc.size(0) != 1 || vc.dim() != 4 || vc.size(0) != 1)
@@ -2399,7 +2399,7 @@ XT_FN(CachedAttentionRows) {
         throw std::runtime_error("cachedAttentionRows: rotary tables shorter than a row's next position");
     }
     if (raw && attendRowInPlace(q.data_ptr<float>() + r * q.stride(0), k.data_ptr<float>() + r * k.stride(0),
-                                v.data_ptr<float>() + r * v.stride(0), kc, vc, cos, sin, scale, h,
+                                v.data_ptr<float>() + r * v.stride(0), k.size(3), dv, kc, vc, cos, sin, scale, h,
                                 merged.data_ptr<float>() + r * h * dv, outs[1 + 2 * r], outs[2 + 2 * r]))
       continue;
     auto qr = q.narrow(0, r, 1), kr = k.narrow(0, r, 1), vr = v.narrow(0, r, 1);
