@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../../routes/app.js';
 import { generateOpenApi } from '../../service/openapi-doc.js';
 import { ConfigError, loadConfig } from '../../service/config.js';
-import { makeEnv, parseSse, type TestEnv } from './helpers.js';
+import { captureScripts, makeEnv, parseSse, type TestEnv } from './helpers.js';
 import { EventWriter } from '../../workers/event-writer.js';
 
 describe('service basics (real Redis)', () => {
@@ -262,14 +262,7 @@ describe('service basics (real Redis)', () => {
     const job = randomUUID();
     await registry.createJob({ id: job, type: 'train', modelId: randomUUID() });
     // capture the commands as sent, then send them again as a client does after reconnecting
-    const sent: unknown[][] = [];
-    // scripts go by their digest (EVALSHA) once Redis has them
-    const redis = registry.redis as unknown as { evalsha: (...a: unknown[]) => Promise<unknown> };
-    const evalFn = redis.evalsha.bind(redis);
-    redis.evalsha = (...a: unknown[]) => {
-      sent.push(a);
-      return evalFn(...a);
-    };
+    const scripts = captureScripts(registry);
     let ids: string[];
     try {
       ids = await Promise.all([
@@ -277,10 +270,10 @@ describe('service basics (real Redis)', () => {
         registry.appendEvent(job, 'progress', { step: 2 }),
       ]);
     } finally {
-      redis.evalsha = evalFn;
+      scripts.restore();
     }
-    expect(sent).toHaveLength(2);
-    const again = await Promise.all(sent.map((a) => evalFn(...a) as Promise<string[]>));
+    expect(scripts.sent).toHaveLength(2);
+    const again = (await Promise.all([scripts.again(0), scripts.again(1)])) as string[][];
     // both already there: nothing added, each answered with the stream's last entry
     expect(again.map((r) => r[0])).toEqual([ids[1], ids[1]]);
     const events = await registry.readEvents(job, '0');

@@ -6,6 +6,7 @@ import path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { inject } from 'vitest';
 import type { FastifyInstance } from 'fastify';
+import type { Registry } from '../../models/registry.js';
 import { buildApp, type AppOptions } from '../../routes/app.js';
 import { startWorkers, type ServiceWorkers, type WorkerOptions } from '../../workers/index.js';
 
@@ -229,4 +230,29 @@ export function runServiceEntry(
     child.once('exit', (code, signal) => resolve({ code, signal })),
   );
   return { child, ended, exited: ended.then((e) => e.code), out: () => out, stdout: () => stdout };
+}
+
+/**
+ * Records the script commands a registry sends (by digest: EVALSHA) until `restore()`, so that a test
+ * can send one again as Redis's client does after reconnecting (`again(i)`, the reply of a resend).
+ */
+export function captureScripts(registry: Registry): {
+  sent: unknown[][];
+  again(i: number): Promise<unknown>;
+  restore(): void;
+} {
+  const redis = registry.redis as unknown as { evalsha: (...a: unknown[]) => Promise<unknown> };
+  const evalsha = redis.evalsha.bind(redis);
+  const sent: unknown[][] = [];
+  redis.evalsha = (...a: unknown[]) => {
+    sent.push(a);
+    return evalsha(...a);
+  };
+  return {
+    sent,
+    again: (i) => evalsha(...sent[i]!),
+    restore: () => {
+      redis.evalsha = evalsha;
+    },
+  };
 }

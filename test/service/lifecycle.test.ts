@@ -3,7 +3,7 @@ import Fastify from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { followEvents, SseWriter } from '../../routes/sse.js';
 import { EventWriter } from '../../workers/event-writer.js';
-import { makeEnv, parseSse, type TestEnv } from './helpers.js';
+import { captureScripts, makeEnv, parseSse, type TestEnv } from './helpers.js';
 
 describe('job lifecycle: a job ends once', () => {
   let env: TestEnv;
@@ -121,25 +121,17 @@ describe('job lifecycle: a job ends once', () => {
     const { registry } = env.app.svc;
     const job = randomUUID();
     await registry.createJob({ id: job, type: 'generate', modelId: randomUUID() });
-    const sent: unknown[][] = [];
-    // scripts go by their digest (EVALSHA) once Redis has them
-    const redis = registry.redis as unknown as { evalsha: (...a: unknown[]) => Promise<unknown> };
-    const evalFn = redis.evalsha.bind(redis);
-    redis.evalsha = (...a: unknown[]) => {
-      sent.push(a);
-      return evalFn(...a);
-    };
+    const scripts = captureScripts(registry);
     try {
       expect(await registry.endJob(job, 'generate', { state: 'completed', result: { tokens: [1] } })).toBe(
         true,
       );
     } finally {
-      redis.evalsha = evalFn;
+      scripts.restore();
     }
     const first = await registry.readEvents(job, '0');
     // the same command again: answered as applied, with the entry already there
-    const again = (await evalFn(...sent[0]!)) as string[];
-    expect(again).toEqual([first[0]!.id, 'completed']);
+    expect(await scripts.again(0)).toEqual([first[0]!.id, 'completed']);
     expect((await registry.readEvents(job, '0')).map((e) => e.event)).toEqual(['done']);
   });
 });
