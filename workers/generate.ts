@@ -3,6 +3,7 @@ import { UnrecoverableError, type Job } from 'bullmq';
 import type { GenerateOptions } from './engine.js';
 import { JobRun, type WorkerContext } from './context.js';
 import type { GenerateJobData } from './queues.js';
+import type { ModelRecord } from '../models/schemas.js';
 import { ModelCache, type LoadedModel } from './model-cache.js';
 import { batcherFor } from './batcher.js';
 
@@ -181,11 +182,54 @@ async function sample(
   }
 }
 
+/** A generation under way: the weights it samples from (pinned), its tokens' sink, its sampling. */
+interface Started {
+  loaded: LoadedModel;
+  sink: TokenSink;
+  sampling: Promise<void>;
+}
+
+/**
+ * Starts a generation on the newest weights of its model loaded in this worker before its checks
+ * (`checked`: a cancel requested, the model's record) answer, its token events held back until
+ * they do. Returns it once the checks agree: no cancel, the model still there with these weights.
+ * Returns null when no weights of the model are loaded, or when a check disagrees or fails: the
+ * sampling is then stopped with nothing sent and the weights released.
+ */
+async function startEarly(
+  ctx: WorkerContext,
+  d: GenerateJobData,
+  signal: AbortSignal,
+  checked: Promise<[boolean, ModelRecord | null]>,
+  begin: () => void,
+): Promise<Started | null> {
+  const loaded = ctx.cache.acquireLatest(d.modelId);
+  if (!loaded) return null;
+  begin();
+  const early = new AbortController();
+  const sink = new TokenSink(ctx, d, loaded.tokenizer, true);
+  const sampling = sample(ctx, d, loaded, sink, AbortSignal.any([signal, early.signal]));
+  sampling.catch(() => undefined); // seen by the caller, or dropped with the run
+  const agreed = await checked.then(
+    ([cancel, model]) => !cancel && model !== null && ModelCache.keyOf(model) === loaded.key,
+    () => false,
+  );
+  if (agreed) {
+    sink.release();
+    return { loaded, sink, sampling };
+  }
+  early.abort();
+  await sampling.catch(() => undefined);
+  ctx.cache.release(loaded);
+  return null;
+}
+
 /**
  * Runs one generation: streams `token` events ({index, tokenId, text}) into the job's Redis Stream as
  * tokens are sampled, then `done`. A cancel request (the client went away) stops it at the next token.
  * Generations of one model run together in its batcher (see GenerationBatcher); models the batched
- * path cannot decode, and generations without a KV cache, run alone.
+ * path cannot decode, and generations without a KV cache, run alone. On a model loaded here a
+ * generation starts before its checks answer (see startEarly).
  */
 export async function processGenerate(
   ctx: WorkerContext,
@@ -194,81 +238,59 @@ export async function processGenerate(
 ): Promise<GenerateJobResult | { cancelled: true }> {
   const d = job.data;
   const run = new JobRun(ctx, 'generate', d.jobId, bullSignal);
-  let loaded: LoadedModel | null = null;
+  let started: Started | null = null;
   const endPriority = ctx.priority.begin();
   // marked active while it samples (written before any token event, on the same connection)
-  const beginRun = () =>
-    run.begin().then(
+  let begun: Promise<unknown> | null = null;
+  const begin = () =>
+    (begun ??= run.begin().then(
       () => null,
       (e: unknown) => e,
-    );
+    ));
   try {
-    // a generation joins its batch in as few round trips as it can (each waits for a decoding step):
-    // on a model loaded here it starts sampling at once, its tokens held back until the checks
-    // answer (no cancel requested, the model still there with the weights it samples from)
+    // a generation joins its batch in as few round trips as it can (each waits for a decoding step)
     const checked = Promise.all([run.cancelRequested(), ctx.registry.getModel(d.modelId)]);
-    let begun: Promise<unknown> | null = null;
-    let sink: TokenSink | null = null;
-    let sampling: Promise<void> | null = null;
     const t0 = Date.now();
-    loaded = ctx.cache.acquireLatest(d.modelId);
-    if (loaded) {
-      begun = beginRun();
-      const early = new AbortController();
-      const held = new TokenSink(ctx, d, loaded.tokenizer, true);
-      const started = sample(ctx, d, loaded, held, AbortSignal.any([run.signal, early.signal]));
-      started.catch(() => undefined);
-      const [cancel, model] = await checked;
-      if (!cancel && model && ModelCache.keyOf(model) === loaded.key) {
-        held.release();
-        sink = held;
-        sampling = started;
-      } else {
-        // nothing was sent: stop it, and go on as a generation that had not started
-        early.abort();
-        await started.catch(() => undefined);
-        ctx.cache.release(loaded);
-        loaded = null;
-      }
-    }
-    if (!sampling) {
+    started = await startEarly(ctx, d, run.signal, checked, begin);
+    if (!started) {
       const [cancel, model] = await checked;
       if (cancel) return await run.cancelled({ tokens: 0 });
       if (!model) throw new UnrecoverableError(`model ${d.modelId} no longer exists`);
-      begun ??= beginRun();
-      loaded = await ctx.cache.acquire(model);
-      sink = new TokenSink(ctx, d, loaded.tokenizer);
-      sampling = sample(ctx, d, loaded, sink, run.signal);
+      begin();
+      const loaded = await ctx.cache.acquire(model);
+      const sink = new TokenSink(ctx, d, loaded.tokenizer);
+      started = { loaded, sink, sampling: sample(ctx, d, loaded, sink, run.signal) };
     }
+    const { sink } = started;
     try {
-      await sampling;
+      await started.sampling;
     } catch (e) {
-      await sink!.flush().catch(() => undefined);
+      await sink.flush().catch(() => undefined);
       throw e;
     }
     const notBegun = await begun;
     if (notBegun) throw notBegun;
-    const tokens = sink!.tokens;
+    const tokens = sink.tokens;
     const seconds = Math.max(1e-6, (Date.now() - t0) / 1000);
     // the end (completed, or cancelled when a cancel was requested meanwhile) is written with the
     // last tokens, on the same connection after them: one round trip from the last token to the end
     const ended = run.completedUnlessCancelled<GenerateJobResult>(
       {
         tokens,
-        text: sink!.finalText(),
+        text: sink.finalText(),
         tokensPerSecond: tokens.length / seconds,
-        timeToFirstTokenMs: sink!.firstAt ? sink!.firstAt - t0 : 0,
-        finishReason: sink!.finishReason,
+        timeToFirstTokenMs: sink.firstAt ? sink.firstAt - t0 : 0,
+        finishReason: sink.finishReason,
       },
       { tokens: tokens.length },
     );
-    const [, result] = await Promise.all([sink!.flush(), ended]);
+    const [, result] = await Promise.all([sink.flush(), ended]);
     return result;
   } catch (e) {
     throw await run.failed('generation', e);
   } finally {
     run.close();
     endPriority();
-    if (loaded) ctx.cache.release(loaded);
+    if (started) ctx.cache.release(started.loaded);
   }
 }

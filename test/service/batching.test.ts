@@ -103,6 +103,40 @@ describe('continuous batching in the worker (real Redis, in-process worker)', ()
     expect((await generate({ prompt: 'a', maxTokens: 5, temperature: 0 })).tokens).toHaveLength(5);
   });
 
+  it('a generation of a loaded model deleted since fails without a token and leaves no decoding behind', async () => {
+    const { registry, generateQueue } = env.app.svc;
+    const created = await env.app.inject({
+      method: 'POST',
+      url: '/v1/models',
+      payload: { name: 'doomed', config: tinyDecoder() },
+    });
+    const doomed = created.json().id as string;
+    const warm = await env.app.inject({
+      method: 'POST',
+      url: `/v1/models/${doomed}/generate`,
+      payload: { prompt: 'a', maxTokens: 3, temperature: 0 },
+    });
+    expect(warm.statusCode).toBe(200);
+    expect(env.workers!.ctx.cache.versions(doomed)).toHaveLength(1);
+    expect((await env.app.inject({ method: 'DELETE', url: `/v1/models/${doomed}` })).statusCode).toBe(204);
+    const jobId = randomUUID();
+    await registry.createJob({ id: jobId, type: 'generate', modelId: doomed });
+    await generateQueue.add('generate', {
+      jobId,
+      modelId: doomed,
+      tokenizer: 'byte',
+      promptTokens: [1, 2, 3],
+      maxTokens: 50,
+      temperature: 0,
+    });
+    await waitFor(async () => (await registry.getJob(jobId))?.state === 'failed', 30_000, 'failed');
+    const events = await registry.readEvents(jobId, '0');
+    expect(events.map((e) => e.event)).toEqual(['failed']);
+    expect(String(events[0]!.data.error)).toContain('no longer exists');
+    // its batch let it go: no decode loop is left running for it
+    await waitFor(async () => env.workers!.ctx.batchers.size === 0, 30_000, 'batcher dropped');
+  });
+
   it('a model the batched path cannot decode is served one request at a time', async () => {
     const r = await env.app.inject({
       method: 'POST',
