@@ -247,7 +247,7 @@ export class BatchDecoder {
     const x = tf.tensor2d([window], [1, window.length], 'int32');
     let res;
     try {
-      res = this.net.forwardWithState(x, { returnCache: true });
+      res = this.net.forwardWithState(x, { returnCache: true, lastPositionLogits: true });
     } finally {
       x.dispose();
     }

@@ -37,6 +37,8 @@ export interface DecodeForwardOptions {
   contextMask?: tf.Tensor;
   mems?: tf.Tensor[];
   returnMems?: boolean;
+  /** logits of the last position only (a model may still return every position's) */
+  lastPositionLogits?: boolean;
 }
 
 /** What a token model (TransformerWrapper) offers for decoding. */
@@ -297,6 +299,8 @@ class StepDecoder {
           seqStartPos: this.seqStartPos,
           context: o.context,
           contextMask: o.contextMask,
+          // only the next token's logits: a prompt's, or an uncached step's, other positions are not sampled
+          lastPositionLogits: true,
         });
       // a few rows through every op (a long prompt's large products still use every thread)
       res = smallOps(run);

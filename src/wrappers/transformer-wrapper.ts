@@ -145,6 +145,13 @@ export interface TransformerForwardOptions {
   embedIds?: Record<string, tf.Tensor>;
   /** Recycling steps (recycling models; required outside training, where it defaults to a random 1..trainMaxRecycleSteps). */
   recycleSteps?: number;
+  /**
+   * Logits of the last position only (forwardWithState): [b, 1, numTokens], the same numbers as the
+   * last position of the whole logits; so are the embeddings returned. A decoding step's prefill
+   * needs no others, and with a large vocabulary the others cost most of a long prompt's forward.
+   * Ignored where the output is not per position (averagePoolEmbed, CLS tokens).
+   */
+  lastPositionLogits?: boolean;
   /** Return the attention z-loss (forwardWithState): needs the attention logits, so not with attnFlash. */
   returnAttnZLoss?: boolean;
   /** Weight of the attention z-loss (default: the model's attnZLossWeight). */
@@ -559,6 +566,8 @@ export class TransformerWrapper extends Module {
     if (this.clsToken) {
       e = tf.slice(e, [0, 0, 0], [-1, o.numClsTokens, -1]);
       if (o.numClsTokens === 1) e = tf.squeeze(e, [1]);
+    } else if (opts.lastPositionLogits && !o.averagePoolEmbed && e.rank === 3 && e.shape[1]! > 1) {
+      e = tf.slice(e, [0, e.shape[1]! - 1, 0], [-1, 1, -1]);
     }
     // mixture of softmaxes: k weights per position, and the embedding expanded to [..., k, dim]
     let mixWeights: tf.Tensor | null = null;

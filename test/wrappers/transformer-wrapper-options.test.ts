@@ -340,3 +340,56 @@ describe('TransformerWrapper forward arguments of these options', () => {
     m.dispose();
   });
 });
+
+describe('TransformerWrapper lastPositionLogits', () => {
+  const decoder = (extra: Record<string, unknown> = {}) =>
+    new TransformerWrapper({
+      numTokens: 64,
+      maxSeqLen: 32,
+      attnLayers: new Decoder({ dim: 16, depth: 1, heads: 2, rotaryPosEmb: true }),
+      ...extra,
+    });
+
+  it("gives the last position's logits of the whole call, and the same cache", () => {
+    manualSeed(3);
+    for (const extra of [{}, { tieEmbedding: true }, { mixtureOfSoftmax: true, mixtureOfSoftmaxK: 2 }]) {
+      const m = decoder(extra);
+      m.eval();
+      const x = tf.tensor2d(
+        [
+          [1, 2, 3, 4, 5, 6, 7],
+          [9, 8, 7, 6, 5, 4, 3],
+        ],
+        [2, 7],
+        'int32',
+      );
+      const whole = m.forwardWithState(x, { returnCache: true });
+      const last = m.forwardWithState(x, { returnCache: true, lastPositionLogits: true });
+      expect(last.logits.shape).toEqual([2, 1, 64]);
+      const expected = tf.slice(whole.logits, [0, 6, 0], [-1, 1, -1]);
+      // one row's product against seven rows' (kernels that may add in another order)
+      const diff = tf.max(tf.abs(tf.sub(last.logits, expected))).dataSync()[0]!;
+      expect(diff).toBeLessThan(1e-5);
+      const wholeKv = whole.cache!.kvs.flatMap((kv) => [kv.k, kv.v]);
+      const lastKv = last.cache!.kvs.flatMap((kv) => [kv.k, kv.v]);
+      wholeKv.forEach((t, i) => expect(Array.from(lastKv[i]!.dataSync())).toEqual(Array.from(t.dataSync())));
+      tf.dispose([x, expected, whole.logits, whole.embeddings, last.logits, last.embeddings]);
+      whole.cache!.dispose();
+      last.cache!.dispose();
+      m.dispose();
+    }
+  });
+
+  it('leaves outputs that are not per position alone (pooled embeddings)', () => {
+    manualSeed(4);
+    const m = decoder({ averagePoolEmbed: true });
+    m.eval();
+    const x = tf.tensor2d([[1, 2, 3]], [1, 3], 'int32');
+    const a = m.forwardWithState(x);
+    const b = m.forwardWithState(x, { lastPositionLogits: true });
+    expect(b.logits.shape).toEqual(a.logits.shape);
+    expect(Array.from(b.logits.dataSync())).toEqual(Array.from(a.logits.dataSync()));
+    tf.dispose([x, a.logits, a.embeddings, b.logits, b.embeddings]);
+    m.dispose();
+  });
+});
