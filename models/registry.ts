@@ -141,7 +141,7 @@ const MAX_IDLE_READERS = 64;
 const EVENTS_MAXLEN = 100_000;
 
 /** Events that end a job's stream (it expires after JOB_TTL_S). */
-const END_EVENTS = new Set(['completed', 'failed', 'cancelled', 'done']);
+export const END_EVENTS = new Set(['completed', 'failed', 'cancelled', 'done']);
 
 /** An event to append to a job's stream (`Registry.appendEvents`). */
 export interface NewJobEvent {

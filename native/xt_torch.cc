@@ -2044,14 +2044,27 @@ struct AppendBuffer {
 };
 std::unordered_map<const void*, AppendBuffer> g_appendBuffers;
 
+// The append buffer that a cache ([b, h, t, d], on the CPU) is the first t positions of, when its
+// next position can be written in place (the buffer has room and nothing was written after it).
+AppendBuffer* appendableBuffer(const at::Tensor& cache) {
+  if (cache.dim() != 4) return nullptr;
+  int64_t h = cache.size(1), t = cache.size(2), d = cache.size(3);
+  if (!(cache.device().is_cpu() && cache.has_storage() && cache.storage_offset() == 0 && cache.stride(3) == 1 &&
+        cache.stride(2) == d && d > 0))
+    return nullptr;
+  int64_t cap = cache.stride(1) / d;
+  if (cap <= t || cache.stride(1) != cap * d || cache.stride(0) != h * cap * d) return nullptr;
+  auto it = g_appendBuffers.find(cache.storage().data());
+  if (it == g_appendBuffers.end() || it->second.used != t ||
+      it->second.storage.lock().get() != cache.storage().unsafeGetStorageImpl())
+    return nullptr;
+  return &it->second;
+}
+
 at::Tensor appendPosition(const at::Tensor& cache, const at::Tensor& x) {
   int64_t b = cache.size(0), h = cache.size(1), t = cache.size(2), d = cache.size(3);
-  if (cache.device().is_cpu() && cache.scalar_type() == x.scalar_type() && cache.has_storage() &&
-      cache.storage_offset() == 0 && cache.stride(3) == 1 && cache.stride(2) == d && d > 0) {
-    int64_t cap = cache.stride(1) / d;
-    auto it = g_appendBuffers.find(cache.storage().data());
-    if (it != g_appendBuffers.end() && cap > t && cache.stride(1) == cap * d && cache.stride(0) == h * cap * d &&
-        it->second.used == t && it->second.storage.lock().get() == cache.storage().unsafeGetStorageImpl()) {
+  if (cache.scalar_type() == x.scalar_type()) {
+    if (AppendBuffer* buf = appendableBuffer(cache)) {
       auto full = cache.as_strided({b, h, t + 1, d}, cache.strides(), 0);
       if (x.device().is_cpu() && x.scalar_type() == at::kFloat && (x.stride(3) == 1 || d == 1)) {
         // the new position, row by row, without a tensor op
@@ -2064,7 +2077,7 @@ at::Tensor appendPosition(const at::Tensor& cache, const at::Tensor& x) {
       } else {
         full.narrow(2, t, 1).copy_(x);
       }
-      it->second.used = t + 1;
+      buf->used = t + 1;
       return full;
     }
   }
@@ -2304,18 +2317,11 @@ bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk
                       const at::Tensor& vc, const at::Tensor* cos, const at::Tensor* sin, double scale, int64_t h,
                       float* out, at::Tensor& kAll, at::Tensor& vAll) {
   if (!(g_sgemm && smallGemvFor(1) && !g_bf16)) return false;
+  // one row's float32 cache of h heads of w features, whose buffer takes the new position in place
   auto appendable = [&](const at::Tensor& c, int64_t w) -> AppendBuffer* {
-    if (!(c.dim() == 4 && c.size(0) == 1 && c.size(1) == h && c.size(3) == w && w > 0 && c.device().is_cpu() &&
-          c.scalar_type() == at::kFloat && c.has_storage() && c.storage_offset() == 0 && c.stride(3) == 1 &&
-          c.stride(2) == w))
+    if (!(c.dim() == 4 && c.size(0) == 1 && c.size(1) == h && c.size(3) == w && c.scalar_type() == at::kFloat))
       return nullptr;
-    int64_t t = c.size(2), cap = c.stride(1) / w;
-    if (cap <= t || c.stride(1) != cap * w || c.stride(0) != h * cap * w) return nullptr;
-    auto it = g_appendBuffers.find(c.storage().data());
-    if (it == g_appendBuffers.end() || it->second.used != t ||
-        it->second.storage.lock().get() != c.storage().unsafeGetStorageImpl())
-      return nullptr;
-    return &it->second;
+    return appendableBuffer(c);
   };
   const int64_t d = kc.size(3), dv = vc.size(3), t = kc.size(2);
   if (t < 1 || vc.size(2) != t || d != dk || dv != dvIn) return false;

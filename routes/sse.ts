@@ -1,9 +1,6 @@
 import type { FastifyReply } from 'fastify';
-import { isTerminal, Registry, type JobEvent } from '../models/registry.js';
+import { END_EVENTS, isTerminal, Registry, type JobEvent } from '../models/registry.js';
 import type { JobView } from '../models/schemas.js';
-
-/** Event names that end a job's stream. */
-export const END_EVENTS = new Set(['completed', 'failed', 'cancelled', 'done']);
 
 /** How long a follower keeps retrying while Redis is unreachable before it gives up. */
 export const REDIS_OUTAGE_MS = 30_000;

@@ -63,23 +63,21 @@ export class ModelCache {
     let best: Entry | null = null;
     for (const e of this.entries.values())
       if (e.modelId === modelId && !e.stale && (!best || e.weightsVersion > best.weightsVersion)) best = e;
-    if (!best) return null;
-    const key = best.value.key;
-    this.entries.delete(key);
-    this.entries.set(key, best);
-    best.refs++;
-    return best.value;
+    return best ? this.pin(best) : null;
+  }
+
+  /** Marks an entry in use (pinned) and most recently used; returns its model. */
+  private pin(e: Entry): LoadedModel {
+    this.entries.delete(e.value.key);
+    this.entries.set(e.value.key, e);
+    e.refs++;
+    return e.value;
   }
 
   async acquire(record: ModelRecord): Promise<LoadedModel> {
     const key = ModelCache.keyOf(record);
     const hit = this.entries.get(key);
-    if (hit) {
-      this.entries.delete(key);
-      this.entries.set(key, hit);
-      hit.refs++;
-      return hit.value;
-    }
+    if (hit) return this.pin(hit);
     const bytes = await this.storage.read(record.weightsFile);
     const built = buildModel(record.config);
     try {
