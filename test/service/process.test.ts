@@ -97,7 +97,9 @@ describe('service processes', () => {
       expect(times[Math.ceil(times.length * 0.99) - 1]).toBeLessThan(50);
 
       p.child.kill('SIGTERM');
-      expect(await p.exited).toBe(0);
+      const end = await p.ended;
+      // a failure shows how it ended and what it wrote
+      expect(end.code, `ended with ${JSON.stringify(end)}; output:\n${p.out()}`).toBe(0);
       // the API stopped listening
       await expect(fetch(`http://127.0.0.1:${port}/healthz`)).rejects.toThrow();
     } finally {
@@ -123,7 +125,9 @@ describe('service processes', () => {
       expect(m).toContain('xt_job_duration_seconds');
       expect(m).toContain('xt_train_steps_total');
       p.child.kill('SIGTERM');
-      expect(await p.exited).toBe(0);
+      const end = await p.ended;
+      // a failure shows how it ended and what it wrote
+      expect(end.code, `ended with ${JSON.stringify(end)}; output:\n${p.out()}`).toBe(0);
       expect(p.out()).toContain('stopped');
       // standard output is a pipe here, not a terminal: one JSON object per line
       const lines = p.stdout().trim().split('\n');
@@ -147,7 +151,9 @@ describe('service processes', () => {
     try {
       await waitFor(async () => p.stdout().includes('worker consuming queues'), 60_000, 'worker start');
       p.child.kill('SIGTERM');
-      expect(await p.exited).toBe(0);
+      const end = await p.ended;
+      // a failure shows how it ended and what it wrote
+      expect(end.code, `ended with ${JSON.stringify(end)}; output:\n${p.out()}`).toBe(0);
       const line = p
         .stdout()
         .split('\n')
