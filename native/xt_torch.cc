@@ -1894,17 +1894,23 @@ std::vector<at::Tensor> sdpaBackward(const at::Tensor& dy, const at::Tensor& q, 
 }
 #endif
 
+// softmax(scores) v over the whole score matrix: the composite attention's ops, in its order
+at::Tensor denseAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
+                          double scale, bool causal) {
+  auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
+  auto out = xtMatmul(p, v);
+  // query rows whose mask row has no true entry give 0
+  if (mask) out.masked_fill_(at::logical_not(mask->any(-1, true)), 0);
+  return out;
+}
+
 at::Tensor attentionForward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
                             double scale, bool causal) {
 #ifdef XT_SDPA
   if (useSdpa(q, k, v, mask, causal)) return sdpa(q, k, v, scale, causal);
 #endif
   if (causalBlocked(q, k, v, mask, causal)) return causalBlockedForward(q, k, v, scale);
-  auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
-  auto out = xtMatmul(p, v);
-  // query rows whose mask row has no true entry give 0
-  if (mask) out.masked_fill_(at::logical_not(mask->any(-1, true)), 0);
-  return out;
+  return denseAttention(q, k, v, mask, scale, causal);
 }
 
 XT_FN(Attention) {
@@ -2169,14 +2175,16 @@ at::Tensor rotatedQuery(const at::Tensor& q, const at::Tensor& cos, const at::Te
   return y;
 }
 
-// One decoding step of plain self-attention with a key/value cache, as the library's ops would run
-// it (the same kernels in the same order, so the same numbers):
+// Plain self-attention over n new positions that start or continue a key/value cache (a decoding
+// step, a prompt's prefill), as the library's ops would run it (the same kernels in the same order,
+// so the same numbers):
 //   q, k, v = x Wq^T, x Wk^T, x Wv^T split into heads; k, v appended to the cache;
 //   q rotated with (cosQ, sinQ) and all keys with (cos, sin) when tables are given (ids >= 0);
-//   softmax(q k^T * scale) v over every key; heads merged; times Wo^T.
-// args: x [b, 1, dim], wq, wk, wv, wo, kCache [b, h, t, d], vCache [b, h, t, dv], cos, sin, cosQ,
-// sinQ (ids or -1), scale, heads -> [out [b, 1, dimOut], k [b, h, t + 1, d], v [b, h, t + 1, dv],
-// this step's v [b, h, 1, dv]].
+//   softmax(q k^T * scale) v over the keys (right-aligned causal mask when causal and n > 1);
+//   heads merged; times Wo^T.
+// args: x [b, n, dim], wq, wk, wv, wo, kCache [b, h, t, d], vCache [b, h, t, dv] (ids, or -1 for
+// none: t = 0), cos, sin, cosQ, sinQ (ids or -1), scale, heads, causal, flash -> [out [b, n, dimOut],
+// k [b, h, t + n, d], v [b, h, t + n, dv], the new v [b, h, n, dv]].
 // Scratch memory of the decoding kernels (one JavaScript thread calls them).
 std::vector<float> g_scratch;
 float* scratch(size_t n) {
@@ -2278,25 +2286,44 @@ StepAttention attendStep(const at::Tensor& q, const at::Tensor& k, const at::Ten
 XT_FN(CachedAttention) {
   const at::Tensor& x = get(info[0]);
   const at::Tensor &wq = get(info[1]), &wk = get(info[2]), &wv = get(info[3]), &wo = get(info[4]);
-  const at::Tensor &kc = get(info[5]), &vc = get(info[6]);
+  bool cached = num(info, 5) >= 0;
   bool rotary = num(info, 7) >= 0;
   double scale = dbl(info, 11);
   int64_t h = num(info, 12);
-  int64_t b = x.size(0);
-  auto heads = [&](const at::Tensor& t) { return t.view({b, 1, h, t.size(-1) / h}).permute({0, 2, 1, 3}); };
+  int64_t b = x.size(0), n = x.size(1);
+  auto heads = [&](const at::Tensor& t) { return t.view({b, n, h, t.size(-1) / h}).permute({0, 2, 1, 3}); };
   auto q = heads(xtMatmul(x, wq.transpose(0, 1)));
   auto k = heads(xtMatmul(x, wk.transpose(0, 1)));
   auto v = heads(xtMatmul(x, wv.transpose(0, 1)));
-  // (cosQ, sinQ, info[9] and info[10], are the tables' last position: the query's)
-  StepAttention st;
-  if (rotary) {
-    const at::Tensor &cos = get(info[7]), &sin = get(info[8]);
-    st = attendStep(q, k, v, kc, vc, &cos, &sin, scale);
-  } else {
-    st = attendStep(q, k, v, kc, vc, nullptr, nullptr, scale);
+  if (cached && n == 1) {
+    const at::Tensor &kc = get(info[5]), &vc = get(info[6]);
+    // (cosQ, sinQ, info[9] and info[10], are the tables' last position: the query's)
+    StepAttention st;
+    if (rotary) {
+      const at::Tensor &cos = get(info[7]), &sin = get(info[8]);
+      st = attendStep(q, k, v, kc, vc, &cos, &sin, scale);
+    } else {
+      st = attendStep(q, k, v, kc, vc, nullptr, nullptr, scale);
+    }
+    auto out = xtMatmul(st.merged, wo.transpose(0, 1));
+    return idList(info, {out, st.kAll, st.vAll, v});
   }
-  auto out = xtMatmul(st.merged, wo.transpose(0, 1));
-  return idList(info, {out, st.kAll, st.vAll, v});
+  // several new positions (a prompt, or a chunk after the cache), or a first one: the new keys and
+  // values after the cached ones, q rotated with (cosQ, sinQ) and every key with (cos, sin), then
+  // the attention the layer's own path runs (flash: the fused kernel; else the dense composite)
+  bool causal = flag(info, 13), flash = flag(info, 14);
+  at::Tensor kAll = cached ? at::cat({get(info[5]), k}, 2) : k.contiguous();
+  at::Tensor vAll = cached ? at::cat({get(info[6]), v}, 2) : v.contiguous();
+  at::Tensor qr = q, kr = kAll;
+  if (rotary) {
+    qr = rotaryApply(q, get(info[9]), get(info[10]), false);
+    kr = rotaryApply(kAll, get(info[7]), get(info[8]), false);
+  }
+  auto att = flash ? attentionForward(qr, kr, vAll, nullptr, scale, causal)
+                   : denseAttention(qr, kr, vAll, nullptr, scale, causal);
+  auto merged = att.permute({0, 2, 1, 3}).reshape({b, n, h * att.size(3)});
+  auto out = xtMatmul(merged, wo.transpose(0, 1));
+  return idList(info, {out, kAll, vAll, v.contiguous()});
 }
 
 // One decoding step of plain self-attention for rows that each continue their own cache (rows of

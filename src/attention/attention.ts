@@ -26,16 +26,19 @@ import {
 } from './types.js';
 
 /**
- * A kernel a backend may register to run one decoding step of plain self-attention:
- *   XtCachedAttention  inputs {x: [b, 1, dim], wq, wk, wv, wo (the Linear weights, [out, in]),
- *                      kCache: [b, h, t, d], vCache: [b, h, t, dv], cos?, sin? ([1|b, 1, t + 1, d]),
- *                      cosQ?, sinQ? ([1|b, 1, 1, d]), the tables of `prepareRotary`}
- *                      attrs {scale, heads}
- *                      outputs [out: [b, 1, dimOut], k: [b, h, t + 1, d], v: [b, h, t + 1, dv],
- *                      this step's v: [b, h, 1, dv]]
- *   It must compute what `forwardImpl` does for that step with its kernels (projections, heads
- *   split, cache appended, XtRotary on q and every key, XtAttention, heads merged, output
- *   projection), so that a layer gives the same numbers either way.
+ * A kernel a backend may register to run plain self-attention over n new positions that start or
+ * continue a key/value cache (a decoding step, n = 1 after a cache; a prompt's prefill, no cache):
+ *   XtCachedAttention  inputs {x: [b, n, dim], wq, wk, wv, wo (the Linear weights, [out, in]),
+ *                      kCache?: [b, h, t, d], vCache?: [b, h, t, dv] (absent: t = 0),
+ *                      cos?, sin? ([1|b, 1, t + n, d]), cosQ?, sinQ? ([1|b, 1, n, d]), the tables
+ *                      of `prepareRotary`}
+ *                      attrs {scale, heads, causal, flash}
+ *                      outputs [out: [b, n, dimOut], k: [b, h, t + n, d], v: [b, h, t + n, dv],
+ *                      the new v: [b, h, n, dv]]
+ *   It must compute what `forwardImpl` does for that call with its kernels (projections, heads
+ *   split, cache appended, XtRotary on q and every key, the attention of the layer's path: XtAttention
+ *   with flash, the composite's ops without; heads merged, output projection), so that a layer gives
+ *   the same numbers either way. It has no gradient: calls that need one never run it.
  */
 export const XT_CACHED_ATTENTION = 'XtCachedAttention';
 
@@ -558,18 +561,21 @@ export class Attention extends Module {
   }
 
   /**
-   * One decoding step (one new token, a cache, plain options, no extra inputs) as one
-   * XtCachedAttention kernel where the backend has it; null where it does not apply.
+   * A call that starts or continues a cache as one XtCachedAttention kernel where the backend has it:
+   * one decoding step (one new token after a cache), or with `cacheStep` any number of new positions
+   * with or without a cache (a prompt's prefill); plain options, no extra inputs. Null where it does
+   * not apply.
    */
   private decodeStep(
     x: tf.Tensor,
     opts: AttentionForwardOptions,
   ): { out: tf.Tensor; intermediates: AttentionIntermediates } | null {
     const cache = opts.cache;
+    const n = x.shape[1]!;
+    const oneStep = cache != null && n === 1;
     if (
       !this.decodeKernel(XT_CACHED_ATTENTION) ||
-      !cache ||
-      x.shape[1] !== 1 ||
+      !(oneStep || (opts.cacheStep && !this.training)) ||
       opts.context ||
       opts.mem ||
       opts.mask ||
@@ -582,16 +588,17 @@ export class Attention extends Module {
       opts.valueResidual
     )
       return null;
-    const inputs: tf.NamedTensorMap = { ...this.decodeInputs(x), kCache: cache.k, vCache: cache.v };
+    const inputs: tf.NamedTensorMap = this.decodeInputs(x);
+    if (cache) Object.assign(inputs, { kCache: cache.k, vCache: cache.v });
     if (opts.rotary) {
       const t = opts.rotary.tables;
-      const nk = cache.k.shape[2]! + 1;
-      // only what applyRotaryTables would use: full-width tables for this step's query and keys
+      const nk = (cache ? cache.k.shape[2]! : 0) + n;
+      // only what applyRotaryTables would use: full-width tables for these queries and every key
       if (
         !t ||
         opts.rotary.xposScale ||
         t.width !== this.dimHead ||
-        t.queryLen !== 1 ||
+        t.queryLen !== n ||
         t.cos.shape[2] !== nk
       )
         return null;
@@ -602,6 +609,8 @@ export class Attention extends Module {
     const [out, k, v, values] = tf.engine().runKernel(XT_CACHED_ATTENTION, inputs, {
       scale: this.scale,
       heads: this.heads,
+      causal: this.causal,
+      flash: this.options.flash,
     }) as tf.Tensor[];
     const intermediates: AttentionIntermediates = {};
     if (opts.returnIntermediates) {

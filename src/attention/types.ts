@@ -269,6 +269,12 @@ export interface AttentionForwardOptions {
   cache?: AttentionKv;
   /** Fill `intermediates` (attention matrices, cachedKv). */
   returnIntermediates?: boolean;
+  /**
+   * The caller keeps this call's keys and values as a cache and needs neither a gradient nor the
+   * attention matrices (a prompt's prefill, a chunk after a cache): in eval mode the call may run as
+   * one fused kernel (XtCachedAttention) with the same numbers.
+   */
+  cacheStep?: boolean;
 }
 
 /** What `Attention.forward` returns besides its output. The caller owns (and disposes) these tensors. */

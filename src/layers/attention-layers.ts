@@ -762,6 +762,8 @@ export class AttentionLayers extends Module {
         memMask: layerMemMask,
         valueResidual: o.addValueResidual ? s.firstSelfValues : undefined,
         returnIntermediates: needInter,
+        // only the keys and values are kept: no attention matrices passed on or returned
+        cacheStep: s.wantCache && !opts.returnHiddens && !o.residualAttn,
       };
     else if (type === 'c')
       blockOpts = {

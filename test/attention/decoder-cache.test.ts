@@ -100,6 +100,60 @@ describe('decoder cached decoding equals the uncached pass', () => {
     model.dispose();
   });
 
+  // a prompt's prefill and a chunk of several tokens after a cache: in eval mode one kernel per layer
+  // where the backend has it, with exactly the numbers of the layer's own ops (train mode, which
+  // never runs it; dropout is 0); prompts of 130 positions take the flash path's blocked attention
+  const fused: Record<string, object> = {
+    plain: {},
+    rotary: { rotaryPosEmb: true },
+    'flash + rotary, value heads of 8': { attnFlash: true, rotaryPosEmb: true, attnValueDimHead: 8 },
+  };
+  for (const [name, extra] of Object.entries(fused))
+    it(`prefill and a chunk after a cache (${name}) as one kernel per layer, same numbers`, async () => {
+      manualSeed(4);
+      const model = new TransformerWrapper({
+        numTokens: 20,
+        maxSeqLen: 160,
+        attnLayers: new Decoder({ dim: 16, depth: 2, heads: 2, attnDimHead: 8, ...extra }),
+      });
+      const registered = tf.getKernel(XT_CACHED_ATTENTION, tf.getBackend()) !== undefined;
+      const before = tf.memory().numTensors;
+      for (const n of [1, 5, 130]) {
+        const ids = Array.from({ length: n + 3 }, (_, i) => (i * 7 + 3) % 20);
+        const x = tf.tensor2d([ids.slice(0, n)], [1, n], 'int32');
+        const more = tf.tensor2d([ids], [1, n + 3], 'int32');
+        // prefill, then the 3 next tokens at once; the logits and every layer's keys and values
+        const run = async (train: boolean) => {
+          model.train(train);
+          const first = model.forwardWithState(x, { returnCache: true });
+          const info = await tf.profile(() => {
+            const r = model.forwardWithState(more, { cache: first.cache!, cacheAge: 3, returnCache: true });
+            r.cache!.dispose();
+            r.embeddings.dispose();
+            return r.logits;
+          });
+          tf.dispose(info.result);
+          const count = info.kernels.filter((k) => k.name === XT_CACHED_ATTENTION).length;
+          const next = model.forwardWithState(more, { cache: first.cache!, cacheAge: 3, returnCache: true });
+          const out = [first.logits, ...first.cache!.kvs.flatMap((kv) => [kv.k, kv.v])];
+          out.push(next.logits, ...next.cache!.kvs.flatMap((kv) => [kv.k, kv.v]));
+          const arrays = out.map((t) => t.arraySync());
+          first.cache!.dispose();
+          next.cache!.dispose();
+          tf.dispose([first.logits, next.logits, first.embeddings, next.embeddings]);
+          return { arrays, count };
+        };
+        const composite = await run(true);
+        const one = await run(false);
+        expect(composite.count).toBe(0);
+        expect(one.count).toBe(registered ? 2 : 0);
+        expect(one.arrays).toEqual(composite.arrays);
+        tf.dispose([x, more]);
+      }
+      expect(tf.memory().numTensors).toBe(before);
+      model.dispose();
+    });
+
   for (const [name, extra] of Object.entries(configs)) {
     it(name, () => {
       manualSeed(1);

@@ -437,27 +437,30 @@ const IMPLS: Record<string, Impl> = {
   XtCachedAttention: (b, i, a) => {
     const named = i as Record<string, TensorInfo | null | undefined>;
     const opt = (k: string): number => (named[k] ? b.id(named[k]!) : -1);
+    const heads = a.heads as number;
     const ids = b.N.cachedAttention(
       ...decodeIds(b, i),
-      b.id(inp(i, 'kCache')),
-      b.id(inp(i, 'vCache')),
+      opt('kCache'),
+      opt('vCache'),
       opt('cos'),
       opt('sin'),
       opt('cosQ'),
       opt('sinQ'),
       a.scale as number,
-      a.heads as number,
+      heads,
+      Boolean(a.causal),
+      Boolean(a.flash),
     );
-    const x = inp(i, 'x');
-    const kc = inp(i, 'kCache');
-    const vc = inp(i, 'vCache');
-    const [bb, h, t, d] = kc.shape as [number, number, number, number];
-    const dv = vc.shape[3]!;
+    const [bb, n] = inp(i, 'x').shape as [number, number];
+    // without a cache, nothing cached: t = 0
+    const t = named.kCache ? named.kCache.shape[2]! : 0;
+    const d = inp(i, 'wk').shape[0]! / heads;
+    const dv = inp(i, 'wv').shape[0]! / heads;
     return [
-      b.outAs(ids[0]!, [x.shape[0]!, 1, inp(i, 'wo').shape[0]!], 'float32'),
-      b.outAs(ids[1]!, [bb, h, t + 1, d], 'float32'),
-      b.outAs(ids[2]!, [bb, h, t + 1, dv], 'float32'),
-      b.outAs(ids[3]!, [bb, h, 1, dv], 'float32'),
+      b.outAs(ids[0]!, [bb, n, inp(i, 'wo').shape[0]!], 'float32'),
+      b.outAs(ids[1]!, [bb, heads, t + n, d], 'float32'),
+      b.outAs(ids[2]!, [bb, heads, t + n, dv], 'float32'),
+      b.outAs(ids[3]!, [bb, heads, n, dv], 'float32'),
     ];
   },
   XtCachedAttentionRows: (b, i, a) => {

@@ -113,7 +113,10 @@ export interface TorchAddon {
   ): Ids;
   /** kind 0 uniform [a, b), 1 normal (mean a, std b); state [s0..s3, hasSpare, spare], advanced */
   randomFill(kind: number, shape: Ints, a: number, b: number, state: Float64Array): number;
-  /** one decoding step of plain self-attention -> [out, k, v, this step's v] */
+  /**
+   * plain self-attention over new positions that start (kCache, vCache -1) or continue a cache,
+   * causal or not, with the flash path's attention or the composite's -> [out, k, v, the new v]
+   */
   cachedAttention(
     x: number,
     wq: number,
@@ -128,6 +131,8 @@ export interface TorchAddon {
     sinQ: number,
     scale: number,
     heads: number,
+    causal: boolean,
+    flash: boolean,
   ): Ids;
   /**
    * one decoding step of plain self-attention for rows that each continue their own cache
