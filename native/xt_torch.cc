@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #endif
 #include <sys/mman.h>
+#include <unistd.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
@@ -951,9 +952,19 @@ void CachingCpuAllocator::release(void* data) {
   else g_cpuAlloc->give(base, size);
 }
 
+// The default bound on cached CPU blocks: a 32nd of the machine's memory, from 64 MiB to 1 GiB. A
+// batch of decoding sequences frees and takes many blocks of growing sizes every step (each
+// sequence's keys and values); a bound below that working set unmaps and maps them again, and each
+// new mapping costs a page fault per page written.
+size_t defaultCpuCacheMb() {
+  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  size_t total = pages > 0 && page > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page) : 0;
+  return std::clamp<size_t>((total >> 20) / 32, 64, 1024);
+}
+
 void installCpuAllocator() {
   if (g_cpuAlloc) return;
-  size_t mb = 64;
+  size_t mb = defaultCpuCacheMb();
   if (const char* env = std::getenv("XT_CPU_CACHE_MB")) {
     char* end = nullptr;
     long v = std::strtol(env, &end, 10);
