@@ -1992,15 +1992,36 @@ XT_FN(GeluGrad) { return idv(info, at::gelu_backward(get(info[0]), get(info[1]))
 // Rotary embedding with pair tables: x [b, h, n, w]; cos, sin broadcastable to x with the last axis
 // whole (sin holds the sign of the pair rotation). forward: y = x * cos + swap(x) * sin, where swap
 // exchanges features 2i and 2i+1; transpose (its gradient): y = x * cos + swap(x * sin).
+#if defined(__x86_64__)
+// Features [0, w - w % 8) of rotatePairs, eight at a time: each feature gets the same two products
+// and one sum as the scalar loop (no fused multiply-add), so the same numbers; pairs never straddle
+// a block of eight, so y may be x. Returns the features done.
+__attribute__((target("avx2"))) int64_t rotatePairs8(const float* xr, const float* cr, const float* sr, float* yr,
+                                                   int64_t w, bool transpose) {
+  int64_t j = 0;
+  for (; j + 8 <= w; j += 8) {
+    __m256 x = _mm256_loadu_ps(xr + j), s = _mm256_loadu_ps(sr + j);
+    __m256 xs = _mm256_permute_ps(x, 0xB1);  // features 2i and 2i + 1 exchanged
+    if (transpose) s = _mm256_permute_ps(s, 0xB1);
+    _mm256_storeu_ps(yr + j, _mm256_add_ps(_mm256_mul_ps(x, _mm256_loadu_ps(cr + j)), _mm256_mul_ps(xs, s)));
+  }
+  return j;
+}
+#endif
+
 // One vector of w features (w even): y = x * c + swap(x) * s, or (transpose) x * c + swap(x * s).
 inline void rotatePairs(const float* xr, const float* cr, const float* sr, float* yr, int64_t w, bool transpose) {
+  int64_t j0 = 0;
+#if defined(__x86_64__)
+  if (g_avx2) j0 = rotatePairs8(xr, cr, sr, yr, w, transpose);
+#endif
   if (!transpose) {
-    for (int64_t j = 0; j < w; j += 2) {
+    for (int64_t j = j0; j < w; j += 2) {
       yr[j] = xr[j] * cr[j] + xr[j + 1] * sr[j];
       yr[j + 1] = xr[j + 1] * cr[j + 1] + xr[j] * sr[j + 1];
     }
   } else {
-    for (int64_t j = 0; j < w; j += 2) {
+    for (int64_t j = j0; j < w; j += 2) {
       yr[j] = xr[j] * cr[j] + xr[j + 1] * sr[j + 1];
       yr[j + 1] = xr[j + 1] * cr[j + 1] + xr[j] * sr[j];
     }
@@ -2021,24 +2042,28 @@ at::Tensor rotaryApply(const at::Tensor& x, const at::Tensor& c0, const at::Tens
     };
     return transpose ? x * c0 + swap(x * s0) : x * c0 + swap(x) * s0;
   }
-  at::Tensor xc = x.contiguous();
+  // x is read in place where its features are contiguous (a window of a cache's buffer, say)
+  at::Tensor xc = x.stride(3) == 1 || w == 1 ? x : x.contiguous();
   at::Tensor c = c0.expand(xc.sizes());
   at::Tensor s = s0.expand(xc.sizes());
   if (c.stride(3) != 1) c = c.contiguous();
   if (s.stride(3) != 1) s = s.contiguous();
-  at::Tensor y = at::empty_like(xc);
+  int64_t B = xc.size(0), H = xc.size(1), N = xc.size(2);
+  at::Tensor y = at::empty({B, H, N, w}, xc.options());
   const float* px = xc.data_ptr<float>();
   const float* pc = c.data_ptr<float>();
   const float* ps = s.data_ptr<float>();
   float* py = y.data_ptr<float>();
-  int64_t B = xc.size(0), H = xc.size(1), N = xc.size(2);
+  const int64_t xs0 = xc.stride(0), xs1 = xc.stride(1), xs2 = xc.stride(2);
+  const int64_t cs0 = c.stride(0), cs1 = c.stride(1), cs2 = c.stride(2);
+  const int64_t ss0 = s.stride(0), ss1 = s.stride(1), ss2 = s.stride(2);
   for (int64_t bi = 0; bi < B; bi++)
     for (int64_t hi = 0; hi < H; hi++)
       for (int64_t ni = 0; ni < N; ni++) {
-        const float* xr = px + ((bi * H + hi) * N + ni) * w;
+        const float* xr = px + bi * xs0 + hi * xs1 + ni * xs2;
         float* yr = py + ((bi * H + hi) * N + ni) * w;
-        const float* cr = pc + bi * c.stride(0) + hi * c.stride(1) + ni * c.stride(2);
-        const float* sr = ps + bi * s.stride(0) + hi * s.stride(1) + ni * s.stride(2);
+        const float* cr = pc + bi * cs0 + hi * cs1 + ni * cs2;
+        const float* sr = ps + bi * ss0 + hi * ss1 + ni * ss2;
         rotatePairs(xr, cr, sr, yr, w, transpose);
       }
   return y;
@@ -2047,9 +2072,10 @@ at::Tensor rotaryApply(const at::Tensor& x, const at::Tensor& c0, const at::Tens
 XT_FN(Rotary) { return idv(info, rotaryApply(get(info[0]), get(info[1]), get(info[2]), flag(info, 3))); }
 
 // Appending one position to a key/value cache ([b, h, t, d] along dim 2) without copying the t
-// cached ones each step: the result is a view of the first t + 1 positions of a buffer with room
-// for more. A cache that is such a view, and after whose last position nothing has been written,
-// gets the new position written in place (the old view's values are untouched, so tensors stay
+// cached ones each step: the result is a view of t + 1 consecutive positions of a buffer with room
+// for more. A cache that is such a view (from the buffer's start, or a window of its last positions,
+// as decoding past maxSeqLen keeps), and after whose last position nothing has been written, gets
+// the new position written in place (the old view's values are untouched, so tensors stay
 // immutable); any other gets a new buffer with room for half as many positions again.
 struct AppendBuffer {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
@@ -2061,18 +2087,19 @@ struct AppendBuffer {
 };
 std::unordered_map<const void*, AppendBuffer> g_appendBuffers;
 
-// The append buffer that a cache ([b, h, t, d], on the CPU) is the first t positions of, when its
-// next position can be written in place (the buffer has room and nothing was written after it).
+// The append buffer that a cache ([b, h, t, d], on the CPU) is t consecutive positions of, from
+// position start = storage offset / d, when its next position can be written in place (the buffer
+// has room and nothing was written after it).
 AppendBuffer* appendableBuffer(const at::Tensor& cache) {
   if (cache.dim() != 4) return nullptr;
   int64_t h = cache.size(1), t = cache.size(2), d = cache.size(3);
-  if (!(cache.device().is_cpu() && cache.has_storage() && cache.storage_offset() == 0 && cache.stride(3) == 1 &&
-        cache.stride(2) == d && d > 0))
+  if (!(cache.device().is_cpu() && cache.has_storage() && cache.stride(3) == 1 && cache.stride(2) == d && d > 0 &&
+        cache.storage_offset() % d == 0))
     return nullptr;
-  int64_t cap = cache.stride(1) / d;
-  if (cap <= t || cache.stride(1) != cap * d || cache.stride(0) != h * cap * d) return nullptr;
+  int64_t cap = cache.stride(1) / d, start = cache.storage_offset() / d;
+  if (cap <= start + t || cache.stride(1) != cap * d || cache.stride(0) != h * cap * d) return nullptr;
   auto it = g_appendBuffers.find(cache.storage().data());
-  if (it == g_appendBuffers.end() || it->second.used != t ||
+  if (it == g_appendBuffers.end() || it->second.used != start + t ||
       it->second.storage.lock().get() != cache.storage().unsafeGetStorageImpl())
     return nullptr;
   return &it->second;
@@ -2082,7 +2109,8 @@ at::Tensor appendPosition(const at::Tensor& cache, const at::Tensor& x) {
   int64_t b = cache.size(0), h = cache.size(1), t = cache.size(2), d = cache.size(3);
   if (cache.scalar_type() == x.scalar_type()) {
     if (AppendBuffer* buf = appendableBuffer(cache)) {
-      auto full = cache.as_strided({b, h, t + 1, d}, cache.strides(), 0);
+      int64_t start = cache.storage_offset() / d;
+      auto full = cache.as_strided({b, h, t + 1, d}, cache.strides(), cache.storage_offset());
       if (x.device().is_cpu() && x.scalar_type() == at::kFloat && (x.stride(3) == 1 || d == 1)) {
         // the new position, row by row, without a tensor op
         float* dst = full.data_ptr<float>();
@@ -2094,7 +2122,7 @@ at::Tensor appendPosition(const at::Tensor& cache, const at::Tensor& x) {
       } else {
         full.narrow(2, t, 1).copy_(x);
       }
-      buf->used = t + 1;
+      buf->used = start + t + 1;
       return full;
     }
   }
@@ -2355,9 +2383,11 @@ bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk
                       const at::Tensor& vc, const at::Tensor* cos, const at::Tensor* sin, double scale, int64_t h,
                       float* out, at::Tensor& kAll, at::Tensor& vAll) {
   if (!(g_sgemm && smallGemvFor(1) && !g_bf16)) return false;
-  // one row's float32 cache of h heads of w features, whose buffer takes the new position in place
+  // one row's float32 cache of h heads of w features from its buffer's start (its rotations are
+  // those of the buffer's positions), whose buffer takes the new position in place
   auto appendable = [&](const at::Tensor& c, int64_t w) -> AppendBuffer* {
-    if (!(c.dim() == 4 && c.size(0) == 1 && c.size(1) == h && c.size(3) == w && c.scalar_type() == at::kFloat))
+    if (!(c.dim() == 4 && c.size(0) == 1 && c.size(1) == h && c.size(3) == w && c.scalar_type() == at::kFloat &&
+          c.storage_offset() == 0))
       return nullptr;
     return appendableBuffer(c);
   };

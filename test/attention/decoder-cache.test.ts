@@ -100,6 +100,46 @@ describe('decoder cached decoding equals the uncached pass', () => {
     model.dispose();
   });
 
+  it('past maxSeqLen a one-layer cache, trimmed to its window each step, equals the pass over the window', () => {
+    // one layer: a token's keys and values depend on the token alone, so the trimmed cache holds
+    // exactly what the window's own pass computes (the window moves within one buffer, appended in place)
+    manualSeed(6);
+    const maxSeqLen = 8;
+    const model = new TransformerWrapper({
+      numTokens: 20,
+      maxSeqLen,
+      attnLayers: new Decoder({ dim: 16, depth: 1, heads: 2, attnDimHead: 8, rotaryPosEmb: true }),
+    });
+    model.eval();
+    const kinds = model.attnLayers.cachedLayerKinds();
+    const before = tf.memory().numTensors;
+    const seq = [1, 5, 7];
+    const x0 = tf.tensor2d([seq], [1, 3], 'int32');
+    const first = model.forwardWithState(x0, { returnCache: true });
+    tf.dispose([x0, first.logits, first.embeddings]);
+    let cache = first.cache!;
+    for (let i = 0; i < 3 * maxSeqLen; i++) {
+      seq.push((i * 7 + 2) % 20);
+      const win = seq.slice(-maxSeqLen);
+      if (seq.length > maxSeqLen && cache.seqLen > maxSeqLen - 1) {
+        const trimmed = cache.trimmed(maxSeqLen - 1, kinds);
+        cache.dispose();
+        cache = trimmed;
+      }
+      tf.tidy(() => {
+        const x = tf.tensor2d([win], [1, win.length], 'int32');
+        const step = model.forwardWithState(x, { cache, returnCache: true });
+        const full = model.forward(x);
+        expectClose(step.logits, tf.slice(full, [0, win.length - 1, 0], [1, 1, -1]), 1e-5, 1e-4);
+        cache.dispose();
+        cache = step.cache!;
+      });
+    }
+    cache.dispose();
+    expect(tf.memory().numTensors).toBe(before);
+    model.dispose();
+  });
+
   // a prompt's prefill and a chunk of several tokens after a cache: in eval mode one kernel per layer
   // where the backend has it, with exactly the numbers of the layer's own ops (train mode, which
   // never runs it; dropout is 0); prompts of 130 positions take the flash path's blocked attention
