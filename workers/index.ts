@@ -112,16 +112,21 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
     );
   }
   if (which.includes('generate')) {
-    workers.push(
-      new Worker<GenerateJobData>(
-        GENERATE_QUEUE,
-        (job: Job<GenerateJobData>, _token?: string, signal?: AbortSignal) =>
-          processGenerate(ctx, job, signal),
-        // twice MAX_BATCH: a generation is taken while others finish their bookkeeping; those
-        // beyond a full batch wait in it for a place
-        { ...common, concurrency: 2 * ctx.maxBatch, connection: connect() },
-      ),
-    );
+    // twice MAX_BATCH in all: a generation is taken while others finish their bookkeeping; those
+    // beyond a full batch wait in it for a place. A BullMQ worker takes one job per round trip, and
+    // each round trip waits for the decoding step in progress, so requests that arrive together
+    // would join one step after another: several workers (one per 8 places of the batch) take them
+    // side by side.
+    const takers = generateTakers(ctx.maxBatch);
+    for (let i = 0; i < takers; i++)
+      workers.push(
+        new Worker<GenerateJobData>(
+          GENERATE_QUEUE,
+          (job: Job<GenerateJobData>, _token?: string, signal?: AbortSignal) =>
+            processGenerate(ctx, job, signal),
+          { ...common, concurrency: Math.ceil((2 * ctx.maxBatch) / takers), connection: connect() },
+        ),
+      );
   }
   for (const w of workers) {
     w.on('error', (err) => ctx.log.error({ err: err.message }, 'worker error'));
@@ -150,4 +155,9 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
       return closing;
     },
   };
+}
+
+/** How many BullMQ workers take generation jobs for a batch of `maxBatch` places: one per 8. */
+export function generateTakers(maxBatch: number): number {
+  return Math.max(1, Math.ceil(maxBatch / 8));
 }

@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { BatchDecoder } from '../../src/index.js';
+import { generateTakers } from '../../workers/index.js';
 import { makeEnv, readSse, tinyDecoder, waitFor, type TestEnv } from './helpers.js';
 
 describe('continuous batching in the worker (real Redis, in-process worker)', () => {
@@ -10,7 +11,8 @@ describe('continuous batching in the worker (real Redis, in-process worker)', ()
   const sizes: number[] = [];
 
   beforeAll(async () => {
-    env = await makeEnv({ app: { limits: { maxTokens: 4000 } }, workers: { maxBatch: 8 } });
+    // 24 places: three queue workers take generations for the one decode loop of each model
+    env = await makeEnv({ app: { limits: { maxTokens: 4000 } }, workers: { maxBatch: 24 } });
     base = await env.app.listen({ port: 0, host: '127.0.0.1' });
     const r = await env.app.inject({
       method: 'POST',
@@ -77,6 +79,12 @@ describe('continuous batching in the worker (real Redis, in-process worker)', ()
     );
     // the decode loop ends with its last generation
     await waitFor(async () => env.workers!.ctx.batchers.size === 0, 30_000, 'batcher dropped');
+  });
+
+  it('generations are taken from the queue by one worker per 8 places of the batch, side by side', async () => {
+    expect([1, 8, 9, 24, 32].map(generateTakers)).toEqual([1, 1, 2, 3, 4]);
+    // as Redis sees them: the connections that wait for generation jobs
+    expect(await env.app.svc.generateQueue.getWorkersCount()).toBe(3);
   });
 
   it('a generation of a loaded model whose cancel came before a worker took it sends no token', async () => {
