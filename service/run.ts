@@ -36,7 +36,39 @@ export async function run(role: Role): Promise<void> {
   });
   mkdirSync(config.dataDir, { recursive: true });
 
+  // what a drain closes, as far as the start got
   let redisChild: RedisChild | null = null;
+  let workers: ServiceWorkers | null = null;
+  let workerChild: { stop(): Promise<void> } | null = null;
+  let app: FastifyInstance | null = null;
+  let metricsServer: http.Server | null = null;
+  // the signal handlers come first: a SIGTERM at any point of the start (or right after the lines
+  // that say the service is up) drains what has started, and never kills the process outright
+  let stopping = false;
+  const stop = async (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, 'draining');
+    const force = setTimeout(() => {
+      log.error('drain took over 60 s; exiting');
+      process.exit(1);
+    }, 60_000);
+    force.unref();
+    try {
+      if (app) await app.close();
+      if (workerChild) await workerChild.stop();
+      metricsServer?.close();
+      if (workers) await workers.close();
+      if (redisChild) await redisChild.stop();
+    } catch (e) {
+      log.error({ err: (e as Error).message }, 'error while draining');
+    }
+    log.info('stopped');
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => void stop('SIGTERM'));
+  process.on('SIGINT', () => void stop('SIGINT'));
+
   let redisUrl = config.redisUrl;
   if (!redisUrl) {
     if (role !== 'all')
@@ -73,8 +105,6 @@ export async function run(role: Role): Promise<void> {
   if (!eng.ready) log.warn({ reason: eng.reason }, 'engine not ready: /readyz answers 503');
 
   const metrics = createMetrics(true);
-  let workers: ServiceWorkers | null = null;
-  let workerChild: { stop(): Promise<void> } | null = null;
   if (role === 'all') workerChild = startWorkerProcess(redisUrl, log);
   if (role === 'worker') {
     workers = await startWorkers({
@@ -95,7 +125,6 @@ export async function run(role: Role): Promise<void> {
       'worker consuming queues train, generate',
     );
   }
-  let app: FastifyInstance | null = null;
   if (role !== 'worker') {
     app = await buildApp({
       redisUrl,
@@ -110,7 +139,6 @@ export async function run(role: Role): Promise<void> {
     if (config.apiKeys.length) log.info(`API keys required on /v1 (${config.apiKeys.length} configured)`);
   }
 
-  let metricsServer: http.Server | null = null;
   if (role === 'worker' && config.metricsPort) {
     metricsServer = http.createServer((req, res) => {
       if (req.url !== '/metrics') {
@@ -125,30 +153,6 @@ export async function run(role: Role): Promise<void> {
     log.info({ port: config.metricsPort }, 'worker metrics at /metrics');
   }
 
-  let stopping = false;
-  const stop = async (signal: string) => {
-    if (stopping) return;
-    stopping = true;
-    log.info({ signal }, 'draining');
-    const force = setTimeout(() => {
-      log.error('drain took over 60 s; exiting');
-      process.exit(1);
-    }, 60_000);
-    force.unref();
-    try {
-      if (app) await app.close();
-      if (workerChild) await workerChild.stop();
-      metricsServer?.close();
-      if (workers) await workers.close();
-      if (redisChild) await redisChild.stop();
-    } catch (e) {
-      log.error({ err: (e as Error).message }, 'error while draining');
-    }
-    log.info('stopped');
-    process.exit(0);
-  };
-  process.on('SIGTERM', () => void stop('SIGTERM'));
-  process.on('SIGINT', () => void stop('SIGINT'));
 }
 
 /**

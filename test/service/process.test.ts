@@ -139,6 +139,35 @@ describe('service processes', () => {
     }
   });
 
+  it('a SIGTERM while a worker starts drains it: the signal is handled from its first log line on', async () => {
+    const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-worker-'));
+    const p = runEntry('worker', {
+      REDIS_URL: redisUrl(),
+      DATA_DIR: dataDir,
+      LOG_LEVEL: 'info',
+      REDIS_PREFIX: 'proc-early',
+    });
+    try {
+      // the signal goes as soon as the line arrives: the backend is ready, the queues not consumed yet
+      const signalled = new Promise<void>((resolve) => {
+        const onData = () => {
+          if (!p.stdout().includes('tensor backend ready')) return;
+          p.child.stdout!.off('data', onData);
+          p.child.kill('SIGTERM');
+          resolve();
+        };
+        p.child.stdout!.on('data', onData);
+      });
+      await Promise.race([signalled, p.ended]);
+      const end = await p.ended;
+      expect(end.code, `ended with ${JSON.stringify(end)}; output:\n${p.out()}`).toBe(0);
+      expect(p.stdout()).toContain('draining');
+    } finally {
+      if (p.child.exitCode === null) p.child.kill('SIGKILL');
+      rmSync(dataDir, { recursive: true, force: true });
+    }
+  });
+
   it('LOG_FORMAT=pretty writes one readable line per message instead of JSON', async () => {
     const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-worker-'));
     const p = runEntry('worker', {
