@@ -152,7 +152,6 @@ export async function run(role: Role): Promise<void> {
     metricsServer.listen(config.metricsPort, config.host);
     log.info({ port: config.metricsPort }, 'worker metrics at /metrics');
   }
-
 }
 
 /**
