@@ -3,9 +3,27 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { freePort } from '../../service/redis-server.js';
-import { redisUrl, runServiceEntry, waitFor } from './helpers.js';
+import { redisUrl, runServiceEntry, waitFor, type ServiceProcess } from './helpers.js';
 
 const runEntry = runServiceEntry;
+
+/** Runs `npm run worker` (info logs, a fresh DATA_DIR) through `fn`; kills and cleans up after. */
+async function withWorker(env: Record<string, string>, fn: (p: ServiceProcess) => Promise<void>) {
+  const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-worker-'));
+  const p = runEntry('worker', { REDIS_URL: redisUrl(), DATA_DIR: dataDir, LOG_LEVEL: 'info', ...env });
+  try {
+    await fn(p);
+  } finally {
+    if (p.child.exitCode === null) p.child.kill('SIGKILL');
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+}
+
+/** The process exits 0; a failure shows how it ended and what it wrote. */
+async function expectCleanExit(p: ServiceProcess) {
+  const end = await p.ended;
+  expect(end.code, `ended with ${JSON.stringify(end)}; output:\n${p.out()}`).toBe(0);
+}
 
 describe('service processes', () => {
   it('an invalid environment stops start-up with a message naming each variable', async () => {
@@ -97,9 +115,7 @@ describe('service processes', () => {
       expect(times[Math.ceil(times.length * 0.99) - 1]).toBeLessThan(50);
 
       p.child.kill('SIGTERM');
-      const end = await p.ended;
-      // a failure shows how it ended and what it wrote
-      expect(end.code, `ended with ${JSON.stringify(end)}; output:\n${p.out()}`).toBe(0);
+      await expectCleanExit(p);
       // the API stopped listening
       await expect(fetch(`http://127.0.0.1:${port}/healthz`)).rejects.toThrow();
     } finally {
@@ -109,45 +125,25 @@ describe('service processes', () => {
   });
 
   it('`npm run worker` with REDIS_URL starts, serves METRICS_PORT, and exits 0 on SIGTERM', async () => {
-    const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-worker-'));
     const metricsPort = await freePort();
-    const p = runEntry('worker', {
-      REDIS_URL: redisUrl(),
-      DATA_DIR: dataDir,
-      LOG_LEVEL: 'info',
-      REDIS_PREFIX: 'proc',
-      METRICS_PORT: String(metricsPort),
-      HOST: '127.0.0.1',
-    });
-    try {
+    const env = { REDIS_PREFIX: 'proc', METRICS_PORT: String(metricsPort), HOST: '127.0.0.1' };
+    await withWorker(env, async (p) => {
       await waitFor(async () => p.out().includes('worker metrics at /metrics'), 60_000, 'worker start');
       const m = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
       expect(m).toContain('xt_job_duration_seconds');
       expect(m).toContain('xt_train_steps_total');
       p.child.kill('SIGTERM');
-      const end = await p.ended;
-      // a failure shows how it ended and what it wrote
-      expect(end.code, `ended with ${JSON.stringify(end)}; output:\n${p.out()}`).toBe(0);
+      await expectCleanExit(p);
       expect(p.out()).toContain('stopped');
       // standard output is a pipe here, not a terminal: one JSON object per line
       const lines = p.stdout().trim().split('\n');
       expect(lines.length).toBeGreaterThan(2);
       for (const line of lines) expect(JSON.parse(line)).toHaveProperty('level');
-    } finally {
-      if (p.child.exitCode === null) p.child.kill('SIGKILL');
-      rmSync(dataDir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('a SIGTERM while a worker starts drains it: the signal is handled from its first log line on', async () => {
-    const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-worker-'));
-    const p = runEntry('worker', {
-      REDIS_URL: redisUrl(),
-      DATA_DIR: dataDir,
-      LOG_LEVEL: 'info',
-      REDIS_PREFIX: 'proc-early',
-    });
-    try {
+    await withWorker({ REDIS_PREFIX: 'proc-early' }, async (p) => {
       // the signal goes as soon as the line arrives: the backend is ready, the queues not consumed yet
       const signalled = new Promise<void>((resolve) => {
         const onData = () => {
@@ -159,39 +155,22 @@ describe('service processes', () => {
         p.child.stdout!.on('data', onData);
       });
       await Promise.race([signalled, p.ended]);
-      const end = await p.ended;
-      expect(end.code, `ended with ${JSON.stringify(end)}; output:\n${p.out()}`).toBe(0);
+      await expectCleanExit(p);
       expect(p.stdout()).toContain('draining');
-    } finally {
-      if (p.child.exitCode === null) p.child.kill('SIGKILL');
-      rmSync(dataDir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('LOG_FORMAT=pretty writes one readable line per message instead of JSON', async () => {
-    const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-worker-'));
-    const p = runEntry('worker', {
-      REDIS_URL: redisUrl(),
-      DATA_DIR: dataDir,
-      LOG_LEVEL: 'info',
-      LOG_FORMAT: 'pretty',
-      REDIS_PREFIX: 'proc-pretty',
-    });
-    try {
+    await withWorker({ LOG_FORMAT: 'pretty', REDIS_PREFIX: 'proc-pretty' }, async (p) => {
       await waitFor(async () => p.stdout().includes('worker consuming queues'), 60_000, 'worker start');
       p.child.kill('SIGTERM');
-      const end = await p.ended;
-      // a failure shows how it ended and what it wrote
-      expect(end.code, `ended with ${JSON.stringify(end)}; output:\n${p.out()}`).toBe(0);
+      await expectCleanExit(p);
       const line = p
         .stdout()
         .split('\n')
         .find((l) => l.includes('worker consuming queues'))!;
       expect(() => JSON.parse(line)).toThrow();
       expect(line).toMatch(/\d\d:\d\d:\d\d\.\d{3}.*INFO.*xt-worker.*worker consuming queues/);
-    } finally {
-      if (p.child.exitCode === null) p.child.kill('SIGKILL');
-      rmSync(dataDir, { recursive: true, force: true });
-    }
+    });
   });
 });
