@@ -115,8 +115,20 @@ export class GenerationBatcher {
           reject(e instanceof Error ? e : new Error(String(e)));
         },
       });
-      if (!this.running) void this.loop();
+      this.kick();
     });
+  }
+
+  /**
+   * Starts the decode loop, where it is not running, at the event loop's next check phase rather than
+   * at once: the generations that arrive in this turn (requests taken together) join its first step,
+   * and the replies to what their jobs sent meanwhile (a cancel check, the model's record) are read
+   * before its second step, not after it.
+   */
+  private kick(): void {
+    if (this.running) return;
+    this.running = true;
+    setImmediate(() => void this.loop());
   }
 
   private finish(id: number, end: BatchEnd): void {
@@ -129,7 +141,6 @@ export class GenerationBatcher {
   }
 
   private async loop(): Promise<void> {
-    this.running = true;
     try {
       while (this.decoder.size > 0) {
         let tokens: BatchToken[];

@@ -57,6 +57,24 @@ describe('GenerationBatcher', () => {
     m.built.model.dispose();
   });
 
+  it('generations started in one turn on an idle batcher join its first step together', async () => {
+    const m = loaded('m@3');
+    const b = new GenerationBatcher(m, 4);
+    const order: string[] = [];
+    const run = (name: string, prompt: number[]) =>
+      b.run({
+        prompt,
+        options: { maxTokens: 3, temperature: 0 },
+        onToken: (t) => (order.push(`${name}${t.index}`), false),
+      });
+    const ends = await Promise.all([run('a', [1, 2]), run('b', [3])]);
+    expect(ends).toEqual(['length', 'length']);
+    // both prompts are prefilled in the first step, then both advance in each later one
+    expect(order).toEqual(['a0', 'b0', 'a1', 'b1', 'a2', 'b2']);
+    b.dispose();
+    m.built.model.dispose();
+  });
+
   it('an already aborted request leaves no batcher behind; an idle batcher of an earlier load is replaced', async () => {
     const batchers = new Map<string, GenerationBatcher>();
     const first = loaded('m@2');
