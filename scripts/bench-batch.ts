@@ -7,7 +7,10 @@
  * The model is a byte-level decoder with rotary positions, heads 4, as `bench:service` streams from.
  * With a --max-seq-len below prompt + steps, the sequences decode past it: each step keeps the last
  * maxSeqLen - 1 positions of every cache (a sliding window).
+ * With --kernels, a second table splits a step's time by kernel, and what runs outside kernels
+ * (JavaScript and the tensor engine), for each batch size: where the time of each added row goes.
  */
+import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../src/backend/index.js';
 import { BatchDecoder } from '../src/generation/batch-decoder.js';
 import { Decoder } from '../src/layers/attention-layers.js';
@@ -21,6 +24,7 @@ const steps = positiveInt('steps', option('steps', '100'));
 const promptLen = positiveInt('prompt', option('prompt', '8'));
 const maxSeqLen = positiveInt('max-seq-len', option('max-seq-len', String(promptLen + steps + 24)));
 const batches = positiveInts('batches', '1,8,32');
+const byKernel = process.argv.includes('--kernels');
 
 const info = await initBackend(process.env.XT_BACKEND);
 manualSeed(0);
@@ -37,6 +41,24 @@ console.log(
 );
 console.log('| sequences | prefill ms per sequence | ms per step | tokens/s | against one sequence |');
 console.log('| ---: | ---: | ---: | ---: | ---: |');
+// --kernels: each kernel of the backend timed while `timing` is on (the timed steps of each size)
+let timing = false;
+const kernelMs = new Map<string, number>();
+if (byKernel)
+  for (const k of tf.getKernelsForBackend(tf.getBackend())) {
+    const run = k.kernelFunc;
+    k.kernelFunc = ((args: Parameters<typeof run>[0]) => {
+      if (!timing) return run(args);
+      const t = performance.now();
+      try {
+        return run(args);
+      } finally {
+        kernelMs.set(k.kernelName, (kernelMs.get(k.kernelName) ?? 0) + performance.now() - t);
+      }
+    }) as typeof run;
+  }
+const perKernel: { b: number; step: number; kernels: Map<string, number> }[] = [];
+
 let one = 0;
 for (const b of batches) {
   // the first run compiles and allocates; the second is timed
@@ -51,16 +73,39 @@ for (const b of batches) {
     const p0 = performance.now();
     d.step(); // the prefills and each sequence's first token
     prefill = (performance.now() - p0) / b;
+    kernelMs.clear();
+    timing = byKernel && run === 1;
     const t0 = performance.now();
     for (let s = 0; s < steps; s++) d.step();
     ms = (performance.now() - t0) / steps;
+    timing = false;
     d.dispose();
   }
+  if (byKernel)
+    perKernel.push({ b, step: ms, kernels: new Map([...kernelMs].map(([k, t]) => [k, t / steps])) });
   const tps = (b / ms) * 1000;
   if (b === 1) one = tps;
   const ratio = one && b > 1 ? `${(tps / one).toFixed(1)}x` : '';
   console.log(
     `| ${b} | ${prefill.toFixed(2)} | ${ms.toFixed(2)} | ${Math.round(tps).toLocaleString()} | ${ratio} |`,
   );
+}
+if (byKernel) {
+  console.log('\nms per step by kernel (the timed steps above):\n');
+  console.log(`| kernel | ${perKernel.map((p) => `${p.b} sequence${p.b > 1 ? 's' : ''}`).join(' | ')} |`);
+  console.log(`| --- |${perKernel.map(() => ' ---: |').join('')}`);
+  const last = perKernel[perKernel.length - 1]!.kernels;
+  const names = [...new Set(perKernel.flatMap((p) => [...p.kernels.keys()]))].sort(
+    (a, b) => (last.get(b) ?? 0) - (last.get(a) ?? 0),
+  );
+  const shown = names.slice(0, 10);
+  const row = (label: string, f: (p: (typeof perKernel)[number]) => number) =>
+    console.log(`| ${label} | ${perKernel.map((p) => f(p).toFixed(3)).join(' | ')} |`);
+  const sum = (p: (typeof perKernel)[number], keys: string[]) =>
+    keys.reduce((s, k) => s + (p.kernels.get(k) ?? 0), 0);
+  for (const k of shown) row(k, (p) => p.kernels.get(k) ?? 0);
+  if (names.length > shown.length) row('other kernels', (p) => sum(p, names.slice(shown.length)));
+  row('outside kernels', (p) => p.step - sum(p, names));
+  row('step', (p) => p.step);
 }
 net.dispose();
