@@ -1538,6 +1538,122 @@ void topkRows(const at::Tensor& x, int64_t k, at::Tensor& values, at::Tensor& in
 
 // The top-k sampling filter: each row's k largest entries (chosen as TopK chooses them) kept, the
 // others -inf. logits: [b, v] float32 -> [b, v].
+// A float's place in the top-k filter's order as an unsigned key: larger values get larger keys,
+// every NaN the largest, and -0 the key of 0 (the order aboveNanFirst compares by).
+inline uint32_t rankKey(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t mag = u & 0x7fffffffu;
+  uint32_t key = (u >> 31) ? ~u : (u | 0x80000000u);
+  key = mag == 0 ? 0x80000000u : key;
+  return mag > 0x7f800000u ? 0xffffffffu : key;
+}
+
+// keys[j] = rankKey(row[j]) for j < n, eight at a time where the CPU has AVX2
+void rankKeys(const float* row, int64_t n, uint32_t* keys);
+// dst[j] = row[j] where keys[j] > kth, else -inf (row's bits copied as they are)
+void keepAbove(const float* row, const uint32_t* keys, uint32_t kth, int64_t n, float* dst);
+
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) void rankKeysAvx2(const float* row, int64_t n, uint32_t* keys) {
+  const __m256i low31 = _mm256_set1_epi32(0x7fffffff), top = _mm256_set1_epi32(int(0x80000000u));
+  const __m256i inf = _mm256_set1_epi32(0x7f800000), zero = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
+    __m256i mag = _mm256_and_si256(u, low31);
+    // negative: every bit flipped; positive: the sign bit set
+    __m256i key = _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31), top));
+    key = _mm256_blendv_epi8(key, top, _mm256_cmpeq_epi32(mag, zero));
+    key = _mm256_or_si256(key, _mm256_cmpgt_epi32(mag, inf));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + j), key);
+  }
+  for (; j < n; j++) keys[j] = rankKey(row[j]);
+}
+
+__attribute__((target("avx2"))) void keepAboveAvx2(const float* row, const uint32_t* keys, uint32_t kth, int64_t n,
+                                                   float* dst) {
+  // unsigned order through the signed compare, both sides with the sign bit flipped
+  const __m256i flip = _mm256_set1_epi32(int(0x80000000u)), t = _mm256_set1_epi32(int(kth ^ 0x80000000u));
+  const __m256 neg = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256i k = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j)), flip);
+    __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, t));
+    _mm256_storeu_ps(dst + j, _mm256_blendv_ps(neg, _mm256_loadu_ps(row + j), keep));
+  }
+  for (; j < n; j++) dst[j] = keys[j] > kth ? row[j] : -std::numeric_limits<float>::infinity();
+}
+#endif
+
+void rankKeys(const float* row, int64_t n, uint32_t* keys) {
+#if defined(__x86_64__)
+  if (g_avx2) return rankKeysAvx2(row, n, keys);
+#endif
+  for (int64_t j = 0; j < n; j++) keys[j] = rankKey(row[j]);
+}
+
+void keepAbove(const float* row, const uint32_t* keys, uint32_t kth, int64_t n, float* dst) {
+#if defined(__x86_64__)
+  if (g_avx2) return keepAboveAvx2(row, keys, kth, n, dst);
+#endif
+  for (int64_t j = 0; j < n; j++) dst[j] = keys[j] > kth ? row[j] : -std::numeric_limits<float>::infinity();
+}
+
+// Counts of `bits` bits of each key (key >> shift) of those that `take`s, in four interleaved
+// tables summed at the end, so that runs of one bucket do not wait on each other's increments.
+template <typename Take>
+void countBuckets(const uint32_t* keys, int64_t n, int shift, Take take, std::vector<int64_t>& hist) {
+  static thread_local std::vector<int64_t> part;
+  part.assign(4 * 4096, 0);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4)
+    for (int q = 0; q < 4; q++)
+      if (take(keys[j + q])) part[q * 4096 + ((keys[j + q] >> shift) & 0xfff)]++;
+  for (; j < n; j++)
+    if (take(keys[j])) part[(keys[j] >> shift) & 0xfff]++;
+  hist.assign(4096, 0);
+  for (int q = 0; q < 4; q++)
+    for (int i = 0; i < 4096; i++) hist[i] += part[q * 4096 + i];
+}
+
+// The k-th largest of n keys (1 <= k <= n) and how many keys are larger. Few keys: a selection
+// over a copy. Many: a radix selection, the top 12 bits counted over all keys, then the next 12
+// over those in the k-th key's bucket, then a selection among the few left, so a row costs two
+// passes of counting rather than a selection's comparisons over the whole vocabulary.
+struct KthKey {
+  uint32_t key;
+  int64_t above;
+};
+KthKey kthLargestKey(const uint32_t* keys, int64_t n, int64_t k, std::vector<uint32_t>& work) {
+  auto finish = [&](int64_t m, int64_t need, int64_t above) -> KthKey {
+    std::nth_element(work.begin(), work.begin() + (need - 1), work.begin() + m, std::greater<uint32_t>());
+    const uint32_t kth = work[need - 1];
+    // the keys before the k-th are not smaller than it, those after not larger
+    for (int64_t j = 0; j < need - 1; j++) above += work[j] > kth;
+    return {kth, above};
+  };
+  if (n <= 4096) {
+    work.assign(keys, keys + n);
+    return finish(n, k, 0);
+  }
+  static thread_local std::vector<int64_t> hist;
+  countBuckets(keys, n, 20, [](uint32_t) { return true; }, hist);
+  int64_t top = 4095, above = 0;
+  while (above + hist[top] < k) above += hist[top--];
+  // the keys of that bucket, counted by their next 12 bits
+  work.clear();
+  for (int64_t j = 0; j < n; j++)
+    if ((keys[j] >> 20) == static_cast<uint32_t>(top)) work.push_back(keys[j]);
+  countBuckets(work.data(), static_cast<int64_t>(work.size()), 8, [](uint32_t) { return true; }, hist);
+  int64_t mid = 4095;
+  while (above + hist[mid] < k) above += hist[mid--];
+  int64_t m = 0;
+  for (uint32_t key : work)
+    if (((key >> 8) & 0xfff) == static_cast<uint32_t>(mid)) work[m++] = key;
+  return finish(m, k - above, above);
+}
+
 XT_FN(TopKFilter) {
   const at::Tensor& x = get(info[0]);
   int64_t k = num(info, 1);
@@ -1547,31 +1663,30 @@ XT_FN(TopKFilter) {
     auto idx = std::get<1>(at::sort(x, true, -1, true)).narrow(-1, 0, k);
     return idv(info, at::full_like(x, neg).scatter_(-1, idx, x.gather(-1, idx)));
   }
-  // the kept set needs no order: the k-th largest value by selection, then every larger entry and
-  // as many entries equal to it as are left, lowest index first (NaN counts as the largest)
+  // the kept set needs no order: the k-th largest key, then every larger entry and as many entries
+  // with that key as are left, lowest index first (NaN counts as the largest, -0 as 0)
   auto xc = x.contiguous();
   int64_t b = xc.size(0), v = xc.size(1);
-  auto out = at::full({b, v}, neg, xc.options());
-  if (k == 0) return idv(info, out);
+  if (k == 0) return idv(info, at::full({b, v}, neg, xc.options()));
+  auto out = at::empty({b, v}, xc.options());
   const float* px = xc.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  std::vector<float> vals(v);
+  // kept between calls: a vocabulary-sized buffer from the heap would be mapped and zeroed each time
+  static thread_local std::vector<uint32_t> keys, work;
+  keys.resize(v);
+  work.reserve(v);
   for (int64_t r = 0; r < b; r++) {
     const float* row = px + r * v;
     float* dst = po + r * v;
-    std::copy(row, row + v, vals.begin());
-    std::nth_element(vals.begin(), vals.begin() + (k - 1), vals.end(), aboveNanFirst<float>);
-    const float kth = vals[k - 1];
-    int64_t above = 0;
-    for (int64_t j = 0; j < v; j++) above += aboveNanFirst(row[j], kth);
-    int64_t ties = k - above;
-    for (int64_t j = 0; j < v; j++) {
-      if (aboveNanFirst(row[j], kth)) dst[j] = row[j];
-      else if (ties > 0 && !aboveNanFirst(kth, row[j])) {
+    rankKeys(row, v, keys.data());
+    const KthKey kth = kthLargestKey(keys.data(), v, k, work);
+    keepAbove(row, keys.data(), kth.key, v, dst);
+    // then the entries equal to the k-th, lowest index first, as many as the k places leave
+    for (int64_t j = 0, ties = k - kth.above; ties > 0; j++)
+      if (keys[j] == kth.key) {
         dst[j] = row[j];
         ties--;
       }
-    }
   }
   return idv(info, out);
 }

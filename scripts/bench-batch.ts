@@ -4,7 +4,9 @@
  * per sequence (each prompt's prefill and first token).
  *   npm run bench:batch -- [--dim 256] [--depth 4] [--batches 1,8,32] [--steps 100] [--prompt 8]
  *                          [--max-seq-len prompt + steps + 24]
- * The model is a byte-level decoder with rotary positions, heads 4, as `bench:service` streams from.
+ * The model is a byte-level decoder with rotary positions, heads 4, as `bench:service` streams from;
+ * `--vocab N` gives it N tokens instead of 256 (a tokenizer's vocabulary: each step's output
+ * products and sampling grow with it). Sequences sample at temperature 1 with the default top-k.
  * With a --max-seq-len below prompt + steps, the sequences decode past it: each step keeps the last
  * maxSeqLen - 1 positions of every cache (a sliding window).
  * With --kernels, a second table splits a step's time by kernel, and what runs outside kernels
@@ -24,18 +26,19 @@ const steps = positiveInt('steps', option('steps', '100'));
 const promptLen = positiveInt('prompt', option('prompt', '8'));
 const maxSeqLen = positiveInt('max-seq-len', option('max-seq-len', String(promptLen + steps + 24)));
 const batches = positiveInts('batches', '1,8,32');
+const vocab = positiveInt('vocab', option('vocab', '256'));
 const byKernel = process.argv.includes('--kernels');
 
 const info = await initBackend(process.env.XT_BACKEND);
 manualSeed(0);
 const net = new TransformerWrapper({
-  numTokens: 256,
+  numTokens: vocab,
   maxSeqLen,
   attnLayers: new Decoder({ dim, depth, heads: 4, rotaryPosEmb: true }),
 });
 net.eval();
 console.log(
-  `backend ${info.backend} (${info.device}), decoder dim ${dim} depth ${depth}, ` +
+  `backend ${info.backend} (${info.device}), decoder dim ${dim} depth ${depth}, vocabulary ${vocab}, ` +
     `${net.numParameters().toLocaleString()} parameters, prompts of ${promptLen} tokens, maxSeqLen ${maxSeqLen}, ` +
     `${steps} steps per batch size\n`,
 );
@@ -67,7 +70,7 @@ for (const b of batches) {
   for (let run = 0; run < 2; run++) {
     const d = new BatchDecoder(net, { maxBatch: b });
     for (let i = 0; i < b; i++) {
-      const prompt = Array.from({ length: promptLen }, (_, j) => (j * 31 + i * 7 + 1) % 256);
+      const prompt = Array.from({ length: promptLen }, (_, j) => (j * 31 + i * 7 + 1) % vocab);
       d.add(prompt, { maxTokens: steps + 1, temperature: 1, seed: i });
     }
     const p0 = performance.now();

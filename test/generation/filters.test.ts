@@ -45,18 +45,37 @@ describe('sampling filters', () => {
   it('topK: the fused kernel, where the backend has one, keeps exactly what the composite keeps', () => {
     const registered = tf.getKernel(XT_TOPK_FILTER, tf.getBackend()) !== undefined;
     expect(registered).toBe(tf.getBackend() === 'torch');
-    // ties across the k-th place, NaN, infinities, and a vocabulary of 1000 with repeated values
+    // ties across the k-th place, NaN, infinities, -0 beside 0, a vocabulary of 1000 with repeated
+    // values, and one of 20000 (the kernel's counting path) with repeats, NaN and both zeros
     const small = tf.tensor2d([
       [2, 7, 7, 1, 7, 0, 7, 3],
       [NaN, 1, Infinity, -Infinity, 1, 1, NaN, 0],
+      [0, -0, -1, -0, 0, -2, -0, -3],
     ]);
     const large = tf.round(tf.mul(tf.randomNormal([3, 1000], 0, 1, 'float32', 5), 6));
+    // (row 0 without ties, rows 1 and 2 rounded to few and to many distinct values)
+    const wide = tf.tidy(() => {
+      const v = tf.randomNormal([3, 20000], 0, 1, 'float32', 6).arraySync() as number[][];
+      v.forEach((row, r) =>
+        row.forEach((x, j) => {
+          const y = r === 0 ? x : Math.round(x * (r === 1 ? 40 : 4000));
+          row[j] = j % 997 === r ? NaN : y === 0 && j % 2 ? -0 : y;
+        }),
+      );
+      return tf.tensor2d(v);
+    });
     for (const [logits, k] of [
       [small, 1],
       [small, 3],
+      [small, 5],
       [small, 8],
       [large, 100],
       [large, 1],
+      [wide, 1],
+      [wide, 30],
+      [wide, 2000],
+      [wide, 10000],
+      [wide, 19999],
     ] as const) {
       const fused = run(() => topK(logits, { k }));
       const prev = setFusedKernels(false);
@@ -64,7 +83,7 @@ describe('sampling filters', () => {
       setFusedKernels(prev);
       expect(fused).toEqual(composite);
     }
-    tf.dispose([small, large]);
+    tf.dispose([small, large, wide]);
   });
 
   it('topP keeps the nucleus, always the top token', () => {
