@@ -2917,6 +2917,33 @@ at::Tensor sampleRowsOnDevice(const at::Tensor& probs, const double* draws) {
   return at::where(first.lt(v), first, last).to(at::kInt);
 }
 
+// The indices j < n with row[j] > 0 (not NaN), in order, into idx; returns how many.
+#if defined(__x86_64__)
+__attribute__((target("avx2,bmi"))) int64_t positiveIndicesAvx2(const float* row, int64_t n, int32_t* idx) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t m = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), zero, _CMP_GT_OQ)));
+    while (mask) {
+      idx[m++] = static_cast<int32_t>(j + __builtin_ctz(mask));
+      mask &= mask - 1;
+    }
+  }
+  for (; j < n; j++)
+    if (row[j] > 0) idx[m++] = static_cast<int32_t>(j);
+  return m;
+}
+#endif
+int64_t positiveIndices(const float* row, int64_t n, int32_t* idx) {
+#if defined(__x86_64__)
+  if (g_avx2) return positiveIndicesAvx2(row, n, idx);
+#endif
+  int64_t m = 0;
+  for (int64_t j = 0; j < n; j++)
+    if (row[j] > 0) idx[m++] = static_cast<int32_t>(j);
+  return m;
+}
+
 XT_FN(SampleRows) {
   at::Tensor p = get(info[0]);
   if (p.dim() != 2) throw std::runtime_error("sampleRows: expected probs [b, v]");
@@ -2929,18 +2956,21 @@ XT_FN(SampleRows) {
   at::Tensor out = at::empty({b}, at::TensorOptions().dtype(at::kInt));
   const float* pp = p.data_ptr<float>();
   int32_t* po = out.data_ptr<int32_t>();
+  // the positive entries' indices first (after a top-k or top-p filter, a small part of the row):
+  // the sums below then add exactly the terms, in exactly the order, of a walk over the whole row
+  static thread_local std::vector<int32_t> pos;
+  pos.resize(v);
   for (int64_t i = 0; i < b; i++) {
     const float* row = pp + i * v;
+    const int64_t n = positiveIndices(row, v, pos.data());
     double total = 0;
-    for (int64_t j = 0; j < v; j++)
-      if (row[j] > 0) total += row[j];
+    for (int64_t q = 0; q < n; q++) total += row[pos[q]];
     double u = draws.Data()[i] * total;
     double acc = 0;
     int64_t pick = -1;
-    for (int64_t j = 0; j < v; j++) {
-      if (!(row[j] > 0)) continue;
-      acc += row[j];
-      pick = j;
+    for (int64_t q = 0; q < n; q++) {
+      acc += row[pos[q]];
+      pick = pos[q];
       if (acc > u) break;
     }
     po[i] = static_cast<int32_t>(pick);
