@@ -1691,6 +1691,89 @@ XT_FN(TopKFilter) {
   return idv(info, out);
 }
 
+// Row indices in descending order of their keys, equal keys in index order (a stable descending
+// sort of the row, NaN first): a radix sort of the flipped keys, 8 bits a pass, each pass stable.
+void descendingOrder(const uint32_t* keys, int64_t n, int32_t* order) {
+  static thread_local std::vector<uint32_t> k0, k1;
+  static thread_local std::vector<int32_t> i1;
+  k0.resize(n);
+  k1.resize(n);
+  i1.resize(n);
+  for (int64_t j = 0; j < n; j++) {
+    k0[j] = ~keys[j];
+    order[j] = static_cast<int32_t>(j);
+  }
+  uint32_t* ks = k0.data();
+  uint32_t* kd = k1.data();
+  int32_t* is = order;
+  int32_t* id = i1.data();
+  for (int shift = 0; shift < 32; shift += 8) {
+    int64_t start[257] = {0};
+    for (int64_t j = 0; j < n; j++) start[((ks[j] >> shift) & 0xff) + 1]++;
+    for (int q = 0; q < 256; q++) start[q + 1] += start[q];
+    for (int64_t j = 0; j < n; j++) {
+      const int64_t at = start[(ks[j] >> shift) & 0xff]++;
+      kd[at] = ks[j];
+      id[at] = is[j];
+    }
+    std::swap(ks, kd);
+    std::swap(is, id);
+  }
+  // four passes: the sorted indices are back in `order`
+}
+
+// Nucleus (top-p) filter: per row, the logits in the order of a stable descending sort, their
+// softmax and its running sum (ATen's, as the composite computes them); a sorted entry stays when it
+// is the first or the mass before it is not above thres; the others become -inf, in place.
+XT_FN(TopPFilter) {
+  const at::Tensor& x = get(info[0]);
+  const float thres = static_cast<float>(dbl(info, 1));
+  if (x.dim() != 2) throw std::runtime_error("topPFilter: expected [b, v] logits");
+  const int64_t b = x.size(0), v = x.size(1);
+  const float neg = -std::numeric_limits<float>::infinity();
+  if (v == 0) return idv(info, x.clone());
+  auto keepMask = [&](const at::Tensor& cum) {
+    // kept: the first, and those whose predecessor's running sum is not above thres
+    auto over = cum.narrow(1, 0, v - 1).gt(thres);
+    return at::cat({at::zeros({b, 1}, over.options()), over}, 1).logical_not();
+  };
+  if (!(x.device().is_cpu() && x.scalar_type() == at::kFloat)) {
+    auto sorted = at::sort(x, /*stable=*/true, -1, /*descending=*/true);
+    const at::Tensor &vals = std::get<0>(sorted), &idx = std::get<1>(sorted);
+    auto kept = at::where(keepMask(at::cumsum(at::softmax(vals, -1), 1, vals.scalar_type())), vals,
+                          at::full({}, neg, vals.options()));
+    return idv(info, at::full_like(x, neg).scatter_(1, idx, kept));
+  }
+  auto xc = x.contiguous();
+  const float* px = xc.data_ptr<float>();
+  auto order = at::empty({b, v}, at::TensorOptions().dtype(at::kInt));
+  auto sorted = at::empty({b, v}, xc.options());
+  int32_t* po = order.data_ptr<int32_t>();
+  float* ps = sorted.data_ptr<float>();
+  static thread_local std::vector<uint32_t> keys;
+  keys.resize(v);
+  for (int64_t r = 0; r < b; r++) {
+    const float* row = px + r * v;
+    int32_t* ord = po + r * v;
+    rankKeys(row, v, keys.data());
+    descendingOrder(keys.data(), v, ord);
+    for (int64_t j = 0; j < v; j++) ps[r * v + j] = row[ord[j]];
+  }
+  auto cum = at::cumsum(at::softmax(sorted, -1), 1, sorted.scalar_type()).contiguous();
+  const float* pc = cum.data_ptr<float>();
+  auto out = at::empty({b, v}, xc.options());
+  float* pout = out.data_ptr<float>();
+  for (int64_t r = 0; r < b; r++) {
+    const int32_t* ord = po + r * v;
+    const float* srow = ps + r * v;
+    const float* crow = pc + r * v;
+    float* dst = pout + r * v;
+    dst[ord[0]] = srow[0];
+    for (int64_t j = 1; j < v; j++) dst[ord[j]] = crow[j - 1] > thres ? neg : srow[j];
+  }
+  return idv(info, out);
+}
+
 XT_FN(TopK) {
   const at::Tensor& x = get(info[0]);
   int64_t k = num(info, 1);
@@ -3093,6 +3176,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("setSmallGemvRows", SetSmallGemvRows);
   X("setSmallOps", SetSmallOps);
   X("topKFilter", TopKFilter);
+  X("topPFilter", TopPFilter);
   X("layerNorm", LayerNorm);
   X("layerNormGrad", LayerNormGrad);
   X("geluGrad", GeluGrad);

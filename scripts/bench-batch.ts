@@ -6,7 +6,8 @@
  *                          [--max-seq-len prompt + steps + 24]
  * The model is a byte-level decoder with rotary positions, heads 4, as `bench:service` streams from;
  * `--vocab N` gives it N tokens instead of 256 (a tokenizer's vocabulary: each step's output
- * products and sampling grow with it). Sequences sample at temperature 1 with the default top-k.
+ * products and sampling grow with it). Sequences sample at temperature 1 with the default top-k,
+ * or with `--top-p X` the nucleus filter at X.
  * With a --max-seq-len below prompt + steps, the sequences decode past it: each step keeps the last
  * maxSeqLen - 1 positions of every cache (a sliding window).
  * With --kernels, a second table splits a step's time by kernel, and what runs outside kernels
@@ -27,6 +28,11 @@ const promptLen = positiveInt('prompt', option('prompt', '8'));
 const maxSeqLen = positiveInt('max-seq-len', option('max-seq-len', String(promptLen + steps + 24)));
 const batches = positiveInts('batches', '1,8,32');
 const vocab = positiveInt('vocab', option('vocab', '256'));
+const topPOption = option('top-p', '');
+const topP = topPOption === '' ? null : Number(topPOption);
+if (topP !== null && !(topP > 0 && topP <= 1))
+  throw new Error(`--top-p: expected a number in (0, 1], got ${topPOption}`);
+const filter = topP === null ? {} : { filterLogitsFn: 'topP' as const, filterKwargs: { thres: topP } };
 const byKernel = process.argv.includes('--kernels');
 
 const info = await initBackend(process.env.XT_BACKEND);
@@ -71,7 +77,7 @@ for (const b of batches) {
     const d = new BatchDecoder(net, { maxBatch: b });
     for (let i = 0; i < b; i++) {
       const prompt = Array.from({ length: promptLen }, (_, j) => (j * 31 + i * 7 + 1) % vocab);
-      d.add(prompt, { maxTokens: steps + 1, temperature: 1, seed: i });
+      d.add(prompt, { maxTokens: steps + 1, temperature: 1, seed: i, ...filter });
     }
     const p0 = performance.now();
     d.step(); // the prefills and each sequence's first token

@@ -87,6 +87,14 @@ function keepIndices(logits: tf.Tensor, indices: tf.Tensor): tf.Tensor {
  */
 export const XT_TOPK_FILTER = 'XtTopKFilter';
 
+/**
+ * A kernel a backend may register for the top-p filter in one op:
+ *   XtTopPFilter  inputs {logits: float32 [b, v]}, attrs {thres} -> [b, v]: what `topP`'s composite
+ *                 gives (a stable descending sort, its softmax and running sum, the first entry and
+ *                 those whose predecessors' mass is not above thres kept, the others -Infinity).
+ */
+export const XT_TOPP_FILTER = 'XtTopPFilter';
+
 /** Top-k filter. logits: [b, v] -> [b, v]. */
 export function topK(logits: tf.Tensor, options: TopKOptions = {}): tf.Tensor {
   checkLogits('logits', logits);
@@ -109,6 +117,8 @@ export function topP(logits: tf.Tensor, options: TopPOptions = {}): tf.Tensor {
   const thres = options.thres ?? topPDefaults.thres;
   if (!(thres > 0 && thres <= 1))
     throw new Error(`thres: expected a number in (0, 1] for topP, got ${thres}`);
+  if (backendHasKernel(XT_TOPP_FILTER))
+    return tf.engine().runKernel(XT_TOPP_FILTER, { logits }, { thres }) as tf.Tensor;
   return tf.tidy(() => {
     const [b, v] = logits.shape as [number, number];
     const { values: sorted, indices } = tf.topk(logits, v, true);

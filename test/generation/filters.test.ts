@@ -9,6 +9,7 @@ import {
   topK,
   topP,
   XT_TOPK_FILTER,
+  XT_TOPP_FILTER,
 } from '../../src/generation/filters.js';
 import { setFusedKernels } from '../../src/nn/fused.js';
 
@@ -99,6 +100,37 @@ describe('sampling filters', () => {
     expect(() => topP(logits, { thres: 0 })).toThrow(/thres/);
     expect(() => topP(logits, { thres: 1.5 })).toThrow(/thres/);
     logits.dispose();
+  });
+
+  it('topP: the fused kernel, where the backend has one, keeps exactly what the composite keeps', () => {
+    expect(tf.getKernel(XT_TOPP_FILTER, tf.getBackend()) !== undefined).toBe(tf.getBackend() === 'torch');
+    // ties (sorted in index order), a row with NaN (the composite keeps every entry), -0 beside 0,
+    // one dominant logit, and rows of 20000 (continuous, and rounded to many ties) at several scales
+    const small = tf.tensor2d([
+      [2, 7, 7, 1, 7, 0, 7, 3],
+      [NaN, 1, Infinity, -Infinity, 1, 1, NaN, 0],
+      [0, -0, -1, -0, 0, -2, -0, -3],
+      [30, 0, 0, 0, 0, 0, 0, 0],
+    ]);
+    const wide = tf.tidy(() => {
+      const v = tf.randomNormal([4, 20000], 0, 1, 'float32', 7).arraySync() as number[][];
+      v.forEach((row, r) => row.forEach((x, j) => (row[j] = r % 2 ? Math.round(x * 8) : x * (r + 1) * 2)));
+      return tf.tensor2d(v);
+    });
+    // the composite's scatterND adds into zeros, so a kept -0 comes back as 0; the kernel keeps the
+    // logit's bits, as the reference's scatter does (the same probabilities either way)
+    const zeroSign = (rows: number[][]) => rows.map((r) => r.map((x) => (x === 0 ? 0 : x)));
+    for (const logits of [small, wide])
+      for (const thres of [0.05, 0.5, 0.9, 0.999, 1]) {
+        const fused = run(() => topP(logits, { thres }));
+        const prev = setFusedKernels(false);
+        const composite = run(() => topP(logits, { thres }));
+        setFusedKernels(prev);
+        expect(zeroSign(fused)).toEqual(zeroSign(composite));
+      }
+    const kept = run(() => topP(small, { thres: 1 }));
+    expect(Object.is(kept[2]![1], -0)).toBe(tf.getBackend() === 'torch');
+    tf.dispose([small, wide]);
   });
 
   it('topA and minP compare probabilities to the maximum', () => {

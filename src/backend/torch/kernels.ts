@@ -573,6 +573,7 @@ const IMPLS: Record<string, Impl> = {
     });
   },
   XtTopKFilter: (b, i, a) => b.out(b.N.topKFilter(b.id(inp(i, 'logits')), a.k as number)),
+  XtTopPFilter: (b, i, a) => b.out(b.N.topPFilter(b.id(inp(i, 'logits')), a.thres as number)),
   XtSampleRows: (b, i, a) => {
     const probs = inp(i, 'probs');
     return b.outAs(

@@ -29,6 +29,8 @@ export interface TorchAddon {
   setSmallGemvRows(rows: number): number;
   /** the top-k sampling filter: each row's k largest logits kept (as topk picks them), others -inf */
   topKFilter(logits: number, k: number): number;
+  /** the top-p (nucleus) filter, with the numbers of the composite (sort, softmax, running sum) */
+  topPFilter(logits: number, thres: number): number;
   /** small-op mode (ATen on one thread, for decoding steps); returns the previous mode */
   setSmallOps(on: boolean): boolean;
   bytes(): number;
