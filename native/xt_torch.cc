@@ -1693,33 +1693,47 @@ XT_FN(TopKFilter) {
 
 // Row indices in descending order of their keys, equal keys in index order (a stable descending
 // sort of the row, NaN first): a radix sort of the flipped keys, 8 bits a pass, each pass stable.
+// The four passes' counts come from one read of the keys, and a pass whose digit is the same for
+// every key (the top byte of logits often is) leaves the order as it is and is skipped.
 void descendingOrder(const uint32_t* keys, int64_t n, int32_t* order) {
   static thread_local std::vector<uint32_t> k0, k1;
   static thread_local std::vector<int32_t> i1;
   k0.resize(n);
   k1.resize(n);
   i1.resize(n);
+  int64_t count[4][256] = {};
   for (int64_t j = 0; j < n; j++) {
-    k0[j] = ~keys[j];
+    const uint32_t key = ~keys[j];
+    k0[j] = key;
     order[j] = static_cast<int32_t>(j);
+    count[0][key & 0xff]++;
+    count[1][(key >> 8) & 0xff]++;
+    count[2][(key >> 16) & 0xff]++;
+    count[3][key >> 24]++;
   }
   uint32_t* ks = k0.data();
   uint32_t* kd = k1.data();
   int32_t* is = order;
   int32_t* id = i1.data();
-  for (int shift = 0; shift < 32; shift += 8) {
-    int64_t start[257] = {0};
-    for (int64_t j = 0; j < n; j++) start[((ks[j] >> shift) & 0xff) + 1]++;
-    for (int q = 0; q < 256; q++) start[q + 1] += start[q];
+  for (int pass = 0; pass < 4; pass++) {
+    const int shift = 8 * pass;
+    if (n == 0 || count[pass][(ks[0] >> shift) & 0xff] == n) continue;
+    int64_t start[256];
+    int64_t at = 0;
+    for (int q = 0; q < 256; q++) {
+      start[q] = at;
+      at += count[pass][q];
+    }
     for (int64_t j = 0; j < n; j++) {
-      const int64_t at = start[(ks[j] >> shift) & 0xff]++;
-      kd[at] = ks[j];
-      id[at] = is[j];
+      const int64_t to = start[(ks[j] >> shift) & 0xff]++;
+      kd[to] = ks[j];
+      id[to] = is[j];
     }
     std::swap(ks, kd);
     std::swap(is, id);
   }
-  // four passes: the sorted indices are back in `order`
+  // after an odd number of passes the order is in the scratch buffer
+  if (is != order) std::copy(is, is + n, order);
 }
 
 // Nucleus (top-p) filter: per row, the logits in the order of a stable descending sort, their
