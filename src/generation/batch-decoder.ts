@@ -15,7 +15,7 @@ import type { LayersCache } from '../layers/cache.js';
 import type { TransformerWrapper } from '../wrappers/transformer-wrapper.js';
 import { Rng } from '../utils/random.js';
 import { smallOps } from '../backend/index.js';
-import { argmaxRows, checkTemperature, multinomialRows } from './sampling.js';
+import { argmaxRows, checkTemperature, divideByTemperature, multinomialRows } from './sampling.js';
 import {
   FILTER_LOGITS_FN,
   resolveFilter,
@@ -304,7 +304,7 @@ export class BatchDecoder {
         if (key === 'greedy') ids = argmaxRows(part);
         else {
           const probs = tf.tidy(() =>
-            tf.softmax(tf.div(first.filter(part, first.filterKwargs), first.temperature), -1),
+            tf.softmax(divideByTemperature(first.filter(part, first.filterKwargs), first.temperature), -1),
           );
           try {
             ids = multinomialRows(

@@ -82,12 +82,20 @@ export interface SampleOptions {
   rng: Rng | Rng[];
 }
 
+/**
+ * logits / temperature; at temperature 1 the logits themselves (x / 1 is x, bit for bit, NaN and
+ * -0 included), which spares a vocabulary-sized op per step at the most common temperature.
+ */
+export function divideByTemperature(logits: tf.Tensor, temperature: number): tf.Tensor {
+  return temperature === 1 ? logits : tf.div(logits, temperature);
+}
+
 /** The next token of every row. logits: [b, v] -> b ids. */
 export function sampleNext(logits: tf.Tensor, o: SampleOptions): number[] {
   if (o.temperature === 0) return argmaxRows(logits);
   const probs = tf.tidy(() => {
     const filtered = o.filter ? o.filter(logits, o.filterKwargs ?? {}) : logits;
-    return tf.softmax(tf.div(filtered, o.temperature), -1);
+    return tf.softmax(divideByTemperature(filtered, o.temperature), -1);
   });
   try {
     return multinomialRows(probs, o.rng);

@@ -1,6 +1,11 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
-import { argmaxRows, multinomialRows, XT_SAMPLE_ROWS } from '../../src/generation/sampling.js';
+import {
+  argmaxRows,
+  divideByTemperature,
+  multinomialRows,
+  XT_SAMPLE_ROWS,
+} from '../../src/generation/sampling.js';
 import { Rng } from '../../src/utils/random.js';
 
 // The sampler walks each row's cumulative mass (positive entries only, in double precision) up to
@@ -46,6 +51,15 @@ describe('sampling rows', () => {
       expect(got).toEqual(want);
     }
     probs.dispose();
+  });
+
+  it('divides by the temperature, and at 1 runs no op (x / 1 is x, -0 and NaN included)', () => {
+    const x = tf.tensor2d([[-0, 1.5, NaN, -Infinity, 3]]);
+    expect(divideByTemperature(x, 1)).toBe(x);
+    const scaled = divideByTemperature(x, 0.5);
+    expect(Array.from(scaled.dataSync())).toEqual([-0, 3, NaN, -Infinity, 6]);
+    expect(Object.is(scaled.dataSync()[0], -0)).toBe(true);
+    tf.dispose([x, scaled]);
   });
 
   it('names a row with no mass left, and argmax takes the first of equal maxima', () => {
