@@ -1536,8 +1536,6 @@ void topkRows(const at::Tensor& x, int64_t k, at::Tensor& values, at::Tensor& in
   });
 }
 
-// The top-k sampling filter: each row's k largest entries (chosen as TopK chooses them) kept, the
-// others -inf. logits: [b, v] float32 -> [b, v].
 // A float's place in the top-k filter's order as an unsigned key: larger values get larger keys,
 // every NaN the largest, and -0 the key of 0 (the order aboveNanFirst compares by).
 inline uint32_t rankKey(float f) {
@@ -1600,18 +1598,15 @@ void keepAbove(const float* row, const uint32_t* keys, uint32_t kth, int64_t n, 
   for (int64_t j = 0; j < n; j++) dst[j] = keys[j] > kth ? row[j] : -std::numeric_limits<float>::infinity();
 }
 
-// Counts of `bits` bits of each key (key >> shift) of those that `take`s, in four interleaved
-// tables summed at the end, so that runs of one bucket do not wait on each other's increments.
-template <typename Take>
-void countBuckets(const uint32_t* keys, int64_t n, int shift, Take take, std::vector<int64_t>& hist) {
+// Counts of 12 bits of each key ((key >> shift) & 0xfff), in four interleaved tables summed at the
+// end, so that runs of one bucket do not wait on each other's increments.
+void countBuckets(const uint32_t* keys, int64_t n, int shift, std::vector<int64_t>& hist) {
   static thread_local std::vector<int64_t> part;
   part.assign(4 * 4096, 0);
   int64_t j = 0;
   for (; j + 4 <= n; j += 4)
-    for (int q = 0; q < 4; q++)
-      if (take(keys[j + q])) part[q * 4096 + ((keys[j + q] >> shift) & 0xfff)]++;
-  for (; j < n; j++)
-    if (take(keys[j])) part[(keys[j] >> shift) & 0xfff]++;
+    for (int q = 0; q < 4; q++) part[q * 4096 + ((keys[j + q] >> shift) & 0xfff)]++;
+  for (; j < n; j++) part[(keys[j] >> shift) & 0xfff]++;
   hist.assign(4096, 0);
   for (int q = 0; q < 4; q++)
     for (int i = 0; i < 4096; i++) hist[i] += part[q * 4096 + i];
@@ -1638,14 +1633,14 @@ KthKey kthLargestKey(const uint32_t* keys, int64_t n, int64_t k, std::vector<uin
     return finish(n, k, 0);
   }
   static thread_local std::vector<int64_t> hist;
-  countBuckets(keys, n, 20, [](uint32_t) { return true; }, hist);
+  countBuckets(keys, n, 20, hist);
   int64_t top = 4095, above = 0;
   while (above + hist[top] < k) above += hist[top--];
   // the keys of that bucket, counted by their next 12 bits
   work.clear();
   for (int64_t j = 0; j < n; j++)
     if ((keys[j] >> 20) == static_cast<uint32_t>(top)) work.push_back(keys[j]);
-  countBuckets(work.data(), static_cast<int64_t>(work.size()), 8, [](uint32_t) { return true; }, hist);
+  countBuckets(work.data(), static_cast<int64_t>(work.size()), 8, hist);
   int64_t mid = 4095;
   while (above + hist[mid] < k) above += hist[mid--];
   int64_t m = 0;
@@ -1654,6 +1649,8 @@ KthKey kthLargestKey(const uint32_t* keys, int64_t n, int64_t k, std::vector<uin
   return finish(m, k - above, above);
 }
 
+// The top-k sampling filter: each row's k largest entries (chosen as TopK chooses them) kept, the
+// others -inf. logits: [b, v] float32 -> [b, v].
 XT_FN(TopKFilter) {
   const at::Tensor& x = get(info[0]);
   int64_t k = num(info, 1);
@@ -1738,7 +1735,7 @@ void descendingOrder(const uint32_t* keys, int64_t n, int32_t* order) {
 
 // Nucleus (top-p) filter: per row, the logits in the order of a stable descending sort, their
 // softmax and its running sum (ATen's, as the composite computes them); a sorted entry stays when it
-// is the first or the mass before it is not above thres; the others become -inf, in place.
+// is the first or the mass before it is not above thres; the others become -inf.
 XT_FN(TopPFilter) {
   const at::Tensor& x = get(info[0]);
   const float thres = static_cast<float>(dbl(info, 1));
@@ -1746,16 +1743,13 @@ XT_FN(TopPFilter) {
   const int64_t b = x.size(0), v = x.size(1);
   const float neg = -std::numeric_limits<float>::infinity();
   if (v == 0) return idv(info, x.clone());
-  auto keepMask = [&](const at::Tensor& cum) {
-    // kept: the first, and those whose predecessor's running sum is not above thres
-    auto over = cum.narrow(1, 0, v - 1).gt(thres);
-    return at::cat({at::zeros({b, 1}, over.options()), over}, 1).logical_not();
-  };
   if (!(x.device().is_cpu() && x.scalar_type() == at::kFloat)) {
     auto sorted = at::sort(x, /*stable=*/true, -1, /*descending=*/true);
     const at::Tensor &vals = std::get<0>(sorted), &idx = std::get<1>(sorted);
-    auto kept = at::where(keepMask(at::cumsum(at::softmax(vals, -1), 1, vals.scalar_type())), vals,
-                          at::full({}, neg, vals.options()));
+    // kept: the first, and those whose predecessor's running sum is not above thres
+    auto over = at::cumsum(at::softmax(vals, -1), 1, vals.scalar_type()).narrow(1, 0, v - 1).gt(thres);
+    auto removed = at::cat({at::zeros({b, 1}, over.options()), over}, 1);
+    auto kept = at::where(removed, at::full({}, neg, vals.options()), vals);
     return idv(info, at::full_like(x, neg).scatter_(1, idx, kept));
   }
   auto xc = x.contiguous();

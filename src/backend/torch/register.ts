@@ -4,8 +4,8 @@
  * the device (cuda only when LibTorch has it; auto: cuda when LibTorch has CUDA and sees a device,
  * else cpu; default cpu). XT_GEMM=auto|dnnl|aten picks what runs CPU float32
  * matrix products: oneDNN's sgemm when the process has libdnnl (auto, the default; dnnl requires
- * it), or ATen's matmul over LibTorch's own BLAS. XT_CPU_CACHE_MB (default a 32nd of the memory, 64 to 1024) bounds the freed
- * CPU blocks the addon keeps for reuse.
+ * it), or ATen's matmul over LibTorch's own BLAS. XT_CPU_CACHE_MB (default a 32nd of the memory,
+ * 64 to 1024) bounds the freed CPU blocks the addon keeps for reuse.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-cpu';
