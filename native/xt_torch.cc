@@ -17,6 +17,8 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#include <pthread.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #ifdef __GLIBC__
@@ -27,6 +29,12 @@
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <thread>
 #include <cmath>
 #include <list>
 #include <mutex>
@@ -293,6 +301,189 @@ struct OmpThreads {
     if (active) omp_set_num_threads(1);
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Work shared with helper threads. A decoding step is a chain of ops of tens of microseconds each;
+// OpenMP's threads cost about as much to wake on a busy core, and a thread that a busier process
+// preempts holds every other one at its barrier. So the products of a batched step share their
+// work another way: the calling thread and the helpers take the pieces of one op (chunks) from a
+// counter, a helper writing its chunk to the op's own scratch buffer, and the caller never waits
+// for a helper longer than one of its own chunks takes: a chunk a helper has not finished by then
+// is taken back and computed again by the caller (the helper's result is dropped). The helpers run
+// at the lowest priority (SCHED_IDLE): they take only time no other thread of the machine wants,
+// so a core busy with the service's other processes gives them none and costs the step nothing. A
+// job keeps its inputs alive (tensors held by it) until the last helper has let go of it.
+// XT_HELPER_THREADS=n sets their number (default: the CPUs less one, at most 3; 0 turns them off).
+struct SharedJob {
+  std::vector<at::Tensor> keep;  // what the chunks read, alive while a helper may read it
+  int64_t chunks = 0;
+  // computes chunk c into the buffer at base (the result's own memory, or the scratch buffer: the
+  // same layout)
+  std::function<void(int64_t c, float* base)> run;
+  // copies chunk c's part of the scratch buffer into the result
+  std::function<void(int64_t c, const float* from)> collect;
+  std::unique_ptr<float[]> scratch;
+  std::atomic<int64_t> next{0};
+  // per chunk: 0 taken (by whoever), 1 finished by a helper, 2 taken back by the caller
+  std::unique_ptr<std::atomic<int>[]> state;
+};
+
+class HelperPool {
+ public:
+  explicit HelperPool(int n) {
+    for (int i = 0; i < n; i++) {
+      std::thread t([this] { loop(); });
+      threads_.push_back(t.native_handle());
+      t.detach();
+    }
+  }
+  int count() const { return static_cast<int>(threads_.size()); }
+
+  // Runs every chunk of `job`: the caller computes the chunks it takes into the result, and collects
+  // those the helpers finished from the scratch buffer; returns when all are in the result.
+  void share(const std::shared_ptr<SharedJob>& job) {
+    const int64_t n = job->chunks;
+    job->state.reset(new std::atomic<int>[n]);
+    for (int64_t c = 0; c < n; c++) job->state[c].store(0, std::memory_order_relaxed);
+    const bool helpersOnly = helpersOnly_.load(std::memory_order_relaxed);
+    post(job);
+    std::vector<char> mine(n, 0);
+    int64_t own = 0;
+    auto t0 = std::chrono::steady_clock::now();
+    if (!helpersOnly)
+      for (int64_t c; (c = job->next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+        job->run(c, nullptr);
+        mine[c] = 1;
+        own++;
+      }
+    const auto perChunk = own ? (std::chrono::steady_clock::now() - t0) / own : std::chrono::microseconds(2);
+    int64_t collected = 0, takenBack = 0;
+    for (int64_t c = 0; c < n; c++) {
+      if (mine[c]) continue;
+      // a helper has it: wait up to one chunk's time for it, then take it back
+      const auto until = std::chrono::steady_clock::now() + perChunk;
+      int s;
+      while ((s = job->state[c].load(std::memory_order_acquire)) == 0 &&
+             (helpersOnly || std::chrono::steady_clock::now() < until))
+        pause();
+      int expected = 0;
+      if (s == 1 || !job->state[c].compare_exchange_strong(expected, 2, std::memory_order_acq_rel)) {
+        job->collect(c, job->scratch.get());
+        collected++;
+      } else {
+        job->run(c, nullptr);
+        takenBack++;
+      }
+    }
+    withdraw(job);
+    jobs_.fetch_add(1, std::memory_order_relaxed);
+    chunks_.fetch_add(n, std::memory_order_relaxed);
+    helperChunks_.fetch_add(collected, std::memory_order_relaxed);
+    takenBack_.fetch_add(takenBack, std::memory_order_relaxed);
+  }
+
+  // Test support: while on, the caller takes no chunk and waits for the helpers to compute them
+  // all (the helpers then run at normal priority); returns the previous setting.
+  bool setHelpersOnly(bool on) {
+    bool prev = helpersOnly_.exchange(on);
+#if defined(__linux__)
+    sched_param none{};
+    for (auto t : threads_) pthread_setschedparam(t, on ? SCHED_OTHER : SCHED_IDLE, &none);
+#endif
+    return prev;
+  }
+
+  struct Stats {
+    int64_t jobs, chunks, helperChunks, takenBack;
+  };
+  Stats stats() const {
+    return {jobs_.load(), chunks_.load(), helperChunks_.load(), takenBack_.load()};
+  }
+
+ private:
+  static void pause() {
+#if defined(__x86_64__)
+    _mm_pause();
+#endif
+  }
+
+  void post(const std::shared_ptr<SharedJob>& job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      current_ = job;
+    }
+    epoch_.fetch_add(1, std::memory_order_release);
+    if (sleeping_.load(std::memory_order_acquire) > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      wake_.notify_all();
+    }
+  }
+
+  void withdraw(const std::shared_ptr<SharedJob>& job) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (current_ == job) current_.reset();
+  }
+
+  void loop() {
+#if defined(__linux__)
+    sched_param none{};
+    if (!helpersOnly_.load()) pthread_setschedparam(pthread_self(), SCHED_IDLE, &none);
+#endif
+    // what the chunks run stays on this thread (ATen's ops among them split nothing over OpenMP)
+    if (omp_set_num_threads) omp_set_num_threads(1);
+    uint64_t seen = 0;
+    for (;;) {
+      // spin a while for the next job (a step's ops come tens of microseconds apart), then sleep
+      const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);
+      while (epoch_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < until) pause();
+      if (epoch_.load(std::memory_order_acquire) == seen) {
+        std::unique_lock<std::mutex> lock(mu_);
+        sleeping_.fetch_add(1, std::memory_order_acq_rel);
+        wake_.wait(lock, [&] { return epoch_.load(std::memory_order_acquire) != seen; });
+        sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+      seen = epoch_.load(std::memory_order_acquire);
+      std::shared_ptr<SharedJob> job;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        job = current_;
+      }
+      if (!job) continue;
+      for (int64_t c; (c = job->next.fetch_add(1, std::memory_order_relaxed)) < job->chunks;) {
+        job->run(c, job->scratch.get());
+        int expected = 0;
+        job->state[c].compare_exchange_strong(expected, 1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::vector<pthread_t> threads_;
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::shared_ptr<SharedJob> current_;
+  std::atomic<uint64_t> epoch_{0};
+  std::atomic<int> sleeping_{0};
+  std::atomic<bool> helpersOnly_{false};
+  std::atomic<int64_t> jobs_{0}, chunks_{0}, helperChunks_{0}, takenBack_{0};
+};
+
+// the helpers, started on first use; null where there are none (one CPU, or XT_HELPER_THREADS=0)
+HelperPool* helpers() {
+  static HelperPool* pool = []() -> HelperPool* {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int n = static_cast<int>(std::clamp<long>(cpus - 1, 0, 3));
+    if (const char* env = std::getenv("XT_HELPER_THREADS")) {
+      char* end = nullptr;
+      long v = std::strtol(env, &end, 10);
+      if (!*env || *end || v < 0 || v > 64)
+        throw std::runtime_error(std::string("XT_HELPER_THREADS: expected an integer from 0 to 64, got \"") + env +
+                                 "\"");
+      n = static_cast<int>(v);
+    }
+    return n > 0 ? new HelperPool(n) : nullptr;  // never destroyed: its threads live as long as the process
+  }();
+  return pool;
+}
 
 // ---------------------------------------------------------------------------------------------
 // float32 matrix products. LibTorch hands CPU products to whatever BLAS it was built with; Debian's
@@ -668,6 +859,38 @@ void panelGemv(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
   at::parallel_for(0, np, grain, [&](int64_t b0, int64_t b1) { panelCols(m, b0, b1, n, k, a, lda, panels, y, ldy); });
 }
 
+// the least work (multiply-adds) a product shares with the helpers, and about how much each chunk
+// holds: pieces of a few microseconds, against the fraction of one that taking a chunk costs
+constexpr int64_t kShareMin = int64_t(1) << 19;
+constexpr int64_t kShareChunk = int64_t(1) << 18;
+
+// panelGemv with its panels split in chunks shared with the helper threads, where the product is
+// large enough and no OpenMP threads take it; the same numbers (each output is computed alone).
+// aKeep and panels hold a and the packed weight alive for the helpers.
+void panelGemvShared(int64_t m, int64_t n, int64_t k, const at::Tensor& aKeep, const float* a, int64_t lda,
+                     const at::Tensor& panels, float* y, int64_t ldy) {
+  const int64_t np = (n + kPanel - 1) / kPanel;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / (kPanel * std::max<int64_t>(k, 1)));
+  const float* pp = panels.data_ptr<float>();
+  HelperPool* pool = helpers();
+  const bool omp = np > grain && g_smallOps && omp_set_num_threads && g_threads > 1;
+  if (!pool || omp || m * n * k < kShareMin || np < 2) return panelGemv(m, n, k, a, lda, pp, y, ldy);
+  const int64_t per = std::clamp<int64_t>(kShareChunk / (m * k * kPanel), 1, np / 2);
+  auto job = std::make_shared<SharedJob>();
+  job->keep = {aKeep, panels};
+  job->chunks = (np + per - 1) / per;
+  job->scratch.reset(new float[m * ldy]);
+  job->run = [=](int64_t c, float* base) {
+    panelCols(m, c * per, std::min(np, (c + 1) * per), n, k, a, lda, pp, base ? base : y, ldy);
+  };
+  job->collect = [=](int64_t c, const float* from) {
+    const int64_t j0 = c * per * kPanel, j1 = std::min(n, (c + 1) * per * kPanel);
+    for (int64_t r = 0; r < m; r++)
+      std::memcpy(y + r * ldy + j0, from + r * ldy + j0, sizeof(float) * (j1 - j0));
+  };
+  pool->share(job);
+}
+
 // The softmax pieces of a decoding step's scores, eight lanes at a time: each element gets the
 // operation the scalar loop gives it (a product, a quotient), and the largest of the scores is exact;
 // with a NaN among them every weight is NaN either way.
@@ -717,6 +940,8 @@ void gemvT(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64
 void gemvN(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
 at::Tensor packPanels(const float*, int64_t, int64_t, int64_t) { return at::Tensor(); }
 void panelGemv(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t) {}
+void panelGemvShared(int64_t, int64_t, int64_t, const at::Tensor&, const float*, int64_t, const at::Tensor&, float*,
+                     int64_t) {}
 #endif
 
 // Whether a product of m rows goes to the in-place kernels: then every row of the result is computed
@@ -798,7 +1023,7 @@ at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
       ob += idx[d] * sb[d];
     }
     if (panels.defined()) {
-      panelGemv(m, n, k, pa + oa, la.ld, panels.data_ptr<float>(), py + i * m * n, n);
+      panelGemvShared(m, n, k, a, pa + oa, la.ld, panels, py + i * m * n, n);
     } else if (small) {
       if (lb.trans == 'T') gemvT(m, n, k, pa + oa, la.ld, pb + ob, lb.ld, py + i * m * n, n);
       else gemvN(m, n, k, pa + oa, la.ld, pb + ob, lb.ld, py + i * m * n, n);
@@ -994,6 +1219,27 @@ XT_FN(SetSmallOps) {
   return Napi::Boolean::New(info.Env(), prev);
 }
 
+// The helper threads (see HelperPool): how many, and how the shared work went so far: jobs shared,
+// their chunks, the chunks helpers computed, the chunks taken back from a late helper.
+XT_FN(Helpers) {
+  HelperPool* pool = helpers();
+  HelperPool::Stats st = pool ? pool->stats() : HelperPool::Stats{0, 0, 0, 0};
+  auto out = Napi::Object::New(info.Env());
+  out.Set("threads", pool ? pool->count() : 0);
+  out.Set("jobs", static_cast<double>(st.jobs));
+  out.Set("chunks", static_cast<double>(st.chunks));
+  out.Set("helperChunks", static_cast<double>(st.helperChunks));
+  out.Set("takenBack", static_cast<double>(st.takenBack));
+  return out;
+}
+
+// on: test support, the helpers compute every shared chunk (HelperPool::setHelpersOnly); returns the
+// previous setting (false where there are no helpers, and nothing changes).
+XT_FN(SetHelpersOnly) {
+  HelperPool* pool = helpers();
+  return Napi::Boolean::New(info.Env(), pool ? pool->setHelpersOnly(flag(info, 0)) : false);
+}
+
 XT_FN(CpuCache) {
   auto out = Napi::Object::New(info.Env());
   out.Set("cachedBytes", static_cast<double>(g_cpuAlloc ? g_cpuAlloc->cachedBytes() : 0));
@@ -1017,6 +1263,7 @@ XT_FN(Init) {
   if (!std::getenv("MALLOC_MMAP_THRESHOLD_")) mallopt(M_MMAP_THRESHOLD, 256 * 1024);
 #endif
   installCpuAllocator();
+  helpers();  // started here, so that a bad XT_HELPER_THREADS fails the backend's start
   std::string gemm = initGemm(info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "");
   if (dev == "auto") {
 #ifdef XT_HAS_CUDA
@@ -2430,8 +2677,8 @@ at::Tensor rotatedQuery(const at::Tensor& q, const at::Tensor& cos, const at::Te
 // args: x [b, n, dim], wq, wk, wv, wo, kCache [b, h, t, d], vCache [b, h, t, dv] (ids, or -1 for
 // none: t = 0), cos, sin, cosQ, sinQ (ids or -1), scale, heads, causal, flash -> [out [b, n, dimOut],
 // k [b, h, t + n, d], v [b, h, t + n, dv], the new v [b, h, n, dv]].
-// Scratch memory of the decoding kernels (one JavaScript thread calls them).
-std::vector<float> g_scratch;
+// Scratch memory of the decoding kernels (each thread its own: the helpers run them too).
+thread_local std::vector<float> g_scratch;
 float* scratch(size_t n) {
   if (g_scratch.size() < n) g_scratch.resize(n);
   return g_scratch.data();
@@ -2581,13 +2828,27 @@ XT_FN(CachedAttention) {
 // One row's step of CachedAttentionRows on raw memory, where it applies: the row's key and value
 // caches are append buffers with room for the new position (appendPosition's), the keys' rotations
 // are tracked up to the last position (rotatedKeys') and everything is CPU float32 that the raw
-// loops read. The new key and value are written in place, the new key and the query rotated, and the
-// attention computed with the same loops as attendStep, so the same numbers, without a tensor op
-// per head. Returns false (nothing written) where it does not apply; then attendStep runs.
+// loops read. The new key and value are written in place and the new key rotated; the query is
+// rotated into qRot (h * d floats). Then `attention` describes the rest, the same loops as
+// attendStep's (so the same numbers) without a tensor op per head: RowAttention::run. Returns false
+// (nothing written) where it does not apply; then attendStep runs.
 // q, k, v: this row's projections (h heads of d, d, dv features, contiguous).
+struct RowAttention {
+  const float* query;
+  const float* keys;
+  const float* values;
+  int64_t positions, kcap, vcap;
+  at::Tensor keysKeep;  // the keys read (the rotated copy, or the cache)
+  // softmax(q k^T * scale) v for the row's h heads into out (h * dv floats)
+  void run(int64_t h, int64_t d, int64_t dv, double scale, float* out) const {
+    attendRawPtr(query, h * d, d, 1, h, positions, d, dv, keys, h * kcap * d, kcap * d, d, values, h * vcap * dv,
+                 vcap * dv, dv, scale, out);
+  }
+};
+
 bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk, int64_t dvIn, const at::Tensor& kc,
-                      const at::Tensor& vc, const at::Tensor* cos, const at::Tensor* sin, double scale, int64_t h,
-                      float* out, at::Tensor& kAll, at::Tensor& vAll) {
+                      const at::Tensor& vc, const at::Tensor* cos, const at::Tensor* sin, int64_t h, float* qRot,
+                      RowAttention& attention, at::Tensor& kAll, at::Tensor& vAll) {
   if (!(g_sgemm && smallGemvFor(1) && !g_bf16)) return false;
   // one row's float32 cache of h heads of w features from its buffer's start (its rotations are
   // those of the buffer's positions), whose buffer takes the new position in place
@@ -2617,28 +2878,27 @@ bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk
   }
   kb->used = t + 1;
   vb->used = t + 1;
-  const float* keys = pk;
-  const float* query = q;
+  attention = {q, pk, pv, t + 1, kcap, vcap, kc};
   if (cos) {
     float* pr = kb->rotated.data_ptr<float>();
-    static std::vector<float> rotatedQ;
-    rotatedQ.resize(h * d);
-    float* qr = rotatedQ.data();
     for (int64_t hi = 0; hi < h; hi++) {
       rotatePairs(pk + (hi * kcap + t) * d, tableRow(*cos, 0, hi, t), tableRow(*sin, 0, hi, t),
                   pr + (hi * kcap + t) * d, d, false);
-      rotatePairs(q + hi * d, tableRow(*cos, 0, hi, t), tableRow(*sin, 0, hi, t), qr + hi * d, d, false);
+      rotatePairs(q + hi * d, tableRow(*cos, 0, hi, t), tableRow(*sin, 0, hi, t), qRot + hi * d, d, false);
     }
     kb->rotatedUsed = t + 1;
-    keys = pr;
-    query = qr;
+    attention.keys = pr;
+    attention.query = qRot;
+    attention.keysKeep = kb->rotated;
   }
-  attendRawPtr(query, h * d, d, 1, h, t + 1, d, dv, keys, h * kcap * d, kcap * d, d, pv, h * vcap * dv, vcap * dv, dv,
-               scale, out);
   kAll = kc.as_strided({1, h, t + 1, d}, kc.strides(), 0);
   vAll = vc.as_strided({1, h, t + 1, dv}, vc.strides(), 0);
   return true;
 }
+
+// the least work (multiply-adds over every row's positions) a step's attention shares with the
+// helpers: its reads come from memory, slower per multiply-add than the products'
+constexpr int64_t kShareAttentionMin = int64_t(1) << 16;
 
 XT_FN(CachedAttentionRows) {
   const at::Tensor& x = get(info[0]);
@@ -2667,6 +2927,12 @@ XT_FN(CachedAttentionRows) {
            t.stride(0) == h * t.size(3) && t.stride(2) == h * t.size(3);
   };
   const bool raw = rawRows(q) && rawRows(k) && rawRows(v) && q.size(3) == k.size(3) && merged.is_contiguous();
+  const int64_t d = q.size(3);
+  // the rows that the in-place path takes: their caches written first, their attention after
+  std::vector<RowAttention> planned;
+  std::vector<int64_t> plannedRows;
+  auto qRot = std::make_shared<std::vector<float>>(raw ? b * h * d : 0);
+  int64_t work = 0;
   for (int64_t r = 0; r < b; r++) {
     const at::Tensor &kc = kcs[r], &vc = vcs[r];
     if (kc.dim() != 4 || kc.size(0) != 1 || vc.dim() != 4 || vc.size(0) != 1)
@@ -2678,14 +2944,43 @@ XT_FN(CachedAttentionRows) {
       if (cos->dim() != 4 || cos->size(2) < kc.size(2) + 1 || sin->sizes() != cos->sizes())
         throw std::runtime_error("cachedAttentionRows: rotary tables shorter than a row's next position");
     }
+    RowAttention plan;
     if (raw && attendRowInPlace(q.data_ptr<float>() + r * q.stride(0), k.data_ptr<float>() + r * k.stride(0),
-                                v.data_ptr<float>() + r * v.stride(0), k.size(3), dv, kc, vc, cos, sin, scale, h,
-                                merged.data_ptr<float>() + r * h * dv, outs[1 + 2 * r], outs[2 + 2 * r]))
+                                v.data_ptr<float>() + r * v.stride(0), k.size(3), dv, kc, vc, cos, sin, h,
+                                qRot->data() + r * h * d, plan, outs[1 + 2 * r], outs[2 + 2 * r])) {
+      work += plan.positions * h * (d + dv);
+      planned.push_back(std::move(plan));
+      plannedRows.push_back(r);
       continue;
+    }
     auto qr = q.narrow(0, r, 1), kr = k.narrow(0, r, 1), vr = v.narrow(0, r, 1);
     StepAttention st = attendStep(qr, kr, vr, kc, vc, cos, sin, scale, &merged, r);
     outs[1 + 2 * r] = st.kAll;
     outs[2 + 2 * r] = st.vAll;
+  }
+  float* pm = merged.data_ptr<float>();
+  HelperPool* pool = planned.size() >= 2 && work >= kShareAttentionMin ? helpers() : nullptr;
+  if (pool) {
+    // a row per chunk; the job holds what the rows read: the queries (q, or the rotated copies in
+    // qRot), the keys (keysKeep: the caches, or their rotated copies) and the values' caches
+    auto job = std::make_shared<SharedJob>();
+    job->keep = {q};
+    for (int64_t r : plannedRows) job->keep.push_back(outs[2 + 2 * r]);
+    auto rows = std::make_shared<std::vector<RowAttention>>(std::move(planned));
+    auto at = std::make_shared<std::vector<int64_t>>(std::move(plannedRows));
+    const int64_t width = h * dv;
+    job->chunks = static_cast<int64_t>(rows->size());
+    job->scratch.reset(new float[b * width]);
+    // the rows' queries may point into qRot: the job holds it with its rows
+    job->run = [=, qRot = qRot](int64_t c, float* base) {
+      (*rows)[c].run(h, d, dv, scale, (base ? base : pm) + (*at)[c] * width);
+    };
+    job->collect = [=](int64_t c, const float* from) {
+      std::memcpy(pm + (*at)[c] * width, from + (*at)[c] * width, sizeof(float) * width);
+    };
+    pool->share(job);
+  } else {
+    for (size_t i = 0; i < planned.size(); i++) planned[i].run(h, d, dv, scale, pm + plannedRows[i] * h * dv);
   }
   outs[0] = xtMatmul(merged, wo.transpose(0, 1));
   return idList(info, outs);
@@ -3181,6 +3476,8 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("argReduce", ArgReduce);
   X("matmul", MatMul);
   X("cpuCache", CpuCache);
+  X("helpers", Helpers);
+  X("setHelpersOnly", SetHelpersOnly);
   X("setSmallGemvRows", SetSmallGemvRows);
   X("setSmallOps", SetSmallOps);
   X("topKFilter", TopKFilter);

@@ -25,6 +25,14 @@ export interface TorchAddon {
   count(): number;
   /** freed CPU blocks kept for reuse, and the bound on them (XT_CPU_CACHE_MB) */
   cpuCache(): { cachedBytes: number; limitBytes: number };
+  /**
+   * The helper threads that share the work of a batched decoding step's products and attention
+   * (XT_HELPER_THREADS; 0 where there are none): jobs shared so far, their chunks, the chunks
+   * helpers computed, and those taken back from a helper that had not finished in time.
+   */
+  helpers(): { threads: number; jobs: number; chunks: number; helperChunks: number; takenBack: number };
+  /** test support: while on, the helpers compute every shared chunk; returns the previous setting */
+  setHelpersOnly(on: boolean): boolean;
   /** most rows a float32 product computes row by row (at least 4); returns the previous bound */
   setSmallGemvRows(rows: number): number;
   /** the top-k sampling filter: each row's k largest logits kept (as topk picks them), others -inf */

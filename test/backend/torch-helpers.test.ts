@@ -1,0 +1,168 @@
+import os from 'node:os';
+import { spawnSync } from 'node:child_process';
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-backend-cpu';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { registerTorchBackend } from '../../src/backend/torch/register.js';
+import { loadAddon } from '../../src/backend/torch/native.js';
+import { Decoder } from '../../src/layers/attention-layers.js';
+import type { LayersCache } from '../../src/layers/cache.js';
+import { manualSeed } from '../../src/utils/random.js';
+import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
+
+// The torch backend's helper threads: a batched decoding step shares its products and its attention
+// with them, and every row keeps the numbers it has alone, whoever computed which part.
+
+let previous = '';
+
+beforeAll(async () => {
+  previous = tf.getBackend();
+  const r = registerTorchBackend();
+  if (!r.ok) throw new Error(r.reason);
+  await tf.setBackend('torch');
+});
+
+afterAll(async () => {
+  if (previous) await tf.setBackend(previous);
+});
+
+const V = 300;
+const DEPTH = 2;
+// eight prompts of 30 to 44 tokens: rows of different lengths, each step's products and attention
+// large enough to be shared (8 rows by 256-wide weights; 8 rows of 4 heads over 30+ positions)
+const PROMPTS = Array.from({ length: 8 }, (_, i) =>
+  Array.from({ length: 30 + 2 * i }, (_, j) => (7 * i + 13 * j + 1) % V),
+);
+
+function makeNet(): TransformerWrapper {
+  manualSeed(11);
+  const net = new TransformerWrapper({
+    numTokens: V,
+    maxSeqLen: 64,
+    attnLayers: new Decoder({ dim: 256, depth: DEPTH, heads: 4, rotaryPosEmb: true }),
+  });
+  net.eval();
+  return net;
+}
+
+function prefill(net: TransformerWrapper, prompt: number[]): LayersCache {
+  const x = tf.tensor2d([prompt], [1, prompt.length], 'int32');
+  const r = net.forwardWithState(x, { returnCache: true });
+  x.dispose();
+  r.logits.dispose();
+  r.embeddings.dispose();
+  return r.cache!;
+}
+
+/** Each row's logits for `steps` tokens decoded alone on its own cache (no product is shared). */
+function aloneLogits(net: TransformerWrapper, tokens: number[][]): number[][][] {
+  return PROMPTS.map((p, i) => {
+    let cache = prefill(net, p);
+    const seq = [...p];
+    const out: number[][] = [];
+    for (const t of tokens) {
+      seq.push(t[i]!);
+      const x = tf.tensor2d([seq], [1, seq.length], 'int32');
+      const r = net.forwardWithState(x, { cache });
+      x.dispose();
+      r.embeddings.dispose();
+      cache.dispose();
+      cache = r.cache!;
+      out.push(Array.from(r.logits.dataSync()).slice(-V));
+      r.logits.dispose();
+    }
+    cache.dispose();
+    return out;
+  });
+}
+
+/** The same steps with the eight rows together: logits [row][step][V]. */
+function batchedLogits(net: TransformerWrapper, tokens: number[][]): number[][][] {
+  let caches = PROMPTS.map((p) => prefill(net, p));
+  const out: number[][][] = PROMPTS.map(() => []);
+  for (const t of tokens) {
+    const x = tf.tensor2d(t, [t.length, 1], 'int32');
+    const r = net.forwardWithState(x, { rowCaches: caches });
+    x.dispose();
+    r.embeddings.dispose();
+    const rows = r.logits.arraySync() as number[][][];
+    r.logits.dispose();
+    rows.forEach((row, i) => out[i]!.push(row[0]!));
+    for (const c of caches) c.dispose();
+    caches = r.rowCaches!;
+  }
+  for (const c of caches) c.dispose();
+  return out;
+}
+
+/**
+ * The jobs `steps` batched steps share: per step and layer the four projections and the two
+ * feedforward products, then the output layer's product; and each layer's attention from the
+ * second step on (the first copies the prompt's cache into buffers that later steps append to in
+ * place, on the path that shares the attention).
+ */
+const sharedJobs = (steps: number) => steps * (6 * DEPTH + 1) + (steps - 1) * DEPTH;
+
+const N = () => loadAddon();
+const expected = Number(process.env.XT_HELPER_THREADS ?? Math.min(3, Math.max(0, os.availableParallelism() - 1)));
+
+describe('torch backend helper threads', () => {
+  it('starts one helper per CPU beyond the first, at most 3 (XT_HELPER_THREADS sets it)', () => {
+    expect(N().helpers().threads).toBe(expected);
+  });
+
+  it.runIf(expected > 0)(
+    'rows decoded together keep their own logits when the helpers compute every shared chunk',
+    () => {
+      const net = makeNet();
+      const tokens = [0, 1, 2].map((s) => PROMPTS.map((_, i) => (31 * i + 17 * s) % V));
+      const want = aloneLogits(net, tokens);
+      const before = N().helpers();
+      const prev = N().setHelpersOnly(true);
+      let got: number[][][];
+      try {
+        got = batchedLogits(net, tokens);
+      } finally {
+        N().setHelpersOnly(prev);
+      }
+      const after = N().helpers();
+      got.forEach((row, i) => row.forEach((step, s) => expect(step).toEqual(want[i]![s])));
+      expect(after.jobs - before.jobs).toBe(sharedJobs(tokens.length));
+      expect(after.helperChunks - before.helperChunks).toBe(after.chunks - before.chunks);
+      expect(after.takenBack).toBe(before.takenBack);
+      net.dispose();
+    },
+  );
+
+  it.runIf(expected > 0)('and when the caller and the helpers share the chunks as they come', () => {
+    const net = makeNet();
+    const tokens = Array.from({ length: 6 }, (_, s) => PROMPTS.map((_, i) => (5 * i + 29 * s + 3) % V));
+    const want = aloneLogits(net, tokens);
+    const before = N().helpers();
+    const got = batchedLogits(net, tokens);
+    got.forEach((row, i) => row.forEach((step, s) => expect(step).toEqual(want[i]![s])));
+    expect(N().helpers().jobs - before.jobs).toBe(sharedJobs(tokens.length));
+    net.dispose();
+  });
+
+  it('XT_HELPER_THREADS=0 starts none, and a bad value fails the backend with its name', () => {
+    const script =
+      "import { loadAddon } from './src/backend/torch/native.ts'; " +
+      "import { registerTorchBackend } from './src/backend/torch/register.ts'; " +
+      'const r = registerTorchBackend(); ' +
+      'console.log(JSON.stringify(r.ok ? loadAddon().helpers() : { reason: r.reason }));';
+    const run = (value: string) =>
+      spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+        env: { ...process.env, XT_HELPER_THREADS: value },
+        encoding: 'utf8',
+      });
+    const none = run('0');
+    expect(none.status, none.stderr).toBe(0);
+    expect(JSON.parse(none.stdout.trim().split('\n').pop()!)).toMatchObject({ threads: 0, jobs: 0 });
+    const bad = run('many');
+    expect(bad.status, bad.stderr).toBe(0);
+    expect(JSON.parse(bad.stdout.trim().split('\n').pop()!).reason).toContain(
+      'XT_HELPER_THREADS: expected an integer from 0 to 64, got "many"',
+    );
+  });
+});
