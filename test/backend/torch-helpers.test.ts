@@ -104,7 +104,9 @@ function batchedLogits(net: TransformerWrapper, tokens: number[][]): number[][][
 const sharedJobs = (steps: number) => steps * (6 * DEPTH + 1) + (steps - 1) * DEPTH;
 
 const N = () => loadAddon();
-const expected = Number(process.env.XT_HELPER_THREADS ?? Math.min(3, Math.max(0, os.availableParallelism() - 1)));
+const expected = Number(
+  process.env.XT_HELPER_THREADS ?? Math.min(3, Math.max(0, os.availableParallelism() - 1)),
+);
 
 describe('torch backend helper threads', () => {
   it('starts one helper per CPU beyond the first, at most 3 (XT_HELPER_THREADS sets it)', () => {
