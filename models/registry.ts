@@ -1,5 +1,6 @@
 import { createHash, randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
+import { EventHub, parseEntries } from './event-hub.js';
 import { isId } from './ids.js';
 import type {
   CheckpointRecord,
@@ -135,7 +136,6 @@ function scriptSha(body: string): string {
 }
 
 /** Most idle connections a Registry keeps for blocking reads. */
-const MAX_IDLE_READERS = 64;
 
 /** Most entries a job's event stream keeps (about: trimmed by whole nodes). */
 const EVENTS_MAXLEN = 100_000;
@@ -217,9 +217,8 @@ export class Registry {
   /** This writer's id and the number of its last appended event (see appendEvents). */
   private readonly writer = randomUUID();
   private appended = 0;
-  /** Connections for blocking reads that no reader holds now (see readerConnection). */
-  private readonly idleReaders: Redis[] = [];
-  private readersClosed = false;
+  private hub: EventHub | null = null;
+  private hubClosed = false;
 
   constructor(
     readonly redis: Redis,
@@ -506,66 +505,25 @@ export class Registry {
   }
 
   /**
-   * A connection of its own for blocking reads (an event follower's), whose commands fail fast while
-   * Redis is away: an idle one when there is one, else a new one (a new connection costs round
-   * trips of its own before its first read). Hand it back with `releaseReader`.
+   * The hub through which this process follows job event streams (one blocking read over all of
+   * them, see EventHub), started on first use.
    */
-  readerConnection(): Redis {
-    while (this.idleReaders.length) {
-      const c = this.idleReaders.pop()!;
-      if (c.status === 'ready') return c;
-      c.disconnect();
-    }
-    const c = this.redis.duplicate({ maxRetriesPerRequest: 1 });
-    c.on('error', () => undefined); // reported through the failing reads
-    return c;
+  get events(): EventHub {
+    if (this.hubClosed) throw new Error('Registry: event followers are closed');
+    return (this.hub ??= new EventHub(this.redis));
   }
 
-  /**
-   * Takes back a reader connection: kept for the next reader when `reusable` (no command of it still
-   * waits for a reply) and connected, else closed. At most MAX_IDLE_READERS are kept.
-   */
-  releaseReader(c: Redis, reusable: boolean): void {
-    if (reusable && !this.readersClosed && c.status === 'ready' && this.idleReaders.length < MAX_IDLE_READERS)
-      this.idleReaders.push(c);
-    else c.disconnect();
-  }
-
-  /** Closes the idle reader connections, and from now on every one handed back. */
+  /** Closes the event hub's connection; followers started after this fail. */
   closeReaders(): void {
-    this.readersClosed = true;
-    for (const c of this.idleReaders.splice(0)) c.disconnect();
+    this.hubClosed = true;
+    this.hub?.close();
   }
 
-  /**
-   * Reads events after `afterId` ('0' from the start), waiting up to `blockMs` for new ones.
-   * Blocking reads need a connection of their own: pass `conn` (a duplicate) when blockMs > 0.
-   */
-  async readEvents(
-    jobId: string,
-    afterId: string,
-    blockMs = 0,
-    conn: Redis = this.redis,
-  ): Promise<JobEvent[]> {
-    const key = this.eventsKey(jobId);
-    const res =
-      blockMs > 0
-        ? await conn.xread('COUNT', 1000, 'BLOCK', blockMs, 'STREAMS', key, afterId)
-        : await conn.xread('COUNT', 1000, 'STREAMS', key, afterId);
+  /** Reads the events after `afterId` ('0' from the start) that are there now. */
+  async readEvents(jobId: string, afterId: string): Promise<JobEvent[]> {
+    const res = await this.redis.xread('COUNT', 1000, 'STREAMS', this.eventsKey(jobId), afterId);
     if (!res) return [];
-    const out: JobEvent[] = [];
-    for (const [, entries] of res) {
-      for (const [id, fields] of entries) {
-        const f: Record<string, string> = {};
-        for (let i = 0; i + 1 < fields.length; i += 2) f[fields[i]!] = fields[i + 1]!;
-        out.push({
-          id,
-          event: f.event ?? 'message',
-          data: JSON.parse(f.data ?? '{}') as Record<string, unknown>,
-        });
-      }
-    }
-    return out;
+    return res.flatMap(([, entries]) => parseEntries(entries));
   }
 }
 

@@ -5,6 +5,9 @@ import type { JobView } from '../models/schemas.js';
 /** How long a follower keeps retrying while Redis is unreachable before it gives up. */
 export const REDIS_OUTAGE_MS = 30_000;
 
+/** How long a follower waits for events before it looks at its job's record. */
+const QUIET_MS = 2000;
+
 const sleep = (ms: number, signal: AbortSignal) =>
   new Promise<void>((resolve) => {
     const t = setTimeout(done, ms);
@@ -18,10 +21,11 @@ const sleep = (ms: number, signal: AbortSignal) =>
 
 /**
  * Follows a job's Redis Stream from after `fromId` ('0' = from the start), yielding events until an
- * end event, or until `signal` aborts. Reads on a connection of its own, whose commands fail fast
- * while Redis is away: the follower keeps its place and retries until Redis is back, and throws
- * once it has been unreachable for `outageMs`. When the stream has expired but the job record says
- * it finished, yields one synthesised end event.
+ * end event, or until `signal` aborts. Reads through the registry's event hub (one blocking read for
+ * every follower of the process). While Redis is unreachable the follower keeps its place and waits
+ * for it, and throws once it has been unreachable for `outageMs`. When the stream stays quiet and
+ * the job's record says it finished (or the record is gone), it reads the stream once more and, when
+ * the end event is not there (the stream expired), yields one synthesised from the record.
  */
 export async function* followEvents(
   registry: Registry,
@@ -30,65 +34,60 @@ export async function* followEvents(
   signal: AbortSignal,
   outageMs = REDIS_OUTAGE_MS,
 ): AsyncGenerator<JobEvent> {
-  const conn = registry.readerConnection();
-  const reader = new Registry(conn, registry.prefix);
-  const onAbort = () => conn.disconnect();
-  signal.addEventListener('abort', onAbort);
-  let last = fromId;
+  const hub = registry.events;
+  const sub = hub.subscribe(registry.eventsKey(jobId), fromId);
   let failingSince = 0;
-  // the connection goes back for another follower unless a read may still be waiting on it
-  let reusable = false;
+  const failing = (e: unknown) => {
+    failingSince ||= Date.now();
+    if (Date.now() - failingSince > outageMs) throw e;
+  };
   try {
     while (!signal.aborted) {
-      let events: JobEvent[];
-      let job: JobView | null = null;
+      await sub.wait(QUIET_MS, signal);
+      if (signal.aborted) return;
+      const events = sub.take();
+      for (const ev of events) {
+        yield ev;
+        if (END_EVENTS.has(ev.event)) return;
+      }
+      if (events.length) continue;
+      if (hub.failingSince) {
+        // the hub's reads fail: wait for Redis, up to outageMs from when they began to
+        if (Date.now() - hub.failingSince > outageMs) throw hub.lastError ?? new Error('Redis unreachable');
+        continue;
+      }
+      let job: JobView | null;
       try {
-        events = await reader.readEvents(jobId, last, 2000, conn);
-        if (!events.length) job = await reader.getJob(jobId);
+        job = await registry.getJob(jobId);
         failingSince = 0;
       } catch (e) {
         if (signal.aborted) return;
-        failingSince ||= Date.now();
-        if (Date.now() - failingSince > outageMs) throw e;
+        failing(e);
         await sleep(200, signal);
         continue;
       }
-      for (const ev of events) {
-        last = ev.id;
-        // (a reader that stops here, once it has this event, leaves no read behind)
-        reusable = true;
-        yield ev;
-        reusable = false;
-        if (END_EVENTS.has(ev.event)) {
-          reusable = true;
-          return;
-        }
-      }
-      if (events.length) continue;
       if (!job) return;
-      if (isTerminal(job.state)) {
-        // the end event may have been written just now: read once more before synthesising
-        const tail = await reader.readEvents(jobId, last, 0);
-        if (tail.length) {
-          for (const ev of tail) {
-            last = ev.id;
-            yield ev;
-            if (END_EVENTS.has(ev.event)) return;
-          }
-          continue;
-        }
-        const name = job.state === 'completed' ? (job.type === 'generate' ? 'done' : 'completed') : job.state;
-        yield {
-          id: last === '0' ? '0-1' : last,
-          event: name,
-          data: job.result ?? (job.error ? { error: job.error } : {}),
-        };
-        return;
+      if (!isTerminal(job.state) || sub.pending) continue;
+      // the end event may have been written just now: read once more before synthesising (what the
+      // read finds goes through the subscription, which drops what the hub has delivered already)
+      try {
+        sub.deliver(await registry.readEvents(jobId, sub.position));
+      } catch (e) {
+        if (signal.aborted) return;
+        failing(e);
+        continue;
       }
+      if (sub.pending) continue;
+      const name = job.state === 'completed' ? (job.type === 'generate' ? 'done' : 'completed') : job.state;
+      yield {
+        id: sub.position === '0' ? '0-1' : sub.position,
+        event: name,
+        data: job.result ?? (job.error ? { error: job.error } : {}),
+      };
+      return;
     }
   } finally {
-    signal.removeEventListener('abort', onAbort);
-    registry.releaseReader(conn, reusable && !signal.aborted);
+    sub.close();
   }
 }
 

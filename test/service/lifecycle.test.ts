@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import Fastify from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { followEvents, SseWriter } from '../../routes/sse.js';
+import { EventHub } from '../../models/event-hub.js';
 import { EventWriter } from '../../workers/event-writer.js';
 import { captureScripts, makeEnv, parseSse, type TestEnv } from './helpers.js';
 
@@ -149,34 +150,76 @@ describe('event followers', () => {
     return Number(/total_connections_received:(\d+)/.exec(info)![1]);
   };
 
-  it('followers one after another read on one connection; an aborted one closes its own', async () => {
-    const { registry } = env.app.svc;
-    const follow = async (jobId: string, signal = new AbortController().signal) => {
-      const seen: string[] = [];
-      for await (const ev of followEvents(registry, jobId, '0', signal)) seen.push(ev.event);
-      return seen;
-    };
-    const ended = randomUUID();
-    await registry.createJob({ id: ended, type: 'generate', modelId: randomUUID() });
-    await registry.appendEvent(ended, 'token', { index: 0 });
-    await registry.endJob(ended, 'generate', { state: 'completed', result: {} });
-    expect(await follow(ended)).toEqual(['token', 'done']);
-    const before = await connections();
-    for (let i = 0; i < 5; i++) expect(await follow(ended)).toEqual(['token', 'done']);
-    expect(await connections()).toBe(before);
+  const follow = async (jobId: string, signal = new AbortController().signal) => {
+    const seen: string[] = [];
+    for await (const ev of followEvents(env.app.svc.registry, jobId, '0', signal))
+      seen.push(`${ev.event}${ev.data.index ?? ''}`);
+    return seen;
+  };
 
-    // a follower aborted while its read waits: its connection is closed, not handed to the next
+  it('followers of many jobs at once read on one connection, each its own events in order', async () => {
+    const { registry } = env.app.svc;
+    const jobs = Array.from({ length: 6 }, () => randomUUID());
+    for (const j of jobs) await registry.createJob({ id: j, type: 'generate', modelId: randomUUID() });
+    // the hub's connection, made by a first follower
+    await registry.appendEvent(jobs[0]!, 'token', { index: 0 });
+    await registry.endJob(jobs[0]!, 'generate', { state: 'completed', result: {} });
+    expect(await follow(jobs[0]!)).toEqual(['token0', 'done']);
+    const before = await connections();
+    const rest = jobs.slice(1);
+    const following = rest.map((j) => follow(j));
+    // tokens of every job in turn, as a batched decoding step writes them
+    for (let i = 0; i < 5; i++)
+      await registry.writeEvents(rest.map((j) => ({ jobId: j, event: 'token', data: { index: i } })));
+    for (const j of rest) await registry.endJob(j, 'generate', { state: 'completed', result: {} });
+    const seen = await Promise.all(following);
+    for (const s of seen) expect(s).toEqual(['token0', 'token1', 'token2', 'token3', 'token4', 'done']);
+    expect(await connections()).toBe(before);
+    expect(registry.events.size).toEqual({ followers: 0, streams: 0 });
+  });
+
+  it("a follower that joins while the hub's read waits gets its events without waiting for it", async () => {
+    const { redis, registry } = env.app.svc;
+    // a read that would wait a minute: the follower joining after it must cut it short
+    const name = `hub-${randomUUID().slice(0, 8)}`;
+    const hub = new EventHub(redis, { blockMs: 60_000, connectionName: name });
+    try {
+      const idle = hub.subscribe(registry.eventsKey(randomUUID()), '0');
+      // until its read blocks at Redis
+      const blocked = async () =>
+        (await redis.client('LIST'))
+          .toString()
+          .split('\n')
+          .some((c) => c.includes(` name=${name} `) && / flags=\w*b/.test(c));
+      while (!(await blocked())) await new Promise((r) => setTimeout(r, 5));
+      const job = randomUUID();
+      const sub = hub.subscribe(registry.eventsKey(job), '0');
+      await registry.appendEvent(job, 'token', { index: 7 });
+      const never = new AbortController().signal;
+      while (!sub.pending) await sub.wait(60_000, never);
+      expect(sub.take().map((e) => e.data)).toEqual([{ index: 7 }]);
+      idle.close();
+      sub.close();
+      expect(hub.size).toEqual({ followers: 0, streams: 0 });
+    } finally {
+      hub.close();
+    }
+  }, 20_000);
+
+  it('an aborted follower leaves the hub; the next one on its job reads from the start', async () => {
+    const { registry } = env.app.svc;
     const waiting = randomUUID();
     await registry.createJob({ id: waiting, type: 'generate', modelId: randomUUID() });
     const ac = new AbortController();
     const aborted = follow(waiting, ac.signal);
-    await new Promise((r) => setTimeout(r, 100));
+    while (registry.events.size.followers === 0) await new Promise((r) => setTimeout(r, 5));
     ac.abort();
     expect(await aborted).toEqual([]);
+    expect(registry.events.size).toEqual({ followers: 0, streams: 0 });
     const next = follow(waiting);
     await registry.appendEvent(waiting, 'token', { index: 0 });
     await registry.endJob(waiting, 'generate', { state: 'completed', result: {} });
-    expect(await next).toEqual(['token', 'done']);
+    expect(await next).toEqual(['token0', 'done']);
   });
 });
 
