@@ -10,11 +10,14 @@
  * or with `--top-p X` the nucleus filter at X.
  * With a --max-seq-len below prompt + steps, the sequences decode past it: each step keeps the last
  * maxSeqLen - 1 positions of every cache (a sliding window).
+ * On the torch backend's CPU device, the last column says what share of the timed steps' shared
+ * chunks (their larger products and attention, see XT_HELPER_THREADS) the helper threads computed.
  * With --kernels, a second table splits a step's time by kernel, and what runs outside kernels
  * (JavaScript and the tensor engine), for each batch size: where the time of each added row goes.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../src/backend/index.js';
+import { loadAddon } from '../src/backend/torch/native.js';
 import { BatchDecoder } from '../src/generation/batch-decoder.js';
 import { Decoder } from '../src/layers/attention-layers.js';
 import { manualSeed } from '../src/utils/random.js';
@@ -48,8 +51,17 @@ console.log(
     `${net.numParameters().toLocaleString()} parameters, prompts of ${promptLen} tokens, maxSeqLen ${maxSeqLen}, ` +
     `${steps} steps per batch size\n`,
 );
-console.log('| sequences | prefill ms per sequence | ms per step | tokens/s | against one sequence |');
-console.log('| ---: | ---: | ---: | ---: | ---: |');
+// the torch backend's helper threads (XT_HELPER_THREADS): the share of the steps' work they took
+const addon = info.backend === 'torch' && info.device === 'cpu' ? loadAddon() : null;
+const helperThreads = addon?.helpers().threads ?? 0;
+if (helperThreads)
+  console.log(
+    `${helperThreads} helper thread${helperThreads > 1 ? 's' : ''} (XT_HELPER_THREADS) ${helperThreads > 1 ? 'share' : 'shares'} each step's larger products and attention\n`,
+  );
+console.log(
+  `| sequences | prefill ms per sequence | ms per step | tokens/s | against one sequence |${helperThreads ? ' chunks by helpers |' : ''}`,
+);
+console.log(`| ---: | ---: | ---: | ---: | ---: |${helperThreads ? ' ---: |' : ''}`);
 // --kernels: each kernel of the backend timed while `timing` is on (the timed steps of each size)
 let timing = false;
 const kernelMs = new Map<string, number>();
@@ -69,6 +81,7 @@ if (byKernel)
 const perKernel: { b: number; step: number; kernels: Map<string, number> }[] = [];
 
 let one = 0;
+let byHelpers = '';
 for (const b of batches) {
   // the first run compiles and allocates; the second is timed
   let ms = 0;
@@ -83,11 +96,19 @@ for (const b of batches) {
     d.step(); // the prefills and each sequence's first token
     prefill = (performance.now() - p0) / b;
     kernelMs.clear();
+    const shared0 = addon?.helpers() ?? null;
     timing = byKernel && run === 1;
     const t0 = performance.now();
     for (let s = 0; s < steps; s++) d.step();
     ms = (performance.now() - t0) / steps;
     timing = false;
+    if (shared0) {
+      const h = addon!.helpers();
+      const chunks = h.chunks - shared0.chunks;
+      byHelpers = chunks
+        ? `${Math.round((100 * (h.helperChunks - shared0.helperChunks)) / chunks)}% of ${chunks.toLocaleString()}`
+        : 'none shared';
+    }
     d.dispose();
   }
   if (byKernel)
@@ -96,7 +117,7 @@ for (const b of batches) {
   if (b === 1) one = tps;
   const ratio = one && b > 1 ? `${(tps / one).toFixed(1)}x` : '';
   console.log(
-    `| ${b} | ${prefill.toFixed(2)} | ${ms.toFixed(2)} | ${Math.round(tps).toLocaleString()} | ${ratio} |`,
+    `| ${b} | ${prefill.toFixed(2)} | ${ms.toFixed(2)} | ${Math.round(tps).toLocaleString()} | ${ratio} |${helperThreads ? ` ${byHelpers} |` : ''}`,
   );
 }
 if (byKernel) {
