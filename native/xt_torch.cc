@@ -364,8 +364,10 @@ class HelperPool {
       const auto until = std::chrono::steady_clock::now() + perChunk;
       int s;
       while ((s = job->state[c].load(std::memory_order_acquire)) == 0 &&
-             (helpersOnly || std::chrono::steady_clock::now() < until))
-        pause();
+             (helpersOnly || std::chrono::steady_clock::now() < until)) {
+        if (helpersOnly) std::this_thread::yield();  // the helper may need this CPU
+        else pause();
+      }
       int expected = 0;
       if (s == 1 || !job->state[c].compare_exchange_strong(expected, 2, std::memory_order_acq_rel)) {
         job->collect(c, job->scratch.get());
