@@ -51,11 +51,13 @@ return 1`;
 
 // Appends events to streams in one round trip, each at most once; an event may end its job. KEYS:
 // per event its stream, its job's hash and its job's cancel flag. ARGV: the stream length bound, the
-// TTL of an ended stream and job, this writer's id, the key prefix, then per event: its kind ('e' an
-// event, 'x' a job's end, 'c' a job's end that becomes a cancellation when one was requested), its
-// job id, its name, its data, 1 when it ends the stream (which then expires after the TTL), its number
-// among this writer's events, the count of job fields it sets, those fields and values; a 'c' event
-// then has the cancellation's name, data, field count and fields.
+// TTL of an ended stream and job, this writer's id, the key prefix, then the events as one JSON
+// array (one argument however many events: a decoding step's tokens for every stream), each
+// [kind, jobId, name, data, fields, ends, n, altName, altData, altFields]: its kind ('e' an event,
+// 'x' a job's end, 'c' a job's end that becomes a cancellation when one was requested), its job id,
+// its name, its data (JSON text), the job fields it sets (a flat list of names and values), 1 when it
+// ends the stream (which then expires after the TTL), its number among this writer's events; a 'c'
+// event then has the cancellation's name, data and fields.
 // An entry records its writer and number ('w' = "<writer>:<number>"): when a stream's last entry is
 // this writer's with a number as high, the event is already there (a command sent again after a reply
 // that Redis restarting lost), and it is not added twice.
@@ -65,7 +67,7 @@ return 1`;
 // Returns per event its entry id ('' for an end that did not apply) and its job's state after it.
 const APPEND_EVENTS = `
 local out = {}
-local at = 4
+local events = cjson.decode(ARGV[5])
 local function terminal(s)
   return s == 'completed' or s == 'failed' or s == 'cancelled'
 end
@@ -81,23 +83,9 @@ local function already(key, n)
   end
   return nil
 end
-local function take()
-  local name, data = ARGV[at + 1], ARGV[at + 2]
-  local nf = tonumber(ARGV[at + 3])
-  local fields = {}
-  for j = 1, 2 * nf do fields[j] = ARGV[at + 3 + j] end
-  at = at + 3 + 2 * nf
-  return name, data, fields
-end
-for i = 1, #KEYS, 3 do
-  local stream, job, cancel = KEYS[i], KEYS[i + 1], KEYS[i + 2]
-  local kind, jobId = ARGV[at + 1], ARGV[at + 2]
-  at = at + 2
-  local name, data, fields = take()
-  local ends, n = ARGV[at + 1], tonumber(ARGV[at + 2])
-  at = at + 2
-  local altName, altData, altFields
-  if kind == 'c' then altName, altData, altFields = take() end
+for i, e in ipairs(events) do
+  local stream, job, cancel = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local kind, jobId, name, data, fields, ends, n = e[1], e[2], e[3], e[4], e[5], e[6], e[7]
   local id = already(stream, n)
   local append = true
   if id then
@@ -109,7 +97,7 @@ for i = 1, #KEYS, 3 do
       id = ''
     else
       if kind == 'c' and redis.call('EXISTS', cancel) == 1 then
-        name, data, fields = altName, altData, altFields
+        name, data, fields = e[8], e[9], e[10]
       end
       redis.call('HSET', job, unpack(fields))
       redis.call('EXPIRE', job, ARGV[2])
@@ -119,8 +107,8 @@ for i = 1, #KEYS, 3 do
   end
   if append then
     id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', 'event', name, 'data', data,
-      'w', ARGV[3] .. ':' .. n)
-    if ends == '1' then redis.call('EXPIRE', stream, ARGV[2]) end
+      'w', ARGV[3] .. ':' .. string.format('%d', n))
+    if ends == 1 then redis.call('EXPIRE', stream, ARGV[2]) end
   end
   out[#out + 1] = id
   out[#out + 1] = redis.call('HGET', job, 'state') or ''
@@ -475,18 +463,20 @@ export class Registry {
       this.key('job', e.jobId),
       this.key('cancel', e.jobId),
     ]);
-    const fieldArgs = (f: Record<string, string>) => [
-      String(Object.keys(f).length),
-      ...Object.entries(f).flat(),
-    ];
-    const args = events.flatMap((e) => {
-      const kind = !e.end ? 'e' : e.end.ifCancelled ? 'c' : 'x';
-      const head = [kind, e.jobId, e.event, JSON.stringify(e.data), ...fieldArgs(e.end?.fields ?? {})];
-      const tail = [END_EVENTS.has(e.event) ? '1' : '0', String(++this.appended)];
+    const flatFields = (f: Record<string, string>) => Object.entries(f).flat();
+    const packed = events.map((e) => {
       const alt = e.end?.ifCancelled;
-      return alt
-        ? [...head, ...tail, alt.event, JSON.stringify(alt.data), ...fieldArgs(alt.fields)]
-        : [...head, ...tail];
+      const one: unknown[] = [
+        !e.end ? 'e' : alt ? 'c' : 'x',
+        e.jobId,
+        e.event,
+        JSON.stringify(e.data),
+        flatFields(e.end?.fields ?? {}),
+        END_EVENTS.has(e.event) ? 1 : 0,
+        ++this.appended,
+      ];
+      if (alt) one.push(alt.event, JSON.stringify(alt.data), flatFields(alt.fields));
+      return one;
     });
     const flat = (await this.script(
       APPEND_EVENTS,
@@ -496,7 +486,7 @@ export class Registry {
       String(JOB_TTL_S),
       this.writer,
       this.prefix,
-      ...args,
+      JSON.stringify(packed),
     )) as string[];
     const out: AppendedEvent[] = [];
     for (let i = 0; i < flat.length; i += 2)

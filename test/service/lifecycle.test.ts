@@ -118,6 +118,21 @@ describe('job lifecycle: a job ends once', () => {
     expect(job!.result).toBeUndefined();
   });
 
+  it("a write's events keep their data exactly, whatever characters and numbers it holds", async () => {
+    const { registry } = env.app.svc;
+    const jobs = [randomUUID(), randomUUID()];
+    for (const j of jobs) await registry.createJob({ id: j, type: 'generate', modelId: randomUUID() });
+    const data = [
+      { index: 0, text: 'quote " backslash \\ newline \n tab \t' },
+      { index: 1, text: 'héllo 世界 🙂', tokenId: 2 ** 40 + 1 },
+      { index: 2, text: '\ud800 alone', x: 1e-7, y: -0.1, z: [1, { a: null }] },
+      { index: 3, text: '' },
+    ];
+    await registry.writeEvents(data.map((d, i) => ({ jobId: jobs[i % 2]!, event: 'token', data: d })));
+    expect((await registry.readEvents(jobs[0]!, '0')).map((e) => e.data)).toEqual([data[0], data[2]]);
+    expect((await registry.readEvents(jobs[1]!, '0')).map((e) => e.data)).toEqual([data[1], data[3]]);
+  });
+
   it('an end sent again (its reply lost when Redis restarted) is applied and appended once', async () => {
     const { registry } = env.app.svc;
     const job = randomUUID();
