@@ -1,9 +1,9 @@
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-cpu';
 import '@tensorflow/tfjs-core/dist/register_all_gradients.js';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
+import { useTorchBackend } from './use-torch.js';
 import { checkPrecision, withPrecision } from '../../src/backend/precision.js';
-import { registerTorchBackend } from '../../src/backend/torch/register.js';
 import { loadAddon } from '../../src/backend/torch/native.js';
 import type { TorchBackend } from '../../src/backend/torch/backend.js';
 import { attend } from '../../src/attention/attend.js';
@@ -16,18 +16,7 @@ import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
 
 // Mixed precision (bf16) on the torch backend's CPU kernels; CUDA runs the same kernels.
 
-let previous = '';
-
-beforeAll(async () => {
-  previous = tf.getBackend();
-  const r = registerTorchBackend();
-  if (!r.ok) throw new Error(r.reason);
-  await tf.setBackend('torch');
-});
-
-afterAll(async () => {
-  if (previous) await tf.setBackend(previous);
-});
+useTorchBackend();
 
 /** float32 -> the nearest bfloat16 (ties to even), as a float32 value */
 function bf16(x: number): number {

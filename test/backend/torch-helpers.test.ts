@@ -2,8 +2,8 @@ import os from 'node:os';
 import { spawnSync } from 'node:child_process';
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-cpu';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { registerTorchBackend } from '../../src/backend/torch/register.js';
+import { describe, expect, it } from 'vitest';
+import { useTorchBackend } from './use-torch.js';
 import { loadAddon } from '../../src/backend/torch/native.js';
 import { Decoder } from '../../src/layers/attention-layers.js';
 import type { LayersCache } from '../../src/layers/cache.js';
@@ -13,18 +13,7 @@ import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
 // The torch backend's helper threads: a batched decoding step shares its products and its attention
 // with them, and every row keeps the numbers it has alone, whoever computed which part.
 
-let previous = '';
-
-beforeAll(async () => {
-  previous = tf.getBackend();
-  const r = registerTorchBackend();
-  if (!r.ok) throw new Error(r.reason);
-  await tf.setBackend('torch');
-});
-
-afterAll(async () => {
-  if (previous) await tf.setBackend(previous);
-});
+useTorchBackend();
 
 const V = 300;
 const DEPTH = 2;
