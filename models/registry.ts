@@ -50,9 +50,10 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1`;
 
 // Appends events to streams in one round trip, each at most once; an event may end its job. KEYS:
-// per event its stream, its job's hash and its job's cancel flag. ARGV: the stream length bound, the
-// TTL of an ended stream and job, this writer's id, the key prefix, then the events as one JSON
-// array (one argument however many events: a decoding step's tokens for every stream), each
+// per event its stream, its job's hash and its job's cancel flag, then this writer's mark (below).
+// ARGV: the stream length bound, the TTL of an ended stream and job, this writer's id, the key
+// prefix, then the events as one JSON array (one argument however many events: a decoding step's
+// tokens for every stream), each
 // [kind, jobId, name, data, fields, ends, n, altName, altData, altFields]: its kind ('e' an event,
 // 'x' a job's end, 'c' a job's end that becomes a cancellation when one was requested), its job id,
 // its name, its data (JSON text), the job fields it sets (a flat list of names and values), 1 when it
@@ -60,14 +61,20 @@ return 1`;
 // event then has the cancellation's name, data and fields.
 // An entry records its writer and number ('w' = "<writer>:<number>"): when a stream's last entry is
 // this writer's with a number as high, the event is already there (a command sent again after a reply
-// that Redis restarting lost), and it is not added twice.
+// that Redis restarting lost), and it is not added twice. The writer's highest number so far is kept
+// at the last key, "<prefix>:writer:<writer>" (with the TTL, written with the events): a number above
+// it is new, and its stream is not looked at.
 // An end applies only to a job that exists and has not ended: its fields are set, the job's record
 // expires after the TTL and leaves its model's job set, and its event is appended; an end that does
 // not apply appends nothing.
-// Returns per event its entry id ('' for an end that did not apply) and its job's state after it.
+// Returns per event its entry id ('' for an end that did not apply) and, for an end, its job's state
+// after it ('' for other events).
 const APPEND_EVENTS = `
 local out = {}
 local events = cjson.decode(ARGV[5])
+local mark = KEYS[#KEYS]
+local high = tonumber(redis.call('GET', mark) or '0')
+local top = high
 local function terminal(s)
   return s == 'completed' or s == 'failed' or s == 'cancelled'
 end
@@ -86,7 +93,9 @@ end
 for i, e in ipairs(events) do
   local stream, job, cancel = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
   local kind, jobId, name, data, fields, ends, n = e[1], e[2], e[3], e[4], e[5], e[6], e[7]
-  local id = already(stream, n)
+  local id = nil
+  if n <= high then id = already(stream, n) end
+  if n > top then top = n end
   local append = true
   if id then
     append = false
@@ -111,8 +120,9 @@ for i, e in ipairs(events) do
     if ends == 1 then redis.call('EXPIRE', stream, ARGV[2]) end
   end
   out[#out + 1] = id
-  out[#out + 1] = redis.call('HGET', job, 'state') or ''
+  out[#out + 1] = kind ~= 'e' and (redis.call('HGET', job, 'state') or '') or ''
 end
+redis.call('SET', mark, string.format('%d', top), 'EX', ARGV[2])
 return out`;
 
 const shas = new Map<string, string>();
@@ -147,7 +157,10 @@ export interface EndWrite {
   ifCancelled?: { event: string; data: Record<string, unknown>; fields: Record<string, string> };
 }
 
-/** What appending an event did: its entry id ('' for an end that did not apply) and its job's state then. */
+/**
+ * What appending an event did: its entry id ('' for an end that did not apply) and, for a job's end,
+ * the job's state then (null for other events).
+ */
 export interface AppendedEvent {
   id: string;
   state: JobState | null;
@@ -463,6 +476,7 @@ export class Registry {
       this.key('job', e.jobId),
       this.key('cancel', e.jobId),
     ]);
+    keys.push(this.key('writer', this.writer));
     const flatFields = (f: Record<string, string>) => Object.entries(f).flat();
     const packed = events.map((e) => {
       const alt = e.end?.ifCancelled;

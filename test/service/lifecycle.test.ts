@@ -150,6 +150,30 @@ describe('job lifecycle: a job ends once', () => {
     expect(await scripts.again(0)).toEqual([first[0]!.id, 'completed']);
     expect((await registry.readEvents(job, '0')).map((e) => e.event)).toEqual(['done']);
   });
+
+  it('tokens sent again (the reply lost) are not appended twice; later ones are', async () => {
+    const { registry } = env.app.svc;
+    const jobs = [randomUUID(), randomUUID()];
+    for (const j of jobs) await registry.createJob({ id: j, type: 'generate', modelId: randomUUID() });
+    const step = (i: number) => jobs.map((j) => ({ jobId: j, event: 'token', data: { index: i } }));
+    const scripts = captureScripts(registry);
+    let ids: string[];
+    try {
+      ids = await registry.appendEvents(step(0));
+    } finally {
+      scripts.restore();
+    }
+    await registry.appendEvents(step(1));
+    // the first write again, after the second: each answered with its stream's last entry, nothing added
+    const again = (await scripts.again(0)) as string[];
+    expect(again.filter((_, i) => i % 2 === 0)).toHaveLength(2);
+    await registry.appendEvents(step(2));
+    for (const [k, j] of jobs.entries()) {
+      const events = await registry.readEvents(j, '0');
+      expect(events.map((e) => e.data.index)).toEqual([0, 1, 2]);
+      expect(events[0]!.id).toBe(ids[k]);
+    }
+  });
 });
 
 describe('event followers', () => {
