@@ -294,7 +294,9 @@ int g_threads = 1;  // the thread count set at init (at::get_num_threads outside
 // Gives ATen `n` threads for the calls in its scope (small-op mode: back to one after them).
 struct OmpThreads {
   bool active;
-  explicit OmpThreads(bool want) : active(want && g_smallOps && omp_set_num_threads && g_threads > 1) {
+  // whether a scope that wants them gets the threads (small-op mode, with OpenMP and threads to give)
+  static bool raises(bool want) { return want && g_smallOps && omp_set_num_threads && g_threads > 1; }
+  explicit OmpThreads(bool want) : active(raises(want)) {
     if (active) omp_set_num_threads(g_threads);
   }
   ~OmpThreads() {
@@ -851,12 +853,15 @@ at::Tensor packPanels(const float* w, int64_t ldw, int64_t k, int64_t n) {
   return out;
 }
 
+// panels per OpenMP thread in panelGemv: threads only pay for themselves on large weights, at least
+// 1M weights per thread
+int64_t panelGrain(int64_t k) { return std::max<int64_t>(1, (int64_t(1) << 20) / (kPanel * std::max<int64_t>(k, 1))); }
+
 // y = a w for m rows of a (row-major, lda) and the packed weight of n columns over k
 void panelGemv(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* panels, float* y,
                int64_t ldy) {
   const int64_t np = (n + kPanel - 1) / kPanel;
-  // threads only pay for themselves on large weights: at least 1M weights per thread
-  int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / (kPanel * std::max<int64_t>(k, 1)));
+  const int64_t grain = panelGrain(k);
   OmpThreads threads(np > grain);
   at::parallel_for(0, np, grain, [&](int64_t b0, int64_t b1) { panelCols(m, b0, b1, n, k, a, lda, panels, y, ldy); });
 }
@@ -867,16 +872,15 @@ constexpr int64_t kShareMin = int64_t(1) << 19;
 constexpr int64_t kShareChunk = int64_t(1) << 18;
 
 // panelGemv with its panels split in chunks shared with the helper threads, where the product is
-// large enough and no OpenMP threads take it; the same numbers (each output is computed alone).
-// aKeep and panels hold a and the packed weight alive for the helpers.
+// large enough and panelGemv would raise no OpenMP threads for it; the same numbers (each output is
+// computed alone). aKeep and panels hold a and the packed weight alive for the helpers.
 void panelGemvShared(int64_t m, int64_t n, int64_t k, const at::Tensor& aKeep, const float* a, int64_t lda,
                      const at::Tensor& panels, float* y, int64_t ldy) {
   const int64_t np = (n + kPanel - 1) / kPanel;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / (kPanel * std::max<int64_t>(k, 1)));
   const float* pp = panels.data_ptr<float>();
   HelperPool* pool = helpers();
-  const bool omp = np > grain && g_smallOps && omp_set_num_threads && g_threads > 1;
-  if (!pool || omp || m * n * k < kShareMin || np < 2) return panelGemv(m, n, k, a, lda, pp, y, ldy);
+  if (!pool || OmpThreads::raises(np > panelGrain(k)) || m * n * k < kShareMin || np < 2)
+    return panelGemv(m, n, k, a, lda, pp, y, ldy);
   const int64_t per = std::clamp<int64_t>(kShareChunk / (m * k * kPanel), 1, np / 2);
   auto job = std::make_shared<SharedJob>();
   job->keep = {aKeep, panels};
@@ -2836,11 +2840,13 @@ XT_FN(CachedAttention) {
 // (nothing written) where it does not apply; then attendStep runs.
 // q, k, v: this row's projections (h heads of d, d, dv features, contiguous).
 struct RowAttention {
+  int64_t row;  // its row of the step
   const float* query;
   const float* keys;
   const float* values;
   int64_t positions, kcap, vcap;
-  at::Tensor keysKeep;  // the keys read (the rotated copy, or the cache)
+  // what keys and values point into (the keys' rotated copy, or the caches)
+  at::Tensor keysKeep, valuesKeep;
   // softmax(q k^T * scale) v for the row's h heads into out (h * dv floats)
   void run(int64_t h, int64_t d, int64_t dv, double scale, float* out) const {
     attendRawPtr(query, h * d, d, 1, h, positions, d, dv, keys, h * kcap * d, kcap * d, d, values, h * vcap * dv,
@@ -2880,7 +2886,8 @@ bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk
   }
   kb->used = t + 1;
   vb->used = t + 1;
-  attention = {q, pk, pv, t + 1, kcap, vcap, kc};
+  const int64_t row = attention.row;
+  attention = {row, q, pk, pv, t + 1, kcap, vcap, kc, vc};
   if (cos) {
     float* pr = kb->rotated.data_ptr<float>();
     for (int64_t hi = 0; hi < h; hi++) {
@@ -2932,7 +2939,6 @@ XT_FN(CachedAttentionRows) {
   const int64_t d = q.size(3);
   // the rows that the in-place path takes: their caches written first, their attention after
   std::vector<RowAttention> planned;
-  std::vector<int64_t> plannedRows;
   auto qRot = std::make_shared<std::vector<float>>(raw ? b * h * d : 0);
   int64_t work = 0;
   for (int64_t r = 0; r < b; r++) {
@@ -2947,12 +2953,12 @@ XT_FN(CachedAttentionRows) {
         throw std::runtime_error("cachedAttentionRows: rotary tables shorter than a row's next position");
     }
     RowAttention plan;
+    plan.row = r;
     if (raw && attendRowInPlace(q.data_ptr<float>() + r * q.stride(0), k.data_ptr<float>() + r * k.stride(0),
                                 v.data_ptr<float>() + r * v.stride(0), k.size(3), dv, kc, vc, cos, sin, h,
                                 qRot->data() + r * h * d, plan, outs[1 + 2 * r], outs[2 + 2 * r])) {
       work += plan.positions * h * (d + dv);
       planned.push_back(std::move(plan));
-      plannedRows.push_back(r);
       continue;
     }
     auto qr = q.narrow(0, r, 1), kr = k.narrow(0, r, 1), vr = v.narrow(0, r, 1);
@@ -2964,25 +2970,24 @@ XT_FN(CachedAttentionRows) {
   HelperPool* pool = planned.size() >= 2 && work >= kShareAttentionMin ? helpers() : nullptr;
   if (pool) {
     // a row per chunk; the job holds what the rows read: the queries (q, or the rotated copies in
-    // qRot), the keys (keysKeep: the caches, or their rotated copies) and the values' caches
+    // qRot) and the keys and values (held by the rows)
     auto job = std::make_shared<SharedJob>();
     job->keep = {q};
-    for (int64_t r : plannedRows) job->keep.push_back(outs[2 + 2 * r]);
     auto rows = std::make_shared<std::vector<RowAttention>>(std::move(planned));
-    auto at = std::make_shared<std::vector<int64_t>>(std::move(plannedRows));
     const int64_t width = h * dv;
     job->chunks = static_cast<int64_t>(rows->size());
     job->scratch.reset(new float[b * width]);
-    // the rows' queries may point into qRot: the job holds it with its rows
     job->run = [=, qRot = qRot](int64_t c, float* base) {
-      (*rows)[c].run(h, d, dv, scale, (base ? base : pm) + (*at)[c] * width);
+      const RowAttention& a = (*rows)[c];
+      a.run(h, d, dv, scale, (base ? base : pm) + a.row * width);
     };
     job->collect = [=](int64_t c, const float* from) {
-      std::memcpy(pm + (*at)[c] * width, from + (*at)[c] * width, sizeof(float) * width);
+      const int64_t at = (*rows)[c].row * width;
+      std::memcpy(pm + at, from + at, sizeof(float) * width);
     };
     pool->share(job);
   } else {
-    for (size_t i = 0; i < planned.size(); i++) planned[i].run(h, d, dv, scale, pm + plannedRows[i] * h * dv);
+    for (const RowAttention& a : planned) a.run(h, d, dv, scale, pm + a.row * h * dv);
   }
   outs[0] = xtMatmul(merged, wo.transpose(0, 1));
   return idList(info, outs);
