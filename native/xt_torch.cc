@@ -829,9 +829,17 @@ void panelCols(int64_t m, int64_t p0, int64_t p1, int64_t n, int64_t k, const fl
     int64_t r = 0;
     if (g_avx512) {
       for (; r + 8 <= m; r += 8) panelRows<8, 2>(r, g0, g1, n, k, a, lda, panels, y, ldy);
-      for (; r + 4 <= m; r += 4) panelRows<4, 4>(r, g0, g1, n, k, a, lda, panels, y, ldy);
-      for (; r + 2 <= m; r += 2) panelRows<2, 8>(r, g0, g1, n, k, a, lda, panels, y, ldy);
-      for (; r < m; r++) panelRows<1, 8>(r, g0, g1, n, k, a, lda, panels, y, ldy);
+      // the rows left, in one more pass over the group's panels
+      switch (m - r) {
+        case 7: panelRows<7, 2>(r, g0, g1, n, k, a, lda, panels, y, ldy); break;
+        case 6: panelRows<6, 4>(r, g0, g1, n, k, a, lda, panels, y, ldy); break;
+        case 5: panelRows<5, 4>(r, g0, g1, n, k, a, lda, panels, y, ldy); break;
+        case 4: panelRows<4, 4>(r, g0, g1, n, k, a, lda, panels, y, ldy); break;
+        case 3: panelRows<3, 4>(r, g0, g1, n, k, a, lda, panels, y, ldy); break;
+        case 2: panelRows<2, 8>(r, g0, g1, n, k, a, lda, panels, y, ldy); break;
+        case 1: panelRows<1, 8>(r, g0, g1, n, k, a, lda, panels, y, ldy); break;
+        default: break;
+      }
     } else {
       for (; r + 6 <= m; r += 6) panelRows<6, 1>(r, g0, g1, n, k, a, lda, panels, y, ldy);
       for (; r + 2 <= m; r += 2) panelRows<2, 2>(r, g0, g1, n, k, a, lda, panels, y, ldy);
@@ -866,9 +874,10 @@ void panelGemv(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
   at::parallel_for(0, np, grain, [&](int64_t b0, int64_t b1) { panelCols(m, b0, b1, n, k, a, lda, panels, y, ldy); });
 }
 
-// the least work (multiply-adds) a product shares with the helpers, and about how much each chunk
-// holds: pieces of a few microseconds, against the fraction of one that taking a chunk costs
-constexpr int64_t kShareMin = int64_t(1) << 19;
+// the least work (multiply-adds) a product of two rows or more shares with the helpers (4 rows by a
+// 256 x 256 weight; one row's products read their weight faster alone), and about how much each
+// chunk holds: pieces of a few microseconds, against the fraction of one that taking a chunk costs
+constexpr int64_t kShareMin = int64_t(1) << 18;
 constexpr int64_t kShareChunk = int64_t(1) << 18;
 
 // panelGemv with its panels split in chunks shared with the helper threads, where the product is
@@ -879,7 +888,7 @@ void panelGemvShared(int64_t m, int64_t n, int64_t k, const at::Tensor& aKeep, c
   const int64_t np = (n + kPanel - 1) / kPanel;
   const float* pp = panels.data_ptr<float>();
   HelperPool* pool = helpers();
-  if (!pool || OmpThreads::raises(np > panelGrain(k)) || m * n * k < kShareMin || np < 2)
+  if (!pool || OmpThreads::raises(np > panelGrain(k)) || m < 2 || m * n * k < kShareMin || np < 2)
     return panelGemv(m, n, k, a, lda, pp, y, ldy);
   const int64_t per = std::clamp<int64_t>(kShareChunk / (m * k * kPanel), 1, np / 2);
   auto job = std::make_shared<SharedJob>();

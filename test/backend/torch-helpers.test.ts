@@ -44,8 +44,8 @@ function prefill(net: TransformerWrapper, prompt: number[]): LayersCache {
 }
 
 /** Each row's logits for `steps` tokens decoded alone on its own cache (no product is shared). */
-function aloneLogits(net: TransformerWrapper, tokens: number[][]): number[][][] {
-  return PROMPTS.map((p, i) => {
+function aloneLogits(net: TransformerWrapper, tokens: number[][], prompts = PROMPTS): number[][][] {
+  return prompts.map((p, i) => {
     let cache = prefill(net, p);
     const seq = [...p];
     const out: number[][] = [];
@@ -65,10 +65,10 @@ function aloneLogits(net: TransformerWrapper, tokens: number[][]): number[][][] 
   });
 }
 
-/** The same steps with the eight rows together: logits [row][step][V]. */
-function batchedLogits(net: TransformerWrapper, tokens: number[][]): number[][][] {
-  let caches = PROMPTS.map((p) => prefill(net, p));
-  const out: number[][][] = PROMPTS.map(() => []);
+/** The same steps with the rows together (the eight, or `prompts`'): logits [row][step][V]. */
+function batchedLogits(net: TransformerWrapper, tokens: number[][], prompts = PROMPTS): number[][][] {
+  let caches = prompts.map((p) => prefill(net, p));
+  const out: number[][][] = prompts.map(() => []);
   for (const t of tokens) {
     const x = tf.tensor2d(t, [t.length, 1], 'int32');
     const r = net.forwardWithState(x, { rowCaches: caches });
@@ -135,6 +135,37 @@ describe('torch backend helper threads', () => {
     expect(N().helpers().jobs - before.jobs).toBe(sharedJobs(tokens.length));
     net.dispose();
   });
+
+  // fewer rows than the products' blocks of eight: the rows left after the blocks go through the
+  // panels in one more pass (7 rows, 5 rows), and products of 4 rows or more by a 256 x 256 weight
+  // are shared too (the four projections and the output layer's); with 3 rows only the feedforward
+  // products are large enough, and the attention over their positions is not
+  it.runIf(expected > 0).each([
+    [7, sharedJobs(3)],
+    [5, sharedJobs(3)],
+    [3, 3 * 2 * DEPTH],
+  ])(
+    '%i rows decoded together keep their own logits, with the helpers computing every shared chunk',
+    (rows, jobs) => {
+      const net = makeNet();
+      const prompts = PROMPTS.slice(0, rows);
+      const tokens = [0, 1, 2].map((s) => prompts.map((_, i) => (11 * i + 23 * s + 5) % V));
+      const want = aloneLogits(net, tokens, prompts);
+      const before = N().helpers();
+      const prev = N().setHelpersOnly(true);
+      let got: number[][][];
+      try {
+        got = batchedLogits(net, tokens, prompts);
+      } finally {
+        N().setHelpersOnly(prev);
+      }
+      const after = N().helpers();
+      got.forEach((row, i) => row.forEach((step, s) => expect(step).toEqual(want[i]![s])));
+      expect(after.jobs - before.jobs).toBe(jobs);
+      expect(after.helperChunks - before.helperChunks).toBe(after.chunks - before.chunks);
+      net.dispose();
+    },
+  );
 
   it('XT_HELPER_THREADS=0 starts none, and a bad value fails the backend with its name', () => {
     const script =
