@@ -74,7 +74,7 @@ inline at::Tensor toBf16(const at::Tensor& t) { return t.scalar_type() == at::kF
 // read (a bfloat16 copy; float32 panels, see packPanels): converting a weight costs more than a
 // product of a few rows with it. A copy is keyed by its source's storage and view, and dropped when
 // the source's storage dies or is updated in place (AdamW).
-enum class CopyKind { Bf16, Panels };
+enum class CopyKind { Bf16, Panels, JointPanels };
 struct WeightCopy {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
   CopyKind kind;
@@ -119,6 +119,51 @@ at::Tensor cachedCopy(const at::Tensor& w, CopyKind kind, Make make) {
   g_weightCopies[key].push_back(
       {w.storage().getWeakStorageImpl(), kind, w.storage_offset(), w.sizes().vec(), w.strides().vec(), copy});
   g_weightCopyCount++;
+  return copy;
+}
+
+// One copy made from several weights together (the panels of q's, k's and v's weights side by side):
+// kept under each source, and valid while every source still holds it (an in-place update of any
+// of them drops its entry, so the copy is made again).
+template <class Make>
+at::Tensor cachedJointCopy(const std::vector<at::Tensor>& ws, Make make) {
+  auto entryOf = [](const at::Tensor& w, const at::Tensor* copy) -> WeightCopy* {
+    auto it = g_weightCopies.find(w.storage().data());
+    if (it == g_weightCopies.end()) return nullptr;
+    const c10::StorageImpl* impl = w.storage().unsafeGetStorageImpl();
+    for (auto& c : it->second)
+      if (c.kind == CopyKind::JointPanels && c.offset == w.storage_offset() && w.sizes().equals(c.sizes) &&
+          w.strides().equals(c.strides) && c.storage.lock().get() == impl &&
+          (!copy || c.copy.unsafeGetTensorImpl() == copy->unsafeGetTensorImpl()))
+        return &c;
+    return nullptr;
+  };
+  for (const auto& w : ws)
+    if (!w.has_storage() || !w.storage().data()) return make();
+  if (WeightCopy* first = entryOf(ws[0], nullptr)) {
+    at::Tensor copy = first->copy;
+    bool all = true;
+    for (size_t i = 1; i < ws.size() && all; i++) all = entryOf(ws[i], &copy) != nullptr;
+    if (all) return copy;
+  }
+  if (g_weightCopyCount + ws.size() > 4096) return make();
+  at::Tensor copy = make();
+  for (const auto& w : ws) {
+    auto& list = g_weightCopies[w.storage().data()];
+    // an older joint copy of this view (another weight beside it was updated) goes
+    const c10::StorageImpl* impl = w.storage().unsafeGetStorageImpl();
+    auto stale = [&](const WeightCopy& c) {
+      return c.storage.expired() || (c.kind == CopyKind::JointPanels && c.storage.lock().get() == impl &&
+                                     c.offset == w.storage_offset() && w.sizes().equals(c.sizes) &&
+                                     w.strides().equals(c.strides));
+    };
+    size_t before = list.size();
+    list.erase(std::remove_if(list.begin(), list.end(), stale), list.end());
+    g_weightCopyCount -= before - list.size();
+    list.push_back(
+        {w.storage().getWeakStorageImpl(), CopyKind::JointPanels, w.storage_offset(), w.sizes().vec(), w.strides().vec(), copy});
+    g_weightCopyCount++;
+  }
   return copy;
 }
 
@@ -1052,6 +1097,42 @@ at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
     }
   }
   return y;
+}
+
+// x [..., dim] times the weights wq, wk and wv ([n_i, dim] each, as linear layers hold them): xtMatmul
+// of each, in one product over their panels side by side where the panel kernels take it (each
+// output is computed as in its own product: the same numbers). Returns [..., n_i] views.
+std::vector<at::Tensor> projectJoint(const at::Tensor& x, const std::vector<at::Tensor>& ws) {
+  const int64_t k = x.size(-1);
+  const int64_t m = k ? x.numel() / k : 0;
+  bool joint = g_sgemm && !g_bf16 && m > 0 && smallGemvFor(m) && x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+               x.is_contiguous();
+  int64_t total = 0;
+  for (const auto& w : ws) {
+    joint = joint && w.dim() == 2 && w.size(1) == k && w.scalar_type() == at::kFloat && w.device().is_cpu() &&
+            w.is_contiguous() && w.size(0) > 0;
+    total += w.dim() == 2 ? w.size(0) : 0;
+  }
+  std::vector<at::Tensor> out;
+  if (!joint) {
+    for (const auto& w : ws) out.push_back(xtMatmul(x, w.transpose(0, 1)));
+    return out;
+  }
+  at::Tensor panels = cachedJointCopy(ws, [&] {
+    auto all = at::cat(ws, 0);
+    return packPanels(all.data_ptr<float>(), k, k, total);
+  });
+  auto a = x.view({m, k});
+  auto y = at::empty({m, total}, x.options());
+  panelGemvShared(m, total, k, a, a.data_ptr<float>(), k, panels, y.data_ptr<float>(), total);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  int64_t at = 0;
+  for (const auto& w : ws) {
+    shape.back() = w.size(0);
+    out.push_back(y.narrow(1, at, w.size(0)).view(shape));
+    at += w.size(0);
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2799,9 +2880,8 @@ XT_FN(CachedAttention) {
   int64_t h = num(info, 12);
   int64_t b = x.size(0), n = x.size(1);
   auto heads = [&](const at::Tensor& t) { return t.view({b, n, h, t.size(-1) / h}).permute({0, 2, 1, 3}); };
-  auto q = heads(xtMatmul(x, wq.transpose(0, 1)));
-  auto k = heads(xtMatmul(x, wk.transpose(0, 1)));
-  auto v = heads(xtMatmul(x, wv.transpose(0, 1)));
+  auto qkv = projectJoint(x, {wq, wk, wv});
+  auto q = heads(qkv[0]), k = heads(qkv[1]), v = heads(qkv[2]);
   if (cached && n == 1) {
     const at::Tensor &kc = get(info[5]), &vc = get(info[6]);
     // (cosQ, sinQ, info[9] and info[10], are the tables' last position: the query's)
@@ -2933,16 +3013,15 @@ XT_FN(CachedAttentionRows) {
       static_cast<int64_t>(sinIds.size()) != b)
     throw std::runtime_error("cachedAttentionRows: expected x [b, 1, dim] and b caches and tables");
   auto heads = [&](const at::Tensor& t) { return t.view({b, 1, h, t.size(-1) / h}).permute({0, 2, 1, 3}); };
-  auto q = heads(xtMatmul(x, wq.transpose(0, 1)));
-  auto k = heads(xtMatmul(x, wk.transpose(0, 1)));
-  auto v = heads(xtMatmul(x, wv.transpose(0, 1)));
+  auto qkv = projectJoint(x, {wq, wk, wv});
+  auto q = heads(qkv[0]), k = heads(qkv[1]), v = heads(qkv[2]);
   int64_t dv = v.size(3);
   auto merged = at::empty({b, 1, h * dv}, q.options());
   std::vector<at::Tensor> outs(1 + 2 * b);
-  // the projections as raw rows, where the in-place path can read them
+  // the projections as raw rows (of any row stride: q, k and v may be columns of one product), where
+  // the in-place path can read them
   auto rawRows = [&](const at::Tensor& t) {
-    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.stride(3) == 1 && t.stride(1) == t.size(3) &&
-           t.stride(0) == h * t.size(3) && t.stride(2) == h * t.size(3);
+    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.stride(3) == 1 && t.stride(1) == t.size(3);
   };
   const bool raw = rawRows(q) && rawRows(k) && rawRows(v) && q.size(3) == k.size(3) && merged.is_contiguous();
   const int64_t d = q.size(3);

@@ -7,6 +7,8 @@ import { useTorchBackend } from './use-torch.js';
 import { loadAddon } from '../../src/backend/torch/native.js';
 import { Decoder } from '../../src/layers/attention-layers.js';
 import type { LayersCache } from '../../src/layers/cache.js';
+import type { TorchBackend } from '../../src/backend/torch/backend.js';
+import { AdamW } from '../../src/train/optimizer.js';
 import { manualSeed } from '../../src/utils/random.js';
 import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
 
@@ -85,12 +87,13 @@ function batchedLogits(net: TransformerWrapper, tokens: number[][], prompts = PR
 }
 
 /**
- * The jobs `steps` batched steps share: per step and layer the four projections and the two
- * feedforward products, then the output layer's product; and each layer's attention from the
+ * The jobs `steps` batched steps share: per step and layer the projections (q, k and v in one
+ * product, then the attention's output) and the two feedforward products, then the output layer's
+ * product; and each layer's attention from the
  * second step on (the first copies the prompt's cache into buffers that later steps append to in
  * place, on the path that shares the attention).
  */
-const sharedJobs = (steps: number) => steps * (6 * DEPTH + 1) + (steps - 1) * DEPTH;
+const sharedJobs = (steps: number) => steps * (4 * DEPTH + 1) + (steps - 1) * DEPTH;
 
 const N = () => loadAddon();
 const expected = Number(
@@ -138,12 +141,13 @@ describe('torch backend helper threads', () => {
 
   // fewer rows than the products' blocks of eight: the rows left after the blocks go through the
   // panels in one more pass (7 rows, 5 rows), and products of 4 rows or more by a 256 x 256 weight
-  // are shared too (the four projections and the output layer's); with 3 rows only the feedforward
-  // products are large enough, and the attention over their positions is not
+  // are shared too (the attention's output, the output layer's); with 3 rows only q, k and v's
+  // product (by their three weights at once) and the feedforward products are large enough, and
+  // the attention over their positions is not
   it.runIf(expected > 0).each([
     [7, sharedJobs(3)],
     [5, sharedJobs(3)],
-    [3, 3 * 2 * DEPTH],
+    [3, 3 * 3 * DEPTH],
   ])(
     '%i rows decoded together keep their own logits, with the helpers computing every shared chunk',
     (rows, jobs) => {
@@ -166,6 +170,57 @@ describe('torch backend helper threads', () => {
       net.dispose();
     },
   );
+
+  it("q, k and v's joint panels follow an in-place update of one of their weights", () => {
+    const make = () => {
+      manualSeed(5);
+      const m = new TransformerWrapper({
+        numTokens: 50,
+        maxSeqLen: 32,
+        attnLayers: new Decoder({ dim: 64, depth: 1, heads: 2, rotaryPosEmb: true }),
+      });
+      m.eval();
+      return m;
+    };
+    // a prompt's cache, then one cached decoding step (its projections read the joint panels)
+    const step = (m: TransformerWrapper): number[] => {
+      const cache = prefill(m, [1, 2, 3, 4, 5]);
+      const x = tf.tensor2d([[1, 2, 3, 4, 5, 7]], [1, 6], 'int32');
+      const r = m.forwardWithState(x, { cache });
+      const out = Array.from(r.logits.dataSync()).slice(-50);
+      tf.dispose([x, r.logits, r.embeddings]);
+      cache.dispose();
+      r.cache!.dispose();
+      return out;
+    };
+    const net = make();
+    const before = step(net);
+    const [name, wk] = net.namedParameters().find(([n]) => n.endsWith('to_k.weight'))!;
+    const opt = new AdamW([[name, wk]], { learningRate: 0.05, weightDecay: 0 });
+    const g = tf.tensor2d(
+      Array.from({ length: wk.size }, (_, i) => Math.sin(i)),
+      wk.shape as [number, number],
+    );
+    // the first step makes the optimizer's moments; the second updates the weight in place
+    opt.apply({ [name]: g });
+    const id = (tf.backend() as TorchBackend).id(wk);
+    opt.apply({ [name]: g });
+    expect((tf.backend() as TorchBackend).id(wk)).toBe(id);
+    const after = step(net);
+    // the same weights' values in a new model (new memory): panels made from them afresh
+    const fresh = make();
+    const values = Object.fromEntries(
+      Object.entries(net.stateDict()).map(([k, v]) => [k, tf.tensor(v.dataSync(), v.shape, v.dtype)]),
+    );
+    fresh.loadStateDict(values);
+    tf.dispose(Object.values(values));
+    expect(after).toEqual(step(fresh));
+    expect(after).not.toEqual(before);
+    tf.dispose(g);
+    opt.dispose();
+    net.dispose();
+    fresh.dispose();
+  });
 
   it('XT_HELPER_THREADS=0 starts none, and a bad value fails the backend with its name', () => {
     const script =
