@@ -13,6 +13,7 @@
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
+import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -35,59 +36,85 @@ interface Sample {
   streamTokensPerSecond: number;
 }
 
-/** One streamed completion: reads the SSE body as it arrives. */
-async function streamOnce(base: string, model: string, prompt: string): Promise<Sample> {
+// the clients' connections, kept open between requests as a load tool's are
+const agent = new http.Agent({ keepAlive: true });
+
+/**
+ * One streamed completion: reads the SSE body as it arrives. Over node:http rather than fetch: the
+ * load runs on the machine it measures, and fetch's web streams cost it about twice the CPU per
+ * token.
+ */
+function streamOnce(base: string, model: string, prompt: string): Promise<Sample> {
   const t0 = performance.now();
-  const res = await fetch(`${base}/openai/v1/completions`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({
-      model,
-      prompt,
-      max_tokens: tokens,
-      temperature: 1,
-      stream: true,
-      stream_options: { include_usage: true },
-    }),
+  const body = JSON.stringify({
+    model,
+    prompt,
+    max_tokens: tokens,
+    temperature: 1,
+    stream: true,
+    stream_options: { include_usage: true },
   });
-  if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}: ${await res.text()}`);
-  const decoder = new TextDecoder();
-  let buf = '';
-  let first = 0;
-  let count = 0;
-  let done = false;
-  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
-    buf += decoder.decode(chunk, { stream: true });
-    let cut: number;
-    while ((cut = buf.indexOf('\n\n')) >= 0) {
-      const block = buf.slice(0, cut);
-      buf = buf.slice(cut + 2);
-      if (!block.startsWith('data: ')) continue;
-      const payload = block.slice(6);
-      if (payload === '[DONE]') {
-        done = true;
-        continue;
-      }
-      const msg = JSON.parse(payload) as {
-        error?: { message: string };
-        choices: { text: string }[];
-        usage?: { completion_tokens: number };
-      };
-      if (msg.error) throw new Error(msg.error.message);
-      if (!first && msg.choices.some((c) => c.text)) first = performance.now();
-      if (msg.usage) count = msg.usage.completion_tokens;
-    }
-  }
-  if (!done) throw new Error('stream ended without [DONE]');
-  const end = performance.now();
-  const ttft = (first || end) - t0;
-  return {
-    ttftMs: ttft,
-    latencyMs: end - t0,
-    tokens: count,
-    // the stream's own rate, from its first token to its end (queueing shows in TTFT)
-    streamTokensPerSecond: count / Math.max(1e-6, (end - (first || t0)) / 1000),
-  };
+  return new Promise<Sample>((resolve, reject) => {
+    const req = http.request(
+      `${base}/openai/v1/completions`,
+      {
+        method: 'POST',
+        agent,
+        headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) },
+      },
+      (res) => {
+        res.setEncoding('utf8');
+        if (res.statusCode !== 200) {
+          let text = '';
+          res.on('data', (d: string) => (text += d));
+          res.on('end', () => reject(new Error(`HTTP ${res.statusCode}: ${text}`)));
+          return;
+        }
+        let buf = '';
+        let first = 0;
+        let count = 0;
+        let done = false;
+        let failed: Error | null = null;
+        res.on('data', (chunk: string) => {
+          buf += chunk;
+          let cut: number;
+          while ((cut = buf.indexOf('\n\n')) >= 0) {
+            const block = buf.slice(0, cut);
+            buf = buf.slice(cut + 2);
+            if (!block.startsWith('data: ')) continue;
+            const payload = block.slice(6);
+            if (payload === '[DONE]') {
+              done = true;
+              continue;
+            }
+            const msg = JSON.parse(payload) as {
+              error?: { message: string };
+              choices: { text: string }[];
+              usage?: { completion_tokens: number };
+            };
+            if (msg.error) failed ??= new Error(msg.error.message);
+            if (!first && msg.choices.some((c) => c.text)) first = performance.now();
+            if (msg.usage) count = msg.usage.completion_tokens;
+          }
+        });
+        res.on('error', reject);
+        res.on('end', () => {
+          if (failed) return reject(failed);
+          if (!done) return reject(new Error('stream ended without [DONE]'));
+          const end = performance.now();
+          resolve({
+            ttftMs: (first || end) - t0,
+            latencyMs: end - t0,
+            tokens: count,
+            // the stream's own rate, from its first token to its end (queueing shows in TTFT)
+            streamTokensPerSecond: count / Math.max(1e-6, (end - (first || t0)) / 1000),
+          });
+        });
+      },
+    );
+    req.on('error', reject);
+    req.end(body);
+  });
 }
 
 const pct = (xs: number[], p: number) => {
@@ -262,6 +289,7 @@ async function main() {
       );
     }
   } finally {
+    agent.destroy();
     const exited = new Promise((r) => child.once('exit', r));
     child.kill('SIGTERM');
     await exited;
