@@ -84,8 +84,10 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
   const port = int('PORT', 3000, 0, 65535);
   const host = env.HOST?.trim() || '0.0.0.0';
   let redisUrl = env.REDIS_URL?.trim() || undefined;
-  if (redisUrl !== undefined && !/^rediss?:\/\/.+/.test(redisUrl)) {
-    problems.push(`REDIS_URL: expected redis://host:port or rediss://…, got "${redisUrl}"`);
+  if (redisUrl !== undefined && !/^(rediss?:\/\/.+|unix:\/\/\/.+)$/.test(redisUrl)) {
+    problems.push(
+      `REDIS_URL: expected redis://host:port, rediss://… or unix:///path/to/redis.sock, got "${redisUrl}"`,
+    );
     redisUrl = undefined;
   }
   const dataDir = path.resolve(env.DATA_DIR?.trim() || 'data');

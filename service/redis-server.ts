@@ -1,10 +1,18 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
 
 /** A redis-server child process this program started and owns. */
 export interface RedisChild {
+  /** redis://127.0.0.1:port */
   url: string;
+  /**
+   * What clients on this machine connect to: the server's Unix socket (unix:///…), cheaper per
+   * command than loopback TCP, where it has one; else `url`.
+   */
+  localUrl: string;
   port: number;
   process: ChildProcess;
   /** Stops the server (SIGTERM, then SIGKILL after 5 s) and waits for it to exit. */
@@ -18,6 +26,21 @@ export interface RedisChildOptions {
   bin?: string;
   /** Port to listen on (default: a free one), e.g. to restart a server where its clients expect it. */
   port?: number;
+  /**
+   * Also listen on a Unix socket (default true, except on Windows): under `dir` when its path is
+   * short enough for one, else in the temporary folder, named after the port.
+   */
+  unixSocket?: boolean;
+}
+
+// the longest socket path every platform takes (sockaddr_un holds 104 bytes on macOS, 108 on Linux)
+const MAX_SOCKET_PATH = 100;
+
+/** Where a server on `port` keeps its Unix socket. */
+function socketPath(dir: string | undefined, port: number): string {
+  const inDir = dir ? path.join(dir, 'redis.sock') : null;
+  if (inDir && Buffer.byteLength(inDir) <= MAX_SOCKET_PATH) return inDir;
+  return path.join(os.tmpdir(), `xt-redis-${port}.sock`);
 }
 
 export const REDIS_INSTALL_HINT =
@@ -68,6 +91,9 @@ export async function startRedisChild(options: RedisChildOptions = {}): Promise<
   if (!bin) throw new Error(REDIS_INSTALL_HINT);
   const port = options.port ?? (await freePort());
   const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', ''];
+  const socket = (options.unixSocket ?? process.platform !== 'win32') ? socketPath(options.dir, port) : null;
+  if (socket && Buffer.byteLength(socket) <= MAX_SOCKET_PATH)
+    args.push('--unixsocket', socket, '--unixsocketperm', '700');
   if (options.dir) {
     mkdirSync(options.dir, { recursive: true });
     args.push('--dir', options.dir, '--appendonly', 'yes');
@@ -93,8 +119,10 @@ export async function startRedisChild(options: RedisChildOptions = {}): Promise<
     }
     await new Promise((r) => setTimeout(r, 25));
   }
+  const url = `redis://127.0.0.1:${port}`;
   return {
-    url: `redis://127.0.0.1:${port}`,
+    url,
+    localUrl: args.includes('--unixsocket') ? `unix://${socket}` : url,
     port,
     process: child,
     async stop() {

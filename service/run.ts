@@ -82,7 +82,8 @@ export async function run(role: Role): Promise<void> {
       const msg = (e as Error).message;
       fail(msg === REDIS_INSTALL_HINT ? msg : `could not start redis-server: ${msg}\n${REDIS_INSTALL_HINT}`);
     }
-    redisUrl = redisChild.url;
+    // the API, the worker and BullMQ reach it over its Unix socket where it has one
+    redisUrl = redisChild.localUrl;
     log.info({ redisUrl }, 'started a private redis-server (data under DATA_DIR/redis)');
   }
 

@@ -40,9 +40,20 @@ export interface GenerateJobData {
   precision?: 'fp32' | 'bf16';
 }
 
-/** An ioredis connection as BullMQ wants it (commands wait for reconnection instead of failing). */
+/**
+ * An ioredis connection as BullMQ wants it (commands wait for reconnection instead of failing), to
+ * redis://host:port, rediss://… or a Unix socket, unix:///path/to/redis.sock.
+ */
 export function createRedis(url: string, options: RedisOptions = {}): Redis {
-  return new Redis(url, { maxRetriesPerRequest: null, enableReadyCheck: true, ...options });
+  const base = { maxRetriesPerRequest: null, enableReadyCheck: true, ...options };
+  const socket = unixSocketOf(url);
+  return socket ? new Redis({ ...base, path: socket }) : new Redis(url, base);
+}
+
+/** The socket path of a unix:///path URL, or null for another URL. */
+export function unixSocketOf(url: string): string | null {
+  const m = /^unix:\/\/(\/.+)$/.exec(url);
+  return m ? m[1]! : null;
 }
 
 /** Closes a connection: a clean QUIT when connected, an immediate disconnect otherwise. */

@@ -1,10 +1,14 @@
 import { randomUUID } from 'node:crypto';
 import * as tf from '@tensorflow/tfjs-core';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../../routes/app.js';
 import { generateOpenApi } from '../../service/openapi-doc.js';
 import { ConfigError, loadConfig } from '../../service/config.js';
+import { startRedisChild, type RedisChild } from '../../service/redis-server.js';
+import { createRedis } from '../../workers/queues.js';
 import { captureScripts, makeEnv, parseSse, type TestEnv } from './helpers.js';
 import { EventWriter } from '../../workers/event-writer.js';
 
@@ -381,7 +385,51 @@ describe('configuration from the environment', () => {
     expect(err).toBeInstanceOf(ConfigError);
     expect(err!.message).toContain('PORT: expected an integer');
     expect(err!.message).toContain('XT_BACKEND: expected one of torch, tensorflow, wasm, cpu, got "gpu"');
-    expect(err!.message).toContain('REDIS_URL');
+    expect(err!.message).toContain(
+      'REDIS_URL: expected redis://host:port, rediss://… or unix:///path/to/redis.sock, got "localhost:6379"',
+    );
     expect(err!.message).toContain('WORKER_CONCURRENCY');
+  });
+
+  it('takes a Redis on a Unix socket (an absolute path)', () => {
+    expect(loadConfig({ REDIS_URL: 'unix:///run/redis/redis.sock' }).redisUrl).toBe(
+      'unix:///run/redis/redis.sock',
+    );
+    expect(() => loadConfig({ REDIS_URL: 'unix://redis.sock' })).toThrow(
+      'REDIS_URL: expected redis://host:port, rediss://… or unix:///path/to/redis.sock, got "unix://redis.sock"',
+    );
+  });
+});
+
+describe('a private redis-server', () => {
+  it('listens on a Unix socket beside its data (or in the temporary folder), which createRedis reaches', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'xt-redis-'));
+    const deep = path.join(dir, 'x'.repeat(120));
+    const children = [
+      await startRedisChild({ dir }),
+      await startRedisChild({ dir: deep }),
+      await startRedisChild({ unixSocket: false }),
+    ];
+    try {
+      const [beside, fallback, tcp] = children as [RedisChild, RedisChild, RedisChild];
+      expect(beside.localUrl).toBe(`unix://${path.join(dir, 'redis.sock')}`);
+      // a folder too deep for a socket's path: the temporary folder, named after the port
+      expect(fallback.localUrl).toBe(`unix://${path.join(os.tmpdir(), `xt-redis-${fallback.port}.sock`)}`);
+      expect(tcp.localUrl).toBe(tcp.url);
+      for (const c of children) {
+        const conn = createRedis(c.localUrl);
+        try {
+          expect(await conn.ping()).toBe('PONG');
+          // the socket's own connection, or TCP's
+          const info = await conn.client('INFO');
+          expect(String(info)).toMatch(c === tcp ? /laddr=127\.0\.0\.1:/ : /laddr=\//);
+        } finally {
+          conn.disconnect();
+        }
+      }
+    } finally {
+      for (const c of children) await c.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -3,6 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { freePort } from '../../service/redis-server.js';
+import { createRedis } from '../../workers/queues.js';
 import { redisUrl, runServiceEntry, waitFor, type ServiceProcess } from './helpers.js';
 
 const runEntry = runServiceEntry;
@@ -68,6 +69,9 @@ describe('service processes', () => {
       );
       expect(ready).toMatchObject({ status: 'ok', backend: 'cpu', redis: 'ok' });
       expect(existsSync(path.join(dataDir, 'redis'))).toBe(true);
+      // the API and the worker reach it over its Unix socket there
+      const socket = path.join(dataDir, 'redis', 'redis.sock');
+      expect(existsSync(socket)).toBe(true);
       const models = await fetch(`http://127.0.0.1:${port}/v1/models`);
       expect(models.status).toBe(200);
 
@@ -103,6 +107,17 @@ describe('service processes', () => {
         60_000,
         'training steps',
       );
+      const conn = createRedis(`unix://${socket}`);
+      try {
+        const clients = String(await conn.client('LIST'))
+          .split('\n')
+          .filter((l) => l.trim());
+        // the API's and the training worker's connections besides this one, none over TCP
+        expect(clients.filter((l) => l.includes(`laddr=${socket}`)).length).toBeGreaterThan(3);
+        expect(clients.filter((l) => /laddr=127\.0\.0\.1:/.test(l))).toEqual([]);
+      } finally {
+        conn.disconnect();
+      }
       const times: number[] = [];
       for (let i = 0; i < 200; i++) {
         const t0 = performance.now();
