@@ -183,6 +183,7 @@ export class EventHub {
             if (from === null || idAfter(from, s.position)) from = s.position;
           return from!;
         });
+        const fromOf = new Map(keys.map((k, i) => [k, ids[i]!]));
         let reply: [string, [string, string[]][]][] | null;
         try {
           if (this.connId === null) this.connId = Number(await this.conn.client('ID'));
@@ -212,7 +213,11 @@ export class EventHub {
           const set = this.byKey.get(key);
           if (!set) continue;
           const events = parseEntries(entries);
-          for (const s of [...set]) s.deliver(events);
+          const from = fromOf.get(key) ?? '0';
+          // only to followers this read covered: one placed before its start (it joined, from an
+          // earlier event, as the read came back) would skip the events between; the next read
+          // starts at its place
+          for (const s of [...set]) if (!idAfter(from, s.position)) s.deliver(events);
         }
       }
     } finally {
