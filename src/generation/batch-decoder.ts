@@ -195,7 +195,9 @@ export class BatchDecoder {
 
   /**
    * One step: prefills the queued sequences (each alone) and advances the running ones together by
-   * one token. Returns one token per sequence; sequences whose token is their last (`done`) are
+   * one token. Returns one token per sequence, the queued ones' first: their prefills run first, so
+   * that a new sequence's first token does not wait for the others' step (its time to first token),
+   * while the step takes as long either way. Sequences whose token is their last (`done`) are
    * dropped.
    */
   step(): BatchToken[] {
@@ -211,8 +213,8 @@ export class BatchDecoder {
       const out: BatchToken[] = [];
       // every op of the step on one thread (smallOps); large products, a long prompt's, still use them all
       smallOps(() => {
-        if (running.length) out.push(...this.advance(running));
         for (const s of queued) out.push(...this.advance([s]));
+        if (running.length) out.push(...this.advance(running));
       });
       return out;
     } finally {

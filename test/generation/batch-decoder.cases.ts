@@ -193,6 +193,22 @@ export function batchDecoderCases(backend: string): void {
       net.dispose();
     });
 
+    it("a sequence that joins is prefilled first in its step: its first token comes before the others'", () => {
+      const net = makeNet({ rotaryPosEmb: true });
+      const d = new BatchDecoder(net);
+      const a = d.add(PROMPTS[0]!, { maxTokens: 8, temperature: 0 });
+      const b = d.add(PROMPTS[1]!, { maxTokens: 8, temperature: 0 });
+      d.step();
+      const c = d.add(PROMPTS[2]!, { maxTokens: 8, temperature: 0 });
+      expect(d.step().map((t) => [t.id, t.index])).toEqual([
+        [c, 0],
+        [a, 1],
+        [b, 1],
+      ]);
+      d.dispose();
+      net.dispose();
+    });
+
     it('a step runs each self-attention layer as one XtCachedAttentionRows kernel where it applies', async () => {
       const registered = tf.getKernel(XT_CACHED_ATTENTION_ROWS, tf.getBackend()) !== undefined;
       expect(registered).toBe(tf.getBackend() === 'torch');
