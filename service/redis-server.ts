@@ -84,19 +84,37 @@ function canConnect(port: number): Promise<boolean> {
 
 /**
  * Starts a private redis-server on a free loopback port and waits until it accepts connections.
- * Throws with an install hint when redis-server is missing.
+ * Throws with an install hint when redis-server is missing. A server that cannot open its Unix
+ * socket (a folder where sockets cannot live) is started again without one.
  */
 export async function startRedisChild(options: RedisChildOptions = {}): Promise<RedisChild> {
   const bin = findRedisServer(options.bin);
   if (!bin) throw new Error(REDIS_INSTALL_HINT);
   const port = options.port ?? (await freePort());
+  const wanted = (options.unixSocket ?? process.platform !== 'win32') ? socketPath(options.dir, port) : null;
+  const socket = wanted && Buffer.byteLength(wanted) <= MAX_SOCKET_PATH ? wanted : null;
+  if (!socket) return launch(bin, port, options.dir, null);
+  try {
+    return await launch(bin, port, options.dir, socket);
+  } catch (e) {
+    if (!(e instanceof ExitedAtStart)) throw e;
+    return launch(bin, port, options.dir, null);
+  }
+}
+
+class ExitedAtStart extends Error {}
+
+async function launch(
+  bin: string,
+  port: number,
+  dir: string | undefined,
+  socket: string | null,
+): Promise<RedisChild> {
   const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', ''];
-  const socket = (options.unixSocket ?? process.platform !== 'win32') ? socketPath(options.dir, port) : null;
-  if (socket && Buffer.byteLength(socket) <= MAX_SOCKET_PATH)
-    args.push('--unixsocket', socket, '--unixsocketperm', '700');
-  if (options.dir) {
-    mkdirSync(options.dir, { recursive: true });
-    args.push('--dir', options.dir, '--appendonly', 'yes');
+  if (socket) args.push('--unixsocket', socket, '--unixsocketperm', '700');
+  if (dir) {
+    mkdirSync(dir, { recursive: true });
+    args.push('--dir', dir, '--appendonly', 'yes');
   } else {
     args.push('--appendonly', 'no');
   }
@@ -112,7 +130,7 @@ export async function startRedisChild(options: RedisChildOptions = {}): Promise<
   );
   const deadline = Date.now() + 10_000;
   while (!(await canConnect(port))) {
-    if (exited) throw new Error(`redis-server exited at start: ${stderr.trim() || 'no message'}`);
+    if (exited) throw new ExitedAtStart(`redis-server exited at start: ${stderr.trim() || 'no message'}`);
     if (Date.now() > deadline) {
       child.kill('SIGKILL');
       throw new Error(`redis-server did not accept connections on port ${port} within 10 s`);
@@ -122,7 +140,7 @@ export async function startRedisChild(options: RedisChildOptions = {}): Promise<
   const url = `redis://127.0.0.1:${port}`;
   return {
     url,
-    localUrl: args.includes('--unixsocket') ? `unix://${socket}` : url,
+    localUrl: socket ? `unix://${socket}` : url,
     port,
     process: child,
     async stop() {

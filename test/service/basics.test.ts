@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import * as tf from '@tensorflow/tfjs-core';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -402,27 +402,33 @@ describe('configuration from the environment', () => {
 });
 
 describe('a private redis-server', () => {
-  it('listens on a Unix socket beside its data (or in the temporary folder), which createRedis reaches', async () => {
+  it('listens on a Unix socket beside its data (or in the temporary folder; none where it cannot be made), which createRedis reaches', async () => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'xt-redis-'));
     const deep = path.join(dir, 'x'.repeat(120));
+    // a folder where the socket cannot be made (a folder has its name)
+    const blocked = path.join(dir, 'blocked');
+    mkdirSync(path.join(blocked, 'redis.sock'), { recursive: true });
     const children = [
       await startRedisChild({ dir }),
       await startRedisChild({ dir: deep }),
       await startRedisChild({ unixSocket: false }),
+      await startRedisChild({ dir: blocked }),
     ];
     try {
-      const [beside, fallback, tcp] = children as [RedisChild, RedisChild, RedisChild];
+      const [beside, fallback, tcp, noSocket] = children as [RedisChild, RedisChild, RedisChild, RedisChild];
       expect(beside.localUrl).toBe(`unix://${path.join(dir, 'redis.sock')}`);
       // a folder too deep for a socket's path: the temporary folder, named after the port
       expect(fallback.localUrl).toBe(`unix://${path.join(os.tmpdir(), `xt-redis-${fallback.port}.sock`)}`);
       expect(tcp.localUrl).toBe(tcp.url);
+      // started again without the socket: TCP
+      expect(noSocket.localUrl).toBe(noSocket.url);
       for (const c of children) {
         const conn = createRedis(c.localUrl);
         try {
           expect(await conn.ping()).toBe('PONG');
           // the socket's own connection, or TCP's
           const info = await conn.client('INFO');
-          expect(String(info)).toMatch(c === tcp ? /laddr=127\.0\.0\.1:/ : /laddr=\//);
+          expect(String(info)).toMatch(c === tcp || c === noSocket ? /laddr=127\.0\.0\.1:/ : /laddr=\//);
         } finally {
           conn.disconnect();
         }
