@@ -133,8 +133,6 @@ function scriptSha(body: string): string {
   return sha;
 }
 
-/** Most idle connections a Registry keeps for blocking reads. */
-
 /** Most entries a job's event stream keeps (about: trimmed by whole nodes). */
 const EVENTS_MAXLEN = 100_000;
 

@@ -81,6 +81,10 @@ struct WeightCopy {
   int64_t offset;
   std::vector<int64_t> sizes, strides;
   at::Tensor copy;
+  // whether it was made from w's view of its storage (the storage itself is compared apart)
+  bool viewOf(const at::Tensor& w) const {
+    return offset == w.storage_offset() && w.sizes().equals(sizes) && w.strides().equals(strides);
+  }
 };
 std::unordered_map<const void*, std::vector<WeightCopy>> g_weightCopies;
 size_t g_weightCopyCount = 0;
@@ -98,9 +102,7 @@ at::Tensor cachedCopy(const at::Tensor& w, CopyKind kind, Make make) {
       g_weightCopyCount--;
       continue;
     }
-    if (it->kind == kind && it->offset == w.storage_offset() && w.sizes().equals(it->sizes) &&
-        w.strides().equals(it->strides))
-      return it->copy;
+    if (it->kind == kind && it->viewOf(w)) return it->copy;
     ++it;
   }
   // dead sources' copies go every 256 new copies (and whenever there are many)
@@ -132,8 +134,7 @@ at::Tensor cachedJointCopy(const std::vector<at::Tensor>& ws, Make make) {
     if (it == g_weightCopies.end()) return nullptr;
     const c10::StorageImpl* impl = w.storage().unsafeGetStorageImpl();
     for (auto& c : it->second)
-      if (c.kind == CopyKind::JointPanels && c.offset == w.storage_offset() && w.sizes().equals(c.sizes) &&
-          w.strides().equals(c.strides) && c.storage.lock().get() == impl &&
+      if (c.kind == CopyKind::JointPanels && c.viewOf(w) && c.storage.lock().get() == impl &&
           (!copy || c.copy.unsafeGetTensorImpl() == copy->unsafeGetTensorImpl()))
         return &c;
     return nullptr;
@@ -153,9 +154,8 @@ at::Tensor cachedJointCopy(const std::vector<at::Tensor>& ws, Make make) {
     // an older joint copy of this view (another weight beside it was updated) goes
     const c10::StorageImpl* impl = w.storage().unsafeGetStorageImpl();
     auto stale = [&](const WeightCopy& c) {
-      return c.storage.expired() || (c.kind == CopyKind::JointPanels && c.storage.lock().get() == impl &&
-                                     c.offset == w.storage_offset() && w.sizes().equals(c.sizes) &&
-                                     w.strides().equals(c.strides));
+      return c.storage.expired() ||
+             (c.kind == CopyKind::JointPanels && c.viewOf(w) && c.storage.lock().get() == impl);
     };
     size_t before = list.size();
     list.erase(std::remove_if(list.begin(), list.end(), stale), list.end());
