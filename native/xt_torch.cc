@@ -284,8 +284,14 @@ std::vector<int64_t> ints(const Napi::Value& v) {
 }
 
 std::vector<at::Tensor> tensorList(const Napi::Value& v) {
-  auto a = v.As<Napi::Array>();
   std::vector<at::Tensor> out;
+  if (v.IsTypedArray()) {
+    auto ids = v.As<Napi::Int32Array>();
+    out.reserve(ids.ElementLength());
+    for (size_t i = 0; i < ids.ElementLength(); i++) out.push_back(getId(ids[i]));
+    return out;
+  }
+  auto a = v.As<Napi::Array>();
   uint32_t n = a.Length();
   out.reserve(n);
   for (uint32_t i = 0; i < n; i++) out.push_back(get(a.Get(i)));
@@ -1446,6 +1452,19 @@ XT_FN(Free) {
     g_tensors[id] = at::Tensor();
     g_free.push_back(id);
     g_live--;
+  }
+  return info.Env().Undefined();
+}
+
+// Frees several ids at once (an Int32Array or an array of ids); ids already free are ignored.
+XT_FN(FreeList) {
+  for (int64_t id64 : ints(info[0])) {
+    int32_t id = static_cast<int32_t>(id64);
+    if (id >= 0 && id < static_cast<int32_t>(g_tensors.size()) && g_tensors[id].defined()) {
+      g_tensors[id] = at::Tensor();
+      g_free.push_back(id);
+      g_live--;
+    }
   }
   return info.Env().Undefined();
 }
@@ -3533,6 +3552,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   X("fromData", FromData);
   X("toData", ToData);
   X("free", Free);
+  X("freeList", FreeList);
   X("count", Count);
   X("bytes", Bytes);
   X("storageUseCount", StorageUseCount);

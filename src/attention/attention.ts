@@ -14,14 +14,16 @@ import {
 import { fillVariable, l2normGroups, padAxis } from './ops.js';
 import { applyRotaryPosEmb, applyRotaryTables } from './rotary.js';
 import { backendHasKernel } from '../nn/fused.js';
-import { rowInputNames } from '../backend/kernel-inputs.js';
 import { FoldAxially, MultiheadRMSNorm, buildHybridModule } from './hybrid.js';
 import {
   attentionDefaults,
+  isBackendKv,
   type AttentionForwardOptions,
   type AttentionIntermediates,
   type AttentionKv,
   type AttentionOptions,
+  type BackendKv,
+  type KvEntry,
   type RotaryInput,
 } from './types.js';
 
@@ -45,11 +47,15 @@ export const XT_CACHED_ATTENTION = 'XtCachedAttention';
 /**
  * A kernel a backend may register to run one decoding step of plain self-attention for rows that
  * each continue their own cache (sequences of different lengths decoded together):
- *   XtCachedAttentionRows  inputs {x: [b, 1, dim], wq, wk, wv, wo, and per row r: k{r}: [1, h, t_r, d],
- *                          v{r}: [1, h, t_r, dv], cos{r}?, sin{r}? ([1, 1, >= t_r + 1, d], the
- *                          tables of positions from 0, of which the row uses 0 .. t_r)}
- *                          attrs {scale, heads, rows: b}
- *                          outputs [out: [b, 1, dimOut], then per row k: [1, h, t_r + 1, d], v: [1, h, t_r + 1, dv]]
+ *   XtCachedAttentionRows  inputs {x: [b, 1, dim], wq, wk, wv, wo}
+ *                          attrs {scale, heads, rows: b, entries: row r's cache entry (KvEntry: k
+ *                          [1, h, t_r, d], v [1, h, t_r, dv], tensors or the backend's ids),
+ *                          tables: null or per row null or its rotary tables {cos, sin}
+ *                          ([1, 1, >= t_r + 1, d], positions from 0, of which the row uses
+ *                          0 .. t_r), kvOut: an empty array the kernel fills with each row's
+ *                          entry with this step (BackendKv: ids the caller then owns)}
+ *                          outputs [out: [b, 1, dimOut]]
+ *   The rows' new keys and values are not TF.js tensors: a step makes no tensor per row and layer.
  *   Row r's numbers must be those XtCachedAttention gives for that row alone (while matrix products
  *   keep rows apart: `rowStableProducts`).
  */
@@ -516,36 +522,40 @@ export class Attention extends Module {
   }
 
   private checkCache(cache: AttentionKv, b: number): void {
+    this.checkCacheShapes(cache.k.shape, cache.v.shape, b);
+  }
+
+  /** checkCache on the shapes of the cached keys and values. */
+  private checkCacheShapes(kShape: number[], vShape: number[], b: number): void {
     if (!this.canCacheKv)
       throw new Error(
         'cache: this layer cannot decode with a key/value cache (selective attention or a hybrid module)',
       );
-    const { k, v } = cache;
     const o = this.options;
     if (o.useLatentKv) {
-      const t = k.shape[2];
+      const t = kShape[2];
       const [vh, vd] =
         o.latentRopeSubheads !== null ? [o.latentRopeSubheads, o.dimHead] : [1, o.dimLatentKv!];
-      if (k.rank !== 4 || k.shape[0] !== b || k.shape[1] !== 1 || k.shape[3] !== o.dimLatentKv)
-        throw new Error(`cache.k: expected latents [${b}, 1, t, ${o.dimLatentKv}], got ${fmtShape(k.shape)}`);
-      if (v.rank !== 4 || v.shape[0] !== b || v.shape[1] !== vh || v.shape[2] !== t || v.shape[3] !== vd)
-        throw new Error(`cache.v: expected [${b}, ${vh}, ${t}, ${vd}], got ${fmtShape(v.shape)}`);
+      if (kShape.length !== 4 || kShape[0] !== b || kShape[1] !== 1 || kShape[3] !== o.dimLatentKv)
+        throw new Error(`cache.k: expected latents [${b}, 1, t, ${o.dimLatentKv}], got ${fmtShape(kShape)}`);
+      if (vShape.length !== 4 || vShape[0] !== b || vShape[1] !== vh || vShape[2] !== t || vShape[3] !== vd)
+        throw new Error(`cache.v: expected [${b}, ${vh}, ${t}, ${vd}], got ${fmtShape(vShape)}`);
       return;
     }
     {
-      if (k.rank !== 4 || k.shape[0] !== b || k.shape[1] !== this.kvHeads || k.shape[3] !== this.dimHead)
+      if (kShape.length !== 4 || kShape[0] !== b || kShape[1] !== this.kvHeads || kShape[3] !== this.dimHead)
         throw new Error(
-          `cache.k: expected [${b}, ${this.kvHeads}, t, ${this.dimHead}], got ${fmtShape(k.shape)}`,
+          `cache.k: expected [${b}, ${this.kvHeads}, t, ${this.dimHead}], got ${fmtShape(kShape)}`,
         );
       if (
-        v.rank !== 4 ||
-        v.shape[0] !== b ||
-        v.shape[1] !== this.kvHeads ||
-        v.shape[2] !== k.shape[2] ||
-        v.shape[3] !== this.valueDimHead
+        vShape.length !== 4 ||
+        vShape[0] !== b ||
+        vShape[1] !== this.kvHeads ||
+        vShape[2] !== kShape[2] ||
+        vShape[3] !== this.valueDimHead
       )
         throw new Error(
-          `cache.v: expected [${b}, ${this.kvHeads}, ${k.shape[2]}, ${this.valueDimHead}], got ${fmtShape(v.shape)}`,
+          `cache.v: expected [${b}, ${this.kvHeads}, ${kShape[2]}, ${this.valueDimHead}], got ${fmtShape(vShape)}`,
         );
     }
   }
@@ -622,39 +632,40 @@ export class Attention extends Module {
 
   /**
    * One decoding step of rows that each continue their own cache, as one XtCachedAttentionRows
-   * kernel: row r of x ([b, 1, dim]) appends to caches[r] (one row's) and, with `rotary`, is turned
-   * by rotary[r] (its full tables) at its next position. Returns the rows' outputs [b, 1, dimOut]
-   * and each row's new cache; null where the kernel does not apply (the rows then run one by one
-   * through `forward`).
+   * kernel: row r of x ([b, 1, dim]) appends to entries[r] (its cache entry for this layer) and,
+   * with `rotary`, is turned by rotary[r] (its full tables) at its next position. Returns the rows'
+   * outputs [b, 1, dimOut] and each row's new entry, as backend ids the caller owns; null where the
+   * kernel does not apply (the rows then run one by one through `forward`).
    */
   decodeRows(
     x: tf.Tensor,
-    caches: AttentionKv[],
+    entries: KvEntry[],
     rotary: (RowRotaryTables | null)[] | null,
-  ): { out: tf.Tensor; kvs: AttentionKv[] } | null {
-    const b = caches.length;
+  ): { out: tf.Tensor; kvs: BackendKv[] } | null {
+    const b = entries.length;
     if (!this.decodeKernel(XT_CACHED_ATTENTION_ROWS) || x.rank !== 3 || x.shape[0] !== b || x.shape[1] !== 1)
       return null;
-    const inputs = this.decodeInputs(x);
     for (let r = 0; r < b; r++) {
-      const { k, v } = caches[r]!;
-      this.checkCache(caches[r]!, 1);
-      const [kName, vName, cosName, sinName] = rowInputNames(r);
-      inputs[kName] = k;
-      inputs[vName] = v;
+      const e = entries[r]!;
+      const [kShape, vShape] = isBackendKv(e) ? [e.kShape, e.vShape] : [e.k.shape, e.v.shape];
+      this.checkCacheShapes(kShape, vShape, 1);
       if (!rotary) continue;
       const t = rotary[r];
-      if (!t || t.cos.rank !== 4 || t.cos.shape[3] !== this.dimHead || t.cos.shape[2]! <= k.shape[2]!)
+      if (!t || t.cos.rank !== 4 || t.cos.shape[3] !== this.dimHead || t.cos.shape[2]! <= kShape[2]!)
         return null;
-      inputs[cosName] = t.cos;
-      inputs[sinName] = t.sin;
     }
-    const [out, ...kvs] = tf.engine().runKernel(XT_CACHED_ATTENTION_ROWS, inputs, {
-      scale: this.scale,
-      heads: this.heads,
-      rows: b,
-    }) as tf.Tensor[];
-    return { out: out!, kvs: caches.map((_, r) => ({ k: kvs[2 * r]!, v: kvs[2 * r + 1]! })) };
+    const kvOut: BackendKv[] = [];
+    const attrs = { scale: this.scale, heads: this.heads, rows: b, entries, tables: rotary, kvOut };
+    const [out] = tf
+      .engine()
+      .runKernel(
+        XT_CACHED_ATTENTION_ROWS,
+        this.decodeInputs(x),
+        attrs as unknown as tf.NamedAttrMap,
+      ) as tf.Tensor[];
+    if (kvOut.length !== b)
+      throw new Error(`${XT_CACHED_ATTENTION_ROWS}: expected ${b} new cache entries, got ${kvOut.length}`);
+    return { out: out!, kvs: kvOut };
   }
 
   /**

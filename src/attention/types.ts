@@ -198,6 +198,25 @@ export interface AttentionKv {
 }
 
 /**
+ * One cached layer's keys and values held by the backend under its own ids, outside TF.js: what a
+ * batched decoding step (`Attention.decodeRows`) reads and returns, so that a step makes no TF.js
+ * tensor per row and layer. Shapes as the tensors' would be.
+ */
+export interface BackendKv {
+  k: number;
+  v: number;
+  kShape: number[];
+  vShape: number[];
+}
+
+/** A cached layer's entry as a kernel takes it: the tensors, or the backend's ids. */
+export type KvEntry = AttentionKv | BackendKv;
+
+export function isBackendKv(e: KvEntry): e is BackendKv {
+  return typeof (e as BackendKv).k === 'number';
+}
+
+/**
  * A relative position scheme that yields an additive attention bias.
  * `bias(i, j)`: [heads, i, j] for the last i query positions against j key positions (queries
  * occupy key positions j - i .. j - 1).

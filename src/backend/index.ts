@@ -160,3 +160,26 @@ function withBackendSetting<V, T>(setter: string, value: V, fn: () => T): T {
     set.call(backend, prev);
   }
 }
+
+/** The backend's own ids for tensors held outside TF.js (see BackendKv in src/layers/cache.ts). */
+interface BackendIds {
+  freeIds(ids: number[]): void;
+  adoptId(id: number, shape: number[], dtype: tf.DataType): tf.TensorInfo;
+}
+
+function backendIds(): BackendIds {
+  const b = tf.backend() as unknown as Partial<BackendIds>;
+  if (typeof b.freeIds !== 'function' || typeof b.adoptId !== 'function')
+    throw new Error(`backend ${tf.getBackend()}: holds no tensors under its own ids`);
+  return b as BackendIds;
+}
+
+/** Frees tensors the backend holds under its own ids. */
+export function freeBackendIds(ids: number[]): void {
+  backendIds().freeIds(ids);
+}
+
+/** A tensor that takes over the backend's id `id` (which the caller no longer frees). */
+export function tensorFromBackendId(id: number, shape: number[], dtype: tf.DataType): tf.Tensor {
+  return tf.engine().makeTensorFromTensorInfo(backendIds().adoptId(id, shape, dtype));
+}

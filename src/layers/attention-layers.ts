@@ -11,13 +11,16 @@ import { DynamicPositionBias } from '../attention/dynamic-position-bias.js';
 import { AlibiPositionalBias } from '../attention/alibi.js';
 import {
   attentionDefaults,
+  isBackendKv,
   type AttentionForwardOptions,
   type AttentionIntermediates,
   type AttentionKv,
   type AttentionOptions,
+  type KvEntry,
   type PositionBias,
   type RotaryInput,
 } from '../attention/types.js';
+import { freeBackendIds, tensorFromBackendId } from '../backend/index.js';
 import { feedForwardDefaults, feedForwardInnerDim } from '../nn/feedforward.js';
 import { OptionError, checkTensor, renamingOptions } from '../utils/errors.js';
 import { checkOptionValues, requireOption } from '../utils/option-rules.js';
@@ -221,10 +224,15 @@ interface RunState {
   rows?: RowsState;
 }
 
-/** Rows of different lengths decoded together: each row's cache entries, new keys/values and rotary input. */
+/** Rows of different lengths decoded together: each row's cache, new keys/values and rotary input. */
 interface RowsState {
-  iters: AttentionKv[][];
-  kvs: AttentionKv[][];
+  caches: LayersCache[];
+  /** the entry of each row's cache that the next attention layer continues */
+  layer: number;
+  /** each row's new entries, one per cached layer run so far */
+  kvs: KvEntry[][];
+  /** whether some are tensors (a layer that ran its rows one by one) */
+  tensorEntries: boolean;
   rotary: RowRotary[];
   /** each row's full rotary tables for the one-call path (null without rotary) */
   fullTables: (RowRotaryTables | null)[] | null;
@@ -467,8 +475,8 @@ export class AttentionLayers extends Module {
       );
     rows.forEach((c, i) => {
       if (c.isDisposed) throw new Error(`rowCaches[${i}]: expected a live cache, got a disposed one`);
-      if (c.kvs[0]?.k.shape[0] !== 1)
-        throw new Error(`rowCaches[${i}]: expected the cache of one row, got batch ${c.kvs[0]?.k.shape[0]}`);
+      if (c.batch !== 1)
+        throw new Error(`rowCaches[${i}]: expected the cache of one row, got batch ${c.batch}`);
     });
     const given: string[] = (
       ['cache', 'mask', 'attnMask', 'selfAttnKvMask', 'seqStartPos', 'pos', 'rotaryPosEmb'] as const
@@ -541,8 +549,10 @@ export class AttentionLayers extends Module {
   private forwardRows(x: tf.Tensor, opts: LayersForwardOptions): LayersOutput {
     const caches = opts.rowCaches!;
     const rows: RowsState = {
-      iters: caches.map((c) => [...c.kvs]),
+      caches,
+      layer: 0,
       kvs: caches.map(() => []),
+      tensorEntries: false,
       rotary: [],
       fullTables: null,
     };
@@ -557,16 +567,32 @@ export class AttentionLayers extends Module {
         const s = this.startRun(x, opts, () => undefined);
         s.rows = rows;
         this.runLayers(s, opts);
-        return { ...this.finishRun(s, x, opts), rowKvs: rows.kvs };
+        // new entries that are tensors (a layer ran its rows one by one) leave the scope in rowKvs
+        const done = this.finishRun(s, x, opts);
+        return rows.tensorEntries ? { ...done, rowKvs: rows.kvs } : done;
       });
     } catch (e) {
       release();
+      // the new entries held as backend ids (tensors went with the scope)
+      freeBackendIds(rows.kvs.flatMap((kvs) => kvs.flatMap((e) => (isBackendKv(e) ? [e.k, e.v] : []))));
       throw e;
     }
     const kinds = this.cachedLayerKinds(opts.layersExecuteOrder ?? this.layersExecuteOrder);
-    const rowCaches = caches.map(
-      (c, r) => new LayersCache(result.rowKvs[r]!, c.seqLen + 1, kinds, rows.rotary[r]!.tables),
-    );
+    const rowCaches = caches.map((c, r) => {
+      const kvs = rows.kvs[r]!;
+      const tables = rows.rotary[r]!.tables;
+      if (kvs.every(isBackendKv)) return LayersCache.fromBackend(kvs, c.seqLen + 1, kinds, tables);
+      // a layer ran its rows one by one: every entry as tensors
+      const tensors = kvs.map((e) =>
+        isBackendKv(e)
+          ? {
+              k: tensorFromBackendId(e.k, e.kShape, 'float32'),
+              v: tensorFromBackendId(e.v, e.vShape, 'float32'),
+            }
+          : e,
+      );
+      return new LayersCache(tensors, c.seqLen + 1, kinds, tables);
+    });
     // each new cache holds its row's tables now
     release();
     return { out: result.out, hiddens: [], layerHiddens: [], attnIntermediates: [], rowCaches };
@@ -812,14 +838,12 @@ export class AttentionLayers extends Module {
     if (!(block instanceof Attention) || this.relPos) return null;
     const res = block.decodeRows(
       h,
-      rows.iters.map((it) => it[0]!),
+      rows.caches.map((c) => c.entry(rows.layer)),
       rows.fullTables,
     );
     if (!res) return null;
-    res.kvs.forEach((kv, r) => {
-      rows.iters[r]!.shift();
-      rows.kvs[r]!.push(kv);
-    });
+    rows.layer++;
+    res.kvs.forEach((kv, r) => rows.kvs[r]!.push(kv));
     return res.out;
   }
 
@@ -1081,7 +1105,7 @@ export class PrefixDecoder extends AttentionLayers {
 
 /**
  * Self-attention of rows decoded together: row r of h ([b, 1, dim]) attends over its own cache
- * (the next entry of rows.iters[r]), exactly as it would alone; each row's new keys/values go to
+ * (entry rows.layer of rows.caches[r]), exactly as it would alone; each row's new keys/values go to
  * rows.kvs[r]. Returns the rows' outputs, [b, 1, dim].
  */
 function attendRows(
@@ -1089,9 +1113,11 @@ function attendRows(
   rows: RowsState,
   call: (r: number, hr: tf.Tensor, cache: AttentionKv | undefined) => unknown,
 ): tf.Tensor {
-  const parts = rows.iters.length === 1 ? [h] : tf.split(h, rows.iters.length, 0);
+  const parts = rows.caches.length === 1 ? [h] : tf.split(h, rows.caches.length, 0);
+  const layer = rows.layer++;
+  rows.tensorEntries = true;
   const outs = parts.map((hr, r) => {
-    const res = call(r, hr, rows.iters[r]!.shift()) as {
+    const res = call(r, hr, rows.caches[r]!.kvs[layer]) as {
       out: tf.Tensor;
       intermediates: AttentionIntermediates;
     };

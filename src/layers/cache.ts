@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
-import type { AttentionKv, RotaryInput } from '../attention/types.js';
+import type { AttentionKv, BackendKv, KvEntry, RotaryInput } from '../attention/types.js';
+import { freeBackendIds, tensorFromBackendId } from '../backend/index.js';
 
 /**
  * Rotary frequencies and cos / sin tables (`prepareRotary`'s) for positions 0 .. capacity - 1,
@@ -77,16 +78,19 @@ export class SharedRotaryTables {
  * Keys/values of every attention layer (self and cross, in execution order) after a forward pass,
  * for KV-cached decoding. Its tensors are kept out of `tf.tidy` scopes; whoever holds the cache
  * disposes it (`dispose()`), once it is no longer passed to a forward call.
+ *
+ * A cache made by a batched decoding step holds its entries as backend ids (`BackendKv`); reading
+ * `kvs` turns them into tensors once (the same memory), which the cache then holds instead.
  */
 export class LayersCache {
   /** Number of positions the cached keys cover (of the self-attention layers). */
   readonly seqLen: number;
-  readonly kvs: AttentionKv[];
-  /** Per entry of `kvs`: true for a self-attention layer, false for cross-attention. */
-  readonly selfAttn: boolean[];
   private disposed = false;
+  private kinds: boolean[];
   /** rotary tables shared along a decoding run (see SharedRotaryTables) */
   readonly rotary: SharedRotaryTables | null;
+  private tensors: AttentionKv[] | null;
+  private ids: BackendKv[] | null = null;
 
   constructor(
     kvs: AttentionKv[],
@@ -98,14 +102,69 @@ export class LayersCache {
       throw new Error(
         `selfAttn: expected ${kvs.length} flags (one per cached layer), got ${selfAttn.length}`,
       );
-    this.kvs = kvs;
+    this.tensors = kvs;
     this.seqLen = seqLen;
-    this.selfAttn = selfAttn;
+    this.kinds = selfAttn;
     this.rotary = rotary ? rotary.hold() : null;
     for (const kv of kvs) {
       tf.keep(kv.k);
       tf.keep(kv.v);
     }
+  }
+
+  /**
+   * A cache of entries the backend holds under its ids (each id owned by the cache from now on: it
+   * frees them, or hands them to the tensors `kvs` makes).
+   */
+  static fromBackend(
+    entries: BackendKv[],
+    seqLen: number,
+    selfAttn: boolean[],
+    rotary: SharedRotaryTables | null,
+  ): LayersCache {
+    if (selfAttn.length !== entries.length)
+      throw new Error(
+        `selfAttn: expected ${entries.length} flags (one per cached layer), got ${selfAttn.length}`,
+      );
+    const c = new LayersCache([], seqLen, [], rotary);
+    c.kinds = selfAttn;
+    c.tensors = null;
+    c.ids = entries;
+    return c;
+  }
+
+  /** Per entry of `kvs`: true for a self-attention layer, false for cross-attention. */
+  get selfAttn(): boolean[] {
+    return this.kinds;
+  }
+
+  /** The cached layers' keys/values as tensors (none once a cache of backend ids is disposed). */
+  get kvs(): AttentionKv[] {
+    if (!this.tensors) {
+      if (!this.ids) return [];
+      this.tensors = this.ids.map((e) => ({
+        k: tf.keep(tensorFromBackendId(e.k, e.kShape, 'float32')),
+        v: tf.keep(tensorFromBackendId(e.v, e.vShape, 'float32')),
+      }));
+      this.ids = null;
+    }
+    return this.tensors;
+  }
+
+  /** Entry `i` as a kernel takes it (backend ids stay ids: no tensor is made). */
+  entry(i: number): KvEntry {
+    if (this.disposed) throw new Error('cache: expected a live cache, got a disposed one');
+    return this.ids ? this.ids[i]! : this.tensors![i]!;
+  }
+
+  /** How many cached layers it holds. */
+  get layers(): number {
+    return (this.ids ?? this.tensors!).length;
+  }
+
+  /** The batch size of its entries. */
+  get batch(): number | undefined {
+    return this.ids ? this.ids[0]?.kShape[0] : this.tensors![0]?.k.shape[0];
   }
 
   /**
@@ -135,7 +194,11 @@ export class LayersCache {
     if (this.disposed) return;
     this.disposed = true;
     this.rotary?.release();
-    for (const kv of this.kvs) {
+    if (this.ids) {
+      freeBackendIds(this.ids.flatMap((e) => [e.k, e.v]));
+      this.ids = null;
+    }
+    for (const kv of this.tensors ?? []) {
       kv.k.dispose();
       kv.v.dispose();
     }

@@ -9,6 +9,7 @@ import { XT_CACHED_ATTENTION, XT_CACHED_ATTENTION_ROWS } from '../../src/attenti
 import { decode } from '../../src/generation/generate.js';
 import { Decoder } from '../../src/layers/attention-layers.js';
 import type { LayersCache } from '../../src/layers/cache.js';
+import { isBackendKv } from '../../src/attention/types.js';
 import type { AttentionLayersOptions } from '../../src/layers/options.js';
 import {
   TransformerWrapper,
@@ -153,6 +154,50 @@ export function batchDecoderCases(backend: string): void {
       net.dispose();
     });
 
+    it("rows' new caches: each row's keys and values of its own steps, held as the backend's ids where the rows kernel runs, freed by dispose", () => {
+      const net = makeNet({ rotaryPosEmb: true });
+      const kernel = tf.getKernel(XT_CACHED_ATTENTION_ROWS, tf.getBackend()) !== undefined;
+      const ids = () => tf.engine().backend.numDataIds();
+      const before = ids();
+      const prompts = PROMPTS.slice(1, 4);
+      const prefill = (tokens: number[], cache?: LayersCache) => {
+        const x = tf.tensor2d([tokens], [1, tokens.length], 'int32');
+        const r = net.forwardWithState(x, cache ? { cache } : { returnCache: true });
+        x.dispose();
+        r.logits.dispose();
+        r.embeddings.dispose();
+        return r.cache!;
+      };
+      const step = (caches: LayersCache[], next: number[]) => {
+        const x = tf.tensor2d(next, [next.length, 1], 'int32');
+        const r = net.forwardWithState(x, { rowCaches: caches });
+        x.dispose();
+        r.logits.dispose();
+        r.embeddings.dispose();
+        return r.rowCaches!;
+      };
+      const values = (c: LayersCache) => c.kvs.map((kv) => [kv.k.arraySync(), kv.v.arraySync()]);
+      const caches = prompts.map((p) => prefill(p));
+      const first = step(caches, [11, 12, 13]);
+      const second = step(first, [21, 22, 23]);
+      for (const c of [...first, ...second])
+        for (let l = 0; l < c.layers; l++) expect(isBackendKv(c.entry(l))).toBe(kernel);
+      // the first step's caches are freed unread: their ids go with them
+      first.forEach((c) => c.dispose());
+      prompts.forEach((p, i) => {
+        // the row decoded alone: its prefill, then one cached step per token
+        const c0 = prefill(p);
+        const c1 = prefill([...p, 11 + i], c0);
+        const alone = prefill([...p, 11 + i, 21 + i], c1);
+        expect(second[i]!.seqLen).toBe(p.length + 2);
+        expect(values(second[i]!)).toEqual(values(alone));
+        for (const c of [c0, c1, alone]) c.dispose();
+      });
+      for (const c of [...caches, ...second]) c.dispose();
+      expect(ids()).toBe(before);
+      net.dispose();
+    });
+
     it('seeded sampling: per-sequence temperature, filter and seed give the tokens of the sequence alone', () => {
       const net = makeNet({ rotaryPosEmb: true });
       const opts: BatchSequenceOptions[] = [
@@ -230,6 +275,9 @@ export function batchDecoderCases(backend: string): void {
         const count = (name: string) => info.kernels.filter((k) => k.name === name).length;
         // depth 2: one kernel per layer for all rows, or one per layer and row
         expect(count(XT_CACHED_ATTENTION_ROWS)).toBe(registered && applies ? 2 : 0);
+        // the rows' new keys and values are no tensors: the kernel's one output is the rows' attention
+        for (const k of info.kernels.filter((k) => k.name === XT_CACHED_ATTENTION_ROWS))
+          expect(k.outputShapes).toEqual([[3, 1, 32]]);
         if (applies) expect(count(XT_CACHED_ATTENTION)).toBe(0);
         d.dispose();
         net.dispose();

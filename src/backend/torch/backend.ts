@@ -105,6 +105,16 @@ export class TorchBackend extends tf.KernelBackend {
     return d.xt;
   }
 
+  /** Frees tensors held under their addon ids outside TF.js (see src/backend/index.ts). */
+  freeIds(ids: number[]): void {
+    this.N.freeList(ids);
+  }
+
+  /** TensorInfo taking over an addon id held outside TF.js, of the given shape and dtype. */
+  adoptId(id: number, shape: number[], dtype: DataType): TensorInfo {
+    return this.outAs(id, shape, dtype);
+  }
+
   override write(values: BackendValues, shape: number[], dtype: DataType): object {
     const n = shape.reduce((a, b) => a * b, 1);
     const id = this.N.fromData(toTyped(values, n, dtype), shape, dtypeCode(dtype));

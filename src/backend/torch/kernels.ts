@@ -5,7 +5,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { DataType, KernelConfig, KernelFunc, NamedAttrMap, TensorInfo } from '@tensorflow/tfjs-core';
 import { backend_util, slice_util, util } from '@tensorflow/tfjs-core';
 import { TorchBackend, dtypeCode } from './backend.js';
-import { rowInputNames } from '../kernel-inputs.js';
+import { isBackendKv, type BackendKv, type KvEntry } from '../../attention/types.js';
 
 type Inputs = Record<string, TensorInfo | null | undefined> | TensorInfo[];
 type Impl = (b: TorchBackend, inputs: Inputs, attrs: NamedAttrMap) => TensorInfo | TensorInfo[];
@@ -464,24 +464,21 @@ const IMPLS: Record<string, Impl> = {
     ];
   },
   XtCachedAttentionRows: (b, i, a) => {
-    const named = i as Record<string, TensorInfo | null | undefined>;
-    const rows = a.rows as number;
-    const ks: TensorInfo[] = [];
-    const vs: TensorInfo[] = [];
-    const kIds: number[] = [];
-    const vIds: number[] = [];
+    const entries = a.entries as unknown as KvEntry[];
+    const tables = a.tables as unknown as ({ cos: TensorInfo; sin: TensorInfo } | null)[] | null;
+    const kvOut = a.kvOut as unknown as BackendKv[];
+    const rows = entries.length;
+    const kIds = new Int32Array(rows);
+    const vIds = new Int32Array(rows);
     const cos = new Int32Array(rows);
     const sin = new Int32Array(rows);
     for (let r = 0; r < rows; r++) {
-      const [kName, vName, cosName, sinName] = rowInputNames(r);
-      ks.push(inp(i, kName));
-      vs.push(inp(i, vName));
-      kIds.push(b.id(ks[r]!));
-      vIds.push(b.id(vs[r]!));
-      const c = named[cosName];
-      const s = named[sinName];
-      cos[r] = c ? b.id(c) : -1;
-      sin[r] = s ? b.id(s) : -1;
+      const e = entries[r]!;
+      kIds[r] = isBackendKv(e) ? e.k : b.id(e.k);
+      vIds[r] = isBackendKv(e) ? e.v : b.id(e.v);
+      const t = tables?.[r];
+      cos[r] = t ? b.id(t.cos) : -1;
+      sin[r] = t ? b.id(t.sin) : -1;
     }
     const out = b.N.cachedAttentionRows(
       ...decodeIds(b, i),
@@ -492,13 +489,20 @@ const IMPLS: Record<string, Impl> = {
       a.scale as number,
       a.heads as number,
     );
-    const infos = [b.outAs(out[0]!, [rows, 1, inp(i, 'wo').shape[0]!], 'float32')];
+    // each row's new keys and values stay ids: the caller's cache owns them
     for (let r = 0; r < rows; r++) {
-      const [, h, t, d] = ks[r]!.shape as [number, number, number, number];
-      infos.push(b.outAs(out[1 + 2 * r]!, [1, h, t + 1, d], 'float32'));
-      infos.push(b.outAs(out[2 + 2 * r]!, [1, h, t + 1, vs[r]!.shape[3]!], 'float32'));
+      const e = entries[r]!;
+      const [h, t, d, dv] = isBackendKv(e)
+        ? [e.kShape[1]!, e.kShape[2]!, e.kShape[3]!, e.vShape[3]!]
+        : [e.k.shape[1]!, e.k.shape[2]!, e.k.shape[3]!, e.v.shape[3]!];
+      kvOut.push({
+        k: out[1 + 2 * r]!,
+        v: out[2 + 2 * r]!,
+        kShape: [1, h, t + 1, d],
+        vShape: [1, h, t + 1, dv],
+      });
     }
-    return infos;
+    return [b.outAs(out[0]!, [rows, 1, inp(i, 'wo').shape[0]!], 'float32')];
   },
   XtLinear: (b, i) =>
     b.out(b.N.matmul(b.id(inp(i, 'x')), b.id(inp(i, 'w')), false, true, b.id(inp(i, 'bias')), 0)),

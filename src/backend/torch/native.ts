@@ -22,6 +22,8 @@ export interface TorchAddon {
   fromData(values: ArrayBufferView, shape: Ints, dtype: number): number;
   toData(id: number): Float32Array | Int32Array | Uint8Array;
   free(id: number): void;
+  /** frees several ids at once (those already free are ignored) */
+  freeList(ids: Ints): void;
   count(): number;
   /** freed CPU blocks kept for reuse, and the bound on them (XT_CPU_CACHE_MB) */
   cpuCache(): { cachedBytes: number; limitBytes: number };
@@ -154,8 +156,8 @@ export interface TorchAddon {
     wk: number,
     wv: number,
     wo: number,
-    kCaches: Ids,
-    vCaches: Ids,
+    kCaches: Ints,
+    vCaches: Ints,
     cos: Ints,
     sin: Ints,
     scale: number,
