@@ -2962,28 +2962,73 @@ struct RowAttention {
   }
 };
 
-bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk, int64_t dvIn, const at::Tensor& kc,
-                      const at::Tensor& vc, const at::Tensor* cos, const at::Tensor* sin, int64_t h, float* qRot,
+// A row's cache ([1, h, t, w] from its storage's start) copied into a new append buffer with room for
+// more positions (appendPosition's policy): where its own buffer is full, or it is no buffer's (a
+// prompt's keys). With tables (a key cache under rotary) the buffer's rotated keys come too: the old
+// buffer's, where it kept them for these t positions, else every key turned here (as rotaryApply
+// turns it). Returns the view of the t positions in the new buffer.
+at::Tensor regrowBuffer(const at::Tensor& c, const at::Tensor* cos, const at::Tensor* sin) {
+  const int64_t h = c.size(1), t = c.size(2), w = c.size(3);
+  const int64_t cap = std::max<int64_t>(t + 1 + (t + 1) / 2, 16);
+  at::Tensor rotated;
+  if (cos) {
+    rotated = at::empty({1, h, cap, w}, c.options());
+    auto it = g_appendBuffers.find(c.storage().data());
+    const bool kept = it != g_appendBuffers.end() && it->second.used == t && it->second.rotatedUsed == t &&
+                      it->second.rotated.defined() &&
+                      it->second.storage.lock().get() == c.storage().unsafeGetStorageImpl();
+    if (kept) {
+      rotated.narrow(2, 0, t).copy_(it->second.rotated.narrow(2, 0, t));
+    } else {
+      float* pr = rotated.data_ptr<float>();
+      const float* pc = c.data_ptr<float>();
+      for (int64_t hi = 0; hi < h; hi++)
+        for (int64_t pos = 0; pos < t; pos++)
+          rotatePairs(pc + hi * c.stride(1) + pos * c.stride(2), tableRow(*cos, 0, hi, pos), tableRow(*sin, 0, hi, pos),
+                      pr + (hi * cap + pos) * w, w, false);
+    }
+  }
+  auto buffer = at::empty({1, h, cap, w}, c.options());
+  auto view = buffer.narrow(2, 0, t);
+  view.copy_(c);
+  // buffers that died take their rotated keys with them here (as appendPosition does)
+  for (auto e = g_appendBuffers.begin(); e != g_appendBuffers.end();)
+    e = e->second.storage.expired() ? g_appendBuffers.erase(e) : std::next(e);
+  g_appendBuffers.erase(buffer.storage().data());
+  g_appendBuffers.emplace(buffer.storage().data(),
+                          AppendBuffer{buffer.storage().getWeakStorageImpl(), t, rotated, cos ? t : 0});
+  return view;
+}
+
+bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk, int64_t dvIn, const at::Tensor& kIn,
+                      const at::Tensor& vIn, const at::Tensor* cos, const at::Tensor* sin, int64_t h, float* qRot,
                       RowAttention& attention, at::Tensor& kAll, at::Tensor& vAll) {
   if (!(g_sgemm && smallGemvFor(1) && !g_bf16)) return false;
-  // one row's float32 cache of h heads of w features from its buffer's start (its rotations are
-  // those of the buffer's positions), whose buffer takes the new position in place
-  auto appendable = [&](const at::Tensor& c, int64_t w) -> AppendBuffer* {
-    if (!(c.dim() == 4 && c.size(0) == 1 && c.size(1) == h && c.size(3) == w && c.scalar_type() == at::kFloat &&
-          c.storage_offset() == 0))
-      return nullptr;
-    return appendableBuffer(c);
+  // one row's float32 CPU cache of h heads of w features from its storage's start
+  auto rowCache = [&](const at::Tensor& c, int64_t w) {
+    return c.dim() == 4 && c.size(0) == 1 && c.size(1) == h && c.size(3) == w && c.scalar_type() == at::kFloat &&
+           c.device().is_cpu() && c.storage_offset() == 0;
   };
-  const int64_t d = kc.size(3), dv = vc.size(3), t = kc.size(2);
-  if (t < 1 || vc.size(2) != t || d != dk || dv != dvIn) return false;
-  AppendBuffer* kb = appendable(kc, d);
-  AppendBuffer* vb = kb ? appendable(vc, dv) : nullptr;
-  if (!vb || kb == vb) return false;
+  const int64_t d = kIn.size(3), dv = vIn.size(3), t = kIn.size(2);
+  if (t < 1 || vIn.size(2) != t || d != dk || dv != dvIn || !rowCache(kIn, d) || !rowCache(vIn, dv)) return false;
+  if (cos && !(rawTables(*cos, *sin, d) && cos->size(2) >= t + 1 && sin->size(2) >= t + 1)) return false;
+  // buffers whose rotations are those of their positions, that take the new position in place; a
+  // full buffer, or a cache that is none (a prompt's), is copied into a larger one first
+  auto inPlace = [&](const at::Tensor& c, bool keys) {
+    AppendBuffer* buf = appendableBuffer(c);
+    return buf && (!keys || !cos || (buf->rotated.defined() && buf->rotatedUsed == t));
+  };
+  const bool grow = !inPlace(kIn, true) || !inPlace(vIn, false);
+  const at::Tensor kc = grow ? regrowBuffer(kIn, cos, sin) : kIn;
+  const at::Tensor vc = grow ? regrowBuffer(vIn, nullptr, nullptr) : vIn;
+  AppendBuffer* kb = appendableBuffer(kc);
+  AppendBuffer* vb = appendableBuffer(vc);
+  if (!kb || !vb || kb == vb) return false;
   const int64_t kcap = kc.stride(1) / d, vcap = vc.stride(1) / dv;
   if (cos) {
     const auto& r = kb->rotated;
     if (!(r.defined() && kb->rotatedUsed == t && r.is_contiguous() && r.dim() == 4 && r.size(2) == kcap &&
-          r.size(3) == d && rawTables(*cos, *sin, d) && cos->size(2) >= t + 1 && sin->size(2) >= t + 1))
+          r.size(3) == d))
       return false;
   }
   float* pk = kc.data_ptr<float>();

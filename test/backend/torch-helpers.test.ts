@@ -88,12 +88,11 @@ function batchedLogits(net: TransformerWrapper, tokens: number[][], prompts = PR
 
 /**
  * The jobs `steps` batched steps share: per step and layer the projections (q, k and v in one
- * product, then the attention's output) and the two feedforward products, then the output layer's
- * product; and each layer's attention from the
- * second step on (the first copies the prompt's cache into buffers that later steps append to in
- * place, on the path that shares the attention).
+ * product, then the attention's output), the attention and the two feedforward products, then the
+ * output layer's product. The first step too shares each layer's attention: it copies the
+ * prompt's cache into buffers that later steps append to in place, on the path that shares it.
  */
-const sharedJobs = (steps: number) => steps * (4 * DEPTH + 1) + (steps - 1) * DEPTH;
+const sharedJobs = (steps: number) => steps * (5 * DEPTH + 1);
 
 const N = () => loadAddon();
 const expected = Number(
@@ -167,6 +166,39 @@ describe('torch backend helper threads', () => {
       got.forEach((row, i) => row.forEach((step, s) => expect(step).toEqual(want[i]![s])));
       expect(after.jobs - before.jobs).toBe(jobs);
       expect(after.helperChunks - before.helperChunks).toBe(after.chunks - before.chunks);
+      net.dispose();
+    },
+  );
+
+  // a row's keys and values live in buffers with room for half as many positions again: a row
+  // whose buffer is full is copied into a larger one (its keys' rotations with it) inside the step,
+  // which still takes the path that shares the attention (a chunk per row); 5 rows of 30 to 38
+  // positions fill their first buffers (46 to 58 positions) within 24 steps
+  it.runIf(expected > 0)(
+    'rows whose buffers fill up keep their own logits, and every step shares the same work',
+    () => {
+      const net = makeNet();
+      const prompts = PROMPTS.slice(0, 5).map((p, i) => p.slice(0, 30 + 2 * i));
+      const tokens = Array.from({ length: 24 }, (_, s) => prompts.map((_, i) => (13 * i + 7 * s + 3) % V));
+      const want = aloneLogits(net, tokens, prompts);
+      let caches = prompts.map((p) => prefill(net, p));
+      const shared: { jobs: number; chunks: number }[] = [];
+      tokens.forEach((t, s) => {
+        const before = N().helpers();
+        const x = tf.tensor2d(t, [t.length, 1], 'int32');
+        const r = net.forwardWithState(x, { rowCaches: caches });
+        x.dispose();
+        r.embeddings.dispose();
+        const after = N().helpers();
+        shared.push({ jobs: after.jobs - before.jobs, chunks: after.chunks - before.chunks });
+        const rows = r.logits.arraySync() as number[][][];
+        r.logits.dispose();
+        rows.forEach((row, i) => expect(row[0]).toEqual(want[i]![s]));
+        for (const c of caches) c.dispose();
+        caches = r.rowCaches!;
+      });
+      for (const c of caches) c.dispose();
+      expect(shared).toEqual(tokens.map(() => ({ jobs: sharedJobs(1), chunks: shared[0]!.chunks })));
       net.dispose();
     },
   );
