@@ -161,7 +161,7 @@ function withBackendSetting<V, T>(setter: string, value: V, fn: () => T): T {
   }
 }
 
-/** The backend's own ids for tensors held outside TF.js (see BackendKv in src/layers/cache.ts). */
+/** The backend's own ids for tensors held outside TF.js (see BackendKv in src/attention/types.ts). */
 interface BackendIds {
   freeIds(ids: number[]): void;
   adoptId(id: number, shape: number[], dtype: tf.DataType): tf.TensorInfo;

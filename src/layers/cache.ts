@@ -159,12 +159,12 @@ export class LayersCache {
 
   /** How many cached layers it holds. */
   get layers(): number {
-    return (this.ids ?? this.tensors!).length;
+    return (this.ids ?? this.tensors ?? []).length;
   }
 
   /** The batch size of its entries. */
   get batch(): number | undefined {
-    return this.ids ? this.ids[0]?.kShape[0] : this.tensors![0]?.k.shape[0];
+    return this.ids ? this.ids[0]?.kShape[0] : this.tensors?.[0]?.k.shape[0];
   }
 
   /**
