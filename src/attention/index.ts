@@ -13,12 +13,14 @@ export {
 export type { AttendFnOptions, AttendModuleOptions, AttendResult } from './attend.js';
 export { RotaryEmbedding, rotaryEmbeddingDefaults, applyRotaryPosEmb, rotateHalf } from './rotary.js';
 export type { RotaryEmbeddingOptions } from './rotary.js';
-export { attentionDefaults } from './types.js';
+export { attentionDefaults, isBackendKv } from './types.js';
 export type {
   AttentionOptions,
   AttentionForwardOptions,
   AttentionIntermediates,
   AttentionKv,
+  BackendKv,
+  KvEntry,
   PositionBias,
   RotaryInput,
 } from './types.js';
