@@ -1446,26 +1446,23 @@ XT_FN(ToData) {
   }
 }
 
-XT_FN(Free) {
-  int32_t id = num(info, 0);
+// drops the tensor under id (an id already free is ignored)
+void freeId(int32_t id) {
   if (id >= 0 && id < static_cast<int32_t>(g_tensors.size()) && g_tensors[id].defined()) {
     g_tensors[id] = at::Tensor();
     g_free.push_back(id);
     g_live--;
   }
+}
+
+XT_FN(Free) {
+  freeId(num(info, 0));
   return info.Env().Undefined();
 }
 
 // Frees several ids at once (an Int32Array or an array of ids); ids already free are ignored.
 XT_FN(FreeList) {
-  for (int64_t id64 : ints(info[0])) {
-    int32_t id = static_cast<int32_t>(id64);
-    if (id >= 0 && id < static_cast<int32_t>(g_tensors.size()) && g_tensors[id].defined()) {
-      g_tensors[id] = at::Tensor();
-      g_free.push_back(id);
-      g_live--;
-    }
-  }
+  for (int64_t id : ints(info[0])) freeId(static_cast<int32_t>(id));
   return info.Env().Undefined();
 }
 
@@ -2658,6 +2655,20 @@ std::unordered_map<const void*, AppendBuffer> g_appendBuffers;
 // The append buffer that a cache ([b, h, t, d], on the CPU) is t consecutive positions of, from
 // position start = storage offset / d, when its next position can be written in place (the buffer
 // has room and nothing was written after it).
+// How many positions a new append buffer for t + 1 of them has room for: half as many again, at
+// least 16.
+int64_t appendCapacity(int64_t t) { return std::max<int64_t>(t + 1 + (t + 1) / 2, 16); }
+
+// Records a new CPU append buffer with `used` positions written (and its rotated keys, if any);
+// buffers that died take their rotated keys with them here (a run holds a few per layer).
+void trackAppendBuffer(const at::Tensor& buffer, int64_t used, at::Tensor rotated, int64_t rotatedUsed) {
+  for (auto e = g_appendBuffers.begin(); e != g_appendBuffers.end();)
+    e = e->second.storage.expired() ? g_appendBuffers.erase(e) : std::next(e);
+  g_appendBuffers.erase(buffer.storage().data());
+  g_appendBuffers.emplace(buffer.storage().data(), AppendBuffer{buffer.storage().getWeakStorageImpl(), used,
+                                                                std::move(rotated), rotatedUsed});
+}
+
 AppendBuffer* appendableBuffer(const at::Tensor& cache) {
   if (cache.dim() != 4) return nullptr;
   int64_t h = cache.size(1), t = cache.size(2), d = cache.size(3);
@@ -2694,19 +2705,11 @@ at::Tensor appendPosition(const at::Tensor& cache, const at::Tensor& x) {
       return full;
     }
   }
-  int64_t cap = std::max<int64_t>(t + 1 + (t + 1) / 2, 16);
-  auto buffer = at::empty({b, h, cap, d}, cache.options());
+  auto buffer = at::empty({b, h, appendCapacity(t), d}, cache.options());
   auto full = buffer.narrow(2, 0, t + 1);
   full.narrow(2, 0, t).copy_(cache);
   full.narrow(2, t, 1).copy_(x);
-  if (buffer.device().is_cpu()) {
-    // buffers that died take their rotated keys with them here (a run holds a few per layer)
-    for (auto e = g_appendBuffers.begin(); e != g_appendBuffers.end();)
-      e = e->second.storage.expired() ? g_appendBuffers.erase(e) : std::next(e);
-    g_appendBuffers.erase(buffer.storage().data());
-    g_appendBuffers.emplace(buffer.storage().data(),
-                            AppendBuffer{buffer.storage().getWeakStorageImpl(), t + 1, at::Tensor(), 0});
-  }
+  if (buffer.device().is_cpu()) trackAppendBuffer(buffer, t + 1, at::Tensor(), 0);
   return full;
 }
 
@@ -2963,13 +2966,13 @@ struct RowAttention {
 };
 
 // A row's cache ([1, h, t, w] from its storage's start) copied into a new append buffer with room for
-// more positions (appendPosition's policy): where its own buffer is full, or it is no buffer's (a
+// more positions (appendCapacity): where its own buffer is full, or it is no buffer's (a
 // prompt's keys). With tables (a key cache under rotary) the buffer's rotated keys come too: the old
 // buffer's, where it kept them for these t positions, else every key turned here (as rotaryApply
 // turns it). Returns the view of the t positions in the new buffer.
 at::Tensor regrowBuffer(const at::Tensor& c, const at::Tensor* cos, const at::Tensor* sin) {
   const int64_t h = c.size(1), t = c.size(2), w = c.size(3);
-  const int64_t cap = std::max<int64_t>(t + 1 + (t + 1) / 2, 16);
+  const int64_t cap = appendCapacity(t);
   at::Tensor rotated;
   if (cos) {
     rotated = at::empty({1, h, cap, w}, c.options());
@@ -2991,12 +2994,7 @@ at::Tensor regrowBuffer(const at::Tensor& c, const at::Tensor* cos, const at::Te
   auto buffer = at::empty({1, h, cap, w}, c.options());
   auto view = buffer.narrow(2, 0, t);
   view.copy_(c);
-  // buffers that died take their rotated keys with them here (as appendPosition does)
-  for (auto e = g_appendBuffers.begin(); e != g_appendBuffers.end();)
-    e = e->second.storage.expired() ? g_appendBuffers.erase(e) : std::next(e);
-  g_appendBuffers.erase(buffer.storage().data());
-  g_appendBuffers.emplace(buffer.storage().data(),
-                          AppendBuffer{buffer.storage().getWeakStorageImpl(), t, rotated, cos ? t : 0});
+  trackAppendBuffer(buffer, t, rotated, cos ? t : 0);
   return view;
 }
 
@@ -3014,15 +3012,15 @@ bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk
   if (cos && !(rawTables(*cos, *sin, d) && cos->size(2) >= t + 1 && sin->size(2) >= t + 1)) return false;
   // buffers whose rotations are those of their positions, that take the new position in place; a
   // full buffer, or a cache that is none (a prompt's), is copied into a larger one first
-  auto inPlace = [&](const at::Tensor& c, bool keys) {
-    AppendBuffer* buf = appendableBuffer(c);
-    return buf && (!keys || !cos || (buf->rotated.defined() && buf->rotatedUsed == t));
-  };
-  const bool grow = !inPlace(kIn, true) || !inPlace(vIn, false);
+  AppendBuffer* kb = appendableBuffer(kIn);
+  AppendBuffer* vb = appendableBuffer(vIn);
+  const bool grow = !kb || !vb || (cos && !(kb->rotated.defined() && kb->rotatedUsed == t));
   const at::Tensor kc = grow ? regrowBuffer(kIn, cos, sin) : kIn;
   const at::Tensor vc = grow ? regrowBuffer(vIn, nullptr, nullptr) : vIn;
-  AppendBuffer* kb = appendableBuffer(kc);
-  AppendBuffer* vb = appendableBuffer(vc);
+  if (grow) {
+    kb = appendableBuffer(kc);
+    vb = appendableBuffer(vc);
+  }
   if (!kb || !vb || kb == vb) return false;
   const int64_t kcap = kc.stride(1) / d, vcap = vc.stride(1) / dv;
   if (cos) {
