@@ -367,6 +367,7 @@ struct OmpThreads {
 // so a core busy with the service's other processes gives them none and costs the step nothing. A
 // job keeps its inputs alive (tensors held by it) until the last helper has let go of it.
 // XT_HELPER_THREADS=n sets their number (default: the CPUs less one, at most 3; 0 turns them off).
+// Their thread name is xt-helper.
 struct SharedJob {
   std::vector<at::Tensor> keep;  // what the chunks read, alive while a helper may read it
   int64_t chunks = 0;
@@ -386,6 +387,11 @@ class HelperPool {
   explicit HelperPool(int n) {
     for (int i = 0; i < n; i++) {
       std::thread t([this] { loop(); });
+#if defined(__linux__)
+      // named before the constructor returns, so that top -H and /proc/<pid>/task/*/comm tell the
+      // helpers from Node's own threads
+      pthread_setname_np(t.native_handle(), "xt-helper");
+#endif
       threads_.push_back(t.native_handle());
       t.detach();
     }

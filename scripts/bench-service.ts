@@ -8,8 +8,10 @@
  * are over all its passes; default 1), --json, --while-training (a training job of a larger model
  * runs in the same worker throughout, started before the first request and cancelled after the
  * last), --dim N and --depth N (the model streamed from: a byte-level decoder with rotary positions,
- * default dim 256, depth 4). WORKER_CONCURRENCY, MAX_BATCH and XT_BACKEND pass through to the
- * service.
+ * default dim 256, depth 4), --cpu (Linux: a second table of the CPU time each process spent per
+ * token at each level, and how many cores that kept busy: the API, the worker's decode thread, its
+ * helper threads and its other threads, Redis, and this benchmark's own clients). WORKER_CONCURRENCY,
+ * MAX_BATCH and XT_BACKEND pass through to the service.
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -19,6 +21,14 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { freePort } from '../service/redis-server.js';
 import { option, positiveInt, positiveInts } from './args.js';
+import {
+  CPU_PARTS,
+  cpuBetween,
+  procCpuAvailable,
+  snapshotCpu,
+  type CpuPart,
+  type CpuSnapshot,
+} from './proc-cpu.js';
 
 const ROOT = fileURLToPath(new URL('../', import.meta.url));
 
@@ -28,6 +38,11 @@ const repeat = positiveInt('repeat', option('repeat', '1'));
 const dim = positiveInt('dim', option('dim', '256'));
 const depth = positiveInt('depth', option('depth', '4'));
 const levels = positiveInts('concurrency', '1,8,32');
+const cpu = process.argv.includes('--cpu');
+if (cpu && !procCpuAvailable())
+  throw new Error(
+    `--cpu: expected Linux's /proc to read processes' CPU time, but this is ${process.platform} without it`,
+  );
 
 interface Sample {
   ttftMs: number;
@@ -216,7 +231,18 @@ async function main() {
 
     // each level's samples and wall time, summed over the passes: the levels take turns, so a slow
     // stretch of the machine falls on all of them rather than on one
-    const acc = new Map(levels.map((c) => [c, { samples: [] as Sample[], wall: 0 }]));
+    const acc = new Map(
+      levels.map((c) => [
+        c,
+        {
+          samples: [] as Sample[],
+          wall: 0,
+          // CPU seconds of each part of the service, and of this process (the clients), in the timed windows
+          cpu: Object.fromEntries(CPU_PARTS.map((k) => [k, 0])) as Record<CpuPart, number | null>,
+          clients: 0,
+        },
+      ]),
+    );
     for (let pass = 0; pass < repeat; pass++) {
       for (const c of levels) {
         // one untimed request per client first: the decoding paths of this many rows get compiled
@@ -226,6 +252,8 @@ async function main() {
             Array.from({ length: c }, (_, i) => streamOnce(base, model, `client ${i} warms up `)),
           );
         const level = acc.get(c)!;
+        const cpu0 = cpu ? snapshotCpu(child.pid!) : null;
+        const own0 = process.cpuUsage();
         const t0 = performance.now();
         await Promise.all(
           Array.from({ length: c }, async (_, i) => {
@@ -234,10 +262,20 @@ async function main() {
           }),
         );
         level.wall += (performance.now() - t0) / 1000;
+        if (cpu0) {
+          const own = process.cpuUsage(own0);
+          level.clients += (own.user + own.system) / 1e6;
+          const used: CpuSnapshot = cpuBetween(cpu0, snapshotCpu(child.pid!));
+          for (const k of CPU_PARTS) {
+            const u = used[k];
+            const sum = level.cpu[k];
+            level.cpu[k] = u === null || sum === null ? null : sum + u;
+          }
+        }
       }
     }
     const rows = levels.map((c) => {
-      const { samples, wall } = acc.get(c)!;
+      const { samples, wall, cpu: used, clients } = acc.get(c)!;
       const total = samples.reduce((s, x) => s + x.tokens, 0);
       const of = (k: keyof Sample, p: number) =>
         pct(
@@ -253,6 +291,15 @@ async function main() {
         totalTokensPerSecond: total / wall,
         latencyP50Ms: of('latencyMs', 50),
         latencyP99Ms: of('latencyMs', 99),
+        // per part: CPU microseconds per token generated, and cores kept busy (CPU seconds per second)
+        cpu: cpu
+          ? Object.fromEntries(
+              [...CPU_PARTS, 'clients' as const].map((k) => {
+                const s = k === 'clients' ? clients : used[k];
+                return [k, s === null ? null : { usPerToken: (s * 1e6) / total, cores: s / wall }];
+              }),
+            )
+          : undefined,
       };
     });
     const trainedSteps = training ? await training.stop() : null;
@@ -287,6 +334,28 @@ async function main() {
         `| ${r.concurrency} | ${r.requests} | ${f(r.ttftP50Ms)} / ${f(r.ttftP99Ms)} | ${f(r.streamTokensPerSecond)} | ` +
           `${f(r.totalTokensPerSecond)}${ratio} | ${f(r.latencyP50Ms)} / ${f(r.latencyP99Ms)} |`,
       );
+    }
+    if (cpu) {
+      console.log(
+        '\nCPU per token generated, in microseconds, and the cores that kept busy (CPU seconds per second), ' +
+          'over the timed windows\n',
+      );
+      console.log(
+        '| streams | API | worker: decode thread | worker: helpers | worker: other threads | Redis | clients | in all |',
+      );
+      console.log('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
+      for (const r of rows) {
+        const parts = [...CPU_PARTS, 'clients' as const].map((k) => r.cpu![k]);
+        const cell = (p: { usPerToken: number; cores: number } | null) =>
+          p ? `${p.usPerToken.toFixed(0)} (${p.cores.toFixed(2)})` : '-';
+        const all = { usPerToken: 0, cores: 0 };
+        for (const p of parts) {
+          if (!p) continue;
+          all.usPerToken += p.usPerToken;
+          all.cores += p.cores;
+        }
+        console.log(`| ${r.concurrency} | ${parts.map(cell).join(' | ')} | ${cell(all)} |`);
+      }
     }
   } finally {
     agent.destroy();

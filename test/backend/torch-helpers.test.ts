@@ -1,5 +1,6 @@
 import os from 'node:os';
 import { spawnSync } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-cpu';
 import { describe, expect, it } from 'vitest';
@@ -102,6 +103,14 @@ const expected = Number(
 describe('torch backend helper threads', () => {
   it('starts one helper per CPU beyond the first, at most 3 (XT_HELPER_THREADS sets it)', () => {
     expect(N().helpers().threads).toBe(expected);
+  });
+
+  it.runIf(process.platform === 'linux')('names its helper threads xt-helper (what /proc shows)', () => {
+    N().helpers(); // started on first use
+    const names = readdirSync(`/proc/${process.pid}/task`).map((tid) =>
+      readFileSync(`/proc/${process.pid}/task/${tid}/comm`, 'utf8').trim(),
+    );
+    expect(names.filter((n) => n === 'xt-helper')).toHaveLength(expected);
   });
 
   it.runIf(expected > 0)(
