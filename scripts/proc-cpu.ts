@@ -15,7 +15,8 @@ export type CpuPart = (typeof CPU_PARTS)[number];
 export type CpuSnapshot = Record<CpuPart, number | null>;
 
 let ticksPerSecond: number | null = null;
-function clockTicks(): number {
+/** The kernel's clock ticks per second, the unit of /proc's CPU times. */
+export function clockTicksPerSecond(): number {
   if (ticksPerSecond === null) {
     try {
       ticksPerSecond = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
@@ -40,7 +41,7 @@ function statFields(path: string): string[] | null {
 function cpuSeconds(path: string): number | null {
   const f = statFields(path);
   // after the name: state, ppid, ... utime is the 12th field, stime the 13th
-  return f ? (Number(f[11]) + Number(f[12])) / clockTicks() : null;
+  return f ? (Number(f[11]) + Number(f[12])) / clockTicksPerSecond() : null;
 }
 
 function readText(path: string): string {

@@ -1,14 +1,16 @@
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { describe, expect, it } from 'vitest';
-import { cpuBetween, procCpuAvailable, snapshotCpu } from '../../scripts/proc-cpu.js';
+import { clockTicksPerSecond, cpuBetween, procCpuAvailable, snapshotCpu } from '../../scripts/proc-cpu.js';
 
 // bench:service --cpu's accounting, on a process tree shaped like the service's: a root process
 // (the API) that starts a child whose command line names service/worker.ts; the root burns CPU on
 // its main thread, the child on its main thread (the decode thread) and on a worker thread.
 
+// Each burn runs until its own thread has used `ms` of CPU time (read from /proc/thread-self/stat),
+// so that tests running beside it on a busy machine stretch its wall time, never its CPU figure.
 const burn = (ms: number) =>
-  `{ const until = Date.now() + ${ms}; let x = 0; while (Date.now() < until) x++; }`;
+  `{ const fs = require('node:fs'); const cpu = () => { const t = fs.readFileSync('/proc/thread-self/stat', 'utf8'); const f = t.slice(t.lastIndexOf(')') + 2).split(' '); return Number(f[11]) + Number(f[12]); }; const hz = ${clockTicksPerSecond()}; const start = cpu(); let x = 0; while ((cpu() - start) / hz < ${ms / 1000}) for (let i = 0; i < 10000; i++) x++; }`;
 
 const CHILD = `
 const { Worker } = require('node:worker_threads');
@@ -44,7 +46,7 @@ describe('bench:service --cpu accounting', () => {
         root.stdin.write('go');
         await once(root.stdout, 'data');
         const used = cpuBetween(before, snapshotCpu(root.pid!));
-        // each burned 0.4 s; scheduling on a busy machine stretches wall time, not CPU time
+        // each burned 0.4 s of its own CPU time
         for (const part of ['api', 'decode', 'workerOther'] as const) {
           expect(used[part], part).toBeGreaterThanOrEqual(0.35);
           expect(used[part], part).toBeLessThan(1.5);
