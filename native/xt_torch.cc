@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #endif
 #include <pthread.h>
+#include <signal.h>
 #include <sched.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -1022,6 +1023,47 @@ void panelGemvShared(int64_t, int64_t, int64_t, const at::Tensor&, const float*,
 // they read the weight in place, where sgemm packs it on every call (measured faster up to 64 rows
 // of a 256-wide layer on a Zen 4 core).
 constexpr int64_t kSmallOpsRows = 32;
+// oneDNN's generated matrix kernels (the sgemm that float32 products call, and the bfloat16
+// products ATen runs on the CPU) point the stack register into the heap while they run, in some
+// cases: a signal handled on such a thread writes its frame over the heap (oneDNN issue 4845, fixed
+// in 2026, after the oneDNN that Debian's LibTorch links). A profiler's SIGPROF, a SIGTERM or SIGINT
+// sent to a worker in the middle of a product would corrupt memory. So the calling thread keeps
+// asynchronous signals pending while such a kernel runs (they are handled right after it), and
+// OpenMP's threads, which run parts of it, never take them (holdSignalsInOpenMpThreads).
+const sigset_t& asyncSignals() {
+  static const sigset_t set = [] {
+    sigset_t s;
+    sigfillset(&s);
+    // those a fault raises on the faulting thread (blocking them would hide the fault)
+    for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT, SIGSYS}) sigdelset(&s, sig);
+    return s;
+  }();
+  return set;
+}
+
+struct SignalsHeld {
+  sigset_t prev;
+  bool on;
+  explicit SignalsHeld(bool want) : on(want) {
+    if (on) pthread_sigmask(SIG_BLOCK, &asyncSignals(), &prev);
+  }
+  ~SignalsHeld() {
+    if (on) pthread_sigmask(SIG_SETMASK, &prev, nullptr);
+  }
+  SignalsHeld(const SignalsHeld&) = delete;
+  SignalsHeld& operator=(const SignalsHeld&) = delete;
+};
+
+// Every OpenMP thread but the caller's blocks asynchronous signals for good: a parallel region of
+// one piece per thread (the threads are made by the first region, and kept).
+void holdSignalsInOpenMpThreads() {
+  const int n = at::get_num_threads();
+  if (n <= 1) return;
+  at::parallel_for(0, n, 1, [](int64_t, int64_t) {
+    if (at::get_thread_num() != 0) pthread_sigmask(SIG_BLOCK, &asyncSignals(), nullptr);
+  });
+}
+
 bool smallGemvFor(int64_t m) {
   return g_avx2 && g_smallGemv && m <= std::max(g_smallRowsLimit, g_smallOps ? kSmallOpsRows : int64_t(0));
 }
@@ -1031,7 +1073,9 @@ at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
   if (lowp(a0) && lowp(b0)) {
     // a weight times a few rows (decoding): its bfloat16 copy is kept
     bool weight = b0.dim() == 2 && a0.dim() >= 2 && a0.size(-2) <= kSmallRows && b0.numel() >= 4096;
-    return at::matmul(toBf16(a0), weight ? cachedBf16(b0) : toBf16(b0)).to(at::kFloat);
+    at::Tensor a = toBf16(a0), b = weight ? cachedBf16(b0) : toBf16(b0);
+    SignalsHeld held(a.device().is_cpu());
+    return at::matmul(a, b).to(at::kFloat);
   }
   if (!g_sgemm || a0.scalar_type() != at::kFloat || b0.scalar_type() != at::kFloat || !a0.device().is_cpu() ||
       !b0.device().is_cpu() || a0.dim() < 2 || b0.dim() < 2)
@@ -1088,6 +1132,7 @@ at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
   // in small-op mode, sgemm (on OpenMP threads) still gets them for products worth it (a prompt)
   OmpThreads threads(!small && count * m * n * k >= (int64_t(1) << 21));
   std::vector<int64_t> idx(nb, 0);
+  SignalsHeld held(!panels.defined() && !small);  // sgemm below
   for (int64_t i = 0; i < count; i++) {
     int64_t oa = 0, ob = 0;
     for (int64_t d = 0; d < nb; d++) {
@@ -1363,6 +1408,7 @@ XT_FN(Init) {
   std::string dev = info[2].As<Napi::String>().Utf8Value();
   if (threads > 0) at::set_num_threads(threads);
   g_threads = at::get_num_threads();
+  holdSignalsInOpenMpThreads();
   // other large buffers (the copies that reads hand to JavaScript): glibc serves blocks above a
   // threshold that grows with every large free (up to 32 MiB) from its heap, where they fragment
   // it; a fixed threshold sends every block of 256 KiB or more back to the system when it is freed
