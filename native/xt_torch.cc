@@ -2867,18 +2867,45 @@ bool rawAttend(const at::Tensor& k, const at::Tensor& v) {
 // vectorized one. Either way a row's numbers depend on its own length alone.
 constexpr int64_t kLoopSoftmax = 8192;
 
+// Keys turned on the fly, a block at a time (each thread its own block: the helpers run them too).
+thread_local std::vector<float> g_turnedKeys;
+constexpr int64_t kTurnedBlock = 32;
+
+// The scores q k_j^T of t keys (rows kPos floats apart) that are first turned by the tables' rows
+// 0 .. t - 1 of (row bi, head hi), as rotaryApply turns them: a block of keys is turned into scratch
+// memory and scored there by gemvT, so each score is the one of turning every key first and then
+// scoring them, without writing the turned keys out.
+void scoresOfTurnedKeys(const float* q, const float* k, int64_t kPos, int64_t t, int64_t d, const at::Tensor& cos,
+                        const at::Tensor& sin, int64_t bi, int64_t hi, float* sr) {
+  if (static_cast<int64_t>(g_turnedKeys.size()) < kTurnedBlock * d) g_turnedKeys.resize(kTurnedBlock * d);
+  float* turned = g_turnedKeys.data();
+  for (int64_t j0 = 0; j0 < t; j0 += kTurnedBlock) {
+    const int64_t nb = std::min(kTurnedBlock, t - j0);
+    for (int64_t j = 0; j < nb; j++)
+      rotatePairs(k + (j0 + j) * kPos, tableRow(cos, bi, hi, j0 + j), tableRow(sin, bi, hi, j0 + j), turned + j * d,
+                  d, false);
+    gemvT(1, nb, d, q, d, turned, d, sr + j0, t);
+  }
+}
+
 // softmax(q k^T * scale) v of one query per row and head, heads merged: q points at b rows of h
-// heads of d features (strides qRow, qHead), k [b, h, t, d] (rotated), v [b, h, t, dv] -> out, b
-// rows of h * dv. Scores and weighted sums on the small-row kernels.
+// heads of d features (strides qRow, qHead), k [b, h, t, d] (rotated, or turned here by keyCos and
+// keySin's positions 0 .. t - 1 when they are given), v [b, h, t, dv] -> out, b rows of h * dv.
+// Scores and weighted sums on the small-row kernels.
 void attendRawPtr(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_t h, int64_t t, int64_t d,
                   int64_t dv, const float* pk, int64_t kRow, int64_t kHead, int64_t kPos, const float* pv, int64_t vRow,
-                  int64_t vHead, int64_t vPos, double scale, float* out) {
+                  int64_t vHead, int64_t vPos, double scale, float* out, const at::Tensor* keyCos = nullptr,
+                  const at::Tensor* keySin = nullptr) {
   const float sc = static_cast<float>(scale);
   float* ps = scratch(b * h * t);
   for (int64_t bi = 0; bi < b; bi++)
     for (int64_t hi = 0; hi < h; hi++) {
       float* sr = ps + (bi * h + hi) * t;
-      gemvT(1, t, d, q + bi * qRow + hi * qHead, d, pk + bi * kRow + hi * kHead, kPos, sr, t);
+      if (keyCos)
+        scoresOfTurnedKeys(q + bi * qRow + hi * qHead, pk + bi * kRow + hi * kHead, kPos, t, d, *keyCos, *keySin, bi,
+                           hi, sr);
+      else
+        gemvT(1, t, d, q + bi * qRow + hi * qHead, d, pk + bi * kRow + hi * kHead, kPos, sr, t);
       scaleRow(sr, t, sc);
     }
   if (h * t > kLoopSoftmax) {
@@ -2996,8 +3023,9 @@ XT_FN(CachedAttention) {
 // -> [out [b, 1, dimOut], k_0, v_0, k_1, v_1, ...] (each row's caches with this step).
 // One row's step of CachedAttentionRows on raw memory, where it applies: the row's key and value
 // caches are append buffers with room for the new position (appendPosition's), the keys' rotations
-// are tracked up to the last position (rotatedKeys') and everything is CPU float32 that the raw
-// loops read. The new key and value are written in place and the new key rotated; the query is
+// are tracked up to the last position (rotatedKeys') or the keys are a window of the buffer's last
+// positions (turned on the fly), and everything is CPU float32 that the raw loops read. The new key
+// and value are written in place and the new key rotated; the query is
 // rotated into qRot (h * d floats). Then `attention` describes the rest, the same loops as
 // attendStep's (so the same numbers) without a tensor op per head: RowAttention::run. Returns false
 // (nothing written) where it does not apply; then attendStep runs.
@@ -3010,10 +3038,14 @@ struct RowAttention {
   int64_t positions, kcap, vcap;
   // what keys and values point into (the keys' rotated copy, or the caches)
   at::Tensor keysKeep, valuesKeep;
+  // where defined, the keys are the cache's own and are turned here by these tables' positions from
+  // 0 (a window of the cache's last positions, whose positions move by one each step)
+  at::Tensor keyCos, keySin;
   // softmax(q k^T * scale) v for the row's h heads into out (h * dv floats)
   void run(int64_t h, int64_t d, int64_t dv, double scale, float* out) const {
+    const bool turn = keyCos.defined();
     attendRawPtr(query, h * d, d, 1, h, positions, d, dv, keys, h * kcap * d, kcap * d, d, values, h * vcap * dv,
-                 vcap * dv, dv, scale, out);
+                 vcap * dv, dv, scale, out, turn ? &keyCos : nullptr, turn ? &keySin : nullptr);
   }
 };
 
@@ -3054,19 +3086,22 @@ bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk
                       const at::Tensor& vIn, const at::Tensor* cos, const at::Tensor* sin, int64_t h, float* qRot,
                       RowAttention& attention, at::Tensor& kAll, at::Tensor& vAll) {
   if (!(g_sgemm && smallGemvFor(1) && !g_bf16)) return false;
-  // one row's float32 CPU cache of h heads of w features from its storage's start
+  // one row's float32 CPU cache of h heads of w features
   auto rowCache = [&](const at::Tensor& c, int64_t w) {
     return c.dim() == 4 && c.size(0) == 1 && c.size(1) == h && c.size(3) == w && c.scalar_type() == at::kFloat &&
-           c.device().is_cpu() && c.storage_offset() == 0;
+           c.device().is_cpu();
   };
   const int64_t d = kIn.size(3), dv = vIn.size(3), t = kIn.size(2);
   if (t < 1 || vIn.size(2) != t || d != dk || dv != dvIn || !rowCache(kIn, d) || !rowCache(vIn, dv)) return false;
   if (cos && !(rawTables(*cos, *sin, d) && cos->size(2) >= t + 1 && sin->size(2) >= t + 1)) return false;
-  // buffers whose rotations are those of their positions, that take the new position in place; a
+  // buffers that take the new position in place, whose kept rotations are those of their positions
+  // (from the buffer's start) or that are windows of their last positions (decoding past maxSeqLen:
+  // the positions move by one each step, so the keys are turned on the fly, see RowAttention); a
   // full buffer, or a cache that is none (a prompt's), is copied into a larger one first
   AppendBuffer* kb = appendableBuffer(kIn);
   AppendBuffer* vb = appendableBuffer(vIn);
-  const bool grow = !kb || !vb || (cos && !(kb->rotated.defined() && kb->rotatedUsed == t));
+  const bool grow = !kb || !vb ||
+                    (cos && kIn.storage_offset() == 0 && !(kb->rotated.defined() && kb->rotatedUsed == t));
   const at::Tensor kc = grow ? regrowBuffer(kIn, cos, sin) : kIn;
   const at::Tensor vc = grow ? regrowBuffer(vIn, nullptr, nullptr) : vIn;
   if (grow) {
@@ -3075,7 +3110,9 @@ bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk
   }
   if (!kb || !vb || kb == vb) return false;
   const int64_t kcap = kc.stride(1) / d, vcap = vc.stride(1) / dv;
-  if (cos) {
+  const int64_t kStart = kc.storage_offset() / d, vStart = vc.storage_offset() / dv;
+  const bool turn = cos && kStart > 0;
+  if (cos && !turn) {
     const auto& r = kb->rotated;
     if (!(r.defined() && kb->rotatedUsed == t && r.is_contiguous() && r.dim() == 4 && r.size(2) == kcap &&
           r.size(3) == d))
@@ -3087,11 +3124,20 @@ bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk
     std::memcpy(pk + (hi * kcap + t) * d, k + hi * d, sizeof(float) * d);
     std::memcpy(pv + (hi * vcap + t) * dv, v + hi * dv, sizeof(float) * dv);
   }
-  kb->used = t + 1;
-  vb->used = t + 1;
+  kb->used = kStart + t + 1;
+  vb->used = vStart + t + 1;
   const int64_t row = attention.row;
   attention = {row, q, pk, pv, t + 1, kcap, vcap, kc, vc};
-  if (cos) {
+  if (turn) {
+    for (int64_t hi = 0; hi < h; hi++)
+      rotatePairs(q + hi * d, tableRow(*cos, 0, hi, t), tableRow(*sin, 0, hi, t), qRot + hi * d, d, false);
+    // a copy of turned keys no longer matches the buffer's positions
+    kb->rotated = at::Tensor();
+    kb->rotatedUsed = 0;
+    attention.query = qRot;
+    attention.keyCos = *cos;
+    attention.keySin = *sin;
+  } else if (cos) {
     float* pr = kb->rotated.data_ptr<float>();
     for (int64_t hi = 0; hi < h; hi++) {
       rotatePairs(pk + (hi * kcap + t) * d, tableRow(*cos, 0, hi, t), tableRow(*sin, 0, hi, t),
@@ -3103,8 +3149,8 @@ bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk
     attention.query = qRot;
     attention.keysKeep = kb->rotated;
   }
-  kAll = kc.as_strided({1, h, t + 1, d}, kc.strides(), 0);
-  vAll = vc.as_strided({1, h, t + 1, dv}, vc.strides(), 0);
+  kAll = kc.as_strided({1, h, t + 1, d}, kc.strides(), kc.storage_offset());
+  vAll = vc.as_strided({1, h, t + 1, dv}, vc.strides(), vc.storage_offset());
   return true;
 }
 

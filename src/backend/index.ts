@@ -165,6 +165,7 @@ function withBackendSetting<V, T>(setter: string, value: V, fn: () => T): T {
 interface BackendIds {
   freeIds(ids: number[]): void;
   adoptId(id: number, shape: number[], dtype: tf.DataType): tf.TensorInfo;
+  sliceIds?(ids: number[], begins: number[][], sizes: number[][]): number[];
 }
 
 function backendIds(): BackendIds {
@@ -177,6 +178,16 @@ function backendIds(): BackendIds {
 /** Frees tensors the backend holds under its own ids. */
 export function freeBackendIds(ids: number[]): void {
   backendIds().freeIds(ids);
+}
+
+/**
+ * Views of tensors the backend holds under its own ids (the same memory), under new ids the caller
+ * owns: `begins[i]` and `sizes[i]` of `ids[i]`, as `tf.slice` takes them. Null where the backend has
+ * no such views (the caller slices tensors instead).
+ */
+export function sliceBackendIds(ids: number[], begins: number[][], sizes: number[][]): number[] | null {
+  const b = backendIds();
+  return b.sliceIds ? b.sliceIds(ids, begins, sizes) : null;
 }
 
 /** A tensor that takes over the backend's id `id` (which the caller no longer frees). */

@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { AttentionKv, BackendKv, KvEntry, RotaryInput } from '../attention/types.js';
-import { freeBackendIds, tensorFromBackendId } from '../backend/index.js';
+import { freeBackendIds, sliceBackendIds, tensorFromBackendId } from '../backend/index.js';
 
 /**
  * Rotary frequencies and cos / sin tables (`prepareRotary`'s) for positions 0 .. capacity - 1,
@@ -173,6 +173,33 @@ export class LayersCache {
    */
   trimmed(n: number, selfAttn: boolean[] = this.selfAttn): LayersCache {
     if (this.disposed) throw new Error('cache: expected a live cache, got a disposed one');
+    if (this.ids) {
+      // a cache of backend ids stays one: views of the same memory under new ids, no tensor made
+      const ids = this.ids;
+      const shapes = ids.flatMap((e) => [e.kShape, e.vShape]);
+      const begins = shapes.map((s, j) => {
+        const keep = selfAttn[j >> 1] ? Math.min(n, s[2]!) : s[2]!;
+        return [0, 0, s[2]! - keep, 0];
+      });
+      const sizes = shapes.map((s, j) => [s[0]!, s[1]!, s[2]! - begins[j]![2]!, s[3]!]);
+      const views = sliceBackendIds(
+        ids.flatMap((e) => [e.k, e.v]),
+        begins,
+        sizes,
+      );
+      if (views)
+        return LayersCache.fromBackend(
+          ids.map((_, i) => ({
+            k: views[2 * i]!,
+            v: views[2 * i + 1]!,
+            kShape: sizes[2 * i]!,
+            vShape: sizes[2 * i + 1]!,
+          })),
+          Math.min(n, this.seqLen),
+          selfAttn,
+          this.rotary,
+        );
+    }
     const kvs = this.kvs.map((kv, i) => {
       if (!selfAttn[i]) return { k: kv.k.clone(), v: kv.v.clone() };
       const t = kv.k.shape[2]!;

@@ -212,6 +212,69 @@ describe('torch backend helper threads', () => {
     },
   );
 
+  // past maxSeqLen each row keeps its last maxSeqLen - 1 positions (as generate does): its cache is a
+  // window of its buffer's last positions, whose keys turn by new positions every step; the step
+  // appends to the window in place, turns the keys on the fly, and still shares the attention
+  it.runIf(expected > 0)(
+    'rows past maxSeqLen (sliding windows) keep their own logits, and every step shares the same work',
+    () => {
+      const net = makeNet(); // maxSeqLen 64
+      const maxLen = net.maxSeqLen;
+      const kinds = net.attnLayers.cachedLayerKinds();
+      // 5 rows of 56 to 64 positions: every row slides within the 30 steps, the last from the first
+      const prompts = PROMPTS.slice(0, 5).map((p, i) =>
+        Array.from({ length: 56 + 2 * i }, (_, j) => p[j % p.length]!),
+      );
+      const tokens = Array.from({ length: 30 }, (_, s) => prompts.map((_, i) => (17 * i + 5 * s + 1) % V));
+      const slide = (cache: LayersCache, length: number): LayersCache => {
+        if (length <= maxLen || cache.seqLen <= maxLen - 1) return cache;
+        const trimmed = cache.trimmed(maxLen - 1, kinds);
+        cache.dispose();
+        return trimmed;
+      };
+      // alone: each row's window of its last maxSeqLen tokens, on its own trimmed cache
+      const want = prompts.map((p, i) => {
+        let cache = prefill(net, p);
+        const seq = [...p];
+        return tokens.map((t) => {
+          seq.push(t[i]!);
+          cache = slide(cache, seq.length);
+          const x = tf.tensor2d([seq.slice(-maxLen)], [1, Math.min(seq.length, maxLen)], 'int32');
+          const r = net.forwardWithState(x, { cache });
+          x.dispose();
+          r.embeddings.dispose();
+          cache.dispose();
+          cache = r.cache!;
+          const out = Array.from(r.logits.dataSync()).slice(-V);
+          r.logits.dispose();
+          return out;
+        });
+      });
+      let caches = prompts.map((p) => prefill(net, p));
+      const lengths = prompts.map((p) => p.length);
+      const shared: { jobs: number; chunks: number }[] = [];
+      tokens.forEach((t, s) => {
+        caches = caches.map((c, i) => slide(c, ++lengths[i]!));
+        const before = N().helpers();
+        const x = tf.tensor2d(t, [t.length, 1], 'int32');
+        const r = net.forwardWithState(x, { rowCaches: caches });
+        x.dispose();
+        r.embeddings.dispose();
+        const after = N().helpers();
+        shared.push({ jobs: after.jobs - before.jobs, chunks: after.chunks - before.chunks });
+        const rows = r.logits.arraySync() as number[][][];
+        r.logits.dispose();
+        rows.forEach((row, i) => expect(row[0], `row ${i}, step ${s}`).toEqual(want[i]![s]));
+        for (const c of caches) c.dispose();
+        caches = r.rowCaches!;
+      });
+      for (const c of caches) c.dispose();
+      expect(lengths.every((n) => n > maxLen)).toBe(true);
+      expect(shared).toEqual(tokens.map(() => ({ jobs: sharedJobs(1), chunks: shared[0]!.chunks })));
+      net.dispose();
+    },
+  );
+
   it("q, k and v's joint panels follow an in-place update of one of their weights", () => {
     const make = () => {
       manualSeed(5);

@@ -110,6 +110,14 @@ export class TorchBackend extends tf.KernelBackend {
     this.N.freeList(ids);
   }
 
+  /**
+   * Views of tensors held under addon ids (the same memory, no copy), under new ids: `begins[i]`
+   * and `sizes[i]` (-1: to the end) of `ids[i]`, as Slice takes them.
+   */
+  sliceIds(ids: number[], begins: number[][], sizes: number[][]): number[] {
+    return ids.map((id, i) => this.N.slice(id, begins[i]!, sizes[i]!));
+  }
+
   /** TensorInfo taking over an addon id held outside TF.js, of the given shape and dtype. */
   adoptId(id: number, shape: number[], dtype: DataType): TensorInfo {
     return this.outAs(id, shape, dtype);
