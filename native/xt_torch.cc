@@ -2693,7 +2693,9 @@ XT_FN(Rotary) { return idv(info, rotaryApply(get(info[0]), get(info[1]), get(inf
 // for more. A cache that is such a view (from the buffer's start, or a window of its last positions,
 // as decoding past maxSeqLen keeps), and after whose last position nothing has been written, gets
 // the new position written in place (the old view's values are untouched, so tensors stay
-// immutable); any other gets a new buffer with room for half as many positions again.
+// immutable); any other gets a new buffer with room for half as many positions again. The same on
+// any device: on a GPU the write is queued after the kernels that read the earlier views, none of
+// which reads the new position.
 struct AppendBuffer {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
   int64_t used;
@@ -2704,14 +2706,11 @@ struct AppendBuffer {
 };
 std::unordered_map<const void*, AppendBuffer> g_appendBuffers;
 
-// The append buffer that a cache ([b, h, t, d], on the CPU) is t consecutive positions of, from
-// position start = storage offset / d, when its next position can be written in place (the buffer
-// has room and nothing was written after it).
 // How many positions a new append buffer for t + 1 of them has room for: half as many again, at
 // least 16.
 int64_t appendCapacity(int64_t t) { return std::max<int64_t>(t + 1 + (t + 1) / 2, 16); }
 
-// Records a new CPU append buffer with `used` positions written (and its rotated keys, if any);
+// Records a new append buffer with `used` positions written (and its rotated keys, if any);
 // buffers that died take their rotated keys with them here (a run holds a few per layer).
 void trackAppendBuffer(const at::Tensor& buffer, int64_t used, at::Tensor rotated, int64_t rotatedUsed) {
   for (auto e = g_appendBuffers.begin(); e != g_appendBuffers.end();)
@@ -2721,10 +2720,13 @@ void trackAppendBuffer(const at::Tensor& buffer, int64_t used, at::Tensor rotate
                                                                 std::move(rotated), rotatedUsed});
 }
 
+// The append buffer that a cache ([b, h, t, d]) is t consecutive positions of, from position
+// start = storage offset / d, when its next position can be written in place (the buffer has room
+// and nothing was written after it).
 AppendBuffer* appendableBuffer(const at::Tensor& cache) {
   if (cache.dim() != 4) return nullptr;
   int64_t h = cache.size(1), t = cache.size(2), d = cache.size(3);
-  if (!(cache.device().is_cpu() && cache.has_storage() && cache.stride(3) == 1 && cache.stride(2) == d && d > 0 &&
+  if (!(cache.has_storage() && cache.stride(3) == 1 && cache.stride(2) == d && d > 0 &&
         cache.storage_offset() % d == 0))
     return nullptr;
   int64_t cap = cache.stride(1) / d, start = cache.storage_offset() / d;
@@ -2761,7 +2763,7 @@ at::Tensor appendPosition(const at::Tensor& cache, const at::Tensor& x) {
   auto full = buffer.narrow(2, 0, t + 1);
   full.narrow(2, 0, t).copy_(cache);
   full.narrow(2, t, 1).copy_(x);
-  if (buffer.device().is_cpu()) trackAppendBuffer(buffer, t + 1, at::Tensor(), 0);
+  trackAppendBuffer(buffer, t + 1, at::Tensor(), 0);
   return full;
 }
 
@@ -2787,7 +2789,7 @@ at::Tensor rotatedKeys(const at::Tensor& kAll, const at::Tensor& cos, const at::
   int64_t t1 = kAll.size(2);
   if (cos.size(2) < t1 || sin.size(2) < t1)
     throw std::runtime_error("cachedAttention: rotary tables shorter than the keys");
-  auto it = kAll.device().is_cpu() ? g_appendBuffers.find(kAll.storage().data()) : g_appendBuffers.end();
+  auto it = kAll.has_storage() ? g_appendBuffers.find(kAll.storage().data()) : g_appendBuffers.end();
   bool tracked = it != g_appendBuffers.end() && it->second.used == t1 &&
                  it->second.storage.lock().get() == kAll.storage().unsafeGetStorageImpl();
   if (tracked && it->second.rotated.defined() && it->second.rotatedUsed == t1 - 1) {
