@@ -100,6 +100,39 @@ const expected = Number(
   process.env.XT_HELPER_THREADS ?? Math.min(3, Math.max(0, os.availableParallelism() - 1)),
 );
 
+/**
+ * The rows' prompts prefilled, then one batched step per entry of `tokens` (each row's token), with
+ * each row's logits checked against `want[row][step]`; `beforeStep` may replace the caches before a
+ * step (it owns the ones it replaces). Returns the helpers' jobs and chunks of each step.
+ */
+function batchedSteps(
+  net: TransformerWrapper,
+  prompts: number[][],
+  tokens: number[][],
+  want: number[][][],
+  beforeStep: (caches: LayersCache[]) => LayersCache[] = (c) => c,
+): { jobs: number; chunks: number }[] {
+  let caches = prompts.map((p) => prefill(net, p));
+  const shared: { jobs: number; chunks: number }[] = [];
+  tokens.forEach((t, s) => {
+    caches = beforeStep(caches);
+    const before = N().helpers();
+    const x = tf.tensor2d(t, [t.length, 1], 'int32');
+    const r = net.forwardWithState(x, { rowCaches: caches });
+    x.dispose();
+    r.embeddings.dispose();
+    const after = N().helpers();
+    shared.push({ jobs: after.jobs - before.jobs, chunks: after.chunks - before.chunks });
+    const rows = r.logits.arraySync() as number[][][];
+    r.logits.dispose();
+    rows.forEach((row, i) => expect(row[0], `row ${i}, step ${s}`).toEqual(want[i]![s]));
+    for (const c of caches) c.dispose();
+    caches = r.rowCaches!;
+  });
+  for (const c of caches) c.dispose();
+  return shared;
+}
+
 describe('torch backend helper threads', () => {
   it('starts one helper per CPU beyond the first, at most 3 (XT_HELPER_THREADS sets it)', () => {
     expect(N().helpers().threads).toBe(expected);
@@ -190,23 +223,7 @@ describe('torch backend helper threads', () => {
       const prompts = PROMPTS.slice(0, 5).map((p, i) => p.slice(0, 30 + 2 * i));
       const tokens = Array.from({ length: 24 }, (_, s) => prompts.map((_, i) => (13 * i + 7 * s + 3) % V));
       const want = aloneLogits(net, tokens, prompts);
-      let caches = prompts.map((p) => prefill(net, p));
-      const shared: { jobs: number; chunks: number }[] = [];
-      tokens.forEach((t, s) => {
-        const before = N().helpers();
-        const x = tf.tensor2d(t, [t.length, 1], 'int32');
-        const r = net.forwardWithState(x, { rowCaches: caches });
-        x.dispose();
-        r.embeddings.dispose();
-        const after = N().helpers();
-        shared.push({ jobs: after.jobs - before.jobs, chunks: after.chunks - before.chunks });
-        const rows = r.logits.arraySync() as number[][][];
-        r.logits.dispose();
-        rows.forEach((row, i) => expect(row[0]).toEqual(want[i]![s]));
-        for (const c of caches) c.dispose();
-        caches = r.rowCaches!;
-      });
-      for (const c of caches) c.dispose();
+      const shared = batchedSteps(net, prompts, tokens, want);
       expect(shared).toEqual(tokens.map(() => ({ jobs: sharedJobs(1), chunks: shared[0]!.chunks })));
       net.dispose();
     },
@@ -250,25 +267,10 @@ describe('torch backend helper threads', () => {
           return out;
         });
       });
-      let caches = prompts.map((p) => prefill(net, p));
       const lengths = prompts.map((p) => p.length);
-      const shared: { jobs: number; chunks: number }[] = [];
-      tokens.forEach((t, s) => {
-        caches = caches.map((c, i) => slide(c, ++lengths[i]!));
-        const before = N().helpers();
-        const x = tf.tensor2d(t, [t.length, 1], 'int32');
-        const r = net.forwardWithState(x, { rowCaches: caches });
-        x.dispose();
-        r.embeddings.dispose();
-        const after = N().helpers();
-        shared.push({ jobs: after.jobs - before.jobs, chunks: after.chunks - before.chunks });
-        const rows = r.logits.arraySync() as number[][][];
-        r.logits.dispose();
-        rows.forEach((row, i) => expect(row[0], `row ${i}, step ${s}`).toEqual(want[i]![s]));
-        for (const c of caches) c.dispose();
-        caches = r.rowCaches!;
-      });
-      for (const c of caches) c.dispose();
+      const shared = batchedSteps(net, prompts, tokens, want, (caches) =>
+        caches.map((c, i) => slide(c, ++lengths[i]!)),
+      );
       expect(lengths.every((n) => n > maxLen)).toBe(true);
       expect(shared).toEqual(tokens.map(() => ({ jobs: sharedJobs(1), chunks: shared[0]!.chunks })));
       net.dispose();
