@@ -3129,7 +3129,7 @@ bool attendRowInPlace(const float* q, const float* k, const float* v, int64_t dk
   kb->used = kStart + t + 1;
   vb->used = vStart + t + 1;
   const int64_t row = attention.row;
-  attention = {row, q, pk, pv, t + 1, kcap, vcap, kc, vc};
+  attention = {row, q, pk, pv, t + 1, kcap, vcap, kc, vc, at::Tensor(), at::Tensor()};
   if (turn) {
     for (int64_t hi = 0; hi < h; hi++)
       rotatePairs(q + hi * d, tableRow(*cos, 0, hi, t), tableRow(*sin, 0, hi, t), qRot + hi * d, d, false);
