@@ -1,7 +1,8 @@
 /**
  * Per-kernel profile of one training step and one cached generation on the chosen backend:
- *   npx tsx bench/profile.ts [--backend torch] [--threads 1] [--steps 2] [--vocab 256]
- * Prints kernels by total time (calls, ms) and which ran on the cpu fallback.
+ *   npx tsx bench/profile.ts [--backend torch] [--threads 1] [--steps 2] [--vocab 256] [--precision fp32|bf16]
+ * Prints kernels by total time (calls, ms) and which ran on the cpu fallback. `--precision bf16`
+ * trains and generates with bfloat16 products and attention (as `npm run bench -- --precision bf16`).
  */
 import * as tf from '@tensorflow/tfjs-core';
 
@@ -22,6 +23,8 @@ const { Decoder } = await import('../src/layers/attention-layers.js');
 const { AutoregressiveWrapper } = await import('../src/generation/autoregressive-wrapper.js');
 const { AdamW } = await import('../src/train/optimizer.js');
 const { variableGradsLean } = await import('../src/train/backprop.js');
+const { checkPrecision, withPrecision } = await import('../src/backend/precision.js');
+const precision = checkPrecision(opt('--precision', 'fp32'), '--precision');
 
 const stats = new Map<string, { n: number; ms: number }>();
 for (const cfg of tf.getKernelsForBackend(backendName)) {
@@ -74,7 +77,9 @@ model.train();
 for (let s = 0; s < steps; s++) {
   stats.clear();
   const t = performance.now();
-  const { value, grads } = variableGradsLean(() => model.forward(x) as tf.Scalar, vars);
+  const { value, grads } = withPrecision(precision, () =>
+    variableGradsLean(() => model.forward(x) as tf.Scalar, vars),
+  );
   value.dataSync();
   const named: Record<string, tf.Tensor> = {};
   for (const [k, g] of Object.entries(grads)) named[names.get(k) ?? k] = g;
@@ -87,6 +92,7 @@ const t = performance.now();
 const out = await model.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]], 64, {
   temperature: 0,
   cacheKv: true,
+  precision,
 });
 out.dispose();
 report('generate 64 tokens with cache', performance.now() - t);
