@@ -373,13 +373,17 @@ function setupPlayground() {
     const t0 = performance.now();
     let first = 0;
     let count = 0;
+    let ended = false;
+    delete out.dataset.jobId;
     try {
       for await (const ev of events(`/v1/models/${$('gen-model').value}/generate`, {
         method: 'POST',
         body,
         signal: ac.signal,
       })) {
-        if (ev.event === 'token') {
+        if (ev.event === 'start') {
+          out.dataset.jobId = ev.data.jobId;
+        } else if (ev.event === 'token') {
           const now = performance.now();
           if (!count) {
             first = now;
@@ -395,10 +399,17 @@ function setupPlayground() {
           $('gen-tps').textContent = ev.data.tokensPerSecond.toFixed(1);
           out.dataset.doneText = ev.data.text;
           state(`done (${ev.data.finishReason})`);
+          ended = true;
         } else if (ev.event === 'failed' || ev.event === 'cancelled' || ev.event === 'error') {
           state(ev.event);
           showError(`generation: ${ev.data.error ?? ev.data.message ?? ev.event}`);
+          ended = true;
         }
+      }
+      // a stream that closes without its end leaves no generation running here: say so
+      if (!ended) {
+        state('error');
+        showError('generation: the stream ended before the generation did');
       }
     } catch (err) {
       if (ac.signal.aborted) state('stopped');

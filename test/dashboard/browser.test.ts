@@ -34,6 +34,8 @@ describe('dashboard in a browser: create, upload, train with a live chart, strea
   let profile: string;
   const offsite: string[] = [];
   const eventRequests: { url: string; lastEventId?: string }[] = [];
+  // (one test) generation requests answered by a stream that closes after a token, without its end
+  let cutGenerations = false;
 
   beforeAll(async () => {
     const executablePath = chromiumPath();
@@ -62,6 +64,16 @@ describe('dashboard in a browser: create, upload, train with a live chart, strea
     await page.setRequestInterception(true);
     page.on('request', (req) => {
       const url = req.url();
+      if (cutGenerations && url.startsWith(base) && url.endsWith('/generate')) {
+        void req.respond({
+          status: 200,
+          contentType: 'text/event-stream',
+          body:
+            'id: 0-0\nevent: start\ndata: {"jobId":"cut-short","promptTokens":3}\n\n' +
+            'id: 1-0\nevent: token\ndata: {"index":0,"tokenId":104,"text":"h"}\n\n',
+        });
+        return;
+      }
       if (url.startsWith(base) || url.startsWith('blob:') || url.startsWith('data:')) {
         if (url.includes('/events')) eventRequests.push({ url, lastEventId: req.headers()['last-event-id'] });
         void req.continue();
@@ -195,14 +207,25 @@ describe('dashboard in a browser: create, upload, train with a live chart, strea
       set('gen-max', '48');
     });
     await page.click('#gen-start');
-    // the stream ends in `done`, or in a state the page reports with the service's message
-    await page.waitForFunction(
-      () =>
-        /^(done|error|failed|cancelled|stopped)/.test(
-          document.getElementById('gen-output')!.dataset.state ?? '',
-        ),
-      { timeout: 110_000 },
-    );
+    // the stream ends in `done`, or in a state the page reports with the service's message; one
+    // that never ends fails with what the page and the service show of it
+    try {
+      await page.waitForFunction(
+        () =>
+          /^(done|error|failed|cancelled|stopped)/.test(
+            document.getElementById('gen-output')!.dataset.state ?? '',
+          ),
+        { timeout: 110_000 },
+      );
+    } catch (e) {
+      const shown = await page.$eval('#gen-output', (el) => ({ ...(el as HTMLElement).dataset }));
+      const job = shown.jobId
+        ? await (
+            await fetch(`${base}/v1/jobs/${shown.jobId}`, { headers: { authorization: `Bearer ${KEY}` } })
+          ).text()
+        : 'no start event: the request had no answer';
+      throw new Error(`the generation did not end: page ${JSON.stringify(shown)}; job ${job}`, { cause: e });
+    }
     const state = await page.$eval('#gen-output', (e) => (e as HTMLElement).dataset.state);
     const errors = await page.$$eval('#errors li', (l) => l.map((e) => e.textContent));
     expect({ state, errors }).toMatchObject({ state: expect.stringMatching(/^done/), errors: [] });
@@ -216,6 +239,22 @@ describe('dashboard in a browser: create, upload, train with a live chart, strea
     expect(Number(await text('#gen-tps'))).toBeGreaterThan(0);
     expect(await text('#gen-ttft')).toMatch(/^\d+ ms$/);
     await page.screenshot({ path: path.join(ARTIFACTS, 'dashboard.png'), fullPage: true });
+  });
+
+  it('reports a generation stream that closes before its end', async () => {
+    cutGenerations = true;
+    try {
+      await page.click('#gen-start');
+      await page.waitForFunction(() => document.getElementById('gen-output')!.dataset.state === 'error', {
+        timeout: 30_000,
+      });
+      const shown = await page.$eval('#gen-output', (e) => ({ ...(e as HTMLElement).dataset }));
+      expect(shown).toMatchObject({ jobId: 'cut-short', tokens: '1' });
+      const errors = await page.$$eval('#errors li', (l) => l.map((e) => e.textContent));
+      expect(errors).toContainEqual(expect.stringContaining('the stream ended before the generation did'));
+    } finally {
+      cutGenerations = false;
+    }
   });
 
   it('asked nothing of any other host', () => {
