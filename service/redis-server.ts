@@ -71,9 +71,10 @@ export function freePort(): Promise<number> {
   });
 }
 
-function canConnect(port: number): Promise<boolean> {
+/** Whether a server accepts a connection on 127.0.0.1:`port`, or on the Unix socket at `socket`. */
+function canConnect(port: number, socket: string | null = null): Promise<boolean> {
   return new Promise((resolve) => {
-    const s = net.connect(port, '127.0.0.1');
+    const s = socket ? net.connect(socket) : net.connect(port, '127.0.0.1');
     s.once('connect', () => {
       s.end();
       resolve(true);
@@ -129,7 +130,10 @@ async function launch(
     }),
   );
   const deadline = Date.now() + 10_000;
-  while (!(await canConnect(port))) {
+  // redis-server listens on TCP before it opens its socket, and exits when it cannot: it is ready
+  // once both take connections
+  const ready = async () => (await canConnect(port)) && (!socket || (await canConnect(port, socket)));
+  while (!(await ready())) {
     if (exited) throw new ExitedAtStart(`redis-server exited at start: ${stderr.trim() || 'no message'}`);
     if (Date.now() > deadline) {
       child.kill('SIGKILL');
