@@ -165,12 +165,12 @@ function withBackendSetting<V, T>(setter: string, value: V, fn: () => T): T {
 interface BackendIds {
   freeIds(ids: number[]): void;
   adoptId(id: number, shape: number[], dtype: tf.DataType): tf.TensorInfo;
-  sliceIds?(ids: number[], begins: number[][], sizes: number[][]): number[];
+  sliceIds(ids: number[], begins: number[][], sizes: number[][]): number[];
 }
 
 function backendIds(): BackendIds {
   const b = tf.backend() as unknown as Partial<BackendIds>;
-  if (typeof b.freeIds !== 'function' || typeof b.adoptId !== 'function')
+  if (typeof b.freeIds !== 'function' || typeof b.adoptId !== 'function' || typeof b.sliceIds !== 'function')
     throw new Error(`backend ${tf.getBackend()}: holds no tensors under its own ids`);
   return b as BackendIds;
 }
@@ -182,12 +182,10 @@ export function freeBackendIds(ids: number[]): void {
 
 /**
  * Views of tensors the backend holds under its own ids (the same memory), under new ids the caller
- * owns: `begins[i]` and `sizes[i]` of `ids[i]`, as `tf.slice` takes them. Null where the backend has
- * no such views (the caller slices tensors instead).
+ * owns: `begins[i]` and `sizes[i]` of `ids[i]`, as `tf.slice` takes them.
  */
-export function sliceBackendIds(ids: number[], begins: number[][], sizes: number[][]): number[] | null {
-  const b = backendIds();
-  return b.sliceIds ? b.sliceIds(ids, begins, sizes) : null;
+export function sliceBackendIds(ids: number[], begins: number[][], sizes: number[][]): number[] {
+  return backendIds().sliceIds(ids, begins, sizes);
 }
 
 /** A tensor that takes over the backend's id `id` (which the caller no longer frees). */

@@ -175,30 +175,30 @@ export class LayersCache {
     if (this.disposed) throw new Error('cache: expected a live cache, got a disposed one');
     if (this.ids) {
       // a cache of backend ids stays one: views of the same memory under new ids, no tensor made
-      const ids = this.ids;
-      const shapes = ids.flatMap((e) => [e.kShape, e.vShape]);
-      const begins = shapes.map((s, j) => {
-        const keep = selfAttn[j >> 1] ? Math.min(n, s[2]!) : s[2]!;
-        return [0, 0, s[2]! - keep, 0];
+      const shapes = this.ids.flatMap((e) => [e.kShape, e.vShape]);
+      const begins: number[][] = [];
+      const sizes: number[][] = [];
+      shapes.forEach(([b, h, t, d], j) => {
+        const keep = selfAttn[j >> 1] ? Math.min(n, t!) : t!;
+        begins.push([0, 0, t! - keep, 0]);
+        sizes.push([b!, h!, keep, d!]);
       });
-      const sizes = shapes.map((s, j) => [s[0]!, s[1]!, s[2]! - begins[j]![2]!, s[3]!]);
       const views = sliceBackendIds(
-        ids.flatMap((e) => [e.k, e.v]),
+        this.ids.flatMap((e) => [e.k, e.v]),
         begins,
         sizes,
       );
-      if (views)
-        return LayersCache.fromBackend(
-          ids.map((_, i) => ({
-            k: views[2 * i]!,
-            v: views[2 * i + 1]!,
-            kShape: sizes[2 * i]!,
-            vShape: sizes[2 * i + 1]!,
-          })),
-          Math.min(n, this.seqLen),
-          selfAttn,
-          this.rotary,
-        );
+      return LayersCache.fromBackend(
+        this.ids.map((_, i) => ({
+          k: views[2 * i]!,
+          v: views[2 * i + 1]!,
+          kShape: sizes[2 * i]!,
+          vShape: sizes[2 * i + 1]!,
+        })),
+        Math.min(n, this.seqLen),
+        selfAttn,
+        this.rotary,
+      );
     }
     const kvs = this.kvs.map((kv, i) => {
       if (!selfAttn[i]) return { k: kv.k.clone(), v: kv.v.clone() };
