@@ -58,17 +58,26 @@
 namespace {
 
 std::vector<at::Tensor> g_tensors;
+// a float32 copy of a bfloat16 tensor under the same id, made on its first read by an op that takes
+// float32 (get) and dropped when that op returns (g_wideMade: the ids that have one)
+std::vector<at::Tensor> g_wide;
+std::vector<int32_t> g_wideMade;
 std::vector<int32_t> g_free;
 int64_t g_live = 0;
 int32_t* g_meta = nullptr;
 Napi::Reference<Napi::Int32Array> g_metaRef;
 at::Device g_device(at::kCPU);
-// Mixed precision (setPrecision): while on, matrix products and attention read bfloat16 copies of
-// their float32 operands and return float32 results (the products accumulate in float32); every
-// other op, the parameters and the optimizer state stay float32.
+// Mixed precision (setPrecision), as torch.autocast with dtype bfloat16 does it: while on, matrix
+// products and attention read bfloat16 copies of their float32 operands (the products accumulate in
+// float32) and keep their results in bfloat16, which TF.js sees as float32. The ops that keep a
+// bfloat16 input in bfloat16 are the shape ops and a few cheap elementwise ones between products
+// (getLow); every other op reads a float32 copy (get), so normalisation, softmax, reductions, the
+// loss, the parameters and the optimizer state stay float32.
 bool g_bf16 = false;
 
-inline bool lowp(const at::Tensor& t) { return g_bf16 && t.scalar_type() == at::kFloat; }
+inline bool lowp(const at::Tensor& t) {
+  return g_bf16 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
+}
 inline at::Tensor toBf16(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.to(at::kBFloat16) : t; }
 
 // Copies of the weights that decoding multiplies by, token after token, in the form its products
@@ -195,16 +204,16 @@ at::ScalarType toScalar(int code) {
 }
 
 int dtypeCode(at::ScalarType s) {
-  if (s == at::kFloat) return 0;
+  if (s == at::kFloat || s == at::kBFloat16) return 0;  // bfloat16 is float32 to TF.js (see g_bf16)
   if (s == at::kInt) return 1;
   if (s == at::kBool) return 2;
   return -1;
 }
 
-// Brings a result to one of the three TF.js dtypes.
+// Brings a result to one of the three TF.js dtypes (in bf16 mode a bfloat16 result stays one).
 at::Tensor normalize(const at::Tensor& t) {
   auto s = t.scalar_type();
-  if (s == at::kFloat || s == at::kInt || s == at::kBool) return t;
+  if (s == at::kFloat || s == at::kInt || s == at::kBool || (s == at::kBFloat16 && g_bf16)) return t;
   if (at::isFloatingType(s)) return t.to(at::kFloat);
   return t.to(at::kInt);
 }
@@ -254,21 +263,52 @@ int32_t store(at::Tensor t) {
     id = g_free.back();
     g_free.pop_back();
     g_tensors[id] = std::move(t);
+    g_wide[id] = at::Tensor();
   } else {
     id = static_cast<int32_t>(g_tensors.size());
     g_tensors.push_back(std::move(t));
+    g_wide.emplace_back();
   }
   g_live++;
   return id;
 }
 
-const at::Tensor& getId(int32_t id) {
+// The tensor under an id as it is stored (float32, int32, bool, or in bf16 mode bfloat16).
+const at::Tensor& storedId(int32_t id) {
   if (id < 0 || id >= static_cast<int32_t>(g_tensors.size()) || !g_tensors[id].defined())
     throw std::runtime_error("invalid tensor id " + std::to_string(id));
   return g_tensors[id];
 }
 
+// The tensor under an id as TF.js types it: a bfloat16 one as its float32 copy (made once).
+const at::Tensor& getId(int32_t id) {
+  const at::Tensor& t = storedId(id);
+  if (t.scalar_type() != at::kBFloat16) return t;
+  at::Tensor& wide = g_wide[id];
+  if (!wide.defined()) {
+    wide = t.to(at::kFloat);
+    g_wideMade.push_back(id);
+  }
+  return wide;
+}
+
+// Drops, when an op returns, the float32 copies it made (each op makes its own, as autocast casts per
+// op: kept, a copy would double a tensor's memory for as long as it lives).
+struct WideCopiesOfOp {
+  ~WideCopiesOfOp() {
+    for (int32_t id : g_wideMade)
+      if (id < static_cast<int32_t>(g_wide.size())) g_wide[id] = at::Tensor();
+    g_wideMade.clear();
+  }
+};
+
 const at::Tensor& get(const Napi::Value& v) { return getId(v.As<Napi::Number>().Int32Value()); }
+
+// For the ops that keep bfloat16 in bf16 mode: the tensor as stored; outside it, as get.
+const at::Tensor& getLow(const Napi::Value& v) {
+  int32_t id = v.As<Napi::Number>().Int32Value();
+  return g_bf16 ? storedId(id) : getId(id);
+}
 
 std::vector<int64_t> ints(const Napi::Value& v) {
   std::vector<int64_t> out;
@@ -284,18 +324,21 @@ std::vector<int64_t> ints(const Napi::Value& v) {
   return out;
 }
 
-std::vector<at::Tensor> tensorList(const Napi::Value& v) {
+// The tensors under a list of ids (an Int32Array or an array), as get reads them, or with `low`
+// as getLow does.
+std::vector<at::Tensor> tensorList(const Napi::Value& v, bool low = false) {
+  auto one = [low](int32_t id) -> const at::Tensor& { return low && g_bf16 ? storedId(id) : getId(id); };
   std::vector<at::Tensor> out;
   if (v.IsTypedArray()) {
     auto ids = v.As<Napi::Int32Array>();
     out.reserve(ids.ElementLength());
-    for (size_t i = 0; i < ids.ElementLength(); i++) out.push_back(getId(ids[i]));
+    for (size_t i = 0; i < ids.ElementLength(); i++) out.push_back(one(ids[i]));
     return out;
   }
   auto a = v.As<Napi::Array>();
   uint32_t n = a.Length();
   out.reserve(n);
-  for (uint32_t i = 0; i < n; i++) out.push_back(get(a.Get(i)));
+  for (uint32_t i = 0; i < n; i++) out.push_back(one(a.Get(i).As<Napi::Number>().Int32Value()));
   return out;
 }
 
@@ -318,6 +361,7 @@ Napi::Value idList(const Napi::CallbackInfo& info, const std::vector<at::Tensor>
   Napi::Value name(const Napi::CallbackInfo& info) { \
     try { \
       c10::InferenceMode noAutograd; \
+      WideCopiesOfOp wideCopies; \
       return name##_impl(info); \
     } catch (const c10::Error& e) { \
       throw Napi::Error::New(info.Env(), e.what_without_backtrace()); \
@@ -1068,14 +1112,17 @@ bool smallGemvFor(int64_t m) {
   return g_avx2 && g_smallGemv && m <= std::max(g_smallRowsLimit, g_smallOps ? kSmallOpsRows : int64_t(0));
 }
 
-// a: [..., m, k] @ b: [..., k, n] with batch dims broadcast, as at::matmul (rank >= 2 each).
-at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0) {
+// a: [..., m, k] @ b: [..., k, n] with batch dims broadcast, as at::matmul (rank >= 2 each). In bf16
+// mode the result is bfloat16 with `keepLow` (an op's result, see g_bf16), else float32.
+at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0, bool keepLow = false) {
   if (lowp(a0) && lowp(b0)) {
     // a weight times a few rows (decoding): its bfloat16 copy is kept
-    bool weight = b0.dim() == 2 && a0.dim() >= 2 && a0.size(-2) <= kSmallRows && b0.numel() >= 4096;
+    bool weight = b0.dim() == 2 && b0.scalar_type() == at::kFloat && a0.dim() >= 2 && a0.size(-2) <= kSmallRows &&
+                  b0.numel() >= 4096;
     at::Tensor a = toBf16(a0), b = weight ? cachedBf16(b0) : toBf16(b0);
     SignalsHeld held(a.device().is_cpu());
-    return at::matmul(a, b).to(at::kFloat);
+    at::Tensor y = at::matmul(a, b);
+    return keepLow ? y : y.to(at::kFloat);
   }
   if (!g_sgemm || a0.scalar_type() != at::kFloat || b0.scalar_type() != at::kFloat || !a0.device().is_cpu() ||
       !b0.device().is_cpu() || a0.dim() < 2 || b0.dim() < 2)
@@ -1502,6 +1549,7 @@ XT_FN(ToData) {
 void freeId(int32_t id) {
   if (id >= 0 && id < static_cast<int32_t>(g_tensors.size()) && g_tensors[id].defined()) {
     g_tensors[id] = at::Tensor();
+    g_wide[id] = at::Tensor();
     g_free.push_back(id);
     g_live--;
   }
@@ -1556,7 +1604,7 @@ XT_FN(Storages) {
 
 // Size in bytes of the storage behind one id (test support: proves disposal frees storage).
 XT_FN(StorageUseCount) {
-  const at::Tensor& t = get(info[0]);
+  const at::Tensor& t = storedId(num(info, 0));
   return Napi::Number::New(info.Env(), static_cast<double>(t.storage().use_count()));
 }
 
@@ -1567,7 +1615,10 @@ at::Tensor asFloat(const at::Tensor& t) { return at::isFloatingType(t.scalar_typ
 
 XT_FN(Unary) {
   int op = num(info, 0);
-  const at::Tensor& x = get(info[1]);
+  // negation, absolute value, square, relu, relu6, identity and GELU keep bfloat16 (as autocast runs
+  // them in their input's type); the others take float32
+  const bool low = op == 0 || op == 1 || op == 6 || op == 11 || op == 27 || op == 39 || op == 40;
+  const at::Tensor& x = low ? getLow(info[1]) : get(info[1]);
   double a = info.Length() > 2 ? dbl(info, 2) : 0.0;
   at::Tensor y;
   switch (op) {
@@ -1620,7 +1671,7 @@ XT_FN(Unary) {
     case 38: y = at::atanh(asFloat(x)); break;
     case 39: y = x.clone(); break;  // Identity shares nothing with its input
     case 40: {  // GELU (erf form), used by fused paths
-      y = at::gelu(asFloat(x));
+      y = at::gelu(x.scalar_type() == at::kBFloat16 ? x : asFloat(x));
       break;
     }
     default:
@@ -1631,8 +1682,11 @@ XT_FN(Unary) {
 
 XT_FN(Binary) {
   int op = num(info, 0);
-  const at::Tensor& a = get(info[1]);
-  const at::Tensor& b = get(info[2]);
+  // sums, differences, products, quotients, maxima and minima take bfloat16 operands as they are
+  // (two give bfloat16; with a float32 one, float32); the others take float32
+  const bool low = op == 0 || op == 1 || op == 2 || op == 3 || op == 7 || op == 8;
+  const at::Tensor& a = low ? getLow(info[1]) : get(info[1]);
+  const at::Tensor& b = low ? getLow(info[2]) : get(info[2]);
   at::Tensor y;
   switch (op) {
     case 0: y = at::add(a, b); break;
@@ -1702,30 +1756,30 @@ XT_FN(AddN) {
 // ---------------------------------------------------------------------------------------------
 // shapes
 
-XT_FN(Reshape) { return idv(info, get(info[0]).reshape(ints(info[1]))); }
-XT_FN(Transpose) { return idv(info, get(info[0]).permute(ints(info[1]))); }
-XT_FN(BroadcastTo) { return idv(info, get(info[0]).expand(ints(info[1]))); }
-XT_FN(Contiguous) { return idv(info, get(info[0]).contiguous()); }
+XT_FN(Reshape) { return idv(info, getLow(info[0]).reshape(ints(info[1]))); }
+XT_FN(Transpose) { return idv(info, getLow(info[0]).permute(ints(info[1]))); }
+XT_FN(BroadcastTo) { return idv(info, getLow(info[0]).expand(ints(info[1]))); }
+XT_FN(Contiguous) { return idv(info, getLow(info[0]).contiguous()); }
 
 XT_FN(Concat) {
-  auto ts = tensorList(info[0]);
+  auto ts = tensorList(info[0], /*low=*/true);
   return idv(info, at::cat(ts, num(info, 1)));
 }
 
 XT_FN(Stack) {
-  auto ts = tensorList(info[0]);
+  auto ts = tensorList(info[0], /*low=*/true);
   return idv(info, at::stack(ts, num(info, 1)));
 }
 
-XT_FN(Unstack) { return idList(info, at::unbind(get(info[0]), num(info, 1))); }
+XT_FN(Unstack) { return idList(info, at::unbind(getLow(info[0]), num(info, 1))); }
 
 XT_FN(Split) {
   auto sizes = ints(info[1]);
-  return idList(info, at::split_with_sizes(get(info[0]), sizes, num(info, 2)));
+  return idList(info, at::split_with_sizes(getLow(info[0]), sizes, num(info, 2)));
 }
 
 XT_FN(Slice) {
-  at::Tensor x = get(info[0]);
+  at::Tensor x = getLow(info[0]);
   auto begin = ints(info[1]);
   auto size = ints(info[2]);
   if (begin.size() != size.size() || static_cast<int64_t>(begin.size()) > x.dim())
@@ -1739,7 +1793,7 @@ XT_FN(Slice) {
 
 // out[i0, i1, ...] = x[begin0 + i0 * stride0, ...] with out shape `outShape`.
 XT_FN(StridedSlice) {
-  at::Tensor x = get(info[0]);
+  at::Tensor x = getLow(info[0]);
   auto begin = ints(info[1]);
   auto strides = ints(info[2]);
   auto outShape = ints(info[3]);
@@ -2334,14 +2388,14 @@ at::Tensor cachedDenseRhs(const at::Tensor& source, const at::Tensor& view) {
 }
 
 XT_FN(MatMul) {
-  at::Tensor a = get(info[0]);
-  const at::Tensor& b0 = get(info[1]);
+  at::Tensor a = getLow(info[0]);
+  const at::Tensor& b0 = getLow(info[1]);
   at::Tensor b = b0;
   if (flag(info, 2)) a = a.transpose(-2, -1);
   if (flag(info, 3)) b = b.transpose(-2, -1);
   at::Tensor y;
   if (g_sgemm || (lowp(a) && lowp(b))) {
-    y = xtMatmul(a, b);  // reads transposed operands in place
+    y = xtMatmul(a, b, /*keepLow=*/true);  // reads transposed operands in place
   } else {
     at::Tensor rhs;
     if (b.dim() == 2 && b.stride(-1) != 1 && a.size(-2) < 8 && b.numel() >= 4096)
@@ -2378,11 +2432,13 @@ XT_FN(Softmax) {
 
 XT_FN(Einsum) {
   std::string eq = info[0].As<Napi::String>().Utf8Value();
-  auto ts = tensorList(info[1]);
+  auto ts = tensorList(info[1], /*low=*/true);
   if (g_bf16 && std::all_of(ts.begin(), ts.end(), [](const at::Tensor& t) { return lowp(t); })) {
     for (auto& t : ts) t = toBf16(t);
-    return idv(info, at::einsum(eq, ts).to(at::kFloat));
+    return idv(info, at::einsum(eq, ts));
   }
+  for (auto& t : ts)
+    if (t.scalar_type() == at::kBFloat16) t = t.to(at::kFloat);
   return idv(info, at::einsum(eq, ts));
 }
 
@@ -2478,9 +2534,17 @@ struct AttnArgs {
   bool causal;
 };
 
+bool useSdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask, bool causal);
+
+// In bf16 mode, bfloat16 q, k and v stay so where the fused kernel takes them; any other path reads
+// float32.
 AttnArgs attnArgs(const Napi::CallbackInfo& info, size_t at) {
   const at::Tensor* mask = num(info, at + 3) >= 0 ? &get(info[at + 3]) : nullptr;
-  return {get(info[at]), get(info[at + 1]), get(info[at + 2]), mask, dbl(info, at + 4), flag(info, at + 5)};
+  double scale = dbl(info, at + 4);
+  bool causal = flag(info, at + 5);
+  const at::Tensor &q = getLow(info[at]), &k = getLow(info[at + 1]), &v = getLow(info[at + 2]);
+  if (useSdpa(q, k, v, mask, causal)) return {q, k, v, mask, scale, causal};
+  return {get(info[at]), get(info[at + 1]), get(info[at + 2]), mask, scale, causal};
 }
 
 // Where LibTorch's fused attention (at::scaled_dot_product_attention: flash or memory-efficient
@@ -2489,10 +2553,13 @@ AttnArgs attnArgs(const Napi::CallbackInfo& info, size_t at) {
 // is offset, SDPA's is not). One query row attends every key either way.
 bool useSdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask, bool causal) {
 #ifdef XT_SDPA
+  // float32, or bfloat16 in bf16 mode
+  auto floating = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat || (g_bf16 && t.scalar_type() == at::kBFloat16);
+  };
   return !mask && (!causal || q.size(-2) == k.size(-2) || q.size(-2) == 1) && q.dim() == 4 && k.dim() == 4 &&
-         v.dim() == 4 && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-         v.scalar_type() == at::kFloat && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
-         k.sizes().slice(0, 3) == v.sizes().slice(0, 3);
+         v.dim() == 4 && floating(q) && floating(k) && floating(v) && q.size(0) == k.size(0) &&
+         q.size(1) == k.size(1) && k.sizes().slice(0, 3) == v.sizes().slice(0, 3);
 #else
   return false;
 #endif
@@ -2501,7 +2568,8 @@ bool useSdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 #ifdef XT_SDPA
 at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal) {
   bool square = causal && q.size(-2) == k.size(-2) && q.size(-2) > 1;
-  if (g_bf16) return at::scaled_dot_product_attention(toBf16(q), toBf16(k), toBf16(v), {}, 0.0, square, scale).to(at::kFloat);
+  // bf16 mode: a bfloat16 result (see g_bf16)
+  if (g_bf16) return at::scaled_dot_product_attention(toBf16(q), toBf16(k), toBf16(v), {}, 0.0, square, scale);
   return at::scaled_dot_product_attention(q, k, v, {}, 0.0, square, scale);
 }
 
@@ -2516,8 +2584,9 @@ std::vector<at::Tensor> sdpaBackward(const at::Tensor& dy, const at::Tensor& q, 
   at::Tensor out = at::scaled_dot_product_attention(ql, kl, vl, {}, 0.0, square, scale);
   at::Tensor g = g_bf16 ? toBf16(dy) : dy.clone();
   auto grads = torch::autograd::grad({out}, {ql, kl, vl}, {g});
+  // bfloat16 gradients stay so in bf16 mode (see g_bf16)
   std::vector<at::Tensor> res;
-  for (auto& t : grads) res.push_back(t.to(at::kFloat));
+  for (auto& t : grads) res.push_back(g_bf16 ? t : t.to(at::kFloat));
   return res;
 }
 #endif
@@ -2547,11 +2616,11 @@ XT_FN(Attention) {
 }
 
 XT_FN(AttentionGrad) {
-  const at::Tensor& dyIn = get(info[0]);
   auto [q, k, v, mask, scale, causal] = attnArgs(info, 1);
 #ifdef XT_SDPA
-  if (useSdpa(q, k, v, mask, causal)) return idList(info, sdpaBackward(dyIn, q, k, v, scale, causal));
+  if (useSdpa(q, k, v, mask, causal)) return idList(info, sdpaBackward(getLow(info[0]), q, k, v, scale, causal));
 #endif
+  const at::Tensor& dyIn = get(info[0]);
   if (causalBlocked(q, k, v, mask, causal)) return idList(info, causalBlockedBackward(dyIn, q, k, v, scale));
   auto p = at::softmax(attnScores(q, k, mask, scale, causal), -1);
   at::Tensor dy = dyIn;
@@ -2604,7 +2673,13 @@ XT_FN(LayerNormGrad) {
 }
 
 // dy, x: any shape -> dx of the exact (erf) GELU.
-XT_FN(GeluGrad) { return idv(info, at::gelu_backward(get(info[0]), get(info[1]))); }
+XT_FN(GeluGrad) {
+  // in bfloat16 where both are (GELU of a product's result, and the gradient from the next product)
+  const at::Tensor& dy = getLow(info[0]);
+  const at::Tensor& x = getLow(info[1]);
+  if (dy.scalar_type() == x.scalar_type()) return idv(info, at::gelu_backward(dy, x));
+  return idv(info, at::gelu_backward(get(info[0]), get(info[1])));
+}
 
 // Rotary embedding with pair tables: x [b, h, n, w]; cos, sin broadcastable to x with the last axis
 // whole (sin holds the sign of the pair rotation). forward: y = x * cos + swap(x) * sin, where swap

@@ -1,9 +1,12 @@
 /**
- * Mixed precision. `bf16` runs matrix products and attention on bfloat16 copies of their float32
- * operands, accumulating and returning float32 (as torch.autocast with dtype=bfloat16 does for
- * those ops); parameters, gradients, optimizer state, normalisation, softmax and the loss stay
- * float32. It needs the `torch` backend (LibTorch has bfloat16 kernels on CPU and CUDA); `fp32`
- * runs everywhere.
+ * Mixed precision. `bf16` runs as torch.autocast with dtype=bfloat16: matrix products and attention
+ * take bfloat16 copies of their float32 operands (accumulating in float32) and keep their results in
+ * bfloat16, which TF.js sees as float32 (the torch backend stores them in half the memory); shape
+ * ops, GELU and its gradient, and sums, differences, products and quotients of two bfloat16 tensors
+ * keep bfloat16, with a float32 operand give float32; every other op (normalisation, softmax,
+ * reductions, the loss, the optimizer) reads float32. Parameters and optimizer state stay float32.
+ * It needs the `torch` backend (LibTorch has bfloat16 kernels on CPU and CUDA); `fp32` runs
+ * everywhere.
  */
 import * as tf from '@tensorflow/tfjs-core';
 

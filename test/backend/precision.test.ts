@@ -70,6 +70,53 @@ describe('bf16 precision on the torch backend', () => {
     tf.dispose([ta, tb, low, full]);
   });
 
+  it('keeps results in bfloat16 between products, as autocast does, and float32 where an op needs it', () => {
+    const N = loadAddon();
+    const rng = new Rng(8);
+    const [m, k, n] = [64, 48, 40];
+    const a = tf.tensor2d(randomMatrix(m, k, rng), [m, k]);
+    const b = tf.tensor2d(randomMatrix(k, n, rng), [k, n]);
+    const c = tf.tensor2d(randomMatrix(m, n, rng), [m, n]);
+    const before = N.bytes();
+    const p = withPrecision('bf16', () => tf.matMul(a, b));
+    // the product's storage is bfloat16: two bytes a value (TF.js still sees float32)
+    expect(p.dtype).toBe('float32');
+    expect(N.bytes() - before).toBe(m * n * 2);
+    const pv = p.dataSync();
+    const ops = withPrecision('bf16', () => ({
+      // bfloat16 times bfloat16 gives bfloat16: each square rounded to 8 significant bits
+      square: tf.mul(p, p),
+      // with a float32 operand, float32 (type promotion)
+      plusFull: tf.add(p, c),
+      // a shape op keeps the storage
+      reshaped: tf.reshape(p, [n, m]),
+      // reductions and normalisation read float32
+      softmax: tf.softmax(p),
+    }));
+    const cv = c.dataSync();
+    const sq = ops.square.dataSync();
+    const pf = ops.plusFull.dataSync();
+    let exactSquares = 0;
+    for (let i = 0; i < m * n; i++) {
+      expect(isBf16(sq[i]!)).toBe(true);
+      expect(sq[i]).toBe(bf16(pv[i]! * pv[i]!));
+      if (pv[i]! * pv[i]! === sq[i]) exactSquares++;
+      expect(pf[i]).toBe(Math.fround(pv[i]! + cv[i]!));
+    }
+    // the exact squares of bfloat16 values need 16 bits: most are not bfloat16 values
+    expect(exactSquares).toBeLessThan((m * n) / 2);
+    expect(Array.from(ops.reshaped.dataSync())).toEqual(Array.from(pv));
+    const sm = ops.softmax.dataSync();
+    expect(Array.from(sm).filter((x) => !isBf16(x)).length).toBeGreaterThan((m * n) / 2);
+    // outside bf16 mode the same product is float32 (and not a bfloat16 value)
+    const full = tf.matMul(a, b);
+    expect(Array.from(full.dataSync()).filter((x) => !isBf16(x)).length).toBeGreaterThan((m * n) / 2);
+    // a bfloat16 result read outside bf16 mode is read as float32
+    const later = tf.mul(p, p);
+    expect(Array.from(later.dataSync())).toEqual(Array.from(pv, (x) => Math.fround(x * x)));
+    tf.dispose([a, b, c, p, full, later, ...Object.values(ops)]);
+  });
+
   it("decoding's kept bfloat16 copy of a weight follows the weight's in-place updates", () => {
     const rng = new Rng(21);
     const [n, k] = [64, 96];
