@@ -324,6 +324,17 @@ std::vector<int64_t> ints(const Napi::Value& v) {
   return out;
 }
 
+// The tensor under an id for an op that writes it in place: one stored in bfloat16 is stored in
+// float32 from now on (TF.js sees float32 either way; a copy for the op alone would take the write).
+const at::Tensor& widenedId(int32_t id) {
+  const at::Tensor& t = storedId(id);
+  if (t.scalar_type() == at::kBFloat16) {
+    g_tensors[id] = t.to(at::kFloat);
+    g_wide[id] = at::Tensor();
+  }
+  return g_tensors[id];
+}
+
 // The tensors under a list of ids (an Int32Array or an array), as get reads them, or with `low`
 // as getLow does.
 std::vector<at::Tensor> tensorList(const Napi::Value& v, bool low = false) {
@@ -3432,10 +3443,16 @@ void adamWRange(const AdamWStep& s, int64_t lo, int64_t hi, const float* pp, con
 // An exclusive parameter whose p, m and v own their storage alone is updated in place (as torch's
 // optimizers do), and its three ids come back as -1; any other gets new tensors.
 XT_FN(AdamW) {
-  auto ps = tensorList(info[0]);
+  // what may be updated in place is read as stored (widened to float32 where it was bfloat16)
+  auto widened = [](const Napi::Value& v) {
+    std::vector<at::Tensor> out;
+    for (int64_t id : ints(v)) out.push_back(widenedId(static_cast<int32_t>(id)));
+    return out;
+  };
+  auto ps = widened(info[0]);
   auto gs = tensorList(info[1]);
-  auto ms = tensorList(info[2]);
-  auto vs = tensorList(info[3]);
+  auto ms = widened(info[2]);
+  auto vs = widened(info[3]);
   auto decay = ints(info[4]);
   auto exclusive = ints(info[5]);
   const float b1 = static_cast<float>(dbl(info, 6)), b2 = static_cast<float>(dbl(info, 7));

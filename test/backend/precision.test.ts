@@ -117,6 +117,41 @@ describe('bf16 precision on the torch backend', () => {
     tf.dispose([a, b, c, p, full, later, ...Object.values(ops)]);
   });
 
+  it('a variable made from a bfloat16 result takes AdamW updates as a float32 one does', () => {
+    const rng = new Rng(9);
+    const [m, k, n] = [16, 24, 32];
+    const a = tf.tensor2d(randomMatrix(m, k, rng), [m, k]);
+    const b = tf.tensor2d(randomMatrix(k, n, rng), [k, n]);
+    const init = withPrecision('bf16', () => tf.matMul(a, b));
+    const values = init.dataSync().slice();
+    // the variable shares the product's bfloat16 storage; its twin holds the same values in float32
+    const low = tf.variable(init);
+    init.dispose();
+    const full = tf.variable(tf.tensor2d(values, [m, n]));
+    const g = tf.tensor2d(randomMatrix(m, n, rng), [m, n]);
+    const optLow = new AdamW([['w', low]], { learningRate: 0.1, weightDecay: 0.01 });
+    const optFull = new AdamW([['w', full]], { learningRate: 0.1, weightDecay: 0.01 });
+    const step = (): void => {
+      withPrecision('bf16', () => optLow.apply({ w: g }));
+      optFull.apply({ w: g });
+      expect(Array.from(low.dataSync())).toEqual(Array.from(full.dataSync()));
+    };
+    // the first step makes the optimizer's moments (and new parameter tensors)
+    step();
+    // then the variables take new values, one of them bfloat16 again, and the steps after update
+    // them in place (the moments exist, JavaScript holds each parameter alone)
+    const again = withPrecision('bf16', () => tf.mul(tf.matMul(a, b), 0.5));
+    const againValues = again.dataSync().slice();
+    low.assign(again);
+    again.dispose();
+    full.assign(tf.tensor2d(againValues, [m, n]));
+    for (let s = 0; s < 2; s++) step();
+    expect(Array.from(low.dataSync())).not.toEqual(Array.from(againValues));
+    tf.dispose([a, b, low, full, g]);
+    optLow.dispose();
+    optFull.dispose();
+  });
+
   it("decoding's kept bfloat16 copy of a weight follows the weight's in-place updates", () => {
     const rng = new Rng(21);
     const [n, k] = [64, 96];
