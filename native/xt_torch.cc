@@ -2782,6 +2782,13 @@ XT_FN(Rotary) { return idv(info, rotaryApply(get(info[0]), get(info[1]), get(inf
 // immutable); any other gets a new buffer with room for half as many positions again. The same on
 // any device: on a GPU the write is queued after the kernels that read the earlier views, none of
 // which reads the new position.
+// A bfloat16 copy of a buffer's first `done` positions (bf16 mode), made from `source`'s storage.
+struct LowCopy {
+  c10::weak_intrusive_ptr<c10::StorageImpl> source{c10::intrusive_ptr<c10::StorageImpl>()};
+  at::Tensor low;
+  int64_t done = 0;
+};
+
 struct AppendBuffer {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
   int64_t used;
@@ -2789,6 +2796,8 @@ struct AppendBuffer {
   // capacity that only this code reads
   at::Tensor rotated;
   int64_t rotatedUsed = 0;
+  // bfloat16 copies of the buffer and of its rotated keys (see lowWindow)
+  LowCopy low, rotatedLow;
 };
 std::unordered_map<const void*, AppendBuffer> g_appendBuffers;
 
@@ -3046,6 +3055,46 @@ struct StepAttention {
   at::Tensor merged, kAll, vAll;
 };
 
+// In bf16 mode, the bfloat16 copy of `view`, a window of positions of an append buffer or of its
+// rotated keys ([b, h, cap, d] contiguous): a copy kept beside the buffer, extended by the positions
+// written since its last use (a buffer's positions, once written, never change), so that a cached
+// step's products read the cache's bfloat16 values without converting every position again (the
+// same values: the conversion is elementwise). Anything else is returned as it is (the products
+// convert it).
+at::Tensor lowWindow(const at::Tensor& view) {
+  if (!g_bf16 || view.dim() != 4 || view.scalar_type() != at::kFloat || !view.has_storage()) return view;
+  const int64_t b = view.size(0), h = view.size(1), t = view.size(2), d = view.size(3);
+  if (d == 0 || t == 0 || view.stride(3) != 1 || view.stride(2) != d || view.storage_offset() % d != 0) return view;
+  const int64_t cap = view.stride(1) / d, start = view.storage_offset() / d;
+  if (view.stride(1) != cap * d || view.stride(0) != h * cap * d || start + t > cap) return view;
+  const c10::StorageImpl* impl = view.storage().unsafeGetStorageImpl();
+  LowCopy* copy = nullptr;
+  int64_t fixed = 0;
+  for (auto& [key, buf] : g_appendBuffers) {
+    if (buf.storage.lock().get() == impl) {
+      copy = &buf.low;
+      fixed = buf.used;
+    } else if (buf.rotated.defined() && buf.rotated.storage().unsafeGetStorageImpl() == impl) {
+      copy = &buf.rotatedLow;
+      fixed = buf.rotatedUsed;
+    }
+    if (copy) break;
+  }
+  if (!copy || start + t > fixed) return view;
+  const auto full = view.as_strided({b, h, cap, d}, view.strides(), 0);
+  if (copy->source.lock().get() != impl || !copy->low.defined() || copy->low.sizes() != full.sizes()) {
+    copy->source = view.storage().getWeakStorageImpl();
+    copy->low = at::empty(full.sizes(), full.options().dtype(at::kBFloat16));
+    copy->done = 0;
+  }
+  if (copy->done < start + t) {
+    const int64_t from = copy->done, n = start + t - from;
+    copy->low.narrow(2, from, n).copy_(full.narrow(2, from, n));
+    copy->done = start + t;
+  }
+  return copy->low.narrow(2, start, t);
+}
+
 StepAttention attendStep(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kc,
                          const at::Tensor& vc, const at::Tensor* cos, const at::Tensor* sin, double scale,
                          at::Tensor* into = nullptr, int64_t row0 = 0) {
@@ -3057,7 +3106,7 @@ StepAttention attendStep(const at::Tensor& q, const at::Tensor& k, const at::Ten
     // the new position is the last key's
     qr = rotatedQuery(q, *cos, *sin, kAll.size(2) - 1);
   }
-  return {attendOneQuery(qr, kr, vAll, scale, into, row0), kAll, vAll};
+  return {attendOneQuery(qr, lowWindow(kr), lowWindow(vAll), scale, into, row0), kAll, vAll};
 }
 
 XT_FN(CachedAttention) {

@@ -9,6 +9,7 @@ import type { TorchBackend } from '../../src/backend/torch/backend.js';
 import { attend } from '../../src/attention/attend.js';
 import { AutoregressiveWrapper } from '../../src/generation/autoregressive-wrapper.js';
 import { Decoder } from '../../src/layers/attention-layers.js';
+import { LayersCache } from '../../src/layers/cache.js';
 import { AdamW } from '../../src/train/optimizer.js';
 import { Trainer } from '../../src/train/trainer.js';
 import { Rng, manualSeed } from '../../src/utils/random.js';
@@ -273,6 +274,60 @@ describe('bf16 precision on the torch backend', () => {
     // stated tolerance: every step's bf16 loss within 1% of the float32 loss (same data and init)
     for (let s = 0; s < full.length; s++) expect(Math.abs(low[s]! - full[s]!)).toBeLessThan(0.01 * full[s]!);
     expect(low.at(-1)!).toBeLessThan(0.6 * low[0]!);
+  });
+
+  it("cached bf16 steps read the cache's kept bfloat16 copy: the numbers of converting it whole, across branches", () => {
+    manualSeed(6);
+    const model = new TransformerWrapper({
+      numTokens: 20,
+      maxSeqLen: 64,
+      attnLayers: new Decoder({ dim: 32, depth: 2, heads: 2, attnDimHead: 16, rotaryPosEmb: true }),
+    });
+    model.eval();
+    const ids = (xs: number[]): tf.Tensor => tf.tensor2d([xs], [1, xs.length], 'int32');
+    // the same cache in new tensors: no buffer of the addon's, so its keys and values are converted whole
+    const copied = (c: LayersCache): LayersCache =>
+      new LayersCache(
+        c.kvs.map((kv) => ({ k: tf.clone(kv.k), v: tf.clone(kv.v) })),
+        c.seqLen,
+        c.selfAttn,
+        c.rotary,
+      );
+    withPrecision('bf16', () =>
+      tf.tidy(() => {
+        const seq = [1, 5, 7, 3, 2, 9, 11, 4];
+        let cache = model.forwardWithState(ids(seq), { returnCache: true }).cache!;
+        let branchPoint: { seq: number[]; cache: LayersCache } | null = null;
+        const step = (from: LayersCache, tokens: number[]): { logits: number[]; cache: LayersCache } => {
+          const alone = copied(from);
+          const fresh = model.forwardWithState(ids(tokens), { cache: alone, returnCache: true });
+          const kept = model.forwardWithState(ids(tokens), { cache: from, returnCache: true });
+          const logits = Array.from(kept.logits.dataSync());
+          expect(logits).toEqual(Array.from(fresh.logits.dataSync()));
+          alone.dispose();
+          fresh.cache!.dispose();
+          return { logits, cache: kept.cache! };
+        };
+        for (let s = 0; s < 12; s++) {
+          seq.push((s * 7 + 3) % 20);
+          const next = step(cache, seq);
+          if (cache !== branchPoint?.cache) cache.dispose();
+          if (s === 5) branchPoint = { seq: [...seq], cache: next.cache };
+          cache = next.cache;
+        }
+        // a second continuation of a cache the first one extended in place
+        const branch = [...branchPoint!.seq];
+        let other = branchPoint!.cache;
+        for (let s = 0; s < 4; s++) {
+          branch.push((s * 5 + 1) % 20);
+          const next = step(other, branch);
+          if (other !== branchPoint!.cache) other.dispose();
+          other = next.cache;
+        }
+        for (const c of [cache, other, branchPoint!.cache]) c.dispose();
+      }),
+    );
+    model.dispose();
   });
 
   it('generation takes a precision per call and leaves the setting as it was', async () => {
