@@ -84,7 +84,7 @@ inline at::Tensor toBf16(const at::Tensor& t) { return t.scalar_type() == at::kF
 // read (a bfloat16 copy; float32 panels, see packPanels): converting a weight costs more than a
 // product of a few rows with it. A copy is keyed by its source's storage and view, and dropped when
 // the source's storage dies or is updated in place (AdamW).
-enum class CopyKind { Bf16, Panels, JointPanels };
+enum class CopyKind { Bf16, Panels, JointPanels, Bf16Panels };
 struct WeightCopy {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
   CopyKind kind;
@@ -1123,10 +1123,38 @@ bool smallGemvFor(int64_t m) {
   return g_avx2 && g_smallGemv && m <= std::max(g_smallRowsLimit, g_smallOps ? kSmallOpsRows : int64_t(0));
 }
 
+// bf16 mode, a few rows a [..., k] times a float32 weight's transpose b [k, n] on the CPU, on the
+// panel kernels: the rows' bfloat16 values times a kept panel copy of the weight's bfloat16 values
+// (each product of two bfloat16 values is exact in float32), summed in float32, the result rounded
+// to bfloat16, which is what a bfloat16 product computes (up to the order of the sums), without the
+// per-call cost of oneDNN's bfloat16 kernels on a product of a few rows (decoding). Returns an
+// undefined tensor where it does not apply.
+at::Tensor lowRowsOnPanels(const at::Tensor& a0, const at::Tensor& b0) {
+  if (!(g_sgemm && b0.dim() == 2 && a0.dim() >= 2 && b0.scalar_type() == at::kFloat && b0.stride(0) == 1 &&
+        a0.device().is_cpu() && b0.device().is_cpu() && b0.numel() >= 4096))
+    return at::Tensor();
+  const int64_t k = b0.size(0), n = b0.size(1);
+  if (a0.size(-1) != k || k == 0) return at::Tensor();
+  const int64_t m = a0.numel() / k;
+  if (m == 0 || !smallGemvFor(m) || m > kSmallRows) return at::Tensor();
+  at::Tensor panels = cachedCopy(b0, CopyKind::Bf16Panels, [&] {
+    at::Tensor w = b0.t().to(at::kBFloat16).to(at::kFloat).contiguous();  // [n, k]: the weight's bf16 values
+    return packPanels(w.data_ptr<float>(), k, k, n);
+  });
+  at::Tensor a = a0.reshape({m, k}).to(at::kBFloat16).to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({m, n}, a.options());
+  panelGemvShared(m, n, k, a, a.data_ptr<float>(), k, panels, y.data_ptr<float>(), n);
+  std::vector<int64_t> shape(a0.sizes().begin(), a0.sizes().end());
+  shape.back() = n;
+  return y.to(at::kBFloat16).view(shape);
+}
+
 // a: [..., m, k] @ b: [..., k, n] with batch dims broadcast, as at::matmul (rank >= 2 each). In bf16
 // mode the result is bfloat16 with `keepLow` (an op's result, see g_bf16), else float32.
 at::Tensor xtMatmul(const at::Tensor& a0, const at::Tensor& b0, bool keepLow = false) {
   if (lowp(a0) && lowp(b0)) {
+    at::Tensor rows = lowRowsOnPanels(a0, b0);
+    if (rows.defined()) return keepLow ? rows : rows.to(at::kFloat);
     // a weight times a few rows (decoding): its bfloat16 copy is kept
     bool weight = b0.dim() == 2 && b0.scalar_type() == at::kFloat && a0.dim() >= 2 && a0.size(-2) <= kSmallRows &&
                   b0.numel() >= 4096;
@@ -2914,6 +2942,7 @@ at::Tensor rotatedKeys(const at::Tensor& kAll, const at::Tensor& cos, const at::
     r.narrow(2, 0, t1).copy_(all);
     it->second.rotated = r;
     it->second.rotatedUsed = t1;
+    return r.narrow(2, 0, t1);  // the same keys, as the kept ones (which bf16 mode keeps a copy of)
   }
   return all;
 }
@@ -2946,6 +2975,19 @@ at::Tensor rotatedQuery(const at::Tensor& q, const at::Tensor& cos, const at::Te
 // k [b, h, t + n, d], v [b, h, t + n, dv], the new v [b, h, n, dv]].
 // Scratch memory of the decoding kernels (each thread its own: the helpers run them too).
 thread_local std::vector<float> g_scratch;
+// Each float to its nearest bfloat16 value (ties to even; NaN stays NaN), as a float: what a
+// conversion to bfloat16 and back gives.
+void roundToBf16(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; i++) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) u |= 0x00400000u;  // NaN: quiet, and kept NaN by the rounding
+    else u += 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    std::memcpy(x + i, &u, 4);
+  }
+}
+
 float* scratch(size_t n) {
   if (g_scratch.size() < n) g_scratch.resize(n);
   return g_scratch.data();
@@ -2953,8 +2995,8 @@ float* scratch(size_t n) {
 
 // Where the raw loops of a decoding step apply: CPU float32 keys and values of one query position,
 // with unit feature strides, and the small-row product kernels.
-bool rawAttend(const at::Tensor& k, const at::Tensor& v) {
-  return g_sgemm && smallGemvFor(1) && !g_bf16 && k.device().is_cpu() && v.device().is_cpu() &&
+bool rawAttend(const at::Tensor& k, const at::Tensor& v, bool lowValues = false) {
+  return g_sgemm && smallGemvFor(1) && (!g_bf16 || lowValues) && k.device().is_cpu() && v.device().is_cpu() &&
          k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.size(2) > 0 &&
          (k.stride(3) == 1 || k.size(3) == 1) && k.stride(2) >= k.size(3) && (v.stride(3) == 1 || v.size(3) == 1) &&
          v.stride(2) >= v.size(3);
@@ -2992,7 +3034,7 @@ void scoresOfTurnedKeys(const float* q, const float* k, int64_t kPos, int64_t t,
 void attendRawPtr(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_t h, int64_t t, int64_t d,
                   int64_t dv, const float* pk, int64_t kRow, int64_t kHead, int64_t kPos, const float* pv, int64_t vRow,
                   int64_t vHead, int64_t vPos, double scale, float* out, const at::Tensor* keyCos = nullptr,
-                  const at::Tensor* keySin = nullptr) {
+                  const at::Tensor* keySin = nullptr, bool low = false) {
   const float sc = static_cast<float>(scale);
   float* ps = scratch(b * h * t);
   for (int64_t bi = 0; bi < b; bi++)
@@ -3003,6 +3045,7 @@ void attendRawPtr(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_
                            hi, sr);
       else
         gemvT(1, t, d, q + bi * qRow + hi * qHead, d, pk + bi * kRow + hi * kHead, kPos, sr, t);
+      if (low) roundToBf16(sr, t);  // a bfloat16 product's result
       scaleRow(sr, t, sc);
     }
   if (h * t > kLoopSoftmax) {
@@ -3017,23 +3060,32 @@ void attendRawPtr(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_
       divideRow(sr, t, sum);
     }
   }
+  if (low) roundToBf16(ps, b * h * t);  // the weights as a bfloat16 product's operand
   for (int64_t bi = 0; bi < b; bi++)
-    for (int64_t hi = 0; hi < h; hi++)
-      gemvN(1, dv, t, ps + (bi * h + hi) * t, t, pv + bi * vRow + hi * vHead, vPos, out + (bi * h + hi) * dv, dv);
+    for (int64_t hi = 0; hi < h; hi++) {
+      float* o = out + (bi * h + hi) * dv;
+      gemvN(1, dv, t, ps + (bi * h + hi) * t, t, pv + bi * vRow + hi * vHead, vPos, o, dv);
+      if (low) roundToBf16(o, dv);
+    }
 }
 
 void attendRaw(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_t h, const at::Tensor& k,
-               const at::Tensor& v, double scale, float* out) {
+               const at::Tensor& v, double scale, float* out, bool low = false) {
   attendRawPtr(q, qRow, qHead, b, h, k.size(2), k.size(3), v.size(3), k.data_ptr<float>(), k.stride(0), k.stride(1),
-               k.stride(2), v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2), scale, out);
+               k.stride(2), v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2), scale, out, nullptr, nullptr,
+               low);
 }
 
 // The same for q [b, h, 1, d] as a tensor, merged into [b, 1, h * dv] (or into `into`, rows
 // [row0, row0 + b)); outside the raw loops' reach, attentionForward's composite.
+// With `lowValues` (bf16 mode), k and v hold bfloat16 values as floats (kept copies, see lowWindow):
+// the raw loops then compute what the composite's bfloat16 products do, rounding the query, the
+// scores, the weights and the result to bfloat16 values where those products would.
 at::Tensor attendOneQuery(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                          at::Tensor* into = nullptr, int64_t row0 = 0) {
+                          at::Tensor* into = nullptr, int64_t row0 = 0, bool lowValues = false) {
   int64_t b = q.size(0), h = q.size(1), d = q.size(3), dv = v.size(3);
-  bool raw = rawAttend(k, v) && q.device().is_cpu() && q.scalar_type() == at::kFloat && q.size(2) == 1 &&
+  const bool low = g_bf16 && lowValues;
+  bool raw = rawAttend(k, v, low) && q.device().is_cpu() && q.scalar_type() == at::kFloat && q.size(2) == 1 &&
              k.size(1) == h && v.size(1) == h && v.size(2) == k.size(2) && k.size(3) == d &&
              (q.stride(3) == 1 || d == 1);
   if (!raw) {
@@ -3043,6 +3095,13 @@ at::Tensor attendOneQuery(const at::Tensor& q, const at::Tensor& k, const at::Te
     return *into;
   }
   at::Tensor out = into ? *into : at::empty({b, 1, h * dv}, k.options());
+  if (low) {
+    // the query's bfloat16 values, rows of h heads of d features
+    at::Tensor ql = q.reshape({b, h * d}).to(at::kBFloat16).to(at::kFloat).contiguous();
+    attendRaw(ql.data_ptr<float>(), h * d, d, b, h, k, v, scale, out.data_ptr<float>() + (into ? row0 * h * dv : 0),
+              true);
+    return out;
+  }
   attendRaw(q.data_ptr<float>(), q.stride(0), q.stride(1), b, h, k, v, scale,
             out.data_ptr<float>() + (into ? row0 * h * dv : 0));
   return out;
@@ -3082,14 +3141,18 @@ at::Tensor lowWindow(const at::Tensor& view) {
   }
   if (!copy || start + t > fixed) return view;
   const auto full = view.as_strided({b, h, cap, d}, view.strides(), 0);
-  if (copy->source.lock().get() != impl || !copy->low.defined() || copy->low.sizes() != full.sizes()) {
+  // where the raw loops run (the CPU), the bfloat16 values are kept as floats (see attendOneQuery)
+  const at::ScalarType kept = rawAttend(view, view, true) ? at::kFloat : at::kBFloat16;
+  if (copy->source.lock().get() != impl || !copy->low.defined() || copy->low.sizes() != full.sizes() ||
+      copy->low.scalar_type() != kept) {
     copy->source = view.storage().getWeakStorageImpl();
-    copy->low = at::empty(full.sizes(), full.options().dtype(at::kBFloat16));
+    copy->low = at::empty(full.sizes(), full.options().dtype(kept));
     copy->done = 0;
   }
   if (copy->done < start + t) {
     const int64_t from = copy->done, n = start + t - from;
-    copy->low.narrow(2, from, n).copy_(full.narrow(2, from, n));
+    at::Tensor added = full.narrow(2, from, n).to(at::kBFloat16);
+    copy->low.narrow(2, from, n).copy_(kept == at::kFloat ? added.to(at::kFloat) : added);
     copy->done = start + t;
   }
   return copy->low.narrow(2, start, t);
@@ -3106,7 +3169,13 @@ StepAttention attendStep(const at::Tensor& q, const at::Tensor& k, const at::Ten
     // the new position is the last key's
     qr = rotatedQuery(q, *cos, *sin, kAll.size(2) - 1);
   }
-  return {attendOneQuery(qr, lowWindow(kr), lowWindow(vAll), scale, into, row0), kAll, vAll};
+  if (!g_bf16) return {attendOneQuery(qr, kr, vAll, scale, into, row0), kAll, vAll};
+  // bf16 mode: the keys' and values' kept bfloat16 copies, where they have them
+  at::Tensor kl = lowWindow(kr), vl = lowWindow(vAll);
+  const bool kept = kl.unsafeGetTensorImpl() != kr.unsafeGetTensorImpl() &&
+                    vl.unsafeGetTensorImpl() != vAll.unsafeGetTensorImpl() && kl.scalar_type() == at::kFloat &&
+                    vl.scalar_type() == at::kFloat;
+  return {attendOneQuery(qr, kl, vl, scale, into, row0, kept), kAll, vAll};
 }
 
 XT_FN(CachedAttention) {

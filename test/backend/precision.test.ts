@@ -304,6 +304,12 @@ describe('bf16 precision on the torch backend', () => {
           const kept = model.forwardWithState(ids(tokens), { cache: from, returnCache: true });
           const logits = Array.from(kept.logits.dataSync());
           expect(logits).toEqual(Array.from(fresh.logits.dataSync()));
+          // and what the whole sequence's pass (no cache, the composite ops) gives, within bfloat16 error
+          const whole = model.forward(ids(tokens));
+          const last = Array.from(tf.slice(whole, [0, tokens.length - 1, 0], [1, 1, -1]).dataSync());
+          const scale = Math.max(...last.map(Math.abs));
+          const err = Math.max(...last.map((x, i) => Math.abs(x - logits[i]!)));
+          expect(err).toBeLessThan(scale * 2 ** -5);
           alone.dispose();
           fresh.cache!.dispose();
           return { logits, cache: kept.cache! };
