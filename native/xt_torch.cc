@@ -280,7 +280,8 @@ const at::Tensor& storedId(int32_t id) {
   return g_tensors[id];
 }
 
-// The tensor under an id as TF.js types it: a bfloat16 one as its float32 copy (made once).
+// The tensor under an id as TF.js types it: a bfloat16 one as its float32 copy (made on the op's
+// first read of it, see WideCopiesOfOp).
 const at::Tensor& getId(int32_t id) {
   const at::Tensor& t = storedId(id);
   if (t.scalar_type() != at::kBFloat16) return t;
