@@ -79,6 +79,8 @@ inline bool lowp(const at::Tensor& t) {
   return g_bf16 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
 }
 inline at::Tensor toBf16(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.to(at::kBFloat16) : t; }
+// t's bfloat16 values as float32 (what a bfloat16 product reads of it, in float32 kernels' terms)
+inline at::Tensor bf16Values(const at::Tensor& t) { return t.to(at::kBFloat16).to(at::kFloat); }
 
 // Copies of the weights that decoding multiplies by, token after token, in the form its products
 // read (a bfloat16 copy; float32 panels, see packPanels): converting a weight costs more than a
@@ -1139,10 +1141,10 @@ at::Tensor lowRowsOnPanels(const at::Tensor& a0, const at::Tensor& b0) {
   const int64_t m = a0.numel() / k;
   if (m == 0 || !smallGemvFor(m) || m > kSmallRows) return at::Tensor();
   at::Tensor panels = cachedCopy(b0, CopyKind::Bf16Panels, [&] {
-    at::Tensor w = b0.t().to(at::kBFloat16).to(at::kFloat).contiguous();  // [n, k]: the weight's bf16 values
+    at::Tensor w = bf16Values(b0.t()).contiguous();  // [n, k]
     return packPanels(w.data_ptr<float>(), k, k, n);
   });
-  at::Tensor a = a0.reshape({m, k}).to(at::kBFloat16).to(at::kFloat).contiguous();
+  at::Tensor a = bf16Values(a0.reshape({m, k})).contiguous();
   at::Tensor y = at::empty({m, n}, a.options());
   panelGemvShared(m, n, k, a, a.data_ptr<float>(), k, panels, y.data_ptr<float>(), n);
   std::vector<int64_t> shape(a0.sizes().begin(), a0.sizes().end());
@@ -2803,6 +2805,13 @@ at::Tensor rotaryApply(const at::Tensor& x, const at::Tensor& c0, const at::Tens
 
 XT_FN(Rotary) { return idv(info, rotaryApply(get(info[0]), get(info[1]), get(info[2]), flag(info, 3))); }
 
+// A bfloat16 copy of a buffer's first `done` positions (bf16 mode), made from `source`'s storage.
+struct LowCopy {
+  c10::weak_intrusive_ptr<c10::StorageImpl> source{c10::intrusive_ptr<c10::StorageImpl>()};
+  at::Tensor low;
+  int64_t done = 0;
+};
+
 // Appending one position to a key/value cache ([b, h, t, d] along dim 2) without copying the t
 // cached ones each step: the result is a view of t + 1 consecutive positions of a buffer with room
 // for more. A cache that is such a view (from the buffer's start, or a window of its last positions,
@@ -2811,13 +2820,6 @@ XT_FN(Rotary) { return idv(info, rotaryApply(get(info[0]), get(info[1]), get(inf
 // immutable); any other gets a new buffer with room for half as many positions again. The same on
 // any device: on a GPU the write is queued after the kernels that read the earlier views, none of
 // which reads the new position.
-// A bfloat16 copy of a buffer's first `done` positions (bf16 mode), made from `source`'s storage.
-struct LowCopy {
-  c10::weak_intrusive_ptr<c10::StorageImpl> source{c10::intrusive_ptr<c10::StorageImpl>()};
-  at::Tensor low;
-  int64_t done = 0;
-};
-
 struct AppendBuffer {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
   int64_t used;
@@ -2964,18 +2966,6 @@ at::Tensor rotatedQuery(const at::Tensor& q, const at::Tensor& cos, const at::Te
   return y;
 }
 
-// Plain self-attention over n new positions that start or continue a key/value cache (a decoding
-// step, a prompt's prefill), as the library's ops would run it (the same kernels in the same order,
-// so the same numbers):
-//   q, k, v = x Wq^T, x Wk^T, x Wv^T split into heads; k, v appended to the cache;
-//   q rotated with (cosQ, sinQ) and all keys with (cos, sin) when tables are given (ids >= 0);
-//   softmax(q k^T * scale) v over the keys (right-aligned causal mask when causal and n > 1);
-//   heads merged; times Wo^T.
-// args: x [b, n, dim], wq, wk, wv, wo, kCache [b, h, t, d], vCache [b, h, t, dv] (ids, or -1 for
-// none: t = 0), cos, sin, cosQ, sinQ (ids or -1), scale, heads, causal, flash -> [out [b, n, dimOut],
-// k [b, h, t + n, d], v [b, h, t + n, dv], the new v [b, h, n, dv]].
-// Scratch memory of the decoding kernels (each thread its own: the helpers run them too).
-thread_local std::vector<float> g_scratch;
 // Each float to its nearest bfloat16 value (ties to even; NaN stays NaN), as a float: what a
 // conversion to bfloat16 and back gives.
 void roundToBf16(float* x, int64_t n) {
@@ -2989,6 +2979,18 @@ void roundToBf16(float* x, int64_t n) {
   }
 }
 
+// Plain self-attention over n new positions that start or continue a key/value cache (a decoding
+// step, a prompt's prefill), as the library's ops would run it (the same kernels in the same order,
+// so the same numbers):
+//   q, k, v = x Wq^T, x Wk^T, x Wv^T split into heads; k, v appended to the cache;
+//   q rotated with (cosQ, sinQ) and all keys with (cos, sin) when tables are given (ids >= 0);
+//   softmax(q k^T * scale) v over the keys (right-aligned causal mask when causal and n > 1);
+//   heads merged; times Wo^T.
+// args: x [b, n, dim], wq, wk, wv, wo, kCache [b, h, t, d], vCache [b, h, t, dv] (ids, or -1 for
+// none: t = 0), cos, sin, cosQ, sinQ (ids or -1), scale, heads, causal, flash -> [out [b, n, dimOut],
+// k [b, h, t + n, d], v [b, h, t + n, dv], the new v [b, h, n, dv]].
+// Scratch memory of the decoding kernels (each thread its own: the helpers run them too).
+thread_local std::vector<float> g_scratch;
 float* scratch(size_t n) {
   if (g_scratch.size() < n) g_scratch.resize(n);
   return g_scratch.data();
@@ -3098,7 +3100,7 @@ at::Tensor attendOneQuery(const at::Tensor& q, const at::Tensor& k, const at::Te
   at::Tensor out = into ? *into : at::empty({b, 1, h * dv}, k.options());
   if (low) {
     // the query's bfloat16 values, rows of h heads of d features
-    at::Tensor ql = q.reshape({b, h * d}).to(at::kBFloat16).to(at::kFloat).contiguous();
+    at::Tensor ql = bf16Values(q.reshape({b, h * d})).contiguous();
     attendRaw(ql.data_ptr<float>(), h * d, d, b, h, k, v, scale, out.data_ptr<float>() + (into ? row0 * h * dv : 0),
               true);
     return out;
@@ -3115,30 +3117,32 @@ struct StepAttention {
   at::Tensor merged, kAll, vAll;
 };
 
-// In bf16 mode, the bfloat16 copy of `view`, a window of positions of an append buffer or of its
-// rotated keys ([b, h, cap, d] contiguous): a copy kept beside the buffer, extended by the positions
-// written since its last use (a buffer's positions, once written, never change), so that a cached
-// step's products read the cache's bfloat16 values without converting every position again (the
-// same values: the conversion is elementwise). Anything else is returned as it is (the products
-// convert it).
-at::Tensor lowWindow(const at::Tensor& view) {
+// In bf16 mode, the bfloat16 copy of `view`, a window of positions of the append buffer `cache` is a
+// view of, or of that buffer's rotated keys ([b, h, cap, d] contiguous): a copy kept beside the
+// buffer, extended by the positions written since its last use (a buffer's positions, once written,
+// never change), so that a cached step's products read the cache's bfloat16 values without
+// converting every position again (the same values: the conversion is elementwise). Anything else
+// is returned as it is (the products convert it).
+at::Tensor lowWindow(const at::Tensor& view, const at::Tensor& cache) {
   if (!g_bf16 || view.dim() != 4 || view.scalar_type() != at::kFloat || !view.has_storage()) return view;
   const int64_t b = view.size(0), h = view.size(1), t = view.size(2), d = view.size(3);
   if (d == 0 || t == 0 || view.stride(3) != 1 || view.stride(2) != d || view.storage_offset() % d != 0) return view;
   const int64_t cap = view.stride(1) / d, start = view.storage_offset() / d;
   if (view.stride(1) != cap * d || view.stride(0) != h * cap * d || start + t > cap) return view;
+  if (!cache.has_storage()) return view;
+  auto it = g_appendBuffers.find(cache.storage().data());
+  if (it == g_appendBuffers.end() || it->second.storage.lock().get() != cache.storage().unsafeGetStorageImpl())
+    return view;
+  AppendBuffer& buf = it->second;
   const c10::StorageImpl* impl = view.storage().unsafeGetStorageImpl();
   LowCopy* copy = nullptr;
   int64_t fixed = 0;
-  for (auto& [key, buf] : g_appendBuffers) {
-    if (buf.storage.lock().get() == impl) {
-      copy = &buf.low;
-      fixed = buf.used;
-    } else if (buf.rotated.defined() && buf.rotated.storage().unsafeGetStorageImpl() == impl) {
-      copy = &buf.rotatedLow;
-      fixed = buf.rotatedUsed;
-    }
-    if (copy) break;
+  if (impl == cache.storage().unsafeGetStorageImpl()) {
+    copy = &buf.low;
+    fixed = buf.used;
+  } else if (buf.rotated.defined() && buf.rotated.storage().unsafeGetStorageImpl() == impl) {
+    copy = &buf.rotatedLow;
+    fixed = buf.rotatedUsed;
   }
   if (!copy || start + t > fixed) return view;
   const auto full = view.as_strided({b, h, cap, d}, view.strides(), 0);
@@ -3152,8 +3156,8 @@ at::Tensor lowWindow(const at::Tensor& view) {
   }
   if (copy->done < start + t) {
     const int64_t from = copy->done, n = start + t - from;
-    at::Tensor added = full.narrow(2, from, n).to(at::kBFloat16);
-    copy->low.narrow(2, from, n).copy_(kept == at::kFloat ? added.to(at::kFloat) : added);
+    const auto added = full.narrow(2, from, n);
+    copy->low.narrow(2, from, n).copy_(kept == at::kFloat ? bf16Values(added) : added.to(at::kBFloat16));
     copy->done = start + t;
   }
   return copy->low.narrow(2, start, t);
@@ -3172,7 +3176,7 @@ StepAttention attendStep(const at::Tensor& q, const at::Tensor& k, const at::Ten
   }
   if (!g_bf16) return {attendOneQuery(qr, kr, vAll, scale, into, row0), kAll, vAll};
   // bf16 mode: the keys' and values' kept bfloat16 copies, where they have them
-  at::Tensor kl = lowWindow(kr), vl = lowWindow(vAll);
+  at::Tensor kl = lowWindow(kr, kAll), vl = lowWindow(vAll, vAll);
   const bool kept = kl.unsafeGetTensorImpl() != kr.unsafeGetTensorImpl() &&
                     vl.unsafeGetTensorImpl() != vAll.unsafeGetTensorImpl() && kl.scalar_type() == at::kFloat &&
                     vl.scalar_type() == at::kFloat;
