@@ -5,7 +5,8 @@
  * all, and p50/p99 request latency. Each level starts with one untimed request per client.
  * Options: --tokens N (per request, default 32), --rounds N (requests per client, default 2),
  * --concurrency 1,8,32, --repeat N (passes over the levels, which take turns; each level's figures
- * are over all its passes; default 1), --json, --while-training (a training job of a larger model
+ * are over all its passes, and a line after the table gives each pass's tokens/s in all against the
+ * one-stream pass of the same turn; default 1), --json, --while-training (a training job of a larger model
  * runs in the same worker throughout, started before the first request and cancelled after the
  * last), --dim N and --depth N (the model streamed from: a byte-level decoder with rotary positions,
  * default dim 256, depth 4), --cpu (Linux: a second table of the CPU time each process spent per
@@ -237,6 +238,8 @@ async function main() {
         {
           samples: [] as Sample[],
           wall: 0,
+          // each pass's tokens/s in all, in pass order
+          passes: [] as number[],
           // CPU seconds of each part of the service, and of this process (the clients), in the timed windows
           cpu: Object.fromEntries(CPU_PARTS.map((k) => [k, 0])) as Record<CpuPart, number | null>,
           clients: 0,
@@ -261,7 +264,9 @@ async function main() {
               level.samples.push(await streamOnce(base, model, `client ${i} says `));
           }),
         );
-        level.wall += (performance.now() - t0) / 1000;
+        const passWall = (performance.now() - t0) / 1000;
+        level.wall += passWall;
+        level.passes.push(level.samples.slice(-c * rounds).reduce((n, x) => n + x.tokens, 0) / passWall);
         if (cpu0) {
           const own = process.cpuUsage(own0);
           level.clients += (own.user + own.system) / 1e6;
@@ -275,7 +280,7 @@ async function main() {
       }
     }
     const rows = levels.map((c) => {
-      const { samples, wall, cpu: used, clients } = acc.get(c)!;
+      const { samples, wall, cpu: used, clients, passes } = acc.get(c)!;
       const total = samples.reduce((s, x) => s + x.tokens, 0);
       const of = (k: keyof Sample, p: number) =>
         pct(
@@ -291,6 +296,7 @@ async function main() {
         totalTokensPerSecond: total / wall,
         latencyP50Ms: of('latencyMs', 50),
         latencyP99Ms: of('latencyMs', 99),
+        passTokensPerSecond: passes,
         // per part: CPU microseconds per token generated, and cores kept busy (CPU seconds per second)
         cpu: cpu
           ? Object.fromEntries(
@@ -334,6 +340,19 @@ async function main() {
         `| ${r.concurrency} | ${r.requests} | ${f(r.ttftP50Ms)} / ${f(r.ttftP99Ms)} | ${f(r.streamTokensPerSecond)} | ` +
           `${f(r.totalTokensPerSecond)}${ratio} | ${f(r.latencyP50Ms)} / ${f(r.latencyP99Ms)} |`,
       );
+    }
+    // each pass against the one-stream pass of the same turn: the machine's speed drifts between
+    // turns, and a pair taken within one turn shares its stretch
+    const onePasses = rows.find((r) => r.concurrency === 1)?.passTokensPerSecond;
+    if (onePasses && repeat > 1) {
+      const lines = rows
+        .filter((r) => r.concurrency > 1)
+        .map(
+          (r) =>
+            `${r.concurrency} streams ` +
+            r.passTokensPerSecond.map((t, i) => `${(t / onePasses[i]!).toFixed(1)}x`).join(', '),
+        );
+      console.log(`\nagainst one stream, pass by pass: ${lines.join('; ')}`);
     }
     if (cpu) {
       console.log(
