@@ -2,7 +2,8 @@
  * `npm run bench:service`: the service under streaming load. Starts `npm start` (private Redis,
  * a fresh DATA_DIR), creates a model, then at 1, 8 and 32 concurrent clients streams completions
  * from /openai/v1/completions over SSE and reports time to first token, tokens/s per stream and in
- * all, and p50/p99 request latency. Each level starts with one untimed request per client.
+ * all, and p50/p99 request latency. Before any level is timed, every level runs one untimed request
+ * per client.
  * Options: --tokens N (per request, default 32), --rounds N (requests per client, default 2),
  * --concurrency 1,8,32, --repeat N (passes over the levels, which take turns; each level's figures
  * are over all its passes, and a line after the table gives each pass's tokens/s in all against the
@@ -246,14 +247,15 @@ async function main() {
         },
       ]),
     );
+    // every level's untimed requests (one per client) before any level is timed: the decoding paths
+    // of each number of rows get compiled and their buffers allocated, and the first level timed is
+    // not the one that finds the code least warmed up
+    for (const c of levels)
+      await Promise.all(
+        Array.from({ length: c }, (_, i) => streamOnce(base, model, `client ${i} warms up `)),
+      );
     for (let pass = 0; pass < repeat; pass++) {
       for (const c of levels) {
-        // one untimed request per client first: the decoding paths of this many rows get compiled
-        // and their buffers allocated before the clock starts
-        if (pass === 0)
-          await Promise.all(
-            Array.from({ length: c }, (_, i) => streamOnce(base, model, `client ${i} warms up `)),
-          );
         const level = acc.get(c)!;
         const cpu0 = cpu ? snapshotCpu(child.pid!) : null;
         const own0 = process.cpuUsage();
