@@ -1054,6 +1054,74 @@ __attribute__((target("avx2,fma"))) float maxRow(const float* x, int64_t n) {
 }
 
 const bool g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+
+// The weighted sum of a decoding step's attention for one query, on raw memory, two heads at a time
+// where there are two: out[j] (j < dv) = sum over i < t of w[i] v[i * vPos + j], each output a chain
+// of fused products in the order of i from zero, as gemvN computes it (so the same numbers), for
+// dv a multiple of 32. Head h's weights are at w + h * wHead, its values at v + h * vHead, its
+// outputs at out + h * dv. A chain of t products is bound by its latency, not by the loads: two
+// heads side by side (and 512-bit vectors where the CPU has them) keep twice as many in flight.
+bool fastWeighValues(int64_t dv) { return g_avx2 && dv > 0 && dv % 32 == 0; }
+
+template <int H>
+__attribute__((target("avx512f"))) void weighValues512(const float* w, int64_t wHead, const float* v, int64_t vHead,
+                                                       int64_t vPos, int64_t t, int64_t dv, float* out) {
+  for (int64_t j0 = 0; j0 < dv; j0 += 32) {
+    __m512 acc[H][2];
+#pragma GCC unroll 2
+    for (int h = 0; h < H; h++) acc[h][0] = acc[h][1] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < t; i++) {
+#pragma GCC unroll 2
+      for (int h = 0; h < H; h++) {
+        const __m512 wi = _mm512_set1_ps(w[h * wHead + i]);
+        const float* vi = v + h * vHead + i * vPos + j0;
+        acc[h][0] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(vi), acc[h][0]);
+        acc[h][1] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(vi + 16), acc[h][1]);
+      }
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < H; h++) {
+      _mm512_storeu_ps(out + h * dv + j0, acc[h][0]);
+      _mm512_storeu_ps(out + h * dv + j0 + 16, acc[h][1]);
+    }
+  }
+}
+
+template <int H>
+__attribute__((target("avx2,fma"))) void weighValues256(const float* w, int64_t wHead, const float* v, int64_t vHead,
+                                                        int64_t vPos, int64_t t, int64_t dv, float* out) {
+  for (int64_t j0 = 0; j0 < dv; j0 += 32) {
+    __m256 acc[H][4];
+#pragma GCC unroll 2
+    for (int h = 0; h < H; h++)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; c++) acc[h][c] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < t; i++) {
+#pragma GCC unroll 2
+      for (int h = 0; h < H; h++) {
+        const __m256 wi = _mm256_set1_ps(w[h * wHead + i]);
+        const float* vi = v + h * vHead + i * vPos + j0;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) acc[h][c] = _mm256_fmadd_ps(wi, _mm256_loadu_ps(vi + 8 * c), acc[h][c]);
+      }
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < H; h++)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + h * dv + j0 + 8 * c, acc[h][c]);
+  }
+}
+
+void weighValues(int heads, const float* w, int64_t wHead, const float* v, int64_t vHead, int64_t vPos, int64_t t,
+                 int64_t dv, float* out) {
+  if (g_avx512) {
+    if (heads == 2) weighValues512<2>(w, wHead, v, vHead, vPos, t, dv, out);
+    else weighValues512<1>(w, wHead, v, vHead, vPos, t, dv, out);
+  } else {
+    if (heads == 2) weighValues256<2>(w, wHead, v, vHead, vPos, t, dv, out);
+    else weighValues256<1>(w, wHead, v, vHead, vPos, t, dv, out);
+  }
+}
 #else
 void scaleRow(float* x, int64_t n, float s) {
   for (int64_t j = 0; j < n; j++) x[j] *= s;
@@ -1067,6 +1135,8 @@ float maxRow(const float* x, int64_t n) {
   return mx;
 }
 const bool g_avx2 = false;
+bool fastWeighValues(int64_t) { return false; }
+void weighValues(int, const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*) {}
 void gemvT(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
 void gemvN(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
 at::Tensor packPanels(const float*, int64_t, int64_t, int64_t) { return at::Tensor(); }
@@ -3064,11 +3134,14 @@ void attendRawPtr(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_
     }
   }
   if (low) roundToBf16(ps, b * h * t);  // the weights as a bfloat16 product's operand
+  const bool pairs = fastWeighValues(dv);
   for (int64_t bi = 0; bi < b; bi++)
-    for (int64_t hi = 0; hi < h; hi++) {
+    for (int64_t hi = 0; hi < h; hi += pairs ? 2 : 1) {
+      const int heads = pairs && hi + 1 < h ? 2 : 1;
       float* o = out + (bi * h + hi) * dv;
-      gemvN(1, dv, t, ps + (bi * h + hi) * t, t, pv + bi * vRow + hi * vHead, vPos, o, dv);
-      if (low) roundToBf16(o, dv);
+      if (pairs) weighValues(heads, ps + (bi * h + hi) * t, t, pv + bi * vRow + hi * vHead, vHead, vPos, t, dv, o);
+      else gemvN(1, dv, t, ps + (bi * h + hi) * t, t, pv + bi * vRow + hi * vHead, vPos, o, dv);
+      if (low) roundToBf16(o, heads * dv);
     }
 }
 

@@ -340,6 +340,53 @@ describe('torch matrix products', () => {
     expect(narrow.bits).toEqual(wide.bits);
   });
 
+  it("decoding steps' attention gives the same numbers on 256-bit vectors as on 512-bit ones", () => {
+    // cached steps of three rows of different lengths (the rows kernel), with head widths that take
+    // the paired-heads weighted sum (multiples of 32, odd head counts) and ones that do not
+    const script = [
+      "const tf = await import('@tensorflow/tfjs-core');",
+      "const { registerTorchBackend } = await import('./src/backend/torch/register.ts');",
+      "const { Decoder } = await import('./src/layers/attention-layers.ts');",
+      "const { manualSeed } = await import('./src/utils/random.ts');",
+      "const { TransformerWrapper } = await import('./src/wrappers/transformer-wrapper.ts');",
+      'const r = registerTorchBackend();',
+      'if (!r.ok) { console.log(JSON.stringify({ reason: r.reason })); process.exit(0); }',
+      "await tf.setBackend('torch');",
+      'const out = [];',
+      'for (const [dim, heads, dh] of [[64, 3, 32], [96, 2, 64], [64, 3, 96], [64, 2, 40]]) {',
+      '  manualSeed(dh);',
+      '  const net = new TransformerWrapper({ numTokens: 32, maxSeqLen: 64,',
+      '    attnLayers: new Decoder({ dim, depth: 1, heads, attnDimHead: dh, rotaryPosEmb: true }) });',
+      '  net.eval();',
+      '  let caches = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]].map((p) => {',
+      "    const x = tf.tensor2d([p], [1, p.length], 'int32');",
+      '    const s = net.forwardWithState(x, { returnCache: true });',
+      '    return s.cache;',
+      '  });',
+      '  for (let step = 0; step < 20; step++) {',
+      "    const x = tf.tensor2d([step % 32, (step * 5 + 1) % 32, (step * 7 + 2) % 32], [3, 1], 'int32');",
+      '    const s = net.forwardWithState(x, { rowCaches: caches });',
+      '    out.push(...Array.from(new Uint32Array(s.logits.dataSync().slice().buffer)));',
+      '    caches = s.rowCaches;',
+      '  }',
+      '}',
+      'console.log(JSON.stringify({ bits: out }));',
+    ].join('\n');
+    const run = (env: Record<string, string>): { bits?: number[]; reason?: string } => {
+      const p = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+        env: { ...process.env, ...env },
+        encoding: 'utf8',
+      });
+      expect(p.status, p.stderr).toBe(0);
+      return JSON.parse(p.stdout.trim().split('\n').pop()!);
+    };
+    const wide = run({});
+    const narrow = run({ XT_NO_AVX512: '1' });
+    if (wide.reason) throw new Error(`torch backend unavailable: ${wide.reason}`);
+    expect(wide.bits!.length).toBe(4 * 20 * 3 * 32);
+    expect(narrow.bits).toEqual(wide.bits);
+  });
+
   it('strided, broadcast, one-row, empty and large products match cpu', async () => {
     await same(
       () => {
