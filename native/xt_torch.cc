@@ -1055,13 +1055,13 @@ __attribute__((target("avx2,fma"))) float maxRow(const float* x, int64_t n) {
 
 const bool g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 
-// The weighted sum of a decoding step's attention for one query, on raw memory, two heads at a time
-// where there are two: out[j] (j < dv) = sum over i < t of w[i] v[i * vPos + j], each output a chain
-// of fused products in the order of i from zero, as gemvN computes it (so the same numbers), for
-// dv a multiple of 32. Head h's weights are at w + h * wHead, its values at v + h * vHead, its
-// outputs at out + h * dv. A chain of t products is bound by its latency, not by the loads: two
-// heads side by side (and 512-bit vectors where the CPU has them) keep twice as many in flight.
-bool fastWeighValues(int64_t dv) { return g_avx2 && dv > 0 && dv % 32 == 0; }
+// The weighted sum of a decoding step's attention for one query, on raw memory and 512-bit vectors,
+// two heads at a time where there are two: out[j] (j < dv) = sum over i < t of w[i] v[i * vPos + j],
+// each output a chain of fused products in the order of i from zero, as gemvN computes it (so the
+// same numbers), for dv a multiple of 32. Head h's weights are at w + h * wHead, its values at
+// v + h * vHead, its outputs at out + h * dv. A chain of t products is bound by its latency, not by
+// the loads: two heads side by side keep twice as many in flight. Without AVX-512, gemvN runs.
+bool fastWeighValues(int64_t dv) { return g_avx512 && dv > 0 && dv % 32 == 0; }
 
 template <int H>
 __attribute__((target("avx512f"))) void weighValues512(const float* w, int64_t wHead, const float* v, int64_t vHead,
@@ -1087,40 +1087,10 @@ __attribute__((target("avx512f"))) void weighValues512(const float* w, int64_t w
   }
 }
 
-template <int H>
-__attribute__((target("avx2,fma"))) void weighValues256(const float* w, int64_t wHead, const float* v, int64_t vHead,
-                                                        int64_t vPos, int64_t t, int64_t dv, float* out) {
-  for (int64_t j0 = 0; j0 < dv; j0 += 32) {
-    __m256 acc[H][4];
-#pragma GCC unroll 2
-    for (int h = 0; h < H; h++)
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; c++) acc[h][c] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < t; i++) {
-#pragma GCC unroll 2
-      for (int h = 0; h < H; h++) {
-        const __m256 wi = _mm256_set1_ps(w[h * wHead + i]);
-        const float* vi = v + h * vHead + i * vPos + j0;
-#pragma GCC unroll 4
-        for (int c = 0; c < 4; c++) acc[h][c] = _mm256_fmadd_ps(wi, _mm256_loadu_ps(vi + 8 * c), acc[h][c]);
-      }
-    }
-#pragma GCC unroll 2
-    for (int h = 0; h < H; h++)
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + h * dv + j0 + 8 * c, acc[h][c]);
-  }
-}
-
 void weighValues(int heads, const float* w, int64_t wHead, const float* v, int64_t vHead, int64_t vPos, int64_t t,
                  int64_t dv, float* out) {
-  if (g_avx512) {
-    if (heads == 2) weighValues512<2>(w, wHead, v, vHead, vPos, t, dv, out);
-    else weighValues512<1>(w, wHead, v, vHead, vPos, t, dv, out);
-  } else {
-    if (heads == 2) weighValues256<2>(w, wHead, v, vHead, vPos, t, dv, out);
-    else weighValues256<1>(w, wHead, v, vHead, vPos, t, dv, out);
-  }
+  if (heads == 2) weighValues512<2>(w, wHead, v, vHead, vPos, t, dv, out);
+  else weighValues512<1>(w, wHead, v, vHead, vPos, t, dv, out);
 }
 #else
 void scaleRow(float* x, int64_t n, float s) {

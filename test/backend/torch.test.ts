@@ -264,6 +264,24 @@ describe('torch backend matches cpu', () => {
   });
 });
 
+/**
+ * Runs `script` (an ES module printing {bits} or, without the torch backend, {reason}) in a fresh
+ * process with 512-bit vectors and again with XT_NO_AVX512; returns both results.
+ */
+function bitsOnBothWidths(script: string): [{ bits?: number[] }, { bits?: number[] }] {
+  const run = (env: Record<string, string>): { bits?: number[]; reason?: string } => {
+    const p = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+      env: { ...process.env, ...env },
+      encoding: 'utf8',
+    });
+    expect(p.status, p.stderr).toBe(0);
+    return JSON.parse(p.stdout.trim().split('\n').pop()!);
+  };
+  const wide = run({});
+  if (wide.reason) throw new Error(`torch backend unavailable: ${wide.reason}`);
+  return [wide, run({ XT_NO_AVX512: '1' })];
+}
+
 describe('torch matrix products', () => {
   it('run on oneDNN sgemm exactly when the process has libdnnl', () => {
     const r = registerTorchBackend();
@@ -325,17 +343,7 @@ describe('torch matrix products', () => {
       '}',
       'console.log(JSON.stringify({ bits: out }));',
     ].join('\n');
-    const run = (env: Record<string, string>): { bits?: number[]; reason?: string } => {
-      const p = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
-        env: { ...process.env, ...env },
-        encoding: 'utf8',
-      });
-      expect(p.status, p.stderr).toBe(0);
-      return JSON.parse(p.stdout.trim().split('\n').pop()!);
-    };
-    const wide = run({});
-    const narrow = run({ XT_NO_AVX512: '1' });
-    if (wide.reason) throw new Error(`torch backend unavailable: ${wide.reason}`);
+    const [wide, narrow] = bitsOnBothWidths(script);
     expect(wide.bits!.length).toBe(1 * 16 + 3 * 33 + 8 * 40 + 11 * 70);
     expect(narrow.bits).toEqual(wide.bits);
   });
@@ -372,17 +380,7 @@ describe('torch matrix products', () => {
       '}',
       'console.log(JSON.stringify({ bits: out }));',
     ].join('\n');
-    const run = (env: Record<string, string>): { bits?: number[]; reason?: string } => {
-      const p = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
-        env: { ...process.env, ...env },
-        encoding: 'utf8',
-      });
-      expect(p.status, p.stderr).toBe(0);
-      return JSON.parse(p.stdout.trim().split('\n').pop()!);
-    };
-    const wide = run({});
-    const narrow = run({ XT_NO_AVX512: '1' });
-    if (wide.reason) throw new Error(`torch backend unavailable: ${wide.reason}`);
+    const [wide, narrow] = bitsOnBothWidths(script);
     expect(wide.bits!.length).toBe(4 * 20 * 3 * 32);
     expect(narrow.bits).toEqual(wide.bits);
   });
