@@ -2857,7 +2857,7 @@ struct LowCopy {
 // for more. A cache that is such a view (from the buffer's start, or a window of its last positions,
 // as decoding past maxSeqLen keeps), and after whose last position nothing has been written, gets
 // the new position written in place (the old view's values are untouched, so tensors stay
-// immutable); any other gets a new buffer with room for half as many positions again. The same on
+// immutable); any other gets a new buffer with room for as many positions again. The same on
 // any device: on a GPU the write is queued after the kernels that read the earlier views, none of
 // which reads the new position.
 struct AppendBuffer {
@@ -2872,9 +2872,9 @@ struct AppendBuffer {
 };
 std::unordered_map<const void*, AppendBuffer> g_appendBuffers;
 
-// How many positions a new append buffer for t + 1 of them has room for: half as many again, at
-// least 16.
-int64_t appendCapacity(int64_t t) { return std::max<int64_t>(t + 1 + (t + 1) / 2, 16); }
+// How many positions a new append buffer for t + 1 of them has room for: twice as many, at least 16
+// (a row decoding n tokens after its prompt is copied into a larger buffer about log2(n) times).
+int64_t appendCapacity(int64_t t) { return std::max<int64_t>(2 * (t + 1), 16); }
 
 // Records a new append buffer with `used` positions written (and its rotated keys, if any);
 // buffers that died take their rotated keys with them here (a run holds a few per layer).
@@ -3426,6 +3426,17 @@ XT_FN(CachedAttentionRows) {
       static_cast<int64_t>(vcs.size()) != b || static_cast<int64_t>(cosIds.size()) != b ||
       static_cast<int64_t>(sinIds.size()) != b)
     throw std::runtime_error("cachedAttentionRows: expected x [b, 1, dim] and b caches and tables");
+  // the cache lines each row's new key and value will be written to (the position after its cache,
+  // in its append buffer), fetched while the projections run: a step writes every row's next
+  // position, and the buffer's lines there were never touched
+  for (int64_t r = 0; r < b; r++)
+    for (const at::Tensor* c : {&kcs[r], &vcs[r]}) {
+      if (c->dim() != 4 || !c->device().is_cpu() || c->scalar_type() != at::kFloat || c->stride(3) != 1) continue;
+      const char* base = static_cast<const char*>(c->data_ptr()) + c->size(2) * c->stride(2) * sizeof(float);
+      for (int64_t hi = 0; hi < c->size(1); hi++)
+        for (int64_t o = 0; o < c->size(3) * int64_t(sizeof(float)); o += 64)
+          __builtin_prefetch(base + hi * c->stride(1) * sizeof(float) + o, 1, 3);
+    }
   auto heads = [&](const at::Tensor& t) { return t.view({b, 1, h, t.size(-1) / h}).permute({0, 2, 1, 3}); };
   auto qkv = projectJoint(x, {wq, wk, wv});
   auto q = heads(qkv[0]), k = heads(qkv[1]), v = heads(qkv[2]);

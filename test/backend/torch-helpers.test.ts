@@ -26,11 +26,11 @@ const PROMPTS = Array.from({ length: 8 }, (_, i) =>
   Array.from({ length: 30 + 2 * i }, (_, j) => (7 * i + 13 * j + 1) % V),
 );
 
-function makeNet(): TransformerWrapper {
+function makeNet(maxSeqLen = 64): TransformerWrapper {
   manualSeed(11);
   const net = new TransformerWrapper({
     numTokens: V,
-    maxSeqLen: 64,
+    maxSeqLen,
     attnLayers: new Decoder({ dim: 256, depth: DEPTH, heads: 4, rotaryPosEmb: true }),
   });
   net.eval();
@@ -212,16 +212,16 @@ describe('torch backend helper threads', () => {
     },
   );
 
-  // a row's keys and values live in buffers with room for half as many positions again: a row
-  // whose buffer is full is copied into a larger one (its keys' rotations with it) inside the step,
-  // which still takes the path that shares the attention (a chunk per row); 5 rows of 30 to 38
-  // positions fill their first buffers (46 to 58 positions) within 24 steps
+  // a row's keys and values live in buffers with room for as many positions again: a row whose
+  // buffer is full is copied into a larger one (its keys' rotations with it) inside the step, which
+  // still takes the path that shares the attention (a chunk per row); 5 rows of 30 to 38 positions
+  // fill their first buffers (62 to 78 positions) within 44 steps (maxSeqLen 128: no row slides)
   it.runIf(expected > 0)(
     'rows whose buffers fill up keep their own logits, and every step shares the same work',
     () => {
-      const net = makeNet();
+      const net = makeNet(128);
       const prompts = PROMPTS.slice(0, 5).map((p, i) => p.slice(0, 30 + 2 * i));
-      const tokens = Array.from({ length: 24 }, (_, s) => prompts.map((_, i) => (13 * i + 7 * s + 3) % V));
+      const tokens = Array.from({ length: 44 }, (_, s) => prompts.map((_, i) => (13 * i + 7 * s + 3) % V));
       const want = aloneLogits(net, tokens, prompts);
       const shared = batchedSteps(net, prompts, tokens, want);
       expect(shared).toEqual(tokens.map(() => ({ jobs: sharedJobs(1), chunks: shared[0]!.chunks })));
