@@ -3428,10 +3428,14 @@ XT_FN(CachedAttentionRows) {
     throw std::runtime_error("cachedAttentionRows: expected x [b, 1, dim] and b caches and tables");
   // the cache lines each row's new key and value will be written to (the position after its cache,
   // in its append buffer), fetched while the projections run: a step writes every row's next
-  // position, and the buffer's lines there were never touched
+  // position, and the buffer's lines there were never touched (a cache with no room after it, a
+  // prompt's, is copied into a buffer instead: nothing to fetch)
   for (int64_t r = 0; r < b; r++)
     for (const at::Tensor* c : {&kcs[r], &vcs[r]}) {
       if (c->dim() != 4 || !c->device().is_cpu() || c->scalar_type() != at::kFloat || c->stride(3) != 1) continue;
+      const int64_t end =
+          c->storage_offset() + c->size(2) * c->stride(2) + (c->size(1) - 1) * c->stride(1) + c->size(3);
+      if (end * int64_t(sizeof(float)) > static_cast<int64_t>(c->storage().nbytes())) continue;
       const char* base = static_cast<const char*>(c->data_ptr()) + c->size(2) * c->stride(2) * sizeof(float);
       for (int64_t hi = 0; hi < c->size(1); hi++)
         for (int64_t o = 0; o < c->size(3) * int64_t(sizeof(float)); o += 64)
