@@ -246,13 +246,17 @@ void raiseIndexFault() {
                              "] (found on the GPU after the op; the results computed since are not valid)");
 }
 
+bool inAppendBuffer(const at::Tensor& t);
+
 int32_t store(at::Tensor t) {
   t = normalize(t);
-  // a small view of a large storage (slice, split, unstack) would keep all of it alive
+  // a small view of a large storage (slice, split, unstack) would keep all of it alive; not a
+  // window of a key/value append buffer (a decoding cache past maxSeqLen, whose buffer is the
+  // cache's own memory): copied, its next position could not be written in place
   if (t.defined() && t.has_storage()) {
     size_t used = static_cast<size_t>(t.numel()) * t.element_size();
     size_t held = t.storage().nbytes();
-    if (held > (1u << 16) && held > 2 * used) t = t.clone(at::MemoryFormat::Contiguous);
+    if (held > (1u << 16) && held > 2 * used && !inAppendBuffer(t)) t = t.clone(at::MemoryFormat::Contiguous);
   }
   if (g_meta) {
     g_meta[0] = dtypeCode(t.scalar_type());
@@ -2802,6 +2806,38 @@ inline void rotatePairs(const float* xr, const float* cr, const float* sr, float
   }
 }
 
+#if defined(__x86_64__)
+// n keys (rows kPos floats apart, w features, w % 16 == 0) each turned by its table rows (cos at
+// c + j * cs, sin at s + j * ss) into out (rows of w): rotatePairs's products and sum, sixteen
+// features at a time. Rounded as written (embedded rounding to nearest: no fused multiply-add).
+__attribute__((target("avx512f"))) void turnKeys512(const float* k, int64_t kPos, int64_t n, int64_t w,
+                                                    const float* c, int64_t cs, const float* s, int64_t ss,
+                                                    float* out) {
+  constexpr int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t j = 0; j < n; j++) {
+    const float *xr = k + j * kPos, *cr = c + j * cs, *sr = s + j * ss;
+    float* yr = out + j * w;
+    for (int64_t f = 0; f < w; f += 16) {
+      __m512 x = _mm512_loadu_ps(xr + f);
+      __m512 xs = _mm512_permute_ps(x, 0xB1);  // features 2i and 2i + 1 exchanged
+      __m512 a = _mm512_mul_round_ps(x, _mm512_loadu_ps(cr + f), rn);
+      __m512 b = _mm512_mul_round_ps(xs, _mm512_loadu_ps(sr + f), rn);
+      _mm512_storeu_ps(yr + f, _mm512_add_round_ps(a, b, rn));
+    }
+  }
+}
+#endif
+
+// n keys (rows kPos floats apart, w features) each turned as rotatePairs turns it, by its table rows
+// (cos at c + j * cs, sin at s + j * ss), into out (rows of w)
+void turnKeys(const float* k, int64_t kPos, int64_t n, int64_t w, const float* c, int64_t cs, const float* s,
+              int64_t ss, float* out) {
+#if defined(__x86_64__)
+  if (g_avx512 && w % 16 == 0) return turnKeys512(k, kPos, n, w, c, cs, s, ss, out);
+#endif
+  for (int64_t j = 0; j < n; j++) rotatePairs(k + j * kPos, c + j * cs, s + j * ss, out + j * w, w, false);
+}
+
 at::Tensor rotaryApply(const at::Tensor& x, const at::Tensor& c0, const at::Tensor& s0, bool transpose) {
   int64_t w = x.size(-1);
   bool fast = x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat && c0.scalar_type() == at::kFloat &&
@@ -2871,6 +2907,12 @@ struct AppendBuffer {
   LowCopy low, rotatedLow;
 };
 std::unordered_map<const void*, AppendBuffer> g_appendBuffers;
+
+// Whether t is a view into a live append buffer.
+bool inAppendBuffer(const at::Tensor& t) {
+  auto it = g_appendBuffers.find(t.storage().data());
+  return it != g_appendBuffers.end() && it->second.storage.lock().get() == t.storage().unsafeGetStorageImpl();
+}
 
 // How many positions a new append buffer for t + 1 of them has room for: twice as many, at least 16
 // (a row decoding n tokens after its prompt is copied into a larger buffer about log2(n) times).
@@ -3061,11 +3103,11 @@ void scoresOfTurnedKeys(const float* q, const float* k, int64_t kPos, int64_t t,
                         const at::Tensor& sin, int64_t bi, int64_t hi, float* sr) {
   if (static_cast<int64_t>(g_turnedKeys.size()) < kTurnedBlock * d) g_turnedKeys.resize(kTurnedBlock * d);
   float* turned = g_turnedKeys.data();
+  const float *c0 = tableRow(cos, bi, hi, 0), *s0 = tableRow(sin, bi, hi, 0);
+  const int64_t cs = cos.stride(2), ss = sin.stride(2);
   for (int64_t j0 = 0; j0 < t; j0 += kTurnedBlock) {
     const int64_t nb = std::min(kTurnedBlock, t - j0);
-    for (int64_t j = 0; j < nb; j++)
-      rotatePairs(k + (j0 + j) * kPos, tableRow(cos, bi, hi, j0 + j), tableRow(sin, bi, hi, j0 + j), turned + j * d,
-                  d, false);
+    turnKeys(k + j0 * kPos, kPos, nb, d, c0 + j0 * cs, cs, s0 + j0 * ss, ss, turned);
     gemvT(1, nb, d, q, d, turned, d, sr + j0, t);
   }
 }

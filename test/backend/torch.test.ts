@@ -385,6 +385,46 @@ describe('torch matrix products', () => {
     expect(narrow.bits).toEqual(wide.bits);
   });
 
+  it('decoding past maxSeqLen turns the kept keys to the same numbers on 256-bit vectors as on 512-bit ones', () => {
+    // rows whose caches are windows of their last positions (each step keeps maxSeqLen - 1, as
+    // BatchDecoder does), so every step turns the window's keys by their new positions; head widths
+    // that take 16 features at a time (32, 64, 96) and one that does not (40)
+    const script = [
+      "const tf = await import('@tensorflow/tfjs-core');",
+      "const { registerTorchBackend } = await import('./src/backend/torch/register.ts');",
+      "const { Decoder } = await import('./src/layers/attention-layers.ts');",
+      "const { manualSeed } = await import('./src/utils/random.ts');",
+      "const { TransformerWrapper } = await import('./src/wrappers/transformer-wrapper.ts');",
+      'const r = registerTorchBackend();',
+      'if (!r.ok) { console.log(JSON.stringify({ reason: r.reason })); process.exit(0); }',
+      "await tf.setBackend('torch');",
+      'const out = [];',
+      'const maxSeqLen = 12;',
+      'for (const [dim, heads, dh] of [[64, 3, 32], [96, 2, 64], [64, 1, 96], [64, 2, 40]]) {',
+      '  manualSeed(dh + 1);',
+      '  const net = new TransformerWrapper({ numTokens: 32, maxSeqLen,',
+      '    attnLayers: new Decoder({ dim, depth: 2, heads, attnDimHead: dh, rotaryPosEmb: true }) });',
+      '  net.eval();',
+      '  const kinds = net.attnLayers.cachedLayerKinds();',
+      '  let caches = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [15]].map((p) => {',
+      "    const x = tf.tensor2d([p.slice(-maxSeqLen)], [1, Math.min(p.length, maxSeqLen)], 'int32');",
+      '    return net.forwardWithState(x, { returnCache: true }).cache;',
+      '  });',
+      '  for (let step = 0; step < 24; step++) {',
+      '    caches = caches.map((c) => (c.seqLen > maxSeqLen - 1 ? c.trimmed(maxSeqLen - 1, kinds) : c));',
+      "    const x = tf.tensor2d([step % 32, (step * 5 + 1) % 32, (step * 7 + 2) % 32], [3, 1], 'int32');",
+      '    const s = net.forwardWithState(x, { rowCaches: caches });',
+      '    out.push(...Array.from(new Uint32Array(s.logits.dataSync().slice().buffer)));',
+      '    caches = s.rowCaches;',
+      '  }',
+      '}',
+      'console.log(JSON.stringify({ bits: out }));',
+    ].join('\n');
+    const [wide, narrow] = bitsOnBothWidths(script);
+    expect(wide.bits!.length).toBe(4 * 24 * 3 * 32);
+    expect(narrow.bits).toEqual(wide.bits);
+  });
+
   it('strided, broadcast, one-row, empty and large products match cpu', async () => {
     await same(
       () => {
