@@ -7,6 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { useTorchBackend } from './use-torch.js';
 import { loadAddon } from '../../src/backend/torch/native.js';
 import { Decoder } from '../../src/layers/attention-layers.js';
+import type { BackendKv } from '../../src/attention/types.js';
 import type { LayersCache } from '../../src/layers/cache.js';
 import type { TorchBackend } from '../../src/backend/torch/backend.js';
 import { AdamW } from '../../src/train/optimizer.js';
@@ -347,5 +348,46 @@ describe('torch backend helper threads', () => {
     expect(JSON.parse(bad.stdout.trim().split('\n').pop()!).reason).toContain(
       'XT_HELPER_THREADS: expected an integer from 0 to 64, got "many"',
     );
+  });
+});
+
+describe('torch backend decoding caches', () => {
+  // Past maxSeqLen a row keeps a window of its last maxSeqLen - 1 positions. A view that covers less
+  // than half of a large storage is otherwise copied when the addon stores it (so that it does not
+  // keep the rest alive); a window of a cache's own buffer stays a view, so that the next step
+  // writes its new position into that buffer in place instead of copying the window twice.
+  it('a sliding window stays a view of its buffer, and the next step appends to that buffer in place', () => {
+    const net = makeNet(128);
+    const kinds = net.attnLayers.cachedLayerKinds();
+    const step = (cache: LayersCache, token: number): LayersCache => {
+      const x = tf.tensor2d([[token]], [1, 1], 'int32');
+      const r = net.forwardWithState(x, { rowCaches: [cache] });
+      x.dispose();
+      r.embeddings.dispose();
+      r.logits.dispose();
+      return r.rowCaches![0]!;
+    };
+    const keys = (c: LayersCache) => (c.entry(0) as BackendKv).k;
+    // a 127-token prompt: the first step copies it into a buffer of 256 positions and appends the
+    // 128th; the window of the last 127 positions is 127 KiB of keys per layer, under half of that
+    // buffer's 256 KiB
+    const prompt = Array.from({ length: 127 }, (_, j) => (11 * j + 3) % V);
+    const prompted = prefill(net, prompt);
+    const full = step(prompted, 7);
+    prompted.dispose();
+    expect(full.seqLen).toBe(128);
+    const window = full.trimmed(127, kinds);
+    expect(N().storageUseCount(keys(window))).toBe(N().storageUseCount(keys(full)));
+    expect(N().storageUseCount(keys(window))).toBeGreaterThan(1);
+    full.dispose();
+    const before = N().storageUseCount(keys(window));
+    const next = step(window, 9);
+    // the step's keys are one more position of the window's buffer: one more view of its storage
+    expect(next.seqLen).toBe(128);
+    expect(N().storageUseCount(keys(window))).toBe(before + 1);
+    expect(N().storageUseCount(keys(next))).toBe(before + 1);
+    window.dispose();
+    next.dispose();
+    net.dispose();
   });
 });
