@@ -265,6 +265,54 @@ describe('torch backend matches cpu', () => {
 });
 
 /**
+ * A script for bitsOnBothWidths: for a decoder of each [dim, heads, head width], three rows' prompts
+ * prefilled, then `steps` steps of the three rows together (the rows kernel), printing every step's
+ * logits as bits. With `slide`, a row past maxSeqLen - 1 positions keeps its last maxSeqLen - 1 before
+ * each step (a window of its buffer, as BatchDecoder keeps past maxSeqLen).
+ */
+function rowStepsScript(o: {
+  shapes: [number, number, number][];
+  depth: number;
+  maxSeqLen: number;
+  prompts: number[][];
+  steps: number;
+  slide: boolean;
+}): string {
+  return [
+    "const tf = await import('@tensorflow/tfjs-core');",
+    "const { registerTorchBackend } = await import('./src/backend/torch/register.ts');",
+    "const { Decoder } = await import('./src/layers/attention-layers.ts');",
+    "const { manualSeed } = await import('./src/utils/random.ts');",
+    "const { TransformerWrapper } = await import('./src/wrappers/transformer-wrapper.ts');",
+    'const r = registerTorchBackend();',
+    'if (!r.ok) { console.log(JSON.stringify({ reason: r.reason })); process.exit(0); }',
+    "await tf.setBackend('torch');",
+    `const o = ${JSON.stringify(o)};`,
+    'const out = [];',
+    'for (const [dim, heads, dh] of o.shapes) {',
+    '  manualSeed(dh);',
+    '  const net = new TransformerWrapper({ numTokens: 32, maxSeqLen: o.maxSeqLen,',
+    '    attnLayers: new Decoder({ dim, depth: o.depth, heads, attnDimHead: dh, rotaryPosEmb: true }) });',
+    '  net.eval();',
+    '  const kinds = net.attnLayers.cachedLayerKinds();',
+    '  let caches = o.prompts.map((p) => {',
+    '    const w = p.slice(-o.maxSeqLen);',
+    "    return net.forwardWithState(tf.tensor2d([w], [1, w.length], 'int32'), { returnCache: true }).cache;",
+    '  });',
+    '  for (let step = 0; step < o.steps; step++) {',
+    '    const keep = o.maxSeqLen - 1;',
+    '    if (o.slide) caches = caches.map((c) => (c.seqLen > keep ? c.trimmed(keep, kinds) : c));',
+    "    const x = tf.tensor2d([step % 32, (step * 5 + 1) % 32, (step * 7 + 2) % 32], [3, 1], 'int32');",
+    '    const s = net.forwardWithState(x, { rowCaches: caches });',
+    '    out.push(...Array.from(new Uint32Array(s.logits.dataSync().slice().buffer)));',
+    '    caches = s.rowCaches;',
+    '  }',
+    '}',
+    'console.log(JSON.stringify({ bits: out }));',
+  ].join('\n');
+}
+
+/**
  * Runs `script` (an ES module printing {bits} or, without the torch backend, {reason}) in a fresh
  * process with 512-bit vectors and again with XT_NO_AVX512; returns both results.
  */
@@ -351,35 +399,19 @@ describe('torch matrix products', () => {
   it("decoding steps' attention gives the same numbers on 256-bit vectors as on 512-bit ones", () => {
     // cached steps of three rows of different lengths (the rows kernel), with head widths that take
     // the paired-heads weighted sum (multiples of 32, odd head counts) and ones that do not
-    const script = [
-      "const tf = await import('@tensorflow/tfjs-core');",
-      "const { registerTorchBackend } = await import('./src/backend/torch/register.ts');",
-      "const { Decoder } = await import('./src/layers/attention-layers.ts');",
-      "const { manualSeed } = await import('./src/utils/random.ts');",
-      "const { TransformerWrapper } = await import('./src/wrappers/transformer-wrapper.ts');",
-      'const r = registerTorchBackend();',
-      'if (!r.ok) { console.log(JSON.stringify({ reason: r.reason })); process.exit(0); }',
-      "await tf.setBackend('torch');",
-      'const out = [];',
-      'for (const [dim, heads, dh] of [[64, 3, 32], [96, 2, 64], [64, 3, 96], [64, 2, 40]]) {',
-      '  manualSeed(dh);',
-      '  const net = new TransformerWrapper({ numTokens: 32, maxSeqLen: 64,',
-      '    attnLayers: new Decoder({ dim, depth: 1, heads, attnDimHead: dh, rotaryPosEmb: true }) });',
-      '  net.eval();',
-      '  let caches = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]].map((p) => {',
-      "    const x = tf.tensor2d([p], [1, p.length], 'int32');",
-      '    const s = net.forwardWithState(x, { returnCache: true });',
-      '    return s.cache;',
-      '  });',
-      '  for (let step = 0; step < 20; step++) {',
-      "    const x = tf.tensor2d([step % 32, (step * 5 + 1) % 32, (step * 7 + 2) % 32], [3, 1], 'int32');",
-      '    const s = net.forwardWithState(x, { rowCaches: caches });',
-      '    out.push(...Array.from(new Uint32Array(s.logits.dataSync().slice().buffer)));',
-      '    caches = s.rowCaches;',
-      '  }',
-      '}',
-      'console.log(JSON.stringify({ bits: out }));',
-    ].join('\n');
+    const script = rowStepsScript({
+      shapes: [
+        [64, 3, 32],
+        [96, 2, 64],
+        [64, 3, 96],
+        [64, 2, 40],
+      ],
+      depth: 1,
+      maxSeqLen: 64,
+      prompts: [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]],
+      steps: 20,
+      slide: false,
+    });
     const [wide, narrow] = bitsOnBothWidths(script);
     expect(wide.bits!.length).toBe(4 * 20 * 3 * 32);
     expect(narrow.bits).toEqual(wide.bits);
@@ -389,37 +421,19 @@ describe('torch matrix products', () => {
     // rows whose caches are windows of their last positions (each step keeps maxSeqLen - 1, as
     // BatchDecoder does), so every step turns the window's keys by their new positions; head widths
     // that take 16 features at a time (32, 64, 96) and one that does not (40)
-    const script = [
-      "const tf = await import('@tensorflow/tfjs-core');",
-      "const { registerTorchBackend } = await import('./src/backend/torch/register.ts');",
-      "const { Decoder } = await import('./src/layers/attention-layers.ts');",
-      "const { manualSeed } = await import('./src/utils/random.ts');",
-      "const { TransformerWrapper } = await import('./src/wrappers/transformer-wrapper.ts');",
-      'const r = registerTorchBackend();',
-      'if (!r.ok) { console.log(JSON.stringify({ reason: r.reason })); process.exit(0); }',
-      "await tf.setBackend('torch');",
-      'const out = [];',
-      'const maxSeqLen = 12;',
-      'for (const [dim, heads, dh] of [[64, 3, 32], [96, 2, 64], [64, 1, 96], [64, 2, 40]]) {',
-      '  manualSeed(dh + 1);',
-      '  const net = new TransformerWrapper({ numTokens: 32, maxSeqLen,',
-      '    attnLayers: new Decoder({ dim, depth: 2, heads, attnDimHead: dh, rotaryPosEmb: true }) });',
-      '  net.eval();',
-      '  const kinds = net.attnLayers.cachedLayerKinds();',
-      '  let caches = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [15]].map((p) => {',
-      "    const x = tf.tensor2d([p.slice(-maxSeqLen)], [1, Math.min(p.length, maxSeqLen)], 'int32');",
-      '    return net.forwardWithState(x, { returnCache: true }).cache;',
-      '  });',
-      '  for (let step = 0; step < 24; step++) {',
-      '    caches = caches.map((c) => (c.seqLen > maxSeqLen - 1 ? c.trimmed(maxSeqLen - 1, kinds) : c));',
-      "    const x = tf.tensor2d([step % 32, (step * 5 + 1) % 32, (step * 7 + 2) % 32], [3, 1], 'int32');",
-      '    const s = net.forwardWithState(x, { rowCaches: caches });',
-      '    out.push(...Array.from(new Uint32Array(s.logits.dataSync().slice().buffer)));',
-      '    caches = s.rowCaches;',
-      '  }',
-      '}',
-      'console.log(JSON.stringify({ bits: out }));',
-    ].join('\n');
+    const script = rowStepsScript({
+      shapes: [
+        [64, 3, 32],
+        [96, 2, 64],
+        [64, 1, 96],
+        [64, 2, 40],
+      ],
+      depth: 2,
+      maxSeqLen: 12,
+      prompts: [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [15]],
+      steps: 24,
+      slide: true,
+    });
     const [wide, narrow] = bitsOnBothWidths(script);
     expect(wide.bits!.length).toBe(4 * 24 * 3 * 32);
     expect(narrow.bits).toEqual(wide.bits);
