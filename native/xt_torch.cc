@@ -246,7 +246,8 @@ void raiseIndexFault() {
                              "] (found on the GPU after the op; the results computed since are not valid)");
 }
 
-bool inAppendBuffer(const at::Tensor& t);
+struct AppendBuffer;
+AppendBuffer* trackedBuffer(const at::Tensor& t);
 
 int32_t store(at::Tensor t) {
   t = normalize(t);
@@ -256,7 +257,7 @@ int32_t store(at::Tensor t) {
   if (t.defined() && t.has_storage()) {
     size_t used = static_cast<size_t>(t.numel()) * t.element_size();
     size_t held = t.storage().nbytes();
-    if (held > (1u << 16) && held > 2 * used && !inAppendBuffer(t)) t = t.clone(at::MemoryFormat::Contiguous);
+    if (held > (1u << 16) && held > 2 * used && !trackedBuffer(t)) t = t.clone(at::MemoryFormat::Contiguous);
   }
   if (g_meta) {
     g_meta[0] = dtypeCode(t.scalar_type());
@@ -2912,10 +2913,13 @@ struct AppendBuffer {
 };
 std::unordered_map<const void*, AppendBuffer> g_appendBuffers;
 
-// Whether t is a view into a live append buffer.
-bool inAppendBuffer(const at::Tensor& t) {
+// The live append buffer that t is a view of (whatever its positions), or null.
+AppendBuffer* trackedBuffer(const at::Tensor& t) {
+  if (!t.has_storage()) return nullptr;
   auto it = g_appendBuffers.find(t.storage().data());
-  return it != g_appendBuffers.end() && it->second.storage.lock().get() == t.storage().unsafeGetStorageImpl();
+  if (it == g_appendBuffers.end() || it->second.storage.lock().get() != t.storage().unsafeGetStorageImpl())
+    return nullptr;
+  return &it->second;
 }
 
 // How many positions a new append buffer for t + 1 of them has room for: twice as many, at least 16
@@ -2943,11 +2947,8 @@ AppendBuffer* appendableBuffer(const at::Tensor& cache) {
     return nullptr;
   int64_t cap = cache.stride(1) / d, start = cache.storage_offset() / d;
   if (cap <= start + t || cache.stride(1) != cap * d || cache.stride(0) != h * cap * d) return nullptr;
-  auto it = g_appendBuffers.find(cache.storage().data());
-  if (it == g_appendBuffers.end() || it->second.used != start + t ||
-      it->second.storage.lock().get() != cache.storage().unsafeGetStorageImpl())
-    return nullptr;
-  return &it->second;
+  AppendBuffer* buf = trackedBuffer(cache);
+  return buf && buf->used == start + t ? buf : nullptr;
 }
 
 at::Tensor appendPosition(const at::Tensor& cache, const at::Tensor& x) {
@@ -3001,11 +3002,10 @@ at::Tensor rotatedKeys(const at::Tensor& kAll, const at::Tensor& cos, const at::
   int64_t t1 = kAll.size(2);
   if (cos.size(2) < t1 || sin.size(2) < t1)
     throw std::runtime_error("cachedAttention: rotary tables shorter than the keys");
-  auto it = kAll.has_storage() ? g_appendBuffers.find(kAll.storage().data()) : g_appendBuffers.end();
-  bool tracked = it != g_appendBuffers.end() && it->second.used == t1 &&
-                 it->second.storage.lock().get() == kAll.storage().unsafeGetStorageImpl();
-  if (tracked && it->second.rotated.defined() && it->second.rotatedUsed == t1 - 1) {
-    auto& r = it->second.rotated;
+  AppendBuffer* buf = trackedBuffer(kAll);
+  bool tracked = buf && buf->used == t1;
+  if (tracked && buf->rotated.defined() && buf->rotatedUsed == t1 - 1) {
+    auto& r = buf->rotated;
     int64_t w = kAll.size(3);
     if (kAll.scalar_type() == at::kFloat && rawTables(cos, sin, w) && r.is_contiguous()) {
       // the new key of each row and head, rotated straight into the buffer (as rotaryApply does)
@@ -3021,7 +3021,7 @@ at::Tensor rotatedKeys(const at::Tensor& kAll, const at::Tensor& cos, const at::
       r.narrow(2, t1 - 1, 1).copy_(rotaryApply(kAll.narrow(2, t1 - 1, 1), cos.narrow(2, t1 - 1, 1),
                                                sin.narrow(2, t1 - 1, 1), false));
     }
-    it->second.rotatedUsed = t1;
+    buf->rotatedUsed = t1;
     return r.narrow(2, 0, t1);
   }
   auto all = rotaryApply(kAll, cos.narrow(2, 0, t1), sin.narrow(2, 0, t1), false);
@@ -3029,8 +3029,8 @@ at::Tensor rotatedKeys(const at::Tensor& kAll, const at::Tensor& cos, const at::
     int64_t cap = kAll.stride(1) / kAll.size(3);
     auto r = at::empty({kAll.size(0), kAll.size(1), cap, kAll.size(3)}, all.options());
     r.narrow(2, 0, t1).copy_(all);
-    it->second.rotated = r;
-    it->second.rotatedUsed = t1;
+    buf->rotated = r;
+    buf->rotatedUsed = t1;
     return r.narrow(2, 0, t1);  // the same keys, as the kept ones (which bf16 mode keeps a copy of)
   }
   return all;
@@ -3218,11 +3218,9 @@ at::Tensor lowWindow(const at::Tensor& view, const at::Tensor& cache) {
   if (d == 0 || t == 0 || view.stride(3) != 1 || view.stride(2) != d || view.storage_offset() % d != 0) return view;
   const int64_t cap = view.stride(1) / d, start = view.storage_offset() / d;
   if (view.stride(1) != cap * d || view.stride(0) != h * cap * d || start + t > cap) return view;
-  if (!cache.has_storage()) return view;
-  auto it = g_appendBuffers.find(cache.storage().data());
-  if (it == g_appendBuffers.end() || it->second.storage.lock().get() != cache.storage().unsafeGetStorageImpl())
-    return view;
-  AppendBuffer& buf = it->second;
+  AppendBuffer* tracked = trackedBuffer(cache);
+  if (!tracked) return view;
+  AppendBuffer& buf = *tracked;
   const c10::StorageImpl* impl = view.storage().unsafeGetStorageImpl();
   LowCopy* copy = nullptr;
   int64_t fixed = 0;
@@ -3360,12 +3358,10 @@ at::Tensor regrowBuffer(const at::Tensor& c, const at::Tensor* cos, const at::Te
   at::Tensor rotated;
   if (cos) {
     rotated = at::empty({1, h, cap, w}, c.options());
-    auto it = g_appendBuffers.find(c.storage().data());
-    const bool kept = it != g_appendBuffers.end() && it->second.used == t && it->second.rotatedUsed == t &&
-                      it->second.rotated.defined() &&
-                      it->second.storage.lock().get() == c.storage().unsafeGetStorageImpl();
+    const AppendBuffer* old = trackedBuffer(c);
+    const bool kept = old && old->used == t && old->rotatedUsed == t && old->rotated.defined();
     if (kept) {
-      rotated.narrow(2, 0, t).copy_(it->second.rotated.narrow(2, 0, t));
+      rotated.narrow(2, 0, t).copy_(old->rotated.narrow(2, 0, t));
     } else {
       float* pr = rotated.data_ptr<float>();
       const float* pc = c.data_ptr<float>();
