@@ -1,4 +1,5 @@
 import { BatchDecoder, type BatchSequenceOptions, type BatchToken } from '../src/index.js';
+import type { DecodeStep } from './metrics.js';
 import type { LoadedModel } from './model-cache.js';
 
 /** How a batched generation ended: its own end (eos, length), stopped by its handler, or aborted. */
@@ -41,6 +42,8 @@ export class GenerationBatcher {
     readonly maxBatch: number,
     /** called when the last generation has left (the owner may drop the batcher) */
     private readonly onIdle: () => void = () => undefined,
+    /** called after each step with what it did and how long it and the wait before it took */
+    private readonly onStep: (s: DecodeStep) => void = () => undefined,
   ) {
     this.decoder = new BatchDecoder(model.ar, { maxBatch });
   }
@@ -141,9 +144,12 @@ export class GenerationBatcher {
   }
 
   private async loop(): Promise<void> {
+    // when the previous step's tokens were handed out (null before the loop's first step)
+    let handed: number | null = null;
     try {
       while (this.decoder.size > 0) {
         let tokens: BatchToken[];
+        const started = performance.now();
         try {
           tokens = this.decoder.step();
         } catch (e) {
@@ -155,6 +161,19 @@ export class GenerationBatcher {
           }
           for (const w of this.waiting.splice(0)) w.fail(e);
           break;
+        }
+        const stepped = performance.now();
+        let prefills = 0;
+        for (const t of tokens) if (t.index === 0) prefills++;
+        try {
+          this.onStep({
+            rows: tokens.length,
+            prefills,
+            seconds: (stepped - started) / 1000,
+            betweenSeconds: handed === null ? null : (started - handed) / 1000,
+          });
+        } catch {
+          // a recorder's failure is no generation's
         }
         for (const t of tokens) {
           const p = this.pending.get(t.id);
@@ -168,6 +187,7 @@ export class GenerationBatcher {
           if (t.done) this.finish(t.id, t.done);
           else if (stop) this.finish(t.id, 'stopped');
         }
+        handed = performance.now();
         await new Promise<void>((r) => setImmediate(r));
       }
     } finally {
@@ -193,6 +213,7 @@ export function batcherFor(
   batchers: Map<string, GenerationBatcher>,
   model: LoadedModel,
   maxBatch: number,
+  onStep?: (s: DecodeStep) => void,
 ): GenerationBatcher | null {
   let b = batchers.get(model.key);
   // a batcher left over from an earlier load of the same weights (evicted and loaded again)
@@ -203,10 +224,15 @@ export function batcherFor(
   }
   if (!b) {
     if (GenerationBatcher.unsupported(model)) return null;
-    const created: GenerationBatcher = new GenerationBatcher(model, maxBatch, () => {
-      if (batchers.get(model.key) === created) batchers.delete(model.key);
-      created.dispose();
-    });
+    const created: GenerationBatcher = new GenerationBatcher(
+      model,
+      maxBatch,
+      () => {
+        if (batchers.get(model.key) === created) batchers.delete(model.key);
+        created.dispose();
+      },
+      onStep,
+    );
     batchers.set(model.key, created);
     b = created;
   }

@@ -6,6 +6,7 @@ import type { GenerateJobData } from './queues.js';
 import type { ModelRecord } from '../models/schemas.js';
 import { ModelCache, type LoadedModel } from './model-cache.js';
 import { batcherFor } from './batcher.js';
+import { recordDecodeStep } from './metrics.js';
 
 export interface GenerateJobResult {
   tokens: number[];
@@ -158,7 +159,14 @@ async function sample(
   const sampling = { temperature: d.temperature ?? 1, seed: d.seed, ...filterOptions(d, built.numTokens) };
   // a batch runs at float32: other precisions decode alone
   const batchable = cacheKv && (d.precision ?? 'fp32') === 'fp32';
-  const batcher = batchable ? batcherFor(ctx.batchers, loaded, ctx.maxBatch) : null;
+  const batcher = batchable
+    ? batcherFor(
+        ctx.batchers,
+        loaded,
+        ctx.maxBatch,
+        ctx.metrics ? (s) => recordDecodeStep(ctx.metrics!.decode, s) : undefined,
+      )
+    : null;
   if (batcher) {
     // the last tokens' write is not waited for here: the job's end goes out with it (or right after)
     await batcher.run({

@@ -10,9 +10,44 @@ export interface ServiceMetrics {
   trainSteps: client.Counter<string>;
   generatedTokens: client.Counter<string>;
   generateTokensPerSecond: client.Histogram<string>;
+  /** The decode loops' steps (see GenerationBatcher): how many, how full, and where their time goes. */
+  decode: DecodeMetrics;
   /** Sets the worker gauges from the workers' presence in Redis (the API's /metrics). */
   setWorkers(workers: WorkerPresence[]): void;
 }
+
+/** What the decode loops of a worker record, one step at a time. */
+export interface DecodeMetrics {
+  steps: client.Counter<string>;
+  rows: client.Counter<string>;
+  prefills: client.Counter<string>;
+  stepSeconds: client.Histogram<string>;
+  betweenSeconds: client.Histogram<string>;
+}
+
+/** One decode loop step as a batcher reports it (see GenerationBatcher's `onStep`). */
+export interface DecodeStep {
+  /** generations that got a token in the step (the batch, and those that joined) */
+  rows: number;
+  /** of them, the ones that joined: their prompts were prefilled in the step */
+  prefills: number;
+  /** the step's compute, prefills included */
+  seconds: number;
+  /** the loop's time between the previous step and this one (null for a loop's first step) */
+  betweenSeconds: number | null;
+}
+
+/** Records a decode step in `m`. */
+export function recordDecodeStep(m: DecodeMetrics, s: DecodeStep): void {
+  m.steps.inc();
+  m.rows.inc(s.rows);
+  if (s.prefills) m.prefills.inc(s.prefills);
+  m.stepSeconds.observe(s.seconds);
+  if (s.betweenSeconds !== null) m.betweenSeconds.observe(s.betweenSeconds);
+}
+
+// milliseconds to a tenth of a second: a step of one row of a small model to one of a large batch
+const STEP_BUCKETS = [0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128];
 
 /** Creates the metrics on a fresh registry (one per process, or per app in tests). */
 export function createMetrics(defaultMetrics = false): ServiceMetrics {
@@ -105,5 +140,34 @@ export function createMetrics(defaultMetrics = false): ServiceMetrics {
       buckets: [1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000],
       registers: [registry],
     }),
+    decode: {
+      steps: new client.Counter({
+        name: 'xt_decode_steps_total',
+        help: 'Decoding steps run by the batched decode loops of this process',
+        registers: [registry],
+      }),
+      rows: new client.Counter({
+        name: 'xt_decode_rows_total',
+        help: 'Generations advanced by those steps, summed over the steps (over xt_decode_steps_total: the mean batch)',
+        registers: [registry],
+      }),
+      prefills: new client.Counter({
+        name: 'xt_decode_prefills_total',
+        help: 'Prompts prefilled in those steps (generations that joined a batch)',
+        registers: [registry],
+      }),
+      stepSeconds: new client.Histogram({
+        name: 'xt_decode_step_seconds',
+        help: 'Compute time of a decoding step, the prefills of generations joining it included',
+        buckets: STEP_BUCKETS,
+        registers: [registry],
+      }),
+      betweenSeconds: new client.Histogram({
+        name: 'xt_decode_between_steps_seconds',
+        help: "A decode loop's time between two steps: its tokens' event writes and the event loop's other work",
+        buckets: STEP_BUCKETS,
+        registers: [registry],
+      }),
+    },
   };
 }

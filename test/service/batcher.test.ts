@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { AutoregressiveWrapper, Decoder, manualSeed, TransformerWrapper } from '../../src/index.js';
 import { batcherFor, GenerationBatcher } from '../../workers/batcher.js';
+import { createMetrics, recordDecodeStep, type DecodeStep } from '../../workers/metrics.js';
 import type { LoadedModel } from '../../workers/model-cache.js';
 import { waitFor } from './helpers.js';
 
@@ -71,6 +72,43 @@ describe('GenerationBatcher', () => {
     expect(ends).toEqual(['length', 'length']);
     // both prompts are prefilled in the first step, then both advance in each later one
     expect(order).toEqual(['a0', 'b0', 'a1', 'b1', 'a2', 'b2']);
+    b.dispose();
+    m.built.model.dispose();
+  });
+
+  it('reports each step: its rows, the prompts it prefilled, its time and the wait before it; /metrics counts them', async () => {
+    const m = loaded('m@4');
+    const steps: DecodeStep[] = [];
+    const metrics = createMetrics();
+    const b = new GenerationBatcher(m, 4, undefined, (s) => {
+      steps.push(s);
+      recordDecodeStep(metrics.decode, s);
+    });
+    const run = (prompt: number[], maxTokens: number) =>
+      b.run({ prompt, options: { maxTokens, temperature: 0 }, onToken: () => false });
+    await Promise.all([run([1, 2], 3), run([3], 2)]);
+    // both prefilled in the first step; the second leaves after its second token
+    expect(steps.map((s) => [s.rows, s.prefills])).toEqual([
+      [2, 2],
+      [2, 0],
+      [1, 0],
+    ]);
+    expect(steps.every((s) => s.seconds > 0)).toBe(true);
+    // the loop's first step has no wait before it; the others do
+    expect(steps[0]!.betweenSeconds).toBeNull();
+    expect(steps.slice(1).every((s) => s.betweenSeconds !== null && s.betweenSeconds >= 0)).toBe(true);
+    // a generation that comes while the loop waits after its last step (the others' ends are
+    // handed out before it yields) joins the same run: its step has a wait before it
+    await run([4], 1);
+    expect(steps.length).toBe(4);
+    expect(steps[3]).toMatchObject({ rows: 1, prefills: 1 });
+    expect(steps[3]!.betweenSeconds).toBeGreaterThanOrEqual(0);
+    const text = await metrics.registry.metrics();
+    expect(text).toMatch(/^xt_decode_steps_total 4$/m);
+    expect(text).toMatch(/^xt_decode_rows_total 6$/m);
+    expect(text).toMatch(/^xt_decode_prefills_total 3$/m);
+    expect(text).toMatch(/^xt_decode_step_seconds_count 4$/m);
+    expect(text).toMatch(/^xt_decode_between_steps_seconds_count 3$/m);
     b.dispose();
     m.built.model.dispose();
   });
