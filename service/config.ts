@@ -1,4 +1,5 @@
 import path from 'node:path';
+import type { WorkerCpuSetting } from './cpus.js';
 
 /** The service's settings, read from the environment once at start-up. */
 export interface ServiceConfig {
@@ -33,6 +34,11 @@ export interface ServiceConfig {
   redisServerBin: string | undefined;
   /** `npm run worker` serves its own /metrics on this port when set (the API serves them otherwise). */
   metricsPort: number | undefined;
+  /**
+   * `npm start` on Linux: the CPU that the API, the private Redis and the worker's background threads
+   * keep off, for the worker's compute thread (`auto`: the last one, where there are two or more).
+   */
+  workerCpu: WorkerCpuSetting;
   limits: ServiceLimits;
 }
 
@@ -119,6 +125,11 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
     problems.push(`LOG_FORMAT: expected pretty or json, got "${logFormat}"`);
   }
   const metricsPort = env.METRICS_PORT?.trim() ? int('METRICS_PORT', 0, 1, 65535) : undefined;
+  const cpuRaw = env.WORKER_CPU?.trim().toLowerCase() || 'auto';
+  let workerCpu: WorkerCpuSetting = 'auto';
+  if (cpuRaw === 'off' || cpuRaw === 'auto') workerCpu = cpuRaw;
+  else if (/^\d+$/.test(cpuRaw) && Number(cpuRaw) < 4096) workerCpu = Number(cpuRaw);
+  else problems.push(`WORKER_CPU: expected auto, off or a CPU number, got "${env.WORKER_CPU}"`);
   const limits: ServiceLimits = {
     maxParameters: int('MAX_PARAMETERS', defaultLimits.maxParameters, 1),
     maxSeqLen: int('MAX_SEQ_LEN', defaultLimits.maxSeqLen, 1),
@@ -149,6 +160,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
     ...(logFormat ? { logFormat: logFormat as 'pretty' | 'json' } : {}),
     redisServerBin: env.REDIS_SERVER_BIN?.trim() || undefined,
     metricsPort,
+    workerCpu,
     limits,
   };
 }

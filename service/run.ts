@@ -5,10 +5,14 @@ import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import type { ServiceWorkers } from '../workers/index.js';
 import { ConfigError, loadConfig, type ServiceConfig } from './config.js';
+import { allowedCpus, formatCpuList, parseCpuList, planCpus, setAffinity } from './cpus.js';
 import { createLogger, defaultLogFormat } from './logger.js';
 import { REDIS_INSTALL_HINT, startRedisChild, type RedisChild } from './redis-server.js';
 
 export type Role = 'all' | 'api' | 'worker';
+
+/** Set by `npm start` for its worker: the CPUs the worker's main thread takes back (a CPU list). */
+const WORKER_MAIN_CPUS = 'XT_WORKER_MAIN_CPUS';
 
 function fail(message: string): never {
   process.stderr.write(`${message}\n`);
@@ -69,6 +73,42 @@ export async function run(role: Role): Promise<void> {
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
 
+  // npm start: this process (and so the Redis and the worker it starts) keeps off one CPU; the
+  // worker's main thread takes every CPU back (see service/cpus.ts)
+  let workerCpus: string | null = null;
+  if (role === 'all') {
+    let plan: ReturnType<typeof planCpus> = null;
+    try {
+      plan = planCpus(config.workerCpu, allowedCpus());
+    } catch (e) {
+      fail((e as Error).message);
+    }
+    if (plan) {
+      const why = setAffinity(process.pid, plan.others, true);
+      if (why) {
+        // the threads it did set (if any) take every CPU back
+        setAffinity(process.pid, plan.all, true);
+        log.warn({ reason: why }, 'WORKER_CPU: could not keep a CPU for the worker; going on without');
+      } else {
+        workerCpus = formatCpuList(plan.all);
+        log.info(
+          { cpu: plan.reserved, others: formatCpuList(plan.others) },
+          "the API and Redis keep off a CPU for the worker's compute thread (WORKER_CPU)",
+        );
+      }
+    }
+  }
+  const mainCpus = process.env[WORKER_MAIN_CPUS]?.trim();
+  if (role === 'worker' && mainCpus) {
+    let why: string | null;
+    try {
+      why = setAffinity(process.pid, parseCpuList(mainCpus), false);
+    } catch (e) {
+      why = (e as Error).message;
+    }
+    if (why) log.warn({ reason: why }, `${WORKER_MAIN_CPUS}: the compute thread keeps this process's CPUs`);
+  }
+
   let redisUrl = config.redisUrl;
   if (!redisUrl) {
     if (role !== 'all')
@@ -106,7 +146,7 @@ export async function run(role: Role): Promise<void> {
   if (!eng.ready) log.warn({ reason: eng.reason }, 'engine not ready: /readyz answers 503');
 
   const metrics = createMetrics(true);
-  if (role === 'all') workerChild = startWorkerProcess(redisUrl, log);
+  if (role === 'all') workerChild = startWorkerProcess(redisUrl, log, workerCpus);
   if (role === 'worker') {
     workers = await startWorkers({
       redisUrl,
@@ -158,18 +198,19 @@ export async function run(role: Role): Promise<void> {
 /**
  * Runs `npm run worker`'s entry as a child process on `redisUrl` (its logs go to this process's
  * output). A child that dies is started again after a second; `stop()` drains it with SIGTERM and
- * waits for it to exit.
+ * waits for it to exit. With `mainCpus`, the child's main thread moves to those CPUs as it starts.
  */
 function startWorkerProcess(
   redisUrl: string,
   log: { info(o: object, m: string): void; error(o: object, m: string): void },
+  mainCpus: string | null,
 ): { stop(): Promise<void> } {
   let child: ChildProcess | null = null;
   let stopping = false;
   const entry = new URL('./worker.ts', import.meta.url).pathname;
   const launch = () => {
     const c = spawn(process.execPath, ['--import', 'tsx', entry], {
-      env: { ...process.env, REDIS_URL: redisUrl },
+      env: { ...process.env, REDIS_URL: redisUrl, ...(mainCpus ? { [WORKER_MAIN_CPUS]: mainCpus } : {}) },
       stdio: 'inherit',
     });
     child = c;

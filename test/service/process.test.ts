@@ -1,12 +1,34 @@
-import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, rmSync, existsSync, readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { allowedCpus } from '../../service/cpus.js';
 import { freePort } from '../../service/redis-server.js';
 import { createRedis } from '../../workers/queues.js';
 import { redisUrl, runServiceEntry, waitFor, type ServiceProcess } from './helpers.js';
 
 const runEntry = runServiceEntry;
+
+/** The processes whose parent is `ppid`, with their command names (from /proc). */
+function childrenOf(ppid: number): { pid: number; comm: string }[] {
+  const out: { pid: number; comm: string }[] = [];
+  for (const e of readdirSync('/proc')) {
+    if (!/^\d+$/.test(e)) continue;
+    let stat: string;
+    try {
+      stat = readFileSync(`/proc/${e}/stat`, 'utf8');
+    } catch {
+      continue; // gone meanwhile
+    }
+    const close = stat.lastIndexOf(')');
+    const parent = Number(stat.slice(close + 2).split(' ')[1]);
+    if (parent === ppid) out.push({ pid: Number(e), comm: stat.slice(stat.indexOf('(') + 1, close) });
+  }
+  return out;
+}
+
+/** The thread ids of process `pid`. */
+const threadsOf = (pid: number): number[] => readdirSync(`/proc/${pid}/task`).map(Number);
 
 /** Runs `npm run worker` (info logs, a fresh DATA_DIR) through `fn`; kills and cleans up after. */
 async function withWorker(env: Record<string, string>, fn: (p: ServiceProcess) => Promise<void>) {
@@ -69,6 +91,19 @@ describe('service processes', () => {
       );
       expect(ready).toMatchObject({ status: 'ok', backend: 'cpu', redis: 'ok' });
       expect(existsSync(path.join(dataDir, 'redis'))).toBe(true);
+      // WORKER_CPU=auto: with two CPUs or more, the API and Redis keep off the last one; the worker's
+      // main thread (its compute) may use every CPU, its threads from before it took them back may not
+      const cpus = allowedCpus()!;
+      const apiPid = p.child.pid!;
+      const kids = childrenOf(apiPid);
+      const redisPid = kids.find((k) => k.comm === 'redis-server')!.pid;
+      const workerPid = kids.find((k) => k.comm === 'node')!.pid;
+      const others = cpus.length >= 2 ? cpus.slice(0, -1) : cpus;
+      for (const t of threadsOf(apiPid)) expect(allowedCpus(apiPid, t)).toEqual(others);
+      for (const t of threadsOf(redisPid)) expect(allowedCpus(redisPid, t)).toEqual(others);
+      expect(allowedCpus(workerPid)).toEqual(cpus);
+      const workerThreads = threadsOf(workerPid).map((t) => allowedCpus(workerPid, t));
+      expect(workerThreads).toContainEqual(others);
       // the API and the worker reach it over its Unix socket there
       const socket = path.join(dataDir, 'redis', 'redis.sock');
       expect(existsSync(socket)).toBe(true);
