@@ -13,7 +13,7 @@
  * default dim 256, depth 4), --cpu (Linux: a second table of the CPU time each process spent per
  * token at each level, and how many cores that kept busy: the API, the worker's decode thread, its
  * helper threads and its other threads, Redis, and this benchmark's own clients). WORKER_CONCURRENCY,
- * MAX_BATCH and XT_BACKEND pass through to the service.
+ * MAX_BATCH, WORKER_CPU and XT_BACKEND pass through to the service.
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -325,7 +325,8 @@ async function main() {
       `backend ${ready.backend}, decoder dim ${dim} depth ${depth}, ${tokens} tokens per request, ${rounds} requests per client` +
         (repeat > 1 ? ` in each of ${repeat} passes over the levels` : '') +
         ', ' +
-        `WORKER_CONCURRENCY=${process.env.WORKER_CONCURRENCY ?? 1}, MAX_BATCH=${process.env.MAX_BATCH ?? 32}` +
+        `WORKER_CONCURRENCY=${process.env.WORKER_CONCURRENCY ?? 1}, MAX_BATCH=${process.env.MAX_BATCH ?? 32}, ` +
+        `WORKER_CPU=${process.env.WORKER_CPU?.trim() || 'auto'}` +
         (training ? `, a training job ran throughout (${trainedSteps} steps)` : '') +
         '\n',
     );
