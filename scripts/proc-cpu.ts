@@ -58,7 +58,7 @@ export function procCpuAvailable(): boolean {
 }
 
 /** The processes below `root`, each with its command name and command line. */
-function descendants(root: number): { pid: number; comm: string; cmdline: string }[] {
+export function descendants(root: number): { pid: number; comm: string; cmdline: string }[] {
   const parent = new Map<number, number>();
   for (const name of readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;

@@ -1,31 +1,14 @@
-import { mkdtempSync, rmSync, existsSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, existsSync, readdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { descendants } from '../../scripts/proc-cpu.js';
 import { allowedCpus } from '../../service/cpus.js';
 import { freePort } from '../../service/redis-server.js';
 import { createRedis } from '../../workers/queues.js';
 import { redisUrl, runServiceEntry, waitFor, type ServiceProcess } from './helpers.js';
 
 const runEntry = runServiceEntry;
-
-/** The processes whose parent is `ppid`, with their command names (from /proc). */
-function childrenOf(ppid: number): { pid: number; comm: string }[] {
-  const out: { pid: number; comm: string }[] = [];
-  for (const e of readdirSync('/proc')) {
-    if (!/^\d+$/.test(e)) continue;
-    let stat: string;
-    try {
-      stat = readFileSync(`/proc/${e}/stat`, 'utf8');
-    } catch {
-      continue; // gone meanwhile
-    }
-    const close = stat.lastIndexOf(')');
-    const parent = Number(stat.slice(close + 2).split(' ')[1]);
-    if (parent === ppid) out.push({ pid: Number(e), comm: stat.slice(stat.indexOf('(') + 1, close) });
-  }
-  return out;
-}
 
 /** The thread ids of process `pid`. */
 const threadsOf = (pid: number): number[] => readdirSync(`/proc/${pid}/task`).map(Number);
@@ -95,9 +78,9 @@ describe('service processes', () => {
       // main thread (its compute) may use every CPU, its threads from before it took them back may not
       const cpus = allowedCpus()!;
       const apiPid = p.child.pid!;
-      const kids = childrenOf(apiPid);
+      const kids = descendants(apiPid);
       const redisPid = kids.find((k) => k.comm === 'redis-server')!.pid;
-      const workerPid = kids.find((k) => k.comm === 'node')!.pid;
+      const workerPid = kids.find((k) => k.cmdline.includes('service/worker.ts'))!.pid;
       const others = cpus.length >= 2 ? cpus.slice(0, -1) : cpus;
       for (const t of threadsOf(apiPid)) expect(allowedCpus(apiPid, t)).toEqual(others);
       for (const t of threadsOf(redisPid)) expect(allowedCpus(redisPid, t)).toEqual(others);
