@@ -74,19 +74,6 @@ describe('service processes', () => {
       );
       expect(ready).toMatchObject({ status: 'ok', backend: 'cpu', redis: 'ok' });
       expect(existsSync(path.join(dataDir, 'redis'))).toBe(true);
-      // WORKER_CPU=auto: with two CPUs or more, the API and Redis keep off the last one; the worker's
-      // main thread (its compute) may use every CPU, its threads from before it took them back may not
-      const cpus = allowedCpus()!;
-      const apiPid = p.child.pid!;
-      const kids = descendants(apiPid);
-      const redisPid = kids.find((k) => k.comm === 'redis-server')!.pid;
-      const workerPid = kids.find((k) => k.cmdline.includes('service/worker.ts'))!.pid;
-      const others = cpus.length >= 2 ? cpus.slice(0, -1) : cpus;
-      for (const t of threadsOf(apiPid)) expect(allowedCpus(apiPid, t)).toEqual(others);
-      for (const t of threadsOf(redisPid)) expect(allowedCpus(redisPid, t)).toEqual(others);
-      expect(allowedCpus(workerPid)).toEqual(cpus);
-      const workerThreads = threadsOf(workerPid).map((t) => allowedCpus(workerPid, t));
-      expect(workerThreads).toContainEqual(others);
       // the API and the worker reach it over its Unix socket there
       const socket = path.join(dataDir, 'redis', 'redis.sock');
       expect(existsSync(socket)).toBe(true);
@@ -125,6 +112,20 @@ describe('service processes', () => {
         60_000,
         'training steps',
       );
+      // WORKER_CPU=auto (read once the worker trains, so it has started): with two CPUs or more, the
+      // API and Redis keep off the last one; the worker's main thread (its compute) may use every
+      // CPU, its threads from before it took them back may not
+      const cpus = allowedCpus()!;
+      const apiPid = p.child.pid!;
+      const kids = descendants(apiPid);
+      const redisPid = kids.find((k) => k.comm === 'redis-server')!.pid;
+      const workerPid = kids.find((k) => k.cmdline.includes('service/worker.ts'))!.pid;
+      const others = cpus.length >= 2 ? cpus.slice(0, -1) : cpus;
+      for (const t of threadsOf(apiPid)) expect(allowedCpus(apiPid, t)).toEqual(others);
+      for (const t of threadsOf(redisPid)) expect(allowedCpus(redisPid, t)).toEqual(others);
+      expect(allowedCpus(workerPid)).toEqual(cpus);
+      const workerThreads = threadsOf(workerPid).map((t) => allowedCpus(workerPid, t));
+      expect(workerThreads).toContainEqual(others);
       const conn = createRedis(`unix://${socket}`);
       try {
         const clients = String(await conn.client('LIST'))
