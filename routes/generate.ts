@@ -70,6 +70,13 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
       gone.signal.addEventListener('abort', () => {
         void cancelJob(app.svc, { id: jobId, type: 'generate' }, { tokens: 0 }).catch(() => undefined);
       });
+      let first = true;
+      const onEvent = (ev: { event: string; data: Record<string, unknown> }) => {
+        if (ev.event === 'token' && first) {
+          first = false;
+          metrics.generateTimeToFirstToken.observe(reply.elapsedTime / 1000);
+        } else if (ev.event === 'done') onDone(ev.data);
+      };
       const onDone = (d: Record<string, unknown>) => {
         const n = Array.isArray(d.tokens) ? d.tokens.length : 0;
         metrics.generatedTokens.inc(n);
@@ -87,16 +94,14 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
           '0',
           { gone: gone.signal, closing: app.svc.closing },
           reply.log,
-          (ev) => {
-            if (ev.event === 'done') onDone(ev.data);
-          },
+          onEvent,
         );
         return;
       }
       const signal = AbortSignal.any([gone.signal, app.svc.closing]);
       for await (const ev of followEvents(registry, jobId, '0', signal)) {
+        onEvent(ev);
         if (ev.event === 'done') {
-          onDone(ev.data);
           return { jobId, ...(ev.data as Omit<GenerateResult, 'jobId'>) };
         }
         if (ev.event === 'failed') throw new HttpError(500, `generation failed: ${String(ev.data.error)}`);

@@ -365,8 +365,13 @@ export default async function openaiRoutes(app: FastifyInstance, options: { keys
     const signal = AbortSignal.any([gone.signal, app.svc.closing]);
     return Promise.all(
       jobs.map(async (jobId, index): Promise<Choice> => {
+        let first = true;
         for await (const ev of followEvents(registry, jobId, '0', signal)) {
           if (ev.event === 'token') {
+            if (first) {
+              first = false;
+              metrics.generateTimeToFirstToken.observe(reply.elapsedTime / 1000);
+            }
             const piece = String(ev.data.text ?? '');
             if (piece) onToken(index, piece);
           } else if (ev.event === 'done') {

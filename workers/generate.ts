@@ -245,6 +245,9 @@ export async function processGenerate(
   bullSignal?: AbortSignal,
 ): Promise<GenerateJobResult | { cancelled: true }> {
   const d = job.data;
+  // job.timestamp is the queueing process's clock: across machines, as good as their clocks agree
+  if (ctx.metrics && job.timestamp)
+    ctx.metrics.generateQueueWait.observe(Math.max(0, Date.now() - job.timestamp) / 1000);
   const run = new JobRun(ctx, 'generate', d.jobId, bullSignal);
   let started: Started | null = null;
   const endPriority = ctx.priority.begin();

@@ -10,6 +10,10 @@ export interface ServiceMetrics {
   trainSteps: client.Counter<string>;
   generatedTokens: client.Counter<string>;
   generateTokensPerSecond: client.Histogram<string>;
+  /** The API: from a generation request's arrival to its first token read back (each choice of it). */
+  generateTimeToFirstToken: client.Histogram<string>;
+  /** A worker: from a generation's job being queued to a worker taking it. */
+  generateQueueWait: client.Histogram<string>;
   /** The decode loops' steps (see GenerationBatcher): how many, how full, and where their time goes. */
   decode: DecodeMetrics;
   /** Sets the worker gauges from the workers' presence in Redis (the API's /metrics). */
@@ -48,6 +52,9 @@ export function recordDecodeStep(m: DecodeMetrics, s: DecodeStep): void {
 
 // milliseconds to a tenth of a second: a step of one row of a small model to one of a large batch
 const STEP_BUCKETS = [0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128];
+
+// a few milliseconds (a generation joining a running batch) to seconds (queued behind full batches)
+const TTFT_BUCKETS = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 
 /** Creates the metrics on a fresh registry (one per process, or per app in tests). */
 export function createMetrics(defaultMetrics = false): ServiceMetrics {
@@ -138,6 +145,18 @@ export function createMetrics(defaultMetrics = false): ServiceMetrics {
       name: 'xt_generate_tokens_per_second',
       help: 'Generation speed per request, tokens per second',
       buckets: [1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000],
+      registers: [registry],
+    }),
+    generateTimeToFirstToken: new client.Histogram({
+      name: 'xt_generate_time_to_first_token_seconds',
+      help: "From a generation request reaching the API to its first token reaching the API (the queue, a worker's pickup, the prompt's prefill), per generation",
+      buckets: TTFT_BUCKETS,
+      registers: [registry],
+    }),
+    generateQueueWait: new client.Histogram({
+      name: 'xt_generate_queue_wait_seconds',
+      help: 'From a generation job being queued (by the API) to this worker taking it',
+      buckets: TTFT_BUCKETS,
       registers: [registry],
     }),
     decode: {

@@ -1,5 +1,6 @@
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createMetrics } from '../../workers/metrics.js';
 import { makeEnv, tinyDecoder, type TestEnv } from './helpers.js';
 
 /** The OpenAI-compatible API, driven by the official `openai` client over real HTTP. */
@@ -9,9 +10,10 @@ describe('OpenAI-compatible API (/openai/v1) with the openai client', () => {
   let base: string;
   let modelId: string;
   const KEY = 'sk-test-key';
+  const workerMetrics = createMetrics();
 
   beforeAll(async () => {
-    env = await makeEnv({ app: { apiKeys: [KEY] }, workers: true });
+    env = await makeEnv({ app: { apiKeys: [KEY] }, workers: { metrics: workerMetrics } });
     base = await env.app.listen({ port: 0, host: '127.0.0.1' });
     client = new OpenAI({ apiKey: KEY, baseURL: `${base}/openai/v1`, maxRetries: 0 });
     const r = await env.app.inject({
@@ -91,6 +93,47 @@ describe('OpenAI-compatible API (/openai/v1) with the openai client', () => {
     expect(usage).toEqual(whole.usage);
     // one chunk per piece of text at least, besides the end and usage chunks
     expect(chunks).toBeGreaterThan(2);
+  });
+
+  it("counts each generation's time to first token (API) and queue wait (worker) in /metrics", async () => {
+    /** [count, sum] of a histogram in a Prometheus text page */
+    const histogram = (page: string, name: string): [number, number] => {
+      const read = (suffix: string) => {
+        const m = page.match(new RegExp(`^${name}_${suffix} (\\S+)$`, 'm'));
+        expect(m, `${name}_${suffix} in /metrics`).not.toBeNull();
+        return Number(m![1]);
+      };
+      return [read('count'), read('sum')];
+    };
+    const apiPage = async () =>
+      (await env.app.inject({ method: 'GET', url: '/metrics', headers: { authorization: `Bearer ${KEY}` } }))
+        .body;
+    const ttft = 'xt_generate_time_to_first_token_seconds';
+    const wait = 'xt_generate_queue_wait_seconds';
+    const [ttft0, ttftSum0] = histogram(await apiPage(), ttft);
+    const [wait0, waitSum0] = histogram(await workerMetrics.registry.metrics(), wait);
+    const t0 = performance.now();
+    // two choices streamed over /openai/v1, and one generation of the service's own API, not streamed
+    const stream = await client.completions.create({
+      model: modelId,
+      prompt: 'abc',
+      max_tokens: 4,
+      n: 2,
+      temperature: 1,
+      seed: 3,
+      stream: true,
+    });
+    for await (const chunk of stream) void chunk;
+    await nativeGenerate({ prompt: 'abc', maxTokens: 4, temperature: 0 });
+    const elapsed = (performance.now() - t0) / 1000;
+    const [ttft1, ttftSum1] = histogram(await apiPage(), ttft);
+    const [wait1, waitSum1] = histogram(await workerMetrics.registry.metrics(), wait);
+    expect(ttft1 - ttft0).toBe(3);
+    expect(ttftSum1 - ttftSum0).toBeGreaterThan(0);
+    expect(ttftSum1 - ttftSum0).toBeLessThan(3 * elapsed);
+    expect(wait1 - wait0).toBe(3);
+    expect(waitSum1 - waitSum0).toBeGreaterThanOrEqual(0);
+    expect(waitSum1 - waitSum0).toBeLessThan(3 * elapsed);
   });
 
   it('stops before a stop string, with finish_reason "stop"', async () => {
