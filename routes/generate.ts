@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { GenerateBody, GenerateResult, IdParams, errors } from '../models/schemas.js';
 import { getTokenizer } from '../workers/engine.js';
+import { observeOnce } from '../workers/metrics.js';
 import { badRequest, HttpError, notFound, unavailable } from './errors.js';
 import { cancelJob, submitGeneration } from './job-control.js';
 import { engineCall } from './models.js';
@@ -70,17 +71,15 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
       gone.signal.addEventListener('abort', () => {
         void cancelJob(app.svc, { id: jobId, type: 'generate' }, { tokens: 0 }).catch(() => undefined);
       });
-      let first = true;
-      const onEvent = (ev: { event: string; data: Record<string, unknown> }) => {
-        if (ev.event === 'token' && first) {
-          first = false;
-          metrics.generateTimeToFirstToken.observe(reply.elapsedTime / 1000);
-        } else if (ev.event === 'done') onDone(ev.data);
-      };
       const onDone = (d: Record<string, unknown>) => {
         const n = Array.isArray(d.tokens) ? d.tokens.length : 0;
         metrics.generatedTokens.inc(n);
         if (typeof d.tokensPerSecond === 'number') metrics.generateTokensPerSecond.observe(d.tokensPerSecond);
+      };
+      const firstToken = observeOnce(metrics.generateTimeToFirstToken, () => reply.elapsedTime);
+      const onEvent = (ev: { event: string; data: Record<string, unknown> }) => {
+        if (ev.event === 'token') firstToken();
+        else if (ev.event === 'done') onDone(ev.data);
       };
       const wantsSse = b.stream === true || (request.headers.accept ?? '').includes('text/event-stream');
       if (wantsSse) {

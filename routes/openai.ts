@@ -5,6 +5,7 @@ import { isId } from '../models/ids.js';
 import type { ModelRecord } from '../models/schemas.js';
 import { getTokenizer } from '../workers/engine.js';
 import type { GenerateJobResult } from '../workers/generate.js';
+import { observeOnce } from '../workers/metrics.js';
 import { bearerRefusal } from './auth.js';
 import { CHAT_STOP, renderChat, type ChatMessage } from './chat-template.js';
 import { errorStatus, HttpError } from './errors.js';
@@ -365,13 +366,10 @@ export default async function openaiRoutes(app: FastifyInstance, options: { keys
     const signal = AbortSignal.any([gone.signal, app.svc.closing]);
     return Promise.all(
       jobs.map(async (jobId, index): Promise<Choice> => {
-        let first = true;
+        const firstToken = observeOnce(metrics.generateTimeToFirstToken, () => reply.elapsedTime);
         for await (const ev of followEvents(registry, jobId, '0', signal)) {
           if (ev.event === 'token') {
-            if (first) {
-              first = false;
-              metrics.generateTimeToFirstToken.observe(reply.elapsedTime / 1000);
-            }
+            firstToken();
             const piece = String(ev.data.text ?? '');
             if (piece) onToken(index, piece);
           } else if (ev.event === 'done') {

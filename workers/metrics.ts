@@ -50,6 +50,16 @@ export function recordDecodeStep(m: DecodeMetrics, s: DecodeStep): void {
   if (s.betweenSeconds !== null) m.betweenSeconds.observe(s.betweenSeconds);
 }
 
+/** A function that records, on its first call only, the milliseconds `elapsedMs` gives then in `h` (as seconds). */
+export function observeOnce(h: client.Histogram<string>, elapsedMs: () => number): () => void {
+  let done = false;
+  return () => {
+    if (done) return;
+    done = true;
+    h.observe(elapsedMs() / 1000);
+  };
+}
+
 // milliseconds to a tenth of a second: a step of one row of a small model to one of a large batch
 const STEP_BUCKETS = [0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128];
 
