@@ -17,6 +17,7 @@ import {
   type SseEvent,
   type TestEnv,
 } from '../service/helpers.js';
+import { closeRedis, createRedis } from '../../workers/queues.js';
 
 // Faults injected while jobs run; every wait is for a state (an event seen, a process gone), and
 // every check compares what clients received with what the job's Redis Stream holds.
@@ -74,6 +75,12 @@ describe('Redis restarted mid-job (append-only persistence)', () => {
   beforeAll(async () => {
     dir = mkdtempSync(path.join(os.tmpdir(), 'xt-aof-'));
     redis = await startRedisChild({ dir });
+    // the restart is a SIGKILL: at appendfsync everysec, Redis may acknowledge (and serve to readers)
+    // a write it has not yet written to its file (postponed while a background fsync runs), which the
+    // kill then loses; these tests check that the service loses nothing that Redis kept
+    const admin = createRedis(redis.url);
+    await admin.config('SET', 'appendfsync', 'always');
+    await closeRedis(admin);
     env = await makeEnv({ app: { redisUrl: redis.url }, workers: { redisUrl: redis.url } });
     base = await env.app.listen({ port: 0, host: '127.0.0.1' });
     ids = await setUp(env);
