@@ -22,9 +22,6 @@
 #include <sched.h>
 #include <sys/mman.h>
 #include <unistd.h>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/InferenceMode.h>
@@ -1547,13 +1544,11 @@ XT_FN(Init) {
   if (threads > 0) at::set_num_threads(threads);
   g_threads = at::get_num_threads();
   holdSignalsInOpenMpThreads();
-  // other large buffers (the copies that reads hand to JavaScript): glibc serves blocks above a
-  // threshold that grows with every large free (up to 32 MiB) from its heap, where they fragment
-  // it; a fixed threshold sends every block of 256 KiB or more back to the system when it is freed
-  // (as MALLOC_MMAP_THRESHOLD_ would, which is left to decide when set)
-#ifdef __GLIBC__
-  if (!std::getenv("MALLOC_MMAP_THRESHOLD_")) mallopt(M_MMAP_THRESHOLD, 256 * 1024);
-#endif
+  // glibc's malloc keeps its own policy (a threshold for mapping blocks that rises with the large
+  // blocks freed, so that a block freed and taken again stays in its heap): tensors of 32 KiB or
+  // more come from the caching allocator below, and a fixed low threshold made oneDNN's sgemm map,
+  // fault in and unmap its packing buffer (about 1.4 MB for a 1024 x 256 by 256 x 1024 product) on
+  // every call, which more than doubled that product's time
   installCpuAllocator();
   helpers();  // started here, so that a bad XT_HELPER_THREADS fails the backend's start
   std::string gemm = initGemm(info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "");
