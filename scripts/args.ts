@@ -19,3 +19,11 @@ export function positiveInts(name: string, fallback: string): number[] {
     .split(',')
     .map((v) => positiveInt(name, v));
 }
+
+/** `value` (of option `--name`) as a finite number >= 0; else an error naming the option. */
+export function nonNegativeNumber(name: string, value: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isFinite(n) || n < 0)
+    throw new Error(`--${name}: expected a number of 0 or more, got ${value}`);
+  return n;
+}

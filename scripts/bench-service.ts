@@ -2,8 +2,8 @@
  * `npm run bench:service`: the service under streaming load. Starts `npm start` (private Redis,
  * a fresh DATA_DIR), creates a model, then at 1, 8 and 32 concurrent clients streams completions
  * from /openai/v1/completions over SSE and reports time to first token, tokens/s per stream and in
- * all, and p50/p99 request latency. Before any level is timed, every level runs one untimed request
- * per client.
+ * all, and p50/p99 request latency. Before any level is timed, the levels take untimed turns (one
+ * request per client each) for --warmup seconds (default 15; 0: one turn).
  * Options: --tokens N (per request, default 32), --rounds N (requests per client, default 2),
  * --concurrency 1,8,32, --repeat N (passes over the levels, which take turns; each level's figures
  * are over all its passes, and a line after the table gives each pass's tokens/s in all against the
@@ -22,7 +22,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { freePort } from '../service/redis-server.js';
-import { option, positiveInt, positiveInts } from './args.js';
+import { nonNegativeNumber, option, positiveInt, positiveInts } from './args.js';
 import {
   CPU_PARTS,
   cpuBetween,
@@ -39,6 +39,7 @@ const rounds = positiveInt('rounds', option('rounds', '2'));
 const repeat = positiveInt('repeat', option('repeat', '1'));
 const dim = positiveInt('dim', option('dim', '256'));
 const depth = positiveInt('depth', option('depth', '4'));
+const warmup = nonNegativeNumber('warmup', option('warmup', '15'));
 const levels = positiveInts('concurrency', '1,8,32');
 const cpu = process.argv.includes('--cpu');
 if (cpu && !procCpuAvailable())
@@ -247,13 +248,17 @@ async function main() {
         },
       ]),
     );
-    // every level's untimed requests (one per client) before any level is timed: the decoding paths
-    // of each number of rows get compiled and their buffers allocated, and the first level timed is
-    // not the one that finds the code least warmed up
-    for (const c of levels)
-      await Promise.all(
-        Array.from({ length: c }, (_, i) => streamOnce(base, model, `client ${i} warms up `)),
-      );
+    // untimed turns over every level (one request per client each) before any level is timed, for
+    // --warmup seconds (at least one turn): the decoding paths of each number of rows get compiled and
+    // their buffers allocated. V8 keeps optimizing a process's hot code for 10 to 20 s of decoding, and
+    // until then the first level timed would find the code least warmed up.
+    const warmStart = performance.now();
+    do {
+      for (const c of levels)
+        await Promise.all(
+          Array.from({ length: c }, (_, i) => streamOnce(base, model, `client ${i} warms up `)),
+        );
+    } while (performance.now() - warmStart < warmup * 1000);
     for (let pass = 0; pass < repeat; pass++) {
       for (const c of levels) {
         const level = acc.get(c)!;
