@@ -3,7 +3,10 @@
  * together (the prefills not counted), the tokens per second that makes, and the first step's time
  * per sequence (each prompt's prefill and first token).
  *   npm run bench:batch -- [--dim 256] [--depth 4] [--batches 1,8,32] [--steps 100] [--prompt 8]
- *                          [--max-seq-len prompt + steps + 24]
+ *                          [--max-seq-len prompt + steps + 24] [--warmup 15]
+ * Before any batch size is timed, the sizes take untimed turns (a batch's prefills and its steps
+ * each) for --warmup seconds (at least one turn): V8 keeps optimizing the decoding code for 10 to
+ * 20 s of steps, and a size timed in a fresh process would find it less optimized than the next.
  * The model is a byte-level decoder with rotary positions, heads 4, as `bench:service` streams from;
  * `--vocab N` gives it N tokens instead of 256 (a tokenizer's vocabulary: each step's output
  * products and sampling grow with it). Sequences sample at temperature 1 with the default top-k,
@@ -22,7 +25,7 @@ import { BatchDecoder } from '../src/generation/batch-decoder.js';
 import { Decoder } from '../src/layers/attention-layers.js';
 import { manualSeed } from '../src/utils/random.js';
 import { TransformerWrapper } from '../src/wrappers/transformer-wrapper.js';
-import { option, positiveInt, positiveInts } from './args.js';
+import { nonNegativeNumber, option, positiveInt, positiveInts } from './args.js';
 
 const dim = positiveInt('dim', option('dim', '256'));
 const depth = positiveInt('depth', option('depth', '4'));
@@ -37,6 +40,7 @@ if (topP !== null && !(topP > 0 && topP <= 1))
   throw new Error(`--top-p: expected a number in (0, 1], got ${topPOption}`);
 const filter = topP === null ? {} : { filterLogitsFn: 'topP' as const, filterKwargs: { thres: topP } };
 const byKernel = process.argv.includes('--kernels');
+const warmup = nonNegativeNumber('warmup', option('warmup', '15'));
 
 const info = await initBackend(process.env.XT_BACKEND);
 manualSeed(0);
@@ -80,18 +84,33 @@ if (byKernel)
   }
 const perKernel: { b: number; step: number; kernels: Map<string, number> }[] = [];
 
+/** b sequences' prompts, queued in a new decoder. */
+function decoderOf(b: number): BatchDecoder {
+  const d = new BatchDecoder(net, { maxBatch: b });
+  for (let i = 0; i < b; i++) {
+    const prompt = Array.from({ length: promptLen }, (_, j) => (j * 31 + i * 7 + 1) % vocab);
+    d.add(prompt, { maxTokens: steps + 1, temperature: 1, seed: i, ...filter });
+  }
+  return d;
+}
+
+const warmStart = performance.now();
+do {
+  for (const b of batches) {
+    const d = decoderOf(b);
+    for (let s = 0; s <= steps; s++) d.step();
+    d.dispose();
+  }
+} while (performance.now() - warmStart < warmup * 1000);
+
 let one = 0;
 let byHelpers = '';
 for (const b of batches) {
-  // the first run compiles and allocates; the second is timed
+  // the first run allocates this size's buffers; the second is timed
   let ms = 0;
   let prefill = 0;
   for (let run = 0; run < 2; run++) {
-    const d = new BatchDecoder(net, { maxBatch: b });
-    for (let i = 0; i < b; i++) {
-      const prompt = Array.from({ length: promptLen }, (_, j) => (j * 31 + i * 7 + 1) % vocab);
-      d.add(prompt, { maxTokens: steps + 1, temperature: 1, seed: i, ...filter });
-    }
+    const d = decoderOf(b);
     const p0 = performance.now();
     d.step(); // the prefills and each sequence's first token
     prefill = (performance.now() - p0) / b;
