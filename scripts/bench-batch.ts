@@ -106,30 +106,26 @@ do {
 let one = 0;
 let byHelpers = '';
 for (const b of batches) {
-  // the first run allocates this size's buffers; the second is timed
-  let ms = 0;
-  let prefill = 0;
-  for (let run = 0; run < 2; run++) {
-    const d = decoderOf(b);
-    const p0 = performance.now();
-    d.step(); // the prefills and each sequence's first token
-    prefill = (performance.now() - p0) / b;
-    kernelMs.clear();
-    const shared0 = addon?.helpers() ?? null;
-    timing = byKernel && run === 1;
-    const t0 = performance.now();
-    for (let s = 0; s < steps; s++) d.step();
-    ms = (performance.now() - t0) / steps;
-    timing = false;
-    if (shared0) {
-      const h = addon!.helpers();
-      const chunks = h.chunks - shared0.chunks;
-      byHelpers = chunks
-        ? `${Math.round((100 * (h.helperChunks - shared0.helperChunks)) / chunks)}% of ${chunks.toLocaleString()}`
-        : 'none shared';
-    }
-    d.dispose();
+  // every size ran in the warm-up: its code is compiled and its buffers allocated
+  const d = decoderOf(b);
+  const p0 = performance.now();
+  d.step(); // the prefills and each sequence's first token
+  const prefill = (performance.now() - p0) / b;
+  kernelMs.clear();
+  const shared0 = addon?.helpers() ?? null;
+  timing = byKernel;
+  const t0 = performance.now();
+  for (let s = 0; s < steps; s++) d.step();
+  const ms = (performance.now() - t0) / steps;
+  timing = false;
+  if (shared0) {
+    const h = addon!.helpers();
+    const chunks = h.chunks - shared0.chunks;
+    byHelpers = chunks
+      ? `${Math.round((100 * (h.helperChunks - shared0.helperChunks)) / chunks)}% of ${chunks.toLocaleString()}`
+      : 'none shared';
   }
+  d.dispose();
   if (byKernel)
     perKernel.push({ b, step: ms, kernels: new Map([...kernelMs].map(([k, t]) => [k, t / steps])) });
   const tps = (b / ms) * 1000;
