@@ -1069,34 +1069,227 @@ const bool g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fm
 // the loads: two heads side by side keep twice as many in flight. Without AVX-512, gemvN runs.
 bool fastWeighValues(int64_t dv) { return g_avx512 && dv > 0 && dv % 32 == 0; }
 
+template <int H, int J>
+__attribute__((target("avx512f"))) inline void weighBlock512(const float* w, int64_t wHead, const float* v,
+                                                             int64_t vHead, int64_t vPos, int64_t t, int64_t j0,
+                                                             int64_t dv, float* out) {
+  __m512 acc[H][J];
+#pragma GCC unroll 2
+  for (int h = 0; h < H; h++)
+#pragma GCC unroll 4
+    for (int j = 0; j < J; j++) acc[h][j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < t; i++) {
+#pragma GCC unroll 2
+    for (int h = 0; h < H; h++) {
+      const __m512 wi = _mm512_set1_ps(w[h * wHead + i]);
+      const float* vi = v + h * vHead + i * vPos + j0;
+#pragma GCC unroll 4
+      for (int j = 0; j < J; j++) acc[h][j] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(vi + 16 * j), acc[h][j]);
+    }
+  }
+#pragma GCC unroll 2
+  for (int h = 0; h < H; h++)
+#pragma GCC unroll 4
+    for (int j = 0; j < J; j++) _mm512_storeu_ps(out + h * dv + j0 + 16 * j, acc[h][j]);
+}
+
+// Blocks of 64 features (each value row read in one pass, eight chains in flight for two heads),
+// then of 32.
 template <int H>
 __attribute__((target("avx512f"))) void weighValues512(const float* w, int64_t wHead, const float* v, int64_t vHead,
                                                        int64_t vPos, int64_t t, int64_t dv, float* out) {
-  for (int64_t j0 = 0; j0 < dv; j0 += 32) {
-    __m512 acc[H][2];
-#pragma GCC unroll 2
-    for (int h = 0; h < H; h++) acc[h][0] = acc[h][1] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < t; i++) {
-#pragma GCC unroll 2
-      for (int h = 0; h < H; h++) {
-        const __m512 wi = _mm512_set1_ps(w[h * wHead + i]);
-        const float* vi = v + h * vHead + i * vPos + j0;
-        acc[h][0] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(vi), acc[h][0]);
-        acc[h][1] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(vi + 16), acc[h][1]);
-      }
-    }
-#pragma GCC unroll 2
-    for (int h = 0; h < H; h++) {
-      _mm512_storeu_ps(out + h * dv + j0, acc[h][0]);
-      _mm512_storeu_ps(out + h * dv + j0 + 16, acc[h][1]);
-    }
-  }
+  int64_t j0 = 0;
+  for (; j0 + 64 <= dv; j0 += 64) weighBlock512<H, 4>(w, wHead, v, vHead, vPos, t, j0, dv, out);
+  for (; j0 < dv; j0 += 32) weighBlock512<H, 2>(w, wHead, v, vHead, vPos, t, j0, dv, out);
 }
 
 void weighValues(int heads, const float* w, int64_t wHead, const float* v, int64_t vHead, int64_t vPos, int64_t t,
                  int64_t dv, float* out) {
   if (heads == 2) weighValues512<2>(w, wHead, v, vHead, vPos, t, dv, out);
   else weighValues512<1>(w, wHead, v, vHead, vPos, t, dv, out);
+}
+
+// The scores of a decoding step's query against its keys, for d a multiple of 16: out[j] = sum over
+// i < d of q[i] k_j[i], key j's row at k + j * kPos. Each key's products go into sixteen lanes (lane l
+// a chain of fused products over features l, l + 16, l + 32, ..., from zero, in order), and the lanes
+// are summed by one fixed tree: (g0 + g1) + (g2 + g3), where g_b = (l_4b + l_4b+2) + (l_4b+1 + l_4b+3).
+// Every score is computed the same way whatever its place among the keys and whatever the vector
+// width (scores512: sixteen keys share the tree's shuffles; scores256: sixteen lanes as two halves of
+// eight, four keys at a time), so it depends on its key and the query alone, and a machine without
+// AVX-512 gets the same numbers. scores512 with tables (cos at c + j * cs, sin at s + j * ss) first
+// turns each key as turnKeys512 turns it (the same products and sums, each rounded), in registers:
+// the same score as turning every key and then scoring the turned keys.
+bool fastScores(int64_t d) { return (g_avx512 || g_avx2) && d > 0 && d % 16 == 0; }
+
+// lane i of the result: the tree's sum of v[i]'s sixteen lanes, for i < 16
+__attribute__((target("avx512f"))) inline __m512 laneSums16(const __m512* v) {
+  __m512 p[8], q[4];
+  // lanes two apart within each group of four
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; i++)
+    p[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  // then those pairs: g_b of four vectors in each group b
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; i++) {
+    const __m512d a = _mm512_castps_pd(p[2 * i]), b = _mm512_castps_pd(p[2 * i + 1]);
+    q[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // g0 + g1 and g2 + g3, then their sum
+  const __m512 r01 = _mm512_add_ps(_mm512_shuffle_f32x4(q[0], q[1], 0x88), _mm512_shuffle_f32x4(q[0], q[1], 0xDD));
+  const __m512 r23 = _mm512_add_ps(_mm512_shuffle_f32x4(q[2], q[3], 0x88), _mm512_shuffle_f32x4(q[2], q[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(r01, r23, 0x88), _mm512_shuffle_f32x4(r01, r23, 0xDD));
+}
+
+// the tree's sum of sixteen lanes in memory
+inline float treeSum16(const float* l) {
+  float g[4];
+  for (int b = 0; b < 4; b++) g[b] = (l[4 * b] + l[4 * b + 2]) + (l[4 * b + 1] + l[4 * b + 3]);
+  return (g[0] + g[1]) + (g[2] + g[3]);
+}
+
+template <bool Turn>
+__attribute__((target("avx512f"))) void scores512(const float* q, const float* k, int64_t kPos, int64_t t,
+                                                  int64_t d, const float* c, int64_t cs, const float* s, int64_t ss,
+                                                  float* out) {
+  constexpr int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t j0 = 0; j0 < t; j0 += 16) {
+    const int nb = static_cast<int>(std::min<int64_t>(16, t - j0));
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int jj = 0; jj < nb; jj++) {
+      const int64_t j = j0 + jj;
+      const float* kr = k + j * kPos;
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t f = 0; f < d; f += 16) {
+        __m512 x = _mm512_loadu_ps(kr + f);
+        if (Turn) {
+          const __m512 xs = _mm512_permute_ps(x, 0xB1);  // features 2i and 2i + 1 exchanged
+          x = _mm512_add_round_ps(_mm512_mul_round_ps(x, _mm512_loadu_ps(c + j * cs + f), rn),
+                                  _mm512_mul_round_ps(xs, _mm512_loadu_ps(s + j * ss + f), rn), rn);
+        }
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(q + f), x, a);
+      }
+      acc[jj] = a;
+    }
+    _mm512_mask_storeu_ps(out + j0, static_cast<__mmask16>((1u << nb) - 1u), laneSums16(acc));
+  }
+}
+
+// laneSums16's first two levels on four vectors of eight lanes: lane 4b + i of the result is g_b of
+// v[i] (its group of four lanes b, of two)
+__attribute__((target("avx2"))) inline __m256 groupSums8(const __m256* v) {
+  const __m256 p0 = _mm256_add_ps(_mm256_unpacklo_ps(v[0], v[1]), _mm256_unpackhi_ps(v[0], v[1]));
+  const __m256 p1 = _mm256_add_ps(_mm256_unpacklo_ps(v[2], v[3]), _mm256_unpackhi_ps(v[2], v[3]));
+  const __m256d a = _mm256_castps_pd(p0), b = _mm256_castps_pd(p1);
+  return _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+}
+
+__attribute__((target("avx2,fma"))) void scores256(const float* q, const float* k, int64_t kPos, int64_t t,
+                                                   int64_t d, float* out) {
+  for (int64_t j0 = 0; j0 < t; j0 += 4) {
+    const int nb = static_cast<int>(std::min<int64_t>(4, t - j0));
+    // lanes 0-7 and 8-15 of four keys
+    __m256 lo[4], hi[4];
+    for (int i = 0; i < 4; i++) lo[i] = hi[i] = _mm256_setzero_ps();
+    for (int jj = 0; jj < nb; jj++) {
+      const float* kr = k + (j0 + jj) * kPos;
+      __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+      for (int64_t f = 0; f < d; f += 16) {
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + f), _mm256_loadu_ps(kr + f), a);
+        b = _mm256_fmadd_ps(_mm256_loadu_ps(q + f + 8), _mm256_loadu_ps(kr + f + 8), b);
+      }
+      lo[jj] = a;
+      hi[jj] = b;
+    }
+    // g0, g1 of the four keys from the low halves, g2, g3 from the high ones
+    const __m256 g01 = groupSums8(lo), g23 = groupSums8(hi);
+    const __m128 s01 = _mm_add_ps(_mm256_castps256_ps128(g01), _mm256_extractf128_ps(g01, 1));
+    const __m128 s23 = _mm_add_ps(_mm256_castps256_ps128(g23), _mm256_extractf128_ps(g23, 1));
+    alignas(16) float r[4];
+    _mm_store_ps(r, _mm_add_ps(s01, s23));
+    for (int jj = 0; jj < nb; jj++) out[j0 + jj] = r[jj];
+  }
+}
+
+// exp(x) for x <= 0 (a softmax's shifted scores): x = n ln 2 + r with |r| <= ln 2 / 2, e^r by a
+// polynomial (Cephes' expf coefficients), times 2^n; 0 below kExpLow (where exp is under 1.7e-38),
+// NaN for NaN. Within one unit in the last place of the scalar exp over [kExpLow, 0] (checked at
+// every eighth float). The same operations on sixteen lanes and on eight, so the same numbers.
+constexpr float kExpLow = -87.0f;
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+__attribute__((target("avx512f"))) inline __m512 expNonPositive512(__m512 x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLow), _CMP_NLT_UQ);  // x >= kExpLow, or NaN
+  x = _mm512_max_ps(_mm512_set1_ps(kExpLow), x);  // (a NaN stays)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpP[0]);
+  for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP[i]));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512 twoN = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(p, twoN));
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 expNonPositive256(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLow), _CMP_NLT_UQ);
+  x = _mm256_max_ps(_mm256_set1_ps(kExpLow), x);
+  const __m256 n =
+      _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpP[0]);
+  for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP[i]));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256 twoN = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  return _mm256_and_ps(_mm256_mul_ps(p, twoN), keep);
+}
+
+// A softmax row in place: the largest score (exact), each weight exp(x - max) and their sum (sixteen
+// partial sums in order of position, then the scores' tree), each weight divided by the sum. The
+// row's numbers depend on its own scores alone, the same on sixteen lanes and on eight.
+__attribute__((target("avx512f"))) void softmaxRow512(float* x, int64_t n) {
+  const __m512 mv = _mm512_set1_ps(maxRow(x, n));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 e = expNonPositive512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + j), mv));
+    _mm512_mask_storeu_ps(x + j, m, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, sum);
+  divideRow(x, n, treeSum16(lanes));
+}
+
+__attribute__((target("avx2,fma"))) void softmaxRow256(float* x, int64_t n) {
+  const __m256 mv = _mm256_set1_ps(maxRow(x, n));
+  __m256 sum[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t j = 0; j < n; j += 8) {
+    const int64_t left = n - j;
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(left, 8))),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 e = _mm256_and_ps(expNonPositive256(_mm256_sub_ps(_mm256_maskload_ps(x + j, m), mv)),
+                                   _mm256_castsi256_ps(m));
+    _mm256_maskstore_ps(x + j, m, e);
+    // positions j .. j + 7 are lanes 0-7 of a block of sixteen when j is a multiple of 16, else 8-15
+    sum[(j >> 3) & 1] = _mm256_add_ps(sum[(j >> 3) & 1], e);
+  }
+  alignas(32) float lanes[16];
+  _mm256_store_ps(lanes, sum[0]);
+  _mm256_store_ps(lanes + 8, sum[1]);
+  divideRow(x, n, treeSum16(lanes));
+}
+
+void softmaxRowFast(float* x, int64_t n) {
+  if (g_avx512) softmaxRow512(x, n);
+  else softmaxRow256(x, n);
 }
 #else
 void scaleRow(float* x, int64_t n, float s) {
@@ -1112,6 +1305,8 @@ float maxRow(const float* x, int64_t n) {
 }
 const bool g_avx2 = false;
 bool fastWeighValues(int64_t) { return false; }
+bool fastScores(int64_t) { return false; }
+void softmaxRowFast(float*, int64_t) {}
 void weighValues(int, const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*) {}
 void gemvT(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
 void gemvN(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
@@ -3111,20 +3306,50 @@ void scoresOfTurnedKeys(const float* q, const float* k, int64_t kPos, int64_t t,
   }
 }
 
+// The scores of one query (one head) over t keys on the fast kernels (where fastScores(d)), each key
+// first turned by its table rows (cos at c + j * cs, sin at s + j * ss) when c is given.
+void scoreKeys(const float* q, const float* k, int64_t kPos, int64_t t, int64_t d, const float* c, int64_t cs,
+               const float* s, int64_t ss, float* out) {
+#if defined(__x86_64__)
+  if (g_avx512) {
+    if (c) scores512<true>(q, k, kPos, t, d, c, cs, s, ss, out);
+    else scores512<false>(q, k, kPos, t, d, nullptr, 0, nullptr, 0, out);
+    return;
+  }
+  if (!c) return scores256(q, k, kPos, t, d, out);
+  // a block of keys turned into scratch memory (turnKeys: the numbers scores512 turns them to), then
+  // scored there
+  if (static_cast<int64_t>(g_turnedKeys.size()) < kTurnedBlock * d) g_turnedKeys.resize(kTurnedBlock * d);
+  float* turned = g_turnedKeys.data();
+  for (int64_t j0 = 0; j0 < t; j0 += kTurnedBlock) {
+    const int64_t nb = std::min(kTurnedBlock, t - j0);
+    turnKeys(k + j0 * kPos, kPos, nb, d, c + j0 * cs, cs, s + j0 * ss, ss, turned);
+    scores256(q, turned, d, nb, d, out + j0);
+  }
+#endif
+}
+
 // softmax(q k^T * scale) v of one query per row and head, heads merged: q points at b rows of h
 // heads of d features (strides qRow, qHead), k [b, h, t, d] (rotated, or turned here by keyCos and
 // keySin's positions 0 .. t - 1 when they are given), v [b, h, t, dv] -> out, b rows of h * dv.
-// Scores and weighted sums on the small-row kernels.
+// Scores and weighted sums on the small-row kernels; for head widths that are multiples of 16, the
+// scores and the softmax on sixteen lanes (scoreKeys, softmaxRowFast).
 void attendRawPtr(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_t h, int64_t t, int64_t d,
                   int64_t dv, const float* pk, int64_t kRow, int64_t kHead, int64_t kPos, const float* pv, int64_t vRow,
                   int64_t vHead, int64_t vPos, double scale, float* out, const at::Tensor* keyCos = nullptr,
                   const at::Tensor* keySin = nullptr, bool low = false) {
   const float sc = static_cast<float>(scale);
   float* ps = scratch(b * h * t);
+  // the sixteen-lane scores and softmax (the scalar loops below otherwise)
+  const bool fast = fastScores(d);
   for (int64_t bi = 0; bi < b; bi++)
     for (int64_t hi = 0; hi < h; hi++) {
       float* sr = ps + (bi * h + hi) * t;
-      if (keyCos)
+      if (fast)
+        scoreKeys(q + bi * qRow + hi * qHead, pk + bi * kRow + hi * kHead, kPos, t, d,
+                  keyCos ? tableRow(*keyCos, bi, hi, 0) : nullptr, keyCos ? keyCos->stride(2) : 0,
+                  keyCos ? tableRow(*keySin, bi, hi, 0) : nullptr, keyCos ? keySin->stride(2) : 0, sr);
+      else if (keyCos)
         scoresOfTurnedKeys(q + bi * qRow + hi * qHead, pk + bi * kRow + hi * kHead, kPos, t, d, *keyCos, *keySin, bi,
                            hi, sr);
       else
@@ -3138,6 +3363,10 @@ void attendRawPtr(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_
   } else {
     for (int64_t r = 0; r < b * h; r++) {
       float* sr = ps + r * t;
+      if (fast) {
+        softmaxRowFast(sr, t);
+        continue;
+      }
       const float mx = maxRow(sr, t);
       float sum = 0;
       for (int64_t j = 0; j < t; j++) sum += (sr[j] = std::exp(sr[j] - mx));

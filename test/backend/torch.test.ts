@@ -398,13 +398,17 @@ describe('torch matrix products', () => {
 
   it("decoding steps' attention gives the same numbers on 256-bit vectors as on 512-bit ones", () => {
     // cached steps of three rows of different lengths (the rows kernel), with head widths that take
-    // the paired-heads weighted sum (multiples of 32, odd head counts) and ones that do not
+    // the paired-heads weighted sum (multiples of 32, odd head counts) and ones that do not, and
+    // that take the sixteen-lane scores (multiples of 16: one, two, three, four and six chunks) and
+    // one that does not (40); rows of 2 to 31 keys (blocks of sixteen and of four, and their rests)
     const script = rowStepsScript({
       shapes: [
         [64, 3, 32],
         [96, 2, 64],
         [64, 3, 96],
         [64, 2, 40],
+        [32, 2, 16],
+        [48, 1, 48],
       ],
       depth: 1,
       maxSeqLen: 64,
@@ -413,20 +417,21 @@ describe('torch matrix products', () => {
       slide: false,
     });
     const [wide, narrow] = bitsOnBothWidths(script);
-    expect(wide.bits!.length).toBe(4 * 20 * 3 * 32);
+    expect(wide.bits!.length).toBe(6 * 20 * 3 * 32);
     expect(narrow.bits).toEqual(wide.bits);
   });
 
   it('decoding past maxSeqLen turns the kept keys to the same numbers on 256-bit vectors as on 512-bit ones', () => {
     // rows whose caches are windows of their last positions (each step keeps maxSeqLen - 1, as
     // BatchDecoder does), so every step turns the window's keys by their new positions; head widths
-    // that take 16 features at a time (32, 64, 96) and one that does not (40)
+    // that take 16 features at a time (32, 64, 96, 48) and one that does not (40)
     const script = rowStepsScript({
       shapes: [
         [64, 3, 32],
         [96, 2, 64],
         [64, 1, 96],
         [64, 2, 40],
+        [48, 1, 48],
       ],
       depth: 2,
       maxSeqLen: 12,
@@ -435,7 +440,7 @@ describe('torch matrix products', () => {
       slide: true,
     });
     const [wide, narrow] = bitsOnBothWidths(script);
-    expect(wide.bits!.length).toBe(4 * 24 * 3 * 32);
+    expect(wide.bits!.length).toBe(5 * 24 * 3 * 32);
     expect(narrow.bits).toEqual(wide.bits);
   });
 
