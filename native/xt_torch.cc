@@ -1147,30 +1147,48 @@ inline float treeSum16(const float* l) {
   return (g[0] + g[1]) + (g[2] + g[3]);
 }
 
+// key j's features [f, f + 16), turned by its table rows when Turn
+template <bool Turn>
+__attribute__((target("avx512f"))) inline __m512 keyChunk512(const float* k, int64_t kPos, int64_t j, int64_t f,
+                                                             const float* c, int64_t cs, const float* s, int64_t ss) {
+  __m512 x = _mm512_loadu_ps(k + j * kPos + f);
+  if (Turn) {
+    constexpr int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512 xs = _mm512_permute_ps(x, 0xB1);  // features 2i and 2i + 1 exchanged
+    x = _mm512_add_round_ps(_mm512_mul_round_ps(x, _mm512_loadu_ps(c + j * cs + f), rn),
+                            _mm512_mul_round_ps(xs, _mm512_loadu_ps(s + j * ss + f), rn), rn);
+  }
+  return x;
+}
+
 template <bool Turn>
 __attribute__((target("avx512f"))) void scores512(const float* q, const float* k, int64_t kPos, int64_t t,
                                                   int64_t d, const float* c, int64_t cs, const float* s, int64_t ss,
                                                   float* out) {
-  constexpr int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   for (int64_t j0 = 0; j0 < t; j0 += 16) {
     const int nb = static_cast<int>(std::min<int64_t>(16, t - j0));
     __m512 acc[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-    for (int jj = 0; jj < nb; jj++) {
-      const int64_t j = j0 + jj;
-      const float* kr = k + j * kPos;
-      __m512 a = _mm512_setzero_ps();
+    if (nb == 16) {
+      // sixteen chains side by side, fetching the keys two blocks ahead (a cache line of each per step)
+      const bool fetch = j0 + 48 <= t;
       for (int64_t f = 0; f < d; f += 16) {
-        __m512 x = _mm512_loadu_ps(kr + f);
-        if (Turn) {
-          const __m512 xs = _mm512_permute_ps(x, 0xB1);  // features 2i and 2i + 1 exchanged
-          x = _mm512_add_round_ps(_mm512_mul_round_ps(x, _mm512_loadu_ps(c + j * cs + f), rn),
-                                  _mm512_mul_round_ps(xs, _mm512_loadu_ps(s + j * ss + f), rn), rn);
+        const __m512 qf = _mm512_loadu_ps(q + f);
+        if (fetch) {
+#pragma GCC unroll 16
+          for (int jj = 0; jj < 16; jj++)
+            _mm_prefetch(reinterpret_cast<const char*>(k + (j0 + 32 + jj) * kPos + f), _MM_HINT_T0);
         }
-        a = _mm512_fmadd_ps(_mm512_loadu_ps(q + f), x, a);
+#pragma GCC unroll 16
+        for (int jj = 0; jj < 16; jj++)
+          acc[jj] = _mm512_fmadd_ps(qf, keyChunk512<Turn>(k, kPos, j0 + jj, f, c, cs, s, ss), acc[jj]);
       }
-      acc[jj] = a;
+    } else {
+      for (int jj = 0; jj < nb; jj++)
+        for (int64_t f = 0; f < d; f += 16)
+          acc[jj] = _mm512_fmadd_ps(_mm512_loadu_ps(q + f), keyChunk512<Turn>(k, kPos, j0 + jj, f, c, cs, s, ss),
+                                    acc[jj]);
     }
     _mm512_mask_storeu_ps(out + j0, static_cast<__mmask16>((1u << nb) - 1u), laneSums16(acc));
   }
@@ -1192,15 +1210,31 @@ __attribute__((target("avx2,fma"))) void scores256(const float* q, const float* 
     // lanes 0-7 and 8-15 of four keys
     __m256 lo[4], hi[4];
     for (int i = 0; i < 4; i++) lo[i] = hi[i] = _mm256_setzero_ps();
-    for (int jj = 0; jj < nb; jj++) {
-      const float* kr = k + (j0 + jj) * kPos;
-      __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+    if (nb == 4) {
+      // eight chains side by side, fetching the keys eight groups ahead (a cache line of each per step)
+      const bool fetch = j0 + 36 <= t;
       for (int64_t f = 0; f < d; f += 16) {
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + f), _mm256_loadu_ps(kr + f), a);
-        b = _mm256_fmadd_ps(_mm256_loadu_ps(q + f + 8), _mm256_loadu_ps(kr + f + 8), b);
+        const __m256 qa = _mm256_loadu_ps(q + f), qb = _mm256_loadu_ps(q + f + 8);
+        if (fetch) {
+#pragma GCC unroll 4
+          for (int jj = 0; jj < 4; jj++)
+            _mm_prefetch(reinterpret_cast<const char*>(k + (j0 + 32 + jj) * kPos + f), _MM_HINT_T0);
+        }
+#pragma GCC unroll 4
+        for (int jj = 0; jj < 4; jj++) {
+          const float* kr = k + (j0 + jj) * kPos + f;
+          lo[jj] = _mm256_fmadd_ps(qa, _mm256_loadu_ps(kr), lo[jj]);
+          hi[jj] = _mm256_fmadd_ps(qb, _mm256_loadu_ps(kr + 8), hi[jj]);
+        }
       }
-      lo[jj] = a;
-      hi[jj] = b;
+    } else {
+      for (int jj = 0; jj < nb; jj++) {
+        const float* kr = k + (j0 + jj) * kPos;
+        for (int64_t f = 0; f < d; f += 16) {
+          lo[jj] = _mm256_fmadd_ps(_mm256_loadu_ps(q + f), _mm256_loadu_ps(kr + f), lo[jj]);
+          hi[jj] = _mm256_fmadd_ps(_mm256_loadu_ps(q + f + 8), _mm256_loadu_ps(kr + f + 8), hi[jj]);
+        }
+      }
     }
     // g0, g1 of the four keys from the low halves, g2, g3 from the high ones
     const __m256 g01 = groupSums8(lo), g23 = groupSums8(hi);
