@@ -3323,42 +3323,40 @@ constexpr int64_t kLoopSoftmax = 8192;
 thread_local std::vector<float> g_turnedKeys;
 constexpr int64_t kTurnedBlock = 32;
 
-// The scores q k_j^T of t keys (rows kPos floats apart) that are first turned by the tables' rows
-// 0 .. t - 1 of (row bi, head hi), as rotaryApply turns them: a block of keys is turned into scratch
-// memory and scored there by gemvT, so each score is the one of turning every key first and then
-// scoring them, without writing the turned keys out.
-void scoresOfTurnedKeys(const float* q, const float* k, int64_t kPos, int64_t t, int64_t d, const at::Tensor& cos,
-                        const at::Tensor& sin, int64_t bi, int64_t hi, float* sr) {
+// The scores q k_j^T of t keys (rows kPos floats apart) that are first turned by their table rows
+// (cos at c + j * cs, sin at s + j * ss), as rotaryApply turns them: a block of keys is turned into
+// scratch memory and scored there (by scores256 with `sixteen`, else gemvT), so each score is the
+// one of turning every key first and then scoring them, without writing the turned keys out.
+void scoresOfTurnedKeys(const float* q, const float* k, int64_t kPos, int64_t t, int64_t d, const float* c,
+                        int64_t cs, const float* s, int64_t ss, float* sr, bool sixteen) {
   if (static_cast<int64_t>(g_turnedKeys.size()) < kTurnedBlock * d) g_turnedKeys.resize(kTurnedBlock * d);
   float* turned = g_turnedKeys.data();
-  const float *c0 = tableRow(cos, bi, hi, 0), *s0 = tableRow(sin, bi, hi, 0);
-  const int64_t cs = cos.stride(2), ss = sin.stride(2);
   for (int64_t j0 = 0; j0 < t; j0 += kTurnedBlock) {
     const int64_t nb = std::min(kTurnedBlock, t - j0);
-    turnKeys(k + j0 * kPos, kPos, nb, d, c0 + j0 * cs, cs, s0 + j0 * ss, ss, turned);
+    turnKeys(k + j0 * kPos, kPos, nb, d, c + j0 * cs, cs, s + j0 * ss, ss, turned);
+#if defined(__x86_64__)
+    if (sixteen) {
+      scores256(q, turned, d, nb, d, sr + j0);
+      continue;
+    }
+#endif
     gemvT(1, nb, d, q, d, turned, d, sr + j0, t);
   }
 }
 
 // The scores of one query (one head) over t keys on the fast kernels (where fastScores(d)), each key
-// first turned by its table rows (cos at c + j * cs, sin at s + j * ss) when c is given.
+// first turned by its table rows (cos at c + j * cs, sin at s + j * ss) when c is given: on AVX-512
+// in registers, on AVX2 in scratch memory (turnKeys gives the numbers scores512 turns them to).
 void scoreKeys(const float* q, const float* k, int64_t kPos, int64_t t, int64_t d, const float* c, int64_t cs,
                const float* s, int64_t ss, float* out) {
 #if defined(__x86_64__)
   if (g_avx512) {
     if (c) scores512<true>(q, k, kPos, t, d, c, cs, s, ss, out);
     else scores512<false>(q, k, kPos, t, d, nullptr, 0, nullptr, 0, out);
-    return;
-  }
-  if (!c) return scores256(q, k, kPos, t, d, out);
-  // a block of keys turned into scratch memory (turnKeys: the numbers scores512 turns them to), then
-  // scored there
-  if (static_cast<int64_t>(g_turnedKeys.size()) < kTurnedBlock * d) g_turnedKeys.resize(kTurnedBlock * d);
-  float* turned = g_turnedKeys.data();
-  for (int64_t j0 = 0; j0 < t; j0 += kTurnedBlock) {
-    const int64_t nb = std::min(kTurnedBlock, t - j0);
-    turnKeys(k + j0 * kPos, kPos, nb, d, c + j0 * cs, cs, s + j0 * ss, ss, turned);
-    scores256(q, turned, d, nb, d, out + j0);
+  } else if (c) {
+    scoresOfTurnedKeys(q, k, kPos, t, d, c, cs, s, ss, out, true);
+  } else {
+    scores256(q, k, kPos, t, d, out);
   }
 #endif
 }
@@ -3379,15 +3377,14 @@ void attendRawPtr(const float* q, int64_t qRow, int64_t qHead, int64_t b, int64_
   for (int64_t bi = 0; bi < b; bi++)
     for (int64_t hi = 0; hi < h; hi++) {
       float* sr = ps + (bi * h + hi) * t;
-      if (fast)
-        scoreKeys(q + bi * qRow + hi * qHead, pk + bi * kRow + hi * kHead, kPos, t, d,
-                  keyCos ? tableRow(*keyCos, bi, hi, 0) : nullptr, keyCos ? keyCos->stride(2) : 0,
-                  keyCos ? tableRow(*keySin, bi, hi, 0) : nullptr, keyCos ? keySin->stride(2) : 0, sr);
-      else if (keyCos)
-        scoresOfTurnedKeys(q + bi * qRow + hi * qHead, pk + bi * kRow + hi * kHead, kPos, t, d, *keyCos, *keySin, bi,
-                           hi, sr);
-      else
-        gemvT(1, t, d, q + bi * qRow + hi * qHead, d, pk + bi * kRow + hi * kHead, kPos, sr, t);
+      const float *qh = q + bi * qRow + hi * qHead, *kh = pk + bi * kRow + hi * kHead;
+      // the keys' table rows from position 0, where they are turned here
+      const float* c = keyCos ? tableRow(*keyCos, bi, hi, 0) : nullptr;
+      const float* s = keyCos ? tableRow(*keySin, bi, hi, 0) : nullptr;
+      const int64_t cs = keyCos ? keyCos->stride(2) : 0, ss = keyCos ? keySin->stride(2) : 0;
+      if (fast) scoreKeys(qh, kh, kPos, t, d, c, cs, s, ss, sr);
+      else if (c) scoresOfTurnedKeys(qh, kh, kPos, t, d, c, cs, s, ss, sr, false);
+      else gemvT(1, t, d, qh, d, kh, kPos, sr, t);
       if (low) roundToBf16(sr, t);  // a bfloat16 product's result
       scaleRow(sr, t, sc);
     }
