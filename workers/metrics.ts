@@ -1,5 +1,15 @@
+import * as tf from '@tensorflow/tfjs-core';
 import client from 'prom-client';
+import { loadAddon } from '../src/backend/torch/native.js';
 import { localCuda, type WorkerPresence } from './presence.js';
+
+/**
+ * The torch engine's helper threads and the work of batched decoding steps they shared (see
+ * XT_HELPER_THREADS), or null where this process computes on another backend.
+ */
+function computeHelpers(): ReturnType<ReturnType<typeof loadAddon>['helpers']> | null {
+  return tf.getBackend() === 'torch' ? loadAddon().helpers() : null;
+}
 
 /** The service's Prometheus metrics, on one registry (served at GET /metrics). */
 export interface ServiceMetrics {
@@ -99,6 +109,42 @@ export function createMetrics(defaultMetrics = false): ServiceMetrics {
       const cuda = localCuda();
       if (cuda?.memoryUsedBytes !== undefined)
         this.set({ device_name: cuda.name ?? 'cuda' }, cuda.memoryUsedBytes);
+    },
+  });
+  // the torch engine's helper threads, read when scraped: a batched step's products and attention
+  // are split in chunks that the decoding thread and the helpers take as they come; where the
+  // helpers get little CPU (other processes on their cores), the decoding thread computes most
+  new client.Gauge({
+    name: 'xt_compute_helper_threads',
+    help: "Helper threads of this process's torch engine (XT_HELPER_THREADS)",
+    registers: [registry],
+    collect() {
+      this.reset();
+      const h = computeHelpers();
+      if (h) this.set(h.threads);
+    },
+  });
+  new client.Counter({
+    name: 'xt_compute_shared_chunks_total',
+    help: "Chunks of batched decoding steps' shared products and attention, by the thread that computed them: the decoding thread (caller) or a helper",
+    labelNames: ['by'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      const h = computeHelpers();
+      if (!h) return;
+      this.inc({ by: 'caller' }, h.chunks - h.helperChunks);
+      this.inc({ by: 'helper' }, h.helperChunks);
+    },
+  });
+  new client.Counter({
+    name: 'xt_compute_shared_chunks_taken_back_total',
+    help: 'Of the chunks computed by the decoding thread, those a helper had taken and not finished in time',
+    registers: [registry],
+    collect() {
+      this.reset();
+      const h = computeHelpers();
+      if (h) this.inc(h.takenBack);
     },
   });
   return {

@@ -13,6 +13,7 @@ import type { TorchBackend } from '../../src/backend/torch/backend.js';
 import { AdamW } from '../../src/train/optimizer.js';
 import { manualSeed } from '../../src/utils/random.js';
 import { TransformerWrapper } from '../../src/wrappers/transformer-wrapper.js';
+import { createMetrics } from '../../workers/metrics.js';
 
 // The torch backend's helper threads: a batched decoding step shares its products and its attention
 // with them, and every row keeps the numbers it has alone, whoever computed which part.
@@ -166,6 +167,48 @@ describe('torch backend helper threads', () => {
       expect(after.jobs - before.jobs).toBe(sharedJobs(tokens.length));
       expect(after.helperChunks - before.helperChunks).toBe(after.chunks - before.chunks);
       expect(after.takenBack).toBe(before.takenBack);
+      net.dispose();
+    },
+  );
+
+  it.runIf(expected > 0)(
+    "a worker's /metrics counts the shared chunks by the thread that computed them",
+    async () => {
+      const metrics = createMetrics();
+      const read = async () => {
+        const text = await metrics.registry.metrics();
+        const value = (re: RegExp) => Number(re.exec(text)?.[1] ?? NaN);
+        return {
+          threads: value(/^xt_compute_helper_threads (\d+)$/m),
+          caller: value(/^xt_compute_shared_chunks_total\{by="caller"\} (\d+)$/m),
+          helper: value(/^xt_compute_shared_chunks_total\{by="helper"\} (\d+)$/m),
+          takenBack: value(/^xt_compute_shared_chunks_taken_back_total (\d+)$/m),
+        };
+      };
+      const net = makeNet();
+      const tokens = [0, 1].map((s) => PROMPTS.map((_, i) => (13 * i + 7 * s + 2) % V));
+      const before = await read();
+      const chunksBefore = N().helpers().chunks;
+      const prev = N().setHelpersOnly(true);
+      try {
+        batchedLogits(net, tokens);
+      } finally {
+        N().setHelpersOnly(prev);
+      }
+      const chunks = N().helpers().chunks - chunksBefore;
+      const after = await read();
+      expect(after.threads).toBe(expected);
+      // every chunk of those steps went to a helper: none to the decoding thread, none taken back
+      expect(chunks).toBeGreaterThan(0);
+      expect(after.helper - before.helper).toBe(chunks);
+      expect(after.caller - before.caller).toBe(0);
+      expect(after.takenBack - before.takenBack).toBe(0);
+      // shared as they come: whoever computed them, every chunk is counted once
+      batchedLogits(net, tokens);
+      const last = await read();
+      expect(last.caller + last.helper - after.caller - after.helper).toBe(
+        N().helpers().chunks - chunksBefore - chunks,
+      );
       net.dispose();
     },
   );
