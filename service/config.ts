@@ -23,6 +23,8 @@ export interface ServiceConfig {
   modelCacheSize: number;
   /** Longest (ms) a training step waits while generations run in the same worker. */
   trainMaxPauseMs: number;
+  /** decoding steps whose tokens a worker writes to Redis at once (TOKEN_WRITE_STEPS) */
+  tokenWriteSteps: number;
   /** BullMQ lock duration (ms): a worker silent this long is presumed dead and its job is resumed elsewhere. */
   lockDurationMs: number;
   /** How often (ms) workers look for stalled jobs. */
@@ -114,6 +116,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
   }
   const modelCacheSize = int('MODEL_CACHE_SIZE', 4, 1, 1024);
   const trainMaxPauseMs = int('TRAIN_MAX_PAUSE_MS', 2000, 0);
+  const tokenWriteSteps = int('TOKEN_WRITE_STEPS', 2, 1, 16);
   const lockDurationMs = int('LOCK_DURATION_MS', 30_000, 500);
   const stalledIntervalMs = int('STALLED_INTERVAL_MS', 15_000, 200);
   const logLevel = env.LOG_LEVEL?.trim() || 'info';
@@ -154,6 +157,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): ServiceConfig 
     prefix,
     modelCacheSize,
     trainMaxPauseMs,
+    tokenWriteSteps,
     lockDurationMs,
     stalledIntervalMs,
     logLevel: logLevel,

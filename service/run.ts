@@ -156,6 +156,7 @@ export async function run(role: Role): Promise<void> {
       maxBatch: config.maxBatch,
       modelCacheSize: config.modelCacheSize,
       trainMaxPauseMs: config.trainMaxPauseMs,
+      tokenWriteSteps: config.tokenWriteSteps,
       lockDurationMs: config.lockDurationMs,
       stalledIntervalMs: config.stalledIntervalMs,
       metrics,

@@ -67,6 +67,12 @@ class TokenSink {
   /** token events held back (see `held`), in order */
   private heldEvents: Record<string, unknown>[] | null;
 
+  /**
+   * Whether token events may wait for the next steps' and go out with them (TOKEN_WRITE_STEPS; a
+   * batch's decode loop does not wait for them); the first token never waits.
+   */
+  coalesce = true;
+
   constructor(
     private readonly ctx: WorkerContext,
     private readonly d: GenerateJobData,
@@ -90,8 +96,14 @@ class TokenSink {
       this.heldEvents.push(event);
       return;
     }
-    // the tokens of one decoding step, of every generation in it, go out in one write
-    const { written } = this.ctx.events.append(this.d.jobId, 'token', event);
+    // the tokens of one decoding step (or of the writer's few steps), of every generation in it, go
+    // out in one write; a generation's first token at once (its time to first token)
+    const { written } = this.ctx.events.append(
+      this.d.jobId,
+      'token',
+      event,
+      !this.coalesce || event.index === 0,
+    );
     if (written !== this.lastWrite) {
       this.lastWrite = written;
       const before = this.appends;
@@ -178,6 +190,8 @@ async function sample(
     return;
   }
   const prompt = tf.tensor2d([d.promptTokens], [1, d.promptTokens.length], 'int32');
+  // each token's write is waited for below: none waits for the next steps'
+  sink.coalesce = false;
   try {
     const opts: GenerateOptions = { ...sampling, cacheKv, precision: d.precision, signal };
     for await (const step of ar.generateStream(prompt, d.maxTokens, opts)) {

@@ -43,6 +43,11 @@ export interface WorkerOptions {
   tokenizePieceChars?: number;
   /** Longest a training step waits for running generations (default 2000 ms). */
   trainMaxPauseMs?: number;
+  /**
+   * Decoding steps whose tokens go to Redis in one write (default 1: each step's at once). A
+   * generation's first token and its end do not wait.
+   */
+  tokenWriteSteps?: number;
   /** Which queues to consume (default both). */
   queues?: ('train' | 'generate')[];
 }
@@ -68,7 +73,7 @@ export async function startWorkers(options: WorkerOptions): Promise<ServiceWorke
   const storage = new Storage(options.dataDir);
   const ctx: WorkerContext = {
     registry,
-    events: new EventWriter(registry),
+    events: new EventWriter(registry, options.tokenWriteSteps ?? 1),
     storage,
     cache: new ModelCache(storage, options.modelCacheSize ?? 4),
     tokens: new TokenCache(storage, options.tokenizePieceChars),

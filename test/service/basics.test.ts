@@ -373,6 +373,11 @@ describe('configuration from the environment', () => {
     expect(() => loadConfig({ MAX_BATCH: '0' })).toThrow(
       /MAX_BATCH: expected an integer in \[1, 1024\], got "0"/,
     );
+    expect(c.tokenWriteSteps).toBe(2);
+    expect(loadConfig({ TOKEN_WRITE_STEPS: '1' }).tokenWriteSteps).toBe(1);
+    expect(() => loadConfig({ TOKEN_WRITE_STEPS: '0' })).toThrow(
+      /TOKEN_WRITE_STEPS: expected an integer in \[1, 16\], got "0"/,
+    );
   });
 
   it('lists every invalid variable with what was expected', () => {

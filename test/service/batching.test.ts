@@ -11,8 +11,12 @@ describe('continuous batching in the worker (real Redis, in-process worker)', ()
   const sizes: number[] = [];
 
   beforeAll(async () => {
-    // 24 places: three queue workers take generations for the one decode loop of each model
-    env = await makeEnv({ app: { limits: { maxTokens: 4000 } }, workers: { maxBatch: 24 } });
+    // 24 places: three queue workers take generations for the one decode loop of each model; the
+    // tokens of two steps go to Redis in one write, as `npm start` has it (TOKEN_WRITE_STEPS)
+    env = await makeEnv({
+      app: { limits: { maxTokens: 4000 } },
+      workers: { maxBatch: 24, tokenWriteSteps: 2 },
+    });
     base = await env.app.listen({ port: 0, host: '127.0.0.1' });
     const r = await env.app.inject({
       method: 'POST',
@@ -79,6 +83,30 @@ describe('continuous batching in the worker (real Redis, in-process worker)', ()
     );
     // the decode loop ends with its last generation
     await waitFor(async () => env.workers!.ctx.batchers.size === 0, 30_000, 'batcher dropped');
+  });
+
+  it("streams written two steps at a time carry every token once, in order, and each stream's end", async () => {
+    const stream = (prompt: string, maxTokens: number) =>
+      readSse(
+        `${base}/v1/models/${modelId}/generate`,
+        {
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body: JSON.stringify({ prompt, maxTokens, temperature: 0, stream: true }),
+        },
+        () => false,
+      );
+    // three together, of different lengths: each ends while the others still run
+    const runs = await Promise.all([stream('one', 17), stream('two two', 30), stream('three', 9)]);
+    for (const [i, events] of runs.entries()) {
+      const tokens = events.filter((e) => e.event === 'token');
+      const done = events.find((e) => e.event === 'done');
+      expect(done, `stream ${i}`).toBeDefined();
+      expect(tokens.map((e) => e.data.index)).toEqual([...Array(tokens.length).keys()]);
+      expect(tokens.map((e) => e.data.tokenId)).toEqual((done!.data as { tokens: number[] }).tokens);
+      expect(tokens.map((e) => e.data.text).join('')).toBe((done!.data as { text: string }).text);
+    }
+    expect(runs.map((r) => r.filter((e) => e.event === 'token').length)).toEqual([17, 30, 9]);
   });
 
   it('generations are taken from the queue by one worker per 8 places of the batch, side by side', async () => {
