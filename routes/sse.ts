@@ -102,6 +102,8 @@ export const SSE_HEARTBEAT_MS = 15_000;
 export class SseWriter {
   private readonly heartbeat: NodeJS.Timeout;
   private ended = false;
+  /** whether writes are held for this turn (see write) */
+  private corked = false;
 
   constructor(
     private readonly reply: FastifyReply,
@@ -144,7 +146,19 @@ export class SseWriter {
   }
 
   private write(chunk: string): void {
-    if (!this.ended && !this.reply.raw.writableEnded) this.reply.raw.write(chunk);
+    const raw = this.reply.raw;
+    if (this.ended || raw.writableEnded) return;
+    // what is written in one turn (the events one read of the job's stream brought: a worker
+    // writes several decoding steps' tokens at once) leaves in one write to the socket
+    if (!this.corked) {
+      this.corked = true;
+      raw.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        raw.uncork();
+      });
+    }
+    raw.write(chunk);
   }
 }
 

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import Fastify from 'fastify';
+import type { FastifyReply } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { followEvents, SseWriter } from '../../routes/sse.js';
 import { EventHub } from '../../models/event-hub.js';
@@ -285,5 +286,36 @@ describe('SseWriter', () => {
       { event: 'error', data: { message: 'stop' } },
     ]);
     expect(body).not.toContain('after the end');
+  });
+
+  it("sends what is written in one turn in one socket write, and each later turn's in its own", async () => {
+    const calls: string[] = [];
+    const raw = {
+      writableEnded: false,
+      writeHead: () => undefined,
+      cork: () => calls.push('cork'),
+      uncork: () => calls.push('uncork'),
+      write: (chunk: string) => calls.push(chunk.includes('event: ') ? chunk.split('\n')[1]! : chunk.trim()),
+      end: () => calls.push('end'),
+    };
+    const reply = { hijack: () => undefined, raw } as unknown as FastifyReply;
+    const sse = new SseWriter(reply, 60_000);
+    sse.event({ id: '1-0', event: 'token', data: { index: 0 } });
+    sse.event({ id: '1-1', event: 'token', data: { index: 1 } });
+    await new Promise((r) => setImmediate(r));
+    sse.event({ id: '2-0', event: 'done', data: {} });
+    await new Promise((r) => setImmediate(r));
+    sse.end();
+    expect(calls).toEqual([
+      'cork',
+      ': stream open',
+      'event: token',
+      'event: token',
+      'uncork',
+      'cork',
+      'event: done',
+      'uncork',
+      'end',
+    ]);
   });
 });
