@@ -12,8 +12,11 @@
  * last), --dim N and --depth N (the model streamed from: a byte-level decoder with rotary positions,
  * default dim 256, depth 4), --cpu (Linux: a second table of the CPU time each process spent per
  * token at each level, and how many cores that kept busy: the API, the worker's decode thread, its
- * helper threads and its other threads, Redis, and this benchmark's own clients). WORKER_CONCURRENCY,
- * MAX_BATCH, WORKER_CPU and XT_BACKEND pass through to the service.
+ * helper threads and its other threads, Redis, and this benchmark's own clients; and a third, from
+ * the worker's /metrics on a port of its own, of its decode loop's steps: how many, their mean batch,
+ * their compute and the time between them, and the share of their shared work its helper threads
+ * computed). WORKER_CONCURRENCY, MAX_BATCH, WORKER_CPU, TOKEN_WRITE_STEPS and XT_BACKEND pass through
+ * to the service.
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -46,6 +49,35 @@ if (cpu && !procCpuAvailable())
   throw new Error(
     `--cpu: expected Linux's /proc to read processes' CPU time, but this is ${process.platform} without it`,
   );
+
+/** The worker's decode loop counters (its /metrics), summed since it started. */
+interface DecodeCounters {
+  steps: number;
+  rows: number;
+  stepSeconds: number;
+  between: number;
+  betweenSeconds: number;
+  helperChunks: number;
+  callerChunks: number;
+}
+
+/** The worker's decode loop counters, read from its /metrics on `port`. */
+async function decodeCounters(port: number): Promise<DecodeCounters> {
+  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+  const value = (name: string) => {
+    const m = new RegExp(`^${name.replace(/[{}]/g, '\\$&')} (\\S+)$`, 'm').exec(text);
+    return m ? Number(m[1]) : 0;
+  };
+  return {
+    steps: value('xt_decode_steps_total'),
+    rows: value('xt_decode_rows_total'),
+    stepSeconds: value('xt_decode_step_seconds_sum'),
+    between: value('xt_decode_between_steps_seconds_count'),
+    betweenSeconds: value('xt_decode_between_steps_seconds_sum'),
+    helperChunks: value('xt_compute_shared_chunks_total{by="helper"}'),
+    callerChunks: value('xt_compute_shared_chunks_total{by="caller"}'),
+  };
+}
 
 interface Sample {
   ttftMs: number;
@@ -196,9 +228,18 @@ async function startTraining(base: string): Promise<{ stop(): Promise<number> }>
 async function main() {
   const dataDir = mkdtempSync(path.join(os.tmpdir(), 'xt-bench-service-'));
   const port = await freePort();
+  // --cpu: the worker's own /metrics, for its decode loop's counters
+  const metricsPort = cpu ? await freePort() : null;
   const child = spawn(process.execPath, ['--import', 'tsx', 'service/start.ts'], {
     cwd: ROOT,
-    env: { ...process.env, DATA_DIR: dataDir, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: 'warn' },
+    env: {
+      ...process.env,
+      DATA_DIR: dataDir,
+      PORT: String(port),
+      HOST: '127.0.0.1',
+      LOG_LEVEL: 'warn',
+      ...(metricsPort ? { METRICS_PORT: String(metricsPort) } : {}),
+    },
     stdio: ['ignore', 'inherit', 'inherit'],
   });
   const base = `http://127.0.0.1:${port}`;
@@ -245,6 +286,16 @@ async function main() {
           // CPU seconds of each part of the service, and of this process (the clients), in the timed windows
           cpu: Object.fromEntries(CPU_PARTS.map((k) => [k, 0])) as Record<CpuPart, number | null>,
           clients: 0,
+          // the worker's decode loop over the timed windows (--cpu)
+          decode: {
+            steps: 0,
+            rows: 0,
+            stepSeconds: 0,
+            between: 0,
+            betweenSeconds: 0,
+            helperChunks: 0,
+            callerChunks: 0,
+          } as DecodeCounters,
         },
       ]),
     );
@@ -263,6 +314,7 @@ async function main() {
       for (const c of levels) {
         const level = acc.get(c)!;
         const cpu0 = cpu ? snapshotCpu(child.pid!) : null;
+        const decode0 = metricsPort ? await decodeCounters(metricsPort) : null;
         const own0 = process.cpuUsage();
         const t0 = performance.now();
         await Promise.all(
@@ -274,6 +326,11 @@ async function main() {
         const passWall = (performance.now() - t0) / 1000;
         level.wall += passWall;
         level.passes.push(level.samples.slice(-c * rounds).reduce((n, x) => n + x.tokens, 0) / passWall);
+        if (decode0) {
+          const decode1 = await decodeCounters(metricsPort!);
+          for (const k of Object.keys(decode0) as (keyof DecodeCounters)[])
+            level.decode[k] += decode1[k] - decode0[k];
+        }
         if (cpu0) {
           const own = process.cpuUsage(own0);
           level.clients += (own.user + own.system) / 1e6;
@@ -287,7 +344,7 @@ async function main() {
       }
     }
     const rows = levels.map((c) => {
-      const { samples, wall, cpu: used, clients, passes } = acc.get(c)!;
+      const { samples, wall, cpu: used, clients, passes, decode } = acc.get(c)!;
       const total = samples.reduce((s, x) => s + x.tokens, 0);
       const of = (k: keyof Sample, p: number) =>
         pct(
@@ -312,6 +369,20 @@ async function main() {
                 return [k, s === null ? null : { usPerToken: (s * 1e6) / total, cores: s / wall }];
               }),
             )
+          : undefined,
+        // the worker's decode loop (--cpu): steps, mean batch, ms of compute a step and between
+        // steps, the share of the steps' shared chunks its helper threads computed
+        decode: metricsPort
+          ? {
+              steps: decode.steps,
+              rowsPerStep: decode.steps ? decode.rows / decode.steps : null,
+              stepMs: decode.steps ? (1000 * decode.stepSeconds) / decode.steps : null,
+              betweenMs: decode.between ? (1000 * decode.betweenSeconds) / decode.between : null,
+              helperShare:
+                decode.helperChunks + decode.callerChunks
+                  ? decode.helperChunks / (decode.helperChunks + decode.callerChunks)
+                  : null,
+            }
           : undefined,
       };
     });
@@ -382,6 +453,21 @@ async function main() {
           all.cores += p.cores;
         }
         console.log(`| ${r.concurrency} | ${parts.map(cell).join(' | ')} | ${cell(all)} |`);
+      }
+      console.log(
+        "\nThe worker's decode loop over the timed windows (its /metrics): steps, their mean batch, the " +
+          'compute of a step (prefills of joining generations included) and the time between steps, and ' +
+          "the share of the steps' shared products and attention that its helper threads computed\n",
+      );
+      console.log('| streams | steps | rows a step | ms a step | ms between steps | by helpers |');
+      console.log('| ---: | ---: | ---: | ---: | ---: | ---: |');
+      const n = (x: number | null | undefined, digits: number) => (x == null ? '-' : x.toFixed(digits));
+      for (const r of rows) {
+        const d = r.decode!;
+        const share = d.helperShare == null ? '-' : `${(100 * d.helperShare).toFixed(1)}%`;
+        console.log(
+          `| ${r.concurrency} | ${d.steps} | ${n(d.rowsPerStep, 2)} | ${n(d.stepMs, 3)} | ${n(d.betweenMs, 3)} | ${share} |`,
+        );
       }
     }
   } finally {
