@@ -49,16 +49,18 @@ if s == 'completed' or s == 'failed' or s == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1`;
 
-// Appends events to streams in one round trip, each at most once; an event may end its job. KEYS:
-// per event its stream, its job's hash and its job's cancel flag, then this writer's mark (below).
-// ARGV: the stream length bound, the TTL of an ended stream and job, this writer's id, the key
-// prefix, then the events as one JSON array (one argument however many events: a decoding step's
-// tokens for every stream), each
-// [kind, jobId, name, data, fields, ends, n, altName, altData, altFields]: its kind ('e' an event,
-// 'x' a job's end, 'c' a job's end that becomes a cancellation when one was requested), its job id,
-// its name, its data (JSON text), the job fields it sets (a flat list of names and values), 1 when it
-// ends the stream (which then expires after the TTL), its number among this writer's events; a 'c'
-// event then has the cancellation's name, data and fields.
+// Appends events to streams in one round trip, each at most once; an event may end its job.
+// KEYS: per event its stream, and for a job's end also its job's hash and its job's cancel flag; then
+// this writer's mark (below). ARGV: the stream length bound, the TTL of an ended stream and job, this
+// writer's id, the key prefix, then per event its arguments, by kind:
+//   'e' (an event):      'e', name, data, ends, n
+//   'x' (a job's end):   'x', jobId, name, data, fields, ends, n
+//   'c' (a job's end that becomes a cancellation when one was requested):
+//                        'c', jobId, name, data, fields, ends, n, altName, altData, altFields
+// where data is JSON text, fields the job fields the end sets (a JSON list of names and values), ends
+// 1 when the event ends the stream (which then expires after the TTL), and n the event's number among
+// this writer's events. So a decoding step's token events, for every stream, are plain arguments
+// that the script reads without decoding anything.
 // An entry records its writer and number ('w' = "<writer>:<number>"): when a stream's last entry is
 // this writer's with a number as high, the event is already there (a command sent again after a reply
 // that Redis restarting lost), and it is not added twice. The writer's highest number so far is kept
@@ -71,10 +73,10 @@ return 1`;
 // after it ('' for other events).
 const APPEND_EVENTS = `
 local out = {}
-local events = cjson.decode(ARGV[5])
 local mark = KEYS[#KEYS]
 local high = tonumber(redis.call('GET', mark) or '0')
 local top = high
+local writer = ARGV[3]
 local function terminal(s)
   return s == 'completed' or s == 'failed' or s == 'cancelled'
 end
@@ -84,15 +86,27 @@ local function already(key, n)
   local f = last[2]
   for j = 1, #f, 2 do
     if f[j] == 'w' then
-      local writer, m = string.match(f[j + 1], '^(.*):(%d+)$')
-      if writer == ARGV[3] and tonumber(m) >= n then return last[1] end
+      local w, m = string.match(f[j + 1], '^(.*):(%d+)$')
+      if w == writer and tonumber(m) >= n then return last[1] end
     end
   end
   return nil
 end
-for i, e in ipairs(events) do
-  local stream, job, cancel = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local kind, jobId, name, data, fields, ends, n = e[1], e[2], e[3], e[4], e[5], e[6], e[7]
+local k, a = 1, 5
+while a <= #ARGV do
+  local kind = ARGV[a]
+  local stream, job, cancel, jobId, name, data, fields, ends, ns, alt
+  if kind == 'e' then
+    stream = KEYS[k]
+    name, data, ends, ns = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+    k, a = k + 1, a + 5
+  else
+    stream, job, cancel = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+    jobId, name, data, fields, ends, ns = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+    if kind == 'c' then alt = a + 7 end
+    k, a = k + 3, a + (kind == 'c' and 10 or 7)
+  end
+  local n = tonumber(ns)
   local id = nil
   if n <= high then id = already(stream, n) end
   if n > top then top = n end
@@ -105,10 +119,11 @@ for i, e in ipairs(events) do
       append = false
       id = ''
     else
-      if kind == 'c' and redis.call('EXISTS', cancel) == 1 then
-        name, data, fields = e[8], e[9], e[10]
+      if alt and redis.call('EXISTS', cancel) == 1 then
+        name, data, fields = ARGV[alt], ARGV[alt + 1], ARGV[alt + 2]
       end
-      redis.call('HSET', job, unpack(fields))
+      local f = cjson.decode(fields)
+      if #f > 0 then redis.call('HSET', job, unpack(f)) end
       redis.call('EXPIRE', job, ARGV[2])
       local modelId = redis.call('HGET', job, 'modelId')
       if modelId then redis.call('SREM', ARGV[4] .. ':model:' .. modelId .. ':jobs', jobId) end
@@ -116,8 +131,8 @@ for i, e in ipairs(events) do
   end
   if append then
     id = redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', 'event', name, 'data', data,
-      'w', ARGV[3] .. ':' .. string.format('%d', n))
-    if ends == 1 then redis.call('EXPIRE', stream, ARGV[2]) end
+      'w', writer .. ':' .. ns)
+    if ends == '1' then redis.call('EXPIRE', stream, ARGV[2]) end
   end
   out[#out + 1] = id
   out[#out + 1] = kind ~= 'e' and (redis.call('HGET', job, 'state') or '') or ''
@@ -469,37 +484,25 @@ export class Registry {
    */
   async writeEvents(events: NewJobEvent[]): Promise<AppendedEvent[]> {
     if (!events.length) return [];
-    const keys = events.flatMap((e) => [
-      this.eventsKey(e.jobId),
-      this.key('job', e.jobId),
-      this.key('cancel', e.jobId),
-    ]);
+    const keys: string[] = [];
+    const args: string[] = [String(EVENTS_MAXLEN), String(JOB_TTL_S), this.writer, this.prefix];
+    const flatFields = (f: Record<string, string>) => JSON.stringify(Object.entries(f).flat());
+    for (const e of events) {
+      const n = String(++this.appended);
+      const ends = END_EVENTS.has(e.event) ? '1' : '0';
+      const data = JSON.stringify(e.data);
+      if (!e.end) {
+        keys.push(this.eventsKey(e.jobId));
+        args.push('e', e.event, data, ends, n);
+        continue;
+      }
+      keys.push(this.eventsKey(e.jobId), this.key('job', e.jobId), this.key('cancel', e.jobId));
+      const alt = e.end.ifCancelled;
+      args.push(alt ? 'c' : 'x', e.jobId, e.event, data, flatFields(e.end.fields), ends, n);
+      if (alt) args.push(alt.event, JSON.stringify(alt.data), flatFields(alt.fields));
+    }
     keys.push(this.key('writer', this.writer));
-    const flatFields = (f: Record<string, string>) => Object.entries(f).flat();
-    const packed = events.map((e) => {
-      const alt = e.end?.ifCancelled;
-      const one: unknown[] = [
-        !e.end ? 'e' : alt ? 'c' : 'x',
-        e.jobId,
-        e.event,
-        JSON.stringify(e.data),
-        flatFields(e.end?.fields ?? {}),
-        END_EVENTS.has(e.event) ? 1 : 0,
-        ++this.appended,
-      ];
-      if (alt) one.push(alt.event, JSON.stringify(alt.data), flatFields(alt.fields));
-      return one;
-    });
-    const flat = (await this.script(
-      APPEND_EVENTS,
-      keys.length,
-      ...keys,
-      String(EVENTS_MAXLEN),
-      String(JOB_TTL_S),
-      this.writer,
-      this.prefix,
-      JSON.stringify(packed),
-    )) as string[];
+    const flat = (await this.script(APPEND_EVENTS, keys.length, ...keys, ...args)) as string[];
     const out: AppendedEvent[] = [];
     for (let i = 0; i < flat.length; i += 2)
       out.push({ id: flat[i]!, state: flat[i + 1] ? (flat[i + 1] as JobState) : null });
