@@ -143,56 +143,106 @@ export class GenerationBatcher {
     this.admit();
   }
 
+  /**
+   * Hands out a step's tokens to their generations, in order; those that end (their own end, or
+   * their handler's stop) leave the batch.
+   */
+  private handOut(tokens: BatchToken[]): void {
+    for (const t of tokens) {
+      const p = this.pending.get(t.id);
+      if (!p) continue;
+      let stop: boolean;
+      try {
+        stop = p.req.onToken(t);
+      } catch {
+        stop = true;
+      }
+      if (t.done) this.finish(t.id, t.done);
+      else if (stop) this.finish(t.id, 'stopped');
+    }
+  }
+
+  /** Fails every generation held (in the batch and waiting for a place) with a step's error. */
+  private failAll(e: unknown): void {
+    for (const [id, p] of [...this.pending]) {
+      this.pending.delete(id);
+      this.decoder.remove(id);
+      p.fail(e);
+    }
+    for (const w of this.waiting.splice(0)) w.fail(e);
+  }
+
+  /**
+   * The decode loop. Generations that join a running batch are prefilled first and get their first
+   * token at once; the loop then yields one turn, in which those tokens are written and the replies
+   * that other joining generations wait for are read, and runs the batched step with them in it. A
+   * step of the batch alone yields after it.
+   */
   private async loop(): Promise<void> {
+    const now = () => performance.now();
+    const turn = () => new Promise<void>((r) => setImmediate(r));
     // when the previous step's tokens were handed out (null before the loop's first step)
     let handed: number | null = null;
     try {
       while (this.decoder.size > 0) {
+        let idle = 0;
+        let compute = 0;
+        let firsts: BatchToken[] = [];
+        const cycleStart = now();
+        if (handed !== null) idle += cycleStart - handed;
+        if (this.decoder.queued > 0 && this.decoder.queued < this.decoder.size) {
+          try {
+            firsts = this.decoder.prefillQueued();
+          } catch (e) {
+            this.failAll(e);
+            break;
+          }
+          const prefilled = now();
+          compute += prefilled - cycleStart;
+          this.handOut(firsts);
+          const out = now();
+          await turn();
+          idle += now() - out;
+          if (this.decoder.size === 0) {
+            this.record(firsts, compute, handed === null ? null : idle);
+            handed = now();
+            continue;
+          }
+        }
         let tokens: BatchToken[];
-        const started = performance.now();
+        const started = now();
         try {
           tokens = this.decoder.step();
         } catch (e) {
           // a failed step fails every generation in it, and those waiting for a place
-          for (const [id, p] of [...this.pending]) {
-            this.pending.delete(id);
-            this.decoder.remove(id);
-            p.fail(e);
-          }
-          for (const w of this.waiting.splice(0)) w.fail(e);
+          this.failAll(e);
           break;
         }
-        const stepped = performance.now();
-        let prefills = 0;
-        for (const t of tokens) if (t.index === 0) prefills++;
-        try {
-          this.onStep({
-            rows: tokens.length,
-            prefills,
-            seconds: (stepped - started) / 1000,
-            betweenSeconds: handed === null ? null : (started - handed) / 1000,
-          });
-        } catch {
-          // a recorder's failure is no generation's
-        }
-        for (const t of tokens) {
-          const p = this.pending.get(t.id);
-          if (!p) continue;
-          let stop = false;
-          try {
-            stop = p.req.onToken(t);
-          } catch {
-            stop = true;
-          }
-          if (t.done) this.finish(t.id, t.done);
-          else if (stop) this.finish(t.id, 'stopped');
-        }
-        handed = performance.now();
-        await new Promise<void>((r) => setImmediate(r));
+        compute += now() - started;
+        this.record(firsts.length ? [...firsts, ...tokens] : tokens, compute, handed === null ? null : idle);
+        this.handOut(tokens);
+        handed = now();
+        await turn();
       }
     } finally {
       this.running = false;
       if (this.size === 0) this.onIdle();
+    }
+  }
+
+  /** Reports a step (a joining generation's prefill before it included) to onStep. */
+  private record(tokens: BatchToken[], computeMs: number, idleMs: number | null): void {
+    let prefills = 0;
+    for (const t of tokens) if (t.index === 0) prefills++;
+    try {
+      this.onStep({
+        rows: tokens.length,
+        prefills,
+        seconds: computeMs / 1000,
+        betweenSeconds: idleMs === null ? null : idleMs / 1000,
+      });
+    } catch {
+      // a recorder's failure is no generation's
     }
   }
 

@@ -41,9 +41,12 @@ export interface DecodeMetrics {
 
 /** One decode loop step as a batcher reports it (see GenerationBatcher's `onStep`). */
 export interface DecodeStep {
-  /** generations that got a token in the step (the batch, and those that joined) */
+  /**
+   * tokens the step gave: one for each generation in the batch, and the first token of each one that
+   * joined (prefilled just before the step, which it then takes part in: a second token)
+   */
   rows: number;
-  /** of them, the ones that joined: their prompts were prefilled in the step */
+  /** of them, the first tokens of those that joined: their prompts were prefilled with the step */
   prefills: number;
   /** the step's compute, prefills included */
   seconds: number;

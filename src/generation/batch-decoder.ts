@@ -193,6 +193,13 @@ export class BatchDecoder {
     this.seqs.delete(id);
   }
 
+  /** Sequences added and not prefilled yet: their prompts wait for the next `step` or `prefillQueued`. */
+  get queued(): number {
+    let n = 0;
+    for (const s of this.seqs.values()) if (!s.cache) n++;
+    return n;
+  }
+
   /**
    * One step: prefills the queued sequences (each alone) and advances the running ones together by
    * one token. Returns one token per sequence, the queued ones' first: their prefills run first, so
@@ -201,15 +208,29 @@ export class BatchDecoder {
    * dropped.
    */
   step(): BatchToken[] {
+    return this.run(true);
+  }
+
+  /**
+   * Prefills the queued sequences (each alone) and returns their first tokens, without a step of the
+   * running ones; the prefilled sequences run in the next `step`. So a caller can hand out the first
+   * tokens before the batched step rather than after it. Each sequence's tokens are the same either way.
+   */
+  prefillQueued(): BatchToken[] {
+    return this.run(false);
+  }
+
+  private run(stepRunning: boolean): BatchToken[] {
     if (this.disposed) throw new Error('BatchDecoder: used after dispose');
     const all = [...this.seqs.values()];
     if (!all.length) return [];
+    const running = stepRunning ? all.filter((s) => s.cache) : [];
+    const queued = all.filter((s) => !s.cache);
+    if (!running.length && !queued.length) return [];
     const net = this.net;
     const wasTraining = net.training;
     if (wasTraining) net.train(false);
     try {
-      const running = all.filter((s) => s.cache);
-      const queued = all.filter((s) => !s.cache);
       const out: BatchToken[] = [];
       // every op of the step on one thread (smallOps); large products, a long prompt's, still use them all
       smallOps(() => {

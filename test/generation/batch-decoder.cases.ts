@@ -254,6 +254,42 @@ export function batchDecoderCases(backend: string): void {
       net.dispose();
     });
 
+    it('prefillQueued gives the queued sequences their first tokens alone; they run in the next step, with the tokens they get alone', () => {
+      const net = makeNet({ rotaryPosEmb: true });
+      const opts: BatchSequenceOptions = { maxTokens: 6, temperature: 0 };
+      const want = PROMPTS.slice(0, 3).map((p) => alone(net, p, opts));
+      const d = new BatchDecoder(net);
+      const a = d.add(PROMPTS[0]!, opts);
+      const b = d.add(PROMPTS[1]!, opts);
+      const got = new Map<number, number[]>([
+        [a, []],
+        [b, []],
+      ]);
+      const take = (ts: { id: number; token: number }[]) => ts.forEach((t) => got.get(t.id)!.push(t.token));
+      take(d.step());
+      take(d.step());
+      const c = d.add(PROMPTS[2]!, opts);
+      got.set(c, []);
+      expect(d.queued).toBe(1);
+      const firsts = d.prefillQueued();
+      // only the queued one: the running ones do not advance
+      expect(firsts.map((t) => [t.id, t.index])).toEqual([[c, 0]]);
+      expect(d.queued).toBe(0);
+      expect(d.prefillQueued()).toEqual([]);
+      take(firsts);
+      const next = d.step();
+      expect(next.map((t) => [t.id, t.index])).toEqual([
+        [a, 2],
+        [b, 2],
+        [c, 1],
+      ]);
+      take(next);
+      while (d.size) take(d.step());
+      expect([got.get(a), got.get(b), got.get(c)]).toEqual(want);
+      d.dispose();
+      net.dispose();
+    });
+
     it('a step runs each self-attention layer as one XtCachedAttentionRows kernel where it applies', async () => {
       const registered = tf.getKernel(XT_CACHED_ATTENTION_ROWS, tf.getBackend()) !== undefined;
       expect(registered).toBe(tf.getBackend() === 'torch');

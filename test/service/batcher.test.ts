@@ -113,6 +113,46 @@ describe('GenerationBatcher', () => {
     m.built.model.dispose();
   });
 
+  it('a generation that joins a running batch gets its first token a turn before the next step, and runs in it', async () => {
+    const m = loaded('m@5');
+    const steps: DecodeStep[] = [];
+    const b = new GenerationBatcher(m, 4, undefined, (s) => steps.push(s));
+    const order: string[] = [];
+    let joined: Promise<unknown> | null = null;
+    const first = b.run({
+      prompt: [1, 2],
+      options: { maxTokens: 5, temperature: 0 },
+      onToken: (t) => {
+        order.push(`a${t.index}`);
+        if (t.index === 1)
+          joined = b.run({
+            prompt: [3],
+            options: { maxTokens: 3, temperature: 0 },
+            onToken: (u) => {
+              order.push(`b${u.index}`);
+              // runs at the next turn of the event loop: before the batch's next step, or after it
+              if (u.index === 0) setImmediate(() => order.push('turn'));
+              return false;
+            },
+          });
+        return false;
+      },
+    });
+    await first;
+    await joined;
+    expect(order).toEqual(['a0', 'a1', 'b0', 'turn', 'a2', 'b1', 'a3', 'b2', 'a4']);
+    // the step it joined reports its first token and the step's two
+    expect(steps.map((s) => [s.rows, s.prefills])).toEqual([
+      [1, 1],
+      [1, 0],
+      [3, 1],
+      [2, 0],
+      [1, 0],
+    ]);
+    b.dispose();
+    m.built.model.dispose();
+  });
+
   it('an already aborted request leaves no batcher behind; an idle batcher of an earlier load is replaced', async () => {
     const batchers = new Map<string, GenerationBatcher>();
     const first = loaded('m@2');
